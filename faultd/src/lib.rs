@@ -1,1 +1,128 @@
-//! faultd
+//! faultd: serves the page faults of VMs whose guest RAM is not pinned.
+//!
+//! Owns: the control socket and sessions ([`control`]), validation of what VMMs hand over
+//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), configuration ([`config`]).
+//! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
+//! `main.rs` only parses arguments and calls [`run`].
+
+pub mod config;
+pub mod control;
+pub mod session;
+pub mod validate;
+pub mod vcpu;
+
+use std::io;
+use std::path::Path;
+
+use tokio_seqpacket::UnixSeqpacketListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, ConfigError, Overrides};
+
+/// Failure to start or run the daemon, named for the step.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The tokio runtime could not be built.
+    #[error("building the async runtime")]
+    Runtime(#[source] io::Error),
+    /// The socket directory could not be created.
+    #[error("creating socket directory {path}")]
+    SocketDir {
+        /// Directory.
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Another faultd answers on the socket.
+    #[error("another faultd is already serving {path}")]
+    AlreadyRunning {
+        /// Socket path.
+        path: String,
+    },
+    /// Binding the socket failed.
+    #[error("binding control socket {path}")]
+    Bind {
+        /// Socket path.
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Installing signal handlers failed.
+    #[error("installing signal handlers")]
+    Signals(#[source] io::Error),
+}
+
+/// Binds the control socket at `path`: creates its directory, replaces a stale socket file left
+/// by a dead faultd, and refuses to steal the socket of a live one.
+pub fn bind(path: &Path) -> Result<UnixSeqpacketListener, RunError> {
+    let shown = path.display().to_string();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| RunError::SocketDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        if faultd_client_probe(path) {
+            return Err(RunError::AlreadyRunning { path: shown });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixSeqpacketListener::bind(path).map_err(|source| RunError::Bind {
+        path: shown.clone(),
+        source,
+    })?;
+    // VMMs run as root or in the socket's group; nobody else may register guests.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        RunError::Bind {
+            path: shown,
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Whether something accepts connections at `path` (a live daemon).
+fn faultd_client_probe(path: &Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Ok(sock) = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    UnixAddr::new(path).is_ok_and(|addr| connect(sock.as_raw_fd(), &addr).is_ok())
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), RunError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("faultd-ctl")
+        .build()
+        .map_err(RunError::Runtime)?;
+    runtime.block_on(async {
+        let listener = bind(&config.socket)?;
+        let cancel = CancellationToken::new();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(RunError::Signals)?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(RunError::Signals)?;
+        let socket = config.socket.clone();
+        tracing::info!(socket = %socket.display(), "faultd serving");
+        let daemon = control::Daemon::new(config);
+        let server = tokio::spawn(control::serve(listener, daemon, cancel.clone()));
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+        let _ = server.await;
+        let _ = std::fs::remove_file(&socket);
+        Ok(())
+    })
+}

@@ -1,1 +1,64 @@
-fn main() {}
+//! faultd: parse arguments, load config, run. Everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Serves the page faults of VMs whose guest RAM is not pinned.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Config file (TOML), read over the embedded default.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Control socket path (overrides control.socket).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Adaptive polling window in microseconds (overrides fault.spin_us).
+    #[arg(long)]
+    spin_us: Option<u64>,
+    /// Log filter (overrides log.filter), e.g. "debug".
+    #[arg(long)]
+    log: Option<String>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let overrides = faultd::Overrides {
+        socket: args.socket,
+        spin_us: args.spin_us,
+        log_filter: args.log,
+    };
+    let config = match faultd::Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, 2),
+    };
+    if args.check_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_filter))
+        .with_writer(std::io::stderr)
+        .init();
+    match faultd::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, 1),
+    }
+}
+
+/// Prints the error with its cause chain and returns `code`.
+fn fail(e: &dyn std::error::Error, code: u8) -> ExitCode {
+    eprint!("faultd: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        eprint!(": {s}");
+        src = s.source();
+    }
+    eprintln!();
+    ExitCode::from(code)
+}

@@ -1,1 +1,461 @@
-//! client
+//! The VMM side of faultd: what a VMM embeds to hand its guest RAM faults to faultd.
+//!
+//! Owns: creating guest RAM the way faultd can serve it (a memfd or hugetlbfs memfd mapped
+//! `MAP_SHARED`), creating and registering the userfaultfd, and the blocking client of the
+//! control protocol ([`faultd_proto`]). Refuses: serving faults (faultd does that) and anything
+//! KVM (the VMM does that with the mapping this crate hands it).
+//!
+//! ```no_run
+//! # use faultd_client::*;
+//! let ram = GuestRam::new("vm0-ram", 1 << 30, RamPageSize::Size4K)?;
+//! let uffd = create_uffd()?;
+//! ram.register(&uffd)?;
+//! let session = Client::connect(faultd_proto::DEFAULT_SOCKET_PATH)?
+//!     .register("vm0", &uffd, &[RegionSpec::zero(0, &ram)], None)?;
+//! // ... give ram.host_addr() to KVM as guest memory and run the guest ...
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use faultd_proto::{
+    BackingDesc, ErrorCode, FdIndex, RegionDesc, Register, Request, Response, SessionStats,
+    MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::socket::{
+    connect, recv, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+    UnixAddr,
+};
+pub use userfaultfd::Uffd;
+
+/// Failure of a client operation, named for the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `memfd_create` failed.
+    #[error("memfd_create({name}) failed")]
+    CreateMemfd {
+        /// Name given.
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// Sizing the memfd failed.
+    #[error("ftruncate of guest RAM to {size} bytes failed")]
+    SizeMemfd {
+        /// Size asked for.
+        size: u64,
+        #[source]
+        source: nix::Error,
+    },
+    /// Mapping guest RAM failed.
+    #[error("mmap of {size} bytes of guest RAM failed")]
+    MapRam {
+        /// Size asked for.
+        size: u64,
+        #[source]
+        source: nix::Error,
+    },
+    /// A size that is zero or not a multiple of the page size.
+    #[error("guest RAM size {size} is not a non-zero multiple of the page size {page_size}")]
+    BadSize {
+        /// Size asked for.
+        size: u64,
+        /// Page size.
+        page_size: u64,
+    },
+    /// Creating the userfaultfd failed.
+    #[error("creating the userfaultfd failed")]
+    CreateUffd(#[source] userfaultfd::Error),
+    /// Registering guest RAM with the userfaultfd failed.
+    #[error("registering {size} bytes at {addr:#x} with the userfaultfd failed")]
+    RegisterUffd {
+        /// Host address.
+        addr: u64,
+        /// Length.
+        size: u64,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// Connecting to faultd failed.
+    #[error("connecting to faultd at {path} failed")]
+    Connect {
+        /// Socket path.
+        path: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// Sending a message failed.
+    #[error("sending to faultd failed")]
+    Send(#[source] nix::Error),
+    /// Receiving a message failed.
+    #[error("receiving from faultd failed")]
+    Recv(#[source] nix::Error),
+    /// faultd closed the connection.
+    #[error("faultd closed the connection")]
+    Closed,
+    /// A message could not be encoded or decoded.
+    #[error("bad message")]
+    Codec(#[from] faultd_proto::CodecError),
+    /// faultd refused the request.
+    #[error("faultd refused the request ({code:?}): {message}")]
+    Refused {
+        /// Class of error.
+        code: ErrorCode,
+        /// faultd's explanation.
+        message: String,
+    },
+    /// faultd answered with a message that does not fit the request.
+    #[error("unexpected answer from faultd: {0:?}")]
+    Unexpected(Box<Response>),
+}
+
+/// Page size of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RamPageSize {
+    /// 4 KiB pages on tmpfs (a plain memfd).
+    Size4K,
+    /// 2 MiB pages on hugetlbfs (`MFD_HUGETLB | MFD_HUGE_2MB`); needs reserved huge pages.
+    Size2M,
+}
+
+impl RamPageSize {
+    /// Bytes per page.
+    pub fn bytes(self) -> u64 {
+        match self {
+            RamPageSize::Size4K => 4096,
+            RamPageSize::Size2M => 2 << 20,
+        }
+    }
+}
+
+/// Guest RAM: a memfd mapped shared in this process, never touched by this crate.
+///
+/// Every page starts absent; the first access (by a vCPU through KVM, by the VMM, or by a
+/// device) faults into the userfaultfd it is registered with, and faultd fills it.
+#[derive(Debug)]
+pub struct GuestRam {
+    memfd: OwnedFd,
+    host: NonNull<u8>,
+    size: u64,
+    page_size: RamPageSize,
+}
+
+// SAFETY: GuestRam only holds the address of a shared mapping it owns; it never creates
+// references into it, so moving or sharing the handle between threads is sound.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above: &GuestRam gives out only the address and the fd.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Creates `size` bytes of guest RAM as a memfd named `name` and maps it shared.
+    pub fn new(name: &str, size: u64, page_size: RamPageSize) -> Result<Self, ClientError> {
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        if size == 0 || !size.is_multiple_of(page_size.bytes()) {
+            return Err(ClientError::BadSize {
+                size,
+                page_size: page_size.bytes(),
+            });
+        }
+        let mut flags = MFdFlags::MFD_CLOEXEC;
+        if page_size == RamPageSize::Size2M {
+            flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
+        }
+        let memfd = memfd_create(name, flags).map_err(|source| ClientError::CreateMemfd {
+            name: name.to_owned(),
+            source,
+        })?;
+        let len = i64::try_from(size).map_err(|_| ClientError::BadSize {
+            size,
+            page_size: page_size.bytes(),
+        })?;
+        nix::unistd::ftruncate(&memfd, len)
+            .map_err(|source| ClientError::SizeMemfd { size, source })?;
+        Self::map(memfd, size, page_size)
+    }
+
+    /// Maps an existing guest RAM fd (memfd or hugetlbfs file) of at least `size` bytes.
+    pub fn map(memfd: OwnedFd, size: u64, page_size: RamPageSize) -> Result<Self, ClientError> {
+        let bad_size = || ClientError::BadSize {
+            size,
+            page_size: page_size.bytes(),
+        };
+        let len = std::num::NonZeroUsize::new(usize::try_from(size).map_err(|_| bad_size())?)
+            .ok_or_else(bad_size)?;
+        // SAFETY: a fresh mapping chosen by the kernel (no address hint, no MAP_FIXED), so it
+        // cannot alias any existing Rust object; it is unmapped only in Drop.
+        let host = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
+                &memfd,
+                0,
+            )
+        }
+        .map_err(|source| ClientError::MapRam { size, source })?;
+        Ok(GuestRam {
+            memfd,
+            host: host.cast(),
+            size,
+            page_size,
+        })
+    }
+
+    /// Registers the whole mapping with `uffd` in MISSING mode.
+    pub fn register(&self, uffd: &Uffd) -> Result<(), ClientError> {
+        uffd.register(self.host.as_ptr().cast(), self.size as usize)
+            .map_err(|source| ClientError::RegisterUffd {
+                addr: self.host_addr(),
+                size: self.size,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Start of the mapping in this process (what KVM's memory slot points at).
+    pub fn host_ptr(&self) -> NonNull<u8> {
+        self.host
+    }
+
+    /// Start of the mapping in this process, as a number for the protocol.
+    pub fn host_addr(&self) -> u64 {
+        self.host.as_ptr() as u64
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Page size.
+    pub fn page_size(&self) -> RamPageSize {
+        self.page_size
+    }
+
+    /// The memfd.
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Bytes of this RAM actually allocated (resident in the memfd), from `fstat`: the measure
+    /// of how much guest RAM exists, whoever touched it.
+    pub fn allocated_bytes(&self) -> std::io::Result<u64> {
+        let st = nix::sys::stat::fstat(&self.memfd)?;
+        Ok(st.st_blocks as u64 * 512)
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: `host`/`size` are exactly the mapping made in `map`, and no reference into it
+        // exists (this type never creates one).
+        let _ = unsafe { munmap(self.host.cast(), self.size as usize) };
+    }
+}
+
+/// Creates a userfaultfd the way faultd expects: non-blocking, close-on-exec, kernel-mode
+/// faults included (so KVM's own accesses to guest RAM fault into it), REMOVE and UNMAP events.
+pub fn create_uffd() -> Result<Uffd, ClientError> {
+    use userfaultfd::{FeatureFlags, UffdBuilder};
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .require_features(FeatureFlags::EVENT_REMOVE | FeatureFlags::EVENT_UNMAP)
+        .create()
+        .map_err(ClientError::CreateUffd)
+}
+
+/// One region to register: where it is in the guest, and what backs it.
+#[derive(Debug, Clone, Copy)]
+pub struct RegionSpec<'a> {
+    /// Guest physical base.
+    pub gpa: u64,
+    /// The RAM (the whole mapping is the region).
+    pub ram: &'a GuestRam,
+    /// Where never-resident pages come from.
+    pub backing: BackingDesc,
+    /// Guest may not write it.
+    pub read_only: bool,
+}
+
+impl<'a> RegionSpec<'a> {
+    /// A zero-filled region at `gpa`.
+    pub fn zero(gpa: u64, ram: &'a GuestRam) -> Self {
+        RegionSpec {
+            gpa,
+            ram,
+            backing: BackingDesc::Zero,
+            read_only: false,
+        }
+    }
+
+    /// A region restored lazily from the snapshot file at `offset`.
+    pub fn snapshot(gpa: u64, ram: &'a GuestRam, offset: u64) -> Self {
+        RegionSpec {
+            gpa,
+            ram,
+            backing: BackingDesc::Snapshot { offset },
+            read_only: false,
+        }
+    }
+}
+
+/// A connection to faultd that has not registered yet.
+#[derive(Debug)]
+pub struct Client {
+    sock: OwnedFd,
+}
+
+impl Client {
+    /// Connects to faultd's control socket.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let connect_err = |source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        };
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(connect_err)?;
+        let addr = UnixAddr::new(path).map_err(connect_err)?;
+        connect(sock.as_raw_fd(), &addr).map_err(connect_err)?;
+        Ok(Client { sock })
+    }
+
+    /// Opens a session: sends the layout with the uffd, every region's memory fd and the
+    /// snapshot fd, and waits for faultd's answer. The session lives as long as the returned
+    /// [`Session`]; dropping it (or this process exiting) ends it.
+    pub fn register(
+        self,
+        vm: &str,
+        uffd: &Uffd,
+        regions: &[RegionSpec<'_>],
+        snapshot: Option<BorrowedFd<'_>>,
+    ) -> Result<Session, ClientError> {
+        let mut fds: Vec<BorrowedFd<'_>> = vec![uffd.as_fd()];
+        let mut descs = Vec::with_capacity(regions.len());
+        for r in regions {
+            descs.push(RegionDesc {
+                gpa: r.gpa,
+                size: r.ram.size(),
+                page_size: r.ram.page_size().bytes(),
+                hva: r.ram.host_addr(),
+                mem: FdIndex(fds.len() as u32),
+                mem_offset: 0,
+                backing: r.backing,
+                read_only: r.read_only,
+            });
+            fds.push(r.ram.memfd());
+        }
+        let snapshot = snapshot.map(|fd| {
+            fds.push(fd);
+            FdIndex(fds.len() as u32 - 1)
+        });
+        let req = Request::Register(Register {
+            version: PROTOCOL_VERSION,
+            vm: vm.to_owned(),
+            uffd: FdIndex(0),
+            regions: descs,
+            snapshot,
+        });
+        let mut raw = RawConnection { sock: self.sock };
+        raw.send(&faultd_proto::encode(&req)?, &fds)?;
+        match raw.recv_response()? {
+            Response::Registered { session, .. } => Ok(Session { raw, id: session }),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// The connection as raw packets, for tests that send what a well-behaved client never
+    /// would.
+    pub fn into_raw(self) -> RawConnection {
+        RawConnection { sock: self.sock }
+    }
+}
+
+fn refusal(resp: Response) -> ClientError {
+    match resp {
+        Response::Error { code, message } => ClientError::Refused { code, message },
+        other => ClientError::Unexpected(Box::new(other)),
+    }
+}
+
+/// A live session: faultd serves this VM's faults while it exists.
+#[derive(Debug)]
+pub struct Session {
+    raw: RawConnection,
+    id: u64,
+}
+
+impl Session {
+    /// The session id faultd assigned.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Asks faultd for this session's counters.
+    pub fn stats(&mut self) -> Result<SessionStats, ClientError> {
+        self.raw
+            .send(&faultd_proto::encode(&Request::Stats {})?, &[])?;
+        match self.raw.recv_response()? {
+            Response::Stats(s) => Ok(s),
+            other => Err(refusal(other)),
+        }
+    }
+}
+
+/// A control connection as raw packets.
+#[derive(Debug)]
+pub struct RawConnection {
+    sock: OwnedFd,
+}
+
+impl RawConnection {
+    /// Sends one packet with `fds` attached.
+    pub fn send(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ClientError> {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+        sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(ClientError::Send)?;
+        Ok(())
+    }
+
+    /// Receives one packet; `Ok(None)` when faultd has closed the connection.
+    pub fn recv(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
+        let n = loop {
+            match recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Err(nix::Error::EINTR) => continue,
+                other => break other.map_err(ClientError::Recv)?,
+            }
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        Ok(Some(buf))
+    }
+
+    /// Receives and decodes one response.
+    pub fn recv_response(&mut self) -> Result<Response, ClientError> {
+        let bytes = self.recv()?.ok_or(ClientError::Closed)?;
+        Ok(faultd_proto::decode(&bytes)?)
+    }
+}

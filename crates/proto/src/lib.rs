@@ -1,1 +1,300 @@
-//! proto
+//! The faultd control protocol, version 1: the messages a VMM and faultd exchange on faultd's
+//! unix socket, and their encoding.
+//!
+//! Owns: message types, limits, (de)serialisation. Refuses: sockets and fd passing (the client
+//! crate and the daemon each do their side), and validation against the kernel (the daemon does
+//! that, because only it can check an fd's kind).
+//!
+//! The socket is `SOCK_SEQPACKET`: one packet is one message, so message boundaries and the fds
+//! attached to a message by `SCM_RIGHTS` can never be confused, and an oversize packet is seen
+//! as truncated instead of being split. Every message is one JSON object with a `"type"` tag.
+//! Fds travel in the same packet as the request that uses them; fields of type [`FdIndex`] index
+//! into that packet's fd array. The full description, with examples, is in `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks. A `register` with another version is refused with
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest message either side sends or accepts, in bytes. A larger packet is refused with
+/// [`ErrorCode::Oversize`] and closes the session.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Most fds one message may carry.
+pub const MAX_FDS: usize = 64;
+
+/// Most regions one VM may register.
+pub const MAX_REGIONS: usize = 256;
+
+/// Longest VM name, in bytes.
+pub const MAX_VM_NAME: usize = 64;
+
+/// Default path of faultd's control socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/faultd/faultd.sock";
+
+/// Index into the fds attached (by `SCM_RIGHTS`) to the message that carries this field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FdIndex(pub u32);
+
+/// A message from the VMM to faultd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Opens a session: must be the first message, and is accepted once per connection.
+    Register(Register),
+    /// Asks for the session's counters. Only valid after `register`.
+    Stats {},
+}
+
+/// The guest layout and the fds faultd needs to serve its faults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// A name for logs and metrics (1..=64 bytes of `[A-Za-z0-9._-]`).
+    pub vm: String,
+    /// The VMM's userfaultfd, after `UFFDIO_API`, with every region registered in MISSING mode.
+    pub uffd: FdIndex,
+    /// Guest RAM regions.
+    pub regions: Vec<RegionDesc>,
+    /// A snapshot file, required when a region has [`BackingDesc::Snapshot`].
+    #[serde(default)]
+    pub snapshot: Option<FdIndex>,
+}
+
+/// One guest RAM region: where it is in the guest, in the VMM, and in its memory fd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionDesc {
+    /// Guest physical base address (aligned to `page_size`).
+    pub gpa: u64,
+    /// Size in bytes (a multiple of `page_size`).
+    pub size: u64,
+    /// 4096, or 2097152 for hugetlbfs-backed RAM.
+    pub page_size: u64,
+    /// Where the VMM maps the region (`MAP_SHARED` of `mem` at `mem_offset`); userfaultfd
+    /// operations name VMM addresses, so faultd needs this.
+    pub hva: u64,
+    /// The guest RAM fd: a memfd (tmpfs) or a hugetlbfs file.
+    pub mem: FdIndex,
+    /// Offset of the region's first byte in `mem`.
+    pub mem_offset: u64,
+    /// Where a page that was never resident gets its contents.
+    pub backing: BackingDesc,
+    /// The guest must not write this region (device writes are refused).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Source of a never-resident page's contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackingDesc {
+    /// Zero fill.
+    Zero,
+    /// The snapshot file, starting at `offset` for the region's first byte.
+    Snapshot {
+        /// File offset of the region's first byte (aligned to the page size).
+        offset: u64,
+    },
+}
+
+/// A message from faultd to the VMM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// The registration was accepted; faults are being served from now on.
+    Registered {
+        /// Daemon-wide unique session id.
+        session: u64,
+        /// The protocol version in use.
+        version: u32,
+    },
+    /// The session's counters.
+    Stats(SessionStats),
+    /// The request was refused. After an error faultd closes the connection.
+    Error {
+        /// Machine-readable class of the error.
+        code: ErrorCode,
+        /// What was wrong, naming the field and the value.
+        message: String,
+    },
+}
+
+/// Counters of one session.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionStats {
+    /// Session id.
+    pub session: u64,
+    /// Total guest RAM registered, bytes.
+    pub guest_bytes: u64,
+    /// Guest RAM faultd has made resident, bytes.
+    pub resident_bytes: u64,
+    /// vCPU (userfaultfd) faults read.
+    pub vcpu_faults: u64,
+    /// Faults resolved by zero fill.
+    pub zero_fills: u64,
+    /// Faults resolved from the snapshot file.
+    pub file_fills: u64,
+    /// Faults on pages already present (a duplicate event, or a page someone else installed).
+    pub already_present: u64,
+    /// Resolutions retried because the kernel said EAGAIN (an unread layout event).
+    pub retries: u64,
+    /// Pages the VMM discarded (REMOVE events).
+    pub discarded_pages: u64,
+    /// Faults that could not be served (see faultd's log).
+    pub errors: u64,
+    /// Service time percentiles (event read to page installed), microseconds.
+    pub latency_us: LatencySummary,
+}
+
+/// Percentiles of a latency distribution, microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencySummary {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest sample.
+    pub max: f64,
+}
+
+/// Class of a refused request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not valid JSON, or not a known message.
+    Malformed,
+    /// The packet was larger than [`MAX_MESSAGE_BYTES`], or carried too many fds.
+    Oversize,
+    /// `version` is not one faultd speaks.
+    UnsupportedVersion,
+    /// A message that is not valid in this state (e.g. a second `register`).
+    UnexpectedMessage,
+    /// An fd index is missing, out of range, or the fd is of the wrong kind.
+    BadFd,
+    /// The layout is inconsistent (overlap, alignment, sizes, backing).
+    BadLayout,
+    /// A region's `hva` is not a mapping of its `mem` fd at `mem_offset` in the VMM.
+    BadMapping,
+    /// faultd is at its session limit.
+    Busy,
+    /// faultd failed for a reason of its own.
+    Internal,
+}
+
+/// Failure to encode or decode a message.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The message does not fit [`MAX_MESSAGE_BYTES`].
+    #[error("message of {len} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")]
+    Oversize {
+        /// Encoded length.
+        len: usize,
+    },
+    /// The bytes are not a valid message.
+    #[error("malformed message")]
+    Malformed(#[source] serde_json::Error),
+}
+
+/// Encodes a message for one packet.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let bytes = serde_json::to_vec(msg).map_err(CodecError::Malformed)?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(CodecError::Oversize { len: bytes.len() });
+    }
+    Ok(bytes)
+}
+
+/// Decodes one packet.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(CodecError::Oversize { len: bytes.len() });
+    }
+    serde_json::from_slice(bytes).map_err(CodecError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Request {
+        Request::Register(Register {
+            version: PROTOCOL_VERSION,
+            vm: "vm0".into(),
+            uffd: FdIndex(0),
+            regions: vec![RegionDesc {
+                gpa: 0,
+                size: 1 << 30,
+                page_size: 4096,
+                hva: 0x7f00_0000_0000,
+                mem: FdIndex(1),
+                mem_offset: 0,
+                backing: BackingDesc::Snapshot { offset: 4096 },
+                read_only: false,
+            }],
+            snapshot: Some(FdIndex(2)),
+        })
+    }
+
+    #[test]
+    fn register_round_trips_through_json() {
+        let bytes = encode(&sample()).unwrap();
+        assert_eq!(decode::<Request>(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn wire_form_is_the_documented_one() {
+        let text = String::from_utf8(encode(&sample()).unwrap()).unwrap();
+        assert!(text.starts_with(r#"{"type":"register","version":1,"vm":"vm0","uffd":0,"#));
+        assert!(text.contains(r#""backing":{"kind":"snapshot","offset":4096}"#));
+    }
+
+    #[test]
+    fn unknown_field_is_malformed() {
+        let bad = br#"{"type":"stats","extra":1}"#;
+        assert!(matches!(
+            decode::<Request>(bad),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_type_is_malformed() {
+        assert!(matches!(
+            decode::<Request>(br#"{"type":"reboot"}"#),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn oversize_packet_is_refused_before_parsing() {
+        let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            decode::<Request>(&big),
+            Err(CodecError::Oversize { len }) if len == MAX_MESSAGE_BYTES + 1
+        ));
+    }
+
+    #[test]
+    fn error_response_names_its_code() {
+        let r = Response::Error {
+            code: ErrorCode::BadLayout,
+            message: "x".into(),
+        };
+        let text = String::from_utf8(encode(&r).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"error","code":"bad_layout","message":"x"}"#
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! Configuration: TOML -> raw structs that refuse unknown keys -> a validated [`Config`].
+//!
+//! The embedded default is `config/faultd.toml`; a file given with `--config` is read over it
+//! key by key (missing keys keep the default), and command-line flags override both.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default configuration, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../../config/faultd.toml");
+
+/// Longest spin window accepted: longer only burns CPU without helping latency.
+const MAX_SPIN_US: u64 = 10_000;
+/// Most uffd events read at once (each is 32 bytes).
+const MAX_BATCH: usize = 4096;
+/// Most sessions accepted in config (each owns a thread).
+const MAX_SESSIONS: usize = 4096;
+
+/// A configuration that failed to load, naming the field and value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys or wrong types.
+    #[error("parsing config {origin}")]
+    Parse {
+        /// Where the text came from.
+        origin: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("config field {field} = {value}: {why}")]
+    Invalid {
+        /// Dotted field name.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What the value must be.
+        why: &'static str,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    fault: RawFault,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+    max_sessions: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFault {
+    spin_us: Option<u64>,
+    batch: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    filter: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// Sessions served at once.
+    pub max_sessions: usize,
+    /// How long a fault thread keeps polling after its last fault before it sleeps.
+    pub spin: Duration,
+    /// Userfaultfd events read per read(2).
+    pub batch: usize,
+    /// tracing filter.
+    pub log_filter: String,
+}
+
+/// Command-line overrides; `None` keeps the configured value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// `--spin-us`.
+    pub spin_us: Option<u64>,
+    /// `--log`.
+    pub log_filter: Option<String>,
+}
+
+impl Config {
+    /// Loads the embedded default, then `path` over it (if given), then `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut raw = parse(DEFAULT_TOML, "embedded default")?;
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            raw.merge(parse(&text, &path.display().to_string())?);
+        }
+        raw.control.socket = overrides.socket.clone().or(raw.control.socket);
+        raw.fault.spin_us = overrides.spin_us.or(raw.fault.spin_us);
+        raw.log.filter = overrides.log_filter.clone().or(raw.log.filter);
+        Config::try_from(raw)
+    }
+
+    /// Parses a TOML text over the embedded default (for tests and `--check-config`).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut raw = parse(DEFAULT_TOML, "embedded default")?;
+        raw.merge(parse(text, "text")?);
+        Config::try_from(raw)
+    }
+}
+
+fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
+        origin: origin.to_owned(),
+        source,
+    })
+}
+
+impl RawConfig {
+    fn merge(&mut self, over: RawConfig) {
+        self.control.socket = over.control.socket.or(self.control.socket.take());
+        self.control.max_sessions = over.control.max_sessions.or(self.control.max_sessions);
+        self.fault.spin_us = over.fault.spin_us.or(self.fault.spin_us);
+        self.fault.batch = over.fault.batch.or(self.fault.batch);
+        self.log.filter = over.log.filter.or(self.log.filter.take());
+    }
+}
+
+fn required<T>(v: Option<T>, field: &'static str) -> Result<T, ConfigError> {
+    v.ok_or(ConfigError::Invalid {
+        field,
+        value: "(missing)".into(),
+        why: "must be set (the embedded default sets it)",
+    })
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+        let socket = required(raw.control.socket, "control.socket")?;
+        if !socket.is_absolute() {
+            return Err(ConfigError::Invalid {
+                field: "control.socket",
+                value: socket.display().to_string(),
+                why: "must be an absolute path",
+            });
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if socket.as_os_str().len() >= 108 {
+            return Err(ConfigError::Invalid {
+                field: "control.socket",
+                value: socket.display().to_string(),
+                why: "must be shorter than 108 bytes (unix socket path limit)",
+            });
+        }
+        let max_sessions = required(raw.control.max_sessions, "control.max_sessions")?;
+        if !(1..=MAX_SESSIONS).contains(&max_sessions) {
+            return Err(ConfigError::Invalid {
+                field: "control.max_sessions",
+                value: max_sessions.to_string(),
+                why: "must be 1..=4096",
+            });
+        }
+        let spin_us = required(raw.fault.spin_us, "fault.spin_us")?;
+        if spin_us > MAX_SPIN_US {
+            return Err(ConfigError::Invalid {
+                field: "fault.spin_us",
+                value: spin_us.to_string(),
+                why: "must be 0..=10000",
+            });
+        }
+        let batch = required(raw.fault.batch, "fault.batch")?;
+        if !(1..=MAX_BATCH).contains(&batch) {
+            return Err(ConfigError::Invalid {
+                field: "fault.batch",
+                value: batch.to_string(),
+                why: "must be 1..=4096",
+            });
+        }
+        let log_filter = required(raw.log.filter, "log.filter")?;
+        if let Err(_e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+            return Err(ConfigError::Invalid {
+                field: "log.filter",
+                value: log_filter,
+                why: "must be a valid tracing filter",
+            });
+        }
+        Ok(Config {
+            socket,
+            max_sessions,
+            spin: Duration::from_micros(spin_us),
+            batch,
+            log_filter,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.socket, PathBuf::from(faultd_proto::DEFAULT_SOCKET_PATH));
+        assert_eq!(c.spin, Duration::from_micros(50));
+    }
+
+    #[test]
+    fn file_overrides_default_and_flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "[fault]\nspin_us = 7\n").unwrap();
+        let flags = Overrides {
+            socket: Some("/tmp/x.sock".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&path), &flags).unwrap();
+        assert_eq!(c.spin, Duration::from_micros(7));
+        assert_eq!(c.batch, 64);
+        assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_naming_it() {
+        let err = Config::from_toml("[fault]\nspinn_us = 3\n").unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert!(text.contains("spinn_us"), "{text}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_field_and_value() {
+        let err = Config::from_toml("[fault]\nspin_us = 99999\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config field fault.spin_us = 99999: must be 0..=10000"
+        );
+    }
+
+    #[test]
+    fn relative_socket_is_refused() {
+        let err = Config::from_toml("[control]\nsocket = \"x.sock\"\n").unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                field: "control.socket",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn wrong_type_is_refused() {
+        let err = Config::from_toml("[control]\nmax_sessions = \"many\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+    }
+}

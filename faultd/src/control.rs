@@ -1,0 +1,296 @@
+//! The control socket: accepts VMM connections, turns a valid `register` into a session with a
+//! running fault thread, answers `stats`, and ends the session when the VMM hangs up.
+//!
+//! Every connection is its own task; anything wrong with one (malformed JSON, oversize packets,
+//! bad fds, a second `register`) gets an error message and closes that connection only.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use faultd_proto::{CodecError, ErrorCode, Request, Response, MAX_FDS, MAX_MESSAGE_BYTES};
+use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::session::Session;
+use crate::validate::{validate, Refusal};
+use crate::vcpu::{FaultServer, FaultThread, KernelUffd};
+
+/// Daemon-wide state shared by connection tasks.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    next_id: AtomicU64,
+}
+
+impl Daemon {
+    /// New daemon state.
+    pub fn new(config: Config) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sessions currently served.
+    pub fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+}
+
+/// Accepts connections until `cancel` fires; each connection runs in its own task, and every
+/// session is ended before this returns.
+pub async fn serve(
+    mut listener: UnixSeqpacketListener,
+    daemon: Arc<Daemon>,
+    cancel: CancellationToken,
+) {
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => {
+                    let daemon = daemon.clone();
+                    let cancel = cancel.clone();
+                    tracker.spawn(async move { connection(conn, daemon, cancel).await });
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    // EMFILE and friends: back off instead of spinning on the error.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// One packet received from a client.
+struct Packet {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+enum RecvError {
+    Closed,
+    Oversize(String),
+    Io(std::io::Error),
+}
+
+async fn recv_packet(conn: &UnixSeqpacket) -> Result<Packet, RecvError> {
+    // One byte more than the limit: a packet that fills it was truncated, i.e. oversize.
+    let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
+    let mut anc = vec![0u8; 64 + MAX_FDS * 4];
+    let (info, reader) = conn
+        .recv_with_ancillary(&mut buf, &mut anc)
+        .await
+        .map_err(RecvError::Io)?;
+    let mut fds = Vec::new();
+    let anc_truncated = reader.is_truncated();
+    for msg in reader.into_messages() {
+        if let OwnedAncillaryMessage::FileDescriptors(owned) = msg {
+            fds.extend(owned);
+        }
+    }
+    if info.truncated() || info.bytes_read() > MAX_MESSAGE_BYTES {
+        return Err(RecvError::Oversize(format!(
+            "message exceeds {MAX_MESSAGE_BYTES} bytes"
+        )));
+    }
+    if anc_truncated || info.ancillary_truncated() {
+        return Err(RecvError::Oversize(format!(
+            "more than {MAX_FDS} fds attached"
+        )));
+    }
+    if info.bytes_read() == 0 {
+        return Err(RecvError::Closed);
+    }
+    buf.truncate(info.bytes_read());
+    Ok(Packet { bytes: buf, fds })
+}
+
+async fn send(conn: &UnixSeqpacket, resp: &Response) {
+    match faultd_proto::encode(resp) {
+        Ok(bytes) => {
+            // A client that hung up cannot be told anything; that is not faultd's error.
+            let _ = conn.send(&bytes).await;
+        }
+        Err(e) => tracing::error!("encoding a response failed: {e}"),
+    }
+}
+
+async fn refuse(conn: &UnixSeqpacket, code: ErrorCode, message: String) {
+    tracing::info!(?code, "refusing client: {message}");
+    send(conn, &Response::Error { code, message }).await;
+}
+
+fn decode_error(e: CodecError) -> (ErrorCode, String) {
+    match e {
+        CodecError::Oversize { .. } => (ErrorCode::Oversize, e.to_string()),
+        CodecError::Malformed(src) => (ErrorCode::Malformed, format!("malformed message: {src}")),
+    }
+}
+
+async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: CancellationToken) {
+    let peer_pid = conn.peer_cred().ok().and_then(|c| c.pid());
+    let first = tokio::select! {
+        _ = cancel.cancelled() => return,
+        p = recv_packet(&conn) => p,
+    };
+    let packet = match first {
+        Ok(p) => p,
+        Err(RecvError::Closed) => return,
+        Err(RecvError::Oversize(m)) => return refuse(&conn, ErrorCode::Oversize, m).await,
+        Err(RecvError::Io(e)) => {
+            tracing::debug!("receive failed before registration: {e}");
+            return;
+        }
+    };
+    let reg = match faultd_proto::decode::<Request>(&packet.bytes) {
+        Ok(Request::Register(reg)) => reg,
+        Ok(_) => {
+            return refuse(
+                &conn,
+                ErrorCode::UnexpectedMessage,
+                "the first message must be register".into(),
+            )
+            .await
+        }
+        Err(e) => {
+            let (code, m) = decode_error(e);
+            return refuse(&conn, code, m).await;
+        }
+    };
+    if daemon.session_count() >= daemon.config.max_sessions {
+        return refuse(
+            &conn,
+            ErrorCode::Busy,
+            format!(
+                "faultd serves its limit of {} sessions",
+                daemon.config.max_sessions
+            ),
+        )
+        .await;
+    }
+    // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
+    let validated =
+        match tokio::task::spawn_blocking(move || validate(&reg, packet.fds, peer_pid)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(Refusal { code, message })) => return refuse(&conn, code, message).await,
+            Err(e) => {
+                return refuse(
+                    &conn,
+                    ErrorCode::Internal,
+                    format!("validation failed: {e}"),
+                )
+                .await
+            }
+        };
+    let id = daemon.next_id.fetch_add(1, Ordering::Relaxed);
+    let session = Arc::new(Session::new(
+        id,
+        validated.vm,
+        validated.layout,
+        validated.regions,
+        validated.snapshot,
+    ));
+    let thread = match KernelUffd::new(validated.uffd, daemon.config.batch).and_then(|ops| {
+        FaultThread::spawn(
+            FaultServer::new(session.clone(), ops, daemon.config.batch),
+            daemon.config.spin,
+        )
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            return refuse(
+                &conn,
+                ErrorCode::Internal,
+                format!("starting fault service: {e}"),
+            )
+            .await
+        }
+    };
+    daemon.sessions().insert(id, session.clone());
+    tracing::info!(
+        session = id,
+        vm = session.vm(),
+        guest_bytes = session.layout().total_bytes(),
+        regions = session.layout().regions().len(),
+        "session registered"
+    );
+    send(
+        &conn,
+        &Response::Registered {
+            session: id,
+            version: faultd_proto::PROTOCOL_VERSION,
+        },
+    )
+    .await;
+
+    session_loop(&conn, &session, &cancel).await;
+
+    thread.stop();
+    daemon.sessions().remove(&id);
+    let stats = session.stats();
+    tracing::info!(
+        session = id,
+        vm = session.vm(),
+        faults = stats.vcpu_faults,
+        resident_bytes = stats.resident_bytes,
+        errors = stats.errors,
+        "session ended"
+    );
+}
+
+/// Serves requests on a registered connection until the VMM hangs up or sends something bad.
+async fn session_loop(conn: &UnixSeqpacket, session: &Session, cancel: &CancellationToken) {
+    loop {
+        let packet = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = recv_packet(conn) => p,
+        };
+        let packet = match packet {
+            Ok(p) => p,
+            Err(RecvError::Closed) => return,
+            Err(RecvError::Oversize(m)) => return refuse(conn, ErrorCode::Oversize, m).await,
+            Err(RecvError::Io(e)) => {
+                tracing::debug!(session = session.id(), "receive failed: {e}");
+                return;
+            }
+        };
+        if !packet.fds.is_empty() {
+            return refuse(
+                conn,
+                ErrorCode::BadFd,
+                "fds attached to a message that takes none".into(),
+            )
+            .await;
+        }
+        match faultd_proto::decode::<Request>(&packet.bytes) {
+            Ok(Request::Stats {}) => send(conn, &Response::Stats(session.stats())).await,
+            Ok(Request::Register(_)) => {
+                return refuse(
+                    conn,
+                    ErrorCode::UnexpectedMessage,
+                    "this connection is registered already".into(),
+                )
+                .await
+            }
+            Err(e) => {
+                let (code, m) = decode_error(e);
+                return refuse(conn, code, m).await;
+            }
+        }
+    }
+}

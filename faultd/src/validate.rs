@@ -1,0 +1,519 @@
+//! Validation of a `register` request: everything a VMM hands faultd is checked before a
+//! session exists, so a bad registration costs that connection and nothing else.
+//!
+//! The checks and why each one matters:
+//! - fd kinds: the uffd must be a userfaultfd (ioctls on another fd could do anything), guest
+//!   RAM a tmpfs/hugetlbfs file whose page size matches the region (faultd installs whole pages
+//!   of that size), the snapshot a readable regular file that covers every region it backs
+//!   (reading past its end would serve short pages).
+//! - layout: s2map refuses overlaps, misalignment and bad sizes.
+//! - mappings: every region's `hva` range must be, in the VMM's own address space, a shared
+//!   mapping of exactly its memory fd at `mem_offset`. userfaultfd operations name VMM addresses;
+//!   if the VMM lied about them, faultd would fill pages that are not the guest's RAM.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use faultd_proto::{BackingDesc, ErrorCode, FdIndex, Register, MAX_REGIONS, MAX_VM_NAME};
+use s2map::{Backing, Gpa, Layout, PageSize, RegionSpec};
+
+use crate::session::{Hva, ServedRegion};
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// A refused registration: the protocol error class and a message naming field and value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// Class for the client.
+    pub code: ErrorCode,
+    /// Explanation.
+    pub message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A registration that passed every check, with the fds it owns.
+#[derive(Debug)]
+pub struct Validated {
+    /// VM name.
+    pub vm: String,
+    /// Guest layout.
+    pub layout: Layout,
+    /// Per region of `layout` (same order): where it lives in the VMM.
+    pub regions: Vec<ServedRegion>,
+    /// The VMM's userfaultfd.
+    pub uffd: OwnedFd,
+    /// Snapshot file, if any region is snapshot-backed.
+    pub snapshot: Option<File>,
+}
+
+/// Checks `reg` with the fds that came with it. `peer_pid` is the VMM (from SO_PEERCRED).
+pub fn validate(
+    reg: &Register,
+    fds: Vec<OwnedFd>,
+    peer_pid: Option<i32>,
+) -> Result<Validated, Refusal> {
+    if reg.version != faultd_proto::PROTOCOL_VERSION {
+        return Err(refuse(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "version {} is not supported (faultd speaks {})",
+                reg.version,
+                faultd_proto::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    check_vm_name(&reg.vm)?;
+    if reg.regions.is_empty() || reg.regions.len() > MAX_REGIONS {
+        return Err(refuse(
+            ErrorCode::BadLayout,
+            format!(
+                "regions: {} given, 1..={MAX_REGIONS} allowed",
+                reg.regions.len()
+            ),
+        ));
+    }
+    let mut used = vec![false; fds.len()];
+    let mut take = |idx: FdIndex, what: &str| -> Result<usize, Refusal> {
+        let i = idx.0 as usize;
+        match used.get_mut(i) {
+            Some(u) => {
+                *u = true;
+                Ok(i)
+            }
+            None => Err(refuse(
+                ErrorCode::BadFd,
+                format!("{what}: fd index {i} but only {} fds attached", fds.len()),
+            )),
+        }
+    };
+    let uffd_i = take(reg.uffd, "uffd")?;
+    let snap_i = reg.snapshot.map(|s| take(s, "snapshot")).transpose()?;
+    let mut mem_is = Vec::with_capacity(reg.regions.len());
+    for (n, r) in reg.regions.iter().enumerate() {
+        mem_is.push(take(r.mem, &format!("regions[{n}].mem"))?);
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!("fd {unused} was attached but no field refers to it"),
+        ));
+    }
+    if mem_is.contains(&uffd_i) || snap_i.is_some_and(|s| s == uffd_i || mem_is.contains(&s)) {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            "the uffd, snapshot and memory fds must be distinct entries",
+        ));
+    }
+
+    check_uffd(fds[uffd_i].as_fd())?;
+    let snapshot_len = match snap_i {
+        Some(i) => Some(check_snapshot(fds[i].as_fd())?),
+        None => None,
+    };
+
+    let mut specs = Vec::with_capacity(reg.regions.len());
+    let mut mems = Vec::with_capacity(reg.regions.len());
+    for (n, (r, &mi)) in reg.regions.iter().zip(&mem_is).enumerate() {
+        let page_size = PageSize::from_bytes(r.page_size).ok_or_else(|| {
+            refuse(
+                ErrorCode::BadLayout,
+                format!(
+                    "regions[{n}].page_size = {}: must be 4096 or 2097152",
+                    r.page_size
+                ),
+            )
+        })?;
+        check_mem(n, fds[mi].as_fd(), r.mem_offset, r.size, page_size)?;
+        if r.hva == 0 || !r.hva.is_multiple_of(page_size.bytes()) || r.hva.checked_add(r.size).is_none() {
+            return Err(refuse(
+                ErrorCode::BadMapping,
+                format!(
+                    "regions[{n}].hva = {:#x}: must be page aligned, non-zero, and not wrap",
+                    r.hva
+                ),
+            ));
+        }
+        let backing = match r.backing {
+            BackingDesc::Zero => Backing::Zero,
+            BackingDesc::Snapshot { offset } => {
+                let Some(len) = snapshot_len else {
+                    return Err(refuse(
+                        ErrorCode::BadFd,
+                        format!("regions[{n}] is snapshot-backed but no snapshot fd was given"),
+                    ));
+                };
+                if offset.checked_add(r.size).is_none_or(|end| end > len) {
+                    return Err(refuse(
+                        ErrorCode::BadLayout,
+                        format!(
+                            "regions[{n}]: snapshot range {offset:#x}+{:#x} exceeds the snapshot file ({len} bytes)",
+                            r.size
+                        ),
+                    ));
+                }
+                Backing::File { offset }
+            }
+        };
+        specs.push(RegionSpec {
+            gpa: Gpa(r.gpa),
+            size: r.size,
+            page_size,
+            backing,
+            read_only: r.read_only,
+        });
+        mems.push((r.hva, r.mem_offset, mi));
+    }
+    if snapshot_len.is_some()
+        && !specs
+            .iter()
+            .any(|s| matches!(s.backing, Backing::File { .. }))
+    {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            "a snapshot fd was given but no region is snapshot-backed",
+        ));
+    }
+    check_hva_overlap(reg)?;
+
+    if let Some(pid) = peer_pid {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| {
+            refuse(
+                ErrorCode::Internal,
+                format!("cannot read /proc/{pid}/maps to check the VMM's mappings: {e}"),
+            )
+        })?;
+        for (n, &(hva, off, mi)) in mems.iter().enumerate() {
+            let st = nix::sys::stat::fstat(fds[mi].as_fd())
+                .map_err(|e| refuse(ErrorCode::BadFd, format!("regions[{n}].mem: fstat: {e}")))?;
+            let file = MappedFile {
+                dev_major: nix::sys::stat::major(st.st_dev),
+                dev_minor: nix::sys::stat::minor(st.st_dev),
+                inode: st.st_ino,
+            };
+            check_mapping(&maps, hva, reg.regions[n].size, off, file)
+                .map_err(|why| refuse(ErrorCode::BadMapping, format!("regions[{n}]: {why}")))?;
+        }
+    }
+
+    let layout = Layout::new(specs).map_err(|e| refuse(ErrorCode::BadLayout, e.to_string()))?;
+
+    // Hand the fds out. Several regions may share one memory fd (at different offsets), so
+    // memory fds are shared. Layout sorts regions by GPA; match each back to its request entry.
+    let mut slots: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let uffd = slots[uffd_i]
+        .take()
+        .expect("uffd index validated above and taken once");
+    let snapshot = snap_i.map(|i| File::from(slots[i].take().expect("snapshot taken once")));
+    let shared: Vec<Option<Arc<OwnedFd>>> = slots.into_iter().map(|s| s.map(Arc::new)).collect();
+    let mut served = Vec::with_capacity(reg.regions.len());
+    for region in layout.regions() {
+        let n = reg
+            .regions
+            .iter()
+            .position(|r| r.gpa == region.gpa().0)
+            .expect("every layout region comes from one request region");
+        let (hva, mem_offset, mi) = mems[n];
+        let mem = shared[mi]
+            .clone()
+            .expect("memory fd indexes are distinct from uffd/snapshot");
+        served.push(ServedRegion {
+            hva: Hva(hva),
+            mem,
+            mem_offset,
+        });
+    }
+    Ok(Validated {
+        vm: reg.vm.clone(),
+        layout,
+        regions: served,
+        uffd,
+        snapshot,
+    })
+}
+
+fn check_vm_name(vm: &str) -> Result<(), Refusal> {
+    let ok = !vm.is_empty()
+        && vm.len() <= MAX_VM_NAME
+        && vm
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(
+            ErrorCode::BadLayout,
+            format!("vm = {vm:?}: must be 1..={MAX_VM_NAME} bytes of [A-Za-z0-9._-]"),
+        ))
+    }
+}
+
+fn check_uffd(fd: BorrowedFd<'_>) -> Result<(), Refusal> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| refuse(ErrorCode::BadFd, format!("uffd: cannot inspect fd: {e}")))?;
+    if link.as_os_str() != "anon_inode:[userfaultfd]" {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!("uffd: fd is {}, not a userfaultfd", link.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_snapshot(fd: BorrowedFd<'_>) -> Result<u64, Refusal> {
+    let st = nix::sys::stat::fstat(fd)
+        .map_err(|e| refuse(ErrorCode::BadFd, format!("snapshot: fstat: {e}")))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(refuse(ErrorCode::BadFd, "snapshot: not a regular file"));
+    }
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| refuse(ErrorCode::BadFd, format!("snapshot: fcntl: {e}")))?;
+    if flags & libc::O_ACCMODE == libc::O_WRONLY || flags & libc::O_PATH != 0 {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            "snapshot: fd is not open for reading",
+        ));
+    }
+    Ok(st.st_size as u64)
+}
+
+fn check_mem(
+    n: usize,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    size: u64,
+    page_size: PageSize,
+) -> Result<(), Refusal> {
+    let what = format!("regions[{n}].mem");
+    let st = nix::sys::stat::fstat(fd)
+        .map_err(|e| refuse(ErrorCode::BadFd, format!("{what}: fstat: {e}")))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!("{what}: not a memfd or hugetlbfs file"),
+        ));
+    }
+    let fs = nix::sys::statfs::fstatfs(fd)
+        .map_err(|e| refuse(ErrorCode::BadFd, format!("{what}: fstatfs: {e}")))?;
+    let magic = fs.filesystem_type().0 as i64;
+    let want = match page_size {
+        PageSize::Size4K => TMPFS_MAGIC,
+        PageSize::Size2M => HUGETLBFS_MAGIC,
+    };
+    if magic != want {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!(
+                "{what}: filesystem {magic:#x} does not hold {} pages (need {})",
+                page_size.bytes(),
+                if want == TMPFS_MAGIC {
+                    "a memfd (tmpfs)"
+                } else {
+                    "hugetlbfs"
+                }
+            ),
+        ));
+    }
+    if page_size == PageSize::Size2M && st.st_blksize as u64 != page_size.bytes() {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!("{what}: hugetlbfs page size {} is not 2 MiB", st.st_blksize),
+        ));
+    }
+    if !offset.is_multiple_of(page_size.bytes())
+        || offset
+            .checked_add(size)
+            .is_none_or(|e| e > st.st_size as u64)
+    {
+        return Err(refuse(
+            ErrorCode::BadLayout,
+            format!(
+                "{what}: range {offset:#x}+{size:#x} is not page aligned or exceeds the file ({} bytes)",
+                st.st_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_hva_overlap(reg: &Register) -> Result<(), Refusal> {
+    let mut ranges: Vec<(u64, u64, usize)> = reg
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(n, r)| (r.hva, r.hva + r.size, n))
+        .collect();
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(refuse(
+                ErrorCode::BadMapping,
+                format!(
+                    "regions[{}] and regions[{}] overlap in the VMM's address space",
+                    w[0].2, w[1].2
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Identity of a file as `/proc/<pid>/maps` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedFile {
+    /// Device major.
+    pub dev_major: u64,
+    /// Device minor.
+    pub dev_minor: u64,
+    /// Inode.
+    pub inode: u64,
+}
+
+/// Checks that `maps` (the text of `/proc/<pid>/maps`) maps `[hva, hva+size)` entirely, shared,
+/// from `file` at `offset` onwards, with no gaps.
+pub fn check_mapping(
+    maps: &str,
+    hva: u64,
+    size: u64,
+    offset: u64,
+    file: MappedFile,
+) -> Result<(), String> {
+    let end = hva + size;
+    let mut covered = hva;
+    for line in maps.lines() {
+        let Some(m) = parse_maps_line(line) else {
+            continue;
+        };
+        if m.end <= covered || m.start > covered {
+            if m.start > covered && m.start < end {
+                break;
+            }
+            continue;
+        }
+        // m covers `covered`.
+        if !m.shared {
+            return Err(format!("{covered:#x} is mapped private, not MAP_SHARED"));
+        }
+        if m.file != file {
+            return Err(format!(
+                "{covered:#x} maps another file than the region's memory fd"
+            ));
+        }
+        let file_off_here = m.offset + (covered - m.start);
+        let want = offset + (covered - hva);
+        if file_off_here != want {
+            return Err(format!(
+                "{covered:#x} maps file offset {file_off_here:#x}, expected {want:#x}"
+            ));
+        }
+        covered = m.end.min(end);
+        if covered == end {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "{covered:#x} (within {hva:#x}+{size:#x}) is not mapped from the region's memory fd"
+    ))
+}
+
+struct MapsLine {
+    start: u64,
+    end: u64,
+    shared: bool,
+    offset: u64,
+    file: MappedFile,
+}
+
+fn parse_maps_line(line: &str) -> Option<MapsLine> {
+    let mut it = line.split_ascii_whitespace();
+    let (start, end) = it.next()?.split_once('-')?;
+    let perms = it.next()?;
+    let offset = it.next()?;
+    let (maj, min) = it.next()?.split_once(':')?;
+    let inode = it.next()?;
+    Some(MapsLine {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        shared: perms.as_bytes().get(3) == Some(&b's'),
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        file: MappedFile {
+            dev_major: u64::from_str_radix(maj, 16).ok()?,
+            dev_minor: u64::from_str_radix(min, 16).ok()?,
+            inode: inode.parse().ok()?,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: MappedFile = MappedFile {
+        dev_major: 0,
+        dev_minor: 1,
+        inode: 1234,
+    };
+    const MAPS: &str = "\
+55d0c0000000-55d0c0001000 r--p 00000000 fd:01 99 /usr/bin/vmm
+7f0000000000-7f0000200000 rw-s 00000000 00:01 1234 /memfd:ram (deleted)
+7f0000200000-7f0000400000 rw-s 00200000 00:01 1234 /memfd:ram (deleted)
+7f0000400000-7f0000401000 rw-p 00000000 00:00 0
+7f0000500000-7f0000600000 rw-s 00000000 00:01 555 /memfd:other (deleted)
+";
+
+    #[test]
+    fn mapping_spanning_two_vmas_of_the_memfd_is_accepted() {
+        assert_eq!(
+            check_mapping(MAPS, 0x7f00_0000_0000, 0x40_0000, 0, FILE),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn mapping_at_an_inner_offset_is_accepted() {
+        assert_eq!(
+            check_mapping(MAPS, 0x7f00_0010_0000, 0x20_0000, 0x10_0000, FILE),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn wrong_offset_is_refused() {
+        let e = check_mapping(MAPS, 0x7f00_0000_0000, 0x1000, 0x1000, FILE).unwrap_err();
+        assert!(e.contains("expected 0x1000"), "{e}");
+    }
+
+    #[test]
+    fn range_running_into_a_private_mapping_is_refused() {
+        let e = check_mapping(MAPS, 0x7f00_0000_0000, 0x40_1000, 0, FILE).unwrap_err();
+        assert!(e.contains("private"), "{e}");
+    }
+
+    #[test]
+    fn another_file_is_refused() {
+        let e = check_mapping(MAPS, 0x7f00_0050_0000, 0x1000, 0, FILE).unwrap_err();
+        assert!(e.contains("another file"), "{e}");
+    }
+
+    #[test]
+    fn unmapped_range_is_refused() {
+        let e = check_mapping(MAPS, 0x7f00_1000_0000, 0x1000, 0, FILE).unwrap_err();
+        assert!(e.contains("not mapped"), "{e}");
+    }
+
+    #[test]
+    fn bad_vm_names_are_refused() {
+        assert!(check_vm_name("vm-1.a_b").is_ok());
+        assert!(check_vm_name("").is_err());
+        assert!(check_vm_name("a b").is_err());
+        assert!(check_vm_name(&"x".repeat(65)).is_err());
+    }
+}
