@@ -534,3 +534,6 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, stop: &Stop) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
