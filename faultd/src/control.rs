@@ -269,15 +269,15 @@ async fn session_loop(conn: &UnixSeqpacket, session: &Session, cancel: &Cancella
                 return;
             }
         };
-        if !packet.fds.is_empty() {
-            return refuse(
-                conn,
-                ErrorCode::BadFd,
-                "fds attached to a message that takes none".into(),
-            )
-            .await;
-        }
         match faultd_proto::decode::<Request>(&packet.bytes) {
+            Ok(Request::Stats {}) if !packet.fds.is_empty() => {
+                return refuse(
+                    conn,
+                    ErrorCode::BadFd,
+                    "fds attached to a message that takes none".into(),
+                )
+                .await
+            }
             Ok(Request::Stats {}) => send(conn, &Response::Stats(session.stats())).await,
             Ok(Request::Register(_)) => {
                 return refuse(

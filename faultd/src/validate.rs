@@ -133,7 +133,10 @@ pub fn validate(
             )
         })?;
         check_mem(n, fds[mi].as_fd(), r.mem_offset, r.size, page_size)?;
-        if r.hva == 0 || !r.hva.is_multiple_of(page_size.bytes()) || r.hva.checked_add(r.size).is_none() {
+        if r.hva == 0
+            || !r.hva.is_multiple_of(page_size.bytes())
+            || r.hva.checked_add(r.size).is_none()
+        {
             return Err(refuse(
                 ErrorCode::BadMapping,
                 format!(

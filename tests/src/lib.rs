@@ -1,1 +1,196 @@
-//! integration tests
+//! Harness for faultd's integration tests and benchmarks: runs the real `faultd` binary as its
+//! own process on a private socket, and gives the test (which plays the VMM) guest RAM that
+//! faultd serves.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec, Session, Uffd};
+
+/// Path of a `faultd` binary built from this workspace in the test's own profile.
+pub fn faultd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        escargot::CargoBuild::new()
+            .package("faultd")
+            .bin("faultd")
+            .current_release()
+            .run()
+            .expect("building faultd")
+            .path()
+            .to_owned()
+    })
+}
+
+/// A running faultd process on a private socket; killed (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Faultd {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Faultd {
+    /// Starts faultd with default config and `extra` arguments; waits until it accepts.
+    pub fn start(extra: &[&str]) -> Faultd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("faultd.sock");
+        let log = dir.path().join("faultd.log");
+        let child = Command::new(faultd_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--log")
+            .arg("info")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawning faultd");
+        let mut f = Faultd {
+            child,
+            socket,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Client::connect(&f.socket).is_err() {
+            if let Ok(Some(status)) = f.child.try_wait() {
+                panic!("faultd exited with {status} at start:\n{}", f.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "faultd did not start:\n{}",
+                f.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        f
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything faultd logged so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait faultd");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Faultd {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.terminate();
+        }
+    }
+}
+
+/// Guest RAM registered with a uffd, not yet handed to faultd.
+#[derive(Debug)]
+pub struct Ram {
+    // Field order is drop order: the uffd closes before the RAM is unmapped, so the unmap never
+    // waits on an event nobody reads.
+    /// Its userfaultfd.
+    pub uffd: Uffd,
+    /// The RAM.
+    pub ram: GuestRam,
+}
+
+impl Ram {
+    /// `size` bytes of 4 KiB-page memfd RAM, registered MISSING with a fresh uffd.
+    pub fn new(name: &str, size: u64) -> Ram {
+        Ram::with_page_size(name, size, RamPageSize::Size4K)
+    }
+
+    /// As [`Ram::new`] with a chosen page size.
+    pub fn with_page_size(name: &str, size: u64, page: RamPageSize) -> Ram {
+        let ram = GuestRam::new(name, size, page).expect("guest RAM");
+        let uffd = create_uffd().expect("uffd");
+        ram.register(&uffd).expect("uffd register");
+        Ram { ram, uffd }
+    }
+
+    /// Registers with faultd as a zero-filled region at GPA 0.
+    pub fn serve(&self, faultd: &Faultd, vm: &str) -> Session {
+        Client::connect(faultd.socket())
+            .expect("connect")
+            .register(vm, &self.uffd, &[RegionSpec::zero(0, &self.ram)], None)
+            .expect("register")
+    }
+}
+
+/// Reads byte `off` of `ram` from a helper thread; a fault there blocks until faultd serves it,
+/// so a dead or stuck faultd makes this panic after `timeout` instead of hanging the test.
+pub fn read_with_timeout(ram: &GuestRam, offs: Vec<u64>, timeout: Duration) -> Vec<u8> {
+    let base = ram.host_addr() as usize;
+    let size = ram.size();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let v: Vec<u8> = offs
+            .iter()
+            .map(|&o| {
+                assert!(o < size);
+                // SAFETY: `base + o` lies in the live shared mapping of the RAM (checked
+                // against its size above); a volatile byte read creates no reference.
+                unsafe { std::ptr::read_volatile((base + o as usize) as *const u8) }
+            })
+            .collect();
+        let _ = tx.send(v);
+    });
+    rx.recv_timeout(timeout)
+        .expect("guest RAM access was not served in time")
+}
+
+/// Writes `val` at byte `off` of each page in `offs` from a helper thread, with a timeout.
+pub fn write_with_timeout(ram: &GuestRam, writes: Vec<(u64, u8)>, timeout: Duration) {
+    let base = ram.host_addr() as usize;
+    let size = ram.size();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (o, v) in writes {
+            assert!(o < size);
+            // SAFETY: as in read_with_timeout; a volatile byte write creates no reference.
+            unsafe { std::ptr::write_volatile((base + o as usize) as *mut u8, v) };
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(timeout)
+        .expect("guest RAM access was not served in time");
+}

@@ -259,14 +259,19 @@ impl Drop for GuestRam {
 }
 
 /// Creates a userfaultfd the way faultd expects: non-blocking, close-on-exec, kernel-mode
-/// faults included (so KVM's own accesses to guest RAM fault into it), REMOVE and UNMAP events.
+/// faults included (so KVM's own accesses to guest RAM fault into it), REMOVE events (so faultd
+/// learns of pages the VMM discards).
+///
+/// Not UNMAP: with EVENT_UNMAP, `munmap` of registered RAM blocks until the event is read, so a
+/// VMM tearing down after its session ended would hang; and for shared memfd RAM an unmap
+/// changes nothing faultd tracks (the memfd keeps the pages).
 pub fn create_uffd() -> Result<Uffd, ClientError> {
     use userfaultfd::{FeatureFlags, UffdBuilder};
     UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
-        .require_features(FeatureFlags::EVENT_REMOVE | FeatureFlags::EVENT_UNMAP)
+        .require_features(FeatureFlags::EVENT_REMOVE)
         .create()
         .map_err(ClientError::CreateUffd)
 }
@@ -401,6 +406,12 @@ impl Session {
     /// The session id faultd assigned.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The connection as raw packets (for tests that misbehave after registering). Dropping it
+    /// ends the session as dropping the `Session` would.
+    pub fn into_raw(self) -> RawConnection {
+        self.raw
     }
 
     /// Asks faultd for this session's counters.

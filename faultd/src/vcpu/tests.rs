@@ -40,7 +40,9 @@ impl FakeUffd {
     /// A VMM thread touches `addr`: no event if present, else a MISSING fault is queued.
     fn touch(&self, addr: u64) {
         if !self.present.borrow().contains_key(&(addr & !(PAGE - 1))) {
-            self.queue.borrow_mut().push_back(UffdEvent::Fault { addr: Hva(addr) });
+            self.queue
+                .borrow_mut()
+                .push_back(UffdEvent::Fault { addr: Hva(addr) });
         }
     }
 
@@ -164,7 +166,10 @@ fn zero_backed_fault_installs_a_zero_page_and_marks_it_resident() {
     assert_eq!(srv.ops().page(HVA + 2 * PAGE), Some(vec![0; PAGE as usize]));
     assert_eq!(page_state(&s, HVA + 2 * PAGE), PageState::Resident);
     let st = s.stats();
-    assert_eq!((st.vcpu_faults, st.zero_fills, st.resident_bytes), (1, 1, PAGE));
+    assert_eq!(
+        (st.vcpu_faults, st.zero_fills, st.resident_bytes),
+        (1, 1, PAGE)
+    );
     assert_eq!(st.latency_us.count, 1);
 }
 
@@ -229,7 +234,10 @@ fn removed_snapshot_page_is_zero_filled_when_touched_again() {
 
     assert_eq!(srv.ops().page(HVA + PAGE), Some(vec![0; PAGE as usize]));
     let st = s.stats();
-    assert_eq!((st.discarded_pages, st.zero_fills, st.file_fills), (1, 1, 1));
+    assert_eq!(
+        (st.discarded_pages, st.zero_fills, st.file_fills),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -278,14 +286,16 @@ fn huge_page_zero_fill_installs_two_mib_of_zeros() {
     }];
     let s = Arc::new(Session::new(1, "t".into(), layout, regions, None));
     let mut srv = FaultServer::new(s.clone(), FakeUffd::new(HVA, 2 * HUGE), 8);
-    srv.ops()
-        .queue
-        .borrow_mut()
-        .push_back(UffdEvent::Fault { addr: Hva(HVA + HUGE + 5000) });
+    srv.ops().queue.borrow_mut().push_back(UffdEvent::Fault {
+        addr: Hva(HVA + HUGE + 5000),
+    });
 
     srv.serve_ready().unwrap();
 
-    assert_eq!(srv.ops().page(HVA + HUGE).map(|p| p.len()), Some(HUGE as usize));
+    assert_eq!(
+        srv.ops().page(HVA + HUGE).map(|p| p.len()),
+        Some(HUGE as usize)
+    );
     assert_eq!(s.stats().resident_bytes, HUGE);
 }
 

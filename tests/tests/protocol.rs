@@ -1,0 +1,335 @@
+//! faultd as a separate process serving host-thread faults, and the control protocol's answers
+//! to bad input: each bad registration is refused with a clear error, only its own connection
+//! is closed, and a live session keeps being served throughout.
+
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Duration;
+
+use faultd_client::{Client, ClientError, RegionSpec};
+use faultd_proto::{
+    BackingDesc, ErrorCode, FdIndex, RegionDesc, Register, Request, Response, PROTOCOL_VERSION,
+};
+use faultd_tests::{read_with_timeout, write_with_timeout, Faultd, Ram};
+
+const T: Duration = Duration::from_secs(10);
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn host_thread_faults_are_served_and_only_touched_pages_become_resident() {
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("ram", 64 * MIB);
+    let mut session = r.serve(&faultd, "host");
+    let pages: Vec<u64> = (0..200).map(|i| (i * 37 % 16384) * 4096).collect();
+
+    let before = read_with_timeout(&r.ram, pages.iter().map(|p| p + 11).collect(), T);
+    write_with_timeout(
+        &r.ram,
+        pages.iter().map(|&p| (p + 11, (p / 4096) as u8)).collect(),
+        T,
+    );
+    let after = read_with_timeout(&r.ram, pages.iter().map(|p| p + 11).collect(), T);
+
+    assert!(before.iter().all(|&b| b == 0));
+    let want: Vec<u8> = pages.iter().map(|&p| (p / 4096) as u8).collect();
+    assert_eq!(after, want);
+    let distinct = pages
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
+    let stats = session.stats().unwrap();
+    assert_eq!(stats.resident_bytes, distinct * 4096);
+    assert_eq!(r.ram.allocated_bytes().unwrap(), distinct * 4096);
+    assert_eq!(stats.zero_fills, distinct);
+    assert_eq!(stats.errors, 0);
+}
+
+#[test]
+fn snapshot_backed_ram_reads_exactly_the_files_bytes() {
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("ram", 4 * MIB);
+    // The region starts 8 KiB into the file; each file page holds its page number's low byte
+    // at every offset, and a marker at offset 100.
+    let mut file = tempfile::tempfile().unwrap();
+    for p in 0..(4 * MIB / 4096 + 2) {
+        let mut page = vec![p as u8; 4096];
+        page[100] = 0xA5;
+        file.write_all(&page).unwrap();
+    }
+    let _session = Client::connect(faultd.socket())
+        .unwrap()
+        .register(
+            "snap",
+            &r.uffd,
+            &[RegionSpec::snapshot(0, &r.ram, 8192)],
+            Some(file.as_fd()),
+        )
+        .unwrap();
+
+    let offs: Vec<u64> = (0..1024)
+        .step_by(7)
+        .flat_map(|p| [p * 4096, p * 4096 + 100])
+        .collect();
+    let got = read_with_timeout(&r.ram, offs.clone(), T);
+
+    for (o, v) in offs.iter().zip(got) {
+        let want = if o % 4096 == 100 {
+            0xA5
+        } else {
+            (o / 4096 + 2) as u8
+        };
+        assert_eq!(v, want, "byte at offset {o:#x}");
+    }
+}
+
+/// Sends `req` with `fds` on a fresh connection and returns faultd's error code.
+fn refused(faultd: &Faultd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (ErrorCode, String) {
+    let mut conn = Client::connect(faultd.socket()).unwrap().into_raw();
+    conn.send(bytes, fds).unwrap();
+    let resp = conn.recv_response().unwrap();
+    // After an error, faultd closes the connection.
+    assert!(
+        conn.recv().unwrap().is_none(),
+        "connection left open after {resp:?}"
+    );
+    match resp {
+        Response::Error { code, message } => (code, message),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn register(r: &Ram, mutate: impl FnOnce(&mut Register)) -> Vec<u8> {
+    let mut reg = Register {
+        version: PROTOCOL_VERSION,
+        vm: "bad".into(),
+        uffd: FdIndex(0),
+        regions: vec![RegionDesc {
+            gpa: 0,
+            size: r.ram.size(),
+            page_size: 4096,
+            hva: r.ram.host_addr(),
+            mem: FdIndex(1),
+            mem_offset: 0,
+            backing: BackingDesc::Zero,
+            read_only: false,
+        }],
+        snapshot: None,
+    };
+    mutate(&mut reg);
+    faultd_proto::encode(&Request::Register(reg)).unwrap()
+}
+
+/// What is wrong, the packet, its fds, the expected code, and a word the message must contain.
+type Case<'a> = (&'static str, Vec<u8>, Vec<BorrowedFd<'a>>, ErrorCode, &'static str);
+
+#[test]
+fn bad_registrations_are_refused_and_a_live_session_keeps_being_served() {
+    let faultd = Faultd::start(&[]);
+    let live = Ram::new("live", 16 * MIB);
+    let mut live_session = live.serve(&faultd, "live");
+    let mut next_live_page = 0u64;
+    let mut check_live = || {
+        let off = next_live_page * 4096 + 1;
+        next_live_page += 1;
+        write_with_timeout(&live.ram, vec![(off, 0x5A)], T);
+        assert_eq!(read_with_timeout(&live.ram, vec![off], T), vec![0x5A]);
+    };
+
+    let r = Ram::new("bad", 8 * MIB);
+    let other = Ram::new("other", 8 * MIB);
+    let uffd = r.uffd.as_fd();
+    let mem = r.ram.memfd();
+    let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
+    let disk_file = tempfile::tempfile().unwrap();
+    disk_file.set_len(8 * MIB).unwrap();
+
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "not json",
+            b"{register".to_vec(),
+            vec![],
+            ErrorCode::Malformed,
+            "malformed",
+        ),
+        (
+            "unknown type",
+            br#"{"type":"reboot"}"#.to_vec(),
+            vec![],
+            ErrorCode::Malformed,
+            "reboot",
+        ),
+        (
+            "oversize",
+            vec![b' '; 70_000],
+            vec![],
+            ErrorCode::Oversize,
+            "65536",
+        ),
+        (
+            "stats first",
+            br#"{"type":"stats"}"#.to_vec(),
+            vec![],
+            ErrorCode::UnexpectedMessage,
+            "register",
+        ),
+        (
+            "version",
+            register(&r, |g| g.version = 9),
+            vec![uffd, mem],
+            ErrorCode::UnsupportedVersion,
+            "version 9",
+        ),
+        (
+            "uffd index out of range",
+            register(&r, |g| g.uffd = FdIndex(5)),
+            vec![uffd, mem],
+            ErrorCode::BadFd,
+            "fd index 5",
+        ),
+        (
+            "uffd is a pipe",
+            register(&r, |_| {}),
+            vec![pipe_r.as_fd(), mem],
+            ErrorCode::BadFd,
+            "not a userfaultfd",
+        ),
+        (
+            "guest RAM on disk, not a memfd",
+            register(&r, |_| {}),
+            vec![uffd, disk_file.as_fd()],
+            ErrorCode::BadFd,
+            "memfd",
+        ),
+        (
+            "size not a page multiple",
+            register(&r, |g| g.regions[0].size = 4097),
+            vec![uffd, mem],
+            ErrorCode::BadLayout,
+            "size 0x1001",
+        ),
+        (
+            "overlapping regions",
+            register(&r, |g| {
+                let mut second = g.regions[0].clone();
+                second.gpa = 4 * MIB;
+                second.hva = other.ram.host_addr();
+                second.mem = FdIndex(2);
+                g.regions.push(second);
+            }),
+            vec![uffd, mem, other.ram.memfd()],
+            ErrorCode::BadLayout,
+            "overlap",
+        ),
+        (
+            "hva is not the memfd's mapping",
+            register(&r, |g| g.regions[0].hva = other.ram.host_addr()),
+            vec![uffd, mem],
+            ErrorCode::BadMapping,
+            "another file",
+        ),
+        (
+            "snapshot backing without a snapshot fd",
+            register(&r, |g| {
+                g.regions[0].backing = BackingDesc::Snapshot { offset: 0 }
+            }),
+            vec![uffd, mem],
+            ErrorCode::BadFd,
+            "no snapshot fd",
+        ),
+        (
+            "an fd nobody refers to",
+            register(&r, |_| {}),
+            vec![uffd, mem, pipe_r.as_fd()],
+            ErrorCode::BadFd,
+            "fd 2 was attached",
+        ),
+        (
+            "bad vm name",
+            register(&r, |g| g.vm = "../../etc".into()),
+            vec![uffd, mem],
+            ErrorCode::BadLayout,
+            "vm =",
+        ),
+    ];
+    for (what, bytes, fds, code, needle) in cases {
+        let (got, message) = refused(&faultd, &bytes, &fds);
+        assert_eq!(got, code, "{what}: {message}");
+        assert!(
+            message.contains(needle),
+            "{what}: {message:?} lacks {needle:?}"
+        );
+        check_live();
+    }
+
+    // A registered connection that sends a second register loses its session, only it.
+    let r2 = Ram::new("twice", 4 * MIB);
+    let mut s2 = r2.serve(&faultd, "twice").into_raw();
+    s2.send(&register(&r2, |_| {}), &[r2.uffd.as_fd(), r2.ram.memfd()])
+        .unwrap();
+    assert!(matches!(
+        s2.recv_response().unwrap(),
+        Response::Error {
+            code: ErrorCode::UnexpectedMessage,
+            ..
+        }
+    ));
+    assert!(s2.recv().unwrap().is_none());
+    check_live();
+
+    let stats = live_session.stats().unwrap();
+    assert_eq!(stats.errors, 0);
+    assert!(stats.zero_fills >= 15, "{stats:?}");
+}
+
+#[test]
+fn hanging_up_ends_the_session_and_releases_its_fds() {
+    let faultd = Faultd::start(&[]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", faultd.pid()))
+            .unwrap()
+            .count()
+    };
+    let baseline = fds();
+    let r = Ram::new("ram", 4 * MIB);
+    let session = r.serve(&faultd, "bye");
+    assert!(fds() > baseline);
+
+    drop(session);
+
+    let deadline = std::time::Instant::now() + T;
+    while fds() > baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "faultd kept the session's fds"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(faultd.log().contains("session ended"));
+}
+
+#[test]
+fn a_second_faultd_refuses_to_steal_a_live_socket() {
+    let faultd = Faultd::start(&[]);
+    let out = std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(faultd.socket())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another faultd is already serving"), "{err}");
+}
+
+#[test]
+fn client_error_names_the_refusal() {
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("ram", 4 * MIB);
+    let err = Client::connect(faultd.socket())
+        .unwrap()
+        .register("x y", &r.uffd, &[RegionSpec::zero(0, &r.ram)], None)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused { code: ErrorCode::BadLayout, message } if message.contains("x y")),
+        "{err}"
+    );
+}
