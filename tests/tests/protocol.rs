@@ -120,7 +120,13 @@ fn register(r: &Ram, mutate: impl FnOnce(&mut Register)) -> Vec<u8> {
 }
 
 /// What is wrong, the packet, its fds, the expected code, and a word the message must contain.
-type Case<'a> = (&'static str, Vec<u8>, Vec<BorrowedFd<'a>>, ErrorCode, &'static str);
+type Case<'a> = (
+    &'static str,
+    Vec<u8>,
+    Vec<BorrowedFd<'a>>,
+    ErrorCode,
+    &'static str,
+);
 
 #[test]
 fn bad_registrations_are_refused_and_a_live_session_keeps_being_served() {
@@ -332,4 +338,70 @@ fn client_error_names_the_refusal() {
         matches!(&err, ClientError::Refused { code: ErrorCode::BadLayout, message } if message.contains("x y")),
         "{err}"
     );
+}
+
+#[test]
+fn discarded_snapshot_pages_read_as_zero_afterwards() {
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("ram", 2 * MIB);
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&vec![0x77; 2 * MIB as usize]).unwrap();
+    let mut session = Client::connect(faultd.socket())
+        .unwrap()
+        .register(
+            "balloon",
+            &r.uffd,
+            &[RegionSpec::snapshot(0, &r.ram, 0)],
+            Some(file.as_fd()),
+        )
+        .unwrap();
+    let offs: Vec<u64> = (0..8).map(|p| p * 4096 + 9).collect();
+    assert_eq!(read_with_timeout(&r.ram, offs.clone(), T), vec![0x77; 8]);
+
+    // The VMM discards pages 2..6 (as a balloon would). MADV_REMOVE waits until faultd has
+    // read the REMOVE event, so it must run while faultd serves.
+    let base = r.ram.host_addr() as usize;
+    // SAFETY: the range lies inside the live shared mapping; MADV_REMOVE drops its pages and
+    // no Rust reference points into guest RAM.
+    let rc = unsafe { libc::madvise((base + 2 * 4096) as *mut _, 4 * 4096, libc::MADV_REMOVE) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+
+    let want: Vec<u8> = (0..8)
+        .map(|p| if (2..6).contains(&p) { 0 } else { 0x77 })
+        .collect();
+    assert_eq!(read_with_timeout(&r.ram, offs, T), want);
+    let stats = session.stats().unwrap();
+    assert_eq!(stats.discarded_pages, 4);
+    assert_eq!((stats.file_fills, stats.zero_fills), (8, 4));
+    assert_eq!(stats.resident_bytes, 8 * 4096);
+}
+
+#[test]
+fn many_sessions_are_served_concurrently() {
+    let faultd = Faultd::start(&[]);
+    let rams: Vec<Ram> = (0..12)
+        .map(|i| Ram::new(&format!("r{i}"), 8 * MIB))
+        .collect();
+    let mut sessions: Vec<_> = rams
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.serve(&faultd, &format!("vm{i}")))
+        .collect();
+
+    std::thread::scope(|s| {
+        for (i, r) in rams.iter().enumerate() {
+            s.spawn(move || {
+                let writes = (0..256)
+                    .map(|p| (p * 4096 + i as u64, i as u8 + 1))
+                    .collect();
+                write_with_timeout(&r.ram, writes, T);
+            });
+        }
+    });
+
+    for (i, (r, s)) in rams.iter().zip(&mut sessions).enumerate() {
+        let got = read_with_timeout(&r.ram, (0..256).map(|p| p * 4096 + i as u64).collect(), T);
+        assert!(got.iter().all(|&b| b == i as u8 + 1), "session {i}");
+        assert_eq!(s.stats().unwrap().zero_fills, 256, "session {i}");
+    }
 }
