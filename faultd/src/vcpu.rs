@@ -307,7 +307,7 @@ impl<O: UffdOps> FaultServer<O> {
                 let mut map = self.session.map();
                 let mut pages = 0;
                 for (gpa, len) in ranges {
-                    pages += map.discard(gpa, len);
+                    pages += map.discard(gpa, len).resident_pages;
                 }
                 drop(map);
                 self.session

@@ -428,9 +428,12 @@ impl fmt::Display for PageState {
     }
 }
 
-// Per-page byte: bits 0-2 hold the state code (0-2 used; 3-7 reserved for DeviceMapped,
-// Evicting, ...), bits 3-6 are spare flags, bit 7 is ZEROED.
+// Per-page byte: bits 0-2 hold the state code (0-2 used; 3-7 reserved for Evicting, ...),
+// bits 3-5 are spare flags, bit 6 is DEVICE_MAPPED, bit 7 is ZEROED.
 const STATE_MASK: u8 = 0b0000_0111;
+/// The page lies in a granule some device has mapped (pinned). Only ever set on a Resident page,
+/// and no transition leaves Resident while it is set: device-mapped implies resident.
+const FLAG_DEVICE_MAPPED: u8 = 0b0100_0000;
 /// The page was discarded: its content is zero, whatever the backing says. Sticky, so that a
 /// discarded page never resurrects stale snapshot bytes.
 const FLAG_ZEROED: u8 = 0b1000_0000;
@@ -488,6 +491,10 @@ pub struct Stats {
     pub in_flight: u64,
     /// Waiters queued on in-flight resolutions.
     pub waiters: u64,
+    /// Bytes in granules some device has mapped (pinned).
+    pub device_mapped_bytes: u64,
+    /// Granules some device has mapped.
+    pub device_granules: u64,
 }
 
 /// A refused page transition.
@@ -497,6 +504,59 @@ pub enum StateError {
     CompleteNotResolving { page: PageRef, state: PageState },
     #[error("abort on {page}: page is {state}, not resolving")]
     AbortNotResolving { page: PageRef, state: PageState },
+    #[error("granule of {pages} pages at {first}: {why}")]
+    BadGranule {
+        first: PageRef,
+        pages: u64,
+        why: &'static str,
+    },
+    #[error("mapping the granule at {first} for a device: {page} is {state}, not resident")]
+    GranuleNotResident {
+        first: PageRef,
+        page: PageRef,
+        state: PageState,
+    },
+    #[error("unmapping the granule at {first}: not mapped for device {device}")]
+    GranuleNotMapped { first: PageRef, device: u8 },
+    #[error("device index {0} is out of range (at most {MAX_DEVICES} devices per VM)")]
+    BadDevice(u8),
+}
+
+/// Most devices one VM may have mapping its memory (one bit each in a granule's device mask).
+pub const MAX_DEVICES: usize = 32;
+
+/// A device of this VM, numbered by the daemon (0..MAX_DEVICES).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceIdx(pub u8);
+
+/// The unit a device maps in its IOMMU: `pages` pages (a power of two) of one region, starting
+/// at a page index aligned to `pages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Granule {
+    pub first: PageRef,
+    pub pages: u64,
+}
+
+/// What `map_granule` changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapped {
+    /// No device had the granule: it is now pinned (counted in device-mapped bytes).
+    Pinned,
+    /// Another device had it already; this device is added, nothing more is pinned.
+    Shared,
+    /// This device had it already.
+    Already,
+}
+
+/// The result of a discard.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Discarded {
+    /// Pages that were resident.
+    pub resident_pages: u64,
+    /// Device mappings the discard had to drop from the state because the caller had not
+    /// unmapped them first: the caller must now unmap these in the IOMMU. Empty for a caller
+    /// that unmaps `device_granules_in` the range before discarding.
+    pub dropped_mappings: Vec<(DeviceIdx, Granule)>,
 }
 
 #[derive(Debug)]
@@ -518,6 +578,10 @@ pub struct S2Map<W> {
     counts: [u64; STATE_COUNT],
     resident_bytes: u64,
     waiters: u64,
+    /// Device-mapped granules, keyed by (region, first page), with the mask of devices mapping
+    /// each. Bounded by the pin limit the daemon enforces, so a map and not a per-page array.
+    granules: HashMap<(RegionIdx, u64), (u64, u32)>,
+    device_mapped_bytes: u64,
 }
 
 impl<W> S2Map<W> {
@@ -537,6 +601,8 @@ impl<W> S2Map<W> {
             counts,
             resident_bytes: 0,
             waiters: 0,
+            granules: HashMap::new(),
+            device_mapped_bytes: 0,
         }
     }
 
@@ -645,14 +711,43 @@ impl<W> S2Map<W> {
     /// The VMM discarded `[gpa, gpa + len)` (userfaultfd REMOVE: balloon, MADV_REMOVE). Every page
     /// touching the range, even partly (the kernel discards whole pages), fills with zero from now
     /// on; resident ones become absent, resolving ones have their resolution marked stale.
-    /// Returns how many pages were resident.
-    pub fn discard(&mut self, gpa: Gpa, len: u64) -> u64 {
+    ///
+    /// A device-mapped page must be unmapped first (see [`S2Map::device_granules_in`]); one that
+    /// is not has its mappings dropped here and reported, so device-mapped still implies
+    /// resident.
+    pub fn discard(&mut self, gpa: Gpa, len: u64) -> Discarded {
+        let mut out = Discarded::default();
+        for (dev, g) in self.device_granules_in(gpa, len) {
+            // Infallible: the granule was just listed as mapped for `dev`.
+            let _ = self.unmap_granule(dev, g);
+            out.dropped_mappings.push((dev, g));
+        }
+        for page in self.pages_in(gpa, len) {
+            self.pages[page.region.0 as usize][page.page.0 as usize] |= FLAG_ZEROED;
+            match self.state(page) {
+                PageState::Resident => {
+                    self.set_state(page, PageState::Absent);
+                    out.resident_pages += 1;
+                }
+                PageState::Resolving => {
+                    if let Some(entry) = self.in_flight.get_mut(&page) {
+                        entry.stale = true;
+                    }
+                }
+                PageState::Absent => {}
+            }
+        }
+        out
+    }
+
+    /// Every page touching `[gpa, gpa + len)`, in gpa order.
+    fn pages_in(&self, gpa: Gpa, len: u64) -> Vec<PageRef> {
+        let mut out = Vec::new();
         if len == 0 {
-            return 0;
+            return out;
         }
         // Regions end at or below u64::MAX, so saturating loses no page.
         let end = gpa.0.saturating_add(len);
-        let mut was_resident = 0;
         let mut i = self.layout.first_ending_after(gpa);
         while let Some(r) = self.layout.regions.get(i) {
             if r.gpa().0 >= end {
@@ -661,28 +756,197 @@ impl<W> S2Map<W> {
             let (start, shift) = (r.gpa().0, r.page_size().shift());
             let first = (gpa.0.max(start) - start) >> shift;
             let last = (end.min(r.end().0) - start).div_ceil(r.page_size().bytes());
-            for p in first..last {
-                let page = PageRef {
-                    region: RegionIdx(i as u32),
-                    page: PageIdx(p),
-                };
-                self.pages[i][p as usize] |= FLAG_ZEROED;
-                match self.state(page) {
-                    PageState::Resident => {
-                        self.set_state(page, PageState::Absent);
-                        was_resident += 1;
-                    }
-                    PageState::Resolving => {
-                        if let Some(entry) = self.in_flight.get_mut(&page) {
-                            entry.stale = true;
-                        }
-                    }
-                    PageState::Absent => {}
-                }
-            }
+            out.extend((first..last).map(|p| PageRef {
+                region: RegionIdx(i as u32),
+                page: PageIdx(p),
+            }));
             i += 1;
         }
-        was_resident
+        out
+    }
+
+    /// The granule of `granule_bytes` containing `page`. Errors if `granule_bytes` is not a
+    /// power-of-two multiple of the region's page size or the granule does not fit the region.
+    pub fn granule_of(&self, page: PageRef, granule_bytes: u64) -> Result<Granule, StateError> {
+        let region = self.layout.region(page.region);
+        let ps = region.page_size().bytes();
+        let pages = granule_bytes / ps;
+        let bad = |why| StateError::BadGranule {
+            first: page,
+            pages,
+            why,
+        };
+        if granule_bytes < ps || !granule_bytes.is_power_of_two() {
+            return Err(bad(
+                "granule is not a power-of-two multiple of the page size",
+            ));
+        }
+        let first = PageRef {
+            region: page.region,
+            page: PageIdx(page.page.0 & !(pages - 1)),
+        };
+        if first.page.0 + pages > region.page_count() {
+            return Err(bad("granule extends past the end of its region"));
+        }
+        Ok(Granule { first, pages })
+    }
+
+    /// Device `dev` maps granule `g` (after the IOMMU mapping is installed). Every page of it
+    /// must be resident: a device must never reach a missing page.
+    pub fn map_granule(&mut self, dev: DeviceIdx, g: Granule) -> Result<Mapped, StateError> {
+        let bit = device_bit(dev)?;
+        self.check_granule(g)?;
+        let key = (g.first.region, g.first.page.0);
+        if let Some((_, mask)) = self.granules.get_mut(&key) {
+            if *mask & bit != 0 {
+                return Ok(Mapped::Already);
+            }
+            *mask |= bit;
+            return Ok(Mapped::Shared);
+        }
+        for page in granule_pages(g) {
+            let state = self.state(page);
+            if state != PageState::Resident {
+                return Err(StateError::GranuleNotResident {
+                    first: g.first,
+                    page,
+                    state,
+                });
+            }
+        }
+        for page in granule_pages(g) {
+            self.pages[page.region.0 as usize][page.page.0 as usize] |= FLAG_DEVICE_MAPPED;
+        }
+        self.granules.insert(key, (g.pages, bit));
+        self.device_mapped_bytes += self.granule_bytes(g);
+        Ok(Mapped::Pinned)
+    }
+
+    /// Device `dev` no longer maps `g` (after the IOMMU unmap completed). Returns true when no
+    /// device maps it any more (it is unpinned; its pages may be evicted).
+    pub fn unmap_granule(&mut self, dev: DeviceIdx, g: Granule) -> Result<bool, StateError> {
+        let bit = device_bit(dev)?;
+        let key = (g.first.region, g.first.page.0);
+        let not_mapped = StateError::GranuleNotMapped {
+            first: g.first,
+            device: dev.0,
+        };
+        let Some((pages, mask)) = self.granules.get_mut(&key) else {
+            return Err(not_mapped);
+        };
+        if *mask & bit == 0 || *pages != g.pages {
+            return Err(not_mapped);
+        }
+        *mask &= !bit;
+        if *mask != 0 {
+            return Ok(false);
+        }
+        self.granules.remove(&key);
+        for page in granule_pages(g) {
+            self.pages[page.region.0 as usize][page.page.0 as usize] &= !FLAG_DEVICE_MAPPED;
+        }
+        self.device_mapped_bytes -= self.granule_bytes(g);
+        Ok(true)
+    }
+
+    /// Whether some device maps the granule holding `page`.
+    pub fn is_device_mapped(&self, page: PageRef) -> bool {
+        self.byte(page) & FLAG_DEVICE_MAPPED != 0
+    }
+
+    /// Whether device `dev` maps granule `g`.
+    pub fn is_mapped_for(&self, dev: DeviceIdx, g: Granule) -> bool {
+        let key = (g.first.region, g.first.page.0);
+        device_bit(dev).is_ok_and(|bit| {
+            self.granules
+                .get(&key)
+                .is_some_and(|&(pages, mask)| pages == g.pages && mask & bit != 0)
+        })
+    }
+
+    /// Every (device, granule) mapping that covers a page touching `[gpa, gpa + len)`.
+    pub fn device_granules_in(&self, gpa: Gpa, len: u64) -> Vec<(DeviceIdx, Granule)> {
+        let mut out: Vec<(DeviceIdx, Granule)> = Vec::new();
+        if self.granules.is_empty() {
+            return out;
+        }
+        // Granules are aligned powers of two, so a page's granule key follows from its size;
+        // a VM uses one or a few sizes.
+        let mut sizes: Vec<u64> = self.granules.values().map(|&(pages, _)| pages).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let mut seen = std::collections::HashSet::new();
+        for page in self.pages_in(gpa, len) {
+            if !self.is_device_mapped(page) {
+                continue;
+            }
+            for &pages in &sizes {
+                let first = page.page.0 & !(pages - 1);
+                let Some(&(p, mask)) = self.granules.get(&(page.region, first)) else {
+                    continue;
+                };
+                if p != pages || !seen.insert((page.region, first)) {
+                    continue;
+                }
+                let g = Granule {
+                    first: PageRef {
+                        region: page.region,
+                        page: PageIdx(first),
+                    },
+                    pages,
+                };
+                out.extend(
+                    (0..MAX_DEVICES as u8)
+                        .filter(|d| mask & (1 << d) != 0)
+                        .map(|d| (DeviceIdx(d), g)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Every granule device `dev` maps (to unmap them all when the device goes away).
+    pub fn granules_of(&self, dev: DeviceIdx) -> Vec<Granule> {
+        let Ok(bit) = device_bit(dev) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Granule> = self
+            .granules
+            .iter()
+            .filter(|(_, &(_, mask))| mask & bit != 0)
+            .map(|(&(region, first), &(pages, _))| Granule {
+                first: PageRef {
+                    region,
+                    page: PageIdx(first),
+                },
+                pages,
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn check_granule(&self, g: Granule) -> Result<(), StateError> {
+        let bad = |why| StateError::BadGranule {
+            first: g.first,
+            pages: g.pages,
+            why,
+        };
+        let region = self.layout.regions.get(g.first.region.0 as usize);
+        let Some(region) = region else {
+            return Err(bad("region is not in this layout"));
+        };
+        if !g.pages.is_power_of_two() || g.first.page.0 & (g.pages - 1) != 0 {
+            return Err(bad("granule is not a power of two pages, aligned"));
+        }
+        if g.first.page.0 + g.pages > region.page_count() {
+            return Err(bad("granule extends past the end of its region"));
+        }
+        Ok(())
+    }
+
+    fn granule_bytes(&self, g: Granule) -> u64 {
+        g.pages * self.layout.region(g.first.region).page_size().bytes()
     }
 
     pub fn stats(&self) -> Stats {
@@ -695,6 +959,8 @@ impl<W> S2Map<W> {
             resident_bytes: self.resident_bytes,
             in_flight: self.in_flight.len() as u64,
             waiters: self.waiters,
+            device_mapped_bytes: self.device_mapped_bytes,
+            device_granules: self.granules.len() as u64,
         }
     }
 
@@ -712,6 +978,11 @@ impl<W> S2Map<W> {
         let bytes = self.layout.region(page.region).page_size().bytes();
         let byte = &mut self.pages[page.region.0 as usize][page.page.0 as usize];
         let old = decode(*byte);
+        // Every path that leaves Resident unmaps the page's granule first (discard does).
+        debug_assert!(
+            *byte & FLAG_DEVICE_MAPPED == 0 || new == PageState::Resident,
+            "{page}: device-mapped page leaving resident"
+        );
         *byte = (*byte & !STATE_MASK) | new as u8;
         self.counts[old as usize] -= 1;
         self.counts[new as usize] += 1;
@@ -722,6 +993,21 @@ impl<W> S2Map<W> {
             self.resident_bytes += bytes;
         }
     }
+}
+
+fn device_bit(dev: DeviceIdx) -> Result<u32, StateError> {
+    if (dev.0 as usize) < MAX_DEVICES {
+        Ok(1 << dev.0)
+    } else {
+        Err(StateError::BadDevice(dev.0))
+    }
+}
+
+fn granule_pages(g: Granule) -> impl Iterator<Item = PageRef> {
+    (g.first.page.0..g.first.page.0 + g.pages).map(move |p| PageRef {
+        region: g.first.region,
+        page: PageIdx(p),
+    })
 }
 
 #[cfg(test)]
