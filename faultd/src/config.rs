@@ -57,7 +57,18 @@ struct RawConfig {
     #[serde(default)]
     fault: RawFault,
     #[serde(default)]
+    device: RawDevice,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    deadline_ms: Option<u64>,
+    pin_limit_mib: Option<u64>,
+    granule_kib: Option<u64>,
+    max_devices: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +102,14 @@ pub struct Config {
     pub spin: Duration,
     /// Userfaultfd events read per read(2).
     pub batch: usize,
+    /// Deadline for answering a device page-request group.
+    pub device_deadline: Duration,
+    /// Bytes one VM's devices may pin.
+    pub pin_limit: u64,
+    /// iommufd mapping granule, bytes.
+    pub granule: u64,
+    /// Devices per VM.
+    pub max_devices: usize,
     /// tracing filter.
     pub log_filter: String,
 }
@@ -145,6 +164,10 @@ impl RawConfig {
         self.fault.spin_us = over.fault.spin_us.or(self.fault.spin_us);
         self.fault.batch = over.fault.batch.or(self.fault.batch);
         self.log.filter = over.log.filter.or(self.log.filter.take());
+        self.device.deadline_ms = over.device.deadline_ms.or(self.device.deadline_ms);
+        self.device.pin_limit_mib = over.device.pin_limit_mib.or(self.device.pin_limit_mib);
+        self.device.granule_kib = over.device.granule_kib.or(self.device.granule_kib);
+        self.device.max_devices = over.device.max_devices.or(self.device.max_devices);
     }
 }
 
@@ -200,6 +223,38 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be 1..=4096",
             });
         }
+        let deadline_ms = required(raw.device.deadline_ms, "device.deadline_ms")?;
+        if !(1..=60_000).contains(&deadline_ms) {
+            return Err(ConfigError::Invalid {
+                field: "device.deadline_ms",
+                value: deadline_ms.to_string(),
+                why: "must be 1..=60000",
+            });
+        }
+        let pin_limit_mib = required(raw.device.pin_limit_mib, "device.pin_limit_mib")?;
+        if !(2..=1 << 30).contains(&pin_limit_mib) {
+            return Err(ConfigError::Invalid {
+                field: "device.pin_limit_mib",
+                value: pin_limit_mib.to_string(),
+                why: "must be 2..=1073741824 (at least one 2 MiB granule)",
+            });
+        }
+        let granule_kib = required(raw.device.granule_kib, "device.granule_kib")?;
+        if !(4..=1 << 20).contains(&granule_kib) || !granule_kib.is_power_of_two() {
+            return Err(ConfigError::Invalid {
+                field: "device.granule_kib",
+                value: granule_kib.to_string(),
+                why: "must be a power of two, 4..=1048576",
+            });
+        }
+        let max_devices = required(raw.device.max_devices, "device.max_devices")?;
+        if !(1..=s2map::MAX_DEVICES).contains(&max_devices) {
+            return Err(ConfigError::Invalid {
+                field: "device.max_devices",
+                value: max_devices.to_string(),
+                why: "must be 1..=32",
+            });
+        }
         let log_filter = required(raw.log.filter, "log.filter")?;
         if let Err(_e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             return Err(ConfigError::Invalid {
@@ -213,6 +268,10 @@ impl TryFrom<RawConfig> for Config {
             max_sessions,
             spin: Duration::from_micros(spin_us),
             batch,
+            device_deadline: Duration::from_millis(deadline_ms),
+            pin_limit: pin_limit_mib << 20,
+            granule: granule_kib << 10,
+            max_devices,
             log_filter,
         })
     }

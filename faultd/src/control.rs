@@ -15,9 +15,10 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::server::{DeviceLimits, FaultServer, FaultThread};
 use crate::session::Session;
 use crate::validate::{validate, Refusal};
-use crate::vcpu::{FaultServer, FaultThread, KernelUffd};
+use crate::vcpu::KernelUffd;
 
 /// Daemon-wide state shared by connection tasks.
 #[derive(Debug)]
@@ -207,7 +208,15 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     ));
     let thread = match KernelUffd::new(validated.uffd, daemon.config.batch).and_then(|ops| {
         FaultThread::spawn(
-            FaultServer::new(session.clone(), ops, daemon.config.batch),
+            FaultServer::new(
+                session.clone(),
+                ops,
+                daemon.config.batch,
+                DeviceLimits {
+                    pin_limit: daemon.config.pin_limit,
+                    deadline: daemon.config.device_deadline,
+                },
+            ),
             daemon.config.spin,
         )
     }) {
@@ -238,7 +247,7 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     )
     .await;
 
-    session_loop(&conn, &session, &cancel).await;
+    session_loop(&conn, &session, &thread, &daemon.config, &cancel).await;
 
     thread.stop();
     daemon.sessions().remove(&id);
@@ -254,7 +263,13 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
 }
 
 /// Serves requests on a registered connection until the VMM hangs up or sends something bad.
-async fn session_loop(conn: &UnixSeqpacket, session: &Session, cancel: &CancellationToken) {
+async fn session_loop(
+    conn: &UnixSeqpacket,
+    session: &Arc<Session>,
+    thread: &FaultThread,
+    config: &Config,
+    cancel: &CancellationToken,
+) {
     loop {
         let packet = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -278,7 +293,33 @@ async fn session_loop(conn: &UnixSeqpacket, session: &Session, cancel: &Cancella
                 )
                 .await
             }
-            Ok(Request::Stats {}) => send(conn, &Response::Stats(session.stats())).await,
+            Ok(Request::Stats {}) => send(conn, &Response::Stats(Box::new(session.stats()))).await,
+            Ok(Request::AddDevice(add)) => {
+                let (s, granule, max) = (session.clone(), config.granule, config.max_devices);
+                let fds = packet.fds;
+                let built = tokio::task::spawn_blocking(move || {
+                    crate::validate::device(&s, &add, fds, granule, max)
+                })
+                .await;
+                let device = match built {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(Refusal { code, message })) => return refuse(conn, code, message).await,
+                    Err(e) => {
+                        return refuse(conn, ErrorCode::Internal, format!("attaching: {e}")).await
+                    }
+                };
+                let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
+                if thread.add_device(device).is_err() {
+                    return refuse(
+                        conn,
+                        ErrorCode::Internal,
+                        "the session's fault service has stopped".into(),
+                    )
+                    .await;
+                }
+                tracing::info!(session = session.id(), dev_id, granule, "device attached");
+                send(conn, &Response::DeviceAdded { dev_id, granule }).await;
+            }
             Ok(Request::Register(_)) => {
                 return refuse(
                     conn,

@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod control;
+pub mod device;
+pub mod server;
 pub mod session;
 pub mod validate;
 pub mod vcpu;

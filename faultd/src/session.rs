@@ -5,13 +5,13 @@
 //! installs a page. Fault service itself lives in [`crate::vcpu`].
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use faultd_proto::{LatencySummary, SessionStats};
+use faultd_proto::{DeviceStats, LatencySummary, SessionStats};
 use hdrhistogram::Histogram;
-use s2map::{Gpa, Layout, PageRef, S2Map};
+use s2map::{Gpa, Granule, Layout, PageRef, S2Map};
 
 /// A host virtual address in the VMM's address space (not faultd's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,6 +26,63 @@ pub struct ServedRegion {
     pub mem: Arc<OwnedFd>,
     /// Offset of the region in `mem`.
     pub mem_offset: u64,
+}
+
+/// faultd's own shared mapping of a region's memfd, for the IOMMU to pin pages through
+/// (IOMMU_IOAS_MAP takes a user address in faultd's address space).
+///
+/// Never read or written by faultd: touching an absent page through this unregistered
+/// mapping would silently allocate a zero page in the memfd, hiding the page from the guest's
+/// userfaultfd (the guest would then read zeros instead of its data). Only granules s2map
+/// says are resident are ever handed to the IOMMU.
+#[derive(Debug)]
+pub struct FaultdView {
+    addr: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+}
+
+// SAFETY: the view is an address range faultd never dereferences; it is only passed to the
+// kernel, which may be done from any thread.
+unsafe impl Send for FaultdView {}
+// SAFETY: as above: shared references only read the address.
+unsafe impl Sync for FaultdView {}
+
+impl FaultdView {
+    /// Maps `len` bytes of `fd` at `offset`, shared, without reserving or touching anything.
+    pub fn new(fd: &OwnedFd, offset: u64, len: u64) -> std::io::Result<FaultdView> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let n = std::num::NonZeroUsize::new(len as usize)
+            .ok_or_else(|| std::io::Error::other("empty region"))?;
+        let offset = i64::try_from(offset).map_err(std::io::Error::other)?;
+        // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
+        // Rust object; it is unmapped only in Drop, and nothing ever dereferences it.
+        let addr = unsafe {
+            mmap(
+                None,
+                n,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
+                fd,
+                offset,
+            )
+        }?;
+        Ok(FaultdView {
+            addr,
+            len: len as usize,
+        })
+    }
+
+    /// The address of byte `off` of the view.
+    pub fn addr(&self, off: u64) -> u64 {
+        self.addr.as_ptr() as u64 + off
+    }
+}
+
+impl Drop for FaultdView {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`, never dereferenced.
+        let _ = unsafe { nix::sys::mman::munmap(self.addr, self.len) };
+    }
 }
 
 /// What waits on an in-flight resolution besides uffd-blocked threads (which the kernel wakes
@@ -60,6 +117,30 @@ pub struct Counters {
     pub discarded_pages: AtomicU64,
     /// Faults that could not be served.
     pub errors: AtomicU64,
+    /// Devices attached.
+    pub devices: AtomicU64,
+    /// Device page-request groups read.
+    pub device_groups: AtomicU64,
+    /// Page requests in those groups.
+    pub device_pages: AtomicU64,
+    /// Groups answered SUCCESS.
+    pub device_success: AtomicU64,
+    /// Groups answered INVALID.
+    pub device_invalid: AtomicU64,
+    /// ... for an address outside the layout.
+    pub device_outside: AtomicU64,
+    /// ... for a write into a read-only region.
+    pub device_read_only: AtomicU64,
+    /// Malformed records/groups.
+    pub device_malformed: AtomicU64,
+    /// ... past the deadline.
+    pub device_deadline: AtomicU64,
+    /// ... because a page could not be installed or mapped.
+    pub device_failed: AtomicU64,
+    /// Granules unmapped at the pin limit.
+    pub device_pin_evictions: AtomicU64,
+    /// Responses the transport refused.
+    pub device_respond_errors: AtomicU64,
 }
 
 impl Counters {
@@ -81,9 +162,14 @@ pub struct Session {
     /// Region indexes sorted by HVA, for locating a faulting address.
     by_hva: Vec<usize>,
     snapshot: Option<File>,
+    /// faultd's views of the regions' memory, made when the first device is attached.
+    views: std::sync::OnceLock<Vec<FaultdView>>,
     /// Counters.
     pub counters: Counters,
     latency: Mutex<Histogram<u64>>,
+    device_latency: Mutex<Histogram<u64>>,
+    /// dev_ids attached so far (their position is their s2map DeviceIdx).
+    pub(crate) device_ids: Mutex<Vec<u32>>,
 }
 
 impl Session {
@@ -105,12 +191,11 @@ impl Session {
             regions,
             by_hva,
             snapshot,
+            views: std::sync::OnceLock::new(),
             counters: Counters::default(),
-            // 1 ns .. 60 s at 3 significant digits: fixed bounds keep recording allocation-free.
-            latency: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000_000, 3)
-                    .expect("constant, valid histogram bounds"),
-            ),
+            latency: Mutex::new(histogram()),
+            device_latency: Mutex::new(histogram()),
+            device_ids: Mutex::new(Vec::new()),
         }
     }
 
@@ -184,11 +269,61 @@ impl Session {
         out
     }
 
-    /// Records one fault's service time.
+    /// Records one vCPU fault's service time.
     pub fn record_latency(&self, nanos: u64) {
-        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        // Saturate instead of failing on an out-of-range sample (a 60 s stall is still news).
-        h.saturating_record(nanos.max(1));
+        record(&self.latency, nanos);
+    }
+
+    /// Records one device group's service time (read to answer).
+    pub fn record_device_latency(&self, nanos: u64) {
+        record(&self.device_latency, nanos);
+    }
+
+    /// The page's location in the VMM.
+    pub fn located(&self, page: PageRef) -> Located {
+        let ri = page.region.0 as usize;
+        let size = self.layout.regions()[ri].page_size().bytes();
+        Located {
+            page,
+            hva: Hva(self.regions[ri].hva.0 + page.page.0 * size),
+            size,
+        }
+    }
+
+    /// Bytes in granule `g`.
+    pub fn granule_bytes(&self, g: Granule) -> u64 {
+        g.pages * self.layout.region(g.first.region).page_size().bytes()
+    }
+
+    /// Creates faultd's views of guest memory (once; for the IOMMU).
+    pub fn ensure_views(&self) -> std::io::Result<()> {
+        if self.views.get().is_some() {
+            return Ok(());
+        }
+        let views = self
+            .regions
+            .iter()
+            .zip(self.layout.regions())
+            .map(|(r, l)| FaultdView::new(&r.mem, r.mem_offset, l.size()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        // Only the control task calls this, one request at a time: a lost race is impossible,
+        // and harmless (the loser's views are dropped).
+        let _ = self.views.set(views);
+        Ok(())
+    }
+
+    /// Where granule `g` is for an IOMMU mapping: its IOVA (== GPA), and (faultd's address of
+    /// it, the memfd, the offset in the memfd). Views must exist ([`Session::ensure_views`]).
+    pub fn map_target(&self, g: Granule) -> (u64, (u64, BorrowedFd<'_>, u64)) {
+        let ri = g.first.region.0 as usize;
+        let region = &self.layout.regions()[ri];
+        let off = g.first.page.0 * region.page_size().bytes();
+        let va = self.views.get().map_or(0, |v| v[ri].addr(off));
+        let served = &self.regions[ri];
+        (
+            region.gpa().0 + off,
+            (va, served.mem.as_fd(), served.mem_offset + off),
+        )
     }
 
     /// A snapshot of the counters for the control protocol.
@@ -197,19 +332,28 @@ impl Session {
             let map = self.map();
             (map.layout().total_bytes(), map.stats().resident_bytes)
         };
-        let latency_us = {
-            let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-            let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-            LatencySummary {
-                count: h.len(),
-                p50: us(0.5),
-                p90: us(0.9),
-                p99: us(0.99),
-                max: h.max() as f64 / 1000.0,
-            }
-        };
+        let latency_us = summary(&self.latency);
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (mapped_bytes, device_latency_us) = (
+            self.map().stats().device_mapped_bytes,
+            summary(&self.device_latency),
+        );
+        let device = DeviceStats {
+            devices: get(&c.devices),
+            groups: get(&c.device_groups),
+            pages: get(&c.device_pages),
+            success: get(&c.device_success),
+            invalid: get(&c.device_invalid),
+            outside_layout: get(&c.device_outside),
+            read_only: get(&c.device_read_only),
+            malformed: get(&c.device_malformed),
+            deadline: get(&c.device_deadline),
+            failed: get(&c.device_failed),
+            mapped_bytes,
+            pin_evictions: get(&c.device_pin_evictions),
+            respond_errors: get(&c.device_respond_errors),
+        };
         SessionStats {
             session: self.id,
             guest_bytes,
@@ -222,6 +366,31 @@ impl Session {
             discarded_pages: get(&c.discarded_pages),
             errors: get(&c.errors),
             latency_us,
+            device,
+            device_latency_us,
         }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 ns .. 60 s at 3 significant digits: fixed bounds keep recording allocation-free.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant, valid histogram bounds")
+}
+
+fn record(h: &Mutex<Histogram<u64>>, nanos: u64) {
+    let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+    // Saturate instead of failing on an out-of-range sample (a 60 s stall is still news).
+    h.saturating_record(nanos.max(1));
+}
+
+fn summary(h: &Mutex<Histogram<u64>>) -> LatencySummary {
+    let h = h.lock().unwrap_or_else(|p| p.into_inner());
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    LatencySummary {
+        count: h.len(),
+        p50: us(0.5),
+        p90: us(0.9),
+        p99: us(0.99),
+        max: h.max() as f64 / 1000.0,
     }
 }

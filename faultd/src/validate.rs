@@ -15,10 +15,18 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use faultd_proto::{BackingDesc, ErrorCode, FdIndex, Register, MAX_REGIONS, MAX_VM_NAME};
-use s2map::{Backing, Gpa, Layout, PageSize, RegionSpec};
+use faultd_proto::{
+    AddDevice, BackingDesc, ErrorCode, FdIndex, IommuDesc, QueueDesc, Register, MAX_REGIONS,
+    MAX_VM_NAME,
+};
+use iopf::emulated::EmulatedIommu;
+use iopf::iommufd::{IoasMapper, IommufdQueue};
+use iopf::ring::RingConsumer;
+use iopf::{DevId, FaultQueue, Mapper};
+use s2map::{Backing, DeviceIdx, Gpa, Layout, PageSize, RegionSpec};
 
-use crate::session::{Hva, ServedRegion};
+use crate::device::Device;
+use crate::session::{Hva, ServedRegion, Session};
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -453,6 +461,138 @@ fn parse_maps_line(line: &str) -> Option<MapsLine> {
             inode: inode.parse().ok()?,
         },
     })
+}
+
+/// Checks an `add_device` request against `session` and builds the device from its fds.
+/// `granule` and `max_devices` come from config.
+pub fn device(
+    session: &Session,
+    add: &AddDevice,
+    fds: Vec<OwnedFd>,
+    granule: u64,
+    max_devices: usize,
+) -> Result<Device, Refusal> {
+    let mut slots: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let n = slots.len();
+    let mut take = |idx: FdIndex, what: &str| -> Result<OwnedFd, Refusal> {
+        slots
+            .get_mut(idx.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                refuse(
+                    ErrorCode::BadFd,
+                    format!(
+                        "{what}: fd index {} is out of range ({n} attached) or used twice",
+                        idx.0
+                    ),
+                )
+            })
+    };
+    let dev_id = DevId(add.dev_id);
+    let queue: Box<dyn FaultQueue> = match add.queue {
+        QueueDesc::Ring { ring, kick, notify } => {
+            let (ring, kick, notify) = (
+                take(ring, "queue.ring")?,
+                take(kick, "queue.kick")?,
+                take(notify, "queue.notify")?,
+            );
+            Box::new(
+                RingConsumer::new(ring, kick, notify, dev_id)
+                    .map_err(|e| refuse(ErrorCode::BadFd, format!("queue: {}", chain(&e))))?,
+            )
+        }
+        QueueDesc::Iommufd { fault_fd } => Box::new(
+            IommufdQueue::new(take(fault_fd, "queue.fault_fd")?)
+                .map_err(|e| refuse(ErrorCode::BadFd, format!("queue.fault_fd: {e}")))?,
+        ),
+    };
+    let layout = session.layout();
+    let max_page = layout
+        .regions()
+        .iter()
+        .map(|r| r.page_size().bytes())
+        .max()
+        .unwrap_or(4096);
+    let fits = |g: u64| {
+        g >= max_page
+            && layout
+                .regions()
+                .iter()
+                .all(|r| r.gpa().0 % g == 0 && r.size() % g == 0)
+    };
+    let mapper: Box<dyn Mapper> = match add.iommu {
+        IommuDesc::Emulated { table } => {
+            let m = EmulatedIommu::from_fd(take(table, "iommu.table")?)
+                .map_err(|e| refuse(ErrorCode::BadFd, format!("iommu.table: {}", chain(&e))))?;
+            if !fits(m.granule()) {
+                return Err(refuse(
+                    ErrorCode::BadLayout,
+                    format!(
+                        "iommu.table: granule {} does not fit the guest layout (every region must be aligned to it, and it must be at least the page size {max_page})",
+                        m.granule()
+                    ),
+                ));
+            }
+            Box::new(m)
+        }
+        IommuDesc::Iommufd { iommufd, ioas_id } => {
+            // The configured granule, lowered until every region is aligned to it.
+            let mut g = granule.max(max_page);
+            while g > max_page && !fits(g) {
+                g /= 2;
+            }
+            if !fits(g) {
+                return Err(refuse(
+                    ErrorCode::BadLayout,
+                    "iommu: the guest layout is not aligned to its page size".to_string(),
+                ));
+            }
+            session.ensure_views().map_err(|e| {
+                refuse(
+                    ErrorCode::Internal,
+                    format!("mapping guest memory for the IOMMU: {e}"),
+                )
+            })?;
+            Box::new(
+                IoasMapper::new(take(iommufd, "iommu.iommufd")?, ioas_id, g)
+                    .map_err(|e| refuse(ErrorCode::BadFd, format!("iommu: {}", chain(&e))))?,
+            )
+        }
+    };
+    if let Some(unused) = slots.iter().position(Option::is_some) {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!("fd {unused} was attached but no field refers to it"),
+        ));
+    }
+    let mut ids = session.device_ids.lock().unwrap_or_else(|p| p.into_inner());
+    if ids.contains(&add.dev_id) {
+        return Err(refuse(
+            ErrorCode::DuplicateDevice,
+            format!("dev_id {} is attached already", add.dev_id),
+        ));
+    }
+    if ids.len() >= max_devices {
+        return Err(refuse(
+            ErrorCode::Busy,
+            format!("the VM has its limit of {max_devices} devices"),
+        ));
+    }
+    let idx = DeviceIdx(ids.len() as u8);
+    ids.push(add.dev_id);
+    Ok(Device::new(idx, dev_id, queue, mapper))
+}
+
+/// An error with its sources, for messages sent to clients.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 #[cfg(test)]

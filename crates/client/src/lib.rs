@@ -22,8 +22,8 @@ use std::path::Path;
 use std::ptr::NonNull;
 
 use faultd_proto::{
-    BackingDesc, ErrorCode, FdIndex, RegionDesc, Register, Request, Response, SessionStats,
-    MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    AddDevice, BackingDesc, ErrorCode, FdIndex, IommuDesc, QueueDesc, RegionDesc, Register,
+    Request, Response, SessionStats, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
 };
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{
@@ -414,15 +414,93 @@ impl Session {
         self.raw
     }
 
+    /// Attaches a device: faultd serves its page requests from `queue`, mapping granules in
+    /// `iommu`. Returns the granule faultd maps at, in bytes.
+    pub fn add_device<'a>(
+        &mut self,
+        dev_id: u32,
+        queue: DeviceQueue<'a>,
+        iommu: DeviceIommu<'a>,
+    ) -> Result<u64, ClientError> {
+        let mut fds: Vec<BorrowedFd<'a>> = Vec::new();
+        let mut idx = |fd: BorrowedFd<'a>| {
+            fds.push(fd);
+            FdIndex(fds.len() as u32 - 1)
+        };
+        let queue = match queue {
+            DeviceQueue::Ring { ring, kick, notify } => QueueDesc::Ring {
+                ring: idx(ring),
+                kick: idx(kick),
+                notify: idx(notify),
+            },
+            DeviceQueue::Iommufd { fault_fd } => QueueDesc::Iommufd {
+                fault_fd: idx(fault_fd),
+            },
+        };
+        let iommu = match iommu {
+            DeviceIommu::Emulated { table } => IommuDesc::Emulated { table: idx(table) },
+            DeviceIommu::Iommufd { iommufd, ioas_id } => IommuDesc::Iommufd {
+                iommufd: idx(iommufd),
+                ioas_id,
+            },
+        };
+        let req = Request::AddDevice(AddDevice {
+            dev_id,
+            queue,
+            iommu,
+        });
+        self.raw.send(&faultd_proto::encode(&req)?, &fds)?;
+        match self.raw.recv_response()? {
+            Response::DeviceAdded { granule, .. } => Ok(granule),
+            other => Err(refusal(other)),
+        }
+    }
+
     /// Asks faultd for this session's counters.
     pub fn stats(&mut self) -> Result<SessionStats, ClientError> {
         self.raw
             .send(&faultd_proto::encode(&Request::Stats {})?, &[])?;
         match self.raw.recv_response()? {
-            Response::Stats(s) => Ok(s),
+            Response::Stats(s) => Ok(*s),
             other => Err(refusal(other)),
         }
     }
+}
+
+/// Where a device's page requests arrive (see docs/device-faults.md).
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceQueue<'a> {
+    /// The eventfd ring: its memfd, the producer's kick eventfd, faultd's notify eventfd.
+    Ring {
+        /// Ring memfd.
+        ring: BorrowedFd<'a>,
+        /// Signalled by the producer.
+        kick: BorrowedFd<'a>,
+        /// Signalled by faultd.
+        notify: BorrowedFd<'a>,
+    },
+    /// The kernel's iommufd fault queue.
+    Iommufd {
+        /// Fault fd from IOMMU_FAULT_QUEUE_ALLOC.
+        fault_fd: BorrowedFd<'a>,
+    },
+}
+
+/// The IOMMU faultd maps a device's granules in.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceIommu<'a> {
+    /// The emulated IOMMU's shared table.
+    Emulated {
+        /// Table memfd.
+        table: BorrowedFd<'a>,
+    },
+    /// An iommufd IOAS.
+    Iommufd {
+        /// /dev/iommu.
+        iommufd: BorrowedFd<'a>,
+        /// IOAS id.
+        ioas_id: u32,
+    },
 }
 
 /// A control connection as raw packets.

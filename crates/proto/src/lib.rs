@@ -46,6 +46,59 @@ pub enum Request {
     Register(Register),
     /// Asks for the session's counters. Only valid after `register`.
     Stats {},
+    /// Attaches a device whose page faults faultd serves (after `register`), with its fds.
+    AddDevice(AddDevice),
+}
+
+/// A device of the registered VM: where its page requests arrive and which IOMMU faultd maps
+/// granules in. IOVA == GPA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddDevice {
+    /// The device id in page requests (iommufd dev_id, or the ring's records' dev_id).
+    pub dev_id: u32,
+    /// Where page requests arrive.
+    pub queue: QueueDesc,
+    /// Where faultd installs mappings.
+    pub iommu: IommuDesc,
+}
+
+/// The transport of a device's page requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum QueueDesc {
+    /// The eventfd ring (docs/device-faults.md): its memfd and both eventfds.
+    Ring {
+        /// The ring memfd.
+        ring: FdIndex,
+        /// Eventfd the producer signals after posting requests.
+        kick: FdIndex,
+        /// Eventfd faultd signals after posting responses.
+        notify: FdIndex,
+    },
+    /// The kernel's iommufd fault queue (from IOMMU_FAULT_QUEUE_ALLOC).
+    Iommufd {
+        /// The fault fd.
+        fault_fd: FdIndex,
+    },
+}
+
+/// The IOMMU a device's mappings go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IommuDesc {
+    /// The emulated IOMMU's shared table (docs/device-faults.md).
+    Emulated {
+        /// The table memfd.
+        table: FdIndex,
+    },
+    /// An iommufd IOAS (the device's fault-capable HWPT is built on it).
+    Iommufd {
+        /// /dev/iommu fd.
+        iommufd: FdIndex,
+        /// The IOAS id.
+        ioas_id: u32,
+    },
 }
 
 /// The guest layout and the fds faultd needs to serve its faults.
@@ -114,7 +167,14 @@ pub enum Response {
         version: u32,
     },
     /// The session's counters.
-    Stats(SessionStats),
+    Stats(Box<SessionStats>),
+    /// The device was attached; its page requests are served from now on.
+    DeviceAdded {
+        /// The device id.
+        dev_id: u32,
+        /// Bytes per IOMMU mapping granule for this device.
+        granule: u64,
+    },
     /// The request was refused. After an error faultd closes the connection.
     Error {
         /// Machine-readable class of the error.
@@ -148,8 +208,46 @@ pub struct SessionStats {
     pub discarded_pages: u64,
     /// Faults that could not be served (see faultd's log).
     pub errors: u64,
+    /// Device page-request counters.
+    #[serde(default)]
+    pub device: DeviceStats,
+    /// Device group service time percentiles (read to answer), microseconds.
+    #[serde(default)]
+    pub device_latency_us: LatencySummary,
     /// Service time percentiles (event read to page installed), microseconds.
     pub latency_us: LatencySummary,
+}
+
+/// Device page-request counters of one session (all devices).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStats {
+    /// Devices attached.
+    pub devices: u64,
+    /// Page-request groups read.
+    pub groups: u64,
+    /// Page requests (records) in those groups.
+    pub pages: u64,
+    /// Groups answered SUCCESS.
+    pub success: u64,
+    /// Groups answered INVALID (all reasons below).
+    pub invalid: u64,
+    /// ... because an address was outside the guest layout.
+    pub outside_layout: u64,
+    /// ... because a write asked for a read-only region.
+    pub read_only: u64,
+    /// ... because records were malformed (also counts malformed records without a cookie).
+    pub malformed: u64,
+    /// ... because the group was not resolved within the deadline.
+    pub deadline: u64,
+    /// ... because a page could not be installed or mapped.
+    pub failed: u64,
+    /// Bytes of guest RAM mapped for devices (pinned) now.
+    pub mapped_bytes: u64,
+    /// Granules unmapped to stay within the pin limit.
+    pub pin_evictions: u64,
+    /// Responses the transport could not take (counted, the group stays unanswered).
+    pub respond_errors: u64,
 }
 
 /// Percentiles of a latency distribution, microseconds.
@@ -186,8 +284,10 @@ pub enum ErrorCode {
     BadLayout,
     /// A region's `hva` is not a mapping of its `mem` fd at `mem_offset` in the VMM.
     BadMapping,
-    /// faultd is at its session limit.
+    /// faultd is at its session limit, or the VM at its device limit.
     Busy,
+    /// A device with this dev_id is attached already.
+    DuplicateDevice,
     /// faultd failed for a reason of its own.
     Internal,
 }

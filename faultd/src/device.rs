@@ -1,0 +1,352 @@
+//! Device page faults: serving page-request groups from a device's queue.
+//!
+//! One group, end to end (see docs/device-faults.md): for each page of the group, IOVA == GPA
+//! is looked up in the layout (outside: INVALID), a write into a read-only region is refused
+//! (INVALID), the page's whole mapping granule is made resident exactly as a vCPU fault would
+//! (the same s2map, the same uffd install into the VMM's memfd), then the granule is mapped in
+//! the device's IOMMU and recorded in s2map. Only when every page of the group is mapped is the
+//! group answered SUCCESS, once. A group that cannot finish now (EAGAIN) waits and is retried;
+//! past the deadline it is answered INVALID, so a device never waits forever.
+//!
+//! Pins: every mapped granule pins its pages. A VM's devices may pin at most
+//! `device.pin_limit_mib`; beyond it the least recently mapped granule is unmapped first (the
+//! page stays resident; the device faults again if it needs it).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use iopf::{DevId, FaultQueue, Group, Incoming, Iova, MapError, MapTarget, Mapper, ResponseCode};
+use s2map::{Begin, DeviceIdx, Gpa, Granule};
+
+use crate::server::{FaultServer, InstallFail};
+use crate::session::Counters;
+use crate::vcpu::UffdOps;
+
+/// A device attached to a session.
+pub struct Device {
+    /// faultd's index of the device within its VM (s2map's device bit).
+    pub idx: DeviceIdx,
+    /// The device id its page requests carry.
+    pub dev_id: DevId,
+    /// Where its page requests arrive.
+    pub queue: Box<dyn FaultQueue>,
+    /// Where its mappings go.
+    pub mapper: Box<dyn Mapper>,
+    /// Groups read but not answered yet, oldest first, with the time they were read.
+    pub(crate) pending: VecDeque<(Group, Instant)>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("idx", &self.idx)
+            .field("dev_id", &self.dev_id)
+            .field("granule", &self.mapper.granule())
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// A device served from `queue`, mapping into `mapper`.
+    pub fn new(
+        idx: DeviceIdx,
+        dev_id: DevId,
+        queue: Box<dyn FaultQueue>,
+        mapper: Box<dyn Mapper>,
+    ) -> Device {
+        Device {
+            idx,
+            dev_id,
+            queue,
+            mapper,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
+/// Why a group is answered INVALID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refuse {
+    OutsideLayout,
+    ReadOnly,
+    Failed,
+}
+
+/// What became of a group this time round.
+enum Outcome {
+    Success,
+    Invalid(Refuse),
+    /// Not finished (EAGAIN, or a page discarded mid-install): retry later.
+    Retry,
+}
+
+impl<O: UffdOps> FaultServer<O> {
+    /// Reads and serves every device queue once, and retries groups still pending. Returns
+    /// how many groups and malformed entries it handled.
+    pub(crate) fn serve_devices(&mut self) -> usize {
+        let mut work = 0;
+        for d in 0..self.devices.len() {
+            work += self.retry_pending(d);
+            self.incoming.clear();
+            if let Err(e) = self.devices[d].queue.read(&mut self.incoming) {
+                self.error(format_args!(
+                    "reading page requests of device {}: {e}",
+                    self.devices[d].dev_id.0
+                ));
+                continue;
+            }
+            let incoming = std::mem::take(&mut self.incoming);
+            let now = Instant::now();
+            work += incoming.len();
+            for item in &incoming {
+                match item {
+                    Incoming::Group(g) => {
+                        let c = &self.session.counters;
+                        Counters::bump(&c.device_groups);
+                        c.device_pages
+                            .fetch_add(g.pages.len() as u64, Ordering::Relaxed);
+                        self.serve_group(d, g.clone(), now);
+                    }
+                    Incoming::Malformed { cookie, reason } => {
+                        Counters::bump(&self.session.counters.device_malformed);
+                        if let Some(cookie) = cookie {
+                            self.respond(d, *cookie, ResponseCode::Invalid, now);
+                            Counters::bump(&self.session.counters.device_invalid);
+                        }
+                        tracing::debug!(
+                            session = self.session.id(),
+                            dev_id = self.devices[d].dev_id.0,
+                            reason,
+                            "malformed page request"
+                        );
+                    }
+                }
+            }
+            self.incoming = incoming;
+        }
+        work
+    }
+
+    fn retry_pending(&mut self, d: usize) -> usize {
+        let n = self.devices[d].pending.len();
+        for _ in 0..n {
+            let Some((group, received)) = self.devices[d].pending.pop_front() else {
+                break;
+            };
+            if received.elapsed() > self.limits.deadline {
+                Counters::bump(&self.session.counters.device_deadline);
+                self.answer(d, &group, Outcome::Invalid(Refuse::Failed), received);
+                continue;
+            }
+            self.serve_group(d, group, received);
+        }
+        n
+    }
+
+    fn serve_group(&mut self, d: usize, group: Group, received: Instant) {
+        let outcome = self.resolve_group(d, &group);
+        match outcome {
+            Outcome::Retry => self.devices[d].pending.push_back((group, received)),
+            done => self.answer(d, &group, done, received),
+        }
+    }
+
+    fn answer(&mut self, d: usize, group: &Group, outcome: Outcome, received: Instant) {
+        let c = &self.session.counters;
+        let code = match outcome {
+            Outcome::Success => {
+                Counters::bump(&c.device_success);
+                ResponseCode::Success
+            }
+            Outcome::Invalid(why) => {
+                Counters::bump(&c.device_invalid);
+                Counters::bump(match why {
+                    Refuse::OutsideLayout => &c.device_outside,
+                    Refuse::ReadOnly => &c.device_read_only,
+                    Refuse::Failed => &c.device_failed,
+                });
+                ResponseCode::Invalid
+            }
+            Outcome::Retry => unreachable!("retried groups are not answered"),
+        };
+        self.respond(d, group.cookie, code, received);
+    }
+
+    fn respond(&mut self, d: usize, cookie: u32, code: ResponseCode, received: Instant) {
+        if let Err(e) = self.devices[d].queue.respond(cookie, code) {
+            Counters::bump(&self.session.counters.device_respond_errors);
+            self.error(format_args!(
+                "answering group {cookie} of device {}: {e}",
+                self.devices[d].dev_id.0
+            ));
+        }
+        self.session
+            .record_device_latency(received.elapsed().as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// Makes every page of the group resident and mapped for the device.
+    fn resolve_group(&mut self, d: usize, group: &Group) -> Outcome {
+        let dev = self.devices[d].idx;
+        let granule_bytes = self.devices[d].mapper.granule();
+        for &(iova, perm) in &group.pages {
+            let Some(page) = self.session.layout().lookup(Gpa(iova.0)) else {
+                return Outcome::Invalid(Refuse::OutsideLayout);
+            };
+            let read_only = self.session.layout().region(page.region).read_only();
+            if perm.is_write() && read_only {
+                return Outcome::Invalid(Refuse::ReadOnly);
+            }
+            let granule = self.session.map().granule_of(page, granule_bytes);
+            let g = match granule {
+                Ok(g) => g,
+                Err(e) => {
+                    self.error(format_args!("device {}: {e}", self.devices[d].dev_id.0));
+                    return Outcome::Invalid(Refuse::Failed);
+                }
+            };
+            if self.session.map().is_mapped_for(dev, g) {
+                continue;
+            }
+            if let Some(out) = self.make_resident(g) {
+                return out;
+            }
+            if let Some(out) = self.map_for(d, g, !read_only) {
+                return out;
+            }
+        }
+        Outcome::Success
+    }
+
+    /// Installs every absent page of `g`. None when all are resident.
+    fn make_resident(&mut self, g: Granule) -> Option<Outcome> {
+        for p in g.first.page.0..g.first.page.0 + g.pages {
+            let page = s2map::PageRef {
+                region: g.first.region,
+                page: s2map::PageIdx(p),
+            };
+            let begin = self.session.map().begin_fault(page, None);
+            match begin {
+                Begin::Present => {}
+                // Only this thread resolves this VM's pages; a resolution in flight means
+                // an earlier one of ours is still pending: come back to it.
+                Begin::Joined => return Some(Outcome::Retry),
+                Begin::Resolve(fill) => match self.install(self.session.located(page), fill) {
+                    Ok(()) => {}
+                    Err(InstallFail::Retry | InstallFail::Stale) => return Some(Outcome::Retry),
+                    Err(InstallFail::Failed) => return Some(Outcome::Invalid(Refuse::Failed)),
+                },
+            }
+        }
+        None
+    }
+
+    /// Maps resident granule `g` in device `d`'s IOMMU and records it. None on success.
+    fn map_for(&mut self, d: usize, g: Granule, writable: bool) -> Option<Outcome> {
+        let bytes = self.session.granule_bytes(g);
+        if !self.make_pin_room(bytes) {
+            self.error(format_args!(
+                "device {}: pin limit of {} bytes leaves no room for a granule",
+                self.devices[d].dev_id.0, self.limits.pin_limit
+            ));
+            return Some(Outcome::Invalid(Refuse::Failed));
+        }
+        let (iova, target) = self.session.map_target(g);
+        let target = MapTarget {
+            va: target.0,
+            fd: target.1,
+            offset: target.2,
+        };
+        let mapped = self.devices[d]
+            .mapper
+            .map(Iova(iova), bytes, target, writable);
+        match mapped {
+            // Exists: the IOMMU had it already (e.g. a mapping s2map lost track of after a
+            // discard race); it maps the same memory, so record it.
+            Ok(()) | Err(MapError::Exists) => {}
+            Err(e) => {
+                self.error(format_args!(
+                    "device {}: mapping {iova:#x}+{bytes:#x}: {e}",
+                    self.devices[d].dev_id.0
+                ));
+                return Some(Outcome::Invalid(Refuse::Failed));
+            }
+        }
+        let dev = self.devices[d].idx;
+        let recorded = self.session.map().map_granule(dev, g);
+        if let Err(e) = recorded {
+            // Cannot happen (every page was made resident above, nothing ran between), but if
+            // it did, the device must not keep a mapping s2map does not know: take it back.
+            let _ = self.devices[d].mapper.unmap(Iova(iova), bytes);
+            self.error(format_args!("s2map refused a device mapping: {e}"));
+            return Some(Outcome::Invalid(Refuse::Failed));
+        }
+        self.lru.push_back((dev, g));
+        None
+    }
+
+    /// Unmaps least recently mapped granules until `bytes` more fit the pin limit.
+    fn make_pin_room(&mut self, bytes: u64) -> bool {
+        loop {
+            let pinned = self.session.map().stats().device_mapped_bytes;
+            if pinned + bytes <= self.limits.pin_limit {
+                return true;
+            }
+            let Some((dev, g)) = self.lru.pop_front() else {
+                return false;
+            };
+            if self.unmap_granule(dev, g) {
+                Counters::bump(&self.session.counters.device_pin_evictions);
+            }
+        }
+    }
+
+    /// Removes device `dev`'s mapping of `g` from its IOMMU, then from s2map. Returns whether
+    /// anything was unmapped.
+    pub(crate) fn unmap_granule(&mut self, dev: DeviceIdx, g: Granule) -> bool {
+        if !self.session.map().is_mapped_for(dev, g) {
+            return false;
+        }
+        let Some(d) = self.devices.iter().position(|x| x.idx == dev) else {
+            return false;
+        };
+        let (iova, _) = self.session.map_target(g);
+        let bytes = self.session.granule_bytes(g);
+        // The IOMMU first: the device can no longer reach the memory once this returns.
+        if let Err(e) = self.devices[d].mapper.unmap(Iova(iova), bytes) {
+            self.error(format_args!(
+                "device {}: unmapping {iova:#x}+{bytes:#x}: {e}",
+                self.devices[d].dev_id.0
+            ));
+            if !matches!(e, MapError::NotMapped) {
+                return false;
+            }
+        }
+        let _ = self.session.map().unmap_granule(dev, g);
+        true
+    }
+
+    /// Unmaps every device mapping of pages touching `[gpa, gpa+len)` (before a discard).
+    pub(crate) fn unmap_devices_in(&mut self, gpa: Gpa, len: u64) {
+        let mapped = self.session.map().device_granules_in(gpa, len);
+        for (dev, g) in mapped {
+            self.unmap_granule(dev, g);
+        }
+    }
+
+    /// At the end of the session: answer every pending group INVALID (a device must never be
+    /// left waiting), and unmap every granule (unpinning its pages).
+    pub(crate) fn shutdown_devices(&mut self) {
+        for d in 0..self.devices.len() {
+            while let Some((group, received)) = self.devices[d].pending.pop_front() {
+                self.answer(d, &group, Outcome::Invalid(Refuse::Failed), received);
+            }
+            let dev = self.devices[d].idx;
+            let granules = self.session.map().granules_of(dev);
+            for g in granules {
+                self.unmap_granule(dev, g);
+            }
+        }
+    }
+}

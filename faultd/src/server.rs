@@ -1,0 +1,446 @@
+//! The session's fault thread: one OS thread per VM serves its userfaultfd (vCPU faults) and
+//! every device queue (device page requests) against the session's one s2map.
+//!
+//! One thread per VM, not per source, on purpose: a vCPU fault and a device fault on the same
+//! page are then resolved once, in order, without cross-thread hand-offs on the hot path, and
+//! the s2map lock is never contended by the VM's own sources. Different VMs are served in
+//! parallel by their own threads.
+//!
+//! Adaptive polling ([`run`]): serve while work comes, spin `spin` after the last work, then
+//! sleep in poll(2) on the uffd, the device queues and the control eventfd. Why a thread and not
+//! a tokio task: see [`crate::vcpu`].
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use iopf::Incoming;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use s2map::{Begin, DeviceIdx, Fill, Granule};
+
+use crate::device::Device;
+use crate::session::{Counters, Hva, Located, Session};
+use crate::vcpu::{OpError, UffdEvent, UffdOps};
+
+/// Limits of the device path, from config.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceLimits {
+    /// Bytes of guest RAM this VM's devices may have mapped (pinned) at once.
+    pub pin_limit: u64,
+    /// Every page-request group is answered within this time, INVALID if need be.
+    pub deadline: Duration,
+}
+
+/// Why a page could not be made resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InstallFail {
+    /// EAGAIN: a layout event is unread; try again after reading events.
+    Retry,
+    /// The page was discarded while it was being installed; it is absent again.
+    Stale,
+    /// The page could not be installed (logged and counted).
+    Failed,
+}
+
+/// Serves one session's fault sources. Driver-agnostic: [`run`] drives it from a thread.
+#[derive(Debug)]
+pub struct FaultServer<O> {
+    pub(crate) session: Arc<Session>,
+    pub(crate) ops: O,
+    batch: usize,
+    events: Vec<UffdEvent>,
+    retries: Vec<Hva>,
+    page_buf: Vec<u8>,
+    zero_buf: Vec<u8>,
+    logged: std::cell::Cell<u32>,
+    pub(crate) devices: Vec<Device>,
+    pub(crate) incoming: Vec<Incoming>,
+    /// Device-mapped granules, least recently mapped first (evicted first at the pin limit).
+    pub(crate) lru: VecDeque<(DeviceIdx, Granule)>,
+    pub(crate) limits: DeviceLimits,
+    new_devices: Option<Receiver<Device>>,
+}
+
+/// Most error log lines one session emits; the counters keep counting after that.
+const MAX_LOGGED_ERRORS: u32 = 16;
+
+impl<O: UffdOps> FaultServer<O> {
+    /// A server for `session` over `ops`, reading `batch` events at a time.
+    pub fn new(session: Arc<Session>, ops: O, batch: usize, limits: DeviceLimits) -> Self {
+        let max_page = session
+            .layout()
+            .regions()
+            .iter()
+            .map(|r| r.page_size().bytes() as usize)
+            .max()
+            .unwrap_or(4096);
+        FaultServer {
+            session,
+            ops,
+            batch,
+            events: Vec::with_capacity(batch),
+            retries: Vec::new(),
+            page_buf: vec![0; max_page],
+            // Huge pages have no UFFDIO_ZEROPAGE: they are zero-filled with a copy.
+            zero_buf: if max_page > 4096 {
+                vec![0; max_page]
+            } else {
+                Vec::new()
+            },
+            logged: std::cell::Cell::new(0),
+            devices: Vec::new(),
+            incoming: Vec::new(),
+            lru: VecDeque::new(),
+            limits,
+            new_devices: None,
+        }
+    }
+
+    /// The uffd, to poll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.ops.fd()
+    }
+
+    /// The operations (tests inspect the fake).
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    /// Attaches a device now (the thread gets devices through [`FaultThread::add_device`]).
+    pub fn add_device(&mut self, device: Device) {
+        Counters::bump(&self.session.counters.devices);
+        self.devices.push(device);
+    }
+
+    /// Serves everything pending: one batch of uffd events, EAGAIN retries, and every device
+    /// queue. Returns how much work it did (0: nothing was pending).
+    pub fn serve_ready(&mut self) -> io::Result<usize> {
+        if let Some(rx) = &self.new_devices {
+            while let Ok(d) = rx.try_recv() {
+                Counters::bump(&self.session.counters.devices);
+                self.devices.push(d);
+            }
+        }
+        let mut work = self.serve_uffd()?;
+        if !self.devices.is_empty() {
+            work += self.serve_devices();
+        }
+        Ok(work)
+    }
+
+    fn serve_uffd(&mut self) -> io::Result<usize> {
+        self.events.clear();
+        self.ops.read_events(&mut self.events, self.batch)?;
+        let t0 = Instant::now();
+        let mut events = std::mem::take(&mut self.events);
+        // Layout events first: a fault read in the same batch must see the discard, and every
+        // ioctl fails EAGAIN while one is unread anyway.
+        for ev in &events {
+            self.handle_layout_event(*ev);
+        }
+        let retries = std::mem::take(&mut self.retries);
+        let handled = events.len() + retries.len();
+        for addr in retries {
+            self.handle_fault(addr, t0);
+        }
+        for ev in &events {
+            if let UffdEvent::Fault { addr } = *ev {
+                Counters::bump(&self.session.counters.vcpu_faults);
+                self.handle_fault(addr, t0);
+            }
+        }
+        events.clear();
+        self.events = events;
+        Ok(handled)
+    }
+
+    /// Whether work is waiting for a retry (uffd EAGAIN, device groups not yet resolved).
+    pub fn has_retries(&self) -> bool {
+        !self.retries.is_empty() || self.devices.iter().any(|d| !d.pending.is_empty())
+    }
+
+    fn handle_layout_event(&mut self, ev: UffdEvent) {
+        match ev {
+            UffdEvent::Remove { start, end } => {
+                for (gpa, len) in self.session.hva_range_to_gpa(start, end) {
+                    // A device must lose its mapping before the page goes (the kernel zaps it
+                    // once this event has been read).
+                    self.unmap_devices_in(gpa, len);
+                    let discarded = self.session.map().discard(gpa, len);
+                    self.session
+                        .counters
+                        .discarded_pages
+                        .fetch_add(discarded.resident_pages, Ordering::Relaxed);
+                    for (dev, g) in discarded.dropped_mappings {
+                        self.error(format_args!(
+                            "{g:?} of device {} was still mapped at discard",
+                            dev.0
+                        ));
+                    }
+                }
+            }
+            UffdEvent::Unmap { start, end } => {
+                // The memfd keeps the pages; only the VMM's view is gone, and faults cannot come
+                // from an unmapped range. Nothing in s2map changes.
+                tracing::debug!(
+                    session = self.session.id(),
+                    start = start.0,
+                    end = end.0,
+                    "VMM unmapped a range"
+                );
+            }
+            UffdEvent::Ignored(what) => {
+                tracing::debug!(session = self.session.id(), what, "ignored uffd event");
+            }
+            UffdEvent::Fault { .. } => {}
+        }
+    }
+
+    fn handle_fault(&mut self, addr: Hva, t0: Instant) {
+        let Some(at) = self.session.locate(addr) else {
+            // The kernel reports only registered ranges, so the VMM registered more than it
+            // declared. Leave that thread blocked (its memory is not ours to fill) and say so.
+            self.error(format_args!(
+                "fault at {:#x} outside every declared region",
+                addr.0
+            ));
+            return;
+        };
+        let begin = self.session.map().begin_fault(at.page, None);
+        match begin {
+            Begin::Present => {
+                // A duplicate event (several threads faulted before the install). Waking is
+                // enough: the page is in the memfd.
+                Counters::bump(&self.session.counters.already_present);
+                if let Err(e) = self.ops.wake(at.hva, at.size) {
+                    self.error(format_args!("wake at {:#x}: {e}", at.hva.0));
+                }
+            }
+            Begin::Joined => {
+                // Another source is installing it; the install wakes this thread too.
+            }
+            Begin::Resolve(fill) => match self.install(at, fill) {
+                Ok(()) => self
+                    .session
+                    .record_latency(t0.elapsed().as_nanos().min(u64::MAX as u128) as u64),
+                Err(InstallFail::Retry) => self.retries.push(at.hva),
+                // Stale: the page was discarded meanwhile; the thread re-faults if it still
+                // needs it. Failed: logged and counted; the thread stays blocked.
+                Err(InstallFail::Stale | InstallFail::Failed) => {}
+            },
+        }
+    }
+
+    /// Fills a page that s2map put in Resolving for us, and completes or aborts it. Shared by
+    /// the vCPU and device paths: the page comes from its backing into the VMM's memfd by a uffd
+    /// operation on the VMM's address, which also wakes every thread blocked on it.
+    pub(crate) fn install(&mut self, at: Located, fill: Fill) -> Result<(), InstallFail> {
+        let result = match fill {
+            Fill::Zero if at.size == 4096 => self.ops.zeropage(at.hva, at.size),
+            Fill::Zero => self.ops.copy(&self.zero_buf[..at.size as usize], at.hva),
+            Fill::File { offset } => {
+                let buf = &mut self.page_buf[..at.size as usize];
+                let read = match self.session.snapshot() {
+                    Some(f) => f.read_exact_at(buf, offset),
+                    None => Err(io::Error::other("no snapshot file")),
+                };
+                match read {
+                    Ok(()) => self.ops.copy(buf, at.hva),
+                    Err(e) => {
+                        self.abort(at);
+                        self.error(format_args!(
+                            "reading snapshot offset {offset:#x} for {:#x}: {e}",
+                            at.hva.0
+                        ));
+                        return Err(InstallFail::Failed);
+                    }
+                }
+            }
+        };
+        let counters = &self.session.counters;
+        match result {
+            Ok(()) | Err(OpError::Exists) => {
+                Counters::bump(match (result, fill) {
+                    (Err(_), _) => &counters.already_present,
+                    (Ok(()), Fill::Zero) => &counters.zero_fills,
+                    (Ok(()), Fill::File { .. }) => &counters.file_fills,
+                });
+                let completed = self.session.map().complete(at.page);
+                match completed {
+                    Ok(c) if c.resident => Ok(()),
+                    Ok(_) => Err(InstallFail::Stale),
+                    Err(e) => {
+                        self.error(format_args!("s2map refused completion: {e}"));
+                        Err(InstallFail::Failed)
+                    }
+                }
+            }
+            Err(OpError::Retry) => {
+                Counters::bump(&counters.retries);
+                self.abort(at);
+                Err(InstallFail::Retry)
+            }
+            Err(e) => {
+                self.abort(at);
+                self.error(format_args!("installing page at {:#x}: {e}", at.hva.0));
+                Err(InstallFail::Failed)
+            }
+        }
+    }
+
+    fn abort(&self, at: Located) {
+        // Waiters are never queued in s2map by this thread (it is the only resolver of this
+        // VM), so there is nobody to hand back.
+        let _ = self.session.map().abort(at.page);
+    }
+
+    pub(crate) fn error(&self, what: std::fmt::Arguments<'_>) {
+        Counters::bump(&self.session.counters.errors);
+        if self.logged.get() < MAX_LOGGED_ERRORS {
+            self.logged.set(self.logged.get() + 1);
+            tracing::warn!(
+                session = self.session.id(),
+                vm = self.session.vm(),
+                "{what}"
+            );
+        }
+    }
+}
+
+/// A running fault thread; [`FaultThread::stop`] ends it.
+#[derive(Debug)]
+pub struct FaultThread {
+    ctl: Arc<Control>,
+    devices: Sender<Device>,
+    handle: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Control {
+    stop: AtomicBool,
+    /// Wakes the thread from poll(2): to stop, or to pick up a new device.
+    event: EventFd,
+}
+
+impl FaultThread {
+    /// Starts serving `server` on a new thread named after the session, spinning for `spin`
+    /// after each burst of work before sleeping.
+    pub fn spawn<O: UffdOps + Send + 'static>(
+        mut server: FaultServer<O>,
+        spin: Duration,
+    ) -> io::Result<FaultThread> {
+        let ctl = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        server.new_devices = Some(rx);
+        let name = format!("faultd-s{}", server.session.id());
+        let c = ctl.clone();
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(server, spin, &c))?;
+        Ok(FaultThread {
+            ctl,
+            devices: tx,
+            handle: Some(handle),
+        })
+    }
+
+    /// Hands a device to the thread; it is served from the thread's next wake-up.
+    pub fn add_device(&self, device: Device) -> Result<(), Device> {
+        self.devices.send(device).map_err(|e| e.0)?;
+        let _ = self.ctl.event.write(1);
+        Ok(())
+    }
+
+    /// Stops the thread and waits for it. Outstanding device groups are answered and device
+    /// mappings removed before it returns.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.ctl.stop.store(true, Ordering::Release);
+        let _ = self.ctl.event.write(1);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// The adaptive polling loop: serve while work comes, spin `spin` after the last of it, then
+/// sleep in poll(2) on the uffd, the device queues and the control eventfd.
+fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
+    let mut last_work = Instant::now();
+    while !ctl.stop.load(Ordering::Acquire) {
+        match server.serve_ready() {
+            Ok(0) if !server.has_retries() => {}
+            Ok(_) => {
+                last_work = Instant::now();
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(
+                    session = server.session.id(),
+                    "reading the userfaultfd failed, fault service stops: {e}"
+                );
+                break;
+            }
+        }
+        if last_work.elapsed() < spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        let mut fds = Vec::with_capacity(2 + server.devices.len());
+        fds.push(PollFd::new(server.fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(ctl.event.as_fd(), PollFlags::POLLIN));
+        fds.extend(
+            server
+                .devices
+                .iter()
+                .map(|d| PollFd::new(d.queue.fd(), PollFlags::POLLIN)),
+        );
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!(
+                    session = server.session.id(),
+                    "poll failed, fault service stops: {e}"
+                );
+                break;
+            }
+        }
+        let hup = fds[0].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL)
+        });
+        if fds[1]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
+        {
+            let _ = ctl.event.read();
+        }
+        drop(fds);
+        if hup {
+            tracing::debug!(session = server.session.id(), "userfaultfd hung up");
+            break;
+        }
+    }
+    server.shutdown_devices();
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,716 @@
+//! Fault service against a fake userfaultfd that keeps the kernel's rules: an install into a
+//! present page fails EEXIST, every install fails EAGAIN while a layout event is queued and
+//! unread, and a REMOVE takes effect once it has been read.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+
+use s2map::{Backing, Gpa, Layout, PageSize, PageState, RegionSpec};
+
+use super::*;
+use crate::session::ServedRegion;
+use crate::vcpu::OpError;
+
+const HVA: u64 = 0x7f00_0000_0000;
+const LIMITS: DeviceLimits = DeviceLimits {
+    pin_limit: 1 << 30,
+    deadline: Duration::from_millis(250),
+};
+const PAGE: u64 = 4096;
+
+#[derive(Debug)]
+struct FakeUffd {
+    present: RefCell<BTreeMap<u64, Vec<u8>>>,
+    queue: RefCell<VecDeque<UffdEvent>>,
+    registered: (u64, u64),
+    wakes: RefCell<Vec<u64>>,
+    installs: RefCell<u32>,
+    /// Installs still to fail with EAGAIN (as if a layout event were pending).
+    force_retry: RefCell<u32>,
+    fd: EventFd,
+}
+
+impl FakeUffd {
+    fn new(start: u64, len: u64) -> Self {
+        FakeUffd {
+            present: RefCell::default(),
+            queue: RefCell::default(),
+            registered: (start, start + len),
+            wakes: RefCell::default(),
+            installs: RefCell::new(0),
+            force_retry: RefCell::new(0),
+            fd: EventFd::new().unwrap(),
+        }
+    }
+
+    /// A VMM thread touches `addr`: no event if present, else a MISSING fault is queued.
+    fn touch(&self, addr: u64) {
+        if !self.present.borrow().contains_key(&(addr & !(PAGE - 1))) {
+            self.queue
+                .borrow_mut()
+                .push_back(UffdEvent::Fault { addr: Hva(addr) });
+        }
+    }
+
+    fn remove(&self, start: u64, end: u64) {
+        self.queue.borrow_mut().push_back(UffdEvent::Remove {
+            start: Hva(start),
+            end: Hva(end),
+        });
+    }
+
+    fn layout_event_unread(&self) -> bool {
+        self.queue
+            .borrow()
+            .iter()
+            .any(|e| matches!(e, UffdEvent::Remove { .. } | UffdEvent::Unmap { .. }))
+    }
+
+    fn install(&self, at: Hva, bytes: Vec<u8>) -> Result<(), OpError> {
+        if *self.force_retry.borrow() > 0 {
+            *self.force_retry.borrow_mut() -= 1;
+            return Err(OpError::Retry);
+        }
+        if self.layout_event_unread() {
+            return Err(OpError::Retry);
+        }
+        if at.0 < self.registered.0 || at.0 >= self.registered.1 {
+            return Err(OpError::NotRegistered);
+        }
+        let mut present = self.present.borrow_mut();
+        if present.contains_key(&at.0) {
+            return Err(OpError::Exists);
+        }
+        present.insert(at.0, bytes);
+        *self.installs.borrow_mut() += 1;
+        Ok(())
+    }
+
+    fn page(&self, addr: u64) -> Option<Vec<u8>> {
+        self.present.borrow().get(&addr).cloned()
+    }
+}
+
+impl UffdOps for FakeUffd {
+    fn read_events(&mut self, out: &mut Vec<UffdEvent>, max: usize) -> io::Result<()> {
+        let mut q = self.queue.borrow_mut();
+        for _ in 0..max {
+            let Some(ev) = q.pop_front() else { break };
+            if let UffdEvent::Remove { start, end } = ev {
+                // The kernel zaps the range after the event is read.
+                self.present
+                    .borrow_mut()
+                    .retain(|&a, _| a + PAGE <= start.0 || a >= end.0);
+            }
+            out.push(ev);
+        }
+        Ok(())
+    }
+
+    fn zeropage(&self, at: Hva, len: u64) -> Result<(), OpError> {
+        self.install(at, vec![0; len as usize])
+    }
+
+    fn copy(&self, src: &[u8], at: Hva) -> Result<(), OpError> {
+        self.install(at, src.to_vec())
+    }
+
+    fn wake(&self, at: Hva, _len: u64) -> Result<(), OpError> {
+        self.wakes.borrow_mut().push(at.0);
+        Ok(())
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn dummy_fd() -> Arc<OwnedFd> {
+    Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+}
+
+/// A session with one region of `pages` 4 KiB pages at GPA 0x10_0000, mapped at HVA.
+fn session(pages: u64, backing: Backing, snapshot: Option<std::fs::File>) -> Arc<Session> {
+    let layout = Layout::new(vec![RegionSpec {
+        gpa: Gpa(0x10_0000),
+        size: pages * PAGE,
+        page_size: PageSize::Size4K,
+        backing,
+        read_only: false,
+    }])
+    .unwrap();
+    let regions = vec![ServedRegion {
+        hva: Hva(HVA),
+        mem: dummy_fd(),
+        mem_offset: 0,
+    }];
+    Arc::new(Session::new(1, "t".into(), layout, regions, snapshot))
+}
+
+fn server(s: &Arc<Session>, pages: u64) -> FaultServer<FakeUffd> {
+    FaultServer::new(s.clone(), FakeUffd::new(HVA, pages * PAGE), 8, LIMITS)
+}
+
+fn page_state(s: &Session, hva: u64) -> PageState {
+    let at = s.locate(Hva(hva)).unwrap();
+    s.map().state(at.page)
+}
+
+/// A snapshot file whose page `i` is filled with byte `i + 1`.
+fn snapshot(pages: u64) -> std::fs::File {
+    let mut f = tempfile::tempfile().unwrap();
+    for i in 0..pages {
+        f.write_all(&vec![i as u8 + 1; PAGE as usize]).unwrap();
+    }
+    f
+}
+
+#[test]
+fn zero_backed_fault_installs_a_zero_page_and_marks_it_resident() {
+    let s = session(4, Backing::Zero, None);
+    let mut srv = server(&s, 4);
+    srv.ops().touch(HVA + 2 * PAGE + 123);
+
+    assert_eq!(srv.serve_ready().unwrap(), 1);
+
+    assert_eq!(srv.ops().page(HVA + 2 * PAGE), Some(vec![0; PAGE as usize]));
+    assert_eq!(page_state(&s, HVA + 2 * PAGE), PageState::Resident);
+    let st = s.stats();
+    assert_eq!(
+        (st.vcpu_faults, st.zero_fills, st.resident_bytes),
+        (1, 1, PAGE)
+    );
+    assert_eq!(st.latency_us.count, 1);
+}
+
+#[test]
+fn snapshot_backed_fault_copies_the_files_page() {
+    let s = session(4, Backing::File { offset: PAGE }, Some(snapshot(5)));
+    let mut srv = server(&s, 4);
+    srv.ops().touch(HVA + 3 * PAGE);
+
+    srv.serve_ready().unwrap();
+
+    // Region offset is one page into the file: region page 3 is file page 4, filled with 5.
+    assert_eq!(srv.ops().page(HVA + 3 * PAGE), Some(vec![5; PAGE as usize]));
+    assert_eq!(s.stats().file_fills, 1);
+}
+
+#[test]
+fn duplicate_fault_on_a_resident_page_wakes_without_installing() {
+    let s = session(2, Backing::Zero, None);
+    let mut srv = server(&s, 2);
+    // Two threads fault on the page before faultd reads either event.
+    srv.ops().touch(HVA);
+    srv.ops().touch(HVA + 8);
+
+    srv.serve_ready().unwrap();
+
+    assert_eq!(*srv.ops().installs.borrow(), 1);
+    assert_eq!(*srv.ops().wakes.borrow(), vec![HVA]);
+    assert_eq!(s.stats().already_present, 1);
+}
+
+#[test]
+fn eagain_is_retried_after_the_remove_event_is_read() {
+    let s = session(2, Backing::Zero, None);
+    let mut srv = FaultServer::new(s.clone(), FakeUffd::new(HVA, 2 * PAGE), 1, LIMITS);
+    srv.ops().touch(HVA);
+    srv.ops().remove(HVA + PAGE, HVA + 2 * PAGE);
+
+    srv.serve_ready().unwrap(); // reads the fault only: the unread REMOVE makes it EAGAIN
+    assert!(srv.has_retries());
+    assert_eq!(page_state(&s, HVA), PageState::Absent);
+    srv.serve_ready().unwrap(); // reads the REMOVE, then retries the fault
+
+    assert!(!srv.has_retries());
+    assert_eq!(page_state(&s, HVA), PageState::Resident);
+    assert_eq!(s.stats().retries, 1);
+}
+
+#[test]
+fn removed_snapshot_page_is_zero_filled_when_touched_again() {
+    let s = session(2, Backing::File { offset: 0 }, Some(snapshot(2)));
+    let mut srv = server(&s, 2);
+    srv.ops().touch(HVA + PAGE);
+    srv.serve_ready().unwrap();
+    assert_eq!(srv.ops().page(HVA + PAGE), Some(vec![2; PAGE as usize]));
+
+    srv.ops().remove(HVA + PAGE, HVA + 2 * PAGE);
+    srv.serve_ready().unwrap();
+    assert_eq!(page_state(&s, HVA + PAGE), PageState::Absent);
+    srv.ops().touch(HVA + PAGE);
+    srv.serve_ready().unwrap();
+
+    assert_eq!(srv.ops().page(HVA + PAGE), Some(vec![0; PAGE as usize]));
+    let st = s.stats();
+    assert_eq!(
+        (st.discarded_pages, st.zero_fills, st.file_fills),
+        (1, 1, 1)
+    );
+}
+
+#[test]
+fn fault_outside_every_region_is_counted_and_touches_nothing() {
+    let s = session(2, Backing::Zero, None);
+    // The VMM registered more than it declared: the kernel reports a fault faultd does not own.
+    let mut srv = FaultServer::new(s.clone(), FakeUffd::new(HVA, 4 * PAGE), 8, LIMITS);
+    srv.ops().touch(HVA + 3 * PAGE);
+
+    srv.serve_ready().unwrap();
+
+    assert_eq!(*srv.ops().installs.borrow(), 0);
+    assert!(srv.ops().wakes.borrow().is_empty());
+    assert_eq!(s.stats().errors, 1);
+}
+
+#[test]
+fn short_snapshot_is_an_error_and_the_page_stays_absent() {
+    // The file shrank after registration (validation saw it whole).
+    let s = session(2, Backing::File { offset: 0 }, Some(snapshot(1)));
+    let mut srv = server(&s, 2);
+    srv.ops().touch(HVA + PAGE);
+
+    srv.serve_ready().unwrap();
+
+    assert_eq!(srv.ops().page(HVA + PAGE), None);
+    assert_eq!(page_state(&s, HVA + PAGE), PageState::Absent);
+    assert_eq!(s.stats().errors, 1);
+}
+
+#[test]
+fn huge_page_zero_fill_installs_two_mib_of_zeros() {
+    const HUGE: u64 = 2 << 20;
+    let layout = Layout::new(vec![RegionSpec {
+        gpa: Gpa(0),
+        size: 2 * HUGE,
+        page_size: PageSize::Size2M,
+        backing: Backing::Zero,
+        read_only: false,
+    }])
+    .unwrap();
+    let regions = vec![ServedRegion {
+        hva: Hva(HVA),
+        mem: dummy_fd(),
+        mem_offset: 0,
+    }];
+    let s = Arc::new(Session::new(1, "t".into(), layout, regions, None));
+    let mut srv = FaultServer::new(s.clone(), FakeUffd::new(HVA, 2 * HUGE), 8, LIMITS);
+    srv.ops().queue.borrow_mut().push_back(UffdEvent::Fault {
+        addr: Hva(HVA + HUGE + 5000),
+    });
+
+    srv.serve_ready().unwrap();
+
+    assert_eq!(
+        srv.ops().page(HVA + HUGE).map(|p| p.len()),
+        Some(HUGE as usize)
+    );
+    assert_eq!(s.stats().resident_bytes, HUGE);
+}
+
+#[test]
+fn fault_thread_serves_and_stops() {
+    let s = session(4, Backing::Zero, None);
+    let fake = FakeUffd::new(HVA, 4 * PAGE);
+    fake.touch(HVA);
+    let t = FaultThread::spawn(
+        FaultServer::new(s.clone(), fake, 8, LIMITS),
+        Duration::from_micros(50),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.stats().zero_fills == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.stop();
+    assert_eq!(s.stats().zero_fills, 1);
+}
+
+// ---- device page requests ----
+
+use std::sync::Mutex;
+
+use iopf::{
+    DevId, FaultQueue, Group, Incoming, Iova, MapError, MapTarget, Mapper, Perm, ResponseCode,
+};
+
+/// What the fakes saw, in order: ("map"|"unmap", iova) and ("answer", cookie, code).
+type Log = Arc<Mutex<Vec<String>>>;
+
+struct FakeQueue {
+    incoming: Arc<Mutex<Vec<Incoming>>>,
+    log: Log,
+    fd: EventFd,
+}
+
+impl FaultQueue for FakeQueue {
+    fn read(&mut self, out: &mut Vec<Incoming>) -> io::Result<()> {
+        out.append(&mut self.incoming.lock().unwrap());
+        Ok(())
+    }
+    fn respond(&mut self, cookie: u32, code: ResponseCode) -> Result<(), iopf::RespondError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("answer {cookie} {code:?}"));
+        Ok(())
+    }
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+struct FakeMapper {
+    granule: u64,
+    log: Log,
+}
+
+impl Mapper for FakeMapper {
+    fn granule(&self) -> u64 {
+        self.granule
+    }
+    fn map(
+        &mut self,
+        iova: Iova,
+        len: u64,
+        _: MapTarget<'_>,
+        writable: bool,
+    ) -> Result<(), MapError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("map {:#x}+{len:#x} w={writable}", iova.0));
+        Ok(())
+    }
+    fn unmap(&mut self, iova: Iova, len: u64) -> Result<(), MapError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("unmap {:#x}+{len:#x}", iova.0));
+        Ok(())
+    }
+}
+
+const GPA: u64 = 0x10_0000;
+
+struct Dev {
+    srv: FaultServer<FakeUffd>,
+    session: Arc<Session>,
+    incoming: Arc<Mutex<Vec<Incoming>>>,
+    log: Log,
+}
+
+impl Dev {
+    /// `pages` zero-backed pages (a read-only second region of 4 pages after them), one device
+    /// with `granule` bytes, `limits`.
+    fn new(pages: u64, granule: u64, limits: DeviceLimits) -> Dev {
+        let layout = Layout::new(vec![
+            RegionSpec {
+                gpa: Gpa(GPA),
+                size: pages * PAGE,
+                page_size: PageSize::Size4K,
+                backing: Backing::Zero,
+                read_only: false,
+            },
+            RegionSpec {
+                gpa: Gpa(GPA + pages * PAGE),
+                size: 4 * PAGE,
+                page_size: PageSize::Size4K,
+                backing: Backing::Zero,
+                read_only: true,
+            },
+        ])
+        .unwrap();
+        let regions = vec![
+            ServedRegion {
+                hva: Hva(HVA),
+                mem: dummy_fd(),
+                mem_offset: 0,
+            },
+            ServedRegion {
+                hva: Hva(HVA + pages * PAGE),
+                mem: dummy_fd(),
+                mem_offset: 0,
+            },
+        ];
+        let session = Arc::new(Session::new(1, "t".into(), layout, regions, None));
+        let mut srv = FaultServer::new(
+            session.clone(),
+            FakeUffd::new(HVA, (pages + 4) * PAGE),
+            8,
+            limits,
+        );
+        let (incoming, log): (Arc<Mutex<Vec<Incoming>>>, Log) = Default::default();
+        srv.add_device(crate::device::Device::new(
+            s2map::DeviceIdx(0),
+            DevId(1),
+            Box::new(FakeQueue {
+                incoming: incoming.clone(),
+                log: log.clone(),
+                fd: EventFd::new().unwrap(),
+            }),
+            Box::new(FakeMapper {
+                granule,
+                log: log.clone(),
+            }),
+        ));
+        Dev {
+            srv,
+            session,
+            incoming,
+            log,
+        }
+    }
+
+    fn post(&self, cookie: u32, pages: &[(u64, Perm)]) {
+        self.incoming.lock().unwrap().push(Incoming::Group(Group {
+            cookie,
+            dev_id: DevId(1),
+            pasid: None,
+            grpid: 3,
+            pages: pages.iter().map(|&(gpa, p)| (Iova(gpa), p)).collect(),
+        }));
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn multi_page_group_is_answered_once_after_every_page_is_mapped() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    d.post(
+        7,
+        &[
+            (GPA, Perm::READ),
+            (GPA + 5 * PAGE, Perm::WRITE),
+            (GPA + 9 * PAGE, Perm::READ),
+        ],
+    );
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(
+        d.log(),
+        vec![
+            "map 0x100000+0x1000 w=true",
+            "map 0x105000+0x1000 w=true",
+            "map 0x109000+0x1000 w=true",
+            "answer 7 Success",
+        ]
+    );
+    assert_eq!(*d.srv.ops().installs.borrow(), 3);
+    let st = d.session.stats();
+    assert_eq!(
+        (st.device.groups, st.device.pages, st.device.success),
+        (1, 3, 1)
+    );
+    assert_eq!(st.device.mapped_bytes, 3 * PAGE);
+}
+
+#[test]
+fn granule_mapping_makes_every_page_of_the_granule_resident_first() {
+    let mut d = Dev::new(16, 4 * PAGE, LIMITS);
+    d.post(1, &[(GPA + 6 * PAGE, Perm::READ)]);
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(
+        d.log(),
+        vec!["map 0x104000+0x4000 w=true", "answer 1 Success"]
+    );
+    for p in 4..8 {
+        assert!(
+            d.srv.ops().page(HVA + p * PAGE).is_some(),
+            "page {p} installed"
+        );
+    }
+    assert!(d.srv.ops().page(HVA + 3 * PAGE).is_none());
+}
+
+#[test]
+fn address_outside_the_layout_is_answered_invalid_and_touches_nothing() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    d.post(2, &[(GPA, Perm::READ), (0x4000_0000, Perm::READ)]);
+
+    d.srv.serve_ready().unwrap();
+
+    // The first page was mapped before the bad one was seen; the group as a whole is INVALID
+    // (the device treats the access as failed), and nothing outside the layout was touched.
+    assert_eq!(d.log().last().unwrap(), "answer 2 Invalid");
+    assert!(d.log().iter().all(|l| !l.contains("0x40000000")));
+    let st = d.session.stats();
+    assert_eq!((st.device.invalid, st.device.outside_layout), (1, 1));
+}
+
+#[test]
+fn write_into_a_read_only_region_is_answered_invalid_without_installing() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    let ro = GPA + 16 * PAGE;
+    d.post(3, &[(ro, Perm::READ | Perm::WRITE)]);
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(d.log(), vec!["answer 3 Invalid"]);
+    assert_eq!(*d.srv.ops().installs.borrow(), 0);
+    assert_eq!(d.session.stats().device.read_only, 1);
+}
+
+#[test]
+fn read_of_a_read_only_region_is_mapped_read_only() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    d.post(4, &[(GPA + 16 * PAGE, Perm::READ)]);
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(
+        d.log(),
+        vec!["map 0x110000+0x1000 w=false", "answer 4 Success"]
+    );
+}
+
+#[test]
+fn malformed_input_with_a_cookie_is_answered_invalid_and_all_is_counted() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    d.incoming.lock().unwrap().extend([
+        Incoming::Malformed {
+            cookie: Some(9),
+            reason: "test",
+        },
+        Incoming::Malformed {
+            cookie: None,
+            reason: "test",
+        },
+    ]);
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(d.log(), vec!["answer 9 Invalid"]);
+    assert_eq!(d.session.stats().device.malformed, 2);
+}
+
+#[test]
+fn group_blocked_by_eagain_is_answered_after_the_retry() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    *d.srv.ops().force_retry.borrow_mut() = 1;
+    d.post(5, &[(GPA, Perm::READ)]);
+
+    d.srv.serve_ready().unwrap();
+    assert!(d.log().is_empty());
+    assert!(d.srv.has_retries());
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(
+        d.log(),
+        vec!["map 0x100000+0x1000 w=true", "answer 5 Success"]
+    );
+}
+
+#[test]
+fn group_not_resolved_by_its_deadline_is_answered_invalid() {
+    let limits = DeviceLimits {
+        deadline: Duration::from_millis(1),
+        ..LIMITS
+    };
+    let mut d = Dev::new(16, PAGE, limits);
+    *d.srv.ops().force_retry.borrow_mut() = u32::MAX;
+    d.post(6, &[(GPA, Perm::READ)]);
+
+    d.srv.serve_ready().unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(d.log(), vec!["answer 6 Invalid"]);
+    assert_eq!(d.session.stats().device.deadline, 1);
+    assert!(!d.srv.has_retries());
+}
+
+#[test]
+fn vcpu_and_device_faults_on_one_page_install_it_once() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    d.post(1, &[(GPA + 2 * PAGE, Perm::WRITE)]);
+    d.srv.serve_ready().unwrap();
+    d.srv.ops().queue.borrow_mut().push_back(UffdEvent::Fault {
+        addr: Hva(HVA + 2 * PAGE),
+    });
+    d.srv.ops().touch(HVA + 3 * PAGE);
+    d.srv.serve_ready().unwrap();
+    d.post(2, &[(GPA + 3 * PAGE, Perm::READ)]);
+    d.srv.serve_ready().unwrap();
+
+    // Page 2: device first, the vCPU's event finds it present. Page 3: vCPU first, the device
+    // only maps it.
+    assert_eq!(*d.srv.ops().installs.borrow(), 2);
+    assert_eq!(*d.srv.ops().wakes.borrow(), vec![HVA + 2 * PAGE]);
+    assert_eq!(
+        d.log(),
+        vec![
+            "map 0x102000+0x1000 w=true",
+            "answer 1 Success",
+            "map 0x103000+0x1000 w=true",
+            "answer 2 Success",
+        ]
+    );
+}
+
+#[test]
+fn pin_limit_unmaps_the_least_recently_mapped_granule() {
+    let limits = DeviceLimits {
+        pin_limit: 2 * PAGE,
+        ..LIMITS
+    };
+    let mut d = Dev::new(16, PAGE, limits);
+    for (c, p) in [(1, 0), (2, 1), (3, 2)] {
+        d.post(c, &[(GPA + p * PAGE, Perm::READ)]);
+        d.srv.serve_ready().unwrap();
+    }
+
+    assert_eq!(d.log()[4], "unmap 0x100000+0x1000");
+    assert_eq!(d.log()[5], "map 0x102000+0x1000 w=true");
+    let st = d.session.stats();
+    assert_eq!(
+        (st.device.mapped_bytes, st.device.pin_evictions),
+        (2 * PAGE, 1)
+    );
+    // The unmapped page stays resident; only its pin is gone.
+    assert_eq!(st.resident_bytes, 3 * PAGE);
+}
+
+#[test]
+fn vmm_discard_unmaps_the_device_mapping_before_the_page_goes() {
+    let mut d = Dev::new(16, 4 * PAGE, LIMITS);
+    d.post(1, &[(GPA, Perm::READ)]);
+    d.srv.serve_ready().unwrap();
+    d.srv.ops().remove(HVA + PAGE, HVA + 2 * PAGE);
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(d.log().last().unwrap(), "unmap 0x100000+0x4000");
+    let st = d.session.stats();
+    assert_eq!((st.device.mapped_bytes, st.discarded_pages), (0, 1));
+    assert_eq!(st.errors, 0, "no mapping was left for discard to drop");
+}
+
+#[test]
+fn shutdown_answers_pending_groups_and_unmaps_everything() {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    d.post(1, &[(GPA, Perm::READ)]);
+    d.srv.serve_ready().unwrap();
+    *d.srv.ops().force_retry.borrow_mut() = u32::MAX;
+    d.post(2, &[(GPA + PAGE, Perm::READ)]);
+    d.srv.serve_ready().unwrap();
+
+    d.srv.shutdown_devices();
+
+    let log = d.log();
+    assert!(log.contains(&"answer 2 Invalid".to_string()), "{log:?}");
+    assert!(
+        log.contains(&"unmap 0x100000+0x1000".to_string()),
+        "{log:?}"
+    );
+    assert_eq!(d.session.stats().device.mapped_bytes, 0);
+}
