@@ -2,6 +2,8 @@
 //! own process on a private socket, and gives the test (which plays the VMM) guest RAM that
 //! faultd serves.
 
+pub mod raw;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

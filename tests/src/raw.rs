@@ -1,0 +1,334 @@
+//! Raw userfaultfd handlers: the least a process can do to serve MISSING faults on 4 KiB memfd
+//! RAM, as baselines for faultd in the fault round-trip benchmark (`benches/fault_roundtrip.rs`).
+//!
+//! Each handler owns a duplicate of the RAM's uffd and serves it on one OS thread, answering
+//! every fault with `UFFDIO_COPY` of a 4 KiB zero buffer (which also wakes the faulting thread).
+//! They differ only in how that thread waits for the next event:
+//!
+//! - [`RawKind::Blocking`]: sleeps in poll(2), reads one event, copies, polls again;
+//! - [`RawKind::Polling`]: never sleeps: spins on non-blocking reads (burns a core);
+//! - [`RawKind::Tokio`]: a current-thread tokio runtime with the uffd in an `AsyncFd`, the
+//!   design faultd rejected for a dedicated thread (see faultd's `vcpu.rs`).
+//!
+//! Also here: per-thread and per-process CPU time from `/proc/.../schedstat`, so a benchmark
+//! can charge each handler the CPU its serving thread(s) used.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::raw::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use userfaultfd::{Event, Uffd};
+
+/// Page size of the RAM the handlers serve.
+pub const PAGE: usize = 4096;
+
+/// The source of every `UFFDIO_COPY`: a static buffer, so no handler allocates per fault.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
+/// How a raw handler waits for events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawKind {
+    /// poll(2) until readable, read one event, copy, repeat.
+    Blocking,
+    /// Non-blocking reads in a tight loop; never sleeps.
+    Polling,
+    /// A current-thread tokio runtime: `AsyncFd::readable`, then events read inside `try_io`
+    /// until `WouldBlock`.
+    Tokio,
+}
+
+impl RawKind {
+    /// Short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            RawKind::Blocking => "raw-blocking",
+            RawKind::Polling => "raw-polling",
+            RawKind::Tokio => "raw-tokio",
+        }
+    }
+}
+
+/// How a handler is told to stop: a flag for the polling loop (which never sleeps), an eventfd
+/// for the blocking one (which sleeps in poll), a `Notify` for the tokio task.
+#[derive(Debug)]
+struct Stop {
+    flag: AtomicBool,
+    event: EventFd,
+    notify: tokio::sync::Notify,
+}
+
+/// What a handler did, returned when it stops.
+#[derive(Debug, Default)]
+pub struct RawStats {
+    /// Faults resolved.
+    pub served: u64,
+    /// For every fault after the first: ns from the end of the previous resolution (its
+    /// `UFFDIO_COPY` returned) to reading this fault's event. For the polling handler, which
+    /// reads an event within a read(2) of its arrival, this is the gap between faults that a
+    /// handler must bridge to catch the next one without sleeping; for the others it also
+    /// includes their own wake-up.
+    pub gaps_ns: Vec<u64>,
+}
+
+/// Per-thread bookkeeping: kept on the serving thread, so recording costs no shared writes.
+struct Tally {
+    stats: RawStats,
+    last_done: Option<Instant>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            stats: RawStats {
+                served: 0,
+                // Sized up front so a reallocation never lands between an event and its copy.
+                gaps_ns: Vec::with_capacity(1 << 16),
+            },
+            last_done: None,
+        }
+    }
+}
+
+/// A raw handler serving one uffd on its own thread; [`RawHandler::stop`] ends it.
+#[derive(Debug)]
+pub struct RawHandler {
+    kind: RawKind,
+    tid: i32,
+    stop: Arc<Stop>,
+    thread: Option<JoinHandle<io::Result<RawStats>>>,
+}
+
+impl RawHandler {
+    /// Starts a `kind` handler on a duplicate of `uffd` (which must be non-blocking, as
+    /// `faultd_client::create_uffd` makes it). Returns once the thread runs and knows its tid.
+    pub fn spawn(kind: RawKind, uffd: &Uffd) -> io::Result<RawHandler> {
+        let dup: OwnedFd = uffd.as_fd().try_clone_to_owned()?;
+        // SAFETY: `dup` is an open duplicate of a userfaultfd that nothing else owns; the Uffd
+        // takes it over and closes it on drop.
+        let uffd = unsafe { Uffd::from_raw_fd(dup.into_raw_fd()) };
+        let stop = Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
+            notify: tokio::sync::Notify::new(),
+        });
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let st = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(kind.name().to_owned())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
+                let mut tally = Tally::new();
+                match kind {
+                    RawKind::Blocking => serve_blocking(&uffd, &st, &mut tally),
+                    RawKind::Polling => serve_polling(&uffd, &st, &mut tally),
+                    RawKind::Tokio => serve_tokio(uffd, &st, &mut tally),
+                }?;
+                Ok(tally.stats)
+            })?;
+        let tid = tid_rx
+            .recv()
+            .map_err(|_| io::Error::other("handler thread died at start"))?;
+        Ok(RawHandler {
+            kind,
+            tid,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Which handler this is.
+    pub fn kind(&self) -> RawKind {
+        self.kind
+    }
+
+    /// Kernel thread id of the serving thread (for its schedstat).
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// CPU time the serving thread has used, in ns.
+    pub fn cpu_ns(&self) -> io::Result<u64> {
+        thread_cpu_ns(std::process::id(), self.tid)
+    }
+
+    /// Stops the thread and returns what it did, or the error that ended it.
+    pub fn stop(mut self) -> io::Result<RawStats> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> io::Result<RawStats> {
+        self.stop.flag.store(true, Ordering::Release);
+        let _ = self.stop.event.write(1);
+        self.stop.notify.notify_one();
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(io::Error::other("handler thread panicked")),
+            None => Ok(RawStats::default()),
+        }
+    }
+}
+
+impl Drop for RawHandler {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// Resolves one fault event with a zero-page copy. Non-fault events (there are none unless
+/// the RAM is discarded or remapped) are ignored.
+fn serve_event(uffd: &Uffd, ev: Event, tally: &mut Tally) -> io::Result<()> {
+    let Event::Pagefault { addr, .. } = ev else {
+        return Ok(());
+    };
+    // One vDSO clock read before the copy (tens of ns, as faultd's own t0 costs it).
+    if let Some(done) = tally.last_done {
+        tally.stats.gaps_ns.push(done.elapsed().as_nanos() as u64);
+    }
+    let page = (addr as usize & !(PAGE - 1)) as *mut c_void;
+    // SAFETY: the source is a live static of exactly PAGE bytes; the destination is a page of
+    // the registered RAM (the kernel reported the fault there and checks the range), which no
+    // Rust reference points into.
+    let copied = unsafe { uffd.copy(ZERO_PAGE.as_ptr().cast(), page, PAGE, true) };
+    match copied {
+        Ok(_) => {}
+        // Someone installed it first: it is present, only the waiter needs waking.
+        Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+            uffd.wake(page, PAGE).map_err(io::Error::other)?;
+        }
+        Err(e) => return Err(io::Error::other(e)),
+    }
+    tally.stats.served += 1;
+    tally.last_done = Some(Instant::now());
+    Ok(())
+}
+
+fn read_one(uffd: &Uffd) -> io::Result<Option<Event>> {
+    uffd.read_event().map_err(io::Error::other)
+}
+
+fn serve_blocking(uffd: &Uffd, stop: &Stop, tally: &mut Tally) -> io::Result<()> {
+    loop {
+        let mut fds = [
+            PollFd::new(uffd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.event.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if stop.flag.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // One event per poll, as the simplest handler does; a spurious wake-up reads nothing.
+        if let Some(ev) = read_one(uffd)? {
+            serve_event(uffd, ev, tally)?;
+        }
+    }
+}
+
+fn serve_polling(uffd: &Uffd, stop: &Stop, tally: &mut Tally) -> io::Result<()> {
+    while !stop.flag.load(Ordering::Acquire) {
+        if let Some(ev) = read_one(uffd)? {
+            serve_event(uffd, ev, tally)?;
+        }
+    }
+    Ok(())
+}
+
+fn serve_tokio(uffd: Uffd, stop: &Stop, tally: &mut Tally) -> io::Result<()> {
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::Interest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async {
+        // SAFETY: the Uffd owns its fd and closes it only on drop, which happens after the
+        // AsyncFd (which owns the Uffd) deregisters it; nothing swaps the fd meanwhile.
+        let afd = unsafe { AsyncFd::register_with_interest(uffd, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        loop {
+            tokio::select! {
+                // Stop is rare: check readiness first so a fault never waits behind it.
+                biased;
+                guard = afd.readable() => {
+                    let mut guard = guard?;
+                    loop {
+                        let read = guard.try_io(|fd| {
+                            read_one(fd.get_ref())?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+                        });
+                        match read {
+                            Ok(Ok(ev)) => serve_event(afd.get_ref(), ev, tally)?,
+                            Ok(Err(e)) => return Err(e),
+                            // Drained: readiness is cleared, wait for the reactor again.
+                            Err(_would_block) => break,
+                        }
+                    }
+                }
+                _ = stop.notify.notified() => return Ok(()),
+            }
+        }
+    })
+}
+
+/// CPU time (ns) thread `tid` of process `pid` has run: the first field of its schedstat.
+pub fn thread_cpu_ns(pid: u32, tid: i32) -> io::Result<u64> {
+    Ok(thread_schedstat(pid, tid)?.run_ns)
+}
+
+/// A thread's scheduler accounting, from `/proc/<pid>/task/<tid>/schedstat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Schedstat {
+    /// Time spent on a CPU, ns.
+    pub run_ns: u64,
+    /// Time spent runnable but waiting on a run queue, ns.
+    pub wait_ns: u64,
+}
+
+/// Thread `tid` of process `pid`'s [`Schedstat`].
+pub fn thread_schedstat(pid: u32, tid: i32) -> io::Result<Schedstat> {
+    parse_schedstat(&std::fs::read_to_string(format!(
+        "/proc/{pid}/task/{tid}/schedstat"
+    ))?)
+}
+
+/// CPU time (ns) of each live thread of process `pid`, by tid. Threads that exited are gone
+/// from /proc, so a caller diffing two snapshots should keep the threads of both.
+pub fn process_cpu_ns(pid: u32) -> io::Result<HashMap<i32, u64>> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        // A thread can exit between the listing and the read: skip it.
+        if let Ok(ns) = thread_cpu_ns(pid, tid) {
+            out.insert(tid, ns);
+        }
+    }
+    Ok(out)
+}
+
+/// CPU time used between two [`process_cpu_ns`] snapshots: threads born in between count from
+/// zero; threads that died in between are lost (the caller keeps sessions alive across both).
+pub fn cpu_delta_ns(before: &HashMap<i32, u64>, after: &HashMap<i32, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(tid, &ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
+}
+
+fn parse_schedstat(text: &str) -> io::Result<Schedstat> {
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(run_ns)), Some(Ok(wait_ns))) => Ok(Schedstat { run_ns, wait_ns }),
+        _ => Err(io::Error::other(format!("bad schedstat: {text:?}"))),
+    }
+}
