@@ -98,7 +98,7 @@ pub struct Config {
     pub socket: PathBuf,
     /// Sessions served at once.
     pub max_sessions: usize,
-    /// How long a fault thread keeps polling after its last fault before it sleeps.
+    /// The longest a fault thread keeps polling after work before it sleeps (adaptive below).
     pub spin: Duration,
     /// Userfaultfd events read per read(2).
     pub batch: usize,
@@ -285,7 +285,7 @@ mod tests {
     fn embedded_default_is_valid() {
         let c = Config::load(None, &Overrides::default()).unwrap();
         assert_eq!(c.socket, PathBuf::from(faultd_proto::DEFAULT_SOCKET_PATH));
-        assert_eq!(c.spin, Duration::from_micros(50));
+        assert_eq!(c.spin, Duration::from_micros(200));
     }
 
     #[test]
