@@ -158,6 +158,25 @@ impl Ram {
     }
 }
 
+/// The session's stats once `done` holds (or after 5 s, whatever they are then).
+///
+/// faultd's counters trail the fault by a moment: the uffd ioctl that installs a page also
+/// wakes the faulting thread, before faultd counts the fault. So a test that reads stats right
+/// after touching memory waits for the figure it expects instead of racing for it.
+pub fn settled_stats(
+    session: &mut Session,
+    done: impl Fn(&faultd_proto::SessionStats) -> bool,
+) -> faultd_proto::SessionStats {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = session.stats().expect("stats");
+        if done(&s) || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Reads byte `off` of `ram` from a helper thread; a fault there blocks until faultd serves it,
 /// so a dead or stuck faultd makes this panic after `timeout` instead of hanging the test.
 pub fn read_with_timeout(ram: &GuestRam, offs: Vec<u64>, timeout: Duration) -> Vec<u8> {

@@ -360,6 +360,25 @@ mod tests {
     }
 
     #[test]
+    fn add_device_wire_form_is_the_documented_one() {
+        let r = Request::AddDevice(AddDevice {
+            dev_id: 1,
+            queue: QueueDesc::Ring {
+                ring: FdIndex(0),
+                kick: FdIndex(1),
+                notify: FdIndex(2),
+            },
+            iommu: IommuDesc::Emulated { table: FdIndex(3) },
+        });
+        let text = String::from_utf8(encode(&r).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"add_device","dev_id":1,"queue":{"kind":"ring","ring":0,"kick":1,"notify":2},"iommu":{"kind":"emulated","table":3}}"#
+        );
+        assert_eq!(decode::<Request>(text.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
     fn unknown_field_is_malformed() {
         let bad = br#"{"type":"stats","extra":1}"#;
         assert!(matches!(
