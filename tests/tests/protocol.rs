@@ -410,6 +410,14 @@ fn many_sessions_are_served_concurrently() {
     }
 }
 
+/// What is wrong, how to attach, the expected code, and a word the message must contain.
+type AttachCase<'a> = (
+    &'static str,
+    Box<dyn Fn(&mut faultd_client::Session) -> Result<u64, ClientError> + 'a>,
+    ErrorCode,
+    &'static str,
+);
+
 /// A ring and an emulated IOMMU table for a device over `ram`, as a VMM would make them.
 fn device_fds(ram: &Ram, granule_shift: u32) -> (iopf::ring::RingChannel, std::os::fd::OwnedFd) {
     let ring = iopf::ring::RingChannel::create(64, 64).unwrap();
@@ -459,12 +467,7 @@ fn bad_device_attachments_are_refused_with_the_reason_named() {
     );
 
     // Each refusal closes the session; every case gets a fresh one next to the live device.
-    let wrong_kinds: Vec<(
-        &str,
-        Box<dyn Fn(&mut faultd_client::Session) -> Result<u64, ClientError>>,
-        ErrorCode,
-        &str,
-    )> = vec![
+    let wrong_kinds: Vec<AttachCase<'_>> = vec![
         (
             "ring memfd is not a ring",
             Box::new(|s| {
