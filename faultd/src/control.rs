@@ -56,6 +56,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let tracker = tokio_util::task::TaskTracker::new();
+    tracker.spawn(watchdog(daemon.clone(), cancel.clone()));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -75,6 +76,32 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// How long a session thread may stay in a call its VMM can make block before the watchdog
+/// interrupts it (see [`crate::session::Watch`]).
+const STUCK_LIMIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Interrupts session threads stuck in a VMM-blockable call, until `cancel` fires.
+async fn watchdog(daemon: Arc<Daemon>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(STUCK_LIMIT / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sessions: Vec<Arc<Session>> = daemon.sessions().values().cloned().collect();
+        for s in sessions {
+            if s.watch.interrupt_if_stuck(STUCK_LIMIT) {
+                tracing::warn!(
+                    session = s.id(),
+                    vm = s.vm(),
+                    "interrupted a session thread blocked by its VMM"
+                );
+            }
+        }
+    }
 }
 
 /// One packet received from a client.
@@ -249,7 +276,9 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
 
     session_loop(&conn, &session, &thread, &daemon.config, &cancel).await;
 
-    thread.stop();
+    // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
+    // never on the reactor, which serves every other session's control requests.
+    let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
     daemon.sessions().remove(&id);
     let stats = session.stats();
     tracing::info!(

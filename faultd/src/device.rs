@@ -35,6 +35,9 @@ pub struct Device {
     pub mapper: Box<dyn Mapper>,
     /// Groups read but not answered yet, oldest first, with the time they were read.
     pub(crate) pending: VecDeque<(Group, Instant)>,
+    /// The VMM made faultd's notification block (see [`crate::session::Watch`]): the device
+    /// is no longer served. Only that VM's device pays for its VMM's misbehaviour.
+    pub(crate) quarantined: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -62,6 +65,7 @@ impl Device {
             queue,
             mapper,
             pending: VecDeque::new(),
+            quarantined: false,
         }
     }
 }
@@ -88,13 +92,24 @@ impl<O: UffdOps> FaultServer<O> {
     pub(crate) fn serve_devices(&mut self) -> usize {
         let mut work = 0;
         for d in 0..self.devices.len() {
+            if self.devices[d].quarantined {
+                continue;
+            }
             work += self.retry_pending(d);
             self.incoming.clear();
-            if let Err(e) = self.devices[d].queue.read(&mut self.incoming) {
-                self.error(format_args!(
-                    "reading page requests of device {}: {e}",
-                    self.devices[d].dev_id.0
-                ));
+            // Guarded: reading may flush held-back answers and ring the device's doorbell.
+            self.session.watch.enter();
+            let read = self.devices[d].queue.read(&mut self.incoming);
+            self.session.watch.exit();
+            if let Err(e) = read {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    self.quarantine(d);
+                } else {
+                    self.error(format_args!(
+                        "reading page requests of device {}: {e}",
+                        self.devices[d].dev_id.0
+                    ));
+                }
                 continue;
             }
             let incoming = std::mem::take(&mut self.incoming);
@@ -175,15 +190,46 @@ impl<O: UffdOps> FaultServer<O> {
     }
 
     fn respond(&mut self, d: usize, cookie: u32, code: ResponseCode, received: Instant) {
-        if let Err(e) = self.devices[d].queue.respond(cookie, code) {
-            Counters::bump(&self.session.counters.device_respond_errors);
-            self.error(format_args!(
-                "answering group {cookie} of device {}: {e}",
-                self.devices[d].dev_id.0
-            ));
+        if self.devices[d].quarantined {
+            return;
+        }
+        // Guarded: answering rings the device's doorbell, which its VMM can make block.
+        self.session.watch.enter();
+        let answered = self.devices[d].queue.respond(cookie, code);
+        self.session.watch.exit();
+        match answered {
+            Ok(()) => {}
+            Err(iopf::RespondError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                // The answer is in the ring; only the wake-up was cut short by the watchdog.
+                self.quarantine(d);
+            }
+            Err(e) => {
+                Counters::bump(&self.session.counters.device_respond_errors);
+                self.error(format_args!(
+                    "answering group {cookie} of device {}: {e}",
+                    self.devices[d].dev_id.0
+                ));
+            }
         }
         self.session
             .record_device_latency(received.elapsed().as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// Stops serving device `d`: its VMM made faultd's notification block (the watchdog had to
+    /// interrupt it). Its mappings stay until the session ends (the memory stays pinned and
+    /// resident meanwhile); its pending groups are dropped unanswered, since answering means
+    /// ringing the doorbell that blocked.
+    fn quarantine(&mut self, d: usize) {
+        let dev = &mut self.devices[d];
+        dev.quarantined = true;
+        dev.pending.clear();
+        Counters::bump(&self.session.counters.device_quarantined);
+        tracing::warn!(
+            session = self.session.id(),
+            vm = self.session.vm(),
+            dev_id = dev.dev_id.0,
+            "device quarantined: its VMM made faultd's notification eventfd block"
+        );
     }
 
     /// Makes every page of the group resident and mapped for the device.
@@ -340,6 +386,9 @@ impl<O: UffdOps> FaultServer<O> {
     pub(crate) fn shutdown_devices(&mut self) {
         for d in 0..self.devices.len() {
             while let Some((group, received)) = self.devices[d].pending.pop_front() {
+                if self.devices[d].quarantined {
+                    break;
+                }
                 self.answer(d, &group, Outcome::Invalid(Refuse::Failed), received);
             }
             let dev = self.devices[d].idx;

@@ -54,6 +54,23 @@ pub enum RunError {
     Signals(#[source] io::Error),
 }
 
+/// Installs the no-op handler of [`session::WATCHDOG_SIGNAL`], without SA_RESTART, so the
+/// signal makes a blocked system call fail with EINTR instead of killing faultd or being
+/// ignored.
+fn install_watchdog_handler() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    extern "C" fn interrupt(_: libc::c_int) {}
+    let action = SigAction::new(
+        SigHandler::Handler(interrupt),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, so it is async-signal-safe; replacing SIGURG's
+    // default (ignore) affects only faultd, which sends the signal only to its own threads.
+    unsafe { sigaction(session::WATCHDOG_SIGNAL, &action) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
 /// Binds the control socket at `path`: creates its directory, replaces a stale socket file left
 /// by a dead faultd, and refuses to steal the socket of a live one.
 pub fn bind(path: &Path) -> Result<UnixSeqpacketListener, RunError> {
@@ -107,6 +124,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .thread_name("faultd-ctl")
         .build()
         .map_err(RunError::Runtime)?;
+    install_watchdog_handler().map_err(RunError::Signals)?;
     runtime.block_on(async {
         let listener = bind(&config.socket)?;
         let cancel = CancellationToken::new();

@@ -164,7 +164,11 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// Whether work is waiting for a retry (uffd EAGAIN, device groups not yet resolved).
     pub fn has_retries(&self) -> bool {
-        !self.retries.is_empty() || self.devices.iter().any(|d| !d.pending.is_empty())
+        !self.retries.is_empty()
+            || self
+                .devices
+                .iter()
+                .any(|d| !d.quarantined && !d.pending.is_empty())
     }
 
     fn handle_layout_event(&mut self, ev: UffdEvent) {
@@ -438,6 +442,7 @@ impl SpinPolicy {
 /// The adaptive polling loop: serve while work comes, spin for the [`SpinPolicy`] window after
 /// the last of it, then sleep in poll(2) on the uffd, the device queues and the control eventfd.
 fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
+    server.session.watch.register_current_thread();
     let mut policy = SpinPolicy::new(spin);
     let mut last_work = Instant::now();
     let mut window = policy.window();
@@ -475,6 +480,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             server
                 .devices
                 .iter()
+                .filter(|d| !d.quarantined)
                 .map(|d| PollFd::new(d.queue.fd(), PollFlags::POLLIN)),
         );
         match poll(&mut fds, PollTimeout::NONE) {
@@ -529,17 +535,26 @@ mod spin_tests {
 
     #[test]
     fn steady_vcpu_pace_is_covered_with_margin() {
-        assert_eq!(policy_after(200, &[52, 60, 48, 71, 55, 66, 58, 50]), US * 99);
+        assert_eq!(
+            policy_after(200, &[52, 60, 48, 71, 55, 66, 58, 50]),
+            US * 99
+        );
     }
 
     #[test]
     fn one_idle_outlier_does_not_stop_spinning() {
-        assert_eq!(policy_after(200, &[12, 10, 5000, 11, 9, 14, 10, 12]), US * 21);
+        assert_eq!(
+            policy_after(200, &[12, 10, 5000, 11, 9, 14, 10, 12]),
+            US * 21
+        );
     }
 
     #[test]
     fn isolated_faults_do_not_spin() {
-        assert_eq!(policy_after(200, &[310, 305, 320, 300, 330, 301, 315, 309]), Duration::ZERO);
+        assert_eq!(
+            policy_after(200, &[310, 305, 320, 300, 330, 301, 315, 309]),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -141,12 +141,80 @@ pub struct Counters {
     pub device_pin_evictions: AtomicU64,
     /// Responses the transport refused.
     pub device_respond_errors: AtomicU64,
+    /// Devices no longer served because their VMM made faultd's notification block.
+    pub device_quarantined: AtomicU64,
 }
 
 impl Counters {
     /// Adds one to `c` (relaxed: counters order nothing).
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Lets the daemon's watchdog interrupt the session thread when a call that the VMM can make
+/// block stays blocked: writing a device's notify eventfd blocks forever if the VMM cleared
+/// O_NONBLOCK on it (the flag is in the file description it shares) and saturated its counter.
+/// The thread marks such calls; the watchdog sends it [`WATCHDOG_SIGNAL`] (a no-op handler
+/// without SA_RESTART) when one lasts too long, and the call fails with EINTR.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// Kernel thread id of the session thread (0 until it starts).
+    tid: AtomicU64,
+    /// When the current guarded call began, ns since [`epoch`]; 0 when not in one.
+    since: AtomicU64,
+}
+
+/// The signal the watchdog interrupts a stuck session thread with.
+pub const WATCHDOG_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGURG;
+
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_ns() -> u64 {
+    // +1 so that a call starting at the epoch is not read as "not in a call".
+    epoch().elapsed().as_nanos() as u64 + 1
+}
+
+impl Watch {
+    /// Records the calling thread as the session thread.
+    pub fn register_current_thread(&self) {
+        self.tid
+            .store(nix::unistd::gettid().as_raw() as u64, Ordering::Release);
+    }
+
+    /// Marks the start of a guarded call.
+    pub fn enter(&self) {
+        self.since.store(now_ns(), Ordering::Release);
+    }
+
+    /// Marks its end.
+    pub fn exit(&self) {
+        self.since.store(0, Ordering::Release);
+    }
+
+    /// Interrupts the session thread if it has been in a guarded call for longer than
+    /// `limit`. Returns whether it did.
+    pub fn interrupt_if_stuck(&self, limit: std::time::Duration) -> bool {
+        let since = self.since.load(Ordering::Acquire);
+        let tid = self.tid.load(Ordering::Acquire);
+        if since == 0 || tid == 0 || now_ns().saturating_sub(since) < limit.as_nanos() as u64 {
+            return false;
+        }
+        // tgkill by kernel tid: if the thread has just left the call, or even exited, the
+        // worst case is one spurious EINTR in a faultd thread, which every caller handles.
+        // SAFETY: tgkill only sends a signal; a handler for it is installed (no-op).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                tid as libc::pid_t,
+                WATCHDOG_SIGNAL as libc::c_int,
+            )
+        };
+        rc == 0
     }
 }
 
@@ -166,6 +234,8 @@ pub struct Session {
     views: std::sync::OnceLock<Vec<FaultdView>>,
     /// Counters.
     pub counters: Counters,
+    /// Watchdog hook of the session thread.
+    pub watch: Watch,
     latency: Mutex<Histogram<u64>>,
     device_latency: Mutex<Histogram<u64>>,
     /// dev_ids attached so far (their position is their s2map DeviceIdx).
@@ -193,6 +263,7 @@ impl Session {
             snapshot,
             views: std::sync::OnceLock::new(),
             counters: Counters::default(),
+            watch: Watch::default(),
             latency: Mutex::new(histogram()),
             device_latency: Mutex::new(histogram()),
             device_ids: Mutex::new(Vec::new()),
@@ -353,6 +424,7 @@ impl Session {
             mapped_bytes,
             pin_evictions: get(&c.device_pin_evictions),
             respond_errors: get(&c.device_respond_errors),
+            quarantined: get(&c.device_quarantined),
         };
         SessionStats {
             session: self.id,

@@ -75,7 +75,9 @@ impl OpError {
     fn from_errno(errno: i32) -> OpError {
         match errno {
             libc::EEXIST => OpError::Exists,
-            libc::EAGAIN => OpError::Retry,
+            // EINTR: a signal (the watchdog's, or a stray one) cut the ioctl short; the page
+            // was not installed and the thread is still waiting: try again.
+            libc::EAGAIN | libc::EINTR => OpError::Retry,
             libc::ESRCH => OpError::PeerGone,
             libc::ENOENT => OpError::NotRegistered,
             e => OpError::Failed(nix::errno::Errno::from_raw(e)),

@@ -227,6 +227,12 @@ impl Doorbell {
     }
 
     /// Adds 1 to the counter. A saturated counter (EAGAIN) already wakes the other side.
+    ///
+    /// This write can block: O_NONBLOCK lives in the file description the other side shares,
+    /// and eventfd writes take no per-call RWF_NOWAIT. It blocks only if the other side both
+    /// cleared O_NONBLOCK and saturated its own counter, i.e. on purpose. A caller that must
+    /// not stall bounds it from outside: a signal without SA_RESTART makes it fail EINTR
+    /// (`io::ErrorKind::Interrupted`), which is returned as is.
     pub(crate) fn ring(&self) -> io::Result<()> {
         match nix::unistd::write(&self.fd, &1u64.to_ne_bytes()) {
             Ok(_) | Err(nix::errno::Errno::EAGAIN) => Ok(()),

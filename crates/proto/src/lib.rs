@@ -248,6 +248,9 @@ pub struct DeviceStats {
     pub pin_evictions: u64,
     /// Responses the transport could not take (counted, the group stays unanswered).
     pub respond_errors: u64,
+    /// Devices faultd stopped serving because their VMM made its notification block.
+    #[serde(default)]
+    pub quarantined: u64,
 }
 
 /// Percentiles of a latency distribution, microseconds.
