@@ -61,7 +61,10 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+pub mod device;
 mod guest;
+
+pub use device::{DeviceConfig, DeviceFds, DmaError, PriDevice, PriStats, RamRange};
 
 pub use guest::{
     dword_offsets, page_sequence, pattern, DWORDS_PER_PAGE, LCG_ADD, LCG_MUL, PATTERN_MUL,
