@@ -1,8 +1,9 @@
 //! testvmm: a minimal KVM VMM that hands its guest RAM faults to faultd.
 //!
 //! `testvmm demo` starts faultd (or uses a running one), creates guest RAM that nothing
-//! populates or pins, registers it with faultd, runs a real KVM guest that writes and verifies
-//! a pattern on random pages across its RAM, and reports what faultd did.
+//! populates or pins, registers it with faultd, attaches an emulated PRI-capable DMA device,
+//! runs a real KVM guest that writes and verifies a pattern on random pages across its RAM
+//! while the device DMAs into and out of the same unpinned RAM, and reports what faultd did.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec};
-use testvmm::{page_sequence, RamSlot, Vm, Workload};
+use testvmm::{page_sequence, DeviceConfig, PriDevice, RamSlot, Vm, Workload};
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -48,6 +49,9 @@ struct DemoArgs {
     /// Seed of the guest's page choice and data pattern.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u32,
+    /// Random pages the emulated PRI device DMA-writes (0: no device).
+    #[arg(long, default_value_t = 2000)]
+    device_pages: u32,
 }
 
 const MIB: u64 = 1 << 20;
@@ -121,7 +125,13 @@ fn demo(a: DemoArgs) -> Result<bool> {
     );
 
     let pages = u32::try_from(size / PAGE).context("guest RAM too large")?;
-    let per = pages / a.vcpus.max(1);
+    // The last eighth of RAM is the device's buffer area; the vCPUs share the rest.
+    let device_first = if a.device_pages > 0 {
+        pages - pages / 8
+    } else {
+        pages
+    };
+    let per = device_first / a.vcpus.max(1);
     let work: Vec<(u32, u32, u32, u32)> = (0..a.vcpus)
         .map(|i| (a.seed.wrapping_add(i), a.touches, i * per, per))
         .collect();
@@ -131,40 +141,128 @@ fn demo(a: DemoArgs) -> Result<bool> {
         size,
     }])?;
     vm.set_timeout(Some(Duration::from_secs(600)));
+    let device = if a.device_pages > 0 {
+        // SAFETY: `ram` outlives `device` (declared earlier, dropped later), and this program
+        // never holds a Rust reference into guest RAM.
+        let dev = unsafe { PriDevice::new(ram.host_ptr(), 0, size, device_config()) }?;
+        let granule = dev
+            .attach(&mut session)
+            .context("attaching the device to faultd")?;
+        println!(
+            "emulated PRI device attached: dev_id 1, eventfd ring, emulated IOMMU, {} KiB granules",
+            granule / 1024
+        );
+        Some(dev)
+    } else {
+        None
+    };
+    let device_seed = a.seed ^ 0xD3;
+    let device_seq = page_sequence(
+        device_seed,
+        a.device_pages,
+        device_first,
+        pages - device_first,
+    );
+
     println!(
-        "running {} vCPU(s): each writes a pattern to {} random pages of its {} MiB slice, then verifies them",
+        "phase 1: {} vCPU(s) each write a pattern to {} random pages of a {} MiB slice and verify them{}",
         a.vcpus,
         a.touches,
-        per as u64 * PAGE / MIB
+        per as u64 * PAGE / MIB,
+        if device.is_some() {
+            format!("; meanwhile the device DMA-writes {} random pages of the last {} MiB", a.device_pages, (pages - device_first) as u64 * PAGE / MIB)
+        } else {
+            String::new()
+        }
     );
     let done: Vec<AtomicU32> = (0..a.vcpus).map(|_| AtomicU32::new(0)).collect();
     let total = 2 * a.touches * a.vcpus;
     let t0 = Instant::now();
-    let reports = vm.run(
-        work.iter()
-            .map(
-                |&(seed, touches, first_page, page_count)| Workload::WriteVerify {
-                    seed,
-                    touches,
-                    first_page,
-                    page_count,
-                },
-            )
-            .collect(),
-        &|vcpu, n| {
-            done[vcpu].store(n, Ordering::Relaxed);
-            let sum: u32 = done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
-            println!(
-                "  [{:>6.2}s] vCPU{vcpu}: {n} page visits; all vCPUs {:>3}%",
-                t0.elapsed().as_secs_f64(),
-                sum as u64 * 100 / total as u64
-            );
-        },
-    )?;
+    let (reports, dma) = std::thread::scope(|s| {
+        let dma = device.as_ref().map(|dev| {
+            let seq = &device_seq;
+            s.spawn(move || -> Result<(), testvmm::DmaError> {
+                for &p in seq {
+                    let gpa = p as u64 * PAGE;
+                    dev.dma_write(0, gpa, &pattern_page(gpa, device_seed))?;
+                }
+                Ok(())
+            })
+        });
+        let reports = vm.run(
+            work.iter()
+                .map(
+                    |&(seed, touches, first_page, page_count)| Workload::WriteVerify {
+                        seed,
+                        touches,
+                        first_page,
+                        page_count,
+                    },
+                )
+                .collect(),
+            &|vcpu, n| {
+                done[vcpu].store(n, Ordering::Relaxed);
+                let sum: u32 = done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
+                println!(
+                    "  [{:>6.2}s] vCPU{vcpu}: {n} page visits; all vCPUs {:>3}%",
+                    t0.elapsed().as_secs_f64(),
+                    sum as u64 * 100 / total as u64
+                );
+            },
+        );
+        (reports, dma.map(|h| h.join().expect("device thread")))
+    });
+    let reports = reports?;
+    dma.transpose().context("device DMA write")?;
     let elapsed = t0.elapsed();
 
+    // Phase 2: the guest verifies what the device wrote while the device reads back and checks
+    // what the guest wrote.
+    let mut device_mismatches = 0u64;
+    let mut guest_checks_device = 0u32;
+    let mut device_read_pages: Vec<u32> = Vec::new();
+    if let Some(dev) = &device {
+        println!("phase 2: vCPU0 verifies every page the device wrote; the device DMA-reads and checks pages vCPU0 wrote");
+        let (seed0, t, f, c) = work[0];
+        let guest_pages = page_sequence(seed0, t, f, c);
+        device_read_pages = guest_pages
+            .iter()
+            .take(a.device_pages as usize)
+            .copied()
+            .collect();
+        let (verify, read) = std::thread::scope(|s| {
+            let h = s.spawn(|| -> Result<u64, testvmm::DmaError> {
+                let mut bad = 0;
+                let mut buf = vec![0u8; PAGE as usize];
+                for &p in guest_pages.iter().take(a.device_pages as usize) {
+                    let gpa = p as u64 * PAGE;
+                    dev.dma_read(1, gpa, &mut buf)?;
+                    for off in testvmm::dword_offsets() {
+                        let o = off as usize;
+                        let v = u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+                        bad += u64::from(v != testvmm::pattern(gpa + off, seed0));
+                    }
+                }
+                Ok(bad)
+            });
+            let verify = vm.run(
+                vec![Workload::Verify {
+                    seed: device_seed,
+                    touches: a.device_pages,
+                    first_page: device_first,
+                    page_count: pages - device_first,
+                }],
+                &|_, _| {},
+            );
+            (verify, h.join().expect("device thread"))
+        });
+        let verify = verify?;
+        guest_checks_device = verify[0].mismatches;
+        device_mismatches = read.context("device DMA read")?;
+    }
+
     let stats = session.stats()?;
-    let touched: BTreeSet<u32> = work
+    let mut touched: BTreeSet<u32> = work
         .iter()
         .flat_map(|&(s, t, f, c)| page_sequence(s, t, f, c))
         .collect();
@@ -179,14 +277,48 @@ fn demo(a: DemoArgs) -> Result<bool> {
         a.vcpus
     );
     println!("  guest verification: {} mismatching dwords", mismatches);
-    println!("  pages touched:      {} distinct", touched.len());
+    println!("  pages touched:      {} distinct by vCPUs", touched.len());
     println!(
-        "  faults served:      {} by faultd ({} zero-filled, {} already present, {} errors)",
-        stats.vcpu_faults, stats.zero_fills, stats.already_present, stats.errors
+        "  vCPU faults:        {} served by faultd ({} already present, {} errors)",
+        stats.vcpu_faults, stats.already_present, stats.errors
     );
     println!(
         "  fault service time: p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us ({} samples)",
         l.p50, l.p90, l.p99, l.max, l.count
+    );
+    let mut device_ok = true;
+    if let Some(dev) = &device {
+        let d = stats.device;
+        let dl = stats.device_latency_us;
+        let ds = dev.stats();
+        println!(
+            "  device DMA:         {} pages written, {} read back; {} page-request groups ({} pages) -> {} SUCCESS, {} INVALID",
+            device_seq.len(), device_read_pages.len(), d.groups, d.pages, d.success, d.invalid
+        );
+        println!(
+            "  device group time:  p50 {:.1} us, p99 {:.1} us in faultd; {} MiB pinned (device-mapped) now",
+            dl.p50,
+            dl.p99,
+            d.mapped_bytes / MIB
+        );
+        println!(
+            "  cross-checks:       guest found {} mismatching dwords in device-written pages, device found {} in guest-written pages",
+            guest_checks_device, device_mismatches
+        );
+        device_ok = guest_checks_device == 0
+            && device_mismatches == 0
+            && d.invalid == 0
+            && ds.failed_transfers == 0;
+        // Device faults make whole granules resident.
+        let per_granule = (dev.granule() / PAGE) as u32;
+        for &p in device_seq.iter().chain(&device_read_pages) {
+            let first = p - p % per_granule;
+            touched.extend(first..first + per_granule);
+        }
+    }
+    println!(
+        "  pages zero-filled:  {} (vCPU faults, and whole granules for device faults)",
+        stats.zero_fills
     );
     println!(
         "  resident guest RAM: {:.1} MiB of {} MiB ({:.2}%), memfd allocation {:.1} MiB",
@@ -196,13 +328,37 @@ fn demo(a: DemoArgs) -> Result<bool> {
         allocated as f64 / MIB as f64
     );
     let ok = mismatches == 0
+        && device_ok
         && stats.errors == 0
         && allocated == touched.len() as u64 * PAGE
         && stats.resident_bytes == allocated;
     println!("  result:             {}", if ok { "PASS" } else { "FAIL" });
+    drop(device);
     drop(session);
     drop(daemon);
     Ok(ok)
+}
+
+fn device_config() -> DeviceConfig {
+    DeviceConfig {
+        dev_id: 1,
+        granule_shift: 16,
+        workers: 2,
+        credits: 32,
+        req_slots: 64,
+        resp_slots: 64,
+        max_group_pages: 16,
+        // faultd answers every group within device.deadline_ms (250 ms by default).
+        response_timeout: Duration::from_secs(5),
+        iova_end: None,
+    }
+}
+
+/// A page whose every dword at guest address `a` holds `pattern(a, seed)`.
+fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
+    (0..PAGE / 4)
+        .flat_map(|i| testvmm::pattern(gpa + 4 * i, seed).to_le_bytes())
+        .collect()
 }
 
 fn main() -> ExitCode {
