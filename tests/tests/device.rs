@@ -70,17 +70,10 @@ impl Drop for Watchdog {
 }
 
 fn cfg(workers: u32) -> DeviceConfig {
+    // The default answers within 5 s; faultd answers every group within device.deadline_ms.
     DeviceConfig {
-        dev_id: 1,
-        granule_shift: 16,
         workers,
-        credits: 32,
-        req_slots: 64,
-        resp_slots: 64,
-        max_group_pages: 16,
-        // faultd answers every group within device.deadline_ms (250 by default).
-        response_timeout: Duration::from_secs(5),
-        iova_end: None,
+        ..DeviceConfig::default()
     }
 }
 

@@ -144,7 +144,7 @@ fn demo(a: DemoArgs) -> Result<bool> {
     let device = if a.device_pages > 0 {
         // SAFETY: `ram` outlives `device` (declared earlier, dropped later), and this program
         // never holds a Rust reference into guest RAM.
-        let dev = unsafe { PriDevice::new(ram.host_ptr(), 0, size, device_config()) }?;
+        let dev = unsafe { PriDevice::new(ram.host_ptr(), 0, size, DeviceConfig::default()) }?;
         let granule = dev
             .attach(&mut session)
             .context("attaching the device to faultd")?;
@@ -337,21 +337,6 @@ fn demo(a: DemoArgs) -> Result<bool> {
     drop(session);
     drop(daemon);
     Ok(ok)
-}
-
-fn device_config() -> DeviceConfig {
-    DeviceConfig {
-        dev_id: 1,
-        granule_shift: 16,
-        workers: 2,
-        credits: 32,
-        req_slots: 64,
-        resp_slots: 64,
-        max_group_pages: 16,
-        // faultd answers every group within device.deadline_ms (250 ms by default).
-        response_timeout: Duration::from_secs(5),
-        iova_end: None,
-    }
 }
 
 /// A page whose every dword at guest address `a` holds `pattern(a, seed)`.
