@@ -3,6 +3,7 @@
 //! faultd serves.
 
 pub mod raw;
+pub mod raw_ring;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
