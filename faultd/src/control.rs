@@ -26,6 +26,8 @@ pub struct Daemon {
     config: Config,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     next_id: AtomicU64,
+    /// Wakes the watchdog when a device is attached (it sleeps while no VM has one).
+    device_attached: tokio::sync::Notify,
 }
 
 impl Daemon {
@@ -35,6 +37,7 @@ impl Daemon {
             config,
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            device_attached: tokio::sync::Notify::new(),
         })
     }
 
@@ -82,16 +85,31 @@ pub async fn serve(
 /// interrupts it (see [`crate::session::Watch`]).
 const STUCK_LIMIT: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Interrupts session threads stuck in a VMM-blockable call, until `cancel` fires.
+/// Interrupts session threads stuck in a VMM-blockable call, until `cancel` fires. Only device
+/// doorbells can block, so it ticks only while some VM has a device, and otherwise sleeps
+/// (an idle faultd costs no CPU).
 async fn watchdog(daemon: Arc<Daemon>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(STUCK_LIMIT / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let sessions: Vec<Arc<Session>> = daemon
+            .sessions()
+            .values()
+            .filter(|s| s.has_devices())
+            .cloned()
+            .collect();
+        if sessions.is_empty() {
+            // notify_one stores a permit, so an attach between the check and this wait is not
+            // missed.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = daemon.device_attached.notified() => continue,
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let sessions: Vec<Arc<Session>> = daemon.sessions().values().cloned().collect();
         for s in sessions {
             if s.watch.interrupt_if_stuck(STUCK_LIMIT) {
                 tracing::warn!(
@@ -274,7 +292,7 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     )
     .await;
 
-    session_loop(&conn, &session, &thread, &daemon.config, &cancel).await;
+    session_loop(&conn, &session, &thread, &daemon, &cancel).await;
 
     // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
     // never on the reactor, which serves every other session's control requests.
@@ -296,9 +314,10 @@ async fn session_loop(
     conn: &UnixSeqpacket,
     session: &Arc<Session>,
     thread: &FaultThread,
-    config: &Config,
+    daemon: &Daemon,
     cancel: &CancellationToken,
 ) {
+    let config = &daemon.config;
     loop {
         let packet = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -347,6 +366,7 @@ async fn session_loop(
                     .await;
                 }
                 tracing::info!(session = session.id(), dev_id, granule, "device attached");
+                daemon.device_attached.notify_one();
                 send(conn, &Response::DeviceAdded { dev_id, granule }).await;
             }
             Ok(Request::Register(_)) => {

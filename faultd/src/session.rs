@@ -270,6 +270,15 @@ impl Session {
         }
     }
 
+    /// Whether a device has been attached to this VM.
+    pub fn has_devices(&self) -> bool {
+        !self
+            .device_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
     /// The guest layout.
     pub fn layout(&self) -> &Layout {
         &self.layout

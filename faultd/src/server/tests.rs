@@ -68,6 +68,15 @@ impl FakeUffd {
             .any(|e| matches!(e, UffdEvent::Remove { .. } | UffdEvent::Unmap { .. }))
     }
 
+    /// Zero-fills a range of 4 KiB pages page by page, as the kernel does: it stops at the
+    /// first present page with EEXIST, keeping the pages before it.
+    fn zero_range(&self, at: Hva, len: u64) -> Result<(), OpError> {
+        for i in 0..len / PAGE {
+            self.install(Hva(at.0 + i * PAGE), vec![0; PAGE as usize])?;
+        }
+        Ok(())
+    }
+
     fn install(&self, at: Hva, bytes: Vec<u8>) -> Result<(), OpError> {
         if *self.force_retry.borrow() > 0 {
             *self.force_retry.borrow_mut() -= 1;
@@ -110,7 +119,7 @@ impl UffdOps for FakeUffd {
     }
 
     fn zeropage(&self, at: Hva, len: u64) -> Result<(), OpError> {
-        self.install(at, vec![0; len as usize])
+        self.zero_range(at, len)
     }
 
     fn copy(&self, src: &[u8], at: Hva) -> Result<(), OpError> {
@@ -530,6 +539,40 @@ fn granule_mapping_makes_every_page_of_the_granule_resident_first() {
         );
     }
     assert!(d.srv.ops().page(HVA + 3 * PAGE).is_none());
+}
+
+#[test]
+fn granule_with_a_page_already_present_is_completed_page_by_page() {
+    let mut d = Dev::new(16, 4 * PAGE, LIMITS);
+    // A vCPU installed page 6; the device's granule 4..8 then has a present page mid-run.
+    d.srv.ops().touch(HVA + 6 * PAGE);
+    d.srv.serve_ready().unwrap();
+    // s2map forgets page 6 (as after a discard race): the zero run meets EEXIST in the kernel.
+    let page6 = d.session.locate(Hva(HVA + 6 * PAGE)).unwrap().page;
+    d.session.map().discard(Gpa(GPA + 6 * PAGE), PAGE);
+    d.srv
+        .ops()
+        .present
+        .borrow_mut()
+        .insert(HVA + 6 * PAGE, vec![7; PAGE as usize]);
+    d.post(1, &[(GPA + 4 * PAGE, Perm::READ)]);
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(
+        d.log(),
+        vec!["map 0x104000+0x4000 w=true", "answer 1 Success"]
+    );
+    assert_eq!(d.session.map().state(page6), PageState::Resident);
+    // The present page kept its bytes; the others were zero-filled.
+    assert_eq!(
+        d.srv.ops().page(HVA + 6 * PAGE),
+        Some(vec![7; PAGE as usize])
+    );
+    assert_eq!(
+        d.srv.ops().page(HVA + 7 * PAGE),
+        Some(vec![0; PAGE as usize])
+    );
 }
 
 #[test]
