@@ -47,16 +47,17 @@
 //! the bench waits until faultd has released the RAM, so that no session teardown (freeing
 //! guest RAM) overlaps the next handler's measurement.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use faultd_client::Session;
-use faultd_tests::raw::{cpu_delta_ns, process_cpu_ns, thread_schedstat, Schedstat, PAGE};
+use faultd_tests::bench::{
+    cpu_delta_ns, interleaved, on_fresh_thread, pct, per_unit_us, process_cpu_ns, write_idle,
+    write_ratios, Bench, CpuSnap, Daemons, Pooled, Run, Schedstat, Target,
+};
+use faultd_tests::raw::PAGE;
 use faultd_tests::raw_ring::{DeviceChannel, RingHandler, RingKind};
-use faultd_tests::{settled_stats, Faultd, Ram};
+use faultd_tests::{settled_stats, Ram};
 use iopf::ring::RingProducer;
 use iopf::{DevId, Iova, Perm, ResponseCode};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -131,12 +132,6 @@ impl Handler {
     }
 }
 
-/// The two daemons, started once and kept for the whole run (each attach is a new session).
-struct Daemons {
-    default: Faultd,
-    spin0: Faultd,
-}
-
 /// A handler serving one device.
 enum Server {
     Raw(RingHandler),
@@ -146,12 +141,6 @@ enum Server {
         /// The session's fault thread (`faultd-s<id>`), which serves the device.
         tid: i32,
     },
-}
-
-/// CPU-time snapshot of a server's thread(s).
-enum CpuSnap {
-    Thread(u64),
-    Process(HashMap<i32, u64>),
 }
 
 /// One handler attached to fresh RAM, ring and table. Field order is drop order: the server
@@ -221,14 +210,12 @@ impl Attached {
 
     /// CPU used since `before`: (all the server's threads, its serving thread), ns.
     fn cpu_since(&self, before: &CpuSnap) -> (u64, u64) {
-        match (self.cpu(), before, &self.server) {
-            (CpuSnap::Thread(now), CpuSnap::Thread(then), _) => (now - then, now - then),
-            (CpuSnap::Process(now), CpuSnap::Process(then), Server::Faultd { tid, .. }) => {
-                let thread = |m: &HashMap<i32, u64>| m.get(tid).copied().unwrap_or(0);
-                (cpu_delta_ns(then, &now), thread(&now) - thread(then))
-            }
-            _ => unreachable!("snapshot of another kind of server"),
-        }
+        let now = self.cpu();
+        let serving = match &self.server {
+            Server::Raw(_) => now.since(before),
+            Server::Faultd { tid, .. } => now.thread_since(before, *tid),
+        };
+        (now.since(before), serving)
     }
 
     /// Checks that exactly `groups` groups of `pages` pages were served, every page is mapped
@@ -337,62 +324,53 @@ fn device_requests(
     gap: Option<Duration>,
 ) -> (Vec<u64>, Schedstat) {
     assert!((pages * PAGE) as u64 <= STRIDE);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let me = || thread_schedstat(std::process::id(), tid).expect("own schedstat");
-        let rw = Perm::READ | Perm::WRITE;
-        let requests: Vec<Vec<(Iova, Perm)>> = (0..groups as u64)
-            .map(|g| {
-                (0..pages as u64)
-                    .map(|p| (Iova(g * STRIDE + p * PAGE as u64), rw))
-                    .collect()
-            })
-            .collect();
-        let mut times = Vec::with_capacity(groups);
-        let mut answers = Vec::with_capacity(4);
-        let s0 = me();
-        for (i, req) in requests.iter().enumerate() {
-            if let Some(gap) = gap {
-                std::thread::sleep(gap);
-            }
-            let t0 = Instant::now();
-            let cookie = producer
-                .post_group(DEV, i as u32 & 0x1ff, req)
-                .expect("post_group");
-            loop {
-                let mut fds = [PollFd::new(producer.notify_fd(), PollFlags::POLLIN)];
-                let n = poll(&mut fds, PollTimeout::from(ANSWER_TIMEOUT_MS)).expect("poll");
-                assert!(n > 0, "group {i} not answered in {ANSWER_TIMEOUT_MS} ms");
-                producer.poll_responses(&mut answers).expect("responses");
-                if !answers.is_empty() {
-                    break;
+    on_fresh_thread(
+        TIMEOUT,
+        "device requests were not answered in time",
+        move || {
+            let rw = Perm::READ | Perm::WRITE;
+            let requests: Vec<Vec<(Iova, Perm)>> = (0..groups as u64)
+                .map(|g| {
+                    (0..pages as u64)
+                        .map(|p| (Iova(g * STRIDE + p * PAGE as u64), rw))
+                        .collect()
+                })
+                .collect();
+            let mut times = Vec::with_capacity(groups);
+            let mut answers = Vec::with_capacity(4);
+            move || {
+                for (i, req) in requests.iter().enumerate() {
+                    if let Some(gap) = gap {
+                        std::thread::sleep(gap);
+                    }
+                    let t0 = Instant::now();
+                    let cookie = producer
+                        .post_group(DEV, i as u32 & 0x1ff, req)
+                        .expect("post_group");
+                    loop {
+                        let mut fds = [PollFd::new(producer.notify_fd(), PollFlags::POLLIN)];
+                        let n = poll(&mut fds, PollTimeout::from(ANSWER_TIMEOUT_MS)).expect("poll");
+                        assert!(n > 0, "group {i} not answered in {ANSWER_TIMEOUT_MS} ms");
+                        producer.poll_responses(&mut answers).expect("responses");
+                        if !answers.is_empty() {
+                            break;
+                        }
+                    }
+                    times.push(t0.elapsed().as_nanos() as u64);
+                    assert_eq!(answers.as_slice(), &[(cookie, ResponseCode::Success)]);
+                    answers.clear();
                 }
+                times
             }
-            times.push(t0.elapsed().as_nanos() as u64);
-            assert_eq!(answers.as_slice(), &[(cookie, ResponseCode::Success)]);
-            answers.clear();
-        }
-        let s1 = me();
-        let _ = tx.send((
-            times,
-            Schedstat {
-                run_ns: s1.run_ns - s0.run_ns,
-                wait_ns: s1.wait_ns - s0.wait_ns,
-            },
-        ));
-    });
-    rx.recv_timeout(TIMEOUT)
-        .expect("device requests were not answered in time")
+        },
+    )
 }
 
 /// One handler's figures in one scenario, pooled over rounds.
 #[derive(Default)]
 struct Figures {
-    samples: Vec<u64>,
-    /// Per-round samples, for per-round ratios.
-    rounds: Vec<Vec<u64>>,
+    /// Round-trip times.
+    lat: Pooled,
     cpu_ns: u64,
     /// Of `cpu_ns`, the serving thread's (faultd: the session's fault thread).
     thread_cpu_ns: u64,
@@ -406,57 +384,24 @@ struct Figures {
 impl Figures {
     fn add(&mut self, samples: Vec<u64>, (cpu_ns, thread_ns): (u64, u64), device: Schedstat) {
         self.groups += samples.len() as u64;
-        self.samples.extend_from_slice(&samples);
-        self.rounds.push(samples);
+        self.lat.add_round(samples);
         self.cpu_ns += cpu_ns;
         self.thread_cpu_ns += thread_ns;
         self.device_wait_ns += device.wait_ns;
     }
 
-    fn p(&self, q: f64) -> f64 {
-        pct(&self.samples, q)
-    }
-
     fn cpu_per_req_us(&self) -> f64 {
-        self.cpu_ns as f64 / self.groups.max(1) as f64 / 1e3
+        per_unit_us(self.cpu_ns, self.groups)
     }
 
+    /// Mean of the per-round medians. Every handler here measures its own service time, so
+    /// unlike `fault_roundtrip`'s (where the raw handlers have none to show) this is a number.
     fn service_us(&self) -> f64 {
         self.service_p50_us.iter().sum::<f64>() / self.service_p50_us.len().max(1) as f64
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_unstable_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// The `q` quantile of `ns` (nearest rank), in µs.
-fn pct(ns: &[u64], q: f64) -> f64 {
-    if ns.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = ns.to_vec();
-    v.sort_unstable();
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1] as f64 / 1e3
-}
-
 type Scenario = [Figures; 6];
-
-/// Runs `f(handler, round)` for every round and handler, rotating the order each round.
-fn interleaved(mut f: impl FnMut(Handler, usize)) {
-    for round in 0..ROUNDS {
-        for i in 0..HANDLERS.len() {
-            f(HANDLERS[(i + round) % HANDLERS.len()], round);
-        }
-    }
-}
 
 fn scenario(
     daemons: &Daemons,
@@ -466,7 +411,7 @@ fn scenario(
     tag: &str,
 ) -> Scenario {
     let mut out: Scenario = Default::default();
-    interleaved(|h, round| {
+    interleaved(ROUNDS, &HANDLERS, |h, round| {
         let att = Attached::new(h, groups, &format!("{tag}-{round}"), daemons);
         let producer = att.ch.producer().expect("ring producer");
         let cpu = att.cpu();
@@ -509,64 +454,9 @@ fn idle_cpu(daemons: &Daemons, groups: usize) -> ([u64; 6], [u64; 2]) {
     (used.try_into().unwrap(), procs_used)
 }
 
-/// A target line and its JSON.
-struct Target {
-    /// "faultd p50, 1 page"
-    what: String,
-    /// "raw-blocking"
-    of: String,
-    limit: f64,
-    value: f64,
-    per_round: Vec<f64>,
-}
-
-impl Target {
-    fn met(&self) -> bool {
-        self.value <= self.limit
-    }
-
-    fn line(&self) -> String {
-        let rounds: Vec<String> = self.per_round.iter().map(|r| format!("{r:.2}")).collect();
-        format!(
-            "target {} <= {:.2}x {}: {:.2}x {}   (per round: {}; median {:.2})",
-            self.what,
-            self.limit,
-            self.of,
-            self.value,
-            if self.met() { "MET" } else { "MISSED" },
-            rounds.join(" "),
-            median(&self.per_round)
-        )
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "target": format!("{} <= {:.2}x {}", self.what, self.limit, self.of),
-            "limit": self.limit, "value": self.value,
-            "met": self.met(), "per_round": self.per_round,
-            "per_round_median": median(&self.per_round),
-        })
-    }
-}
-
-/// Ratio of `a`'s to `b`'s quantile `q`, pooled and per round.
-fn target(what: &str, limit: f64, of: Handler, sc: &Scenario, a: Handler, q: f64) -> Target {
-    let (a, b) = (&sc[a.index()], &sc[of.index()]);
-    Target {
-        what: what.to_owned(),
-        of: of.name().to_owned(),
-        limit,
-        value: a.p(q) / b.p(q),
-        per_round: a
-            .rounds
-            .iter()
-            .zip(&b.rounds)
-            .map(|(x, y)| pct(x, q) / pct(y, q))
-            .collect(),
-    }
-}
-
-/// The per-handler table of a scenario and its ratio lines.
+/// The per-handler table of a scenario and its ratio lines. Its own, not shared with
+/// `fault_roundtrip`'s: the columns are what this bench measures (device wait, every handler's
+/// service time, the session thread's share of faultd's CPU) and it compares other pairs.
 fn table(out: &mut String, sc: &Scenario) -> Value {
     let _ = writeln!(
         out,
@@ -576,13 +466,13 @@ fn table(out: &mut String, sc: &Scenario) -> Value {
     let mut handlers = serde_json::Map::new();
     for h in HANDLERS {
         let f = &sc[h.index()];
-        let wait = f.device_wait_ns as f64 / f.groups.max(1) as f64 / 1e3;
+        let wait = per_unit_us(f.device_wait_ns, f.groups);
         let _ = writeln!(
             out,
             "  {:<16} {:>8.1} {:>8.1} {:>9.1} {:>11.2} {:>10.2} µs {:>6.1} µs",
             h.name(),
-            f.p(0.5),
-            f.p(0.99),
+            f.lat.p(0.5),
+            f.lat.p(0.99),
             f.cpu_ns as f64 / 1e6,
             f.cpu_per_req_us(),
             wait,
@@ -590,16 +480,14 @@ fn table(out: &mut String, sc: &Scenario) -> Value {
         );
         handlers.insert(
             h.name().into(),
-            json!({
-                "samples": f.samples.len(), "p50_us": f.p(0.5), "p99_us": f.p(0.99),
-                "cpu_ms": f.cpu_ns as f64 / 1e6, "cpu_per_request_us": f.cpu_per_req_us(),
-                "serving_thread_cpu_ms": f.thread_cpu_ns as f64 / 1e6,
-                "device_runqueue_wait_per_request_us": wait,
-                "service_p50_us": f.service_us(),
-                "per_round_p50_us": f.rounds.iter().map(|r| pct(r, 0.5)).collect::<Vec<_>>(),
-                "per_round_p99_us": f.rounds.iter().map(|r| pct(r, 0.99)).collect::<Vec<_>>(),
-                "per_round_service_p50_us": f.service_p50_us,
-            }),
+            f.lat.json_with([
+                ("cpu_ms", json!(f.cpu_ns as f64 / 1e6)),
+                ("cpu_per_request_us", json!(f.cpu_per_req_us())),
+                ("serving_thread_cpu_ms", json!(f.thread_cpu_ns as f64 / 1e6)),
+                ("device_runqueue_wait_per_request_us", json!(wait)),
+                ("service_p50_us", json!(f.service_us())),
+                ("per_round_service_p50_us", json!(f.service_p50_us)),
+            ]),
         );
     }
     let shares: Vec<String> = [Handler::Faultd, Handler::FaultdSpin0, Handler::Faultd64k]
@@ -622,59 +510,15 @@ fn table(out: &mut String, sc: &Scenario) -> Value {
         (Handler::Faultd64k, &[Handler::Raw64k, Handler::Faultd]),
     ];
     for (fd, bases) in pairs {
-        let a = &sc[fd.index()];
+        let a = &sc[fd.index()].lat;
         let mut line = format!("  {:<16} vs", fd.name());
         for &base in bases {
-            let b = &sc[base.index()];
-            let r = |q: f64| a.p(q) / b.p(q);
-            let _ = write!(
-                line,
-                "  {}: p50 {:.2}x p99 {:.2}x",
-                base.name(),
-                r(0.5),
-                r(0.99)
-            );
-            ratios.insert(
-                format!("{}/{}", fd.name(), base.name()),
-                json!({"p50": r(0.5), "p99": r(0.99)}),
-            );
+            let j = write_ratios(&mut line, base.name(), a, &sc[base.index()].lat);
+            ratios.insert(format!("{}/{}", fd.name(), base.name()), j);
         }
         let _ = writeln!(out, "{line}");
     }
     json!({"handlers": handlers, "ratios": ratios})
-}
-
-fn machine_facts() -> (String, Value) {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = format!(
-        "{} {}",
-        read("/proc/sys/kernel/osrelease").trim(),
-        read("/proc/sys/kernel/version").trim()
-    );
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let clock = read("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-        .trim()
-        .to_owned();
-    let text = format!("machine: nproc {nproc}, kernel {kernel}, cpu {cpu}, clocksource {clock}");
-    let j = json!({"nproc": nproc, "kernel": kernel, "cpu": cpu, "clocksource": clock});
-    (text, j)
-}
-
-fn json_path() -> PathBuf {
-    // The bench binary is target/<profile>/deps/<name>: its target dir is three levels up,
-    // wherever CARGO_TARGET_DIR put it.
-    let exe = std::env::current_exe().expect("current exe");
-    exe.ancestors()
-        .nth(3)
-        .expect("bench binary is under target/<profile>/deps")
-        .join("device_roundtrip.json")
 }
 
 /// One scenario to run and report.
@@ -690,9 +534,18 @@ struct Plan {
 }
 
 fn main() {
-    let started = Instant::now();
-    let quick = std::env::var_os("FAULT_RT_QUICK").is_some_and(|v| v != "0");
-    let div = if quick { 10 } else { 1 };
+    let run = Run::start(&Bench {
+        json: "device_roundtrip.json",
+        title: "device fault round trip: faultd vs raw ring handlers, eventfd ring + emulated \
+                IOMMU, 4 KiB memfd RAM, post -> answer seen",
+        rounds: ROUNDS,
+        fresh: "RAM/ring/table with a fresh device thread",
+        columns: "columns: CPU = serving thread run time (faultd: whole process); device rq/req = \
+                  device thread's run-queue wait per request; svc p50 = handler's own \
+                  read-to-answer median (mean over rounds)",
+        kvm: false,
+    });
+    let div = run.div();
     let (iso, burst1, burst8) = (
         ISOLATED_GROUPS / div,
         BURST_GROUPS_1 / div,
@@ -743,31 +596,7 @@ fn main() {
     ];
 
     let mut out = String::new();
-    let (facts, facts_json) = machine_facts();
-    println!(
-        "device fault round trip: faultd vs raw ring handlers, eventfd ring + emulated IOMMU, \
-         4 KiB memfd RAM, post -> answer seen"
-    );
-    println!("{facts}");
-    println!(
-        "{ROUNDS} rounds per scenario; every round runs every handler on fresh RAM/ring/table \
-         with a fresh device thread, order rotated each round; samples pooled over rounds{}",
-        if quick {
-            " (FAULT_RT_QUICK: sizes / 10)"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "columns: CPU = serving thread run time (faultd: whole process); device rq/req = device \
-         thread's run-queue wait per request; svc p50 = handler's own read-to-answer median \
-         (mean over rounds)"
-    );
-
-    let daemons = Daemons {
-        default: Faultd::start(&[]),
-        spin0: Faultd::start(&["--spin-us", "0"]),
-    };
+    let daemons = Daemons::start();
 
     // Warm-up, not recorded: first requests of a process and daemon, allocators and caches.
     for h in HANDLERS {
@@ -779,7 +608,7 @@ fn main() {
     }
 
     let mut targets = Vec::new();
-    let mut report = serde_json::Map::new();
+    let mut report = Vec::new();
     for plan in &plans {
         let sc = scenario(&daemons, plan.groups, plan.pages, plan.gap, plan.key);
         let _ = writeln!(
@@ -796,14 +625,21 @@ fn main() {
             plan.pages,
             if plan.pages == 1 { "" } else { "s" }
         );
-        let t = target(&what, plan.limit, plan.baseline, &sc, Handler::Faultd, 0.5);
+        let t = Target::ratio(
+            &what,
+            plan.limit,
+            plan.baseline.name(),
+            &sc[Handler::Faultd.index()].lat,
+            &sc[plan.baseline.index()].lat,
+            0.5,
+        );
         let _ = writeln!(out, "{}", t.line());
-        report.insert(
-            plan.key.into(),
+        report.push((
+            plan.key,
             json!({"groups_per_handler": plan.groups * ROUNDS, "pages_per_group": plan.pages,
                    "gap_us": plan.gap.map(|g| g.as_micros() as u64),
                    "figures": figures, "targets": [t.json()]}),
-        );
+        ));
         targets.push(t);
     }
 
@@ -815,12 +651,7 @@ fn main() {
         IDLE_WINDOW.as_secs(),
         IDLE_WARM_GROUPS / div
     );
-    let mut idle_json = serde_json::Map::new();
-    for h in HANDLERS {
-        let ns = idle[h.index()];
-        let _ = writeln!(out, "  {:<16} {:>10.3} ms", h.name(), ns as f64 / 1e6);
-        idle_json.insert(h.name().into(), json!(ns as f64 / 1e6));
-    }
+    let idle_json: Value = write_idle(&mut out, 16, HANDLERS.map(|h| (h.name(), idle[h.index()])));
     let _ = writeln!(
         out,
         "  whole faultd processes (all their sessions and control threads): default {:.3} ms, \
@@ -828,32 +659,12 @@ fn main() {
         idle_procs[0] as f64 / 1e6,
         idle_procs[1] as f64 / 1e6
     );
-    report.insert(
-        "idle_cpu_ms".into(),
+    report.push((
+        "idle_cpu_ms",
         json!({"window_s": IDLE_WINDOW.as_secs(), "handlers": idle_json,
                "faultd_processes": {"default": idle_procs[0] as f64 / 1e6,
                                     "spin0": idle_procs[1] as f64 / 1e6}}),
-    );
+    ));
 
-    let _ = writeln!(out, "\nTargets:");
-    for t in &targets {
-        let _ = writeln!(out, "{}", t.line());
-    }
-    let _ = writeln!(out, "total time {:.1} s", started.elapsed().as_secs_f64());
-    print!("{out}");
-
-    report.insert("machine".into(), facts_json);
-    report.insert("rounds".into(), json!(ROUNDS));
-    report.insert("quick".into(), json!(quick));
-    report.insert(
-        "all_targets_met".into(),
-        json!(targets.iter().all(Target::met)),
-    );
-    let path = json_path();
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&Value::Object(report)).unwrap() + "\n",
-    )
-    .expect("writing the JSON report");
-    println!("figures written to {}", path.display());
+    run.finish(out, &targets, report);
 }

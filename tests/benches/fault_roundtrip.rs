@@ -34,17 +34,16 @@
 //! session stats). "next fault after a fill" is the raw poller's view of the gap between
 //! finishing one fault and the next one arriving: what a spin window has to cover.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use faultd_client::{GuestRam, Session};
-use faultd_tests::raw::{
-    cpu_delta_ns, process_cpu_ns, thread_schedstat, RawHandler, RawKind, Schedstat, PAGE,
+use faultd_tests::bench::{
+    interleaved, on_fresh_thread, pct, per_unit_us, process_cpu_ns, write_idle, write_ratios,
+    Bench, CpuSnap, Daemons, Pooled, Run, Schedstat, Target,
 };
-use faultd_tests::{Faultd, Ram};
+use faultd_tests::raw::{RawHandler, RawKind, PAGE};
+use faultd_tests::Ram;
 use serde_json::{json, Value};
 use testvmm::{RamSlot, Vm, Workload};
 
@@ -96,22 +95,10 @@ impl Handler {
     }
 }
 
-/// The two daemons, started once and kept for the whole run (each attach is a new session).
-struct Daemons {
-    default: Faultd,
-    spin0: Faultd,
-}
-
 /// A handler serving one RAM.
 enum Server {
     Raw(RawHandler),
     Faultd { session: Session, pid: u32 },
-}
-
-/// CPU-time snapshot of a server's thread(s).
-enum CpuSnap {
-    Thread(u64),
-    Process(HashMap<i32, u64>),
 }
 
 impl Server {
@@ -141,11 +128,7 @@ impl Server {
     }
 
     fn cpu_since(&self, before: &CpuSnap) -> u64 {
-        match (self.cpu(), before) {
-            (CpuSnap::Thread(now), CpuSnap::Thread(then)) => now - then,
-            (CpuSnap::Process(now), CpuSnap::Process(then)) => cpu_delta_ns(then, &now),
-            _ => unreachable!("snapshot of another kind of server"),
-        }
+        self.cpu().since(before)
     }
 
     /// Checks the server resolved exactly `faults` faults, detaches it, and adds what it
@@ -183,34 +166,22 @@ impl Server {
 fn host_touches(ram: &GuestRam, pages: usize, gap: Option<Duration>) -> (Vec<u64>, Schedstat) {
     assert!((pages * PAGE) as u64 <= ram.size());
     let base = ram.host_addr() as usize;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let me = || thread_schedstat(std::process::id(), tid).expect("own schedstat");
+    on_fresh_thread(TIMEOUT, "host touches were not served in time", move || {
         let mut times = Vec::with_capacity(pages);
-        let s0 = me();
-        for i in 0..pages {
-            if let Some(gap) = gap {
-                std::thread::sleep(gap);
+        move || {
+            for i in 0..pages {
+                if let Some(gap) = gap {
+                    std::thread::sleep(gap);
+                }
+                let t0 = Instant::now();
+                // SAFETY: page `i` lies inside the live shared RAM mapping (checked against its
+                // size above); a volatile byte read creates no reference into it.
+                unsafe { std::ptr::read_volatile((base + i * PAGE) as *const u8) };
+                times.push(t0.elapsed().as_nanos() as u64);
             }
-            let t0 = Instant::now();
-            // SAFETY: page `i` lies inside the live shared RAM mapping (checked against its
-            // size above); a volatile byte read creates no reference into it.
-            unsafe { std::ptr::read_volatile((base + i * PAGE) as *const u8) };
-            times.push(t0.elapsed().as_nanos() as u64);
+            times
         }
-        let s1 = me();
-        let _ = tx.send((
-            times,
-            Schedstat {
-                run_ns: s1.run_ns - s0.run_ns,
-                wait_ns: s1.wait_ns - s0.wait_ns,
-            },
-        ));
-    });
-    rx.recv_timeout(TIMEOUT)
-        .expect("host touches were not served in time")
+    })
 }
 
 /// Runs TouchSequential over `pages` pages on `vm`; touch times in ns, without the first (it
@@ -243,9 +214,8 @@ fn new_vm(ram: &GuestRam) -> Vm {
 /// One handler's figures in one scenario, pooled over rounds.
 #[derive(Default)]
 struct Figures {
-    samples: Vec<u64>,
-    /// Per-round samples, for per-round ratios.
-    rounds: Vec<Vec<u64>>,
+    /// Round-trip times.
+    lat: Pooled,
     cpu_ns: u64,
     faults: u64,
     /// Faulting thread's run-queue wait (host scenarios).
@@ -257,41 +227,17 @@ struct Figures {
 }
 
 impl Figures {
+    /// `faults` counts every fault of the round: the vCPU scenario leaves the first touch out
+    /// of `samples` (it also counts the vCPU's start) but not out of the CPU per fault.
     fn add(&mut self, samples: Vec<u64>, cpu_ns: u64, faults: usize) {
-        self.samples.extend_from_slice(&samples);
-        self.rounds.push(samples);
+        self.lat.add_round(samples);
         self.cpu_ns += cpu_ns;
         self.faults += faults as u64;
     }
 
-    fn p(&self, q: f64) -> f64 {
-        pct(&self.samples, q)
-    }
-
     fn cpu_per_fault_us(&self) -> f64 {
-        self.cpu_ns as f64 / self.faults.max(1) as f64 / 1e3
+        per_unit_us(self.cpu_ns, self.faults)
     }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_unstable_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// The `q` quantile of `ns` (nearest rank), in µs.
-fn pct(ns: &[u64], q: f64) -> f64 {
-    if ns.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = ns.to_vec();
-    v.sort_unstable();
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1] as f64 / 1e3
 }
 
 type Scenario = [Figures; 5];
@@ -303,18 +249,9 @@ struct Sizes {
     idle_warm: usize,
 }
 
-/// Runs `f(handler, round)` for every round and handler, rotating the order each round.
-fn interleaved(mut f: impl FnMut(Handler, usize)) {
-    for round in 0..ROUNDS {
-        for i in 0..HANDLERS.len() {
-            f(HANDLERS[(i + round) % HANDLERS.len()], round);
-        }
-    }
-}
-
 fn scenario_host(daemons: &Daemons, pages: usize, gap: Option<Duration>, tag: &str) -> Scenario {
     let mut out: Scenario = Default::default();
-    interleaved(|h, round| {
+    interleaved(ROUNDS, &HANDLERS, |h, round| {
         let ram = Ram::new(
             &format!("{tag}-{}-{round}", h.name()),
             (pages * PAGE) as u64,
@@ -334,10 +271,10 @@ fn scenario_host(daemons: &Daemons, pages: usize, gap: Option<Duration>, tag: &s
 /// Scenario C: a vCPU faulting each page; and two baselines over the same pages once resident:
 /// the same VM again (every page mapped in KVM too: the port-I/O exit alone) and a fresh VM
 /// (KVM maps each page on first touch, without a userfault).
-fn scenario_vcpu(daemons: &Daemons, pages: usize) -> (Scenario, Figures, Figures) {
+fn scenario_vcpu(daemons: &Daemons, pages: usize) -> (Scenario, Pooled, Pooled) {
     let mut out: Scenario = Default::default();
-    let (mut exit_only, mut kvm_map) = (Figures::default(), Figures::default());
-    interleaved(|h, round| {
+    let (mut exit_only, mut kvm_map) = (Pooled::default(), Pooled::default());
+    interleaved(ROUNDS, &HANDLERS, |h, round| {
         let ram = Ram::new(&format!("vcpu-{}-{round}", h.name()), (pages * PAGE) as u64);
         let server = Server::attach(h, &ram, daemons);
         let mut vm = new_vm(&ram.ram);
@@ -345,9 +282,9 @@ fn scenario_vcpu(daemons: &Daemons, pages: usize) -> (Scenario, Figures, Figures
         let times = vcpu_touches(&mut vm, pages);
         let used = server.cpu_since(&cpu);
         out[h.index()].add(times, used, pages);
-        exit_only.add(vcpu_touches(&mut vm, pages), 0, 0);
+        exit_only.add_round(vcpu_touches(&mut vm, pages));
         drop(vm);
-        kvm_map.add(vcpu_touches(&mut new_vm(&ram.ram), pages), 0, 0);
+        kvm_map.add_round(vcpu_touches(&mut new_vm(&ram.ram), pages));
         server.finish(h, pages, &mut out[h.index()]);
     });
     (out, exit_only, kvm_map)
@@ -381,64 +318,10 @@ fn idle_cpu(daemons: &Daemons, pages: usize) -> [u64; 5] {
     used.try_into().unwrap()
 }
 
-/// A target line and its JSON.
-struct Target {
-    /// "faultd p50"
-    what: String,
-    /// "raw-blocking"
-    of: String,
-    limit: f64,
-    value: f64,
-    per_round: Vec<f64>,
-}
-
-impl Target {
-    fn met(&self) -> bool {
-        self.value <= self.limit
-    }
-
-    fn line(&self) -> String {
-        let rounds: Vec<String> = self.per_round.iter().map(|r| format!("{r:.2}")).collect();
-        format!(
-            "target {} <= {:.2}x {}: {:.2}x {}   (per round: {}; median {:.2})",
-            self.what,
-            self.limit,
-            self.of,
-            self.value,
-            if self.met() { "MET" } else { "MISSED" },
-            rounds.join(" "),
-            median(&self.per_round)
-        )
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "target": format!("{} <= {:.2}x {}", self.what, self.limit, self.of),
-            "limit": self.limit, "value": self.value,
-            "met": self.met(), "per_round": self.per_round,
-            "per_round_median": median(&self.per_round),
-        })
-    }
-}
-
-/// Ratio of `a`'s to `b`'s quantile `q`, pooled and per round.
-fn target(what: &str, limit: f64, of: &str, a: &Figures, b: &Figures, q: f64) -> Target {
-    Target {
-        what: what.to_owned(),
-        of: of.to_owned(),
-        limit,
-        value: a.p(q) / b.p(q),
-        per_round: a
-            .rounds
-            .iter()
-            .zip(&b.rounds)
-            .map(|(x, y)| pct(x, q) / pct(y, q))
-            .collect(),
-    }
-}
-
 /// The per-handler table of a scenario, optionally with a baseline subtracted from the
-/// latencies before the ratios (`base_us`).
+/// latencies before the ratios (`base_us`). Its own, not shared with `device_roundtrip`'s: the
+/// columns are what this bench measures (faulter wait, faultd's service time where it has one,
+/// the poller's inter-fault gaps).
 fn table(out: &mut String, sc: &Scenario, base_us: Option<f64>) -> Value {
     let _ = writeln!(
         out,
@@ -448,15 +331,17 @@ fn table(out: &mut String, sc: &Scenario, base_us: Option<f64>) -> Value {
     let mut handlers = serde_json::Map::new();
     for h in HANDLERS {
         let f = &sc[h.index()];
-        let wait = f.faulter_wait_ns as f64 / f.faults.max(1) as f64 / 1e3;
+        let wait = per_unit_us(f.faulter_wait_ns, f.faults);
+        // Only faultd reports its service time here (the raw uffd handlers do not measure one,
+        // unlike device_roundtrip's ring handlers): "-" and null for the others.
         let svc = (!f.service_p50_us.is_empty())
             .then(|| f.service_p50_us.iter().sum::<f64>() / f.service_p50_us.len() as f64);
         let _ = writeln!(
             out,
             "  {:<13} {:>9.1} {:>9.1} {:>10.1} {:>11.2} {:>13} {:>12}",
             h.name(),
-            f.p(0.5),
-            f.p(0.99),
+            f.lat.p(0.5),
+            f.lat.p(0.99),
             f.cpu_ns as f64 / 1e6,
             f.cpu_per_fault_us(),
             if base_us.is_none() {
@@ -468,31 +353,21 @@ fn table(out: &mut String, sc: &Scenario, base_us: Option<f64>) -> Value {
         );
         handlers.insert(
             h.name().into(),
-            json!({
-                "samples": f.samples.len(), "p50_us": f.p(0.5), "p99_us": f.p(0.99),
-                "cpu_ms": f.cpu_ns as f64 / 1e6, "cpu_per_fault_us": f.cpu_per_fault_us(),
-                "faulter_runqueue_wait_per_fault_us": wait,
-                "faultd_service_p50_us": svc,
-                "per_round_p50_us": f.rounds.iter().map(|r| pct(r, 0.5)).collect::<Vec<_>>(),
-                "per_round_p99_us": f.rounds.iter().map(|r| pct(r, 0.99)).collect::<Vec<_>>(),
-            }),
+            f.lat.json_with([
+                ("cpu_ms", json!(f.cpu_ns as f64 / 1e6)),
+                ("cpu_per_fault_us", json!(f.cpu_per_fault_us())),
+                ("faulter_runqueue_wait_per_fault_us", json!(wait)),
+                ("faultd_service_p50_us", json!(svc)),
+            ]),
         );
     }
     let mut ratios = serde_json::Map::new();
     for fd in FAULTDS {
-        let a = &sc[fd.index()];
+        let a = &sc[fd.index()].lat;
         let mut line = format!("  {:<13} vs", fd.name());
         for raw in RAW {
-            let b = &sc[Handler::Raw(raw).index()];
-            let r = |q: f64| a.p(q) / b.p(q);
-            let _ = write!(
-                line,
-                "  {}: p50 {:.2}x p99 {:.2}x",
-                raw.name(),
-                r(0.5),
-                r(0.99)
-            );
-            let mut j = json!({"p50": r(0.5), "p99": r(0.99)});
+            let b = &sc[Handler::Raw(raw).index()].lat;
+            let mut j: Value = write_ratios(&mut line, raw.name(), a, b);
             if let Some(base) = base_us {
                 let s = |q: f64| (a.p(q) - base) / (b.p(q) - base);
                 let _ = write!(line, " (minus exit: {:.2}x {:.2}x)", s(0.5), s(0.99));
@@ -520,49 +395,18 @@ fn table(out: &mut String, sc: &Scenario, base_us: Option<f64>) -> Value {
     json!({"handlers": handlers, "ratios": ratios, "inter_fault_gap_raw_polling": gaps})
 }
 
-fn machine_facts() -> (String, Value) {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = format!(
-        "{} {}",
-        read("/proc/sys/kernel/osrelease").trim(),
-        read("/proc/sys/kernel/version").trim()
-    );
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let clock = read("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-        .trim()
-        .to_owned();
-    let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        "kvm_pvm"
-    } else {
-        "kvm"
-    };
-    let text =
-        format!("machine: nproc {nproc}, kernel {kernel}, cpu {cpu}, clocksource {clock}, {kvm}");
-    let j = json!({"nproc": nproc, "kernel": kernel, "cpu": cpu, "clocksource": clock, "kvm": kvm});
-    (text, j)
-}
-
-fn json_path() -> PathBuf {
-    // The bench binary is target/<profile>/deps/<name>: its target dir is three levels up,
-    // wherever CARGO_TARGET_DIR put it.
-    let exe = std::env::current_exe().expect("current exe");
-    exe.ancestors()
-        .nth(3)
-        .expect("bench binary is under target/<profile>/deps")
-        .join("fault_roundtrip.json")
-}
-
 fn main() {
-    let started = Instant::now();
-    let quick = std::env::var_os("FAULT_RT_QUICK").is_some_and(|v| v != "0");
-    let div = if quick { 10 } else { 1 };
+    let run = Run::start(&Bench {
+        json: "fault_roundtrip.json",
+        title: "fault round trip: faultd vs raw userfaultfd handlers, 4 KiB memfd RAM",
+        rounds: ROUNDS,
+        fresh: "RAM",
+        columns: "columns: CPU = serving thread(s) run time (faultd: whole process); faulter \
+                  rq/f = faulting thread's run-queue wait per fault; faultd svc = faultd's own \
+                  read-to-installed median",
+        kvm: true,
+    });
+    let div = run.div();
     let sizes = Sizes {
         isolated: ISOLATED_PAGES / div,
         burst: BURST_PAGES / div,
@@ -570,28 +414,7 @@ fn main() {
         idle_warm: IDLE_WARM_PAGES / div,
     };
     let mut out = String::new();
-    let (facts, facts_json) = machine_facts();
-    println!("fault round trip: faultd vs raw userfaultfd handlers, 4 KiB memfd RAM");
-    println!("{facts}");
-    println!(
-        "{ROUNDS} rounds per scenario; every round runs every handler on fresh RAM, order \
-         rotated each round; samples pooled over rounds{}",
-        if quick {
-            " (FAULT_RT_QUICK: sizes / 10)"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "columns: CPU = serving thread(s) run time (faultd: whole process); faulter rq/f = \
-         faulting thread's run-queue wait per fault; faultd svc = faultd's own read-to-installed \
-         median"
-    );
-
-    let daemons = Daemons {
-        default: Faultd::start(&[]),
-        spin0: Faultd::start(&["--spin-us", "0"]),
-    };
+    let daemons = Daemons::start();
 
     // Warm-up, not recorded: first faults of a process, page allocator and caches.
     for h in HANDLERS {
@@ -602,7 +425,7 @@ fn main() {
     }
 
     let mut targets = Vec::new();
-    let mut report = serde_json::Map::new();
+    let mut report = Vec::new();
 
     // A: isolated host-thread faults.
     let a = scenario_host(&daemons, sizes.isolated, Some(ISOLATED_GAP), "iso");
@@ -615,20 +438,20 @@ fn main() {
         ISOLATED_GAP.as_micros()
     );
     let aj = table(&mut out, &a, None);
-    let blocking = &a[Handler::Raw(RawKind::Blocking).index()];
-    let fd = &a[Handler::Faultd.index()];
+    let blocking = &a[Handler::Raw(RawKind::Blocking).index()].lat;
+    let fd = &a[Handler::Faultd.index()].lat;
     let ta = [
-        target("faultd p50", 1.10, "raw-blocking", fd, blocking, 0.5),
-        target("faultd p99", 1.5, "raw-blocking", fd, blocking, 0.99),
+        Target::ratio("faultd p50", 1.10, "raw-blocking", fd, blocking, 0.5),
+        Target::ratio("faultd p99", 1.5, "raw-blocking", fd, blocking, 0.99),
     ];
     for t in &ta {
         let _ = writeln!(out, "{}", t.line());
     }
-    report.insert(
-        "A_isolated".into(),
+    report.push((
+        "A_isolated",
         json!({"pages_per_handler": sizes.isolated * ROUNDS, "gap_us": ISOLATED_GAP.as_micros() as u64,
                "figures": aj, "targets": ta.iter().map(Target::json).collect::<Vec<_>>()}),
-    );
+    ));
     targets.extend(ta);
 
     // B: bursts.
@@ -641,20 +464,21 @@ fn main() {
         sizes.burst
     );
     let bj = table(&mut out, &b, None);
-    let polling = &b[Handler::Raw(RawKind::Polling).index()];
-    let tb = target(
+    let polling = &b[Handler::Raw(RawKind::Polling).index()].lat;
+    let tb = Target::ratio(
         "faultd p50",
         1.2,
         "raw-polling",
-        &b[Handler::Faultd.index()],
+        &b[Handler::Faultd.index()].lat,
         polling,
         0.5,
     );
     let _ = writeln!(out, "{}", tb.line());
-    report.insert(
-        "B_burst".into(),
-        json!({"pages_per_handler": sizes.burst * ROUNDS, "figures": bj, "targets": [tb.json()]}),
-    );
+    report.push((
+        "B_burst",
+        json!({"pages_per_handler": sizes.burst * ROUNDS, "figures": bj,
+               "targets": [tb.json()]}),
+    ));
     targets.push(tb);
 
     // C: KVM vCPU.
@@ -682,13 +506,13 @@ fn main() {
         "  (\"minus exit\": the exit-alone p50 subtracted from both sides of a ratio)"
     );
     let cj = table(&mut out, &c, Some(exit_p50));
-    report.insert(
-        "C_vcpu".into(),
+    report.push((
+        "C_vcpu",
         json!({"touches_per_handler": (sizes.vcpu - 1) * ROUNDS,
                "exit_alone": {"p50_us": exit_p50, "p99_us": exit_only.p(0.99)},
                "fresh_vm_resident": {"p50_us": kvm_map.p(0.5), "p99_us": kvm_map.p(0.99)},
                "figures": cj}),
-    );
+    ));
 
     // Idle.
     let idle = idle_cpu(&daemons, sizes.idle_warm);
@@ -698,36 +522,11 @@ fn main() {
         IDLE_WINDOW.as_secs(),
         sizes.idle_warm
     );
-    let mut idle_json = serde_json::Map::new();
-    for h in HANDLERS {
-        let ns = idle[h.index()];
-        let _ = writeln!(out, "  {:<13} {:>10.3} ms", h.name(), ns as f64 / 1e6);
-        idle_json.insert(h.name().into(), json!(ns as f64 / 1e6));
-    }
-    report.insert(
-        "idle_cpu_ms".into(),
+    let idle_json: Value = write_idle(&mut out, 13, HANDLERS.map(|h| (h.name(), idle[h.index()])));
+    report.push((
+        "idle_cpu_ms",
         json!({"window_s": IDLE_WINDOW.as_secs(), "handlers": idle_json}),
-    );
+    ));
 
-    let _ = writeln!(out, "\nTargets:");
-    for t in &targets {
-        let _ = writeln!(out, "{}", t.line());
-    }
-    let _ = writeln!(out, "total time {:.1} s", started.elapsed().as_secs_f64());
-    print!("{out}");
-
-    report.insert("machine".into(), facts_json);
-    report.insert("rounds".into(), json!(ROUNDS));
-    report.insert("quick".into(), json!(quick));
-    report.insert(
-        "all_targets_met".into(),
-        json!(targets.iter().all(Target::met)),
-    );
-    let path = json_path();
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&Value::Object(report)).unwrap() + "\n",
-    )
-    .expect("writing the JSON report");
-    println!("figures written to {}", path.display());
+    run.finish(out, &targets, report);
 }

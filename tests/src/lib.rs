@@ -2,6 +2,7 @@
 //! own process on a private socket, and gives the test (which plays the VMM) guest RAM that
 //! faultd serves.
 
+pub mod bench;
 pub mod raw;
 pub mod raw_ring;
 

@@ -10,21 +10,17 @@
 //! - [`RawKind::Tokio`]: a current-thread tokio runtime with the uffd in an `AsyncFd`, the
 //!   design faultd rejected for a dedicated thread (see faultd's `vcpu.rs`).
 //!
-//! Also here: per-thread and per-process CPU time from `/proc/.../schedstat`, so a benchmark
-//! can charge each handler the CPU its serving thread(s) used.
+//! The serving thread, its stop signal and its CPU time are [`crate::bench`]'s, shared with the
+//! ring handlers of [`crate::raw_ring`].
 
-use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::raw::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use userfaultfd::{Event, Uffd};
+
+use crate::bench::{dup_uffd, ServingThread, Stop};
 
 /// Page size of the RAM the handlers serve.
 pub const PAGE: usize = 4096;
@@ -53,15 +49,6 @@ impl RawKind {
             RawKind::Tokio => "raw-tokio",
         }
     }
-}
-
-/// How a handler is told to stop: a flag for the polling loop (which never sleeps), an eventfd
-/// for the blocking one (which sleeps in poll), a `Notify` for the tokio task.
-#[derive(Debug)]
-struct Stop {
-    flag: AtomicBool,
-    event: EventFd,
-    notify: tokio::sync::Notify,
 }
 
 /// What a handler did, returned when it stops.
@@ -100,48 +87,24 @@ impl Tally {
 #[derive(Debug)]
 pub struct RawHandler {
     kind: RawKind,
-    tid: i32,
-    stop: Arc<Stop>,
-    thread: Option<JoinHandle<io::Result<RawStats>>>,
+    thread: ServingThread<RawStats>,
 }
 
 impl RawHandler {
     /// Starts a `kind` handler on a duplicate of `uffd` (which must be non-blocking, as
     /// `faultd_client::create_uffd` makes it). Returns once the thread runs and knows its tid.
     pub fn spawn(kind: RawKind, uffd: &Uffd) -> io::Result<RawHandler> {
-        let dup: OwnedFd = uffd.as_fd().try_clone_to_owned()?;
-        // SAFETY: `dup` is an open duplicate of a userfaultfd that nothing else owns; the Uffd
-        // takes it over and closes it on drop.
-        let uffd = unsafe { Uffd::from_raw_fd(dup.into_raw_fd()) };
-        let stop = Arc::new(Stop {
-            flag: AtomicBool::new(false),
-            event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
-            notify: tokio::sync::Notify::new(),
-        });
-        let (tid_tx, tid_rx) = mpsc::channel();
-        let st = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(kind.name().to_owned())
-            .spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                let _ = tid_tx.send(unsafe { libc::gettid() });
-                let mut tally = Tally::new();
-                match kind {
-                    RawKind::Blocking => serve_blocking(&uffd, &st, &mut tally),
-                    RawKind::Polling => serve_polling(&uffd, &st, &mut tally),
-                    RawKind::Tokio => serve_tokio(uffd, &st, &mut tally),
-                }?;
-                Ok(tally.stats)
-            })?;
-        let tid = tid_rx
-            .recv()
-            .map_err(|_| io::Error::other("handler thread died at start"))?;
-        Ok(RawHandler {
-            kind,
-            tid,
-            stop,
-            thread: Some(thread),
-        })
+        let uffd = dup_uffd(uffd)?;
+        let thread = ServingThread::spawn(kind.name().to_owned(), "handler", move |stop| {
+            let mut tally = Tally::new();
+            match kind {
+                RawKind::Blocking => serve_blocking(&uffd, stop, &mut tally),
+                RawKind::Polling => serve_polling(&uffd, stop, &mut tally),
+                RawKind::Tokio => serve_tokio(uffd, stop, &mut tally),
+            }?;
+            Ok(tally.stats)
+        })?;
+        Ok(RawHandler { kind, thread })
     }
 
     /// Which handler this is.
@@ -151,34 +114,18 @@ impl RawHandler {
 
     /// Kernel thread id of the serving thread (for its schedstat).
     pub fn tid(&self) -> i32 {
-        self.tid
+        self.thread.tid()
     }
 
     /// CPU time the serving thread has used, in ns.
     pub fn cpu_ns(&self) -> io::Result<u64> {
-        thread_cpu_ns(std::process::id(), self.tid)
+        self.thread.cpu_ns()
     }
 
-    /// Stops the thread and returns what it did, or the error that ended it.
-    pub fn stop(mut self) -> io::Result<RawStats> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> io::Result<RawStats> {
-        self.stop.flag.store(true, Ordering::Release);
-        let _ = self.stop.event.write(1);
-        self.stop.notify.notify_one();
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(io::Error::other("handler thread panicked")),
-            None => Ok(RawStats::default()),
-        }
-    }
-}
-
-impl Drop for RawHandler {
-    fn drop(&mut self) {
-        let _ = self.stop_and_join();
+    /// Stops the thread and returns what it did, or the error that ended it. (Dropping the
+    /// handler stops it too.)
+    pub fn stop(self) -> io::Result<RawStats> {
+        self.thread.stop()
     }
 }
 
@@ -215,27 +162,17 @@ fn read_one(uffd: &Uffd) -> io::Result<Option<Event>> {
 }
 
 fn serve_blocking(uffd: &Uffd, stop: &Stop, tally: &mut Tally) -> io::Result<()> {
-    loop {
-        let mut fds = [
-            PollFd::new(uffd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.event.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if stop.flag.load(Ordering::Acquire) {
-            return Ok(());
-        }
+    while stop.wait(uffd.as_fd())? {
         // One event per poll, as the simplest handler does; a spurious wake-up reads nothing.
         if let Some(ev) = read_one(uffd)? {
             serve_event(uffd, ev, tally)?;
         }
     }
+    Ok(())
 }
 
 fn serve_polling(uffd: &Uffd, stop: &Stop, tally: &mut Tally) -> io::Result<()> {
-    while !stop.flag.load(Ordering::Acquire) {
+    while !stop.requested() {
         if let Some(ev) = read_one(uffd)? {
             serve_event(uffd, ev, tally)?;
         }
@@ -272,63 +209,8 @@ fn serve_tokio(uffd: Uffd, stop: &Stop, tally: &mut Tally) -> io::Result<()> {
                         }
                     }
                 }
-                _ = stop.notify.notified() => return Ok(()),
+                _ = stop.notified() => return Ok(()),
             }
         }
     })
-}
-
-/// CPU time (ns) thread `tid` of process `pid` has run: the first field of its schedstat.
-pub fn thread_cpu_ns(pid: u32, tid: i32) -> io::Result<u64> {
-    Ok(thread_schedstat(pid, tid)?.run_ns)
-}
-
-/// A thread's scheduler accounting, from `/proc/<pid>/task/<tid>/schedstat`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Schedstat {
-    /// Time spent on a CPU, ns.
-    pub run_ns: u64,
-    /// Time spent runnable but waiting on a run queue, ns.
-    pub wait_ns: u64,
-}
-
-/// Thread `tid` of process `pid`'s [`Schedstat`].
-pub fn thread_schedstat(pid: u32, tid: i32) -> io::Result<Schedstat> {
-    parse_schedstat(&std::fs::read_to_string(format!(
-        "/proc/{pid}/task/{tid}/schedstat"
-    ))?)
-}
-
-/// CPU time (ns) of each live thread of process `pid`, by tid. Threads that exited are gone
-/// from /proc, so a caller diffing two snapshots should keep the threads of both.
-pub fn process_cpu_ns(pid: u32) -> io::Result<HashMap<i32, u64>> {
-    let mut out = HashMap::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        // A thread can exit between the listing and the read: skip it.
-        if let Ok(ns) = thread_cpu_ns(pid, tid) {
-            out.insert(tid, ns);
-        }
-    }
-    Ok(out)
-}
-
-/// CPU time used between two [`process_cpu_ns`] snapshots: threads born in between count from
-/// zero; threads that died in between are lost (the caller keeps sessions alive across both).
-pub fn cpu_delta_ns(before: &HashMap<i32, u64>, after: &HashMap<i32, u64>) -> u64 {
-    after
-        .iter()
-        .map(|(tid, &ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
-        .sum()
-}
-
-fn parse_schedstat(text: &str) -> io::Result<Schedstat> {
-    let mut fields = text.split_whitespace().map(str::parse::<u64>);
-    match (fields.next(), fields.next()) {
-        (Some(Ok(run_ns)), Some(Ok(wait_ns))) => Ok(Schedstat { run_ns, wait_ns }),
-        _ => Err(io::Error::other(format!("bad schedstat: {text:?}"))),
-    }
 }

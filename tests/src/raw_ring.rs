@@ -15,14 +15,13 @@
 //!   core; every call also drains the kick eventfd, one syscall, as the consumer does).
 //!
 //! Also here: [`DeviceChannel`], a device's ring and IOMMU table made the way a VMM makes them,
-//! handing out the producer end, the consumer end, the IOMMU and the fds faultd takes.
+//! handing out the producer end, the consumer end, the IOMMU and the fds faultd takes. The
+//! serving thread, its stop signal and its CPU time are [`crate::bench`]'s, shared with the
+//! uffd handlers of [`crate::raw`].
 
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::raw::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use faultd_client::{DeviceIommu, DeviceQueue, GuestRam};
@@ -32,11 +31,10 @@ use iopf::{
     DevId, FaultQueue, Group, Incoming, Iova, MapError, MapTarget, Mapper, RespondError,
     ResponseCode,
 };
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use userfaultfd::Uffd;
 
-use crate::raw::{thread_cpu_ns, PAGE};
+use crate::bench::{dup_uffd, ServingThread, Stop};
+use crate::raw::PAGE;
 
 /// A device's ring and emulated IOMMU table, created as a VMM creates them (IOVA == GPA, the
 /// table covering `[0, ram_size)`, one device worker).
@@ -161,20 +159,11 @@ struct RamTarget {
     memfd: OwnedFd,
 }
 
-/// Stop signal: a flag for the polling loop, an eventfd for the blocking one.
-#[derive(Debug)]
-struct Stop {
-    flag: AtomicBool,
-    event: EventFd,
-}
-
 /// A raw handler serving one device ring on its own thread; [`RingHandler::stop`] ends it.
 #[derive(Debug)]
 pub struct RingHandler {
     kind: RingKind,
-    tid: i32,
-    stop: Arc<Stop>,
-    thread: Option<JoinHandle<io::Result<RingHandlerStats>>>,
+    thread: ServingThread<RingHandlerStats>,
 }
 
 impl RingHandler {
@@ -189,53 +178,32 @@ impl RingHandler {
         uffd: &Uffd,
         ram: &GuestRam,
     ) -> io::Result<RingHandler> {
-        let dup: OwnedFd = uffd.as_fd().try_clone_to_owned()?;
-        // SAFETY: `dup` is an open duplicate of a userfaultfd that nothing else owns; the Uffd
-        // takes it over and closes it on drop.
-        let uffd = unsafe { Uffd::from_raw_fd(dup.into_raw_fd()) };
         let target = RamTarget {
-            uffd,
+            uffd: dup_uffd(uffd)?,
             host: ram.host_addr(),
             size: ram.size(),
             memfd: ram.memfd().try_clone_to_owned()?,
         };
-        let stop = Arc::new(Stop {
-            flag: AtomicBool::new(false),
-            event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
-        });
-        let (tid_tx, tid_rx) = mpsc::channel();
-        let st = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("ring-{}", kind.name()))
-            .spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                let _ = tid_tx.send(unsafe { libc::gettid() });
-                let mut server = Server {
-                    queue,
-                    iommu,
-                    ram: target,
-                    incoming: Vec::with_capacity(64),
-                    stats: RingHandlerStats {
-                        // Sized up front so a reallocation never lands inside a measurement.
-                        service_ns: Vec::with_capacity(1 << 16),
-                        ..RingHandlerStats::default()
-                    },
-                };
-                match kind {
-                    RingKind::Blocking => server.run_blocking(&st),
-                    RingKind::Polling => server.run_polling(&st),
-                }?;
-                Ok(server.stats)
-            })?;
-        let tid = tid_rx
-            .recv()
-            .map_err(|_| io::Error::other("ring handler thread died at start"))?;
-        Ok(RingHandler {
-            kind,
-            tid,
-            stop,
-            thread: Some(thread),
-        })
+        let name = format!("ring-{}", kind.name());
+        let thread = ServingThread::spawn(name, "ring handler", move |stop| {
+            let mut server = Server {
+                queue,
+                iommu,
+                ram: target,
+                incoming: Vec::with_capacity(64),
+                stats: RingHandlerStats {
+                    // Sized up front so a reallocation never lands inside a measurement.
+                    service_ns: Vec::with_capacity(1 << 16),
+                    ..RingHandlerStats::default()
+                },
+            };
+            match kind {
+                RingKind::Blocking => server.run_blocking(stop),
+                RingKind::Polling => server.run_polling(stop),
+            }?;
+            Ok(server.stats)
+        })?;
+        Ok(RingHandler { kind, thread })
     }
 
     /// Which handler this is.
@@ -245,33 +213,18 @@ impl RingHandler {
 
     /// Kernel thread id of the serving thread (for its schedstat).
     pub fn tid(&self) -> i32 {
-        self.tid
+        self.thread.tid()
     }
 
     /// CPU time the serving thread has used, in ns.
     pub fn cpu_ns(&self) -> io::Result<u64> {
-        thread_cpu_ns(std::process::id(), self.tid)
+        self.thread.cpu_ns()
     }
 
-    /// Stops the thread and returns what it did, or the error that ended it.
-    pub fn stop(mut self) -> io::Result<RingHandlerStats> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> io::Result<RingHandlerStats> {
-        self.stop.flag.store(true, Ordering::Release);
-        let _ = self.stop.event.write(1);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(io::Error::other("ring handler thread panicked")),
-            None => Ok(RingHandlerStats::default()),
-        }
-    }
-}
-
-impl Drop for RingHandler {
-    fn drop(&mut self) {
-        let _ = self.stop_and_join();
+    /// Stops the thread and returns what it did, or the error that ended it. (Dropping the
+    /// handler stops it too.)
+    pub fn stop(self) -> io::Result<RingHandlerStats> {
+        self.thread.stop()
     }
 }
 
@@ -286,25 +239,15 @@ struct Server {
 
 impl Server {
     fn run_blocking(&mut self, stop: &Stop) -> io::Result<()> {
-        loop {
-            let mut fds = [
-                PollFd::new(self.queue.fd(), PollFlags::POLLIN),
-                PollFd::new(stop.event.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            if stop.flag.load(Ordering::Acquire) {
-                return Ok(());
-            }
+        while stop.wait(self.queue.fd())? {
             // One read per wake-up; a spurious one reads nothing.
             self.read_and_serve()?;
         }
+        Ok(())
     }
 
     fn run_polling(&mut self, stop: &Stop) -> io::Result<()> {
-        while !stop.flag.load(Ordering::Acquire) {
+        while !stop.requested() {
             self.read_and_serve()?;
         }
         Ok(())
