@@ -59,7 +59,15 @@ struct RawConfig {
     #[serde(default)]
     device: RawDevice,
     #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +118,8 @@ pub struct Config {
     pub granule: u64,
     /// Devices per VM.
     pub max_devices: usize,
+    /// Directory of the swap store files.
+    pub store_dir: PathBuf,
     /// tracing filter.
     pub log_filter: String,
 }
@@ -123,6 +133,8 @@ pub struct Overrides {
     pub spin_us: Option<u64>,
     /// `--log`.
     pub log_filter: Option<String>,
+    /// `--store-dir`.
+    pub store_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -139,6 +151,7 @@ impl Config {
         raw.control.socket = overrides.socket.clone().or(raw.control.socket);
         raw.fault.spin_us = overrides.spin_us.or(raw.fault.spin_us);
         raw.log.filter = overrides.log_filter.clone().or(raw.log.filter);
+        raw.store.dir = overrides.store_dir.clone().or(raw.store.dir);
         Config::try_from(raw)
     }
 
@@ -168,6 +181,7 @@ impl RawConfig {
         self.device.pin_limit_mib = over.device.pin_limit_mib.or(self.device.pin_limit_mib);
         self.device.granule_kib = over.device.granule_kib.or(self.device.granule_kib);
         self.device.max_devices = over.device.max_devices.or(self.device.max_devices);
+        self.store.dir = over.store.dir.or(self.store.dir.take());
     }
 }
 
@@ -255,6 +269,14 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be 1..=32",
             });
         }
+        let store_dir = required(raw.store.dir, "store.dir")?;
+        if !store_dir.is_absolute() {
+            return Err(ConfigError::Invalid {
+                field: "store.dir",
+                value: store_dir.display().to_string(),
+                why: "must be an absolute path",
+            });
+        }
         let log_filter = required(raw.log.filter, "log.filter")?;
         if let Err(_e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             return Err(ConfigError::Invalid {
@@ -272,6 +294,7 @@ impl TryFrom<RawConfig> for Config {
             pin_limit: pin_limit_mib << 20,
             granule: granule_kib << 10,
             max_devices,
+            store_dir,
             log_filter,
         })
     }

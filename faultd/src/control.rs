@@ -15,7 +15,7 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::server::{DeviceLimits, FaultServer, FaultThread};
+use crate::server::{Command, DeviceLimits, FaultServer, FaultThread};
 use crate::session::Session;
 use crate::validate::{validate, Refusal};
 use crate::vcpu::KernelUffd;
@@ -261,7 +261,8 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
                     pin_limit: daemon.config.pin_limit,
                     deadline: daemon.config.device_deadline,
                 },
-            ),
+            )
+            .with_store_dir(daemon.config.store_dir.clone()),
             daemon.config.spin,
         )
     }) {
@@ -357,7 +358,7 @@ async fn session_loop(
                     }
                 };
                 let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
-                if thread.add_device(device).is_err() {
+                if thread.send(Command::AddDevice(device)).is_err() {
                     return refuse(
                         conn,
                         ErrorCode::Internal,
@@ -376,6 +377,58 @@ async fn session_loop(
                     "this connection is registered already".into(),
                 )
                 .await
+            }
+            Ok(Request::Evict { .. }) if !packet.fds.is_empty() => {
+                return refuse(
+                    conn,
+                    ErrorCode::BadFd,
+                    "fds attached to a message that takes none".into(),
+                )
+                .await
+            }
+            Ok(Request::Evict {
+                gpa,
+                len,
+                max_pages,
+            }) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let cmd = Command::Evict {
+                    gpa: s2map::Gpa(gpa),
+                    len,
+                    max: max_pages.unwrap_or(u64::MAX),
+                    reply: tx,
+                };
+                if thread.send(cmd).is_err() {
+                    return refuse(
+                        conn,
+                        ErrorCode::Internal,
+                        "the session's fault service has stopped".into(),
+                    )
+                    .await;
+                }
+                // The thread evicts between faults; wait for it off the reactor.
+                let report = tokio::task::spawn_blocking(move || rx.recv()).await;
+                match report {
+                    Ok(Ok(r)) => {
+                        send(
+                            conn,
+                            &Response::Evicted {
+                                evicted: r.evicted,
+                                zero: r.zero,
+                                failed: r.failed,
+                            },
+                        )
+                        .await
+                    }
+                    _ => {
+                        return refuse(
+                            conn,
+                            ErrorCode::Internal,
+                            "the session's fault service stopped during eviction".into(),
+                        )
+                        .await
+                    }
+                }
             }
             Err(e) => {
                 let (code, m) = decode_error(e);

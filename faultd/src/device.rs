@@ -284,7 +284,7 @@ impl<O: UffdOps> FaultServer<O> {
                 Begin::Present => p += 1,
                 // Only this thread resolves this VM's pages; a resolution in flight means
                 // an earlier one of ours is still pending: come back to it.
-                Begin::Joined => return Some(Outcome::Retry),
+                Begin::Joined | Begin::Evicting => return Some(Outcome::Retry),
                 Begin::Resolve(s2map::Fill::Zero) if small => {
                     let run_end = {
                         let mut map = self.session.map();

@@ -10,6 +10,7 @@ pub mod control;
 pub mod device;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod validate;
 pub mod vcpu;
 

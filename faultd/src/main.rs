@@ -18,6 +18,9 @@ struct Args {
     /// Adaptive polling window in microseconds (overrides fault.spin_us).
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Swap store directory (overrides store.dir).
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
     /// Log filter (overrides log.filter), e.g. "debug".
     #[arg(long)]
     log: Option<String>,
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         socket: args.socket,
         spin_us: args.spin_us,
         log_filter: args.log,
+        store_dir: args.store_dir,
     };
     let config = match faultd::Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -28,6 +28,7 @@ use s2map::{Begin, DeviceIdx, Fill, Granule};
 
 use crate::device::Device;
 use crate::session::{Counters, Hva, Located, Session};
+use crate::store::Store;
 use crate::vcpu::{OpError, UffdEvent, UffdOps};
 
 /// Limits of the device path, from config.
@@ -66,7 +67,68 @@ pub struct FaultServer<O> {
     /// Device-mapped granules, least recently mapped first (evicted first at the pin limit).
     pub(crate) lru: VecDeque<(DeviceIdx, Granule)>,
     pub(crate) limits: DeviceLimits,
-    new_devices: Option<Receiver<Device>>,
+    new_devices: Option<Receiver<Command>>,
+    /// Where evicted pages go; created at the first eviction.
+    store: Option<Store>,
+    store_dir: std::path::PathBuf,
+}
+
+/// Work handed to the session thread by the control plane.
+#[derive(Debug)]
+pub enum Command {
+    /// Attach a device.
+    AddDevice(Device),
+    /// Evict the resident pages of `[gpa, gpa+len)` (at most `max` of them), and report.
+    Evict {
+        /// Start of the range.
+        gpa: s2map::Gpa,
+        /// Bytes.
+        len: u64,
+        /// Most pages to evict.
+        max: u64,
+        /// Where the report goes.
+        reply: std::sync::mpsc::Sender<EvictReport>,
+    },
+}
+
+/// What an eviction request did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictReport {
+    /// Pages evicted (saved and dropped).
+    pub evicted: u64,
+    /// ... of which were all zero (nothing stored).
+    pub zero: u64,
+    /// Pages that could not be evicted (logged and counted as errors).
+    pub failed: u64,
+}
+
+/// Why a page eviction failed. The page stays resident.
+#[derive(Debug, thiserror::Error)]
+pub enum EvictError {
+    /// s2map refused (not resident, device-mapped).
+    #[error(transparent)]
+    State(#[from] s2map::StateError),
+    /// Write-protecting the page in the VMM failed (did it register the range with
+    /// write-protect mode?).
+    #[error("write-protecting the page at {hva:#x}: {source}")]
+    WriteProtect {
+        /// VMM address.
+        hva: u64,
+        #[source]
+        source: OpError,
+    },
+    /// Reading the page from the memfd failed.
+    #[error("reading the page from guest memory")]
+    Read(#[source] io::Error),
+    /// The store refused the page.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Punching the page out of the memfd failed.
+    #[error("dropping the page from guest memory")]
+    Drop(#[source] nix::Error),
+    /// The session has no memory fd for the page (not memfd-backed).
+    #[error("the page has no memory fd")]
+    NoMemory,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -101,7 +163,15 @@ impl<O: UffdOps> FaultServer<O> {
             lru: VecDeque::new(),
             limits,
             new_devices: None,
+            store: None,
+            store_dir: std::path::PathBuf::from("/var/lib/faultd/store"),
         }
+    }
+
+    /// Where this server's store file goes (config `store.dir`).
+    pub fn with_store_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.store_dir = dir;
+        self
     }
 
     /// The uffd, to poll.
@@ -123,10 +193,22 @@ impl<O: UffdOps> FaultServer<O> {
     /// Serves everything pending: one batch of uffd events, EAGAIN retries, and every device
     /// queue. Returns how much work it did (0: nothing was pending).
     pub fn serve_ready(&mut self) -> io::Result<usize> {
-        if let Some(rx) = &self.new_devices {
-            while let Ok(d) = rx.try_recv() {
-                Counters::bump(&self.session.counters.devices);
-                self.devices.push(d);
+        let commands: Vec<Command> = match &self.new_devices {
+            Some(rx) => rx.try_iter().collect(),
+            None => Vec::new(),
+        };
+        for c in commands {
+            match c {
+                Command::AddDevice(d) => self.add_device(d),
+                Command::Evict {
+                    gpa,
+                    len,
+                    max,
+                    reply,
+                } => {
+                    let report = self.evict_range(gpa, len, max);
+                    let _ = reply.send(report);
+                }
             }
         }
         let mut work = self.serve_uffd()?;
@@ -183,6 +265,12 @@ impl<O: UffdOps> FaultServer<O> {
                         .counters
                         .discarded_pages
                         .fetch_add(discarded.resident_pages, Ordering::Relaxed);
+                    if let Some(store) = &mut self.store {
+                        discarded
+                            .freed_slots
+                            .iter()
+                            .for_each(|&slot| store.free(slot));
+                    }
                     for (dev, g) in discarded.dropped_mappings {
                         self.error(format_args!(
                             "{g:?} of device {} was still mapped at discard",
@@ -231,6 +319,9 @@ impl<O: UffdOps> FaultServer<O> {
             Begin::Joined => {
                 // Another source is installing it; the install wakes this thread too.
             }
+            // Evictions finish before this thread reads events, so this is not seen; if it
+            // were, the fault is retried once the eviction is done.
+            Begin::Evicting => self.retries.push(at.hva),
             Begin::Resolve(fill) => match self.install(at, fill) {
                 Ok(()) => self
                     .session
@@ -250,6 +341,24 @@ impl<O: UffdOps> FaultServer<O> {
         let result = match fill {
             Fill::Zero if at.size == 4096 => self.ops.zeropage(at.hva, at.size),
             Fill::Zero => self.ops.copy(&self.zero_buf[..at.size as usize], at.hva),
+            Fill::Store { slot } => {
+                let buf = &mut self.page_buf[..at.size as usize];
+                let read = match &self.store {
+                    Some(store) => store.load(slot, buf).map_err(io::Error::other),
+                    None => Err(io::Error::other("no store")),
+                };
+                match read {
+                    Ok(()) => self.ops.copy(buf, at.hva),
+                    Err(e) => {
+                        self.abort(at);
+                        self.error(format_args!(
+                            "reading store slot {slot} for {:#x}: {e}",
+                            at.hva.0
+                        ));
+                        return Err(InstallFail::Failed);
+                    }
+                }
+            }
             Fill::File { offset } => {
                 let buf = &mut self.page_buf[..at.size as usize];
                 let read = match self.session.snapshot() {
@@ -276,8 +385,14 @@ impl<O: UffdOps> FaultServer<O> {
                     (Err(_), _) => &counters.already_present,
                     (Ok(()), Fill::Zero) => &counters.zero_fills,
                     (Ok(()), Fill::File { .. }) => &counters.file_fills,
+                    (Ok(()), Fill::Store { .. }) => &counters.store_fills,
                 });
                 let completed = self.session.map().complete(at.page);
+                if let (Ok(c), Some(store)) = (&completed, &mut self.store) {
+                    if let Some(slot) = c.freed_slot {
+                        store.free(slot);
+                    }
+                }
                 match completed {
                     Ok(c) if c.resident => Ok(()),
                     Ok(_) => Err(InstallFail::Stale),
@@ -298,6 +413,138 @@ impl<O: UffdOps> FaultServer<O> {
                 Err(InstallFail::Failed)
             }
         }
+    }
+
+    /// Evicts up to `max` resident pages touching `[gpa, gpa+len)`.
+    pub fn evict_range(&mut self, gpa: s2map::Gpa, len: u64, max: u64) -> EvictReport {
+        let mut report = EvictReport::default();
+        let pages = self.session.resident_pages_in(gpa, len);
+        for page in pages.into_iter().take(max as usize) {
+            match self.evict_page(page) {
+                Ok(stored) => {
+                    report.evicted += 1;
+                    report.zero += u64::from(!stored);
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    self.error(format_args!("evicting {page}: {e}"));
+                }
+            }
+        }
+        report
+    }
+
+    /// Evicts one resident page; returns whether its contents went to the store (false: they
+    /// were all zero, nothing stored).
+    ///
+    /// The order is the point (it was run on this kernel and loses nothing; see
+    /// ../shared/reference/userfaultfd-shmem.md):
+    /// 1. Device mappings go first: once the IOMMU unmap returns, no DMA can write the page
+    ///    (a device's next access faults and is served after the eviction).
+    /// 2. s2map marks it Evicting (refused while a device still maps it).
+    /// 3. Write-protect it in the VMM: from now on a vCPU (through KVM's MMU notifier) or VMM
+    ///    write blocks in a WP fault instead of landing in a page that is being saved.
+    /// 4. Save it: pread on the memfd, never through a mapping (touching faultd's own mapping
+    ///    of an absent page would create a zero page and lose data); all-zero pages are not
+    ///    stored.
+    /// 5. Drop it: punch the hole in the memfd, so every mapping loses the page.
+    /// 6. s2map: Absent, filled from the slot (or zeros) by the next fault.
+    /// 7. Clear write-protect: blocked writers wake, re-fault as MISSING on the absent page,
+    ///    are served from the store (by this thread, after this function returns), and their
+    ///    writes land on top of the saved contents.
+    pub fn evict_page(&mut self, page: s2map::PageRef) -> Result<bool, EvictError> {
+        let at = self.session.located(page);
+        let gpa = self
+            .session
+            .layout()
+            .region(page.region)
+            .page_gpa(page.page);
+        // 1.
+        self.unmap_devices_in(gpa, at.size);
+        // 2.
+        self.session.map().begin_evict(page)?;
+        // 3.
+        if let Err(source) = self.ops.write_protect(at.hva, at.size) {
+            let _ = self.session.map().cancel_evict(page);
+            return Err(EvictError::WriteProtect {
+                hva: at.hva.0,
+                source,
+            });
+        }
+        let saved = self.save_and_drop(page, at.size);
+        // 6.
+        let slot = match saved {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = self.session.map().cancel_evict(page);
+                let _ = self.ops.unprotect(at.hva, at.size);
+                return Err(e);
+            }
+        };
+        let finished = self.session.map().finish_evict(page, slot);
+        if let (Ok(Some(freed)), Some(store)) = (&finished, &mut self.store) {
+            store.free(*freed);
+        }
+        // 7.
+        if let Err(e) = self.ops.unprotect(at.hva, at.size) {
+            // The page is gone and stored; writers stay blocked until the VMM's next
+            // write-protect change. Say so loudly.
+            self.error(format_args!(
+                "clearing write-protect at {:#x}: {e}",
+                at.hva.0
+            ));
+        }
+        Counters::bump(&self.session.counters.evictions);
+        finished?;
+        Ok(slot.is_some())
+    }
+
+    /// Steps 4 and 5 of [`FaultServer::evict_page`]: returns the slot (None: all zero).
+    fn save_and_drop(
+        &mut self,
+        page: s2map::PageRef,
+        size: u64,
+    ) -> Result<Option<u32>, EvictError> {
+        let (fd, off) = self
+            .session
+            .mem_location(page)
+            .ok_or(EvictError::NoMemory)?;
+        let buf = &mut self.page_buf[..size as usize];
+        // 4.
+        nix::sys::uio::pread(fd, buf, off as i64)
+            .map_err(|e| EvictError::Read(e.into()))
+            .and_then(|n| {
+                if n == buf.len() {
+                    Ok(())
+                } else {
+                    Err(EvictError::Read(io::Error::other("short read")))
+                }
+            })?;
+        let slot = if buf.iter().all(|&b| b == 0) {
+            None
+        } else {
+            if self.store.is_none() {
+                let name = format!("session-{}-{}", self.session.id(), self.session.vm());
+                self.store = Some(Store::create(&self.store_dir, &name, size)?);
+            }
+            let store = self.store.as_mut().expect("created above");
+            Some(store.save(buf)?)
+        };
+        // 5.
+        let punched = nix::fcntl::fallocate(
+            fd,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            size as i64,
+        );
+        if let Err(e) = punched {
+            if let (Some(slot), Some(store)) = (slot, &mut self.store) {
+                store.free(slot);
+            }
+            return Err(EvictError::Drop(e));
+        }
+        Ok(slot)
     }
 
     fn abort(&self, at: Located) {
@@ -323,7 +570,7 @@ impl<O: UffdOps> FaultServer<O> {
 #[derive(Debug)]
 pub struct FaultThread {
     ctl: Arc<Control>,
-    devices: Sender<Device>,
+    commands: Sender<Command>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -354,14 +601,14 @@ impl FaultThread {
             .spawn(move || run(server, spin, &c))?;
         Ok(FaultThread {
             ctl,
-            devices: tx,
+            commands: tx,
             handle: Some(handle),
         })
     }
 
-    /// Hands a device to the thread; it is served from the thread's next wake-up.
-    pub fn add_device(&self, device: Device) -> Result<(), Device> {
-        self.devices.send(device).map_err(|e| e.0)?;
+    /// Hands a command to the thread; it runs at the thread's next wake-up, between faults.
+    pub fn send(&self, command: Command) -> Result<(), Command> {
+        self.commands.send(command).map_err(|e| e.0)?;
         let _ = self.ctl.event.write(1);
         Ok(())
     }

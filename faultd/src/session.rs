@@ -109,6 +109,10 @@ pub struct Counters {
     pub zero_fills: AtomicU64,
     /// Faults resolved from the snapshot.
     pub file_fills: AtomicU64,
+    /// Faults resolved from the swap store.
+    pub store_fills: AtomicU64,
+    /// Pages evicted.
+    pub evictions: AtomicU64,
     /// Faults on pages found present.
     pub already_present: AtomicU64,
     /// EAGAIN retries.
@@ -370,6 +374,38 @@ impl Session {
         }
     }
 
+    /// The memory fd and offset holding `page`.
+    pub fn mem_location(&self, page: PageRef) -> Option<(BorrowedFd<'_>, u64)> {
+        let ri = page.region.0 as usize;
+        let size = self.layout.regions()[ri].page_size().bytes();
+        let r = &self.regions[ri];
+        Some((r.mem.as_fd(), r.mem_offset + page.page.0 * size))
+    }
+
+    /// Resident pages touching `[gpa, gpa+len)`, in gpa order.
+    pub fn resident_pages_in(&self, gpa: Gpa, len: u64) -> Vec<PageRef> {
+        let map = self.map();
+        let end = gpa.0.saturating_add(len);
+        let mut out = Vec::new();
+        for (ri, r) in self.layout.regions().iter().enumerate() {
+            let (lo, hi) = (gpa.0.max(r.gpa().0), end.min(r.end().0));
+            if lo >= hi {
+                continue;
+            }
+            let ps = r.page_size().bytes();
+            for p in (lo - r.gpa().0) / ps..(hi - r.gpa().0).div_ceil(ps) {
+                let page = PageRef {
+                    region: s2map::RegionIdx(ri as u32),
+                    page: s2map::PageIdx(p),
+                };
+                if map.state(page) == s2map::PageState::Resident {
+                    out.push(page);
+                }
+            }
+        }
+        out
+    }
+
     /// Bytes in granule `g`.
     pub fn granule_bytes(&self, g: Granule) -> u64 {
         g.pages * self.layout.region(g.first.region).page_size().bytes()
@@ -408,9 +444,14 @@ impl Session {
 
     /// A snapshot of the counters for the control protocol.
     pub fn stats(&self) -> SessionStats {
-        let (guest_bytes, resident_bytes) = {
+        let (guest_bytes, resident_bytes, stored_pages) = {
             let map = self.map();
-            (map.layout().total_bytes(), map.stats().resident_bytes)
+            let st = map.stats();
+            (
+                map.layout().total_bytes(),
+                st.resident_bytes,
+                st.stored_pages,
+            )
         };
         let latency_us = summary(&self.latency);
         let c = &self.counters;
@@ -442,6 +483,9 @@ impl Session {
             vcpu_faults: get(&c.vcpu_faults),
             zero_fills: get(&c.zero_fills),
             file_fills: get(&c.file_fills),
+            store_fills: get(&c.store_fills),
+            evictions: get(&c.evictions),
+            stored_pages,
             already_present: get(&c.already_present),
             retries: get(&c.retries),
             discarded_pages: get(&c.discarded_pages),

@@ -96,6 +96,10 @@ pub trait UffdOps {
     fn copy(&self, src: &[u8], at: Hva) -> Result<(), OpError>;
     /// Wakes threads blocked on `[at, at+len)` without installing anything.
     fn wake(&self, at: Hva, len: u64) -> Result<(), OpError>;
+    /// Write-protects `[at, at+len)` in the VMM: writers block (a WP fault) until unprotected.
+    fn write_protect(&self, at: Hva, len: u64) -> Result<(), OpError>;
+    /// Removes write protection of `[at, at+len)` and wakes the writers blocked on it.
+    fn unprotect(&self, at: Hva, len: u64) -> Result<(), OpError>;
     /// The fd to poll for readiness.
     fn fd(&self) -> BorrowedFd<'_>;
 }
@@ -201,6 +205,18 @@ impl UffdOps for KernelUffd {
 
     fn wake(&self, at: Hva, len: u64) -> Result<(), OpError> {
         self.uffd.wake(at.0 as *mut _, len as usize).map_err(lift)
+    }
+
+    fn write_protect(&self, at: Hva, len: u64) -> Result<(), OpError> {
+        self.uffd
+            .write_protect(at.0 as *mut _, len as usize)
+            .map_err(lift)
+    }
+
+    fn unprotect(&self, at: Hva, len: u64) -> Result<(), OpError> {
+        self.uffd
+            .remove_write_protection(at.0 as *mut _, len as usize, true)
+            .map_err(lift)
     }
 
     fn fd(&self) -> BorrowedFd<'_> {

@@ -47,6 +47,8 @@ impl Faultd {
         let child = Command::new(faultd_bin())
             .arg("--socket")
             .arg(&socket)
+            .arg("--store-dir")
+            .arg(dir.path().join("store"))
             .arg("--log")
             .arg("info")
             .args(extra)

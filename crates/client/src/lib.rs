@@ -206,14 +206,20 @@ impl GuestRam {
         })
     }
 
-    /// Registers the whole mapping with `uffd` in MISSING mode.
+    /// Registers the whole mapping with `uffd` in MISSING and write-protect modes (faultd
+    /// write-protects a page while it evicts it, so no write is lost).
     pub fn register(&self, uffd: &Uffd) -> Result<(), ClientError> {
-        uffd.register(self.host.as_ptr().cast(), self.size as usize)
-            .map_err(|source| ClientError::RegisterUffd {
-                addr: self.host_addr(),
-                size: self.size,
-                source,
-            })?;
+        use userfaultfd::RegisterMode;
+        uffd.register_with_mode(
+            self.host.as_ptr().cast(),
+            self.size as usize,
+            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+        )
+        .map_err(|source| ClientError::RegisterUffd {
+            addr: self.host_addr(),
+            size: self.size,
+            source,
+        })?;
         Ok(())
     }
 
@@ -260,7 +266,7 @@ impl Drop for GuestRam {
 
 /// Creates a userfaultfd the way faultd expects: non-blocking, close-on-exec, kernel-mode
 /// faults included (so KVM's own accesses to guest RAM fault into it), REMOVE events (so faultd
-/// learns of pages the VMM discards).
+/// learns of pages the VMM discards), and write-protect on shared memory (for eviction).
 ///
 /// Not UNMAP: with EVENT_UNMAP, `munmap` of registered RAM blocks until the event is read, so a
 /// VMM tearing down after its session ended would hang; and for shared memfd RAM an unmap
@@ -271,7 +277,9 @@ pub fn create_uffd() -> Result<Uffd, ClientError> {
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
-        .require_features(FeatureFlags::EVENT_REMOVE)
+        // WP on shmem/hugetlbfs (UFFD_FEATURE_WP_HUGETLBFS_SHMEM, bit 12, which the crate does
+        // not name): faultd write-protects pages it evicts.
+        .require_features(FeatureFlags::EVENT_REMOVE | FeatureFlags::from_bits_retain(1 << 12))
         .create()
         .map_err(ClientError::CreateUffd)
 }
@@ -452,6 +460,30 @@ impl Session {
         self.raw.send(&faultd_proto::encode(&req)?, &fds)?;
         match self.raw.recv_response()? {
             Response::DeviceAdded { granule, .. } => Ok(granule),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// Asks faultd to evict resident pages of `[gpa, gpa+len)` (at most `max_pages`) to its
+    /// store. Returns (evicted, of which all-zero, failed).
+    pub fn evict(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        max_pages: Option<u64>,
+    ) -> Result<(u64, u64, u64), ClientError> {
+        let req = Request::Evict {
+            gpa,
+            len,
+            max_pages,
+        };
+        self.raw.send(&faultd_proto::encode(&req)?, &[])?;
+        match self.raw.recv_response()? {
+            Response::Evicted {
+                evicted,
+                zero,
+                failed,
+            } => Ok((evicted, zero, failed)),
             other => Err(refusal(other)),
         }
     }

@@ -48,6 +48,16 @@ pub enum Request {
     Stats {},
     /// Attaches a device whose page faults faultd serves (after `register`), with its fds.
     AddDevice(AddDevice),
+    /// Evicts resident pages of `[gpa, gpa+len)` to faultd's store (at most `max_pages`).
+    Evict {
+        /// Start (guest physical).
+        gpa: u64,
+        /// Bytes.
+        len: u64,
+        /// Most pages to evict; all resident pages in the range when absent.
+        #[serde(default)]
+        max_pages: Option<u64>,
+    },
 }
 
 /// A device of the registered VM: where its page requests arrive and which IOMMU faultd maps
@@ -168,6 +178,15 @@ pub enum Response {
     },
     /// The session's counters.
     Stats(Box<SessionStats>),
+    /// An `evict` request's result.
+    Evicted {
+        /// Pages evicted.
+        evicted: u64,
+        /// ... of which were all zero (nothing stored).
+        zero: u64,
+        /// Pages that could not be evicted (see faultd's log).
+        failed: u64,
+    },
     /// The device was attached; its page requests are served from now on.
     DeviceAdded {
         /// The device id.
@@ -200,6 +219,15 @@ pub struct SessionStats {
     pub zero_fills: u64,
     /// Faults resolved from the snapshot file.
     pub file_fills: u64,
+    /// Faults resolved from faultd's swap store.
+    #[serde(default)]
+    pub store_fills: u64,
+    /// Pages evicted.
+    #[serde(default)]
+    pub evictions: u64,
+    /// Pages whose contents are in the store now.
+    #[serde(default)]
+    pub stored_pages: u64,
     /// Faults on pages already present (a duplicate event, or a page someone else installed).
     pub already_present: u64,
     /// Resolutions retried because the kernel said EAGAIN (an unread layout event).

@@ -416,6 +416,9 @@ pub enum PageState {
     Resolving = 1,
     /// Installed: faults on it are answered at once.
     Resident = 2,
+    /// Being evicted: write-protected, its contents being saved, about to be dropped. Faults
+    /// on it join (they are served from the store once the eviction finishes).
+    Evicting = 3,
 }
 
 impl fmt::Display for PageState {
@@ -424,6 +427,7 @@ impl fmt::Display for PageState {
             PageState::Absent => "absent",
             PageState::Resolving => "resolving",
             PageState::Resident => "resident",
+            PageState::Evicting => "evicting",
         })
     }
 }
@@ -437,12 +441,13 @@ const FLAG_DEVICE_MAPPED: u8 = 0b0100_0000;
 /// The page was discarded: its content is zero, whatever the backing says. Sticky, so that a
 /// discarded page never resurrects stale snapshot bytes.
 const FLAG_ZEROED: u8 = 0b1000_0000;
-const STATE_COUNT: usize = 3;
+const STATE_COUNT: usize = 4;
 
 fn decode(byte: u8) -> PageState {
     match byte & STATE_MASK {
         1 => PageState::Resolving,
         2 => PageState::Resident,
+        3 => PageState::Evicting,
         // Only `set_state` writes the code, and only with the values above and 0.
         _ => PageState::Absent,
     }
@@ -456,6 +461,10 @@ pub enum Fill {
     File {
         offset: u64,
     },
+    /// A slot of the daemon's swap store, where an eviction saved the page.
+    Store {
+        slot: u32,
+    },
 }
 
 /// What the caller must do about a fault.
@@ -467,6 +476,9 @@ pub enum Begin {
     Joined,
     /// The page is resident; answer at once. The waiter was not queued.
     Present,
+    /// The page is being evicted; the waiter was not queued. Retry once the eviction is done
+    /// (the page is then absent and resolves from the store).
+    Evicting,
 }
 
 /// The end of a successful resolution.
@@ -477,6 +489,8 @@ pub struct Completion<W> {
     /// False if the page was discarded mid-resolution: it is absent again, and the waiters must
     /// retry (their re-fault resolves with zero fill; an "already present" answer settles it).
     pub resident: bool,
+    /// The store slot the page was installed from, now free for reuse.
+    pub freed_slot: Option<u32>,
 }
 
 /// Counters kept up to date on every transition (O(1) to read).
@@ -495,6 +509,10 @@ pub struct Stats {
     pub device_mapped_bytes: u64,
     /// Granules some device has mapped.
     pub device_granules: u64,
+    /// Pages whose contents are in the store.
+    pub stored_pages: u64,
+    /// Pages being evicted.
+    pub evicting_pages: u64,
 }
 
 /// A refused page transition.
@@ -520,6 +538,12 @@ pub enum StateError {
     GranuleNotMapped { first: PageRef, device: u8 },
     #[error("device index {0} is out of range (at most {MAX_DEVICES} devices per VM)")]
     BadDevice(u8),
+    #[error("evicting {page}: page is {state}, not resident")]
+    EvictNotResident { page: PageRef, state: PageState },
+    #[error("evicting {page}: a device has it mapped; unmap the granule first")]
+    EvictDeviceMapped { page: PageRef },
+    #[error("finishing the eviction of {page}: page is {state}, not evicting")]
+    FinishNotEvicting { page: PageRef, state: PageState },
 }
 
 /// Most devices one VM may have mapping its memory (one bit each in a granule's device mask).
@@ -557,6 +581,8 @@ pub struct Discarded {
     /// unmapped them first: the caller must now unmap these in the IOMMU. Empty for a caller
     /// that unmaps `device_granules_in` the range before discarding.
     pub dropped_mappings: Vec<(DeviceIdx, Granule)>,
+    /// Store slots of discarded evicted pages, now free.
+    pub freed_slots: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -582,6 +608,11 @@ pub struct S2Map<W> {
     /// each. Bounded by the pin limit the daemon enforces, so a map and not a per-page array.
     granules: HashMap<(RegionIdx, u64), (u64, u32)>,
     device_mapped_bytes: u64,
+    /// Evicted pages whose contents are in a store slot. Only evicted pages: bounded by what
+    /// the budget pushed out, so a map rather than a per-page array.
+    stored: HashMap<PageRef, u32>,
+    /// Evicting pages the VMM discarded meanwhile.
+    evict_discarded: std::collections::HashSet<PageRef>,
 }
 
 impl<W> S2Map<W> {
@@ -603,6 +634,8 @@ impl<W> S2Map<W> {
             waiters: 0,
             granules: HashMap::new(),
             device_mapped_bytes: 0,
+            stored: HashMap::new(),
+            evict_discarded: std::collections::HashSet::new(),
         }
     }
 
@@ -617,6 +650,9 @@ impl<W> S2Map<W> {
     }
 
     pub fn fill_for(&self, page: PageRef) -> Fill {
+        if let Some(&slot) = self.stored.get(&page) {
+            return Fill::Store { slot };
+        }
         let zeroed = self.byte(page) & FLAG_ZEROED != 0;
         let region = self.layout.region(page.region);
         match region.backing() {
@@ -654,6 +690,7 @@ impl<W> S2Map<W> {
                 }
                 Begin::Joined
             }
+            PageState::Evicting => Begin::Evicting,
             PageState::Resident => Begin::Present,
         }
     }
@@ -668,6 +705,12 @@ impl<W> S2Map<W> {
             });
         };
         let resident = !entry.stale;
+        // Installed from the store (or over it): the stored copy is now stale.
+        let freed_slot = if resident {
+            self.stored.remove(&page)
+        } else {
+            None
+        };
         self.set_state(
             page,
             if resident {
@@ -680,6 +723,7 @@ impl<W> S2Map<W> {
         Ok(Completion {
             waiters: entry.waiters,
             resident,
+            freed_slot,
         })
     }
 
@@ -724,6 +768,7 @@ impl<W> S2Map<W> {
         }
         for page in self.pages_in(gpa, len) {
             self.pages[page.region.0 as usize][page.page.0 as usize] |= FLAG_ZEROED;
+            out.freed_slots.extend(self.stored.remove(&page));
             match self.state(page) {
                 PageState::Resident => {
                     self.set_state(page, PageState::Absent);
@@ -733,6 +778,11 @@ impl<W> S2Map<W> {
                     if let Some(entry) = self.in_flight.get_mut(&page) {
                         entry.stale = true;
                     }
+                }
+                // Discarded mid-eviction: the saved copy must not come back (finish_evict
+                // hands its slot back instead of keeping it).
+                PageState::Evicting => {
+                    self.evict_discarded.insert(page);
                 }
                 PageState::Absent => {}
             }
@@ -763,6 +813,67 @@ impl<W> S2Map<W> {
             i += 1;
         }
         out
+    }
+
+    /// Starts evicting resident `page`: Resident -> Evicting. Refused while a device maps it:
+    /// the IOMMU mapping must go first, so no DMA can write the page while it is saved.
+    pub fn begin_evict(&mut self, page: PageRef) -> Result<(), StateError> {
+        let state = self.state(page);
+        if state != PageState::Resident {
+            return Err(StateError::EvictNotResident { page, state });
+        }
+        if self.is_device_mapped(page) {
+            return Err(StateError::EvictDeviceMapped { page });
+        }
+        self.set_state(page, PageState::Evicting);
+        Ok(())
+    }
+
+    /// The eviction of `page` is done: its contents were saved to `slot` (None: they were all
+    /// zero, nothing saved) and it was dropped. Evicting -> Absent; the next fault fills it
+    /// from the slot (or with zeros). Returns a slot the caller must free: `slot` itself if the
+    /// VMM discarded the page meanwhile (its contents are zero now, not the saved ones).
+    pub fn finish_evict(
+        &mut self,
+        page: PageRef,
+        slot: Option<u32>,
+    ) -> Result<Option<u32>, StateError> {
+        let state = self.state(page);
+        if state != PageState::Evicting {
+            return Err(StateError::FinishNotEvicting { page, state });
+        }
+        let discarded = self.evict_discarded.remove(&page);
+        let freed = match slot {
+            Some(slot) if !discarded => {
+                self.stored.insert(page, slot);
+                None
+            }
+            Some(slot) => Some(slot),
+            None => {
+                self.pages[page.region.0 as usize][page.page.0 as usize] |= FLAG_ZEROED;
+                None
+            }
+        };
+        self.set_state(page, PageState::Absent);
+        Ok(freed)
+    }
+
+    /// The eviction of `page` failed before it was dropped: Evicting -> Resident.
+    pub fn cancel_evict(&mut self, page: PageRef) -> Result<(), StateError> {
+        let state = self.state(page);
+        if state != PageState::Evicting {
+            return Err(StateError::FinishNotEvicting { page, state });
+        }
+        let discarded = self.evict_discarded.remove(&page);
+        self.set_state(
+            page,
+            if discarded {
+                PageState::Absent
+            } else {
+                PageState::Resident
+            },
+        );
+        Ok(())
     }
 
     /// The granule of `granule_bytes` containing `page`. Errors if `granule_bytes` is not a
@@ -961,6 +1072,8 @@ impl<W> S2Map<W> {
             waiters: self.waiters,
             device_mapped_bytes: self.device_mapped_bytes,
             device_granules: self.granules.len() as u64,
+            stored_pages: self.stored.len() as u64,
+            evicting_pages: count(PageState::Evicting),
         }
     }
 

@@ -249,7 +249,8 @@ fn three_faults_on_one_page_resolve_once_and_complete_releases_all_waiters() {
         map.complete(p).unwrap(),
         Completion {
             waiters: vec![1, 3],
-            resident: true
+            resident: true,
+            freed_slot: None,
         }
     );
     assert_eq!(map.begin_fault(p, Some(4)), Begin::Present);
@@ -329,7 +330,8 @@ fn discard_during_resolution_makes_complete_non_resident_and_refault_zero_fill()
         map.complete(p).unwrap(),
         Completion {
             waiters: vec![1],
-            resident: false
+            resident: false,
+            freed_slot: None,
         }
     );
     assert_eq!(map.state(p), PageState::Absent);
@@ -503,6 +505,76 @@ fn granules_must_fit_their_region_and_be_powers_of_two() {
 }
 
 #[test]
+fn evicted_page_refills_from_its_slot_once_and_frees_it() {
+    let mut map = resident_map(4);
+    let p = page(0, 2);
+
+    map.begin_evict(p).unwrap();
+    assert_eq!(map.state(p), PageState::Evicting);
+    assert_eq!(map.begin_fault(p, Some(1)), Begin::Evicting);
+    assert_eq!(map.finish_evict(p, Some(17)), Ok(None));
+
+    assert_eq!(map.state(p), PageState::Absent);
+    assert_eq!(map.stats().stored_pages, 1);
+    assert_eq!(
+        map.begin_fault(p, None),
+        Begin::Resolve(Fill::Store { slot: 17 })
+    );
+    let done = map.complete(p).unwrap();
+    assert_eq!(done.freed_slot, Some(17));
+    assert_eq!(map.stats().stored_pages, 0);
+    assert_eq!(map.fill_for(p), Fill::Zero);
+}
+
+#[test]
+fn all_zero_evicted_page_refills_with_zeros_without_a_slot() {
+    let mut map = resident_map(1);
+    map.begin_evict(page(0, 0)).unwrap();
+    map.finish_evict(page(0, 0), None).unwrap();
+    assert_eq!(
+        map.begin_fault(page(0, 0), None),
+        Begin::Resolve(Fill::Zero)
+    );
+}
+
+#[test]
+fn a_device_mapped_page_cannot_be_evicted_until_unmapped() {
+    let mut map = resident_map(4);
+    let g = map.granule_of(page(0, 1), 2 * K4).unwrap();
+    map.map_granule(DeviceIdx(0), g).unwrap();
+
+    assert_eq!(
+        map.begin_evict(page(0, 1)),
+        Err(StateError::EvictDeviceMapped { page: page(0, 1) })
+    );
+    map.unmap_granule(DeviceIdx(0), g).unwrap();
+    assert_eq!(map.begin_evict(page(0, 1)), Ok(()));
+}
+
+#[test]
+fn discard_during_eviction_drops_the_saved_copy() {
+    let mut map = resident_map(2);
+    map.begin_evict(page(0, 0)).unwrap();
+
+    map.discard(Gpa(0), K4);
+
+    assert_eq!(map.finish_evict(page(0, 0), Some(5)), Ok(Some(5)));
+    assert_eq!(map.fill_for(page(0, 0)), Fill::Zero);
+}
+
+#[test]
+fn discard_of_an_evicted_page_frees_its_slot() {
+    let mut map = resident_map(2);
+    map.begin_evict(page(0, 1)).unwrap();
+    map.finish_evict(page(0, 1), Some(9)).unwrap();
+
+    let d = map.discard(Gpa(K4), K4);
+
+    assert_eq!(d.freed_slots, vec![9]);
+    assert_eq!(map.fill_for(page(0, 1)), Fill::Zero);
+}
+
+#[test]
 fn device_index_beyond_the_limit_is_refused() {
     let mut map = resident_map(1);
     let g = map.granule_of(page(0, 0), K4).unwrap();
@@ -521,6 +593,8 @@ enum Op {
     Discard { pick: usize, offset: u64, len: u64 },
     Lookup { pick: usize, delta: i64 },
     Map { pick: usize, dev: u8, shift: u8 },
+    BeginEvict(usize),
+    FinishEvict { pick: usize, slot: Option<u32> },
     Unmap { pick: usize, dev: u8, shift: u8 },
 }
 
@@ -536,6 +610,8 @@ fn arb_op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, offset, len)| Op::Discard { pick, offset, len }),
         1 => (p, delta).prop_map(|(pick, delta)| Op::Lookup { pick, delta }),
         2 => (p, 0..3u8, 0..3u8).prop_map(|(pick, dev, shift)| Op::Map { pick, dev, shift }),
+        1 => p.prop_map(Op::BeginEvict),
+        1 => (p, prop::option::of(0..1000u32)).prop_map(|(pick, slot)| Op::FinishEvict { pick, slot }),
         1 => (p, 0..3u8, 0..3u8).prop_map(|(pick, dev, shift)| Op::Unmap { pick, dev, shift }),
     ]
 }
@@ -543,6 +619,10 @@ fn arb_op() -> impl Strategy<Value = Op> {
 #[derive(Debug)]
 struct ModelPage {
     state: PageState,
+    /// Store slot of an evicted page.
+    slot: Option<u32>,
+    /// Discarded while being evicted.
+    evict_discarded: bool,
     zeroed: bool,
     stale: bool,
     waiters: Vec<u64>,
@@ -565,6 +645,8 @@ impl Model {
             for p in 0..s.size / s.page_size.bytes() {
                 let m = ModelPage {
                     state: PageState::Absent,
+                    slot: None,
+                    evict_discarded: false,
                     zeroed: false,
                     stale: false,
                     waiters: vec![],
@@ -593,6 +675,9 @@ impl Model {
     }
 
     fn fill(&self, p: PageRef) -> Fill {
+        if let Some(slot) = self.pages[&p].slot {
+            return Fill::Store { slot };
+        }
         let s = &self.regions[p.region.0 as usize];
         match s.backing {
             Backing::File { offset } if !self.pages[&p].zeroed => Fill::File {
@@ -620,7 +705,9 @@ impl Model {
                     recount.resident_pages += 1;
                     recount.resident_bytes += self.range(p).1 - self.range(p).0;
                 }
+                PageState::Evicting => recount.evicting_pages += 1,
             }
+            recount.stored_pages += u64::from(m.slot.is_some());
         }
         for (&(r, first, n), devs) in &self.mapped {
             recount.device_granules += 1;
@@ -686,6 +773,10 @@ fn run_against_model(
                         released.extend(w); // never queued
                         Begin::Present
                     }
+                    PageState::Evicting => {
+                        released.extend(w); // never queued
+                        Begin::Evicting
+                    }
                 };
                 prop_assert_eq!(map.begin_fault(p, w), expected);
             }
@@ -707,6 +798,7 @@ fn run_against_model(
                 } else {
                     let waiters = std::mem::take(&mut m.waiters);
                     let resident = is_complete && !m.stale;
+                    let freed_slot = if resident { m.slot.take() } else { None };
                     m.state = if resident {
                         PageState::Resident
                     } else {
@@ -717,7 +809,8 @@ fn run_against_model(
                             map.complete(p).unwrap(),
                             Completion {
                                 waiters: waiters.clone(),
-                                resident
+                                resident,
+                                freed_slot,
                             }
                         );
                     } else {
@@ -738,6 +831,7 @@ fn run_against_model(
                 let start = model.range(keys[pick % keys.len()]).0.saturating_sub(K4) + offset;
                 let end = start.saturating_add(len);
                 let mut was_resident = 0;
+                let mut freed = Vec::new();
                 let mut dropped = Vec::new();
                 let mapped = std::mem::take(&mut model.mapped);
                 for ((r, first, n), devs) in mapped {
@@ -760,17 +854,23 @@ fn run_against_model(
                     }
                     let m = model.pages.get_mut(&p).unwrap();
                     m.zeroed = true;
+                    freed.extend(m.slot.take());
                     match m.state {
                         PageState::Resident => {
                             m.state = PageState::Absent;
                             was_resident += 1;
                         }
                         PageState::Resolving => m.stale = true,
+                        PageState::Evicting => m.evict_discarded = true,
                         PageState::Absent => {}
                     }
                 }
                 let got = map.discard(Gpa(start), len);
                 prop_assert_eq!(got.resident_pages, was_resident);
+                let mut got_freed = got.freed_slots;
+                got_freed.sort_unstable();
+                freed.sort_unstable();
+                prop_assert_eq!(got_freed, freed);
                 let mut got_dropped = got.dropped_mappings;
                 got_dropped.sort_unstable();
                 dropped.sort_unstable();
@@ -836,6 +936,44 @@ fn run_against_model(
                     } else {
                         prop_assert!(got.is_err());
                     }
+                }
+            }
+            Op::BeginEvict(pick) => {
+                let p = keys[pick % keys.len()];
+                let m = &model.pages[&p];
+                let mapped = model
+                    .mapped
+                    .keys()
+                    .any(|&(r, f, n)| r == p.region.0 && (f..f + n).contains(&p.page.0));
+                let got = map.begin_evict(p);
+                if m.state == PageState::Resident && !mapped {
+                    prop_assert_eq!(got, Ok(()));
+                    model.pages.get_mut(&p).unwrap().state = PageState::Evicting;
+                } else {
+                    prop_assert!(got.is_err());
+                }
+            }
+            Op::FinishEvict { pick, slot } => {
+                let p = keys[pick % keys.len()];
+                let m = model.pages.get_mut(&p).unwrap();
+                let got = map.finish_evict(p, slot);
+                if m.state != PageState::Evicting {
+                    prop_assert!(got.is_err());
+                } else {
+                    let discarded = std::mem::take(&mut m.evict_discarded);
+                    m.state = PageState::Absent;
+                    let freed = match slot {
+                        Some(s) if !discarded => {
+                            m.slot = Some(s);
+                            None
+                        }
+                        Some(s) => Some(s),
+                        None => {
+                            m.zeroed = true;
+                            None
+                        }
+                    };
+                    prop_assert_eq!(got, Ok(freed));
                 }
             }
             Op::Lookup { pick, delta } => {

@@ -29,6 +29,8 @@ struct FakeUffd {
     installs: RefCell<u32>,
     /// Installs still to fail with EAGAIN (as if a layout event were pending).
     force_retry: RefCell<u32>,
+    /// Write-protect calls, in order.
+    log_wp: RefCell<Vec<String>>,
     fd: EventFd,
 }
 
@@ -41,6 +43,7 @@ impl FakeUffd {
             wakes: RefCell::default(),
             installs: RefCell::new(0),
             force_retry: RefCell::new(0),
+            log_wp: RefCell::default(),
             fd: EventFd::new().unwrap(),
         }
     }
@@ -128,6 +131,16 @@ impl UffdOps for FakeUffd {
 
     fn wake(&self, at: Hva, _len: u64) -> Result<(), OpError> {
         self.wakes.borrow_mut().push(at.0);
+        Ok(())
+    }
+
+    fn write_protect(&self, at: Hva, _len: u64) -> Result<(), OpError> {
+        self.log_wp.borrow_mut().push(format!("wp {:#x}", at.0));
+        Ok(())
+    }
+
+    fn unprotect(&self, at: Hva, _len: u64) -> Result<(), OpError> {
+        self.log_wp.borrow_mut().push(format!("unwp {:#x}", at.0));
         Ok(())
     }
 
