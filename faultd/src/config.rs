@@ -59,9 +59,20 @@ struct RawConfig {
     #[serde(default)]
     device: RawDevice,
     #[serde(default)]
+    budget: RawBudget,
+    #[serde(default)]
     store: RawStore,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    session_mib: Option<u64>,
+    global_mib: Option<u64>,
+    high_pct: Option<u64>,
+    low_pct: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,10 +129,25 @@ pub struct Config {
     pub granule: u64,
     /// Devices per VM.
     pub max_devices: usize,
+    /// Resident budgets.
+    pub budget: Budget,
     /// Directory of the swap store files.
     pub store_dir: PathBuf,
     /// tracing filter.
     pub log_filter: String,
+}
+
+/// Resident-memory budgets (bytes; 0: none) and their watermarks (percent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Per VM.
+    pub session: u64,
+    /// All VMs together.
+    pub global: u64,
+    /// Eviction starts above this share of a budget.
+    pub high_pct: u64,
+    /// ... and stops below this one.
+    pub low_pct: u64,
 }
 
 /// Command-line overrides; `None` keeps the configured value.
@@ -182,6 +208,10 @@ impl RawConfig {
         self.device.granule_kib = over.device.granule_kib.or(self.device.granule_kib);
         self.device.max_devices = over.device.max_devices.or(self.device.max_devices);
         self.store.dir = over.store.dir.or(self.store.dir.take());
+        self.budget.session_mib = over.budget.session_mib.or(self.budget.session_mib);
+        self.budget.global_mib = over.budget.global_mib.or(self.budget.global_mib);
+        self.budget.high_pct = over.budget.high_pct.or(self.budget.high_pct);
+        self.budget.low_pct = over.budget.low_pct.or(self.budget.low_pct);
     }
 }
 
@@ -269,6 +299,29 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be 1..=32",
             });
         }
+        let high_pct = required(raw.budget.high_pct, "budget.high_pct")?;
+        let low_pct = required(raw.budget.low_pct, "budget.low_pct")?;
+        if !(1..=100).contains(&high_pct) || low_pct >= high_pct {
+            return Err(ConfigError::Invalid {
+                field: "budget.low_pct",
+                value: format!("{low_pct} (high_pct {high_pct})"),
+                why: "must be below high_pct, which must be 1..=100",
+            });
+        }
+        let mib = |v: Option<u64>, field: &'static str| -> Result<u64, ConfigError> {
+            let v = required(v, field)?;
+            v.checked_mul(1 << 20).ok_or(ConfigError::Invalid {
+                field,
+                value: v.to_string(),
+                why: "too large",
+            })
+        };
+        let budget = Budget {
+            session: mib(raw.budget.session_mib, "budget.session_mib")?,
+            global: mib(raw.budget.global_mib, "budget.global_mib")?,
+            high_pct,
+            low_pct,
+        };
         let store_dir = required(raw.store.dir, "store.dir")?;
         if !store_dir.is_absolute() {
             return Err(ConfigError::Invalid {
@@ -294,6 +347,7 @@ impl TryFrom<RawConfig> for Config {
             pin_limit: pin_limit_mib << 20,
             granule: granule_kib << 10,
             max_devices,
+            budget,
             store_dir,
             log_filter,
         })
@@ -352,6 +406,20 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn budget_watermarks_must_be_ordered() {
+        let err = Config::from_toml("[budget]\nhigh_pct = 80\nlow_pct = 90\n").unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                field: "budget.low_pct",
+                ..
+            }
+        ));
+        let ok = Config::from_toml("[budget]\nsession_mib = 64\n").unwrap();
+        assert_eq!(ok.budget.session, 64 << 20);
     }
 
     #[test]

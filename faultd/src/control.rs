@@ -28,6 +28,8 @@ pub struct Daemon {
     next_id: AtomicU64,
     /// Wakes the watchdog when a device is attached (it sleeps while no VM has one).
     device_attached: tokio::sync::Notify,
+    /// Resident guest RAM of all sessions, bytes (for the global budget).
+    resident: Arc<AtomicU64>,
 }
 
 impl Daemon {
@@ -38,6 +40,7 @@ impl Daemon {
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             device_attached: tokio::sync::Notify::new(),
+            resident: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -262,7 +265,8 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
                     deadline: daemon.config.device_deadline,
                 },
             )
-            .with_store_dir(daemon.config.store_dir.clone()),
+            .with_store_dir(daemon.config.store_dir.clone())
+            .with_budget(daemon.config.budget, daemon.resident.clone()),
             daemon.config.spin,
         )
     }) {

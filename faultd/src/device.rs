@@ -334,11 +334,19 @@ impl<O: UffdOps> FaultServer<O> {
                     .zero_fills
                     .fetch_add(pages.len() as u64, Ordering::Relaxed);
                 let mut stale = false;
+                let mut installed = Vec::with_capacity(pages.len());
                 let mut map = self.session.map();
                 for &page in pages {
-                    stale |= !map.complete(page).is_ok_and(|c| c.resident);
+                    let resident = map.complete(page).is_ok_and(|c| c.resident);
+                    stale |= !resident;
+                    if resident {
+                        installed.push(page);
+                    }
                 }
                 drop(map);
+                for page in installed {
+                    self.installed(page);
+                }
                 if stale {
                     return Err(Outcome::Retry);
                 }

@@ -71,6 +71,20 @@ pub struct FaultServer<O> {
     /// Where evicted pages go; created at the first eviction.
     store: Option<Store>,
     store_dir: std::path::PathBuf,
+    /// Pages in the order they were installed, oldest first: the eviction order. Entries of
+    /// pages no longer resident are dropped when they reach the front.
+    pub(crate) install_order: VecDeque<s2map::PageRef>,
+    budget: Option<BudgetState>,
+}
+
+/// Budget enforcement of one VM (see config `[budget]`).
+#[derive(Debug)]
+struct BudgetState {
+    limits: crate::config::Budget,
+    /// Resident bytes of all VMs, kept by every session thread adding its own changes.
+    global: Arc<std::sync::atomic::AtomicU64>,
+    /// This VM's resident bytes as last added to `global`.
+    reported: u64,
 }
 
 /// Work handed to the session thread by the control plane.
@@ -165,7 +179,23 @@ impl<O: UffdOps> FaultServer<O> {
             new_devices: None,
             store: None,
             store_dir: std::path::PathBuf::from("/var/lib/faultd/store"),
+            install_order: VecDeque::new(),
+            budget: None,
         }
+    }
+
+    /// Enforces `limits` for this VM, with `global` shared by all VMs of the daemon.
+    pub fn with_budget(
+        mut self,
+        limits: crate::config::Budget,
+        global: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        self.budget = Some(BudgetState {
+            limits,
+            global,
+            reported: 0,
+        });
+        self
     }
 
     /// Where this server's store file goes (config `store.dir`).
@@ -215,7 +245,124 @@ impl<O: UffdOps> FaultServer<O> {
         if !self.devices.is_empty() {
             work += self.serve_devices();
         }
+        if work > 0 {
+            self.enforce_budget();
+        }
         Ok(work)
+    }
+
+    /// Adds this VM's resident change to the global count; returns (own, global) bytes.
+    fn report_resident(&mut self) -> (u64, u64) {
+        let own = self.session.map().stats().resident_bytes;
+        let Some(b) = &mut self.budget else {
+            return (own, 0);
+        };
+        if own >= b.reported {
+            b.global.fetch_add(own - b.reported, Ordering::Relaxed);
+        } else {
+            b.global.fetch_sub(b.reported - own, Ordering::Relaxed);
+        }
+        b.reported = own;
+        (own, b.global.load(Ordering::Relaxed))
+    }
+
+    /// Evicts down to the low watermark when this VM, or all VMs together, went above the
+    /// high one. Over the global budget, each VM gives back its share of the excess (in
+    /// proportion to its resident memory), so no VM pays for the others.
+    pub fn enforce_budget(&mut self) {
+        let Some(limits) = self.budget.as_ref().map(|b| b.limits) else {
+            return;
+        };
+        let (own, global) = self.report_resident();
+        let pct = |v: u64, p: u64| (v as u128 * p as u128 / 100) as u64;
+        let mut free = 0;
+        if limits.session > 0 && own > pct(limits.session, limits.high_pct) {
+            free = own - pct(limits.session, limits.low_pct);
+        }
+        if limits.global > 0 && global > pct(limits.global, limits.high_pct) && global > 0 {
+            let excess = global - pct(limits.global, limits.low_pct);
+            free = free.max((excess as u128 * own as u128 / global as u128) as u64);
+        }
+        if free > 0 {
+            self.evict_oldest(free);
+            self.report_resident();
+        }
+    }
+
+    /// Evicts at least `bytes` of resident pages, oldest-installed first, device-mapped ones
+    /// only when nothing else is left.
+    fn evict_oldest(&mut self, bytes: u64) {
+        let mut freed = 0;
+        let mut device_mapped = VecDeque::new();
+        while freed < bytes {
+            let Some(page) = self.install_order.pop_front() else {
+                break;
+            };
+            let (state, mapped) = {
+                let map = self.session.map();
+                (map.state(page), map.is_device_mapped(page))
+            };
+            if state != s2map::PageState::Resident {
+                continue; // evicted or discarded since it was installed
+            }
+            if mapped {
+                device_mapped.push_back(page);
+                continue;
+            }
+            freed += self.evict_counted(page);
+        }
+        while freed < bytes {
+            let Some(page) = device_mapped.pop_front() else {
+                break;
+            };
+            freed += self.evict_counted(page);
+        }
+        // Device-mapped pages that were passed over keep their place at the old end.
+        while let Some(page) = device_mapped.pop_back() {
+            self.install_order.push_front(page);
+        }
+    }
+
+    /// Evicts `page` for the budget; returns the bytes freed (0 on failure, logged).
+    fn evict_counted(&mut self, page: s2map::PageRef) -> u64 {
+        let size = self.session.located(page).size;
+        match self.evict_page(page) {
+            Ok(_) => {
+                Counters::bump(&self.session.counters.budget_evictions);
+                size
+            }
+            Err(e) => {
+                self.error(format_args!("budget eviction of {page}: {e}"));
+                0
+            }
+        }
+    }
+
+    /// Records that `page` was just installed (the young end of the eviction order).
+    pub(crate) fn installed(&mut self, page: s2map::PageRef) {
+        self.install_order.push_back(page);
+        // Entries of pages evicted or discarded since accumulate; compact when the queue is
+        // much longer than the VM has pages.
+        let total = self
+            .session
+            .layout()
+            .regions()
+            .iter()
+            .map(|r| r.page_count())
+            .sum::<u64>();
+        if self.install_order.len() as u64 > 2 * total + 1024 {
+            let map = self.session.map();
+            let mut seen = std::collections::HashSet::new();
+            let mut kept: VecDeque<s2map::PageRef> = VecDeque::new();
+            // Keep each resident page's most recent entry.
+            for &p in self.install_order.iter().rev() {
+                if map.state(p) == s2map::PageState::Resident && seen.insert(p) {
+                    kept.push_front(p);
+                }
+            }
+            drop(map);
+            self.install_order = kept;
+        }
     }
 
     fn serve_uffd(&mut self) -> io::Result<usize> {
@@ -392,6 +539,9 @@ impl<O: UffdOps> FaultServer<O> {
                     if let Some(slot) = c.freed_slot {
                         store.free(slot);
                     }
+                }
+                if completed.as_ref().is_ok_and(|c| c.resident) {
+                    self.installed(at.page);
                 }
                 match completed {
                     Ok(c) if c.resident => Ok(()),
@@ -756,6 +906,9 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
         }
     }
     server.shutdown_devices();
+    if let Some(b) = &server.budget {
+        b.global.fetch_sub(b.reported, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

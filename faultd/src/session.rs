@@ -113,6 +113,8 @@ pub struct Counters {
     pub store_fills: AtomicU64,
     /// Pages evicted.
     pub evictions: AtomicU64,
+    /// ... of which to keep within a budget.
+    pub budget_evictions: AtomicU64,
     /// Faults on pages found present.
     pub already_present: AtomicU64,
     /// EAGAIN retries.

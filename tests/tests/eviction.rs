@@ -197,3 +197,115 @@ fn a_kvm_guest_loses_no_write_while_its_pages_are_evicted() {
     );
     assert_eq!(stats.errors, 0, "{}", faultd.log());
 }
+
+/// Starts faultd with `toml` as its config file.
+fn faultd_with(toml: &str) -> (Faultd, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("faultd.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    (Faultd::start(&["--config", cfg.to_str().unwrap()]), dir)
+}
+
+fn write_verify(r: &Ram, seed: u32, touches: u32) -> u32 {
+    let mut vm = Vm::new(vec![RamSlot {
+        gpa: 0,
+        host: r.ram.host_ptr(),
+        size: r.ram.size(),
+    }])
+    .unwrap();
+    vm.set_timeout(Some(Duration::from_secs(120)));
+    let pages = (r.ram.size() / PAGE) as u32;
+    let w = |seed| Workload::WriteVerify {
+        seed,
+        touches,
+        first_page: 0,
+        page_count: pages,
+    };
+    let first = vm.run(vec![w(seed)], &|_, _| {}).expect("guest run")[0].mismatches;
+    // And verify everything once more, long after most of it was evicted.
+    let again = vm
+        .run(
+            vec![Workload::Verify {
+                seed,
+                touches,
+                first_page: 0,
+                page_count: pages,
+            }],
+            &|_, _| {},
+        )
+        .expect("guest run")[0]
+        .mismatches;
+    first + again
+}
+
+#[test]
+fn overcommitted_vms_run_to_completion_within_the_global_budget() {
+    const BUDGET: u64 = 16 * MIB;
+    let (faultd, _cfg) = faultd_with("[budget]\nglobal_mib = 16\n");
+    let rams: Vec<Ram> = (0..3)
+        .map(|i| Ram::new(&format!("oc{i}"), 64 * MIB))
+        .collect();
+    let mut sessions: Vec<_> = rams
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.serve(&faultd, &format!("oc{i}")))
+        .collect();
+
+    // Each guest touches ~11.7 MiB: together more than twice the budget.
+    let mismatches: Vec<u32> = std::thread::scope(|s| {
+        let hs: Vec<_> = rams
+            .iter()
+            .enumerate()
+            .map(|(i, r)| s.spawn(move || write_verify(r, 40 + i as u32, 3000)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    assert_eq!(
+        mismatches,
+        vec![0, 0, 0],
+        "a guest lost data under overcommit"
+    );
+    let stats: Vec<_> = sessions.iter_mut().map(|s| s.stats().unwrap()).collect();
+    let resident: u64 = stats.iter().map(|s| s.resident_bytes).sum();
+    let allocated: u64 = rams.iter().map(|r| r.ram.allocated_bytes().unwrap()).sum();
+    println!(
+        "resident {} KiB of a {} KiB budget; evictions {:?}; store fills {:?}",
+        resident / 1024,
+        BUDGET / 1024,
+        stats.iter().map(|s| s.evictions).collect::<Vec<_>>(),
+        stats.iter().map(|s| s.store_fills).collect::<Vec<_>>()
+    );
+    assert!(resident <= BUDGET, "resident {resident} over the budget");
+    assert_eq!(
+        allocated, resident,
+        "the memfds hold more than faultd accounts for"
+    );
+    assert!(
+        stats
+            .iter()
+            .all(|s| s.evictions > 0 && s.store_fills > 0 && s.errors == 0),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn a_vm_is_kept_within_its_own_budget() {
+    let (faultd, _cfg) = faultd_with("[budget]\nsession_mib = 4\n");
+    let r = Ram::new("small", 32 * MIB);
+    let mut session = r.serve(&faultd, "small");
+
+    let mismatches = write_verify(&r, 9, 2500);
+
+    assert_eq!(mismatches, 0);
+    let st = session.stats().unwrap();
+    println!(
+        "resident {} KiB, evictions {}, store fills {}",
+        st.resident_bytes / 1024,
+        st.evictions,
+        st.store_fills
+    );
+    assert!(st.resident_bytes <= 4 * MIB, "{st:?}");
+    assert!(st.evictions >= 1500, "{st:?}");
+    assert_eq!(st.errors, 0);
+}
