@@ -1,0 +1,219 @@
+//! The chaos suite: a real KVM guest on two vCPUs and the emulated PRI device write and verify
+//! data across one VM's unpinned RAM while a seeded chaos driver evicts random pages, ranges,
+//! device granules and bursts (and a global budget evicts on its own), including pages with
+//! faults or DMA in flight.
+//!
+//! Invariants checked: no lost write and no stale read (the guest verifies every page it wrote
+//! after each round, the device reads back every page it wrote); every device group answered in
+//! time (no DMA timeout, no INVALID, no deadline miss); device-mapped => resident (s2map refuses
+//! anything else: an eviction of a mapped page that skipped the unmap would be an error);
+//! resident memory within the budget at the end; faultd's accounting equals the memfd's.
+//!
+//! Quick mode (CI): at least 100,000 evictions. Long mode: `FAULTD_CHAOS_EVICTIONS=1000000
+//! cargo test --release -p faultd-tests --test chaos -- --nocapture`. The seed is printed; rerun
+//! with `FAULTD_SEED=<seed>` for the same eviction sequence (thread timing still varies).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use faultd_tests::{Faultd, Ram};
+use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, RamSlot, Vm, Workload};
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+const RAM: u64 = 48 * MIB;
+const BUDGET_MIB: u64 = 24;
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
+    (0..PAGE / 4)
+        .flat_map(|i| pattern(gpa + 4 * i, seed).to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
+    let target: u64 = std::env::var("FAULTD_CHAOS_EVICTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let seed: u64 = std::env::var("FAULTD_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("chaos seed {seed} (FAULTD_SEED={seed}), target {target} evictions");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("faultd.toml");
+    std::fs::write(&cfg, format!("[budget]\nglobal_mib = {BUDGET_MIB}\n")).unwrap();
+    let faultd = Faultd::start(&["--config", cfg.to_str().unwrap()]);
+    let ram = Ram::new("chaos", RAM);
+    let mut session = ram.serve(&faultd, "chaos");
+    // SAFETY: `ram` outlives the device (declared before it), and this test holds no Rust
+    // reference into guest RAM.
+    let device = unsafe {
+        PriDevice::new(
+            ram.ram.host_ptr(),
+            0,
+            RAM,
+            DeviceConfig {
+                workers: 2,
+                ..DeviceConfig::default()
+            },
+        )
+    }
+    .expect("device");
+    let granule = device.attach(&mut session).expect("attach device");
+    let pages = (RAM / PAGE) as u32;
+    let third = pages / 3;
+    let mut vm = Vm::new(vec![RamSlot {
+        gpa: 0,
+        host: ram.ram.host_ptr(),
+        size: RAM,
+    }])
+    .unwrap();
+    vm.set_timeout(Some(Duration::from_secs(300)));
+
+    let stop = AtomicBool::new(false);
+    let evictions = AtomicU64::new(0);
+    let started = Instant::now();
+    let (guest_rounds, device_rounds, chaos) = std::thread::scope(|s| {
+        // The guest: rounds of write-then-verify on two vCPUs, each over its third of RAM,
+        // with a new seed per round (a page written in round r must read round r's pattern).
+        let guest = s.spawn(|| {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                let w = |i: u32| Workload::WriteVerify {
+                    seed: 1000 * rounds + i,
+                    touches: 600,
+                    first_page: i * third,
+                    page_count: third,
+                };
+                let r = vm.run(vec![w(0), w(1)], &|_, _| {}).expect("guest run");
+                for (i, rep) in r.iter().enumerate() {
+                    assert_eq!(
+                        rep.mismatches, 0,
+                        "guest vCPU {i} round {rounds}: lost write or stale read at {:?} (seed {seed})",
+                        rep.first_mismatch_gpa
+                    );
+                }
+                rounds += 1;
+            }
+            rounds
+        });
+        // The device: rounds of DMA-writing whole pages of the last third, then reading every
+        // one back.
+        let dev = s.spawn(|| {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                let dseed = 0xD000 + rounds;
+                let seq = page_sequence(dseed, 200, 2 * third, pages - 2 * third);
+                for &p in &seq {
+                    let gpa = p as u64 * PAGE;
+                    device
+                        .dma_write((p % 2) as u32, gpa, &pattern_page(gpa, dseed))
+                        .unwrap_or_else(|e| panic!("DMA write {gpa:#x}: {e} (seed {seed})"));
+                }
+                let mut buf = vec![0u8; PAGE as usize];
+                // Later writes of the same page win: check each page against its last writer.
+                for &p in seq.iter().rev().collect::<std::collections::BTreeSet<_>>() {
+                    let gpa = p as u64 * PAGE;
+                    device
+                        .dma_read(0, gpa, &mut buf)
+                        .unwrap_or_else(|e| panic!("DMA read {gpa:#x}: {e} (seed {seed})"));
+                    assert!(
+                        buf == pattern_page(gpa, dseed),
+                        "device round {rounds}: page {gpa:#x} lost a DMA write (seed {seed})"
+                    );
+                }
+                rounds += 1;
+            }
+            rounds
+        });
+        // The chaos driver: seeded evictions of single pages, ranges, device granules and
+        // bursts anywhere in RAM, until the target is reached.
+        let mut rng = seed | 1;
+        let mut kinds = [0u64; 4];
+        while evictions.load(Ordering::Relaxed) < target {
+            let kind = xorshift(&mut rng) % 4;
+            let (gpa, len, repeat) = match kind {
+                0 => (xorshift(&mut rng) % pages as u64 * PAGE, PAGE, 1),
+                1 => {
+                    let n = 1 + xorshift(&mut rng) % 256;
+                    (xorshift(&mut rng) % pages as u64 * PAGE, n * PAGE, 1)
+                }
+                2 => {
+                    let g = (2 * third as u64 * PAGE) / granule
+                        + xorshift(&mut rng) % ((pages - 2 * third) as u64 * PAGE / granule);
+                    (g * granule, granule, 1)
+                }
+                _ => (xorshift(&mut rng) % pages as u64 * PAGE, 8 * PAGE, 16),
+            };
+            kinds[kind as usize] += 1;
+            for i in 0..repeat {
+                let at = (gpa + i * 8 * PAGE) % RAM;
+                let (e, _, failed) = session.evict(at, len, None).expect("evict request");
+                assert_eq!(
+                    failed,
+                    0,
+                    "faultd failed an eviction (seed {seed}):\n{}",
+                    faultd.log()
+                );
+                evictions.fetch_add(e, Ordering::Relaxed);
+            }
+        }
+        stop.store(true, Ordering::Release);
+        let g = guest.join().expect("guest thread");
+        let d = dev.join().expect("device thread");
+        (g, d, kinds)
+    });
+
+    let st = session.stats().unwrap();
+    let ds = device.stats();
+    println!(
+        "{:.1} s: driver evictions {} ({:?} singles/ranges/granules/bursts), faultd evictions {} \
+         (budget ones included), served from the store {}, vCPU faults {}, device groups {} \
+         ({} SUCCESS), guest rounds {guest_rounds}, device rounds {device_rounds}, resident {} KiB",
+        started.elapsed().as_secs_f64(),
+        evictions.load(Ordering::Relaxed),
+        chaos,
+        st.evictions,
+        st.store_fills,
+        st.vcpu_faults,
+        st.device.groups,
+        st.device.success,
+        st.resident_bytes / 1024
+    );
+    assert!(evictions.load(Ordering::Relaxed) >= target);
+    assert!(
+        guest_rounds >= 1 && device_rounds >= 1,
+        "no round completed"
+    );
+    assert!(st.store_fills > 0, "nothing was ever served from the store");
+    assert_eq!((st.device.invalid, st.device.deadline), (0, 0), "{st:?}");
+    assert_eq!(
+        (ds.invalid, ds.timeouts, ds.failed_transfers),
+        (0, 0, 0),
+        "{ds:?}"
+    );
+    assert_eq!(st.errors, 0, "{}", faultd.log());
+    // Device mappings pin pages outside the budget's reach only while mapped; the device's
+    // last round leaves at most its working set mapped.
+    assert!(
+        st.resident_bytes <= BUDGET_MIB * MIB + st.device.mapped_bytes,
+        "resident {} over the budget",
+        st.resident_bytes
+    );
+    assert_eq!(ram.ram.allocated_bytes().unwrap(), st.resident_bytes);
+}
