@@ -122,7 +122,7 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
                 for &p in &seq {
                     let gpa = p as u64 * PAGE;
                     device
-                        .dma_write((p % 2) as u32, gpa, &pattern_page(gpa, dseed))
+                        .dma_write(p % 2, gpa, &pattern_page(gpa, dseed))
                         .unwrap_or_else(|e| panic!("DMA write {gpa:#x}: {e} (seed {seed})"));
                 }
                 let mut buf = vec![0u8; PAGE as usize];
