@@ -238,8 +238,22 @@ pub fn alloc_fault_hwpt(
         fault_id,
         ..Default::default()
     };
-    iommufd_ioctl(iommufd, sys::IOMMU_HWPT_ALLOC, &mut arg)?;
+    iommufd_ioctl(iommufd, sys::IOMMU_HWPT_ALLOC, &mut arg).map_err(lift_hwpt_alloc_error)?;
     Ok(arg.out_hwpt_id)
+}
+
+/// EOPNOTSUPP from a fault-capable paging HWPT_ALLOC is the kernel version, not the caller:
+/// Linux 6.11 and 6.12 accept FAULT_ID_VALID on nested HWPTs only. Say so.
+fn lift_hwpt_alloc_error(err: io::Error) -> io::Error {
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return err;
+    }
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "IOMMU_HWPT_ALLOC refused a fault-capable paging HWPT (EOPNOTSUPP): faultd's iommufd \
+         backend needs Linux 6.13 or later (or upstream commit cbeb1b7eee2f backported); \
+         Linux 6.11 and 6.12 accept IOMMU_HWPT_FAULT_ID_VALID only on nested HWPTs",
+    )
 }
 
 #[cfg(test)]
@@ -487,6 +501,16 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn eopnotsupp_from_hwpt_alloc_names_the_kernel_requirement() {
+        let e = lift_hwpt_alloc_error(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        let other = lift_hwpt_alloc_error(io::Error::from_raw_os_error(libc::ENOENT));
+
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert!(e.to_string().contains("Linux 6.13 or later"), "{e}");
+        assert_eq!(other.raw_os_error(), Some(libc::ENOENT));
     }
 
     #[test]
