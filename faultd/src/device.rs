@@ -428,7 +428,9 @@ impl<O: UffdOps> FaultServer<O> {
             self.error(format_args!("s2map refused a device mapping: {e}"));
             return Some(Outcome::Invalid(Refuse::Failed));
         }
-        self.lru.push_back((dev, g));
+        self.next_gen += 1;
+        self.mapping_gen.insert((dev, g), self.next_gen);
+        self.lru.push_back((dev, g, self.next_gen));
         None
     }
 
@@ -439,9 +441,12 @@ impl<O: UffdOps> FaultServer<O> {
             if pinned + bytes <= self.limits.pin_limit {
                 return true;
             }
-            let Some((dev, g)) = self.lru.pop_front() else {
+            let Some((dev, g, generation)) = self.lru.pop_front() else {
                 return false;
             };
+            if self.mapping_gen.get(&(dev, g)) != Some(&generation) {
+                continue; // unmapped (and maybe mapped again) since this entry was pushed
+            }
             if self.unmap_granule(dev, g) {
                 Counters::bump(&self.session.counters.device_pin_evictions);
             }
@@ -470,6 +475,7 @@ impl<O: UffdOps> FaultServer<O> {
             }
         }
         let _ = self.session.map().unmap_granule(dev, g);
+        self.mapping_gen.remove(&(dev, g));
         true
     }
 

@@ -65,7 +65,12 @@ pub struct FaultServer<O> {
     pub(crate) devices: Vec<Device>,
     pub(crate) incoming: Vec<Incoming>,
     /// Device-mapped granules, least recently mapped first (evicted first at the pin limit).
-    pub(crate) lru: VecDeque<(DeviceIdx, Granule)>,
+    /// Each entry carries the generation of the mapping it was pushed for: a granule unmapped
+    /// (say by a discard) and mapped again gets a new entry, and the old one is skipped.
+    pub(crate) lru: VecDeque<(DeviceIdx, Granule, u64)>,
+    /// Current generation of each live device mapping (see `lru`).
+    pub(crate) mapping_gen: std::collections::HashMap<(DeviceIdx, Granule), u64>,
+    pub(crate) next_gen: u64,
     pub(crate) limits: DeviceLimits,
     new_devices: Option<Receiver<Command>>,
     /// Where evicted pages go; created at the first eviction.
@@ -175,6 +180,8 @@ impl<O: UffdOps> FaultServer<O> {
             devices: Vec::new(),
             incoming: Vec::new(),
             lru: VecDeque::new(),
+            mapping_gen: std::collections::HashMap::new(),
+            next_gen: 0,
             limits,
             new_devices: None,
             store: None,

@@ -737,6 +737,30 @@ fn pin_limit_unmaps_the_least_recently_mapped_granule() {
 }
 
 #[test]
+fn a_granule_mapped_again_after_a_discard_is_not_evicted_by_its_old_pin_entry() {
+    let limits = DeviceLimits {
+        pin_limit: 2 * PAGE,
+        ..LIMITS
+    };
+    let mut d = Dev::new(16, PAGE, limits);
+    d.post(1, &[(GPA, Perm::READ)]);
+    d.srv.serve_ready().unwrap();
+    d.srv.ops().remove(HVA, HVA + PAGE);
+    d.srv.serve_ready().unwrap(); // page 0 discarded: its mapping goes
+    d.post(2, &[(GPA + PAGE, Perm::READ)]);
+    d.srv.serve_ready().unwrap();
+    d.post(3, &[(GPA, Perm::READ)]); // page 0 mapped again: now the youngest
+    d.srv.serve_ready().unwrap();
+
+    d.post(4, &[(GPA + 2 * PAGE, Perm::READ)]); // needs room: page 1 is the oldest mapping
+    d.srv.serve_ready().unwrap();
+
+    let log = d.log();
+    assert_eq!(log[log.len() - 3], "unmap 0x101000+0x1000", "{log:?}");
+    assert_eq!(d.session.stats().device.mapped_bytes, 2 * PAGE);
+}
+
+#[test]
 fn vmm_discard_unmaps_the_device_mapping_before_the_page_goes() {
     let mut d = Dev::new(16, 4 * PAGE, LIMITS);
     d.post(1, &[(GPA, Perm::READ)]);
