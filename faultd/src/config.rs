@@ -3,6 +3,7 @@
 //! The embedded default is `config/faultd.toml`; a file given with `--config` is read over it
 //! key by key (missing keys keep the default), and command-line flags override both.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ const MAX_SPIN_US: u64 = 10_000;
 const MAX_BATCH: usize = 4096;
 /// Most sessions accepted in config (each owns a thread).
 const MAX_SESSIONS: usize = 4096;
+/// Most VMs with a `vm` label of their own: each costs a few hundred series.
+const MAX_VM_LABELS: usize = 256;
 
 /// A configuration that failed to load, naming the field and value at fault.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,15 @@ struct RawConfig {
     device: RawDevice,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    vm_labels: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +124,10 @@ pub struct Config {
     pub max_devices: usize,
     /// tracing filter.
     pub log_filter: String,
+    /// Where Prometheus metrics are served over HTTP (loopback only); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// VMs that get a `vm` label of their own; the rest are counted under `vm="other"`.
+    pub metrics_vm_labels: usize,
 }
 
 /// Command-line overrides; `None` keeps the configured value.
@@ -123,6 +139,8 @@ pub struct Overrides {
     pub spin_us: Option<u64>,
     /// `--log`.
     pub log_filter: Option<String>,
+    /// `--metrics-listen` ("" turns metrics off).
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -139,6 +157,7 @@ impl Config {
         raw.control.socket = overrides.socket.clone().or(raw.control.socket);
         raw.fault.spin_us = overrides.spin_us.or(raw.fault.spin_us);
         raw.log.filter = overrides.log_filter.clone().or(raw.log.filter);
+        raw.metrics.listen = overrides.metrics_listen.clone().or(raw.metrics.listen);
         Config::try_from(raw)
     }
 
@@ -168,6 +187,8 @@ impl RawConfig {
         self.device.pin_limit_mib = over.device.pin_limit_mib.or(self.device.pin_limit_mib);
         self.device.granule_kib = over.device.granule_kib.or(self.device.granule_kib);
         self.device.max_devices = over.device.max_devices.or(self.device.max_devices);
+        self.metrics.listen = over.metrics.listen.or(self.metrics.listen.take());
+        self.metrics.vm_labels = over.metrics.vm_labels.or(self.metrics.vm_labels);
     }
 }
 
@@ -263,6 +284,35 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be a valid tracing filter",
             });
         }
+        let listen = required(raw.metrics.listen, "metrics.listen")?;
+        let metrics_listen = if listen.is_empty() {
+            None
+        } else {
+            let addr: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
+                field: "metrics.listen",
+                value: listen.clone(),
+                why: "must be IP:PORT (or \"\" for no metrics)",
+            })?;
+            // The endpoint is unauthenticated and names VMs: it stays on the host. A remote
+            // Prometheus reaches it through whatever the host already trusts (a proxy, a
+            // node agent), not by faultd listening on the network.
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid {
+                    field: "metrics.listen",
+                    value: listen,
+                    why: "must be a loopback address (the endpoint is unauthenticated)",
+                });
+            }
+            Some(addr)
+        };
+        let metrics_vm_labels = required(raw.metrics.vm_labels, "metrics.vm_labels")?;
+        if metrics_vm_labels > MAX_VM_LABELS {
+            return Err(ConfigError::Invalid {
+                field: "metrics.vm_labels",
+                value: metrics_vm_labels.to_string(),
+                why: "must be 0..=256",
+            });
+        }
         Ok(Config {
             socket,
             max_sessions,
@@ -273,6 +323,8 @@ impl TryFrom<RawConfig> for Config {
             granule: granule_kib << 10,
             max_devices,
             log_filter,
+            metrics_listen,
+            metrics_vm_labels,
         })
     }
 }
@@ -326,6 +378,43 @@ mod tests {
             err,
             ConfigError::Invalid {
                 field: "control.socket",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn metrics_default_to_loopback_port_9597() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9597".parse().unwrap()));
+    }
+
+    #[test]
+    fn empty_metrics_listen_turns_metrics_off() {
+        let flags = Overrides {
+            metrics_listen: Some(String::new()),
+            ..Default::default()
+        };
+        let c = Config::load(None, &flags).unwrap();
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn metrics_on_a_non_loopback_address_are_refused() {
+        let err = Config::from_toml("[metrics]\nlisten = \"0.0.0.0:9597\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config field metrics.listen = 0.0.0.0:9597: must be a loopback address (the endpoint is unauthenticated)"
+        );
+    }
+
+    #[test]
+    fn malformed_metrics_address_is_refused_naming_it() {
+        let err = Config::from_toml("[metrics]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                field: "metrics.listen",
                 ..
             }
         ));

@@ -1,13 +1,15 @@
 //! faultd: serves the page faults of VMs whose guest RAM is not pinned.
 //!
 //! Owns: the control socket and sessions ([`control`]), validation of what VMMs hand over
-//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), configuration ([`config`]).
+//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), configuration ([`config`]),
+//! Prometheus metrics ([`metrics`]).
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod validate;
@@ -15,6 +17,7 @@ pub mod vcpu;
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use tokio_seqpacket::UnixSeqpacketListener;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +55,14 @@ pub enum RunError {
     /// Installing signal handlers failed.
     #[error("installing signal handlers")]
     Signals(#[source] io::Error),
+    /// Binding the metrics endpoint failed.
+    #[error("binding the metrics endpoint {addr}")]
+    MetricsBind {
+        /// metrics.listen.
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Installs the no-op handler of [`session::WATCHDOG_SIGNAL`], without SA_RESTART, so the
@@ -127,6 +138,14 @@ pub fn run(config: Config) -> Result<(), RunError> {
     install_watchdog_handler().map_err(RunError::Signals)?;
     runtime.block_on(async {
         let listener = bind(&config.socket)?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
         let cancel = CancellationToken::new();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(RunError::Signals)?;
@@ -135,13 +154,23 @@ pub fn run(config: Config) -> Result<(), RunError> {
         let socket = config.socket.clone();
         tracing::info!(socket = %socket.display(), "faultd serving");
         let daemon = control::Daemon::new(config);
-        let server = tokio::spawn(control::serve(listener, daemon, cancel.clone()));
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(control::serve(listener, daemon.clone(), cancel.clone()));
+        if let Some(listener) = metrics_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!("metrics served at http://{addr}/metrics");
+            }
+            let d = daemon.clone();
+            let render = Arc::new(move || d.render_metrics());
+            tasks.spawn(metrics::serve_http(listener, render, cancel.clone()));
+        }
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
         cancel.cancel();
-        let _ = server.await;
+        tasks.close();
+        tasks.wait().await;
         let _ = std::fs::remove_file(&socket);
         Ok(())
     })

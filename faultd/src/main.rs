@@ -21,6 +21,9 @@ struct Args {
     /// Log filter (overrides log.filter), e.g. "debug".
     #[arg(long)]
     log: Option<String>,
+    /// Metrics endpoint, loopback IP:PORT, "" for none (overrides metrics.listen).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         socket: args.socket,
         spin_us: args.spin_us,
         log_filter: args.log,
+        metrics_listen: args.metrics_listen,
     };
     let config = match faultd::Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

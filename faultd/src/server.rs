@@ -27,6 +27,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use s2map::{Begin, DeviceIdx, Fill, Granule};
 
 use crate::device::Device;
+use crate::metrics::{FaultOutcome, SessionMetrics, Source};
 use crate::session::{Counters, Hva, Located, Session};
 use crate::vcpu::{OpError, UffdEvent, UffdOps};
 
@@ -67,6 +68,11 @@ pub struct FaultServer<O> {
     pub(crate) lru: VecDeque<(DeviceIdx, Granule)>,
     pub(crate) limits: DeviceLimits,
     new_devices: Option<Receiver<Device>>,
+    /// Where fault latencies and faults in flight are recorded (handles resolved once).
+    pub(crate) metrics: SessionMetrics,
+    /// The last fill [`FaultServer::install`] did, in [`FaultOutcome`] order since the device
+    /// path last reset it: labels a device group's latency by what it needed.
+    pub(crate) filled: FaultOutcome,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -101,7 +107,15 @@ impl<O: UffdOps> FaultServer<O> {
             lru: VecDeque::new(),
             limits,
             new_devices: None,
+            metrics: SessionMetrics::detached(),
+            filled: FaultOutcome::Present,
         }
+    }
+
+    /// Records into `metrics` (a daemon's) instead of detached handles.
+    pub fn with_metrics(mut self, metrics: SessionMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The uffd, to poll.
@@ -148,6 +162,11 @@ impl<O: UffdOps> FaultServer<O> {
         }
         let retries = std::mem::take(&mut self.retries);
         let handled = events.len() + retries.len();
+        let faults = events
+            .iter()
+            .filter(|e| matches!(e, UffdEvent::Fault { .. }))
+            .count();
+        self.metrics.vcpu_in_flight.set(retries.len() + faults);
         for addr in retries {
             self.handle_fault(addr, t0);
         }
@@ -159,6 +178,7 @@ impl<O: UffdOps> FaultServer<O> {
         }
         events.clear();
         self.events = events;
+        self.metrics.vcpu_in_flight.set(self.retries.len());
         Ok(handled)
     }
 
@@ -216,6 +236,8 @@ impl<O: UffdOps> FaultServer<O> {
                 "fault at {:#x} outside every declared region",
                 addr.0
             ));
+            self.metrics
+                .observe(Source::Vcpu, FaultOutcome::Invalid, t0.elapsed());
             return;
         };
         let begin = self.session.map().begin_fault(at.page, None);
@@ -227,18 +249,28 @@ impl<O: UffdOps> FaultServer<O> {
                 if let Err(e) = self.ops.wake(at.hva, at.size) {
                     self.error(format_args!("wake at {:#x}: {e}", at.hva.0));
                 }
+                self.metrics
+                    .observe(Source::Vcpu, FaultOutcome::Present, t0.elapsed());
             }
             Begin::Joined => {
                 // Another source is installing it; the install wakes this thread too.
             }
             Begin::Resolve(fill) => match self.install(at, fill) {
-                Ok(()) => self
-                    .session
-                    .record_latency(t0.elapsed().as_nanos().min(u64::MAX as u128) as u64),
+                Ok(()) => {
+                    let took = t0.elapsed();
+                    self.session
+                        .record_latency(took.as_nanos().min(u64::MAX as u128) as u64);
+                    self.metrics.observe(Source::Vcpu, outcome_of(fill), took);
+                }
                 Err(InstallFail::Retry) => self.retries.push(at.hva),
                 // Stale: the page was discarded meanwhile; the thread re-faults if it still
-                // needs it. Failed: logged and counted; the thread stays blocked.
-                Err(InstallFail::Stale | InstallFail::Failed) => {}
+                // needs it.
+                Err(InstallFail::Stale) => {}
+                // Failed: logged and counted; the thread stays blocked.
+                Err(InstallFail::Failed) => {
+                    self.metrics
+                        .observe(Source::Vcpu, FaultOutcome::Invalid, t0.elapsed())
+                }
             },
         }
     }
@@ -270,6 +302,9 @@ impl<O: UffdOps> FaultServer<O> {
             }
         };
         let counters = &self.session.counters;
+        if result.is_ok() {
+            self.filled = self.filled.max(outcome_of(fill));
+        }
         match result {
             Ok(()) | Err(OpError::Exists) => {
                 Counters::bump(match (result, fill) {
@@ -316,6 +351,14 @@ impl<O: UffdOps> FaultServer<O> {
                 "{what}"
             );
         }
+    }
+}
+
+/// The `outcome` label of a fill.
+pub(crate) fn outcome_of(fill: Fill) -> FaultOutcome {
+    match fill {
+        Fill::Zero => FaultOutcome::Zero,
+        Fill::File { .. } => FaultOutcome::File,
     }
 }
 
