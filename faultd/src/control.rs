@@ -61,6 +61,14 @@ impl Daemon {
         self.sessions().len()
     }
 
+    /// The sessions served now.
+    pub fn live_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions()
+            .values()
+            .map(|l| l.session.clone())
+            .collect()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render_metrics(&self) -> String {
         // The table stays locked while counters are read, so a session that ends meanwhile
@@ -284,6 +292,12 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
         validated.regions,
         validated.snapshot,
     ));
+    // The watchdog looks at the uffd through a duplicate (to see faults waiting); without one
+    // it judges the thread by its progress alone.
+    match validated.uffd.try_clone() {
+        Ok(dup) => session.watch.set_source(dup),
+        Err(e) => tracing::warn!(session = id, "duplicating the userfaultfd: {e}"),
+    }
     let label = daemon.metrics.acquire_label(session.vm());
     let thread = match KernelUffd::new(validated.uffd, daemon.config.batch).and_then(|ops| {
         FaultThread::spawn(

@@ -491,7 +491,10 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
     let mut window = policy.window();
     // Whether the last iteration found work: a gap is measured from the end of a burst.
     let mut in_burst = false;
+    let mut passes = 0u64;
     while !ctl.stop.load(Ordering::Acquire) {
+        passes += 1;
+        server.session.watch.busy(passes);
         match server.serve_ready() {
             Ok(0) if !server.has_retries() => in_burst = false,
             Ok(_) => {
@@ -526,6 +529,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                 .filter(|d| !d.quarantined)
                 .map(|d| PollFd::new(d.queue.fd(), PollFlags::POLLIN)),
         );
+        server.session.watch.idle(passes);
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
@@ -552,6 +556,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
         }
     }
     server.shutdown_devices();
+    server.session.watch.exited();
 }
 
 #[cfg(test)]
