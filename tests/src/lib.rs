@@ -6,6 +6,7 @@ pub mod bench;
 pub mod raw;
 pub mod raw_ring;
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,11 +50,34 @@ impl Faultd {
     }
 
     /// As [`Faultd::start`], with environment variables set for faultd.
-    pub fn start_with_env(extra: &[&str], env: &[(&str, &Path)]) -> Faultd {
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &OsStr)]) -> Faultd {
+        let mut f = Faultd::spawn(extra, env, &[]);
+        f.wait_accepting();
+        f
+    }
+
+    /// Starts faultd as [`Faultd::start_with_env`] does, without waiting for it. With
+    /// `under`, faultd is run by that program (`under[0]`, with the rest as its arguments;
+    /// an argument `{socket}` stands for the control socket's path), e.g. a socket activator.
+    pub fn spawn(extra: &[&str], env: &[(&str, &OsStr)], under: &[&OsStr]) -> Faultd {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("faultd.sock");
         let log = dir.path().join("faultd.log");
-        let mut cmd = Command::new(faultd_bin());
+        let mut cmd = match under.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                for a in args {
+                    if *a == "{socket}" {
+                        cmd.arg(&socket);
+                    } else {
+                        cmd.arg(a);
+                    }
+                }
+                cmd.arg(faultd_bin());
+                cmd
+            }
+            None => Command::new(faultd_bin()),
+        };
         cmd.arg("--socket").arg(&socket).arg("--log").arg("info");
         if !extra.contains(&"--metrics-listen") {
             cmd.args(["--metrics-listen", "127.0.0.1:0"]);
@@ -68,25 +92,28 @@ impl Faultd {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawning faultd");
-        let mut f = Faultd {
+        Faultd {
             child,
             socket,
             log,
             _dir: dir,
-        };
+        }
+    }
+
+    /// Waits until the control socket accepts connections.
+    pub fn wait_accepting(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Client::connect(&f.socket).is_err() {
-            if let Ok(Some(status)) = f.child.try_wait() {
-                panic!("faultd exited with {status} at start:\n{}", f.log());
+        while Client::connect(&self.socket).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("faultd exited with {status} at start:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "faultd did not start:\n{}",
-                f.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        f
     }
 
     /// The control socket.
