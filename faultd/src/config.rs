@@ -3,6 +3,7 @@
 //! The embedded default is `config/faultd.toml`; a file given with `--config` is read over it
 //! key by key (missing keys keep the default), and command-line flags override both.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ const MAX_SPIN_US: u64 = 10_000;
 const MAX_BATCH: usize = 4096;
 /// Most sessions accepted in config (each owns a thread).
 const MAX_SESSIONS: usize = 4096;
+/// Most VMs with a `vm` label of their own: each costs a few hundred series.
+const MAX_VM_LABELS: usize = 256;
 
 /// A configuration that failed to load, naming the field and value at fault.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,15 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    vm_labels: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +147,10 @@ pub struct Config {
     pub store_dir: PathBuf,
     /// tracing filter.
     pub log_filter: String,
+    /// Where Prometheus metrics are served over HTTP (loopback only); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// VMs that get a `vm` label of their own; the rest are counted under `vm="other"`.
+    pub metrics_vm_labels: usize,
 }
 
 /// Resident-memory budgets (bytes; 0: none) and their watermarks (percent).
@@ -161,6 +177,8 @@ pub struct Overrides {
     pub log_filter: Option<String>,
     /// `--store-dir`.
     pub store_dir: Option<PathBuf>,
+    /// `--metrics-listen` ("" turns metrics off).
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -178,6 +196,7 @@ impl Config {
         raw.fault.spin_us = overrides.spin_us.or(raw.fault.spin_us);
         raw.log.filter = overrides.log_filter.clone().or(raw.log.filter);
         raw.store.dir = overrides.store_dir.clone().or(raw.store.dir);
+        raw.metrics.listen = overrides.metrics_listen.clone().or(raw.metrics.listen);
         Config::try_from(raw)
     }
 
@@ -212,6 +231,8 @@ impl RawConfig {
         self.budget.global_mib = over.budget.global_mib.or(self.budget.global_mib);
         self.budget.high_pct = over.budget.high_pct.or(self.budget.high_pct);
         self.budget.low_pct = over.budget.low_pct.or(self.budget.low_pct);
+        self.metrics.listen = over.metrics.listen.or(self.metrics.listen.take());
+        self.metrics.vm_labels = over.metrics.vm_labels.or(self.metrics.vm_labels);
     }
 }
 
@@ -338,6 +359,35 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be a valid tracing filter",
             });
         }
+        let listen = required(raw.metrics.listen, "metrics.listen")?;
+        let metrics_listen = if listen.is_empty() {
+            None
+        } else {
+            let addr: SocketAddr = listen.parse().map_err(|_| ConfigError::Invalid {
+                field: "metrics.listen",
+                value: listen.clone(),
+                why: "must be IP:PORT (or \"\" for no metrics)",
+            })?;
+            // The endpoint is unauthenticated and names VMs: it stays on the host. A remote
+            // Prometheus reaches it through whatever the host already trusts (a proxy, a
+            // node agent), not by faultd listening on the network.
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid {
+                    field: "metrics.listen",
+                    value: listen,
+                    why: "must be a loopback address (the endpoint is unauthenticated)",
+                });
+            }
+            Some(addr)
+        };
+        let metrics_vm_labels = required(raw.metrics.vm_labels, "metrics.vm_labels")?;
+        if metrics_vm_labels > MAX_VM_LABELS {
+            return Err(ConfigError::Invalid {
+                field: "metrics.vm_labels",
+                value: metrics_vm_labels.to_string(),
+                why: "must be 0..=256",
+            });
+        }
         Ok(Config {
             socket,
             max_sessions,
@@ -350,6 +400,8 @@ impl TryFrom<RawConfig> for Config {
             budget,
             store_dir,
             log_filter,
+            metrics_listen,
+            metrics_vm_labels,
         })
     }
 }
@@ -420,6 +472,43 @@ mod tests {
         ));
         let ok = Config::from_toml("[budget]\nsession_mib = 64\n").unwrap();
         assert_eq!(ok.budget.session, 64 << 20);
+    }
+
+    #[test]
+    fn metrics_default_to_loopback_port_9597() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9597".parse().unwrap()));
+    }
+
+    #[test]
+    fn empty_metrics_listen_turns_metrics_off() {
+        let flags = Overrides {
+            metrics_listen: Some(String::new()),
+            ..Default::default()
+        };
+        let c = Config::load(None, &flags).unwrap();
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn metrics_on_a_non_loopback_address_are_refused() {
+        let err = Config::from_toml("[metrics]\nlisten = \"0.0.0.0:9597\"\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config field metrics.listen = 0.0.0.0:9597: must be a loopback address (the endpoint is unauthenticated)"
+        );
+    }
+
+    #[test]
+    fn malformed_metrics_address_is_refused_naming_it() {
+        let err = Config::from_toml("[metrics]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                field: "metrics.listen",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::DaemonMetrics;
 use crate::server::{Command, DeviceLimits, FaultServer, FaultThread};
 use crate::session::Session;
 use crate::validate::{validate, Refusal};
@@ -24,33 +25,68 @@ use crate::vcpu::KernelUffd;
 #[derive(Debug)]
 pub struct Daemon {
     config: Config,
-    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    sessions: Mutex<HashMap<u64, Live>>,
     next_id: AtomicU64,
     /// Wakes the watchdog when a device is attached (it sleeps while no VM has one).
     device_attached: tokio::sync::Notify,
     /// Resident guest RAM of all sessions, bytes (for the global budget).
     resident: Arc<AtomicU64>,
+    metrics: DaemonMetrics,
+}
+
+/// A session being served, with its `vm` metrics label.
+#[derive(Debug)]
+struct Live {
+    session: Arc<Session>,
+    label: Arc<str>,
 }
 
 impl Daemon {
     /// New daemon state.
     pub fn new(config: Config) -> Arc<Daemon> {
+        let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit);
         Arc::new(Daemon {
             config,
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             device_attached: tokio::sync::Notify::new(),
             resident: Arc::new(AtomicU64::new(0)),
+            metrics,
         })
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Session>>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sessions currently served.
     pub fn session_count(&self) -> usize {
         self.sessions().len()
+    }
+
+    /// The sessions served now.
+    pub fn live_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions()
+            .values()
+            .map(|l| l.session.clone())
+            .collect()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render_metrics(&self) -> String {
+        // The table stays locked while counters are read, so a session that ends meanwhile
+        // is counted once: live here, or retired (see DaemonMetrics::release).
+        let sessions = self.sessions();
+        self.metrics
+            .render(sessions.values().map(|l| (&*l.label, &*l.session)))
+    }
+
+    /// Takes session `id` out of the table and retires its metrics.
+    fn end_session(&self, id: u64) {
+        let mut sessions = self.sessions();
+        if let Some(live) = sessions.remove(&id) {
+            self.metrics.release(&live.label, &live.session);
+        }
     }
 }
 
@@ -98,8 +134,8 @@ async fn watchdog(daemon: Arc<Daemon>, cancel: CancellationToken) {
         let sessions: Vec<Arc<Session>> = daemon
             .sessions()
             .values()
-            .filter(|s| s.has_devices())
-            .cloned()
+            .filter(|l| l.session.has_devices())
+            .map(|l| l.session.clone())
             .collect();
         if sessions.is_empty() {
             // notify_one stores a permit, so an attach between the check and this wait is not
@@ -179,8 +215,9 @@ async fn send(conn: &UnixSeqpacket, resp: &Response) {
     }
 }
 
-async fn refuse(conn: &UnixSeqpacket, code: ErrorCode, message: String) {
+async fn refuse(daemon: &Daemon, conn: &UnixSeqpacket, code: ErrorCode, message: String) {
     tracing::info!(?code, "refusing client: {message}");
+    daemon.metrics.protocol_error(code);
     send(conn, &Response::Error { code, message }).await;
 }
 
@@ -200,7 +237,7 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     let packet = match first {
         Ok(p) => p,
         Err(RecvError::Closed) => return,
-        Err(RecvError::Oversize(m)) => return refuse(&conn, ErrorCode::Oversize, m).await,
+        Err(RecvError::Oversize(m)) => return refuse(&daemon, &conn, ErrorCode::Oversize, m).await,
         Err(RecvError::Io(e)) => {
             tracing::debug!("receive failed before registration: {e}");
             return;
@@ -210,6 +247,7 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
         Ok(Request::Register(reg)) => reg,
         Ok(_) => {
             return refuse(
+                &daemon,
                 &conn,
                 ErrorCode::UnexpectedMessage,
                 "the first message must be register".into(),
@@ -218,11 +256,12 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
         }
         Err(e) => {
             let (code, m) = decode_error(e);
-            return refuse(&conn, code, m).await;
+            return refuse(&daemon, &conn, code, m).await;
         }
     };
     if daemon.session_count() >= daemon.config.max_sessions {
         return refuse(
+            &daemon,
             &conn,
             ErrorCode::Busy,
             format!(
@@ -233,19 +272,21 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
         .await;
     }
     // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
-    let validated =
-        match tokio::task::spawn_blocking(move || validate(&reg, packet.fds, peer_pid)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(Refusal { code, message })) => return refuse(&conn, code, message).await,
-            Err(e) => {
-                return refuse(
-                    &conn,
-                    ErrorCode::Internal,
-                    format!("validation failed: {e}"),
-                )
-                .await
-            }
-        };
+    let validated = match tokio::task::spawn_blocking(move || validate(&reg, packet.fds, peer_pid))
+        .await
+    {
+        Ok(Ok(v)) => v,
+        Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
+        Err(e) => {
+            return refuse(
+                &daemon,
+                &conn,
+                ErrorCode::Internal,
+                format!("validation failed: {e}"),
+            )
+            .await
+        }
+    };
     let id = daemon.next_id.fetch_add(1, Ordering::Relaxed);
     let session = Arc::new(Session::new(
         id,
@@ -254,6 +295,13 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
         validated.regions,
         validated.snapshot,
     ));
+    // The watchdog looks at the uffd through a duplicate (to see faults waiting); without one
+    // it judges the thread by its progress alone.
+    match validated.uffd.try_clone() {
+        Ok(dup) => session.watch.set_source(dup),
+        Err(e) => tracing::warn!(session = id, "duplicating the userfaultfd: {e}"),
+    }
+    let label = daemon.metrics.acquire_label(session.vm());
     let thread = match KernelUffd::new(validated.uffd, daemon.config.batch).and_then(|ops| {
         FaultThread::spawn(
             FaultServer::new(
@@ -266,21 +314,30 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
                 },
             )
             .with_store_dir(daemon.config.store_dir.clone())
-            .with_budget(daemon.config.budget, daemon.resident.clone()),
+            .with_budget(daemon.config.budget, daemon.resident.clone())
+            .with_metrics(daemon.metrics.session(&label)),
             daemon.config.spin,
         )
     }) {
         Ok(t) => t,
         Err(e) => {
+            daemon.metrics.release(&label, &session);
             return refuse(
+                &daemon,
                 &conn,
                 ErrorCode::Internal,
                 format!("starting fault service: {e}"),
             )
-            .await
+            .await;
         }
     };
-    daemon.sessions().insert(id, session.clone());
+    daemon.sessions().insert(
+        id,
+        Live {
+            session: session.clone(),
+            label,
+        },
+    );
     tracing::info!(
         session = id,
         vm = session.vm(),
@@ -302,7 +359,7 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
     // never on the reactor, which serves every other session's control requests.
     let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
-    daemon.sessions().remove(&id);
+    daemon.end_session(id);
     let stats = session.stats();
     tracing::info!(
         session = id,
@@ -331,7 +388,9 @@ async fn session_loop(
         let packet = match packet {
             Ok(p) => p,
             Err(RecvError::Closed) => return,
-            Err(RecvError::Oversize(m)) => return refuse(conn, ErrorCode::Oversize, m).await,
+            Err(RecvError::Oversize(m)) => {
+                return refuse(daemon, conn, ErrorCode::Oversize, m).await
+            }
             Err(RecvError::Io(e)) => {
                 tracing::debug!(session = session.id(), "receive failed: {e}");
                 return;
@@ -340,6 +399,7 @@ async fn session_loop(
         match faultd_proto::decode::<Request>(&packet.bytes) {
             Ok(Request::Stats {}) if !packet.fds.is_empty() => {
                 return refuse(
+                    daemon,
                     conn,
                     ErrorCode::BadFd,
                     "fds attached to a message that takes none".into(),
@@ -356,14 +416,18 @@ async fn session_loop(
                 .await;
                 let device = match built {
                     Ok(Ok(d)) => d,
-                    Ok(Err(Refusal { code, message })) => return refuse(conn, code, message).await,
+                    Ok(Err(Refusal { code, message })) => {
+                        return refuse(daemon, conn, code, message).await
+                    }
                     Err(e) => {
-                        return refuse(conn, ErrorCode::Internal, format!("attaching: {e}")).await
+                        return refuse(daemon, conn, ErrorCode::Internal, format!("attaching: {e}"))
+                            .await
                     }
                 };
                 let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
                 if thread.send(Command::AddDevice(device)).is_err() {
                     return refuse(
+                        daemon,
                         conn,
                         ErrorCode::Internal,
                         "the session's fault service has stopped".into(),
@@ -376,6 +440,7 @@ async fn session_loop(
             }
             Ok(Request::Register(_)) => {
                 return refuse(
+                    daemon,
                     conn,
                     ErrorCode::UnexpectedMessage,
                     "this connection is registered already".into(),
@@ -384,6 +449,7 @@ async fn session_loop(
             }
             Ok(Request::Evict { .. }) if !packet.fds.is_empty() => {
                 return refuse(
+                    daemon,
                     conn,
                     ErrorCode::BadFd,
                     "fds attached to a message that takes none".into(),
@@ -404,6 +470,7 @@ async fn session_loop(
                 };
                 if thread.send(cmd).is_err() {
                     return refuse(
+                        daemon,
                         conn,
                         ErrorCode::Internal,
                         "the session's fault service has stopped".into(),
@@ -426,6 +493,7 @@ async fn session_loop(
                     }
                     _ => {
                         return refuse(
+                            daemon,
                             conn,
                             ErrorCode::Internal,
                             "the session's fault service stopped during eviction".into(),
@@ -436,7 +504,7 @@ async fn session_loop(
             }
             Err(e) => {
                 let (code, m) = decode_error(e);
-                return refuse(conn, code, m).await;
+                return refuse(daemon, conn, code, m).await;
             }
         }
     }

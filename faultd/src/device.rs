@@ -19,6 +19,7 @@ use std::time::Instant;
 use iopf::{DevId, FaultQueue, Group, Incoming, Iova, MapError, MapTarget, Mapper, ResponseCode};
 use s2map::{Begin, DeviceIdx, Gpa, Granule};
 
+use crate::metrics::{FaultOutcome, Source};
 use crate::server::{FaultServer, InstallFail};
 use crate::session::Counters;
 use crate::vcpu::{OpError, UffdOps};
@@ -33,8 +34,9 @@ pub struct Device {
     pub queue: Box<dyn FaultQueue>,
     /// Where its mappings go.
     pub mapper: Box<dyn Mapper>,
-    /// Groups read but not answered yet, oldest first, with the time they were read.
-    pub(crate) pending: VecDeque<(Group, Instant)>,
+    /// Groups read but not answered yet, oldest first, with the time they were read and the
+    /// fills they needed so far.
+    pub(crate) pending: VecDeque<(Group, Instant, FaultOutcome)>,
     /// The VMM made faultd's notification block (see [`crate::session::Watch`]): the device
     /// is no longer served. Only that VM's device pays for its VMM's misbehaviour.
     pub(crate) quarantined: bool,
@@ -76,6 +78,8 @@ enum Refuse {
     OutsideLayout,
     ReadOnly,
     Failed,
+    /// Not resolved within device.deadline_ms (counted as failed too).
+    Deadline,
 }
 
 /// What became of a group this time round.
@@ -115,6 +119,8 @@ impl<O: UffdOps> FaultServer<O> {
             let incoming = std::mem::take(&mut self.incoming);
             let now = Instant::now();
             work += incoming.len();
+            let in_flight = self.pending_groups() + incoming.len();
+            self.metrics.device_in_flight.set(in_flight);
             for item in &incoming {
                 match item {
                     Incoming::Group(g) => {
@@ -122,12 +128,18 @@ impl<O: UffdOps> FaultServer<O> {
                         Counters::bump(&c.device_groups);
                         c.device_pages
                             .fetch_add(g.pages.len() as u64, Ordering::Relaxed);
-                        self.serve_group(d, g.clone(), now);
+                        self.serve_group(d, g.clone(), now, FaultOutcome::Present);
                     }
                     Incoming::Malformed { cookie, reason } => {
                         Counters::bump(&self.session.counters.device_malformed);
                         if let Some(cookie) = cookie {
-                            self.respond(d, *cookie, ResponseCode::Invalid, now);
+                            self.respond(
+                                d,
+                                *cookie,
+                                ResponseCode::Invalid,
+                                now,
+                                FaultOutcome::Invalid,
+                            );
                             Counters::bump(&self.session.counters.device_invalid);
                         }
                         tracing::debug!(
@@ -141,55 +153,85 @@ impl<O: UffdOps> FaultServer<O> {
             }
             self.incoming = incoming;
         }
+        let in_flight = self.pending_groups();
+        self.metrics.device_in_flight.set(in_flight);
         work
+    }
+
+    /// Groups read and not answered yet, over every device.
+    fn pending_groups(&self) -> usize {
+        self.devices.iter().map(|d| d.pending.len()).sum()
     }
 
     fn retry_pending(&mut self, d: usize) -> usize {
         let n = self.devices[d].pending.len();
         for _ in 0..n {
-            let Some((group, received)) = self.devices[d].pending.pop_front() else {
+            let Some((group, received, filled)) = self.devices[d].pending.pop_front() else {
                 break;
             };
             if received.elapsed() > self.limits.deadline {
                 Counters::bump(&self.session.counters.device_deadline);
-                self.answer(d, &group, Outcome::Invalid(Refuse::Failed), received);
+                let deadline = Outcome::Invalid(Refuse::Deadline);
+                self.answer(d, &group, deadline, received, filled);
                 continue;
             }
-            self.serve_group(d, group, received);
+            self.serve_group(d, group, received, filled);
         }
         n
     }
 
-    fn serve_group(&mut self, d: usize, group: Group, received: Instant) {
+    /// Resolves `group` (read at `received`, having needed `filled` so far) and answers it, or
+    /// queues it for a retry.
+    fn serve_group(&mut self, d: usize, group: Group, received: Instant, filled: FaultOutcome) {
+        self.filled = filled;
         let outcome = self.resolve_group(d, &group);
+        let filled = self.filled;
         match outcome {
-            Outcome::Retry => self.devices[d].pending.push_back((group, received)),
-            done => self.answer(d, &group, done, received),
+            Outcome::Retry => self.devices[d].pending.push_back((group, received, filled)),
+            done => self.answer(d, &group, done, received, filled),
         }
     }
 
-    fn answer(&mut self, d: usize, group: &Group, outcome: Outcome, received: Instant) {
+    fn answer(
+        &mut self,
+        d: usize,
+        group: &Group,
+        outcome: Outcome,
+        received: Instant,
+        filled: FaultOutcome,
+    ) {
         let c = &self.session.counters;
-        let code = match outcome {
+        let (code, served) = match outcome {
             Outcome::Success => {
                 Counters::bump(&c.device_success);
-                ResponseCode::Success
+                (ResponseCode::Success, filled)
             }
             Outcome::Invalid(why) => {
                 Counters::bump(&c.device_invalid);
                 Counters::bump(match why {
                     Refuse::OutsideLayout => &c.device_outside,
                     Refuse::ReadOnly => &c.device_read_only,
-                    Refuse::Failed => &c.device_failed,
+                    Refuse::Failed | Refuse::Deadline => &c.device_failed,
                 });
-                ResponseCode::Invalid
+                let served = match why {
+                    Refuse::Deadline => FaultOutcome::Deadline,
+                    _ => FaultOutcome::Invalid,
+                };
+                (ResponseCode::Invalid, served)
             }
             Outcome::Retry => unreachable!("retried groups are not answered"),
         };
-        self.respond(d, group.cookie, code, received);
+        self.respond(d, group.cookie, code, received, served);
     }
 
-    fn respond(&mut self, d: usize, cookie: u32, code: ResponseCode, received: Instant) {
+    fn respond(
+        &mut self,
+        d: usize,
+        cookie: u32,
+        code: ResponseCode,
+        received: Instant,
+        served: FaultOutcome,
+    ) {
         if self.devices[d].quarantined {
             return;
         }
@@ -211,8 +253,10 @@ impl<O: UffdOps> FaultServer<O> {
                 ));
             }
         }
+        let took = received.elapsed();
         self.session
-            .record_device_latency(received.elapsed().as_nanos().min(u64::MAX as u128) as u64);
+            .record_device_latency(took.as_nanos().min(u64::MAX as u128) as u64);
+        self.metrics.observe(Source::Device, served, took);
     }
 
     /// Stops serving device `d`: its VMM made faultd's notification block (the watchdog had to
@@ -333,6 +377,7 @@ impl<O: UffdOps> FaultServer<O> {
                     .counters
                     .zero_fills
                     .fetch_add(pages.len() as u64, Ordering::Relaxed);
+                self.filled = self.filled.max(FaultOutcome::Zero);
                 let mut stale = false;
                 let mut installed = Vec::with_capacity(pages.len());
                 let mut map = self.session.map();
@@ -491,11 +536,12 @@ impl<O: UffdOps> FaultServer<O> {
     /// left waiting), and unmap every granule (unpinning its pages).
     pub(crate) fn shutdown_devices(&mut self) {
         for d in 0..self.devices.len() {
-            while let Some((group, received)) = self.devices[d].pending.pop_front() {
+            while let Some((group, received, filled)) = self.devices[d].pending.pop_front() {
                 if self.devices[d].quarantined {
                     break;
                 }
-                self.answer(d, &group, Outcome::Invalid(Refuse::Failed), received);
+                let failed = Outcome::Invalid(Refuse::Failed);
+                self.answer(d, &group, failed, received, filled);
             }
             let dev = self.devices[d].idx;
             let granules = self.session.map().granules_of(dev);

@@ -1,21 +1,26 @@
 //! faultd: serves the page faults of VMs whose guest RAM is not pinned.
 //!
 //! Owns: the control socket and sessions ([`control`]), validation of what VMMs hand over
-//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), configuration ([`config`]).
+//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), configuration ([`config`]),
+//! Prometheus metrics ([`metrics`]), and what the service manager sees: socket activation,
+//! readiness and the watchdog ([`systemd`]).
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod systemd;
 pub mod validate;
 pub mod vcpu;
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use tokio_seqpacket::UnixSeqpacketListener;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +58,17 @@ pub enum RunError {
     /// Installing signal handlers failed.
     #[error("installing signal handlers")]
     Signals(#[source] io::Error),
+    /// The socket the service manager passed cannot be used.
+    #[error("socket activation")]
+    Activation(#[source] systemd::ActivationError),
+    /// Binding the metrics endpoint failed.
+    #[error("binding the metrics endpoint {addr}")]
+    MetricsBind {
+        /// metrics.listen.
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Installs the no-op handler of [`session::WATCHDOG_SIGNAL`], without SA_RESTART, so the
@@ -119,6 +135,11 @@ fn faultd_client_probe(path: &Path) -> bool {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
+///
+/// The control socket is the one the service manager passed (socket activation), else
+/// `config.socket`, bound here. Readiness (`READY=1`) is sent once the control socket and the
+/// metrics endpoint are being served; the watchdog keep-alive runs when the service manager
+/// asks for one (see [`systemd`]).
 pub fn run(config: Config) -> Result<(), RunError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -127,23 +148,66 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .map_err(RunError::Runtime)?;
     install_watchdog_handler().map_err(RunError::Signals)?;
     runtime.block_on(async {
-        let listener = bind(&config.socket)?;
+        // A socket we bound is ours to remove at exit; an inherited one belongs to the
+        // service manager, which keeps it open (and queues VMMs on it) across our restarts.
+        let (listener, bound) = match systemd::inherited_listener().map_err(RunError::Activation)? {
+            Some(l) => {
+                tracing::info!("serving the control socket passed by the service manager");
+                (l, None)
+            }
+            None => (bind(&config.socket)?, Some(config.socket.clone())),
+        };
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
         let cancel = CancellationToken::new();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(RunError::Signals)?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(RunError::Signals)?;
-        let socket = config.socket.clone();
-        tracing::info!(socket = %socket.display(), "faultd serving");
+        if let Some(socket) = &bound {
+            tracing::info!(socket = %socket.display(), "faultd serving");
+        }
         let daemon = control::Daemon::new(config);
-        let server = tokio::spawn(control::serve(listener, daemon, cancel.clone()));
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(control::serve(listener, daemon.clone(), cancel.clone()));
+        if let Some(listener) = metrics_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!("metrics served at http://{addr}/metrics");
+            }
+            let d = daemon.clone();
+            let render = Arc::new(move || d.render_metrics());
+            tasks.spawn(metrics::serve_http(listener, render, cancel.clone()));
+        }
+        if let Some(timeout) = systemd::watchdog_timeout() {
+            tracing::info!(
+                ?timeout,
+                "watchdog keep-alive while fault service progresses"
+            );
+            let d = daemon.clone();
+            let sessions = Arc::new(move || d.live_sessions());
+            tasks.spawn(systemd::keep_alive(timeout, sessions, cancel.clone()));
+        }
+        systemd::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("serving"),
+        ]);
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        systemd::notify(&[sd_notify::NotifyState::Stopping]);
         cancel.cancel();
-        let _ = server.await;
-        let _ = std::fs::remove_file(&socket);
+        tasks.close();
+        tasks.wait().await;
+        if let Some(socket) = bound {
+            let _ = std::fs::remove_file(socket);
+        }
         Ok(())
     })
 }

@@ -24,6 +24,9 @@ struct Args {
     /// Log filter (overrides log.filter), e.g. "debug".
     #[arg(long)]
     log: Option<String>,
+    /// Metrics endpoint, loopback IP:PORT, "" for none (overrides metrics.listen).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         spin_us: args.spin_us,
         log_filter: args.log,
         store_dir: args.store_dir,
+        metrics_listen: args.metrics_listen,
     };
     let config = match faultd::Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

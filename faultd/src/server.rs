@@ -27,6 +27,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use s2map::{Begin, DeviceIdx, Fill, Granule};
 
 use crate::device::Device;
+use crate::metrics::{FaultOutcome, SessionMetrics, Source};
 use crate::session::{Counters, Hva, Located, Session};
 use crate::store::Store;
 use crate::vcpu::{OpError, UffdEvent, UffdOps};
@@ -73,6 +74,11 @@ pub struct FaultServer<O> {
     pub(crate) next_gen: u64,
     pub(crate) limits: DeviceLimits,
     new_devices: Option<Receiver<Command>>,
+    /// Where fault latencies and faults in flight are recorded (handles resolved once).
+    pub(crate) metrics: SessionMetrics,
+    /// The last fill [`FaultServer::install`] did, in [`FaultOutcome`] order since the device
+    /// path last reset it: labels a device group's latency by what it needed.
+    pub(crate) filled: FaultOutcome,
     /// Where evicted pages go; created at the first eviction.
     store: Option<Store>,
     store_dir: std::path::PathBuf,
@@ -188,6 +194,8 @@ impl<O: UffdOps> FaultServer<O> {
             store_dir: std::path::PathBuf::from("/var/lib/faultd/store"),
             install_order: VecDeque::new(),
             budget: None,
+            metrics: SessionMetrics::detached(),
+            filled: FaultOutcome::Present,
         }
     }
 
@@ -208,6 +216,12 @@ impl<O: UffdOps> FaultServer<O> {
     /// Where this server's store file goes (config `store.dir`).
     pub fn with_store_dir(mut self, dir: std::path::PathBuf) -> Self {
         self.store_dir = dir;
+        self
+    }
+
+    /// Records into `metrics` (a daemon's) instead of detached handles.
+    pub fn with_metrics(mut self, metrics: SessionMetrics) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -384,6 +398,11 @@ impl<O: UffdOps> FaultServer<O> {
         }
         let retries = std::mem::take(&mut self.retries);
         let handled = events.len() + retries.len();
+        let faults = events
+            .iter()
+            .filter(|e| matches!(e, UffdEvent::Fault { .. }))
+            .count();
+        self.metrics.vcpu_in_flight.set(retries.len() + faults);
         for addr in retries {
             self.handle_fault(addr, t0);
         }
@@ -395,6 +414,7 @@ impl<O: UffdOps> FaultServer<O> {
         }
         events.clear();
         self.events = events;
+        self.metrics.vcpu_in_flight.set(self.retries.len());
         Ok(handled)
     }
 
@@ -458,6 +478,8 @@ impl<O: UffdOps> FaultServer<O> {
                 "fault at {:#x} outside every declared region",
                 addr.0
             ));
+            self.metrics
+                .observe(Source::Vcpu, FaultOutcome::Invalid, t0.elapsed());
             return;
         };
         let begin = self.session.map().begin_fault(at.page, None);
@@ -469,6 +491,8 @@ impl<O: UffdOps> FaultServer<O> {
                 if let Err(e) = self.ops.wake(at.hva, at.size) {
                     self.error(format_args!("wake at {:#x}: {e}", at.hva.0));
                 }
+                self.metrics
+                    .observe(Source::Vcpu, FaultOutcome::Present, t0.elapsed());
             }
             Begin::Joined => {
                 // Another source is installing it; the install wakes this thread too.
@@ -477,13 +501,21 @@ impl<O: UffdOps> FaultServer<O> {
             // were, the fault is retried once the eviction is done.
             Begin::Evicting => self.retries.push(at.hva),
             Begin::Resolve(fill) => match self.install(at, fill) {
-                Ok(()) => self
-                    .session
-                    .record_latency(t0.elapsed().as_nanos().min(u64::MAX as u128) as u64),
+                Ok(()) => {
+                    let took = t0.elapsed();
+                    self.session
+                        .record_latency(took.as_nanos().min(u64::MAX as u128) as u64);
+                    self.metrics.observe(Source::Vcpu, outcome_of(fill), took);
+                }
                 Err(InstallFail::Retry) => self.retries.push(at.hva),
                 // Stale: the page was discarded meanwhile; the thread re-faults if it still
-                // needs it. Failed: logged and counted; the thread stays blocked.
-                Err(InstallFail::Stale | InstallFail::Failed) => {}
+                // needs it.
+                Err(InstallFail::Stale) => {}
+                // Failed: logged and counted; the thread stays blocked.
+                Err(InstallFail::Failed) => {
+                    self.metrics
+                        .observe(Source::Vcpu, FaultOutcome::Invalid, t0.elapsed())
+                }
             },
         }
     }
@@ -533,6 +565,9 @@ impl<O: UffdOps> FaultServer<O> {
             }
         };
         let counters = &self.session.counters;
+        if result.is_ok() {
+            self.filled = self.filled.max(outcome_of(fill));
+        }
         match result {
             Ok(()) | Err(OpError::Exists) => {
                 Counters::bump(match (result, fill) {
@@ -723,6 +758,15 @@ impl<O: UffdOps> FaultServer<O> {
     }
 }
 
+/// The `outcome` label of a fill.
+pub(crate) fn outcome_of(fill: Fill) -> FaultOutcome {
+    match fill {
+        Fill::Zero => FaultOutcome::Zero,
+        Fill::File { .. } => FaultOutcome::File,
+        Fill::Store { .. } => FaultOutcome::Store,
+    }
+}
+
 /// A running fault thread; [`FaultThread::stop`] ends it.
 #[derive(Debug)]
 pub struct FaultThread {
@@ -852,7 +896,10 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
     let mut window = policy.window();
     // Whether the last iteration found work: a gap is measured from the end of a burst.
     let mut in_burst = false;
+    let mut passes = 0u64;
     while !ctl.stop.load(Ordering::Acquire) {
+        passes += 1;
+        server.session.watch.busy(passes);
         match server.serve_ready() {
             Ok(0) if !server.has_retries() => in_burst = false,
             Ok(_) => {
@@ -887,6 +934,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                 .filter(|d| !d.quarantined)
                 .map(|d| PollFd::new(d.queue.fd(), PollFlags::POLLIN)),
         );
+        server.session.watch.idle(passes);
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
@@ -916,6 +964,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
     if let Some(b) = &server.budget {
         b.global.fetch_sub(b.reported, Ordering::Relaxed);
     }
+    server.session.watch.exited();
 }
 
 #[cfg(test)]

@@ -163,12 +163,40 @@ impl Counters {
 /// O_NONBLOCK on it (the flag is in the file description it shares) and saturated its counter.
 /// The thread marks such calls; the watchdog sends it [`WATCHDOG_SIGNAL`] (a no-op handler
 /// without SA_RESTART) when one lasts too long, and the call fails with EINTR.
+///
+/// It also carries the thread's heartbeat for the service manager's watchdog
+/// ([`crate::systemd::Liveness`]): which service pass the thread is in and whether it is busy
+/// in it or asleep waiting for work.
 #[derive(Debug, Default)]
 pub struct Watch {
     /// Kernel thread id of the session thread (0 until it starts).
     tid: AtomicU64,
     /// When the current guarded call began, ns since [`epoch`]; 0 when not in one.
     since: AtomicU64,
+    /// `passes << 2 | state`: one store per pass, read by the watchdog.
+    beat: AtomicU64,
+    /// A duplicate of the session's userfaultfd, to see whether faults are waiting.
+    source: std::sync::OnceLock<OwnedFd>,
+}
+
+/// What a session thread is doing, as the watchdog sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadState {
+    /// Serving (or spinning between) passes.
+    Busy,
+    /// Asleep in poll(2), waiting for work.
+    Idle,
+    /// Gone: the session's service ended.
+    Exited,
+}
+
+/// A session thread's heartbeat: its pass count and state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    /// Service passes started.
+    pub passes: u64,
+    /// What it is doing.
+    pub state: ThreadState,
 }
 
 /// The signal the watchdog interrupts a stuck session thread with.
@@ -199,6 +227,55 @@ impl Watch {
     /// Marks its end.
     pub fn exit(&self) {
         self.since.store(0, Ordering::Release);
+    }
+
+    /// Records the start of service pass `passes` (a plain store: the thread loops on this).
+    #[inline]
+    pub fn busy(&self, passes: u64) {
+        self.beat.store(passes << 2, Ordering::Relaxed);
+    }
+
+    /// Records that the thread is about to sleep after pass `passes`.
+    pub fn idle(&self, passes: u64) {
+        self.beat.store(passes << 2 | 1, Ordering::Relaxed);
+    }
+
+    /// Records that the thread has ended.
+    pub fn exited(&self) {
+        self.beat.fetch_or(2, Ordering::Relaxed);
+    }
+
+    /// The thread's heartbeat now.
+    pub fn beat(&self) -> Beat {
+        let b = self.beat.load(Ordering::Relaxed);
+        let state = match b & 3 {
+            0 => ThreadState::Busy,
+            1 => ThreadState::Idle,
+            _ => ThreadState::Exited,
+        };
+        Beat {
+            passes: b >> 2,
+            state,
+        }
+    }
+
+    /// Keeps `fd`, a duplicate of the session's userfaultfd, for [`Watch::source_ready`].
+    pub fn set_source(&self, fd: OwnedFd) {
+        let _ = self.source.set(fd);
+    }
+
+    /// Whether the session's userfaultfd has events waiting (polled without blocking; nothing
+    /// is read). False when no source was set.
+    pub fn source_ready(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Some(fd) = self.source.get() else {
+            return false;
+        };
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN))
     }
 
     /// Interrupts the session thread if it has been in a guarded call for longer than

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod raw;
 pub mod raw_ring;
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,42 +41,84 @@ pub struct Faultd {
 
 impl Faultd {
     /// Starts faultd with default config and `extra` arguments; waits until it accepts.
+    ///
+    /// Metrics are served on a free loopback port ([`Faultd::metrics_addr`]) unless `extra`
+    /// sets `--metrics-listen`: the configured default port would collide between the
+    /// faultds that tests run side by side.
     pub fn start(extra: &[&str]) -> Faultd {
+        Faultd::start_with_env(extra, &[])
+    }
+
+    /// As [`Faultd::start`], with environment variables set for faultd.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &OsStr)]) -> Faultd {
+        let mut f = Faultd::spawn(extra, env, &[]);
+        f.wait_accepting();
+        f
+    }
+
+    /// Starts faultd as [`Faultd::start_with_env`] does, without waiting for it. With
+    /// `under`, faultd is run by that program (`under[0]`, with the rest as its arguments;
+    /// an argument `{socket}` stands for the control socket's path), e.g. a socket activator.
+    pub fn spawn(extra: &[&str], env: &[(&str, &OsStr)], under: &[&OsStr]) -> Faultd {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("faultd.sock");
         let log = dir.path().join("faultd.log");
-        let child = Command::new(faultd_bin())
-            .arg("--socket")
+        let mut cmd = match under.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                for a in args {
+                    if *a == "{socket}" {
+                        cmd.arg(&socket);
+                    } else {
+                        cmd.arg(a);
+                    }
+                }
+                cmd.arg(faultd_bin());
+                cmd
+            }
+            None => Command::new(faultd_bin()),
+        };
+        cmd.arg("--socket")
             .arg(&socket)
             .arg("--store-dir")
             .arg(dir.path().join("store"))
             .arg("--log")
-            .arg("info")
+            .arg("info");
+        if !extra.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawning faultd");
-        let mut f = Faultd {
+        Faultd {
             child,
             socket,
             log,
             _dir: dir,
-        };
+        }
+    }
+
+    /// Waits until the control socket accepts connections.
+    pub fn wait_accepting(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Client::connect(&f.socket).is_err() {
-            if let Ok(Some(status)) = f.child.try_wait() {
-                panic!("faultd exited with {status} at start:\n{}", f.log());
+        while Client::connect(&self.socket).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("faultd exited with {status} at start:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "faultd did not start:\n{}",
-                f.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        f
     }
 
     /// The control socket.
@@ -95,6 +138,24 @@ impl Faultd {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+
+    /// Where faultd serves metrics (`IP:PORT`), from the address it logs at start.
+    pub fn metrics_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if let Some(rest) = log.split("metrics served at http://").nth(1) {
+                if let Some(addr) = rest.split("/metrics").next() {
+                    return addr.to_owned();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "faultd logged no metrics address:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Whether the process is still running.
@@ -218,4 +279,47 @@ pub fn write_with_timeout(ram: &GuestRam, writes: Vec<(u64, u8)>, timeout: Durat
     });
     rx.recv_timeout(timeout)
         .expect("guest RAM access was not served in time");
+}
+
+/// A plain HTTP/1.0 GET of `path` (with its query) from `addr` (`IP:PORT`) on loopback:
+/// the status and the body. HTTP/1.0 keeps the reply unchunked and closes the connection.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(addr).expect("connecting to the HTTP server");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending the request");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("reading the reply");
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {head}"));
+    (status, body.to_owned())
+}
+
+/// `s` percent-encoded for a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Path of a tool the test needs, or a panic saying how to get it (`scripts/setup` installs
+/// every tool the tests use).
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin", "/usr/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: run scripts/setup");
 }

@@ -1,0 +1,699 @@
+//! Prometheus metrics: what is recorded on the fault path, what is read at scrape time, and the
+//! HTTP endpoint that serves them.
+//!
+//! Owns: the registry, the bounded `vm` label, the per-session handles the session threads
+//! record into, and `/metrics`. Refuses to own: the counters themselves ([`Session::counters`]
+//! stay the one source of truth that the control protocol's `stats` reads too).
+//!
+//! Two kinds of metric, chosen by cost on the fault path:
+//! - Recorded as faults happen: the fault-latency histograms and the faults in flight. A session
+//!   resolves its handles once, when it starts ([`DaemonMetrics::session`]); a fault then costs
+//!   one `Histogram::observe` (a handful of relaxed atomics), never a label lookup.
+//! - Computed at scrape time from each live session's counters and s2map totals (resident and
+//!   pinned bytes, device groups by code, deadline misses, ...): nothing extra on the fault
+//!   path. Counters of sessions that ended are kept per label while the label lives, so a
+//!   counter never goes backwards while its series exists.
+//!
+//! The `vm` label is bounded (`metrics.vm_labels`): the first VMs to run get a label each, the
+//! rest share `vm="other"`. A label is freed, and its series removed, when the last session of
+//! its VM ends; so labels follow the VMs running now, not the first ones ever seen.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use faultd_proto::ErrorCode;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::session::Session;
+
+/// The label shared by the VMs beyond `metrics.vm_labels`.
+pub const OTHER_VM: &str = "other";
+
+/// Where a fault came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A vCPU (or the VMM) touched an absent page: a userfaultfd event.
+    Vcpu,
+    /// A device page-request group.
+    Device,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::Vcpu => "vcpu",
+            Source::Device => "device",
+        }
+    }
+}
+
+/// How a fault ended, for the `outcome` label. Ordered: a device group that needed several
+/// fills is labelled with the last of them in this order ([`FaultOutcome::max`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultOutcome {
+    /// Nothing to fill: the page was resident already (a vCPU's duplicate event; a device
+    /// group whose pages were resident and only needed mapping, or were mapped already).
+    Present,
+    /// Filled with zeros.
+    Zero,
+    /// Filled from the snapshot file.
+    File,
+    /// Filled from the swap store (the page had been evicted).
+    Store,
+    /// Not served: answered INVALID (device), or left unserved as an error (vCPU).
+    Invalid,
+    /// A device group answered INVALID because its deadline passed.
+    Deadline,
+}
+
+impl FaultOutcome {
+    const ALL: [FaultOutcome; 6] = [
+        FaultOutcome::Present,
+        FaultOutcome::Zero,
+        FaultOutcome::File,
+        FaultOutcome::Store,
+        FaultOutcome::Invalid,
+        FaultOutcome::Deadline,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            FaultOutcome::Present => "present",
+            FaultOutcome::Zero => "zero",
+            FaultOutcome::File => "file",
+            FaultOutcome::Store => "store",
+            FaultOutcome::Invalid => "invalid",
+            FaultOutcome::Deadline => "deadline",
+        }
+    }
+
+    /// Whether `source` can end this way (only those series are created).
+    fn applies_to(self, source: Source) -> bool {
+        self != FaultOutcome::Deadline || source == Source::Device
+    }
+}
+
+/// Fault latency buckets: 1 us doubling to ~1.05 s (21 buckets). Fault service is a few to a
+/// few hundred microseconds; doubling keeps `histogram_quantile` within a factor of 2 anywhere
+/// in that range at a bounded number of series.
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(1e-6, 2.0, 21).expect("constant, valid bucket parameters")
+}
+
+/// A faults-in-flight gauge as one session sees it: the session's own contribution is kept
+/// here, so a gauge shared with other sessions (`vm="other"`) is moved by deltas, and the
+/// contribution is taken back when the session's thread ends.
+#[derive(Debug)]
+pub struct InFlight {
+    gauge: IntGauge,
+    mine: i64,
+}
+
+impl InFlight {
+    fn new(gauge: IntGauge) -> InFlight {
+        InFlight { gauge, mine: 0 }
+    }
+
+    /// Sets this session's faults in flight to `n` (one atomic add, only when it changed).
+    pub fn set(&mut self, n: usize) {
+        let n = n as i64;
+        if n != self.mine {
+            self.gauge.add(n - self.mine);
+            self.mine = n;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
+/// One session's pre-resolved handles, owned by its fault thread.
+#[derive(Debug)]
+pub struct SessionMetrics {
+    vcpu: Vec<Histogram>,
+    device: Vec<Histogram>,
+    /// vCPU faults read and not yet resolved (waiting for a retry).
+    pub vcpu_in_flight: InFlight,
+    /// Device groups read and not yet answered.
+    pub device_in_flight: InFlight,
+}
+
+impl SessionMetrics {
+    /// Handles registered nowhere: for a server that is not part of a daemon (unit tests).
+    pub fn detached() -> SessionMetrics {
+        let h = detached_histogram();
+        let g = IntGauge::new("faultd_detached", "unregistered").expect("constant, valid name");
+        SessionMetrics {
+            vcpu: vec![h.clone(); FaultOutcome::ALL.len()],
+            device: vec![h; FaultOutcome::ALL.len()],
+            vcpu_in_flight: InFlight::new(g.clone()),
+            device_in_flight: InFlight::new(g),
+        }
+    }
+
+    /// Records one fault's service time.
+    #[inline]
+    pub fn observe(&self, source: Source, outcome: FaultOutcome, latency: Duration) {
+        let by_outcome = match source {
+            Source::Vcpu => &self.vcpu,
+            Source::Device => &self.device,
+        };
+        by_outcome[outcome as usize].observe(latency.as_secs_f64());
+    }
+}
+
+fn detached_histogram() -> Histogram {
+    let opts =
+        HistogramOpts::new("faultd_detached_seconds", "unregistered").buckets(latency_buckets());
+    Histogram::with_opts(opts).expect("constant, valid histogram options")
+}
+
+/// Totals of the monotone counters of sessions that ended, per label.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    vcpu_faults: u64,
+    device_success: u64,
+    device_invalid: u64,
+    device_deadline: u64,
+    pin_evictions: u64,
+    errors: u64,
+    discarded_pages: u64,
+    evictions: u64,
+}
+
+impl Totals {
+    fn of(session: &Session) -> Totals {
+        let c = &session.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals {
+            vcpu_faults: get(&c.vcpu_faults),
+            device_success: get(&c.device_success),
+            device_invalid: get(&c.device_invalid),
+            device_deadline: get(&c.device_deadline),
+            pin_evictions: get(&c.device_pin_evictions),
+            errors: get(&c.errors),
+            discarded_pages: get(&c.discarded_pages),
+            evictions: get(&c.evictions),
+        }
+    }
+
+    fn add(&mut self, o: &Totals) {
+        self.vcpu_faults += o.vcpu_faults;
+        self.device_success += o.device_success;
+        self.device_invalid += o.device_invalid;
+        self.device_deadline += o.device_deadline;
+        self.pin_evictions += o.pin_evictions;
+        self.errors += o.errors;
+        self.discarded_pages += o.discarded_pages;
+        self.evictions += o.evictions;
+    }
+}
+
+/// Gauges of one label, summed over its live sessions.
+#[derive(Debug, Default, Clone, Copy)]
+struct Levels {
+    guest_bytes: u64,
+    resident_bytes: u64,
+    mapped_bytes: u64,
+    stored_pages: u64,
+    devices: u64,
+}
+
+#[derive(Debug, Default)]
+struct Labels {
+    /// VM name -> live sessions using its own label.
+    held: HashMap<String, usize>,
+    /// Label -> counters of its sessions that ended.
+    retired: HashMap<String, Totals>,
+}
+
+/// Daemon-wide metrics.
+#[derive(Debug)]
+pub struct DaemonMetrics {
+    registry: Registry,
+    latency: HistogramVec,
+    in_flight: IntGaugeVec,
+    protocol_errors: IntCounterVec,
+    labels: Mutex<Labels>,
+    vm_labels: usize,
+    pin_limit: u64,
+}
+
+impl DaemonMetrics {
+    /// Metrics with at most `vm_labels` VMs labelled by name; `pin_limit` is the configured
+    /// per-VM pin limit (exported for alerting on it).
+    pub fn new(vm_labels: usize, pin_limit: u64) -> DaemonMetrics {
+        let registry = Registry::new();
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "faultd_fault_latency_seconds",
+                "Fault service time. vcpu: from reading the userfaultfd event to installing the \
+                 page (which wakes the faulting thread); device: from reading the page-request \
+                 group to answering it. outcome: present (nothing to fill), zero, file \
+                 (snapshot), store (swap store, after an eviction), \
+                 invalid (answered INVALID, or a vCPU fault left unserved as an error), \
+                 deadline (device group answered INVALID at its deadline).",
+            )
+            .buckets(latency_buckets()),
+            &["vm", "source", "outcome"],
+        )
+        .expect("constant, valid histogram options");
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "faultd_faults_in_flight",
+                "Faults read and not finished: vcpu faults waiting for a retry, device groups \
+                 not yet answered. Updated once per service pass of the session thread.",
+            ),
+            &["vm", "source"],
+        )
+        .expect("constant, valid gauge options");
+        let protocol_errors = IntCounterVec::new(
+            Opts::new(
+                "faultd_protocol_errors_total",
+                "Control-socket requests refused, by error code (the connection is closed).",
+            ),
+            &["code"],
+        )
+        .expect("constant, valid counter options");
+        for c in [
+            Box::new(latency.clone()) as Box<dyn Collector>,
+            Box::new(in_flight.clone()),
+            Box::new(protocol_errors.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("distinct names in a fresh registry");
+        }
+        DaemonMetrics {
+            registry,
+            latency,
+            in_flight,
+            protocol_errors,
+            labels: Mutex::new(Labels::default()),
+            vm_labels,
+            pin_limit,
+        }
+    }
+
+    fn labels(&self) -> std::sync::MutexGuard<'_, Labels> {
+        self.labels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Picks the `vm` label of a new session of VM `vm`: its own name while fewer than
+    /// `vm_labels` VMs hold one (or this VM holds one already), `other` beyond. Release it
+    /// with [`DaemonMetrics::release`] when the session ends.
+    pub fn acquire_label(&self, vm: &str) -> Arc<str> {
+        let mut labels = self.labels();
+        if vm != OTHER_VM {
+            if let Some(n) = labels.held.get_mut(vm) {
+                *n += 1;
+                return vm.into();
+            }
+            if labels.held.len() < self.vm_labels {
+                labels.held.insert(vm.to_owned(), 1);
+                return vm.into();
+            }
+        }
+        OTHER_VM.into()
+    }
+
+    /// The handles a session with `label` records into, resolved once.
+    pub fn session(&self, label: &str) -> SessionMetrics {
+        let resolve = |source: Source| {
+            FaultOutcome::ALL
+                .iter()
+                .map(|o| {
+                    if o.applies_to(source) {
+                        self.latency
+                            .with_label_values(&[label, source.label(), o.label()])
+                    } else {
+                        // Never observed; a detached handle keeps the indexing by outcome.
+                        detached_histogram()
+                    }
+                })
+                .collect()
+        };
+        SessionMetrics {
+            vcpu: resolve(Source::Vcpu),
+            device: resolve(Source::Device),
+            vcpu_in_flight: InFlight::new(
+                self.in_flight
+                    .with_label_values(&[label, Source::Vcpu.label()]),
+            ),
+            device_in_flight: InFlight::new(
+                self.in_flight
+                    .with_label_values(&[label, Source::Device.label()]),
+            ),
+        }
+    }
+
+    /// Ends a session's use of `label`: its counters join the label's retired totals, and a
+    /// label no live session holds any more is freed with all its series. Call with the
+    /// daemon's session table locked and the session already out of it, so a scrape sees the
+    /// session either live or retired, never both or neither.
+    pub fn release(&self, label: &str, session: &Session) {
+        let mut labels = self.labels();
+        labels
+            .retired
+            .entry(label.to_owned())
+            .or_default()
+            .add(&Totals::of(session));
+        if label == OTHER_VM {
+            return;
+        }
+        let Some(n) = labels.held.get_mut(label) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        labels.held.remove(label);
+        labels.retired.remove(label);
+        for source in [Source::Vcpu, Source::Device] {
+            for o in FaultOutcome::ALL {
+                let _ = self
+                    .latency
+                    .remove_label_values(&[label, source.label(), o.label()]);
+            }
+            let _ = self.in_flight.remove_label_values(&[label, source.label()]);
+        }
+    }
+
+    /// Counts a refused control request.
+    pub fn protocol_error(&self, code: ErrorCode) {
+        let label = serde_json::to_value(code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{code:?}"));
+        self.protocol_errors.with_label_values(&[&label]).inc();
+    }
+
+    /// The text exposition of every metric, with `live` the sessions being served now and
+    /// their labels. Call with the daemon's session table locked (see [`Self::release`]).
+    pub fn render<'a>(&self, live: impl Iterator<Item = (&'a str, &'a Session)>) -> String {
+        let mut totals: HashMap<String, Totals> = HashMap::new();
+        let mut levels: HashMap<String, Levels> = HashMap::new();
+        let mut sessions = 0i64;
+        {
+            let labels = self.labels();
+            for (label, t) in &labels.retired {
+                totals.entry(label.clone()).or_default().add(t);
+            }
+        }
+        for (label, s) in live {
+            sessions += 1;
+            totals
+                .entry(label.to_owned())
+                .or_default()
+                .add(&Totals::of(s));
+            let map = s.map().stats();
+            let l = levels.entry(label.to_owned()).or_default();
+            l.guest_bytes += s.layout().total_bytes();
+            l.resident_bytes += map.resident_bytes;
+            l.mapped_bytes += map.device_mapped_bytes;
+            l.stored_pages += map.stored_pages;
+            l.devices += s.counters.devices.load(Ordering::Relaxed);
+        }
+        let mut families = self.registry.gather();
+        families.extend(scrape_families(&totals, &levels, sessions, self.pin_limit));
+        families.retain(|f| !f.get_metric().is_empty());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| {
+                tracing::error!("encoding metrics failed: {e}");
+                String::new()
+            })
+    }
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("constant, valid counter options")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("constant, valid gauge options")
+}
+
+/// The families computed at scrape time.
+fn scrape_families(
+    totals: &HashMap<String, Totals>,
+    levels: &HashMap<String, Levels>,
+    sessions: i64,
+    pin_limit: u64,
+) -> Vec<MetricFamily> {
+    let vcpu_faults = counter(
+        "faultd_vcpu_faults_total",
+        "vCPU fault events read from userfaultfds.",
+        &["vm"],
+    );
+    let groups = counter(
+        "faultd_device_groups_total",
+        "Device page-request groups answered, by response code.",
+        &["vm", "code"],
+    );
+    let deadline = counter(
+        "faultd_device_deadline_misses_total",
+        "Device page-request groups answered INVALID because device.deadline_ms passed.",
+        &["vm"],
+    );
+    let pin_evictions = counter(
+        "faultd_device_pin_evictions_total",
+        "Device-mapped granules unmapped to stay within device.pin_limit_mib.",
+        &["vm"],
+    );
+    let errors = counter(
+        "faultd_fault_errors_total",
+        "Faults faultd could not serve (logged, first few per session).",
+        &["vm"],
+    );
+    let discarded = counter(
+        "faultd_discarded_pages_total",
+        "Resident pages the VMM discarded (balloon, hole punch).",
+        &["vm"],
+    );
+    let evicted = counter(
+        "faultd_evicted_pages_total",
+        "Pages evicted to the swap store (on request or to keep a budget).",
+        &["vm"],
+    );
+    for (label, t) in totals {
+        let vm = label.as_str();
+        vcpu_faults.with_label_values(&[vm]).inc_by(t.vcpu_faults);
+        groups
+            .with_label_values(&[vm, "success"])
+            .inc_by(t.device_success);
+        groups
+            .with_label_values(&[vm, "invalid"])
+            .inc_by(t.device_invalid);
+        deadline.with_label_values(&[vm]).inc_by(t.device_deadline);
+        pin_evictions
+            .with_label_values(&[vm])
+            .inc_by(t.pin_evictions);
+        errors.with_label_values(&[vm]).inc_by(t.errors);
+        discarded.with_label_values(&[vm]).inc_by(t.discarded_pages);
+        evicted.with_label_values(&[vm]).inc_by(t.evictions);
+    }
+    let guest = gauge(
+        "faultd_guest_bytes",
+        "Guest RAM registered by live sessions.",
+        &["vm"],
+    );
+    let resident = gauge(
+        "faultd_resident_bytes",
+        "Guest RAM resident (filled by faultd) in live sessions.",
+        &["vm"],
+    );
+    let mapped = gauge(
+        "faultd_device_mapped_bytes",
+        "Guest RAM mapped for devices, i.e. pinned, in live sessions.",
+        &["vm"],
+    );
+    let stored = gauge(
+        "faultd_stored_pages",
+        "Pages held in the swap store now.",
+        &["vm"],
+    );
+    let devices = gauge(
+        "faultd_devices",
+        "Devices attached to live sessions.",
+        &["vm"],
+    );
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for (label, l) in levels {
+        let vm = label.as_str();
+        guest.with_label_values(&[vm]).set(to_i64(l.guest_bytes));
+        resident
+            .with_label_values(&[vm])
+            .set(to_i64(l.resident_bytes));
+        mapped.with_label_values(&[vm]).set(to_i64(l.mapped_bytes));
+        stored.with_label_values(&[vm]).set(to_i64(l.stored_pages));
+        devices.with_label_values(&[vm]).set(to_i64(l.devices));
+    }
+    let live = gauge("faultd_sessions", "Sessions (VMs) served now.", &[]);
+    live.with_label_values::<&str>(&[]).set(sessions);
+    let limit = gauge(
+        "faultd_device_pin_limit_bytes",
+        "Configured limit of device-mapped (pinned) bytes per VM (device.pin_limit_mib).",
+        &[],
+    );
+    limit.with_label_values::<&str>(&[]).set(to_i64(pin_limit));
+    [
+        vcpu_faults,
+        groups,
+        deadline,
+        pin_evictions,
+        errors,
+        discarded,
+        evicted,
+    ]
+    .iter()
+    .flat_map(|c| c.collect())
+    .chain(
+        [guest, resident, mapped, stored, devices, live, limit]
+            .iter()
+            .flat_map(|g| g.collect()),
+    )
+    .collect()
+}
+
+/// Serves `GET /metrics` on `listener` until `cancel` fires.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    cancel: CancellationToken,
+) {
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}");
+                // EMFILE and friends: back off instead of spinning on the error.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let render = render.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &*render)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // A scraper that keeps its connection open idle holds only this task, and not past
+            // a bound or shutdown.
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::timeout(Duration::from_secs(60), conn) => {}
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn respond(
+    req: &hyper::Request<hyper::body::Incoming>,
+    render: &dyn Fn() -> String,
+) -> hyper::Response<Full<Bytes>> {
+    let reply = |status: u16, ctype: &str, body: String| {
+        hyper::Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("constant, valid response parts")
+    };
+    match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => reply(200, prometheus::TEXT_FORMAT, render()),
+        (_, "/metrics") => reply(405, "text/plain", "only GET\n".into()),
+        _ => reply(404, "text/plain", "faultd serves /metrics\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_labels_are_bounded_and_the_rest_share_other() {
+        let m = DaemonMetrics::new(2, 1 << 30);
+
+        let labels: Vec<Arc<str>> = ["a", "b", "c", "a"]
+            .iter()
+            .map(|vm| m.acquire_label(vm))
+            .collect();
+
+        let labels: Vec<&str> = labels.iter().map(|l| &**l).collect();
+        assert_eq!(labels, ["a", "b", OTHER_VM, "a"]);
+    }
+
+    #[test]
+    fn a_vm_literally_named_other_is_counted_as_other() {
+        let m = DaemonMetrics::new(4, 1 << 30);
+
+        assert_eq!(&*m.acquire_label(OTHER_VM), OTHER_VM);
+    }
+
+    #[test]
+    fn latency_buckets_span_a_microsecond_to_a_second() {
+        let b = latency_buckets();
+
+        assert_eq!(b.first(), Some(&1e-6));
+        assert!(b.last().is_some_and(|&l| (1.0..2.0).contains(&l)), "{b:?}");
+    }
+
+    #[test]
+    fn observed_faults_appear_under_their_labels() {
+        let m = DaemonMetrics::new(4, 1 << 30);
+        let label = m.acquire_label("vm1");
+        let s = m.session(&label);
+
+        s.observe(Source::Vcpu, FaultOutcome::Zero, Duration::from_micros(12));
+
+        let text = m.render(std::iter::empty());
+        assert!(
+            text.contains(
+                "faultd_fault_latency_seconds_count{outcome=\"zero\",source=\"vcpu\",vm=\"vm1\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("faultd_sessions 0"), "{text}");
+    }
+
+    #[test]
+    fn in_flight_contribution_is_taken_back_when_the_session_ends() {
+        let m = DaemonMetrics::new(4, 1 << 30);
+        let gauge = m.in_flight.with_label_values(&["x", "vcpu"]);
+        let mut a = InFlight::new(gauge.clone());
+        let mut b = InFlight::new(gauge.clone());
+
+        a.set(3);
+        b.set(2);
+        a.set(1);
+        drop(b);
+
+        assert_eq!(gauge.get(), 1);
+    }
+}
