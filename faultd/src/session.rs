@@ -20,12 +20,28 @@ pub struct Hva(pub u64);
 /// Where one layout region lives in the VMM.
 #[derive(Debug)]
 pub struct ServedRegion {
-    /// Start of the VMM's shared mapping of the region.
+    /// Start of the VMM's mapping of the region.
     pub hva: Hva,
-    /// The guest RAM fd (shared by regions carved from one memfd).
-    pub mem: Arc<OwnedFd>,
-    /// Offset of the region in `mem`.
-    pub mem_offset: u64,
+    /// What the mapping is.
+    pub memory: RegionMemory,
+}
+
+/// What a region's memory is in the VMM, which decides what faultd can do with it besides
+/// serving its userfaults.
+#[derive(Debug)]
+pub enum RegionMemory {
+    /// A memfd or hugetlbfs file the VMM maps shared (a `register`ed VMM). faultd can map it
+    /// itself, so devices can be attached.
+    Shared {
+        /// The guest RAM fd (shared by regions carved from one memfd).
+        fd: Arc<OwnedFd>,
+        /// Offset of the region in `fd`.
+        offset: u64,
+    },
+    /// Anonymous private memory of the VMM (Firecracker's guest RAM). There is no fd: only the
+    /// VMM's userfaultfd reaches it, so faultd serves its faults but cannot map it for a
+    /// device.
+    AnonymousPrivate,
 }
 
 /// faultd's own shared mapping of a region's memfd, for the IOMMU to pin pages through
@@ -375,7 +391,15 @@ impl Session {
         g.pages * self.layout.region(g.first.region).page_size().bytes()
     }
 
-    /// Creates faultd's views of guest memory (once; for the IOMMU).
+    /// Whether every region is memory faultd can map itself (a device can be attached).
+    pub fn memory_is_mappable(&self) -> bool {
+        self.regions
+            .iter()
+            .all(|r| matches!(r.memory, RegionMemory::Shared { .. }))
+    }
+
+    /// Creates faultd's views of guest memory (once; for the IOMMU). Fails for anonymous
+    /// memory, which has no fd to map.
     pub fn ensure_views(&self) -> std::io::Result<()> {
         if self.views.get().is_some() {
             return Ok(());
@@ -384,7 +408,13 @@ impl Session {
             .regions
             .iter()
             .zip(self.layout.regions())
-            .map(|(r, l)| FaultdView::new(&r.mem, r.mem_offset, l.size()))
+            .enumerate()
+            .map(|(n, (r, l))| match &r.memory {
+                RegionMemory::Shared { fd, offset } => FaultdView::new(fd, *offset, l.size()),
+                RegionMemory::AnonymousPrivate => Err(std::io::Error::other(format!(
+                    "region {n} is anonymous private memory of the VMM: no fd to map"
+                ))),
+            })
             .collect::<std::io::Result<Vec<_>>>()?;
         // Only the control task calls this, one request at a time: a lost race is impossible,
         // and harmless (the loser's views are dropped).
@@ -392,18 +422,26 @@ impl Session {
         Ok(())
     }
 
+    /// The IOVA (== GPA) of granule `g`.
+    pub fn iova_of(&self, g: Granule) -> u64 {
+        let region = self.layout.region(g.first.region);
+        region.gpa().0 + g.first.page.0 * region.page_size().bytes()
+    }
+
     /// Where granule `g` is for an IOMMU mapping: its IOVA (== GPA), and (faultd's address of
     /// it, the memfd, the offset in the memfd). Views must exist ([`Session::ensure_views`]).
-    pub fn map_target(&self, g: Granule) -> (u64, (u64, BorrowedFd<'_>, u64)) {
+    /// None for anonymous memory (devices are never attached to it).
+    pub fn map_target(&self, g: Granule) -> Option<(u64, (u64, BorrowedFd<'_>, u64))> {
         let ri = g.first.region.0 as usize;
         let region = &self.layout.regions()[ri];
         let off = g.first.page.0 * region.page_size().bytes();
         let va = self.views.get().map_or(0, |v| v[ri].addr(off));
-        let served = &self.regions[ri];
-        (
-            region.gpa().0 + off,
-            (va, served.mem.as_fd(), served.mem_offset + off),
-        )
+        match &self.regions[ri].memory {
+            RegionMemory::Shared { fd, offset } => {
+                Some((region.gpa().0 + off, (va, fd.as_fd(), offset + off)))
+            }
+            RegionMemory::AnonymousPrivate => None,
+        }
     }
 
     /// A snapshot of the counters for the control protocol.

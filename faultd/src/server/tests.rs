@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use s2map::{Backing, Gpa, Layout, PageSize, PageState, RegionSpec};
 
 use super::*;
-use crate::session::ServedRegion;
+use crate::session::{RegionMemory, ServedRegion};
 use crate::vcpu::OpError;
 
 const HVA: u64 = 0x7f00_0000_0000;
@@ -136,8 +136,12 @@ impl UffdOps for FakeUffd {
     }
 }
 
-fn dummy_fd() -> Arc<OwnedFd> {
-    Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+/// Shared memory on a dummy fd (the fake uffd never touches it).
+fn shared() -> RegionMemory {
+    RegionMemory::Shared {
+        fd: Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap())),
+        offset: 0,
+    }
 }
 
 /// A session with one region of `pages` 4 KiB pages at GPA 0x10_0000, mapped at HVA.
@@ -152,8 +156,7 @@ fn session(pages: u64, backing: Backing, snapshot: Option<std::fs::File>) -> Arc
     .unwrap();
     let regions = vec![ServedRegion {
         hva: Hva(HVA),
-        mem: dummy_fd(),
-        mem_offset: 0,
+        memory: shared(),
     }];
     Arc::new(Session::new(1, "t".into(), layout, regions, snapshot))
 }
@@ -302,8 +305,7 @@ fn huge_page_zero_fill_installs_two_mib_of_zeros() {
     .unwrap();
     let regions = vec![ServedRegion {
         hva: Hva(HVA),
-        mem: dummy_fd(),
-        mem_offset: 0,
+        memory: shared(),
     }];
     let s = Arc::new(Session::new(1, "t".into(), layout, regions, None));
     let mut srv = FaultServer::new(s.clone(), FakeUffd::new(HVA, 2 * HUGE), 8, LIMITS);
@@ -436,13 +438,11 @@ impl Dev {
         let regions = vec![
             ServedRegion {
                 hva: Hva(HVA),
-                mem: dummy_fd(),
-                mem_offset: 0,
+                memory: shared(),
             },
             ServedRegion {
                 hva: Hva(HVA + pages * PAGE),
-                mem: dummy_fd(),
-                mem_offset: 0,
+                memory: shared(),
             },
         ];
         let session = Arc::new(Session::new(1, "t".into(), layout, regions, None));
