@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::firecracker::{ListenSpec, PeerRule};
+
 /// The default configuration, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/faultd.toml");
 
@@ -47,6 +49,18 @@ pub enum ConfigError {
         /// What the value must be.
         why: &'static str,
     },
+    /// A `[[firecracker]]` entry has a bad value.
+    #[error("config field firecracker[{index}].{field} = {value}: {why}")]
+    Firecracker {
+        /// Position of the entry in the file.
+        index: usize,
+        /// The entry's field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What the value must be.
+        why: &'static str,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -60,6 +74,19 @@ struct RawConfig {
     device: RawDevice,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    firecracker: Vec<RawFirecracker>,
+}
+
+/// A static Firecracker listen order (see [`crate::firecracker`]). No `pid`: a pid is not
+/// known before the process exists.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirecracker {
+    vm: String,
+    socket: PathBuf,
+    snapshot: PathBuf,
+    uid: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +139,8 @@ pub struct Config {
     pub max_devices: usize,
     /// tracing filter.
     pub log_filter: String,
+    /// Sockets to serve Firecracker restores on from the start.
+    pub firecracker: Vec<ListenSpec>,
 }
 
 /// Command-line overrides; `None` keeps the configured value.
@@ -168,6 +197,10 @@ impl RawConfig {
         self.device.pin_limit_mib = over.device.pin_limit_mib.or(self.device.pin_limit_mib);
         self.device.granule_kib = over.device.granule_kib.or(self.device.granule_kib);
         self.device.max_devices = over.device.max_devices.or(self.device.max_devices);
+        // Entries are a list, not keys: a file that lists any replaces the default's (none).
+        if !over.firecracker.is_empty() {
+            self.firecracker = over.firecracker;
+        }
     }
 }
 
@@ -263,7 +296,9 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be a valid tracing filter",
             });
         }
+        let firecracker = firecracker_entries(raw.firecracker, &socket)?;
         Ok(Config {
+            firecracker,
             socket,
             max_sessions,
             spin: Duration::from_micros(spin_us),
@@ -275,6 +310,57 @@ impl TryFrom<RawConfig> for Config {
             log_filter,
         })
     }
+}
+
+/// Validates `[[firecracker]]` entries: each as a listen order, sockets and VM names unique,
+/// none on the control socket.
+fn firecracker_entries(
+    raw: Vec<RawFirecracker>,
+    control: &Path,
+) -> Result<Vec<ListenSpec>, ConfigError> {
+    let mut out: Vec<ListenSpec> = Vec::with_capacity(raw.len());
+    for (index, e) in raw.into_iter().enumerate() {
+        let spec = ListenSpec::new(
+            e.vm,
+            e.socket,
+            e.snapshot,
+            PeerRule {
+                uid: e.uid,
+                pid: None,
+            },
+        )
+        .map_err(|e| ConfigError::Firecracker {
+            index,
+            field: e.field,
+            value: e.value,
+            why: e.why,
+        })?;
+        let bad = |field, value: String, why| ConfigError::Firecracker {
+            index,
+            field,
+            value,
+            why,
+        };
+        if spec.socket == control {
+            return Err(bad(
+                "socket",
+                spec.socket.display().to_string(),
+                "is the control socket",
+            ));
+        }
+        if out.iter().any(|o| o.socket == spec.socket) {
+            return Err(bad(
+                "socket",
+                spec.socket.display().to_string(),
+                "is listed by an earlier entry",
+            ));
+        }
+        if out.iter().any(|o| o.vm == spec.vm) {
+            return Err(bad("vm", spec.vm, "is listed by an earlier entry"));
+        }
+        out.push(spec);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -329,6 +415,47 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn firecracker_entries_are_read_with_their_peer_rule() {
+        let c = Config::from_toml(
+            "[[firecracker]]\nvm = \"fc0\"\nsocket = \"/run/fc0.sock\"\nsnapshot = \"/srv/fc0.mem\"\nuid = 1000\n\
+             [[firecracker]]\nvm = \"fc1\"\nsocket = \"/run/fc1.sock\"\nsnapshot = \"/srv/fc1.mem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.firecracker.len(), 2);
+        assert_eq!(c.firecracker[0].peer.uid, Some(1000));
+        assert_eq!(c.firecracker[1].socket, PathBuf::from("/run/fc1.sock"));
+    }
+
+    #[test]
+    fn bad_firecracker_entries_are_refused_naming_entry_and_field() {
+        let entry = |vm: &str, socket: &str| {
+            format!("[[firecracker]]\nvm = \"{vm}\"\nsocket = \"{socket}\"\nsnapshot = \"/s\"\n")
+        };
+        let relative = Config::from_toml(&entry("fc0", "x.sock")).unwrap_err();
+        assert_eq!(
+            relative.to_string(),
+            "config field firecracker[0].socket = x.sock: must be an absolute path"
+        );
+        let twice = Config::from_toml(&(entry("a", "/r/a") + &entry("b", "/r/a"))).unwrap_err();
+        assert!(
+            twice
+                .to_string()
+                .starts_with("config field firecracker[1].socket"),
+            "{twice}"
+        );
+        let same_vm = Config::from_toml(&(entry("a", "/r/a") + &entry("a", "/r/b"))).unwrap_err();
+        assert!(
+            same_vm
+                .to_string()
+                .starts_with("config field firecracker[1].vm"),
+            "{same_vm}"
+        );
+        let pid = Config::from_toml(&(entry("a", "/r/a") + "pid = 7\n")).unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(pid));
+        assert!(text.contains("pid"), "{text}");
     }
 
     #[test]

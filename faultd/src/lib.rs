@@ -1,13 +1,17 @@
 //! faultd: serves the page faults of VMs whose guest RAM is not pinned.
 //!
 //! Owns: the control socket and sessions ([`control`]), validation of what VMMs hand over
-//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), configuration ([`config`]).
+//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), Firecracker's page-fault
+//! handler protocol ([`firecracker`]), configuration ([`config`]), and the `faultd ctl`
+//! client commands ([`ctl`]).
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod device;
+pub mod firecracker;
 pub mod server;
 pub mod session;
 pub mod validate;
@@ -52,6 +56,14 @@ pub enum RunError {
     /// Installing signal handlers failed.
     #[error("installing signal handlers")]
     Signals(#[source] io::Error),
+    /// A `[[firecracker]]` config entry could not be listened on.
+    #[error("listening for Firecracker VM {vm}")]
+    FirecrackerListen {
+        /// The entry's VM.
+        vm: String,
+        #[source]
+        source: firecracker::ListenError,
+    },
 }
 
 /// Installs the no-op handler of [`session::WATCHDOG_SIGNAL`], without SA_RESTART, so the
@@ -133,9 +145,20 @@ pub fn run(config: Config) -> Result<(), RunError> {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(RunError::Signals)?;
         let socket = config.socket.clone();
+        let static_listens = config.firecracker.clone();
         tracing::info!(socket = %socket.display(), "faultd serving");
-        let daemon = control::Daemon::new(config);
-        let server = tokio::spawn(control::serve(listener, daemon, cancel.clone()));
+        let daemon = control::Daemon::new(config, cancel.clone());
+        for spec in static_listens {
+            let vm = spec.vm.clone();
+            if let Err(source) = firecracker::listen(&daemon, spec).await {
+                cancel.cancel();
+                daemon.tracker.close();
+                daemon.tracker.wait().await;
+                let _ = std::fs::remove_file(&socket);
+                return Err(RunError::FirecrackerListen { vm, source });
+            }
+        }
+        let server = tokio::spawn(control::serve(listener, daemon));
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
