@@ -13,6 +13,8 @@ use faultd_proto::{DeviceStats, LatencySummary, SessionStats};
 use hdrhistogram::Histogram;
 use s2map::{Gpa, Granule, Layout, PageRef, S2Map};
 
+use crate::vcpu::MappedSource;
+
 /// A host virtual address in the VMM's address space (not faultd's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hva(pub u64);
@@ -99,6 +101,68 @@ impl Drop for FaultdView {
         // SAFETY: exactly the mapping made in `new`, never dereferenced.
         let _ = unsafe { nix::sys::mman::munmap(self.addr, self.len) };
     }
+}
+
+/// faultd's read-only shared mapping of a snapshot file: the source of UFFDIO_COPY for
+/// snapshot-backed pages, so a fill is one copy (by the kernel, from the page cache) instead of
+/// a pread(2) into a buffer and a copy from there. Mapping costs one mmap(2) at session start
+/// and reads nothing.
+///
+/// Never read or written by faultd itself: if the file shrank after it was mapped, reading
+/// past its new end would kill faultd with SIGBUS. The kernel's copy from it instead fails
+/// with EFAULT, which costs that one fault. Only ranges within the length the file had when it
+/// was mapped are handed out ([`Session::mapped_snapshot`]).
+#[derive(Debug)]
+pub struct SnapshotView {
+    addr: std::ptr::NonNull<std::ffi::c_void>,
+    len: u64,
+}
+
+// SAFETY: the view is an address range faultd never dereferences; it is only passed to the
+// kernel, which may be done from any thread.
+unsafe impl Send for SnapshotView {}
+// SAFETY: as above: shared references only read the address.
+unsafe impl Sync for SnapshotView {}
+
+impl SnapshotView {
+    /// Maps all of `file` read-only and shared, without reading or reserving anything.
+    pub fn new(file: &File) -> std::io::Result<SnapshotView> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let len = file.metadata()?.len();
+        let n = usize::try_from(len)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .ok_or_else(|| std::io::Error::other("snapshot file is empty or too large"))?;
+        // SAFETY: a fresh read-only mapping at a kernel-chosen address (no MAP_FIXED) aliases
+        // no Rust object; it is unmapped only in Drop, and faultd never dereferences it.
+        let addr = unsafe {
+            mmap(
+                None,
+                n,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
+                file,
+                0,
+            )
+        }?;
+        Ok(SnapshotView { addr, len })
+    }
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`, never dereferenced.
+        let _ = unsafe { nix::sys::mman::munmap(self.addr, self.len as usize) };
+    }
+}
+
+/// A session's snapshot file, with faultd's mapping of it where one could be made.
+#[derive(Debug)]
+struct Snapshot {
+    file: File,
+    /// None if the file could not be mapped (empty, or a file system without mmap): fills
+    /// then read it with pread(2).
+    view: Option<SnapshotView>,
 }
 
 /// What waits on an in-flight resolution besides uffd-blocked threads (which the kernel wakes
@@ -245,7 +309,7 @@ pub struct Session {
     regions: Vec<ServedRegion>,
     /// Region indexes sorted by HVA, for locating a faulting address.
     by_hva: Vec<usize>,
-    snapshot: Option<File>,
+    snapshot: Option<Snapshot>,
     /// faultd's views of the regions' memory, made when the first device is attached.
     views: std::sync::OnceLock<Vec<FaultdView>>,
     /// Counters.
@@ -269,6 +333,14 @@ impl Session {
     ) -> Session {
         let mut by_hva: Vec<usize> = (0..regions.len()).collect();
         by_hva.sort_unstable_by_key(|&i| regions[i].hva);
+        let snapshot = snapshot.map(|file| {
+            let view = SnapshotView::new(&file)
+                .inspect_err(|e| {
+                    tracing::debug!(session = id, "snapshot not mapped, read with pread: {e}")
+                })
+                .ok();
+            Snapshot { file, view }
+        });
         Session {
             id,
             vm,
@@ -319,7 +391,19 @@ impl Session {
 
     /// The snapshot file, if any.
     pub fn snapshot(&self) -> Option<&File> {
-        self.snapshot.as_ref()
+        self.snapshot.as_ref().map(|s| &s.file)
+    }
+
+    /// Where the snapshot's bytes `[offset, offset + len)` are in faultd's mapping of the file,
+    /// for the kernel to copy from; None without a mapping or beyond the length the file had
+    /// when it was mapped (then the caller reads the file).
+    pub fn mapped_snapshot(&self, offset: u64, len: u64) -> Option<MappedSource> {
+        let view = self.snapshot.as_ref()?.view.as_ref()?;
+        let end = offset.checked_add(len)?;
+        (end <= view.len).then(|| MappedSource {
+            addr: view.addr.as_ptr() as u64 + offset,
+            len,
+        })
     }
 
     /// Regions in layout order.

@@ -11,7 +11,7 @@ use s2map::{Backing, Gpa, Layout, PageSize, PageState, RegionSpec};
 
 use super::*;
 use crate::session::{RegionMemory, ServedRegion};
-use crate::vcpu::OpError;
+use crate::vcpu::{MappedSource, OpError};
 
 const HVA: u64 = 0x7f00_0000_0000;
 const LIMITS: DeviceLimits = DeviceLimits {
@@ -126,6 +126,14 @@ impl UffdOps for FakeUffd {
         self.install(at, src.to_vec())
     }
 
+    fn copy_mapped(&self, src: MappedSource, at: Hva) -> Result<(), OpError> {
+        // SAFETY: the session's snapshot mapping is live while the session is, the range is
+        // within the file's length (Session::mapped_snapshot checks), and tests never shrink
+        // their snapshot files. Test code may read it; faultd itself never does.
+        let bytes = unsafe { std::slice::from_raw_parts(src.addr as *const u8, src.len as usize) };
+        self.install(at, bytes.to_vec())
+    }
+
     fn wake(&self, at: Hva, _len: u64) -> Result<(), OpError> {
         self.wakes.borrow_mut().push(at.0);
         Ok(())
@@ -208,6 +216,18 @@ fn snapshot_backed_fault_copies_the_files_page() {
     // Region offset is one page into the file: region page 3 is file page 4, filled with 5.
     assert_eq!(srv.ops().page(HVA + 3 * PAGE), Some(vec![5; PAGE as usize]));
     assert_eq!(s.stats().file_fills, 1);
+}
+
+#[test]
+fn only_snapshot_ranges_within_the_mapped_file_are_copied_from_the_mapping() {
+    let s = session(4, Backing::File { offset: 0 }, Some(snapshot(4)));
+
+    assert!(s.mapped_snapshot(3 * PAGE, PAGE).is_some());
+    assert!(s.mapped_snapshot(3 * PAGE + 1, PAGE).is_none());
+    assert!(s.mapped_snapshot(u64::MAX, PAGE).is_none());
+    assert!(session(4, Backing::Zero, None)
+        .mapped_snapshot(0, PAGE)
+        .is_none());
 }
 
 #[test]
