@@ -96,16 +96,16 @@ impl Daemon {
         matching.iter().map(|s| s.stats()).collect()
     }
 
-    /// Starts serving a validated VM: its session and its fault thread, registered in the
-    /// daemon. Faults are served from the moment this returns.
-    pub(crate) fn start_session(
+    /// Builds the session of a validated VM and the server of its faults (not yet running,
+    /// not yet registered).
+    pub(crate) fn new_server(
         &self,
         vm: String,
         layout: Layout,
         regions: Vec<ServedRegion>,
         snapshot: Option<File>,
         uffd: OwnedFd,
-    ) -> std::io::Result<Live> {
+    ) -> std::io::Result<(Arc<Session>, FaultServer<KernelUffd>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(id, vm, layout, regions, snapshot));
         let config = &self.config;
@@ -119,15 +119,34 @@ impl Daemon {
                 deadline: config.device_deadline,
             },
         );
-        let thread = FaultThread::spawn(server, config.spin)?;
-        self.sessions().insert(id, session.clone());
+        Ok((session, server))
+    }
+
+    /// Makes a served session known (stats, watchdog, the session limit).
+    pub(crate) fn register_session(&self, session: &Arc<Session>) {
+        self.sessions().insert(session.id(), session.clone());
         tracing::info!(
-            session = id,
+            session = session.id(),
             vm = session.vm(),
             guest_bytes = session.layout().total_bytes(),
             regions = session.layout().regions().len(),
             "session registered"
         );
+    }
+
+    /// Starts serving a validated VM on a new fault thread, registered in the daemon. Faults
+    /// are served from the moment this returns.
+    pub(crate) fn start_session(
+        &self,
+        vm: String,
+        layout: Layout,
+        regions: Vec<ServedRegion>,
+        snapshot: Option<File>,
+        uffd: OwnedFd,
+    ) -> std::io::Result<Live> {
+        let (session, server) = self.new_server(vm, layout, regions, snapshot, uffd)?;
+        let thread = FaultThread::spawn(server, self.config.spin)?;
+        self.register_session(&session);
         Ok(Live { session, thread })
     }
 

@@ -11,7 +11,9 @@
 //!    userfaultfd attached as SCM_RIGHTS ([`receive_message`]);
 //! 3. validates it with no more than JSON, fd and stat checks ([`check_regions`],
 //!    [`check_fds`]): Firecracker fills guest pages inside its load call and waits for them,
-//!    so nothing expensive may stand before the first fault;
+//!    so nothing expensive may stand before the first fault. For the same reason the socket
+//!    keeps a fault thread ready ([`StandbyThread`]): the message is validated on the thread
+//!    that then serves the VM, so the first fault waits for no thread creation or hand-off;
 //! 4. serves the VM as an ordinary session (same fault thread, counters, `vm_stats`): its RAM
 //!    is Firecracker's anonymous private memory ([`RegionMemory::AnonymousPrivate`]), so faults
 //!    are answered with UFFDIO_COPY from the snapshot file at
@@ -56,9 +58,11 @@ use serde::Deserialize;
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::control::Daemon;
-use crate::session::{Hva, RegionMemory, ServedRegion};
+use crate::control::{Daemon, Live};
+use crate::server::{FaultServer, StandbyThread};
+use crate::session::{Hva, RegionMemory, ServedRegion, Session};
 use crate::validate::Refusal;
+use crate::vcpu::KernelUffd;
 
 /// How long a connected peer has to send its message. Firecracker sends it right after
 /// connecting; a peer that does not is refused instead of holding the socket's one session.
@@ -305,14 +309,22 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
     let spec = Arc::new(spec);
     let s = spec.clone();
     // File system work (open, stat, bind, chown): off the reactor.
-    let bound = tokio::task::spawn_blocking(move || bind(&s))
-        .await
-        .unwrap_or_else(|e| {
-            Err(ListenError::Bind {
-                path: spec.socket.display().to_string(),
-                source: io::Error::other(e),
-            })
-        });
+    let spin = daemon.config.spin;
+    let bound = tokio::task::spawn_blocking(move || {
+        let listener = bind(&s)?;
+        Ok((listener, new_standby(&s, spin)))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ListenError::Bind {
+            path: spec.socket.display().to_string(),
+            source: io::Error::other(e),
+        })
+    });
+    let (bound, standby) = match bound {
+        Ok((l, standby)) => (Ok(l), standby),
+        Err(e) => (Err(e), None),
+    };
     let listener = match bound.and_then(|std_listener| {
         UnixListener::from_std(std_listener).map_err(|source| ListenError::Bind {
             path: spec.socket.display().to_string(),
@@ -333,10 +345,57 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
         pid = spec.peer.pid,
         "listening for Firecracker"
     );
+    let socket = Arc::new(Socket {
+        spec: Arc::unwrap_or_clone(spec),
+        busy: AtomicBool::new(false),
+        standby: Mutex::new(standby),
+    });
     daemon
         .tracker
-        .spawn(accept_loop(daemon.clone(), listener, spec));
+        .spawn(accept_loop(daemon.clone(), listener, socket));
     Ok(())
+}
+
+/// A standby fault thread for `spec`'s next restore (None, logged, if one cannot be made now:
+/// the restore then creates its thread itself).
+fn new_standby(spec: &ListenSpec, spin: Duration) -> Option<StandbyThread<KernelUffd>> {
+    StandbyThread::new("faultd-fc".into(), spin)
+        .inspect_err(|e| {
+            tracing::warn!(vm = spec.vm, "creating a standby fault thread: {e}");
+        })
+        .ok()
+}
+
+/// A socket faultd listens on: its order, its one session slot, and the fault thread that is
+/// ready for its next restore.
+#[derive(Debug)]
+struct Socket {
+    spec: ListenSpec,
+    /// Whether a connection is being served (one at a time).
+    busy: AtomicBool,
+    standby: Mutex<Option<StandbyThread<KernelUffd>>>,
+}
+
+impl Socket {
+    fn take_standby(&self) -> Option<StandbyThread<KernelUffd>> {
+        self.standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Makes a standby thread for the next restore if there is none (off the reactor: thread
+    /// creation is a few hundred microseconds here).
+    async fn refill(self: &Arc<Self>, spin: Duration) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut slot = me.standby.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = new_standby(&me.spec, spin);
+            }
+        })
+        .await;
+    }
 }
 
 /// Answers a `firecracker_listen` control request from a peer with credentials `cred`.
@@ -455,17 +514,17 @@ fn open_snapshot(path: &Path) -> Result<(File, u64), ListenError> {
 }
 
 /// Accepts Firecracker connections on `listener` until shutdown, then removes the socket.
-async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, spec: Arc<ListenSpec>) {
-    let busy = Arc::new(AtomicBool::new(false));
+async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, socket: Arc<Socket>) {
     let cancel = daemon.cancel.clone();
+    let spec = &socket.spec;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (daemon2, spec2, busy2) = (daemon.clone(), spec.clone(), busy.clone());
+                    let (daemon2, socket2) = (daemon.clone(), socket.clone());
                     daemon.tracker.spawn(async move {
-                        connection(daemon2, stream, spec2, busy2).await
+                        connection(daemon2, stream, socket2).await
                     });
                 }
                 Err(e) => {
@@ -482,43 +541,39 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, spec: Arc<List
 }
 
 /// Marks the socket's one session slot taken while it lives.
-struct Slot(Arc<AtomicBool>);
+struct Slot(Arc<Socket>);
 
 impl Slot {
-    fn take(busy: &Arc<AtomicBool>) -> Option<Slot> {
-        (!busy.swap(true, Ordering::AcqRel)).then(|| Slot(busy.clone()))
+    fn take(socket: &Arc<Socket>) -> Option<Slot> {
+        (!socket.busy.swap(true, Ordering::AcqRel)).then(|| Slot(socket.clone()))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.busy.store(false, Ordering::Release);
     }
 }
 
 /// Serves one Firecracker connection: check, receive, validate, serve until the VM is gone.
-async fn connection(
-    daemon: Arc<Daemon>,
-    stream: UnixStream,
-    spec: Arc<ListenSpec>,
-    busy: Arc<AtomicBool>,
-) {
+async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>) {
+    let spec = &socket.spec;
     let (uid, pid) = match stream.peer_cred() {
         Ok(c) => (c.uid(), c.pid()),
-        Err(e) => return refused(&spec, None, &format!("reading peer credentials: {e}")),
+        Err(e) => return refused(spec, None, &format!("reading peer credentials: {e}")),
     };
     if let Err(why) = spec.peer.admits(uid, pid) {
-        return refused(&spec, pid, &why);
+        return refused(spec, pid, &why);
     }
-    let Some(slot) = Slot::take(&busy) else {
+    let Some(slot) = Slot::take(&socket) else {
         return refused(
-            &spec,
+            spec,
             pid,
             &format!("VM {} has a live session on this socket already", spec.vm),
         );
     };
     if let Some(why) = daemon.session_limit_reached() {
-        return refused(&spec, pid, &why);
+        return refused(spec, pid, &why);
     }
     let received = tokio::select! {
         _ = daemon.cancel.cancelled() => return,
@@ -526,10 +581,10 @@ async fn connection(
     };
     let message = match received {
         Ok(Ok(m)) => m,
-        Ok(Err(why)) => return refused(&spec, pid, &why),
+        Ok(Err(why)) => return refused(spec, pid, &why),
         Err(_) => {
             return refused(
-                &spec,
+                spec,
                 pid,
                 &format!(
                     "no complete message within {} s of connecting",
@@ -538,25 +593,69 @@ async fn connection(
             )
         }
     };
-    // Opening the snapshot and stat()ing fds is cheap but can block: off the reactor, and the
-    // session starts on the same hop, so the first fault waits for one hand-off only.
-    let (d, s) = (daemon.clone(), spec.clone());
-    let started = tokio::task::spawn_blocking(move || start(&d, &s, message, pid)).await;
-    let (live, end) = match started {
-        Ok(Ok(started)) => started,
-        Ok(Err(why)) => return refused(&spec, pid, &why),
-        Err(e) => return refused(&spec, pid, &format!("validation failed: {e}")),
+    serve_restore(&daemon, &socket, stream, message, pid).await;
+    // The next restore may connect as soon as this one is over (it makes its own thread if
+    // it comes before the refill below is done).
+    drop(slot);
+    if !daemon.cancel.is_cancelled() {
+        socket.refill(daemon.config.spin).await;
+    }
+}
+
+/// Hands `message` to the socket's standby fault thread, which validates it (opening the
+/// snapshot and stat()ing fds: cheap, but blocking, so not on the reactor) and serves the VM at
+/// once; then waits for the VM to be gone and ends the session.
+async fn serve_restore(
+    daemon: &Arc<Daemon>,
+    socket: &Arc<Socket>,
+    stream: UnixStream,
+    message: Message,
+    pid: Option<i32>,
+) {
+    let spec = &socket.spec;
+    let standby = match socket.take_standby() {
+        Some(t) => Ok(t),
+        None => StandbyThread::new("faultd-fc".into(), daemon.config.spin),
     };
+    let standby = match standby {
+        Ok(t) => t,
+        Err(e) => return refused(spec, pid, &format!("starting a fault thread: {e}")),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (d, s) = (daemon.clone(), socket.clone());
+    let thread = standby.start(Box::new(move || match prepare(&d, &s.spec, message, pid) {
+        Ok((session, server, end)) => {
+            // Straight to serving: registering and logging are done on the async side.
+            let _ = tx.send(Ok((session, end)));
+            Some(server)
+        }
+        Err(why) => {
+            let _ = tx.send(Err(why));
+            None
+        }
+    }));
+    let (session, end) = match rx.await {
+        Ok(Ok(prepared)) => prepared,
+        outcome => {
+            // The thread has ended (nothing to serve): joining it is immediate.
+            let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
+            let why = match outcome {
+                Ok(Err(why)) => why,
+                _ => "the fault thread ended before its session started".into(),
+            };
+            return refused(spec, pid, &why);
+        }
+    };
+    daemon.register_session(&session);
     tracing::info!(
-        session = live.session.id(),
+        session = session.id(),
         vm = spec.vm,
         peer_pid = pid,
         ends_on = end.describe(),
         "serving a Firecracker restore"
     );
-    end.wait(stream, &daemon.cancel, &spec).await;
-    daemon.end_session(live).await;
-    drop(slot);
+    end.wait(stream, &daemon.cancel, spec).await;
+    daemon.end_session(Live { session, thread }).await;
 }
 
 fn refused(spec: &ListenSpec, pid: Option<i32>, why: &str) {
@@ -895,13 +994,14 @@ impl SessionEnd {
     }
 }
 
-/// Validates a received message and starts its session (blocking: opens the snapshot).
-fn start(
+/// Validates a received message and builds its session and server (blocking: opens the
+/// snapshot). Runs on the fault thread that will serve it.
+fn prepare(
     daemon: &Daemon,
     spec: &ListenSpec,
     message: Message,
     pid: Option<i32>,
-) -> Result<(crate::control::Live, SessionEnd), String> {
+) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
     let uffd = check_fds(message.fds)?;
     let (snapshot, len) = open_snapshot(&spec.snapshot).map_err(|e| crate::validate::chain(&e))?;
     let regions = check_regions(&message.regions, len)?;
@@ -917,8 +1017,8 @@ fn start(
             )
         }
     };
-    let live = daemon
-        .start_session(
+    let (session, server) = daemon
+        .new_server(
             spec.vm.clone(),
             regions.layout,
             regions.served,
@@ -926,7 +1026,7 @@ fn start(
             uffd,
         )
         .map_err(|e| format!("starting fault service: {e}"))?;
-    Ok((live, end))
+    Ok((session, server, end))
 }
 
 /// A pidfd of process `pid`: readable once it exits.

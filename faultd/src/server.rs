@@ -393,6 +393,69 @@ impl Drop for FaultThread {
     }
 }
 
+/// What a standby thread runs first: builds the server of the session it will serve (None:
+/// there is none, e.g. the request was refused, and the thread ends).
+pub type StandbyJob<O> = Box<dyn FnOnce() -> Option<FaultServer<O>> + Send>;
+
+/// A fault thread created before its session exists, parked until it is given one.
+///
+/// Creating a thread costs tens to hundreds of microseconds here; a Firecracker restore waits
+/// for its first pages from the moment it sends its message. So a Firecracker socket keeps one
+/// standby thread, and the thread itself validates the message and starts serving: the
+/// restore's first fault waits for one wake-up, not a thread creation and a hand-off.
+#[derive(Debug)]
+pub struct StandbyThread<O> {
+    job: Sender<StandbyJob<O>>,
+    ctl: Arc<Control>,
+    devices: Sender<Device>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl<O: UffdOps + Send + 'static> StandbyThread<O> {
+    /// Creates the thread, named `name`; it will spin for `spin` after bursts of work.
+    pub fn new(name: String, spin: Duration) -> io::Result<StandbyThread<O>> {
+        let ctl = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
+        });
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<StandbyJob<O>>();
+        let (dev_tx, dev_rx) = std::sync::mpsc::channel();
+        let c = ctl.clone();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            // Sender dropped (the socket closed) or no session: nothing to serve.
+            let Some(mut server) = job_rx.recv().ok().and_then(|job| job()) else {
+                return;
+            };
+            server.new_devices = Some(dev_rx);
+            run(server, spin, &c);
+        })?;
+        Ok(StandbyThread {
+            job: job_tx,
+            ctl,
+            devices: dev_tx,
+            handle: Some(handle),
+        })
+    }
+
+    /// Wakes the thread to run `job` and then serve the server it builds, if any. (An unused
+    /// standby is just dropped: its job channel closes and the parked thread ends.)
+    pub fn start(self, job: StandbyJob<O>) -> FaultThread {
+        let StandbyThread {
+            job: jobs,
+            ctl,
+            devices,
+            handle,
+        } = self;
+        // A send fails only if the thread is gone (it panicked): the FaultThread joins it.
+        let _ = jobs.send(job);
+        FaultThread {
+            ctl,
+            devices,
+            handle,
+        }
+    }
+}
+
 /// How long the fault thread keeps polling after work before it sleeps in poll(2).
 ///
 /// Spinning pays only when the next fault comes before the spin ends; otherwise it burns a core

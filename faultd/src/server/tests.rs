@@ -360,6 +360,36 @@ fn fault_thread_serves_and_stops() {
     assert_eq!(s.stats().zero_fills, 1);
 }
 
+#[test]
+fn standby_thread_serves_the_session_its_job_builds() {
+    let s = session(4, Backing::Zero, None);
+    let standby = StandbyThread::new("standby".into(), Duration::from_micros(50)).unwrap();
+    let job_session = s.clone();
+
+    let t = standby.start(Box::new(move || {
+        let fake = FakeUffd::new(HVA, 4 * PAGE);
+        fake.touch(HVA);
+        Some(FaultServer::new(job_session, fake, 8, LIMITS))
+    }));
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.stats().zero_fills == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.stop();
+    assert_eq!(s.stats().zero_fills, 1);
+}
+
+#[test]
+fn standby_thread_whose_job_builds_nothing_ends_and_is_joined() {
+    let standby: StandbyThread<FakeUffd> =
+        StandbyThread::new("standby".into(), Duration::ZERO).unwrap();
+
+    let t = standby.start(Box::new(|| None));
+
+    t.stop(); // Returns: the thread ended without serving.
+}
+
 // ---- device page requests ----
 
 use std::sync::Mutex;
