@@ -226,6 +226,21 @@ pub fn send_raw(
     Ok(stream)
 }
 
+/// Connects to `socket` and sends `bytes` with `fds` as [`send_raw`] does, for a peer that
+/// may refuse the connection before reading anything: whether it did close the connection
+/// within `timeout` (the send itself may already find it closed).
+pub fn refused_at_once(
+    socket: &Path,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+    timeout: Duration,
+) -> bool {
+    match send_raw(socket, bytes, fds) {
+        Ok(mut stream) => closed_by_peer(&mut stream, timeout),
+        Err(e) => matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)),
+    }
+}
+
 /// Whether the peer closed `stream` within `timeout` (reads until EOF, dropping any bytes). A
 /// peer that closes without reading what was sent resets the connection instead: that counts.
 pub fn closed_by_peer(stream: &mut UnixStream, timeout: Duration) -> bool {

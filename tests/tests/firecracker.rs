@@ -12,8 +12,8 @@ use std::time::Duration;
 use faultd_client::{Client, ClientError, FirecrackerListen, RamPageSize};
 use faultd_proto::{ErrorCode, SessionStats};
 use faultd_tests::firecracker::{
-    balloon_discard, closed_by_peer, copy_with_timeout, pattern_snapshot, send_raw, FcRestore,
-    WireForm, PAGE,
+    balloon_discard, closed_by_peer, copy_with_timeout, pattern_snapshot, refused_at_once,
+    send_raw, FcRestore, WireForm, PAGE,
 };
 use faultd_tests::Faultd;
 use testvmm::{page_sequence, RamSlot, Vm, Workload};
@@ -478,8 +478,12 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
     check_live("a hang-up mid-message");
 
     // A second connection to a socket whose restore is live.
-    let mut second = send_raw(&live_socket, good_json.as_bytes(), &[uffd]).unwrap();
-    assert!(closed_by_peer(&mut second, T));
+    assert!(refused_at_once(
+        &live_socket,
+        good_json.as_bytes(),
+        &[uffd],
+        T
+    ));
     assert!(faultd.wait_for_log("has a live session on this socket already", T));
     check_live("a second connection");
 
@@ -494,8 +498,12 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
             None,
         )
         .unwrap();
-    let mut conn = send_raw(&uid_socket, good_json.as_bytes(), &[uffd]).unwrap();
-    assert!(closed_by_peer(&mut conn, T));
+    assert!(refused_at_once(
+        &uid_socket,
+        good_json.as_bytes(),
+        &[uffd],
+        T
+    ));
     assert!(
         faultd.wait_for_log("peer uid 0 is not the expected uid 4242", T),
         "{}",
@@ -512,8 +520,12 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
             Some(other),
         )
         .unwrap();
-    let mut conn = send_raw(&pid_socket, good_json.as_bytes(), &[uffd]).unwrap();
-    assert!(closed_by_peer(&mut conn, T));
+    assert!(refused_at_once(
+        &pid_socket,
+        good_json.as_bytes(),
+        &[uffd],
+        T
+    ));
     assert!(
         faultd.wait_for_log(&format!("is not the expected pid {other}"), T),
         "{}",
