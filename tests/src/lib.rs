@@ -3,6 +3,7 @@
 //! faultd serves.
 
 pub mod bench;
+pub mod fc_example;
 pub mod firecracker;
 pub mod raw;
 pub mod raw_ring;
