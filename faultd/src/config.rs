@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::firecracker::{ListenSpec, PeerRule};
+
 /// The default configuration, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/faultd.toml");
 
@@ -50,6 +52,18 @@ pub enum ConfigError {
         /// What the value must be.
         why: &'static str,
     },
+    /// A `[[firecracker]]` entry has a bad value.
+    #[error("config field firecracker[{index}].{field} = {value}: {why}")]
+    Firecracker {
+        /// Position of the entry in the file.
+        index: usize,
+        /// The entry's field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What the value must be.
+        why: &'static str,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +83,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    firecracker: Vec<RawFirecracker>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +107,17 @@ struct RawBudget {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     dir: Option<PathBuf>,
+}
+
+/// A static Firecracker listen order (see [`crate::firecracker`]). No `pid`: a pid is not
+/// known before the process exists.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirecracker {
+    vm: String,
+    socket: PathBuf,
+    snapshot: PathBuf,
+    uid: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +178,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// VMs that get a `vm` label of their own; the rest are counted under `vm="other"`.
     pub metrics_vm_labels: usize,
+    /// Sockets to serve Firecracker restores on from the start.
+    pub firecracker: Vec<ListenSpec>,
 }
 
 /// Resident-memory budgets (bytes; 0: none) and their watermarks (percent).
@@ -233,6 +262,10 @@ impl RawConfig {
         self.budget.low_pct = over.budget.low_pct.or(self.budget.low_pct);
         self.metrics.listen = over.metrics.listen.or(self.metrics.listen.take());
         self.metrics.vm_labels = over.metrics.vm_labels.or(self.metrics.vm_labels);
+        // Entries are a list, not keys: a file that lists any replaces the default's (none).
+        if !over.firecracker.is_empty() {
+            self.firecracker = over.firecracker;
+        }
     }
 }
 
@@ -388,7 +421,9 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be 0..=256",
             });
         }
+        let firecracker = firecracker_entries(raw.firecracker, &socket)?;
         Ok(Config {
+            firecracker,
             socket,
             max_sessions,
             spin: Duration::from_micros(spin_us),
@@ -404,6 +439,57 @@ impl TryFrom<RawConfig> for Config {
             metrics_vm_labels,
         })
     }
+}
+
+/// Validates `[[firecracker]]` entries: each as a listen order, sockets and VM names unique,
+/// none on the control socket.
+fn firecracker_entries(
+    raw: Vec<RawFirecracker>,
+    control: &Path,
+) -> Result<Vec<ListenSpec>, ConfigError> {
+    let mut out: Vec<ListenSpec> = Vec::with_capacity(raw.len());
+    for (index, e) in raw.into_iter().enumerate() {
+        let spec = ListenSpec::new(
+            e.vm,
+            e.socket,
+            e.snapshot,
+            PeerRule {
+                uid: e.uid,
+                pid: None,
+            },
+        )
+        .map_err(|e| ConfigError::Firecracker {
+            index,
+            field: e.field,
+            value: e.value,
+            why: e.why,
+        })?;
+        let bad = |field, value: String, why| ConfigError::Firecracker {
+            index,
+            field,
+            value,
+            why,
+        };
+        if spec.socket == control {
+            return Err(bad(
+                "socket",
+                spec.socket.display().to_string(),
+                "is the control socket",
+            ));
+        }
+        if out.iter().any(|o| o.socket == spec.socket) {
+            return Err(bad(
+                "socket",
+                spec.socket.display().to_string(),
+                "is listed by an earlier entry",
+            ));
+        }
+        if out.iter().any(|o| o.vm == spec.vm) {
+            return Err(bad("vm", spec.vm, "is listed by an earlier entry"));
+        }
+        out.push(spec);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -509,6 +595,47 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn firecracker_entries_are_read_with_their_peer_rule() {
+        let c = Config::from_toml(
+            "[[firecracker]]\nvm = \"fc0\"\nsocket = \"/run/fc0.sock\"\nsnapshot = \"/srv/fc0.mem\"\nuid = 1000\n\
+             [[firecracker]]\nvm = \"fc1\"\nsocket = \"/run/fc1.sock\"\nsnapshot = \"/srv/fc1.mem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.firecracker.len(), 2);
+        assert_eq!(c.firecracker[0].peer.uid, Some(1000));
+        assert_eq!(c.firecracker[1].socket, PathBuf::from("/run/fc1.sock"));
+    }
+
+    #[test]
+    fn bad_firecracker_entries_are_refused_naming_entry_and_field() {
+        let entry = |vm: &str, socket: &str| {
+            format!("[[firecracker]]\nvm = \"{vm}\"\nsocket = \"{socket}\"\nsnapshot = \"/s\"\n")
+        };
+        let relative = Config::from_toml(&entry("fc0", "x.sock")).unwrap_err();
+        assert_eq!(
+            relative.to_string(),
+            "config field firecracker[0].socket = x.sock: must be an absolute path"
+        );
+        let twice = Config::from_toml(&(entry("a", "/r/a") + &entry("b", "/r/a"))).unwrap_err();
+        assert!(
+            twice
+                .to_string()
+                .starts_with("config field firecracker[1].socket"),
+            "{twice}"
+        );
+        let same_vm = Config::from_toml(&(entry("a", "/r/a") + &entry("a", "/r/b"))).unwrap_err();
+        assert!(
+            same_vm
+                .to_string()
+                .starts_with("config field firecracker[1].vm"),
+            "{same_vm}"
+        );
+        let pid = Config::from_toml(&(entry("a", "/r/a") + "pid = 7\n")).unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(pid));
+        assert!(text.contains("pid"), "{text}");
     }
 
     #[test]

@@ -1,61 +1,82 @@
 //! The control socket: accepts VMM connections, turns a valid `register` into a session with a
-//! running fault thread, answers `stats`, and ends the session when the VMM hangs up.
+//! running fault thread, answers `stats`, and ends the session when the VMM hangs up. It also
+//! answers clients that are not VMMs: `firecracker_listen` (see [`crate::firecracker`]) and
+//! `vm_stats`.
 //!
 //! Every connection is its own task; anything wrong with one (malformed JSON, oversize packets,
 //! bad fds, a second `register`) gets an error message and closes that connection only.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use faultd_proto::{CodecError, ErrorCode, Request, Response, MAX_FDS, MAX_MESSAGE_BYTES};
+use faultd_proto::{
+    CodecError, ErrorCode, Request, Response, SessionStats, MAX_FDS, MAX_MESSAGE_BYTES,
+};
+use s2map::Layout;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::firecracker::Listeners;
 use crate::metrics::DaemonMetrics;
 use crate::server::{Command, DeviceLimits, FaultServer, FaultThread};
-use crate::session::Session;
+use crate::session::{ServedRegion, Session};
 use crate::validate::{validate, Refusal};
 use crate::vcpu::KernelUffd;
 
 /// Daemon-wide state shared by connection tasks.
 #[derive(Debug)]
 pub struct Daemon {
-    config: Config,
-    sessions: Mutex<HashMap<u64, Live>>,
+    pub(crate) config: Config,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
     next_id: AtomicU64,
     /// Wakes the watchdog when a device is attached (it sleeps while no VM has one).
     device_attached: tokio::sync::Notify,
+    /// The sockets faultd listens on for Firecracker.
+    pub(crate) firecracker: Listeners,
+    /// Every task of the daemon (connections, Firecracker listeners), waited for at shutdown.
+    pub(crate) tracker: TaskTracker,
+    /// Fires at shutdown.
+    pub(crate) cancel: CancellationToken,
     /// Resident guest RAM of all sessions, bytes (for the global budget).
     resident: Arc<AtomicU64>,
     metrics: DaemonMetrics,
+    /// Each session's `vm` metrics label, by session id (taken when its server is built,
+    /// released when it ends).
+    labels: Mutex<HashMap<u64, Arc<str>>>,
 }
 
-/// A session being served, with its `vm` metrics label.
+/// A session being served: its state and its fault thread.
 #[derive(Debug)]
-struct Live {
-    session: Arc<Session>,
-    label: Arc<str>,
+pub(crate) struct Live {
+    pub(crate) session: Arc<Session>,
+    pub(crate) thread: FaultThread,
 }
 
 impl Daemon {
-    /// New daemon state.
-    pub fn new(config: Config) -> Arc<Daemon> {
+    /// New daemon state; `cancel` ends everything it runs.
+    pub fn new(config: Config, cancel: CancellationToken) -> Arc<Daemon> {
         let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit);
         Arc::new(Daemon {
             config,
+            resident: Arc::new(AtomicU64::new(0)),
+            metrics,
+            labels: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             device_attached: tokio::sync::Notify::new(),
-            resident: Arc::new(AtomicU64::new(0)),
-            metrics,
+            firecracker: Listeners::default(),
+            tracker: TaskTracker::new(),
+            cancel,
         })
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -64,40 +85,148 @@ impl Daemon {
         self.sessions().len()
     }
 
+    fn labels(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<str>>> {
+        self.labels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The sessions served now.
     pub fn live_sessions(&self) -> Vec<Arc<Session>> {
-        self.sessions()
-            .values()
-            .map(|l| l.session.clone())
-            .collect()
+        self.sessions().values().cloned().collect()
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render_metrics(&self) -> String {
-        // The table stays locked while counters are read, so a session that ends meanwhile
+        // Both tables stay locked while counters are read, so a session that ends meanwhile
         // is counted once: live here, or retired (see DaemonMetrics::release).
         let sessions = self.sessions();
-        self.metrics
-            .render(sessions.values().map(|l| (&*l.label, &*l.session)))
+        let labels = self.labels();
+        let other: Arc<str> = Arc::from("other");
+        self.metrics.render(sessions.iter().map(|(id, s)| {
+            let label = labels.get(id).unwrap_or(&other);
+            (&**label, &**s)
+        }))
     }
 
-    /// Takes session `id` out of the table and retires its metrics.
-    fn end_session(&self, id: u64) {
-        let mut sessions = self.sessions();
-        if let Some(live) = sessions.remove(&id) {
-            self.metrics.release(&live.label, &live.session);
+    /// Why a new session cannot be opened now, if it cannot.
+    pub(crate) fn session_limit_reached(&self) -> Option<String> {
+        (self.session_count() >= self.config.max_sessions).then(|| {
+            format!(
+                "faultd serves its limit of {} sessions",
+                self.config.max_sessions
+            )
+        })
+    }
+
+    /// The counters of every live session named `vm`, by session id.
+    pub(crate) fn stats_of(&self, vm: &str) -> Vec<SessionStats> {
+        let mut matching: Vec<Arc<Session>> = self
+            .sessions()
+            .values()
+            .filter(|s| s.vm() == vm)
+            .cloned()
+            .collect();
+        matching.sort_unstable_by_key(|s| s.id());
+        matching.iter().map(|s| s.stats()).collect()
+    }
+
+    /// Builds the session of a validated VM and the server of its faults (not yet running,
+    /// not yet registered).
+    pub(crate) fn new_server(
+        &self,
+        vm: String,
+        layout: Layout,
+        regions: Vec<ServedRegion>,
+        snapshot: Option<File>,
+        uffd: OwnedFd,
+    ) -> std::io::Result<(Arc<Session>, FaultServer<KernelUffd>)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(Session::new(id, vm, layout, regions, snapshot));
+        let config = &self.config;
+        // The systemd watchdog looks at the uffd through a duplicate (to see faults waiting);
+        // without one it judges the thread by its progress alone.
+        match uffd.try_clone() {
+            Ok(dup) => session.watch.set_source(dup),
+            Err(e) => tracing::warn!(session = id, "duplicating the userfaultfd: {e}"),
         }
+        let ops = KernelUffd::new(uffd, config.batch)?;
+        let label = self.metrics.acquire_label(session.vm());
+        self.labels().insert(id, label.clone());
+        let server = FaultServer::new(
+            session.clone(),
+            ops,
+            config.batch,
+            DeviceLimits {
+                pin_limit: config.pin_limit,
+                deadline: config.device_deadline,
+            },
+        )
+        .with_store_dir(config.store_dir.clone())
+        .with_budget(config.budget, self.resident.clone())
+        .with_metrics(self.metrics.session(&label));
+        Ok((session, server))
+    }
+
+    /// Makes a served session known (stats, watchdog, the session limit).
+    pub(crate) fn register_session(&self, session: &Arc<Session>) {
+        self.sessions().insert(session.id(), session.clone());
+        tracing::info!(
+            session = session.id(),
+            vm = session.vm(),
+            guest_bytes = session.layout().total_bytes(),
+            regions = session.layout().regions().len(),
+            "session registered"
+        );
+    }
+
+    /// Starts serving a validated VM on a new fault thread, registered in the daemon. Faults
+    /// are served from the moment this returns.
+    pub(crate) fn start_session(
+        &self,
+        vm: String,
+        layout: Layout,
+        regions: Vec<ServedRegion>,
+        snapshot: Option<File>,
+        uffd: OwnedFd,
+    ) -> std::io::Result<Live> {
+        let (session, server) = self.new_server(vm, layout, regions, snapshot, uffd)?;
+        let thread = FaultThread::spawn(server, self.config.spin)?;
+        self.register_session(&session);
+        Ok(Live { session, thread })
+    }
+
+    /// Ends a session: stops its fault thread, forgets it, and logs its figures.
+    pub(crate) async fn end_session(&self, live: Live) {
+        let Live { session, thread } = live;
+        // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
+        // never on the reactor, which serves every other session's control requests.
+        let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
+        {
+            // Both tables together, as render_metrics reads them.
+            let mut sessions = self.sessions();
+            sessions.remove(&session.id());
+            if let Some(label) = self.labels().remove(&session.id()) {
+                self.metrics.release(&label, &session);
+            }
+        }
+        let stats = session.stats();
+        tracing::info!(
+            session = session.id(),
+            vm = session.vm(),
+            faults = stats.vcpu_faults,
+            file_fills = stats.file_fills,
+            zero_fills = stats.zero_fills,
+            resident_bytes = stats.resident_bytes,
+            errors = stats.errors,
+            "session ended"
+        );
     }
 }
 
-/// Accepts connections until `cancel` fires; each connection runs in its own task, and every
-/// session is ended before this returns.
-pub async fn serve(
-    mut listener: UnixSeqpacketListener,
-    daemon: Arc<Daemon>,
-    cancel: CancellationToken,
-) {
-    let tracker = tokio_util::task::TaskTracker::new();
+/// Accepts connections until the daemon's cancel token fires; each connection runs in its own
+/// task, and every session (Firecracker's too) is ended before this returns.
+pub async fn serve(mut listener: UnixSeqpacketListener, daemon: Arc<Daemon>) {
+    let cancel = daemon.cancel.clone();
+    let tracker = daemon.tracker.clone();
     tracker.spawn(watchdog(daemon.clone(), cancel.clone()));
     loop {
         tokio::select! {
@@ -134,8 +263,8 @@ async fn watchdog(daemon: Arc<Daemon>, cancel: CancellationToken) {
         let sessions: Vec<Arc<Session>> = daemon
             .sessions()
             .values()
-            .filter(|l| l.session.has_devices())
-            .map(|l| l.session.clone())
+            .filter(|s| s.has_devices())
+            .cloned()
             .collect();
         if sessions.is_empty() {
             // notify_one stores a permit, so an attach between the check and this wait is not
@@ -229,52 +358,110 @@ fn decode_error(e: CodecError) -> (ErrorCode, String) {
 }
 
 async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: CancellationToken) {
-    let peer_pid = conn.peer_cred().ok().and_then(|c| c.pid());
-    let first = tokio::select! {
-        _ = cancel.cancelled() => return,
-        p = recv_packet(&conn) => p,
+    let cred = conn.peer_cred().ok();
+    let peer_pid = cred.as_ref().and_then(|c| c.pid());
+    let mut packet = match recv_request(&daemon, &conn, &cancel).await {
+        Some(p) => p,
+        None => return,
     };
-    let packet = match first {
-        Ok(p) => p,
-        Err(RecvError::Closed) => return,
-        Err(RecvError::Oversize(m)) => return refuse(&daemon, &conn, ErrorCode::Oversize, m).await,
-        Err(RecvError::Io(e)) => {
-            tracing::debug!("receive failed before registration: {e}");
-            return;
-        }
-    };
-    let reg = match faultd_proto::decode::<Request>(&packet.bytes) {
-        Ok(Request::Register(reg)) => reg,
-        Ok(_) => {
+    // A client that is not a VMM sends any number of admin requests, each answered, until it
+    // hangs up (or one is refused).
+    loop {
+        let admin = match faultd_proto::decode::<Request>(&packet.bytes) {
+            Ok(Request::Register(reg)) => {
+                return register(conn, reg, packet.fds, peer_pid, daemon, cancel).await
+            }
+            Ok(Request::FirecrackerListen(listen)) => Admin::Listen(listen),
+            Ok(Request::VmStats { vm }) => Admin::VmStats(vm),
+            Ok(_) => {
+                return refuse(
+                    &daemon,
+                    &conn,
+                    ErrorCode::UnexpectedMessage,
+                    "the first message must be register (or, from a client that is not a VMM, \
+                     firecracker_listen or vm_stats)"
+                        .into(),
+                )
+                .await
+            }
+            Err(e) => {
+                let (code, m) = decode_error(e);
+                return refuse(&daemon, &conn, code, m).await;
+            }
+        };
+        if !packet.fds.is_empty() {
             return refuse(
                 &daemon,
                 &conn,
-                ErrorCode::UnexpectedMessage,
-                "the first message must be register".into(),
+                ErrorCode::BadFd,
+                "fds attached to a message that takes none".into(),
             )
-            .await
+            .await;
         }
-        Err(e) => {
-            let (code, m) = decode_error(e);
-            return refuse(&daemon, &conn, code, m).await;
+        let answer = match admin {
+            Admin::VmStats(vm) => Ok(Response::VmStats {
+                sessions: daemon.stats_of(&vm),
+                vm,
+            }),
+            Admin::Listen(listen) => {
+                crate::firecracker::listen_request(&daemon, listen, cred.as_ref()).await
+            }
+        };
+        match answer {
+            Ok(resp) => send(&conn, &resp).await,
+            Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
         }
+        packet = match recv_request(&daemon, &conn, &cancel).await {
+            Some(p) => p,
+            None => return,
+        };
+    }
+}
+
+/// A request from a client that is not a VMM session.
+enum Admin {
+    Listen(faultd_proto::FirecrackerListen),
+    VmStats(String),
+}
+
+/// The next packet of a connection; None when it is closed, failed, or was refused (answered).
+async fn recv_request(
+    daemon: &Daemon,
+    conn: &UnixSeqpacket,
+    cancel: &CancellationToken,
+) -> Option<Packet> {
+    let next = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        p = recv_packet(conn) => p,
     };
-    if daemon.session_count() >= daemon.config.max_sessions {
-        return refuse(
-            &daemon,
-            &conn,
-            ErrorCode::Busy,
-            format!(
-                "faultd serves its limit of {} sessions",
-                daemon.config.max_sessions
-            ),
-        )
-        .await;
+    match next {
+        Ok(p) => Some(p),
+        Err(RecvError::Closed) => None,
+        Err(RecvError::Oversize(m)) => {
+            refuse(daemon, conn, ErrorCode::Oversize, m).await;
+            None
+        }
+        Err(RecvError::Io(e)) => {
+            tracing::debug!("receive failed before registration: {e}");
+            None
+        }
+    }
+}
+
+/// Serves a VMM's `register` and then its session until it hangs up.
+async fn register(
+    conn: UnixSeqpacket,
+    reg: faultd_proto::Register,
+    fds: Vec<OwnedFd>,
+    peer_pid: Option<i32>,
+    daemon: Arc<Daemon>,
+    cancel: CancellationToken,
+) {
+    if let Some(why) = daemon.session_limit_reached() {
+        return refuse(&daemon, &conn, ErrorCode::Busy, why).await;
     }
     // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
-    let validated = match tokio::task::spawn_blocking(move || validate(&reg, packet.fds, peer_pid))
-        .await
-    {
+    let validated = match tokio::task::spawn_blocking(move || validate(&reg, fds, peer_pid)).await {
         Ok(Ok(v)) => v,
         Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
         Err(e) => {
@@ -287,88 +474,36 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             .await
         }
     };
-    let id = daemon.next_id.fetch_add(1, Ordering::Relaxed);
-    let session = Arc::new(Session::new(
-        id,
+    let live = match daemon.start_session(
         validated.vm,
         validated.layout,
         validated.regions,
         validated.snapshot,
-    ));
-    // The watchdog looks at the uffd through a duplicate (to see faults waiting); without one
-    // it judges the thread by its progress alone.
-    match validated.uffd.try_clone() {
-        Ok(dup) => session.watch.set_source(dup),
-        Err(e) => tracing::warn!(session = id, "duplicating the userfaultfd: {e}"),
-    }
-    let label = daemon.metrics.acquire_label(session.vm());
-    let thread = match KernelUffd::new(validated.uffd, daemon.config.batch).and_then(|ops| {
-        FaultThread::spawn(
-            FaultServer::new(
-                session.clone(),
-                ops,
-                daemon.config.batch,
-                DeviceLimits {
-                    pin_limit: daemon.config.pin_limit,
-                    deadline: daemon.config.device_deadline,
-                },
-            )
-            .with_store_dir(daemon.config.store_dir.clone())
-            .with_budget(daemon.config.budget, daemon.resident.clone())
-            .with_metrics(daemon.metrics.session(&label)),
-            daemon.config.spin,
-        )
-    }) {
-        Ok(t) => t,
+        validated.uffd,
+    ) {
+        Ok(live) => live,
         Err(e) => {
-            daemon.metrics.release(&label, &session);
             return refuse(
                 &daemon,
                 &conn,
                 ErrorCode::Internal,
                 format!("starting fault service: {e}"),
             )
-            .await;
+            .await
         }
     };
-    daemon.sessions().insert(
-        id,
-        Live {
-            session: session.clone(),
-            label,
-        },
-    );
-    tracing::info!(
-        session = id,
-        vm = session.vm(),
-        guest_bytes = session.layout().total_bytes(),
-        regions = session.layout().regions().len(),
-        "session registered"
-    );
     send(
         &conn,
         &Response::Registered {
-            session: id,
+            session: live.session.id(),
             version: faultd_proto::PROTOCOL_VERSION,
         },
     )
     .await;
 
-    session_loop(&conn, &session, &thread, &daemon, &cancel).await;
+    session_loop(&conn, &live.session, &live.thread, &daemon, &cancel).await;
 
-    // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
-    // never on the reactor, which serves every other session's control requests.
-    let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
-    daemon.end_session(id);
-    let stats = session.stats();
-    tracing::info!(
-        session = id,
-        vm = session.vm(),
-        faults = stats.vcpu_faults,
-        resident_bytes = stats.resident_bytes,
-        errors = stats.errors,
-        "session ended"
-    );
+    daemon.end_session(live).await;
 }
 
 /// Serves requests on a registered connection until the VMM hangs up or sends something bad.
@@ -501,6 +636,15 @@ async fn session_loop(
                         .await
                     }
                 }
+            }
+            Ok(Request::FirecrackerListen(_) | Request::VmStats { .. }) => {
+                return refuse(
+                    daemon,
+                    conn,
+                    ErrorCode::UnexpectedMessage,
+                    "a VMM session takes register, stats, add_device and evict only".into(),
+                )
+                .await
             }
             Err(e) => {
                 let (code, m) = decode_error(e);

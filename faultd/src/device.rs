@@ -443,7 +443,14 @@ impl<O: UffdOps> FaultServer<O> {
             ));
             return Some(Outcome::Invalid(Refuse::Failed));
         }
-        let (iova, target) = self.session.map_target(g);
+        let Some((iova, target)) = self.session.map_target(g) else {
+            // Devices are refused at attach for such memory; never reached.
+            self.error(format_args!(
+                "device {}: guest RAM has no fd to map",
+                self.devices[d].dev_id.0
+            ));
+            return Some(Outcome::Invalid(Refuse::Failed));
+        };
         let target = MapTarget {
             va: target.0,
             fd: target.1,
@@ -507,7 +514,7 @@ impl<O: UffdOps> FaultServer<O> {
         let Some(d) = self.devices.iter().position(|x| x.idx == dev) else {
             return false;
         };
-        let (iova, _) = self.session.map_target(g);
+        let iova = self.session.iova_of(g);
         let bytes = self.session.granule_bytes(g);
         // The IOMMU first: the device can no longer reach the memory once this returns.
         if let Err(e) = self.devices[d].mapper.unmap(Iova(iova), bytes) {

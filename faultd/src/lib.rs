@@ -1,15 +1,18 @@
 //! faultd: serves the page faults of VMs whose guest RAM is not pinned.
 //!
 //! Owns: the control socket and sessions ([`control`]), validation of what VMMs hand over
-//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), configuration ([`config`]),
-//! Prometheus metrics ([`metrics`]), and what the service manager sees: socket activation,
-//! readiness and the watchdog ([`systemd`]).
+//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), Firecracker's page-fault
+//! handler protocol ([`firecracker`]), configuration ([`config`]), Prometheus metrics
+//! ([`metrics`]), what the service manager sees: socket activation, readiness and the
+//! watchdog ([`systemd`]), and the `faultd ctl` client commands ([`ctl`]).
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod device;
+pub mod firecracker;
 pub mod metrics;
 pub mod server;
 pub mod session;
@@ -68,6 +71,14 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         #[source]
         source: io::Error,
+    },
+    /// A `[[firecracker]]` config entry could not be listened on.
+    #[error("listening for Firecracker VM {vm}")]
+    FirecrackerListen {
+        /// The entry's VM.
+        vm: String,
+        #[source]
+        source: firecracker::ListenError,
     },
 }
 
@@ -173,9 +184,22 @@ pub fn run(config: Config) -> Result<(), RunError> {
         if let Some(socket) = &bound {
             tracing::info!(socket = %socket.display(), "faultd serving");
         }
-        let daemon = control::Daemon::new(config);
+        let static_listens = config.firecracker.clone();
+        let daemon = control::Daemon::new(config, cancel.clone());
+        for spec in static_listens {
+            let vm = spec.vm.clone();
+            if let Err(source) = firecracker::listen(&daemon, spec).await {
+                cancel.cancel();
+                daemon.tracker.close();
+                daemon.tracker.wait().await;
+                if let Some(socket) = &bound {
+                    let _ = std::fs::remove_file(socket);
+                }
+                return Err(RunError::FirecrackerListen { vm, source });
+            }
+        }
         let tasks = tokio_util::task::TaskTracker::new();
-        tasks.spawn(control::serve(listener, daemon.clone(), cancel.clone()));
+        tasks.spawn(control::serve(listener, daemon.clone()));
         if let Some(listener) = metrics_listener {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!("metrics served at http://{addr}/metrics");

@@ -3,12 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Serves the page faults of VMs whose guest RAM is not pinned.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    /// Without a command: run the daemon.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Config file (TOML), read over the embedded default.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -32,6 +35,15 @@ struct Args {
     check_config: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send a request to a running faultd (its control socket: --socket, or the config's).
+    Ctl {
+        #[command(subcommand)]
+        request: faultd::ctl::CtlCommand,
+    },
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let overrides = faultd::Overrides {
@@ -45,6 +57,15 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e, 2),
     };
+    if let Some(Command::Ctl { request }) = args.command {
+        return match faultd::ctl::run(&config.socket, request) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e, 1),
+        };
+    }
     if args.check_config {
         println!("{config:#?}");
         return ExitCode::SUCCESS;

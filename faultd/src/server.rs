@@ -545,24 +545,30 @@ impl<O: UffdOps> FaultServer<O> {
                     }
                 }
             }
-            Fill::File { offset } => {
-                let buf = &mut self.page_buf[..at.size as usize];
-                let read = match self.session.snapshot() {
-                    Some(f) => f.read_exact_at(buf, offset),
-                    None => Err(io::Error::other("no snapshot file")),
-                };
-                match read {
-                    Ok(()) => self.ops.copy(buf, at.hva),
-                    Err(e) => {
-                        self.abort(at);
-                        self.error(format_args!(
-                            "reading snapshot offset {offset:#x} for {:#x}: {e}",
-                            at.hva.0
-                        ));
-                        return Err(InstallFail::Failed);
+            Fill::File { offset } => match self.session.mapped_snapshot(offset, at.size) {
+                // The kernel copies straight from faultd's mapping of the file: one copy and
+                // no read(2). Measured here (firecracker_restore bench, alternating builds):
+                // faultd's service p50 9-12 µs instead of 12-14 µs with pread.
+                Some(src) => self.ops.copy_mapped(src, at.hva),
+                None => {
+                    let buf = &mut self.page_buf[..at.size as usize];
+                    let read = match self.session.snapshot() {
+                        Some(f) => f.read_exact_at(buf, offset),
+                        None => Err(io::Error::other("no snapshot file")),
+                    };
+                    match read {
+                        Ok(()) => self.ops.copy(buf, at.hva),
+                        Err(e) => {
+                            self.abort(at);
+                            self.error(format_args!(
+                                "reading snapshot offset {offset:#x} for {:#x}: {e}",
+                                at.hva.0
+                            ));
+                            return Err(InstallFail::Failed);
+                        }
                     }
                 }
-            }
+            },
         };
         let counters = &self.session.counters;
         if result.is_ok() {
@@ -832,6 +838,69 @@ impl FaultThread {
 impl Drop for FaultThread {
     fn drop(&mut self) {
         self.stop_and_join();
+    }
+}
+
+/// What a standby thread runs first: builds the server of the session it will serve (None:
+/// there is none, e.g. the request was refused, and the thread ends).
+pub type StandbyJob<O> = Box<dyn FnOnce() -> Option<FaultServer<O>> + Send>;
+
+/// A fault thread created before its session exists, parked until it is given one.
+///
+/// Creating a thread costs tens to hundreds of microseconds here; a Firecracker restore waits
+/// for its first pages from the moment it sends its message. So a Firecracker socket keeps one
+/// standby thread, and the thread itself validates the message and starts serving: the
+/// restore's first fault waits for one wake-up, not a thread creation and a hand-off.
+#[derive(Debug)]
+pub struct StandbyThread<O> {
+    job: Sender<StandbyJob<O>>,
+    ctl: Arc<Control>,
+    commands: Sender<Command>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl<O: UffdOps + Send + 'static> StandbyThread<O> {
+    /// Creates the thread, named `name`; it will spin for `spin` after bursts of work.
+    pub fn new(name: String, spin: Duration) -> io::Result<StandbyThread<O>> {
+        let ctl = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
+        });
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<StandbyJob<O>>();
+        let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+        let c = ctl.clone();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            // Sender dropped (the socket closed) or no session: nothing to serve.
+            let Some(mut server) = job_rx.recv().ok().and_then(|job| job()) else {
+                return;
+            };
+            server.new_devices = Some(cmd_rx);
+            run(server, spin, &c);
+        })?;
+        Ok(StandbyThread {
+            job: job_tx,
+            ctl,
+            commands: cmd_tx,
+            handle: Some(handle),
+        })
+    }
+
+    /// Wakes the thread to run `job` and then serve the server it builds, if any. (An unused
+    /// standby is just dropped: its job channel closes and the parked thread ends.)
+    pub fn start(self, job: StandbyJob<O>) -> FaultThread {
+        let StandbyThread {
+            job: jobs,
+            ctl,
+            commands,
+            handle,
+        } = self;
+        // A send fails only if the thread is gone (it panicked): the FaultThread joins it.
+        let _ = jobs.send(job);
+        FaultThread {
+            ctl,
+            commands,
+            handle,
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use iopf::{DevId, FaultQueue, Mapper};
 use s2map::{Backing, DeviceIdx, Gpa, Layout, PageSize, RegionSpec};
 
 use crate::device::Device;
-use crate::session::{Hva, ServedRegion, Session};
+use crate::session::{Hva, RegionMemory, ServedRegion, Session};
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -238,8 +238,10 @@ pub fn validate(
             .expect("memory fd indexes are distinct from uffd/snapshot");
         served.push(ServedRegion {
             hva: Hva(hva),
-            mem,
-            mem_offset,
+            memory: RegionMemory::Shared {
+                fd: mem,
+                offset: mem_offset,
+            },
         });
     }
     Ok(Validated {
@@ -251,7 +253,7 @@ pub fn validate(
     })
 }
 
-fn check_vm_name(vm: &str) -> Result<(), Refusal> {
+pub(crate) fn check_vm_name(vm: &str) -> Result<(), Refusal> {
     let ok = !vm.is_empty()
         && vm.len() <= MAX_VM_NAME
         && vm
@@ -267,7 +269,7 @@ fn check_vm_name(vm: &str) -> Result<(), Refusal> {
     }
 }
 
-fn check_uffd(fd: BorrowedFd<'_>) -> Result<(), Refusal> {
+pub(crate) fn check_uffd(fd: BorrowedFd<'_>) -> Result<(), Refusal> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(|e| refuse(ErrorCode::BadFd, format!("uffd: cannot inspect fd: {e}")))?;
     if link.as_os_str() != "anon_inode:[userfaultfd]" {
@@ -472,6 +474,13 @@ pub fn device(
     granule: u64,
     max_devices: usize,
 ) -> Result<Device, Refusal> {
+    if !session.memory_is_mappable() {
+        return Err(refuse(
+            ErrorCode::BadLayout,
+            "the VM's guest RAM is anonymous private memory (a Firecracker restore): faultd has \
+             no memory fd to map for a device",
+        ));
+    }
     let mut slots: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let n = slots.len();
     let mut take = |idx: FdIndex, what: &str| -> Result<OwnedFd, Refusal> {
@@ -584,7 +593,7 @@ pub fn device(
 }
 
 /// An error with its sources, for messages sent to clients.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

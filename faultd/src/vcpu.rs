@@ -51,6 +51,18 @@ pub enum UffdEvent {
     Ignored(&'static str),
 }
 
+/// Bytes in faultd's address space that faultd itself never reads: a range of its read-only
+/// mapping of a snapshot file ([`crate::session::SnapshotView`]). Only the kernel reads them,
+/// as UFFDIO_COPY's source; if the file shrank under the mapping, the copy fails with EFAULT
+/// instead of faultd taking SIGBUS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedSource {
+    /// First byte, in faultd's address space.
+    pub addr: u64,
+    /// Bytes (one page).
+    pub len: u64,
+}
+
 /// Outcome of a uffd operation that did not install the page, lifted from errno once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OpError {
@@ -94,6 +106,8 @@ pub trait UffdOps {
     fn zeropage(&self, at: Hva, len: u64) -> Result<(), OpError>;
     /// Installs `src` at `at` (one page), waking waiters.
     fn copy(&self, src: &[u8], at: Hva) -> Result<(), OpError>;
+    /// Installs the page at `src` (a mapping faultd never reads) at `at`, waking waiters.
+    fn copy_mapped(&self, src: MappedSource, at: Hva) -> Result<(), OpError>;
     /// Wakes threads blocked on `[at, at+len)` without installing anything.
     fn wake(&self, at: Hva, len: u64) -> Result<(), OpError>;
     /// Write-protects `[at, at+len)` in the VMM: writers block (a WP fault) until unprotected.
@@ -198,6 +212,22 @@ impl UffdOps for KernelUffd {
         unsafe {
             self.uffd
                 .copy(src.as_ptr().cast(), at.0 as *mut _, src.len(), true)
+        }
+        .map(drop)
+        .map_err(lift)
+    }
+
+    fn copy_mapped(&self, src: MappedSource, at: Hva) -> Result<(), OpError> {
+        // SAFETY: `src` is a range of faultd's live read-only snapshot mapping, which faultd
+        // never dereferences; only the kernel reads it here (EFAULT if the file shrank). The
+        // destination is in the VMM's address space, checked by the kernel to be registered.
+        unsafe {
+            self.uffd.copy(
+                src.addr as *const std::ffi::c_void,
+                at.0 as *mut _,
+                src.len as usize,
+                true,
+            )
         }
         .map(drop)
         .map_err(lift)

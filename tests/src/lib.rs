@@ -3,6 +3,8 @@
 //! faultd serves.
 
 pub mod bench;
+pub mod fc_example;
+pub mod firecracker;
 pub mod raw;
 pub mod raw_ring;
 
@@ -155,6 +157,62 @@ impl Faultd {
                 "faultd logged no metrics address:\n{log}"
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asks faultd to serve Firecracker restores of `vm` on `socket` from `snapshot`.
+    pub fn listen_firecracker(
+        &self,
+        vm: &str,
+        socket: &Path,
+        snapshot: &Path,
+        uid: Option<u32>,
+        pid: Option<i32>,
+    ) -> Result<(), faultd_client::ClientError> {
+        Client::connect(&self.socket)?.firecracker_listen(faultd_client::FirecrackerListen {
+            vm: vm.to_owned(),
+            socket: socket.to_owned(),
+            snapshot: snapshot.to_owned(),
+            uid,
+            pid,
+        })
+    }
+
+    /// The counters of every live session named `vm`.
+    pub fn vm_stats(&self, vm: &str) -> Vec<faultd_proto::SessionStats> {
+        Client::connect(&self.socket)
+            .and_then(|c| c.vm_stats(vm))
+            .expect("vm_stats")
+    }
+
+    /// [`Faultd::vm_stats`] once `done` holds (or after 5 s, whatever they are then): counters
+    /// trail the faults they count by a moment (see [`settled_stats`]).
+    pub fn settled_vm_stats(
+        &self,
+        vm: &str,
+        done: impl Fn(&[faultd_proto::SessionStats]) -> bool,
+    ) -> Vec<faultd_proto::SessionStats> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = self.vm_stats(vm);
+            if done(&s) || Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits up to `timeout` for `needle` to appear in the log; whether it did.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

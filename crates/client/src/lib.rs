@@ -21,6 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 
+pub use faultd_proto::FirecrackerListen;
 use faultd_proto::{
     AddDevice, BackingDesc, ErrorCode, FdIndex, IommuDesc, QueueDesc, RegionDesc, Register,
     Request, Response, SessionStats, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
@@ -393,6 +394,30 @@ impl Client {
     /// would.
     pub fn into_raw(self) -> RawConnection {
         RawConnection { sock: self.sock }
+    }
+
+    /// Tells faultd to serve Firecracker restores of `listen.vm` on `listen.socket` (this
+    /// client is not a VMM; it needs root or faultd's uid). Returns once faultd listens.
+    pub fn firecracker_listen(self, listen: FirecrackerListen) -> Result<(), ClientError> {
+        match self.admin(&Request::FirecrackerListen(listen))? {
+            Response::Listening { .. } => Ok(()),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// The counters of every live session named `vm` (none: empty).
+    pub fn vm_stats(self, vm: &str) -> Result<Vec<SessionStats>, ClientError> {
+        match self.admin(&Request::VmStats { vm: vm.to_owned() })? {
+            Response::VmStats { sessions, .. } => Ok(sessions),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// Sends one request that takes no fds and returns faultd's answer.
+    fn admin(self, req: &Request) -> Result<Response, ClientError> {
+        let mut raw = RawConnection { sock: self.sock };
+        raw.send(&faultd_proto::encode(req)?, &[])?;
+        raw.recv_response()
     }
 }
 

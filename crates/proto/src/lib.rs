@@ -58,6 +58,38 @@ pub enum Request {
         #[serde(default)]
         max_pages: Option<u64>,
     },
+    /// Not a VMM session: tells faultd to serve Firecracker snapshot restores of VM `vm` on a
+    /// socket of its own (Firecracker's external page-fault handler protocol). Answered
+    /// [`Response::Listening`]. Takes no fds.
+    FirecrackerListen(FirecrackerListen),
+    /// Not a VMM session: the counters of every live session named `vm`. Answered
+    /// [`Response::VmStats`]. Takes no fds.
+    VmStats {
+        /// The VM name the sessions were opened with.
+        vm: String,
+    },
+}
+
+/// Where Firecracker will connect for VM `vm`'s restore, and what backs its memory.
+///
+/// faultd listens on `socket` (`SOCK_STREAM`, the socket Firecracker's `backend_path` names)
+/// and serves each connection there as a session named `vm`, filling pages from `snapshot`
+/// (Firecracker's memory snapshot file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirecrackerListen {
+    /// A name for logs and metrics (1..=64 bytes of `[A-Za-z0-9._-]`).
+    pub vm: String,
+    /// Absolute path of the socket faultd creates and listens on.
+    pub socket: std::path::PathBuf,
+    /// Absolute path of the memory snapshot file; opened anew for every connection.
+    pub snapshot: std::path::PathBuf,
+    /// Only a process with this uid may connect; the socket is also owned by this uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Only the process with this pid may connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
 }
 
 /// A device of the registered VM: where its page requests arrive and which IOMMU faultd maps
@@ -194,6 +226,21 @@ pub enum Response {
         /// Bytes per IOMMU mapping granule for this device.
         granule: u64,
     },
+    /// faultd listens for Firecracker on `socket` (the answer to
+    /// [`Request::FirecrackerListen`]).
+    Listening {
+        /// The VM name.
+        vm: String,
+        /// The socket path.
+        socket: std::path::PathBuf,
+    },
+    /// The counters of every live session named `vm` (none: an empty list).
+    VmStats {
+        /// The VM name asked for.
+        vm: String,
+        /// One entry per live session of that name.
+        sessions: Vec<SessionStats>,
+    },
     /// The request was refused. After an error faultd closes the connection.
     Error {
         /// Machine-readable class of the error.
@@ -319,6 +366,11 @@ pub enum ErrorCode {
     Busy,
     /// A device with this dev_id is attached already.
     DuplicateDevice,
+    /// A socket or snapshot path of `firecracker_listen` is unusable (relative, too long,
+    /// taken, missing, not a regular file).
+    BadPath,
+    /// The client may not make this request (`firecracker_listen` needs root or faultd's uid).
+    PermissionDenied,
     /// faultd failed for a reason of its own.
     Internal,
 }
@@ -407,6 +459,33 @@ mod tests {
             r#"{"type":"add_device","dev_id":1,"queue":{"kind":"ring","ring":0,"kick":1,"notify":2},"iommu":{"kind":"emulated","table":3}}"#
         );
         assert_eq!(decode::<Request>(text.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn firecracker_listen_wire_form_is_the_documented_one() {
+        let r = Request::FirecrackerListen(FirecrackerListen {
+            vm: "fc0".into(),
+            socket: "/run/fc0/uffd.sock".into(),
+            snapshot: "/srv/fc0/mem".into(),
+            uid: Some(1000),
+            pid: None,
+        });
+        let text = String::from_utf8(encode(&r).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"firecracker_listen","vm":"fc0","socket":"/run/fc0/uffd.sock","snapshot":"/srv/fc0/mem","uid":1000}"#
+        );
+        assert_eq!(decode::<Request>(text.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn vm_stats_answer_round_trips() {
+        let r = Response::VmStats {
+            vm: "fc0".into(),
+            sessions: vec![SessionStats::default()],
+        };
+        let bytes = encode(&r).unwrap();
+        assert_eq!(decode::<Response>(&bytes).unwrap(), r);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::os::fd::OwnedFd;
 use s2map::{Backing, Gpa, Layout, PageSize, PageState, RegionSpec};
 
 use super::*;
-use crate::session::ServedRegion;
-use crate::vcpu::OpError;
+use crate::session::{RegionMemory, ServedRegion};
+use crate::vcpu::{MappedSource, OpError};
 
 const HVA: u64 = 0x7f00_0000_0000;
 const LIMITS: DeviceLimits = DeviceLimits {
@@ -129,6 +129,14 @@ impl UffdOps for FakeUffd {
         self.install(at, src.to_vec())
     }
 
+    fn copy_mapped(&self, src: MappedSource, at: Hva) -> Result<(), OpError> {
+        // SAFETY: the session's snapshot mapping is live while the session is, the range is
+        // within the file's length (Session::mapped_snapshot checks), and tests never shrink
+        // their snapshot files. Test code may read it; faultd itself never does.
+        let bytes = unsafe { std::slice::from_raw_parts(src.addr as *const u8, src.len as usize) };
+        self.install(at, bytes.to_vec())
+    }
+
     fn wake(&self, at: Hva, _len: u64) -> Result<(), OpError> {
         self.wakes.borrow_mut().push(at.0);
         Ok(())
@@ -149,8 +157,12 @@ impl UffdOps for FakeUffd {
     }
 }
 
-fn dummy_fd() -> Arc<OwnedFd> {
-    Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+/// Shared memory on a dummy fd (the fake uffd never touches it).
+fn shared() -> RegionMemory {
+    RegionMemory::Shared {
+        fd: Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap())),
+        offset: 0,
+    }
 }
 
 /// A session with one region of `pages` 4 KiB pages at GPA 0x10_0000, mapped at HVA.
@@ -165,8 +177,7 @@ fn session(pages: u64, backing: Backing, snapshot: Option<std::fs::File>) -> Arc
     .unwrap();
     let regions = vec![ServedRegion {
         hva: Hva(HVA),
-        mem: dummy_fd(),
-        mem_offset: 0,
+        memory: shared(),
     }];
     Arc::new(Session::new(1, "t".into(), layout, regions, snapshot))
 }
@@ -218,6 +229,18 @@ fn snapshot_backed_fault_copies_the_files_page() {
     // Region offset is one page into the file: region page 3 is file page 4, filled with 5.
     assert_eq!(srv.ops().page(HVA + 3 * PAGE), Some(vec![5; PAGE as usize]));
     assert_eq!(s.stats().file_fills, 1);
+}
+
+#[test]
+fn only_snapshot_ranges_within_the_mapped_file_are_copied_from_the_mapping() {
+    let s = session(4, Backing::File { offset: 0 }, Some(snapshot(4)));
+
+    assert!(s.mapped_snapshot(3 * PAGE, PAGE).is_some());
+    assert!(s.mapped_snapshot(3 * PAGE + 1, PAGE).is_none());
+    assert!(s.mapped_snapshot(u64::MAX, PAGE).is_none());
+    assert!(session(4, Backing::Zero, None)
+        .mapped_snapshot(0, PAGE)
+        .is_none());
 }
 
 #[test]
@@ -315,8 +338,7 @@ fn huge_page_zero_fill_installs_two_mib_of_zeros() {
     .unwrap();
     let regions = vec![ServedRegion {
         hva: Hva(HVA),
-        mem: dummy_fd(),
-        mem_offset: 0,
+        memory: shared(),
     }];
     let s = Arc::new(Session::new(1, "t".into(), layout, regions, None));
     let mut srv = FaultServer::new(s.clone(), FakeUffd::new(HVA, 2 * HUGE), 8, LIMITS);
@@ -349,6 +371,36 @@ fn fault_thread_serves_and_stops() {
     }
     t.stop();
     assert_eq!(s.stats().zero_fills, 1);
+}
+
+#[test]
+fn standby_thread_serves_the_session_its_job_builds() {
+    let s = session(4, Backing::Zero, None);
+    let standby = StandbyThread::new("standby".into(), Duration::from_micros(50)).unwrap();
+    let job_session = s.clone();
+
+    let t = standby.start(Box::new(move || {
+        let fake = FakeUffd::new(HVA, 4 * PAGE);
+        fake.touch(HVA);
+        Some(FaultServer::new(job_session, fake, 8, LIMITS))
+    }));
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.stats().zero_fills == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.stop();
+    assert_eq!(s.stats().zero_fills, 1);
+}
+
+#[test]
+fn standby_thread_whose_job_builds_nothing_ends_and_is_joined() {
+    let standby: StandbyThread<FakeUffd> =
+        StandbyThread::new("standby".into(), Duration::ZERO).unwrap();
+
+    let t = standby.start(Box::new(|| None));
+
+    t.stop(); // Returns: the thread ended without serving.
 }
 
 // ---- device page requests ----
@@ -449,13 +501,11 @@ impl Dev {
         let regions = vec![
             ServedRegion {
                 hva: Hva(HVA),
-                mem: dummy_fd(),
-                mem_offset: 0,
+                memory: shared(),
             },
             ServedRegion {
                 hva: Hva(HVA + pages * PAGE),
-                mem: dummy_fd(),
-                mem_offset: 0,
+                memory: shared(),
             },
         ];
         let session = Arc::new(Session::new(1, "t".into(), layout, regions, None));

@@ -1,0 +1,1243 @@
+//! Firecracker's external page-fault handler protocol, served unmodified: faultd is what
+//! Firecracker's `"mem_backend": {"backend_type": "Uffd", "backend_path": SOCK}` points at.
+//!
+//! An operator first tells faultd that SOCK belongs to VM `vm` and which memory snapshot file
+//! backs it ([`ListenSpec`]: a `[[firecracker]]` config entry, or a `firecracker_listen`
+//! control request). faultd creates SOCK (`SOCK_STREAM`, as Firecracker connects) and, for
+//! each connection there:
+//!
+//! 1. checks the peer against the spec's [`PeerRule`] (SO_PEERCRED);
+//! 2. reads Firecracker's one message: a JSON array of `GuestRegionUffdMapping`s with the
+//!    userfaultfd attached as SCM_RIGHTS ([`receive_message`]);
+//! 3. validates it with no more than JSON, fd and stat checks ([`check_regions`],
+//!    [`check_fds`]): Firecracker fills guest pages inside its load call and waits for them,
+//!    so nothing expensive may stand before the first fault. For the same reason the socket
+//!    keeps a fault thread ready ([`StandbyThread`]): the message is validated on the thread
+//!    that then serves the VM, so the first fault waits for no thread creation or hand-off;
+//! 4. serves the VM as an ordinary session (same fault thread, counters, `vm_stats`): its RAM
+//!    is Firecracker's anonymous private memory ([`RegionMemory::AnonymousPrivate`]), so faults
+//!    are answered with UFFDIO_COPY from the snapshot file at
+//!    `offset + (addr - base_host_virt_addr)` and REMOVE events (balloon) make later faults in
+//!    their range zero-fill;
+//! 5. ends the session when the VM is gone ([`SessionEnd`]).
+//!
+//! Anything wrong with a connection is logged (warn) with the reason and the connection is
+//! closed; nothing else is affected.
+//!
+//! Choices this module makes:
+//! - **Which process may connect.** With no rule, whoever can open SOCK: faultd creates it mode
+//!   0600, owned by its own uid (root), so only root processes. `uid` admits only that uid and
+//!   hands it the socket (owner uid, mode 0600); `pid` admits only that process (and hands the
+//!   socket to that process's uid). Both may be given.
+//! - **Regions in s2map.** Firecracker does not tell guest physical addresses; faultd keys each
+//!   region by its snapshot-file offset instead (regions cover disjoint file ranges), which keeps
+//!   the layout dense. The address space is internal: devices are refused for these sessions.
+//! - **Snapshot file.** Checked when listening (a clear early error), opened anew for every
+//!   connection: a snapshot re-made at the same path is served with its new contents.
+//! - **One live session per socket.** A second connection while a restore is served is refused.
+//! - **Message form.** Unknown fields are ignored (faultd serves Firecracker across versions and
+//!   needs only four fields). `page_size` (1.12+) and `page_size_kib` (older; bytes despite the
+//!   name) must agree if both are present; with neither (before huge page support) 4 KiB.
+//! - **End of the session.** 1.12+ (messages with `page_size`) keeps the socket open for the
+//!   VM's lifetime: its hang-up ends the session. Older versions close the socket right after
+//!   the message, so their sessions end when the peer process exits (a pidfd).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use faultd_proto::{ErrorCode, FirecrackerListen, Response, MAX_MESSAGE_BYTES, MAX_REGIONS};
+use s2map::{Backing, Gpa, Layout, PageSize, RegionSpec};
+use serde::Deserialize;
+use tokio::io::Interest;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::control::{Daemon, Live};
+use crate::server::{FaultServer, StandbyThread};
+use crate::session::{Hva, RegionMemory, ServedRegion, Session};
+use crate::validate::Refusal;
+use crate::vcpu::KernelUffd;
+
+/// How long a connected peer has to send its message. Firecracker sends it right after
+/// connecting; a peer that does not is refused instead of holding the socket's one session.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most fds one recvmsg(2) can carry (the kernel's SCM_MAX_FD): with room for all of them the
+/// control data is never truncated, so every fd that arrives is owned (and closed) by faultd.
+const SCM_MAX_FD: usize = 253;
+
+/// sun_path holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Which process may connect to a Firecracker socket (checked with SO_PEERCRED).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerRule {
+    /// The peer's uid must be this.
+    pub uid: Option<u32>,
+    /// The peer's pid must be this.
+    pub pid: Option<i32>,
+}
+
+impl PeerRule {
+    /// Whether a peer with `uid` and `pid` (None: the kernel did not say) is admitted; the
+    /// reason if not.
+    pub fn admits(&self, uid: u32, pid: Option<i32>) -> Result<(), String> {
+        if let Some(want) = self.uid {
+            if uid != want {
+                return Err(format!(
+                    "peer uid {uid} is not the expected uid {want} (pid {})",
+                    shown_pid(pid)
+                ));
+            }
+        }
+        if let Some(want) = self.pid {
+            if pid != Some(want) {
+                return Err(format!(
+                    "peer pid {} is not the expected pid {want}",
+                    shown_pid(pid)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// faultd's effective uid.
+fn faultd_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn shown_pid(pid: Option<i32>) -> String {
+    pid.map_or_else(|| "unknown".into(), |p| p.to_string())
+}
+
+/// A validated order to serve Firecracker restores of `vm` on `socket` from `snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// VM name for logs and metrics.
+    pub vm: String,
+    /// The socket Firecracker's `backend_path` names.
+    pub socket: PathBuf,
+    /// The memory snapshot file.
+    pub snapshot: PathBuf,
+    /// Who may connect.
+    pub peer: PeerRule,
+}
+
+/// A listen order with a field faultd refuses without looking at the file system.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value}: {why}")]
+pub struct SpecError {
+    /// `vm`, `socket` or `snapshot`.
+    pub field: &'static str,
+    /// The value given.
+    pub value: String,
+    /// What it must be.
+    pub why: &'static str,
+}
+
+impl ListenSpec {
+    /// Checks what needs no I/O: the VM name, absolute paths, the socket path's length.
+    pub fn new(
+        vm: String,
+        socket: PathBuf,
+        snapshot: PathBuf,
+        peer: PeerRule,
+    ) -> Result<ListenSpec, SpecError> {
+        if crate::validate::check_vm_name(&vm).is_err() {
+            return Err(SpecError {
+                field: "vm",
+                value: vm,
+                why: "must be 1..=64 bytes of [A-Za-z0-9._-]",
+            });
+        }
+        if !socket.is_absolute() {
+            return Err(SpecError {
+                field: "socket",
+                value: socket.display().to_string(),
+                why: "must be an absolute path",
+            });
+        }
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(SpecError {
+                field: "socket",
+                value: socket.display().to_string(),
+                why: "must be shorter than 108 bytes (unix socket path limit)",
+            });
+        }
+        if !snapshot.is_absolute() {
+            return Err(SpecError {
+                field: "snapshot",
+                value: snapshot.display().to_string(),
+                why: "must be an absolute path",
+            });
+        }
+        Ok(ListenSpec {
+            vm,
+            socket,
+            snapshot,
+            peer,
+        })
+    }
+}
+
+/// Failure to start listening, named for the step.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// faultd listens on this socket already.
+    #[error("faultd already listens on {socket} (for VM {vm})")]
+    AlreadyListening {
+        /// Socket path.
+        socket: String,
+        /// The VM it listens for.
+        vm: String,
+    },
+    /// faultd listens for this VM already, on another socket.
+    #[error("faultd already listens for VM {vm} (on {socket})")]
+    VmTaken {
+        /// VM name.
+        vm: String,
+        /// The socket it listens on.
+        socket: String,
+    },
+    /// The snapshot file cannot be opened.
+    #[error("opening snapshot file {path}")]
+    OpenSnapshot {
+        /// Path.
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The snapshot is not a regular file.
+    #[error("snapshot {path} is not a regular file")]
+    SnapshotNotAFile {
+        /// Path.
+        path: String,
+    },
+    /// The process a `pid` rule names does not exist.
+    #[error("looking up process {pid} (the pid rule)")]
+    PeerProcess {
+        /// Pid.
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
+    /// Something other than a socket is at the path.
+    #[error("{path} exists and is not a socket")]
+    NotASocket {
+        /// Path.
+        path: String,
+    },
+    /// Another process accepts connections on the socket.
+    #[error("another process listens on {path}")]
+    SocketInUse {
+        /// Path.
+        path: String,
+    },
+    /// A stale socket file could not be removed.
+    #[error("removing stale socket {path}")]
+    RemoveStale {
+        /// Path.
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Binding failed.
+    #[error("binding {path}")]
+    Bind {
+        /// Path.
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Restricting the socket to its peer failed.
+    #[error("setting owner and mode of {path}")]
+    Permissions {
+        /// Path.
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The sockets faultd listens on for Firecracker: socket path -> VM name.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    by_socket: Mutex<HashMap<PathBuf, String>>,
+}
+
+impl Listeners {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, String>> {
+        self.by_socket.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves `spec`'s socket and VM name, or says which is taken.
+    fn reserve(&self, spec: &ListenSpec) -> Result<(), ListenError> {
+        let mut map = self.lock();
+        if let Some(vm) = map.get(&spec.socket) {
+            return Err(ListenError::AlreadyListening {
+                socket: spec.socket.display().to_string(),
+                vm: vm.clone(),
+            });
+        }
+        if let Some((socket, _)) = map.iter().find(|(_, vm)| **vm == spec.vm) {
+            return Err(ListenError::VmTaken {
+                vm: spec.vm.clone(),
+                socket: socket.display().to_string(),
+            });
+        }
+        map.insert(spec.socket.clone(), spec.vm.clone());
+        Ok(())
+    }
+
+    fn release(&self, socket: &Path) {
+        self.lock().remove(socket);
+    }
+}
+
+/// Starts listening for `spec` on the daemon's runtime; the socket is served (and removed at
+/// shutdown) by a task of the daemon. Must be called within the runtime.
+pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), ListenError> {
+    daemon.firecracker.reserve(&spec)?;
+    let spec = Arc::new(spec);
+    let s = spec.clone();
+    // File system work (open, stat, bind, chown): off the reactor.
+    let spin = daemon.config.spin;
+    let bound = tokio::task::spawn_blocking(move || {
+        let listener = bind(&s)?;
+        Ok((listener, new_standby(&s, spin)))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ListenError::Bind {
+            path: spec.socket.display().to_string(),
+            source: io::Error::other(e),
+        })
+    });
+    let (bound, standby) = match bound {
+        Ok((l, standby)) => (Ok(l), standby),
+        Err(e) => (Err(e), None),
+    };
+    let listener = match bound.and_then(|std_listener| {
+        UnixListener::from_std(std_listener).map_err(|source| ListenError::Bind {
+            path: spec.socket.display().to_string(),
+            source,
+        })
+    }) {
+        Ok(l) => l,
+        Err(e) => {
+            daemon.firecracker.release(&spec.socket);
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        vm = spec.vm,
+        socket = %spec.socket.display(),
+        snapshot = %spec.snapshot.display(),
+        uid = spec.peer.uid,
+        pid = spec.peer.pid,
+        "listening for Firecracker"
+    );
+    let socket = Arc::new(Socket {
+        spec: Arc::unwrap_or_clone(spec),
+        busy: AtomicBool::new(false),
+        standby: Mutex::new(standby),
+    });
+    daemon
+        .tracker
+        .spawn(accept_loop(daemon.clone(), listener, socket));
+    Ok(())
+}
+
+/// A standby fault thread for `spec`'s next restore (None, logged, if one cannot be made now:
+/// the restore then creates its thread itself).
+fn new_standby(spec: &ListenSpec, spin: Duration) -> Option<StandbyThread<KernelUffd>> {
+    StandbyThread::new("faultd-fc".into(), spin)
+        .inspect_err(|e| {
+            tracing::warn!(vm = spec.vm, "creating a standby fault thread: {e}");
+        })
+        .ok()
+}
+
+/// A socket faultd listens on: its order, its one session slot, and the fault thread that is
+/// ready for its next restore.
+#[derive(Debug)]
+struct Socket {
+    spec: ListenSpec,
+    /// Whether a connection is being served (one at a time).
+    busy: AtomicBool,
+    standby: Mutex<Option<StandbyThread<KernelUffd>>>,
+}
+
+impl Socket {
+    fn take_standby(&self) -> Option<StandbyThread<KernelUffd>> {
+        self.standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Makes a standby thread for the next restore if there is none (off the reactor: thread
+    /// creation is a few hundred microseconds here).
+    async fn refill(self: &Arc<Self>, spin: Duration) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut slot = me.standby.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = new_standby(&me.spec, spin);
+            }
+        })
+        .await;
+    }
+}
+
+/// Answers a `firecracker_listen` control request from a peer with credentials `cred`.
+pub(crate) async fn listen_request(
+    daemon: &Arc<Daemon>,
+    req: FirecrackerListen,
+    cred: Option<&tokio_seqpacket::UCred>,
+) -> Result<Response, Refusal> {
+    // Listening makes faultd open a file and create a socket on the client's behalf, with
+    // faultd's privileges: only root or faultd's own user may ask.
+    let me = faultd_uid();
+    match cred.map(|c| c.uid()) {
+        Some(uid) if uid == 0 || uid == me => {}
+        other => {
+            return Err(Refusal {
+                code: ErrorCode::PermissionDenied,
+                message: format!(
+                    "firecracker_listen needs root or faultd's uid {me}; the client's uid is {}",
+                    other.map_or_else(|| "unknown".into(), |u| u.to_string())
+                ),
+            })
+        }
+    }
+    let spec = ListenSpec::new(
+        req.vm,
+        req.socket,
+        req.snapshot,
+        PeerRule {
+            uid: req.uid,
+            pid: req.pid,
+        },
+    )
+    .map_err(|e| Refusal {
+        code: if e.field == "vm" {
+            ErrorCode::BadLayout
+        } else {
+            ErrorCode::BadPath
+        },
+        message: e.to_string(),
+    })?;
+    let (vm, socket) = (spec.vm.clone(), spec.socket.clone());
+    match listen(daemon, spec).await {
+        Ok(()) => Ok(Response::Listening { vm, socket }),
+        Err(e) => Err(Refusal {
+            code: ErrorCode::BadPath,
+            message: crate::validate::chain(&e),
+        }),
+    }
+}
+
+/// Checks the snapshot and the peer rule, and binds the socket, restricted to the peer.
+fn bind(spec: &ListenSpec) -> Result<std::os::unix::net::UnixListener, ListenError> {
+    let shown = spec.socket.display().to_string();
+    open_snapshot(&spec.snapshot)?;
+    // The socket's owner: whoever the rule admits (a uid, or the uid of the process a pid
+    // names), else faultd itself.
+    let owner = match (spec.peer.uid, spec.peer.pid) {
+        (Some(uid), _) => uid,
+        (None, Some(pid)) => std::fs::metadata(format!("/proc/{pid}"))
+            .map_err(|source| ListenError::PeerProcess { pid, source })?
+            .uid(),
+        (None, None) => faultd_uid(),
+    };
+    match std::fs::symlink_metadata(&spec.socket) {
+        Ok(m) if !m.file_type().is_socket() => return Err(ListenError::NotASocket { path: shown }),
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(&spec.socket).is_ok() {
+                return Err(ListenError::SocketInUse { path: shown });
+            }
+            std::fs::remove_file(&spec.socket).map_err(|source| ListenError::RemoveStale {
+                path: shown.clone(),
+                source,
+            })?;
+        }
+        Err(_) => {}
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&spec.socket).map_err(|source| {
+        ListenError::Bind {
+            path: shown.clone(),
+            source,
+        }
+    })?;
+    let restrict = || -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&spec.socket, std::fs::Permissions::from_mode(0o600))?;
+        std::os::unix::fs::chown(&spec.socket, Some(owner), None)?;
+        listener.set_nonblocking(true)
+    };
+    if let Err(source) = restrict() {
+        let _ = std::fs::remove_file(&spec.socket);
+        return Err(ListenError::Permissions {
+            path: shown,
+            source,
+        });
+    }
+    Ok(listener)
+}
+
+/// Opens the snapshot file for reading; its length.
+fn open_snapshot(path: &Path) -> Result<(File, u64), ListenError> {
+    let shown = || path.display().to_string();
+    let file = File::open(path).map_err(|source| ListenError::OpenSnapshot {
+        path: shown(),
+        source,
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|source| ListenError::OpenSnapshot {
+            path: shown(),
+            source,
+        })?;
+    if !meta.is_file() {
+        return Err(ListenError::SnapshotNotAFile { path: shown() });
+    }
+    Ok((file, meta.len()))
+}
+
+/// Accepts Firecracker connections on `listener` until shutdown, then removes the socket.
+async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, socket: Arc<Socket>) {
+    let cancel = daemon.cancel.clone();
+    let spec = &socket.spec;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (daemon2, socket2) = (daemon.clone(), socket.clone());
+                    daemon.tracker.spawn(async move {
+                        connection(daemon2, stream, socket2).await
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(vm = spec.vm, socket = %spec.socket.display(), "accept failed: {e}");
+                    // EMFILE and friends: back off instead of spinning on the error.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&spec.socket);
+    daemon.firecracker.release(&spec.socket);
+}
+
+/// Marks the socket's one session slot taken while it lives.
+struct Slot(Arc<Socket>);
+
+impl Slot {
+    fn take(socket: &Arc<Socket>) -> Option<Slot> {
+        (!socket.busy.swap(true, Ordering::AcqRel)).then(|| Slot(socket.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
+/// Serves one Firecracker connection: check, receive, validate, serve until the VM is gone.
+async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>) {
+    let spec = &socket.spec;
+    let (uid, pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid()),
+        Err(e) => return refused(spec, None, &format!("reading peer credentials: {e}")),
+    };
+    if let Err(why) = spec.peer.admits(uid, pid) {
+        return refused(spec, pid, &why);
+    }
+    let Some(slot) = Slot::take(&socket) else {
+        return refused(
+            spec,
+            pid,
+            &format!("VM {} has a live session on this socket already", spec.vm),
+        );
+    };
+    if let Some(why) = daemon.session_limit_reached() {
+        return refused(spec, pid, &why);
+    }
+    let received = tokio::select! {
+        _ = daemon.cancel.cancelled() => return,
+        r = tokio::time::timeout(MESSAGE_TIMEOUT, receive_message(&stream)) => r,
+    };
+    let message = match received {
+        Ok(Ok(m)) => m,
+        Ok(Err(why)) => return refused(spec, pid, &why),
+        Err(_) => {
+            return refused(
+                spec,
+                pid,
+                &format!(
+                    "no complete message within {} s of connecting",
+                    MESSAGE_TIMEOUT.as_secs()
+                ),
+            )
+        }
+    };
+    serve_restore(&daemon, &socket, stream, message, pid).await;
+    // The next restore may connect as soon as this one is over (it makes its own thread if
+    // it comes before the refill below is done).
+    drop(slot);
+    if !daemon.cancel.is_cancelled() {
+        socket.refill(daemon.config.spin).await;
+    }
+}
+
+/// Hands `message` to the socket's standby fault thread, which validates it (opening the
+/// snapshot and stat()ing fds: cheap, but blocking, so not on the reactor) and serves the VM at
+/// once; then waits for the VM to be gone and ends the session.
+async fn serve_restore(
+    daemon: &Arc<Daemon>,
+    socket: &Arc<Socket>,
+    stream: UnixStream,
+    message: Message,
+    pid: Option<i32>,
+) {
+    let spec = &socket.spec;
+    let standby = match socket.take_standby() {
+        Some(t) => Ok(t),
+        None => StandbyThread::new("faultd-fc".into(), daemon.config.spin),
+    };
+    let standby = match standby {
+        Ok(t) => t,
+        Err(e) => return refused(spec, pid, &format!("starting a fault thread: {e}")),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (d, s) = (daemon.clone(), socket.clone());
+    let thread = standby.start(Box::new(move || match prepare(&d, &s.spec, message, pid) {
+        Ok((session, server, end)) => {
+            // Straight to serving: registering and logging are done on the async side.
+            let _ = tx.send(Ok((session, end)));
+            Some(server)
+        }
+        Err(why) => {
+            let _ = tx.send(Err(why));
+            None
+        }
+    }));
+    let (session, end) = match rx.await {
+        Ok(Ok(prepared)) => prepared,
+        outcome => {
+            // The thread has ended (nothing to serve): joining it is immediate.
+            let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
+            let why = match outcome {
+                Ok(Err(why)) => why,
+                _ => "the fault thread ended before its session started".into(),
+            };
+            return refused(spec, pid, &why);
+        }
+    };
+    daemon.register_session(&session);
+    tracing::info!(
+        session = session.id(),
+        vm = spec.vm,
+        peer_pid = pid,
+        ends_on = end.describe(),
+        "serving a Firecracker restore"
+    );
+    end.wait(stream, &daemon.cancel, spec).await;
+    daemon.end_session(Live { session, thread }).await;
+}
+
+fn refused(spec: &ListenSpec, pid: Option<i32>, why: &str) {
+    tracing::warn!(
+        vm = spec.vm,
+        socket = %spec.socket.display(),
+        peer_pid = pid,
+        "refused a Firecracker connection: {why}"
+    );
+}
+
+/// What a Firecracker peer sent: its regions and the fds attached.
+#[derive(Debug)]
+pub struct Message {
+    /// The regions, as sent.
+    pub regions: Vec<Mapping>,
+    /// Every fd that arrived with the message.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// One element of Firecracker's message (its `GuestRegionUffdMapping`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Mapping {
+    /// Where Firecracker mapped the region.
+    pub base_host_virt_addr: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Offset of the region's contents in the memory snapshot file.
+    pub offset: u64,
+    /// Page size in bytes (Firecracker 1.12 and later).
+    #[serde(default)]
+    pub page_size: Option<u64>,
+    /// Page size in bytes, despite the name (deprecated; the only one before 1.12).
+    #[serde(default)]
+    pub page_size_kib: Option<u64>,
+}
+
+/// Reads Firecracker's message: bytes until they are one complete JSON value, with the fds
+/// attached to them. Errors say what was wrong.
+async fn receive_message(stream: &UnixStream) -> Result<Message, String> {
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
+    loop {
+        let room = MAX_MESSAGE_BYTES + 1 - bytes.len();
+        let n = stream
+            .async_io(Interest::READABLE, || {
+                recv_chunk(stream.as_raw_fd(), &mut buf[..room], &mut fds)
+            })
+            .await
+            .map_err(|e| format!("receiving the message: {e}"))?;
+        if n == 0 {
+            return Err(if bytes.is_empty() {
+                "the peer hung up without sending a message".into()
+            } else {
+                format!(
+                    "the peer hung up after {} bytes, before a complete message",
+                    bytes.len()
+                )
+            });
+        }
+        bytes.extend_from_slice(&buf[..n]);
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(format!("message exceeds {MAX_MESSAGE_BYTES} bytes"));
+        }
+        match parse_message(&bytes) {
+            Ok(regions) => return Ok(Message { regions, fds }),
+            Err(Parse::Incomplete) => continue,
+            Err(Parse::Invalid(why)) => return Err(why),
+        }
+    }
+}
+
+/// One recvmsg(2): appends the fds that came with the bytes to `fds`.
+fn recv_chunk(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let n = msg.bytes;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these fds in faultd for this message; nothing
+            // else knows their numbers, so each gets exactly one owner here.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    Ok(n)
+}
+
+/// Why bytes are not (yet) a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse {
+    /// Valid so far, but cut short: more bytes may follow.
+    Incomplete,
+    /// Not a message; why.
+    Invalid(String),
+}
+
+/// Parses Firecracker's message: JSON first, then its shape, so the error says which is
+/// wrong.
+pub fn parse_message(bytes: &[u8]) -> Result<Vec<Mapping>, Parse> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_eof() {
+            Parse::Incomplete
+        } else {
+            Parse::Invalid(format!("message is not valid JSON: {e}"))
+        }
+    })?;
+    serde_json::from_value(value).map_err(|e| {
+        Parse::Invalid(format!(
+            "message is JSON but not an array of GuestRegionUffdMapping: {e}"
+        ))
+    })
+}
+
+/// The fds of a message: exactly one, a userfaultfd.
+pub fn check_fds(mut fds: Vec<OwnedFd>) -> Result<OwnedFd, String> {
+    match fds.len() {
+        0 => Err("no fd attached: Firecracker sends its userfaultfd with the message".into()),
+        1 => {
+            let fd = fds.pop().expect("one fd, checked above");
+            crate::validate::check_uffd(fd.as_fd()).map_err(|r| r.message)?;
+            Ok(fd)
+        }
+        n => Err(format!(
+            "{n} fds attached: Firecracker sends exactly one, its userfaultfd"
+        )),
+    }
+}
+
+/// What a message's regions become: the session's layout and regions (layout order).
+#[derive(Debug)]
+pub struct Regions {
+    /// Layout, each region keyed by its snapshot-file offset.
+    pub layout: Layout,
+    /// Where each layout region is in Firecracker.
+    pub served: Vec<ServedRegion>,
+    /// Which Firecracker sent them.
+    pub form: WireForm,
+}
+
+/// How a Firecracker version sends its message, which tells how its session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireForm {
+    /// With `page_size` (1.12+): the socket stays open while the VM lives.
+    Current,
+    /// Without it: the socket is closed after the message.
+    Legacy,
+}
+
+/// Checks a message's regions against a snapshot file of `snapshot_len` bytes.
+pub fn check_regions(regions: &[Mapping], snapshot_len: u64) -> Result<Regions, String> {
+    if regions.is_empty() || regions.len() > MAX_REGIONS {
+        return Err(format!(
+            "{} regions given, 1..={MAX_REGIONS} allowed",
+            regions.len()
+        ));
+    }
+    let with_page_size = regions.iter().filter(|r| r.page_size.is_some()).count();
+    let form = match with_page_size {
+        0 => WireForm::Legacy,
+        n if n == regions.len() => WireForm::Current,
+        _ => {
+            return Err("some regions have page_size and some do not".into());
+        }
+    };
+    let mut checked = Vec::with_capacity(regions.len());
+    for (n, r) in regions.iter().enumerate() {
+        let bytes = match (r.page_size, r.page_size_kib) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "regions[{n}]: page_size {a} and page_size_kib {b} disagree (both are bytes)"
+                ))
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            // Before huge page support Firecracker sent no page size: 4 KiB pages.
+            (None, None) => 4096,
+        };
+        let page = PageSize::from_bytes(bytes).ok_or_else(|| {
+            format!("regions[{n}]: page size {bytes} must be 4096 or 2097152 bytes")
+        })?;
+        let p = page.bytes();
+        let end = r.base_host_virt_addr.checked_add(r.size);
+        if r.size == 0 || !r.size.is_multiple_of(p) {
+            return Err(format!(
+                "regions[{n}]: size {:#x} is not a non-zero multiple of the page size {p:#x}",
+                r.size
+            ));
+        }
+        if r.base_host_virt_addr == 0 || !r.base_host_virt_addr.is_multiple_of(p) || end.is_none() {
+            return Err(format!(
+                "regions[{n}]: base_host_virt_addr {:#x} must be non-zero, aligned to {p:#x}, \
+                 and not wrap",
+                r.base_host_virt_addr
+            ));
+        }
+        if !r.offset.is_multiple_of(p) {
+            return Err(format!(
+                "regions[{n}]: offset {:#x} is not aligned to the page size {p:#x}",
+                r.offset
+            ));
+        }
+        if r.offset
+            .checked_add(r.size)
+            .is_none_or(|e| e > snapshot_len)
+        {
+            return Err(format!(
+                "regions[{n}]: file range {:#x}+{:#x} does not fit the snapshot file \
+                 ({snapshot_len} bytes)",
+                r.offset, r.size
+            ));
+        }
+        checked.push((n, r, page));
+    }
+    // Overlaps, named by the regions' positions in the message.
+    let overlap = |key: fn(&Mapping) -> u64, what: &str| -> Result<(), String> {
+        let mut by: Vec<(u64, u64, usize)> = checked
+            .iter()
+            .map(|&(n, r, _)| (key(r), key(r) + r.size, n))
+            .collect();
+        by.sort_unstable();
+        match by.windows(2).find(|w| w[1].0 < w[0].1) {
+            Some(w) => Err(format!(
+                "regions[{}] and regions[{}] overlap in {what}",
+                w[0].2, w[1].2
+            )),
+            None => Ok(()),
+        }
+    };
+    overlap(|r| r.base_host_virt_addr, "Firecracker's address space")?;
+    overlap(|r| r.offset, "the snapshot file")?;
+    // Layout order is file-offset order (the key); served regions follow it.
+    checked.sort_unstable_by_key(|&(_, r, _)| r.offset);
+    let specs = checked
+        .iter()
+        .map(|&(_, r, page)| RegionSpec {
+            gpa: Gpa(r.offset),
+            size: r.size,
+            page_size: page,
+            backing: Backing::File { offset: r.offset },
+            read_only: false,
+        })
+        .collect();
+    let layout = Layout::new(specs).map_err(|e| e.to_string())?;
+    let served = checked
+        .iter()
+        .map(|&(_, r, _)| ServedRegion {
+            hva: Hva(r.base_host_virt_addr),
+            memory: RegionMemory::AnonymousPrivate,
+        })
+        .collect();
+    Ok(Regions {
+        layout,
+        served,
+        form,
+    })
+}
+
+/// How a Firecracker session learns that its VM is gone.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The socket's hang-up (1.12+ keeps it open for the VM's lifetime).
+    HangUp,
+    /// The peer process's exit (older versions close the socket after the message).
+    ProcessExit(OwnedFd),
+}
+
+impl SessionEnd {
+    fn describe(&self) -> &'static str {
+        match self {
+            SessionEnd::HangUp => "socket hang-up",
+            SessionEnd::ProcessExit(_) => "peer process exit",
+        }
+    }
+
+    /// Waits until the VM is gone (or faultd shuts down).
+    async fn wait(
+        self,
+        stream: UnixStream,
+        cancel: &tokio_util::sync::CancellationToken,
+        spec: &ListenSpec,
+    ) {
+        match self {
+            SessionEnd::HangUp => {
+                let mut buf = [0u8; 4096];
+                let mut warned = false;
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        ready = stream.readable() => if ready.is_err() { return },
+                    }
+                    match stream.try_read(&mut buf) {
+                        Ok(0) => return,
+                        // Firecracker never sends anything else; the VM is still running, so
+                        // the bytes are dropped rather than the VM's memory service.
+                        Ok(n) => {
+                            if !warned {
+                                tracing::warn!(
+                                    vm = spec.vm,
+                                    "ignoring {n} unexpected bytes from Firecracker"
+                                );
+                                warned = true;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+            SessionEnd::ProcessExit(pidfd) => {
+                drop(stream);
+                // SAFETY: the AsyncFd owns the pidfd and deregisters it before closing it (on
+                // drop, here); nothing else holds or swaps the fd meanwhile.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(pidfd, Interest::READABLE)
+                };
+                let afd = match registered {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!(vm = spec.vm, "watching the peer process: {e}");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = afd.readable() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Validates a received message and builds its session and server (blocking: opens the
+/// snapshot). Runs on the fault thread that will serve it.
+fn prepare(
+    daemon: &Daemon,
+    spec: &ListenSpec,
+    message: Message,
+    pid: Option<i32>,
+) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
+    let uffd = check_fds(message.fds)?;
+    let (snapshot, len) = open_snapshot(&spec.snapshot).map_err(|e| crate::validate::chain(&e))?;
+    let regions = check_regions(&message.regions, len)?;
+    let end = match regions.form {
+        WireForm::Current => SessionEnd::HangUp,
+        WireForm::Legacy => {
+            let pid = pid.filter(|&p| p > 0).ok_or(
+                "a Firecracker older than 1.12 (no page_size) closes its socket after the \
+                 message, and the kernel did not tell the peer's pid to watch instead",
+            )?;
+            SessionEnd::ProcessExit(
+                pidfd_open(pid).map_err(|e| format!("watching peer process {pid}: {e}"))?,
+            )
+        }
+    };
+    let (session, server) = daemon
+        .new_server(
+            spec.vm.clone(),
+            regions.layout,
+            regions.served,
+            Some(snapshot),
+            uffd,
+        )
+        .map_err(|e| format!("starting fault service: {e}"))?;
+    Ok((session, server, end))
+}
+
+/// A pidfd of process `pid`: readable once it exits.
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
+    // passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const BASE: u64 = 0x7f00_0000_0000;
+
+    fn region(base: u64, size: u64, offset: u64) -> Mapping {
+        Mapping {
+            base_host_virt_addr: base,
+            size,
+            offset,
+            page_size: Some(4096),
+            page_size_kib: Some(4096),
+        }
+    }
+
+    fn err(regions: &[Mapping], len: u64) -> String {
+        check_regions(regions, len).unwrap_err()
+    }
+
+    #[test]
+    fn firecracker_1_12_message_parses_and_keys_regions_by_file_offset() {
+        let text = br#"[{"base_host_virt_addr":139637976727552,"size":2097152,"offset":0,"page_size":4096,"page_size_kib":4096},{"base_host_virt_addr":139637980000256,"size":4194304,"offset":2097152,"page_size":4096,"page_size_kib":4096}]"#;
+        let regions = parse_message(text).unwrap();
+
+        let r = check_regions(&regions, 6 * MIB).unwrap();
+
+        assert_eq!(r.form, WireForm::Current);
+        let l = r.layout.regions();
+        assert_eq!((l[0].gpa(), l[1].gpa()), (Gpa(0), Gpa(2 * MIB)));
+        assert_eq!(l[1].backing(), Backing::File { offset: 2 * MIB });
+        assert_eq!(r.served[1].hva, Hva(139637980000256));
+    }
+
+    #[test]
+    fn older_messages_are_legacy_and_default_to_their_page_size() {
+        let kib_only = br#"[{"base_host_virt_addr":2097152,"size":4194304,"offset":0,"page_size_kib":2097152}]"#;
+        let neither = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0}]"#;
+
+        let a = check_regions(&parse_message(kib_only).unwrap(), 4 * MIB).unwrap();
+        let b = check_regions(&parse_message(neither).unwrap(), 4 * MIB).unwrap();
+
+        assert_eq!(a.form, WireForm::Legacy);
+        assert_eq!(a.layout.regions()[0].page_size(), PageSize::Size2M);
+        assert_eq!(b.form, WireForm::Legacy);
+        assert_eq!(b.layout.regions()[0].page_size(), PageSize::Size4K);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let text =
+            br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"future":1}]"#;
+        assert_eq!(parse_message(text).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn cut_short_json_is_incomplete_and_garbage_is_invalid() {
+        assert_eq!(
+            parse_message(br#"[{"base_host_virt_addr":4096,"si"#),
+            Err(Parse::Incomplete)
+        );
+        assert!(matches!(
+            parse_message(b"{not json"),
+            Err(Parse::Invalid(m)) if m.contains("not valid JSON")
+        ));
+        assert!(matches!(
+            parse_message(br#"{"regions":[]}"#),
+            Err(Parse::Invalid(m)) if m.contains("not an array")
+        ));
+        assert!(matches!(
+            parse_message(br#"[{"size":4096}]"#),
+            Err(Parse::Invalid(m)) if m.contains("base_host_virt_addr")
+        ));
+    }
+
+    #[test]
+    fn regions_overlapping_in_memory_are_refused() {
+        let m = err(
+            &[
+                region(BASE, 2 * MIB, 0),
+                region(BASE + MIB, 2 * MIB, 2 * MIB),
+            ],
+            4 * MIB,
+        );
+        assert!(
+            m.contains("regions[0] and regions[1] overlap in Firecracker's"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn regions_overlapping_in_the_file_are_refused() {
+        let m = err(
+            &[
+                region(BASE, 2 * MIB, 0),
+                region(BASE + 4 * MIB, 2 * MIB, MIB),
+            ],
+            4 * MIB,
+        );
+        assert!(m.contains("overlap in the snapshot file"), "{m}");
+    }
+
+    #[test]
+    fn region_beyond_the_snapshot_file_is_refused() {
+        let m = err(&[region(BASE, 2 * MIB, 3 * MIB)], 4 * MIB);
+        assert!(m.contains("does not fit the snapshot file"), "{m}");
+    }
+
+    #[test]
+    fn disagreeing_page_sizes_are_refused() {
+        let mut r = region(BASE, 2 * MIB, 0);
+        r.page_size_kib = Some(4);
+        let m = err(&[r], 4 * MIB);
+        assert!(m.contains("disagree"), "{m}");
+    }
+
+    #[test]
+    fn page_size_in_kib_after_all_is_refused() {
+        let r = Mapping {
+            page_size: None,
+            page_size_kib: Some(4),
+            ..region(BASE, 2 * MIB, 0)
+        };
+        let m = err(&[r], 4 * MIB);
+        assert!(m.contains("page size 4 must be"), "{m}");
+    }
+
+    #[test]
+    fn misaligned_and_empty_regions_are_refused() {
+        assert!(err(&[region(BASE + 1, 4096, 0)], MIB).contains("base_host_virt_addr"));
+        assert!(err(&[region(BASE, 0, 0)], MIB).contains("size 0x0"));
+        assert!(err(&[region(BASE, 4096, 100)], MIB).contains("offset 0x64"));
+        assert!(err(&[], MIB).contains("0 regions"));
+    }
+
+    #[test]
+    fn a_mix_of_message_forms_is_refused() {
+        let old = Mapping {
+            page_size: None,
+            ..region(BASE + 4 * MIB, MIB, MIB)
+        };
+        assert!(err(&[region(BASE, MIB, 0), old], 4 * MIB).contains("some regions"));
+    }
+
+    #[test]
+    fn a_missing_extra_or_wrong_fd_is_refused() {
+        let pipe = || nix::unistd::pipe().unwrap().0;
+        assert!(check_fds(vec![]).unwrap_err().contains("no fd attached"));
+        assert!(check_fds(vec![pipe(), pipe()])
+            .unwrap_err()
+            .contains("2 fds attached"));
+        assert!(check_fds(vec![pipe()])
+            .unwrap_err()
+            .contains("not a userfaultfd"));
+    }
+
+    #[test]
+    fn peer_rules_name_what_did_not_match() {
+        let rule = PeerRule {
+            uid: Some(1000),
+            pid: Some(42),
+        };
+        assert!(rule.admits(1000, Some(42)).is_ok());
+        assert!(rule.admits(0, Some(42)).unwrap_err().contains("uid 0"));
+        assert!(rule.admits(1000, Some(7)).unwrap_err().contains("pid 7"));
+        assert!(PeerRule::default().admits(5, None).is_ok());
+    }
+
+    #[test]
+    fn listen_specs_need_absolute_paths_and_a_good_name() {
+        let spec = |vm: &str, socket: &str, snapshot: &str| {
+            ListenSpec::new(
+                vm.into(),
+                socket.into(),
+                snapshot.into(),
+                PeerRule::default(),
+            )
+        };
+        assert!(spec("fc0", "/run/a.sock", "/srv/mem").is_ok());
+        assert_eq!(
+            spec("a b", "/run/a.sock", "/srv/mem").unwrap_err().field,
+            "vm"
+        );
+        assert_eq!(
+            spec("fc0", "a.sock", "/srv/mem").unwrap_err().field,
+            "socket"
+        );
+        assert_eq!(
+            spec("fc0", &format!("/{}", "x".repeat(120)), "/srv/mem")
+                .unwrap_err()
+                .field,
+            "socket"
+        );
+        assert_eq!(
+            spec("fc0", "/run/a.sock", "mem").unwrap_err().field,
+            "snapshot"
+        );
+    }
+}

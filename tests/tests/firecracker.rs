@@ -1,0 +1,862 @@
+//! faultd serving Firecracker snapshot restores through Firecracker's own external page-fault
+//! handler protocol, with a stand-in that behaves like Firecracker on the wire and in memory
+//! ([`faultd_tests::firecracker`]): anonymous private guest RAM, one sendmsg of JSON + uffd,
+//! its own thread touching pages during the load, a real KVM guest after it.
+
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use faultd_client::{Client, ClientError, FirecrackerListen, RamPageSize};
+use faultd_proto::{ErrorCode, SessionStats};
+use faultd_tests::firecracker::{
+    balloon_discard, closed_by_peer, copy_with_timeout, pattern_snapshot, refused_at_once,
+    send_raw, FcRestore, WireForm, PAGE,
+};
+use faultd_tests::Faultd;
+use testvmm::{page_sequence, RamSlot, Vm, Workload};
+
+const MIB: u64 = 1 << 20;
+const HUGE: u64 = 2 * MIB;
+const T: Duration = Duration::from_secs(20);
+
+/// One guest region: guest physical address, size, offset in the snapshot file.
+#[derive(Clone, Copy)]
+struct Region {
+    gpa: u64,
+    size: u64,
+    offset: u64,
+}
+
+/// A VM as a test sees it: its regions, its snapshot file, its socket, in one directory.
+struct Setup {
+    dir: tempfile::TempDir,
+    regions: Vec<Region>,
+    snapshot: std::fs::File,
+    seed: u32,
+}
+
+impl Setup {
+    fn new(regions: &[Region], seed: u32) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let spec: Vec<(u64, u64, u64)> =
+            regions.iter().map(|r| (r.gpa, r.size, r.offset)).collect();
+        let snapshot = pattern_snapshot(&dir.path().join("mem"), &spec, seed);
+        Setup {
+            dir,
+            regions: regions.to_vec(),
+            snapshot,
+            seed,
+        }
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.dir.path().join("mem")
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn restore(&self, page: RamPageSize) -> FcRestore {
+        let layout: Vec<(u64, u64)> = self.regions.iter().map(|r| (r.size, r.offset)).collect();
+        FcRestore::new(&layout, page).unwrap()
+    }
+
+    /// The snapshot file's bytes of region `r` at `off`, `len` long.
+    fn file_bytes(&self, r: usize, off: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.snapshot
+            .read_exact_at(&mut v, self.regions[r].offset + off)
+            .unwrap();
+        v
+    }
+
+    fn vm(&self, restore: &FcRestore) -> Vm {
+        let slots = self
+            .regions
+            .iter()
+            .zip(&restore.regions)
+            .map(|(r, fc)| RamSlot {
+                gpa: r.gpa,
+                host: fc.ram.host_ptr(),
+                size: r.size,
+            })
+            .collect();
+        let mut vm = Vm::new(slots).expect("creating the KVM VM");
+        vm.set_timeout(Some(Duration::from_secs(120)));
+        vm
+    }
+}
+
+fn only_session(stats: Vec<SessionStats>) -> SessionStats {
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    stats.into_iter().next().unwrap()
+}
+
+#[test]
+fn firecracker_restore_serves_its_load_thread_and_a_kvm_guest_the_snapshot_and_balloon_pages_read_zero(
+) {
+    // Two regions with a hole between them in guest physical memory (as Firecracker's below
+    // and above the MMIO gap), back to back in the snapshot file.
+    let regions = [
+        Region {
+            gpa: 0,
+            size: 96 * MIB,
+            offset: 0,
+        },
+        Region {
+            gpa: 128 * MIB,
+            size: 64 * MIB,
+            offset: 96 * MIB,
+        },
+    ];
+    let setup = Setup::new(&regions, 0xF1C0);
+    let faultd = Faultd::start(&[]);
+    let socket = setup.socket("fc.sock");
+    faultd
+        .listen_firecracker("fc-a", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut restore = setup.restore(RamPageSize::Size4K);
+
+    // The load: one message, then Firecracker's own thread reads guest pages at once (device
+    // state restore), without waiting for anything from faultd.
+    restore.send(&socket, WireForm::Current).unwrap();
+    let load: Vec<(usize, u64)> = (0..200u64)
+        .map(|i| ((i % 2) as usize, (i * 7919 % 16384) * PAGE))
+        .collect();
+    let got = copy_with_timeout(
+        load.iter().map(|&(r, off)| restore.addr(r, off)).collect(),
+        PAGE as usize,
+        T,
+    );
+
+    for (&(r, off), page) in load.iter().zip(&got) {
+        assert!(
+            *page == setup.file_bytes(r, off, PAGE as usize),
+            "load thread: region {r} offset {off:#x} differs from the snapshot"
+        );
+    }
+
+    // A real KVM guest over the same anonymous memory verifies random pages of both regions.
+    let work = [
+        (3000, 0, (96 * MIB / PAGE) as u32),
+        (3000, (128 * MIB / PAGE) as u32, (64 * MIB / PAGE) as u32),
+    ];
+    let mut vm = setup.vm(&restore);
+    let reports = vm
+        .run(
+            work.iter()
+                .map(|&(touches, first_page, page_count)| Workload::Verify {
+                    seed: setup.seed,
+                    touches,
+                    first_page,
+                    page_count,
+                })
+                .collect(),
+            &|_, _| {},
+        )
+        .expect("guest run");
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!(
+            r.mismatches, 0,
+            "vCPU {i}: first mismatch at {:?}",
+            r.first_mismatch_gpa
+        );
+    }
+
+    // Whole pages the guest touched equal the file, not only the dwords it checked.
+    let guest: BTreeSet<(usize, u64)> = work
+        .iter()
+        .enumerate()
+        .flat_map(|(r, &(t, first, count))| {
+            page_sequence(setup.seed, t, first, count)
+                .into_iter()
+                .map(move |p| (r, p as u64 * PAGE - regions[r].gpa))
+        })
+        .collect();
+    let sample: Vec<(usize, u64)> = guest.iter().copied().step_by(7).collect();
+    let pages = copy_with_timeout(
+        sample
+            .iter()
+            .map(|&(r, off)| restore.addr(r, off))
+            .collect(),
+        PAGE as usize,
+        T,
+    );
+    for (&(r, off), page) in sample.iter().zip(&pages) {
+        assert!(
+            *page == setup.file_bytes(r, off, PAGE as usize),
+            "guest page: region {r} offset {off:#x} differs from the snapshot"
+        );
+    }
+    let touched: BTreeSet<(usize, u64)> = guest
+        .union(&load.iter().copied().collect())
+        .copied()
+        .collect();
+    let stats = only_session(faultd.settled_vm_stats("fc-a", |s| {
+        s.first()
+            .is_some_and(|s| s.file_fills >= touched.len() as u64)
+    }));
+    assert_eq!(stats.file_fills, touched.len() as u64);
+    assert_eq!(stats.resident_bytes, touched.len() as u64 * PAGE);
+    assert_eq!(stats.guest_bytes, 160 * MIB);
+    assert_eq!((stats.zero_fills, stats.errors), (0, 0));
+
+    // Balloon inflation: the first 1 MiB of region 1 is discarded; it reads back as zeros,
+    // the pages around it still hold the snapshot.
+    let resident_in_balloon = touched
+        .iter()
+        .filter(|&&(r, off)| r == 1 && off < MIB)
+        .count() as u64;
+    assert!(
+        resident_in_balloon > 0,
+        "the balloon must hit resident pages"
+    );
+    balloon_discard(restore.addr(1, 0), MIB, T);
+    let probe: Vec<u64> = (0..MIB / PAGE + 4).map(|p| p * PAGE).collect();
+    let after = copy_with_timeout(
+        probe.iter().map(|&off| restore.addr(1, off)).collect(),
+        PAGE as usize,
+        T,
+    );
+    for (&off, page) in probe.iter().zip(&after) {
+        if off < MIB {
+            assert!(
+                page.iter().all(|&b| b == 0),
+                "ballooned offset {off:#x} is not zero"
+            );
+        } else {
+            assert!(
+                *page == setup.file_bytes(1, off, PAGE as usize),
+                "offset {off:#x} next to the balloon differs from the snapshot"
+            );
+        }
+    }
+    let stats = only_session(faultd.settled_vm_stats("fc-a", |s| {
+        s.first().is_some_and(|s| s.zero_fills >= MIB / PAGE)
+    }));
+    assert_eq!(stats.discarded_pages, resident_in_balloon);
+    assert_eq!(stats.zero_fills, MIB / PAGE);
+    assert_eq!(stats.errors, 0);
+
+    // The guest's check can fail: verified against another seed's pattern, the snapshot's
+    // pages mismatch.
+    let wrong = vm
+        .run(
+            work.iter()
+                .map(|&(_, first_page, page_count)| Workload::Verify {
+                    seed: setup.seed + 1,
+                    touches: 50,
+                    first_page,
+                    page_count,
+                })
+                .collect(),
+            &|_, _| {},
+        )
+        .expect("guest run");
+    assert!(wrong.iter().all(|r| r.mismatches > 0));
+    println!(
+        "restore: {} pages from the file, {} balloon pages zero-filled; faultd's service p50 \
+         {:.1} us, p99 {:.1} us",
+        stats.file_fills, stats.zero_fills, stats.latency_us.p50, stats.latency_us.p99
+    );
+
+    // Firecracker exits: the hang-up ends the session.
+    drop(vm);
+    restore.hang_up();
+    assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
+    assert!(faultd.settled_vm_stats("fc-a", |s| s.is_empty()).is_empty());
+}
+
+/// Reserves `n` more 2 MiB pages for the test's lifetime and gives them back on drop.
+struct HugePages {
+    before: u64,
+}
+
+const NR: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePages {
+    fn reserve(n: u64) -> HugePages {
+        let before: u64 = std::fs::read_to_string(NR).unwrap().trim().parse().unwrap();
+        std::fs::write(NR, (before + n).to_string()).unwrap();
+        let now: u64 = std::fs::read_to_string(NR).unwrap().trim().parse().unwrap();
+        assert!(
+            now >= before + n,
+            "could reserve only {} of {n} huge pages",
+            now - before
+        );
+        HugePages { before }
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR, self.before.to_string());
+    }
+}
+
+#[test]
+fn firecracker_restore_on_2mib_hugetlb_memory_gets_whole_huge_pages_from_the_snapshot() {
+    const SIZE: u64 = 64 * MIB;
+    let _reserved = HugePages::reserve(SIZE / HUGE);
+    let regions = [Region {
+        gpa: 0,
+        size: SIZE,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0xB16);
+    let faultd = Faultd::start(&[]);
+    let socket = setup.socket("fc.sock");
+    faultd
+        .listen_firecracker("fc-huge", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut restore = setup.restore(RamPageSize::Size2M);
+    restore.send(&socket, WireForm::Current).unwrap();
+    // The guest works in the first half only: the second half's huge pages stay absent.
+    let small_pages = (SIZE / PAGE / 2) as u32;
+    let mut vm = setup.vm(&restore);
+
+    let reports = vm
+        .run(
+            vec![Workload::Verify {
+                seed: setup.seed,
+                touches: 400,
+                first_page: 0,
+                page_count: small_pages,
+            }],
+            &|_, _| {},
+        )
+        .unwrap();
+
+    assert_eq!(
+        reports[0].mismatches, 0,
+        "{:?}",
+        reports[0].first_mismatch_gpa
+    );
+    let huge: BTreeSet<u64> = page_sequence(setup.seed, 400, 0, small_pages)
+        .into_iter()
+        .map(|p| p as u64 * PAGE / HUGE)
+        .collect();
+    let first = *huge.iter().next().unwrap() * HUGE;
+    let page = copy_with_timeout(vec![restore.addr(0, first)], HUGE as usize, T);
+    assert!(page[0] == setup.file_bytes(0, first, HUGE as usize));
+    let stats = only_session(faultd.settled_vm_stats("fc-huge", |s| {
+        s.first().is_some_and(|s| s.file_fills >= huge.len() as u64)
+    }));
+    assert_eq!(stats.file_fills, huge.len() as u64);
+    assert_eq!(stats.resident_bytes, huge.len() as u64 * HUGE);
+    assert!(huge.len() < (SIZE / HUGE) as usize);
+}
+
+#[test]
+fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_restore_keeps_being_served(
+) {
+    let regions = [Region {
+        gpa: 0,
+        size: 8 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 7);
+    let faultd = Faultd::start(&[]);
+    let live_socket = setup.socket("live.sock");
+    faultd
+        .listen_firecracker("fc-live", &live_socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut live = setup.restore(RamPageSize::Size4K);
+    live.send(&live_socket, WireForm::Current).unwrap();
+    let checks = std::cell::Cell::new(0u64);
+    let check_live = |what: &str| {
+        let off = checks.get() * PAGE;
+        checks.set(checks.get() + 1);
+        let got = copy_with_timeout(vec![live.addr(0, off)], PAGE as usize, T);
+        assert!(
+            got[0] == setup.file_bytes(0, off, PAGE as usize),
+            "live restore after {what}"
+        );
+    };
+    check_live("start");
+
+    let bad_socket = setup.socket("bad.sock");
+    faultd
+        .listen_firecracker("fc-bad", &bad_socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let bad = setup.restore(RamPageSize::Size4K);
+    let good_json = bad.message(WireForm::Current);
+    let base = bad.regions[0].ram.host_addr();
+    let region = |base: u64, size: u64, offset: u64| {
+        format!(
+            r#"{{"base_host_virt_addr":{base},"size":{size},"offset":{offset},"page_size":4096,"page_size_kib":4096}}"#
+        )
+    };
+    let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
+    let uffd = bad.uffd.as_fd();
+    // What is wrong, the bytes, the fds, and what faultd's log line must say.
+    let cases: Vec<(&str, String, Vec<std::os::fd::BorrowedFd<'_>>, &str)> = vec![
+        (
+            "not JSON",
+            "{not json".into(),
+            vec![uffd],
+            "message is not valid JSON",
+        ),
+        (
+            "JSON of another shape",
+            r#"{"regions":[]}"#.into(),
+            vec![uffd],
+            "not an array of GuestRegionUffdMapping",
+        ),
+        ("no fd", good_json.clone(), vec![], "no fd attached"),
+        (
+            "a pipe instead of the uffd",
+            good_json.clone(),
+            vec![pipe_r.as_fd()],
+            "not a userfaultfd",
+        ),
+        (
+            "two fds",
+            good_json.clone(),
+            vec![uffd, pipe_r.as_fd()],
+            "2 fds attached",
+        ),
+        (
+            "regions overlapping in memory",
+            format!(
+                "[{},{}]",
+                region(base, 4 * MIB, 0),
+                region(base + MIB, 2 * MIB, 4 * MIB)
+            ),
+            vec![uffd],
+            "overlap in Firecracker's address space",
+        ),
+        (
+            "regions overlapping in the file",
+            format!(
+                "[{},{}]",
+                region(base, 4 * MIB, 0),
+                region(base + 4 * MIB, 4 * MIB, MIB)
+            ),
+            vec![uffd],
+            "overlap in the snapshot file",
+        ),
+        (
+            "a region beyond the file",
+            format!("[{}]", region(base, 4 * MIB, 6 * MIB)),
+            vec![uffd],
+            "does not fit the snapshot file",
+        ),
+        (
+            "a page size in KiB",
+            good_json.replace(
+                r#""page_size":4096,"page_size_kib":4096"#,
+                r#""page_size_kib":4"#,
+            ),
+            vec![uffd],
+            "page size 4 must be 4096 or 2097152",
+        ),
+    ];
+    for (what, bytes, fds, needle) in cases {
+        let mut conn = send_raw(&bad_socket, bytes.as_bytes(), &fds).unwrap();
+        assert!(closed_by_peer(&mut conn, T), "{what}: connection left open");
+        assert!(
+            faultd.wait_for_log(needle, T),
+            "{what}: log lacks {needle:?}:\n{}",
+            faultd.log()
+        );
+        assert!(
+            faultd.vm_stats("fc-bad").is_empty(),
+            "{what}: a session was opened"
+        );
+        check_live(what);
+    }
+
+    // Hanging up in the middle of the message.
+    let half = &good_json.as_bytes()[..good_json.len() / 2];
+    drop(send_raw(&bad_socket, half, &[uffd]).unwrap());
+    assert!(faultd.wait_for_log("hung up after", T), "{}", faultd.log());
+    check_live("a hang-up mid-message");
+
+    // A second connection to a socket whose restore is live.
+    assert!(refused_at_once(
+        &live_socket,
+        good_json.as_bytes(),
+        &[uffd],
+        T
+    ));
+    assert!(faultd.wait_for_log("has a live session on this socket already", T));
+    check_live("a second connection");
+
+    // Peers that are not the expected process: another uid, another pid.
+    let uid_socket = setup.socket("uid.sock");
+    faultd
+        .listen_firecracker(
+            "fc-uid",
+            &uid_socket,
+            &setup.snapshot_path(),
+            Some(4242),
+            None,
+        )
+        .unwrap();
+    assert!(refused_at_once(
+        &uid_socket,
+        good_json.as_bytes(),
+        &[uffd],
+        T
+    ));
+    assert!(
+        faultd.wait_for_log("peer uid 0 is not the expected uid 4242", T),
+        "{}",
+        faultd.log()
+    );
+    let pid_socket = setup.socket("pid.sock");
+    let other = faultd.pid() as i32;
+    faultd
+        .listen_firecracker(
+            "fc-pid",
+            &pid_socket,
+            &setup.snapshot_path(),
+            None,
+            Some(other),
+        )
+        .unwrap();
+    assert!(refused_at_once(
+        &pid_socket,
+        good_json.as_bytes(),
+        &[uffd],
+        T
+    ));
+    assert!(
+        faultd.wait_for_log(&format!("is not the expected pid {other}"), T),
+        "{}",
+        faultd.log()
+    );
+    check_live("peers of another uid and pid");
+
+    // The uid rule also hands the socket to that uid, and nobody else may open it.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&uid_socket).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (4242, 0o600)
+    );
+
+    let stats = only_session(faultd.settled_vm_stats("fc-live", |s| {
+        s.first().is_some_and(|s| s.file_fills >= checks.get())
+    }));
+    assert_eq!(stats.errors, 0);
+    assert_eq!(stats.file_fills, checks.get(), "{stats:?}");
+}
+
+/// Sends `firecracker_listen` and returns the refusal.
+fn listen_refused(faultd: &Faultd, listen: FirecrackerListen) -> (ErrorCode, String) {
+    match Client::connect(faultd.socket())
+        .unwrap()
+        .firecracker_listen(listen.clone())
+    {
+        Err(ClientError::Refused { code, message }) => (code, message),
+        other => panic!("{listen:?}: expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn firecracker_listen_requests_with_unusable_paths_are_refused_naming_them() {
+    let faultd = Faultd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("mem");
+    std::fs::write(&snapshot, vec![0u8; 4096]).unwrap();
+    let occupied = dir.path().join("file");
+    std::fs::write(&occupied, b"x").unwrap();
+    let listen = |vm: &str, socket: &Path, snap: &Path| FirecrackerListen {
+        vm: vm.into(),
+        socket: socket.into(),
+        snapshot: snap.into(),
+        uid: None,
+        pid: None,
+    };
+    let taken = dir.path().join("taken.sock");
+    faultd
+        .listen_firecracker("fc-taken", &taken, &snapshot, None, None)
+        .unwrap();
+    let sock = dir.path().join("a.sock");
+
+    let cases = [
+        (
+            listen("fc1", Path::new("rel.sock"), &snapshot),
+            ErrorCode::BadPath,
+            "must be an absolute path",
+        ),
+        (
+            listen("fc1", &sock, &dir.path().join("missing")),
+            ErrorCode::BadPath,
+            "opening snapshot file",
+        ),
+        (
+            listen("fc1", &sock, dir.path()),
+            ErrorCode::BadPath,
+            "not a regular file",
+        ),
+        (
+            listen("fc1", &taken, &snapshot),
+            ErrorCode::BadPath,
+            "already listens on",
+        ),
+        (
+            listen("fc-taken", &sock, &snapshot),
+            ErrorCode::BadPath,
+            "already listens for VM fc-taken",
+        ),
+        (
+            listen("fc1", &occupied, &snapshot),
+            ErrorCode::BadPath,
+            "is not a socket",
+        ),
+        (
+            listen("a b", &sock, &snapshot),
+            ErrorCode::BadLayout,
+            "vm = a b",
+        ),
+        (
+            FirecrackerListen {
+                pid: Some(i32::MAX),
+                ..listen("fc1", &sock, &snapshot)
+            },
+            ErrorCode::BadPath,
+            "looking up process",
+        ),
+    ];
+    for (req, code, needle) in cases {
+        let (got, message) = listen_refused(&faultd, req.clone());
+        assert_eq!(got, code, "{req:?}: {message}");
+        assert!(
+            message.contains(needle),
+            "{req:?}: {message:?} lacks {needle:?}"
+        );
+    }
+    // Refusals leave nothing behind: the socket path is still free.
+    assert!(!sock.exists());
+    faultd
+        .listen_firecracker("fc1", &sock, &snapshot, None, None)
+        .unwrap();
+    assert!(sock.exists());
+}
+
+#[test]
+fn firecracker_listen_from_a_user_that_is_not_root_is_refused_by_the_cli() {
+    let faultd = Faultd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("mem");
+    std::fs::write(&snapshot, vec![0u8; 4096]).unwrap();
+    // Let user nobody reach the control socket at all, so faultd itself must refuse it.
+    use std::os::unix::fs::PermissionsExt;
+    let open = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+    open(faultd.socket().parent().unwrap(), 0o755).unwrap();
+    open(faultd.socket(), 0o666).unwrap();
+
+    let out = std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(faultd.socket())
+        .args([
+            "ctl",
+            "firecracker-listen",
+            "--vm",
+            "fc-nobody",
+            "--backend-path",
+        ])
+        .arg(dir.path().join("n.sock"))
+        .arg("--snapshot")
+        .arg(&snapshot)
+        .uid(65534)
+        .output()
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("the client's uid is 65534"),
+        "{err}"
+    );
+    assert!(!dir.path().join("n.sock").exists());
+}
+
+use std::os::unix::process::CommandExt;
+
+#[test]
+fn cli_listens_and_reports_stats_and_a_config_entry_listens_from_the_start() {
+    let regions = [Region {
+        gpa: 0,
+        size: 4 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 99);
+    let static_socket = setup.socket("static.sock");
+    let config = setup.dir.path().join("faultd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[firecracker]]\nvm = \"fc-static\"\nsocket = \"{}\"\nsnapshot = \"{}\"\n",
+            static_socket.display(),
+            setup.snapshot_path().display()
+        ),
+    )
+    .unwrap();
+    let faultd = Faultd::start(&["--config", config.to_str().unwrap()]);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(faultd_tests::faultd_bin())
+            .arg("--socket")
+            .arg(faultd.socket())
+            .arg("ctl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let cli_socket = setup.socket("cli.sock");
+    let said = ctl(&[
+        "firecracker-listen",
+        "--vm",
+        "fc-cli",
+        "--backend-path",
+        cli_socket.to_str().unwrap(),
+        "--snapshot",
+        setup.snapshot_path().to_str().unwrap(),
+    ]);
+    assert!(said.contains("listens for Firecracker VM fc-cli"), "{said}");
+
+    let mut restores = Vec::new();
+    for (vm, socket) in [("fc-static", &static_socket), ("fc-cli", &cli_socket)] {
+        let mut r = setup.restore(RamPageSize::Size4K);
+        r.send(socket, WireForm::Current).unwrap();
+        let offs: Vec<u64> = (0..10).map(|p| p * 3 * PAGE).collect();
+        let got = copy_with_timeout(
+            offs.iter().map(|&o| r.addr(0, o)).collect(),
+            PAGE as usize,
+            T,
+        );
+        for (&o, page) in offs.iter().zip(&got) {
+            assert!(
+                *page == setup.file_bytes(0, o, PAGE as usize),
+                "{vm} offset {o:#x}"
+            );
+        }
+        restores.push(r);
+    }
+    faultd.settled_vm_stats("fc-cli", |s| s.first().is_some_and(|s| s.file_fills >= 10));
+    let printed: Vec<SessionStats> =
+        serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli"])).unwrap();
+    assert_eq!(printed.len(), 1);
+    assert_eq!(printed[0].file_fills, 10);
+    assert_eq!(ctl(&["stats", "--vm", "nobody"]).trim(), "[]");
+}
+
+#[test]
+fn a_config_entry_whose_snapshot_is_missing_stops_faultd_at_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("faultd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[firecracker]]\nvm = \"fc0\"\nsocket = \"{}\"\nsnapshot = \"{}\"\n",
+            dir.path().join("fc.sock").display(),
+            dir.path().join("missing").display()
+        ),
+    )
+    .unwrap();
+
+    let out = std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(dir.path().join("faultd.sock"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listening for Firecracker VM fc0: opening snapshot file"),
+        "{err}"
+    );
+    assert!(!dir.path().join("faultd.sock").exists());
+}
+
+/// Environment variable that turns [`legacy_firecracker_child`] into an old Firecracker
+/// restoring through the socket it names.
+const CHILD_SOCKET: &str = "FAULTD_TEST_LEGACY_FC_SOCKET";
+
+/// Not a test on its own: run by
+/// [`an_older_firecracker_that_closes_its_socket_is_served_until_its_process_exits`] as a
+/// separate process playing a Firecracker older than 1.12 (it must exit for its session to
+/// end). Without the environment variable it does nothing.
+#[test]
+fn legacy_firecracker_child() {
+    let Some(socket) = std::env::var_os(CHILD_SOCKET) else {
+        return;
+    };
+    let snapshot =
+        std::fs::File::open(std::env::var_os("FAULTD_TEST_LEGACY_FC_SNAPSHOT").unwrap()).unwrap();
+    let mut restore = FcRestore::new(&[(4 * MIB, 0)], RamPageSize::Size4K).unwrap();
+    restore.send(Path::new(&socket), WireForm::Legacy).unwrap();
+    // The socket is closed already; the pages are still served.
+    std::thread::sleep(Duration::from_millis(100));
+    let offs: Vec<u64> = (0..16).map(|p| p * 5 * PAGE).collect();
+    let got = copy_with_timeout(
+        offs.iter().map(|&o| restore.addr(0, o)).collect(),
+        PAGE as usize,
+        T,
+    );
+    for (&o, page) in offs.iter().zip(&got) {
+        let mut want = vec![0u8; PAGE as usize];
+        snapshot.read_exact_at(&mut want, o).unwrap();
+        assert!(*page == want, "offset {o:#x}");
+    }
+    println!("legacy child served");
+}
+
+#[test]
+fn an_older_firecracker_that_closes_its_socket_is_served_until_its_process_exits() {
+    let regions = [Region {
+        gpa: 0,
+        size: 4 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 5);
+    let faultd = Faultd::start(&[]);
+    let socket = setup.socket("old.sock");
+    faultd
+        .listen_firecracker("fc-old", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "legacy_firecracker_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_SOCKET, &socket)
+        .env("FAULTD_TEST_LEGACY_FC_SNAPSHOT", setup.snapshot_path())
+        .output()
+        .unwrap();
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("legacy child served"),
+        "{text}"
+    );
+    assert!(
+        faultd.log().contains("\"peer process exit\""),
+        "{}",
+        faultd.log()
+    );
+    // The child has exited: its session ends.
+    assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
+    assert!(faultd
+        .settled_vm_stats("fc-old", |s| s.is_empty())
+        .is_empty());
+}
