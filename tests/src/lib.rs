@@ -381,3 +381,40 @@ pub fn tool(name: &str) -> PathBuf {
     }
     panic!("{name} is not installed: run scripts/setup");
 }
+
+/// Reserves `n` more 2 MiB huge pages (for hugetlb guest RAM) for the holder's lifetime and
+/// gives them back on drop.
+#[derive(Debug)]
+pub struct HugePages {
+    before: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePages {
+    /// Raises the pool by `n`; panics if the kernel grants fewer.
+    pub fn reserve(n: u64) -> HugePages {
+        let read = || -> u64 {
+            std::fs::read_to_string(NR_HUGEPAGES)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = read();
+        std::fs::write(NR_HUGEPAGES, (before + n).to_string()).unwrap();
+        let now = read();
+        assert!(
+            now >= before + n,
+            "could reserve only {} of {n} huge pages",
+            now - before
+        );
+        HugePages { before }
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
+}

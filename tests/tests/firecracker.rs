@@ -15,7 +15,7 @@ use faultd_tests::firecracker::{
     balloon_discard, closed_by_peer, copy_with_timeout, pattern_snapshot, refused_at_once,
     send_raw, FcRestore, WireForm, PAGE,
 };
-use faultd_tests::Faultd;
+use faultd_tests::{Faultd, HugePages};
 use testvmm::{page_sequence, RamSlot, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
@@ -269,33 +269,6 @@ fn firecracker_restore_serves_its_load_thread_and_a_kvm_guest_the_snapshot_and_b
     restore.hang_up();
     assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
     assert!(faultd.settled_vm_stats("fc-a", |s| s.is_empty()).is_empty());
-}
-
-/// Reserves `n` more 2 MiB pages for the test's lifetime and gives them back on drop.
-struct HugePages {
-    before: u64,
-}
-
-const NR: &str = "/proc/sys/vm/nr_hugepages";
-
-impl HugePages {
-    fn reserve(n: u64) -> HugePages {
-        let before: u64 = std::fs::read_to_string(NR).unwrap().trim().parse().unwrap();
-        std::fs::write(NR, (before + n).to_string()).unwrap();
-        let now: u64 = std::fs::read_to_string(NR).unwrap().trim().parse().unwrap();
-        assert!(
-            now >= before + n,
-            "could reserve only {} of {n} huge pages",
-            now - before
-        );
-        HugePages { before }
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR, self.before.to_string());
-    }
 }
 
 #[test]

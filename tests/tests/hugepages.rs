@@ -5,38 +5,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use faultd_client::RamPageSize;
-use faultd_tests::{Faultd, Ram};
+use faultd_tests::{Faultd, HugePages, Ram};
 use testvmm::{page_sequence, RamSlot, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
 const HUGE: u64 = 2 * MIB;
-
-/// Reserves `n` more 2 MiB pages for the test's lifetime and gives them back on drop.
-struct HugePages {
-    before: u64,
-}
-
-const NR: &str = "/proc/sys/vm/nr_hugepages";
-
-impl HugePages {
-    fn reserve(n: u64) -> HugePages {
-        let before: u64 = std::fs::read_to_string(NR).unwrap().trim().parse().unwrap();
-        std::fs::write(NR, (before + n).to_string()).unwrap();
-        let now: u64 = std::fs::read_to_string(NR).unwrap().trim().parse().unwrap();
-        assert!(
-            now >= before + n,
-            "could reserve only {} of {n} huge pages",
-            now - before
-        );
-        HugePages { before }
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        let _ = std::fs::write(NR, self.before.to_string());
-    }
-}
 
 #[test]
 fn kvm_guest_on_2mib_hugetlb_ram_gets_whole_huge_pages_from_faultd() {
