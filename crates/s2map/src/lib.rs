@@ -544,6 +544,8 @@ pub enum StateError {
     EvictDeviceMapped { page: PageRef },
     #[error("finishing the eviction of {page}: page is {state}, not evicting")]
     FinishNotEvicting { page: PageRef, state: PageState },
+    #[error("restoring {page} from the journal: page is {state}, not absent")]
+    RestoreNotAbsent { page: PageRef, state: PageState },
 }
 
 /// Most devices one VM may have mapping its memory (one bit each in a granule's device mask).
@@ -876,6 +878,61 @@ impl<W> S2Map<W> {
         Ok(())
     }
 
+    /// A restarted daemon rebuilds the state of an absent page from its journal: the page's
+    /// contents are in store `slot` (Some) or are zero whatever the backing says (None).
+    /// Refused unless the page is Absent: a page found in guest memory is authoritative there.
+    pub fn restore_absent(&mut self, page: PageRef, slot: Option<u32>) -> Result<(), StateError> {
+        let state = self.state(page);
+        if state != PageState::Absent {
+            return Err(StateError::RestoreNotAbsent { page, state });
+        }
+        match slot {
+            Some(slot) => {
+                self.stored.insert(page, slot);
+            }
+            None => {
+                self.stored.remove(&page);
+                self.pages[page.region.0 as usize][page.page.0 as usize] |= FLAG_ZEROED;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stored page with its slot, in no particular order (what a journal compaction
+    /// writes).
+    pub fn stored_pages(&self) -> impl Iterator<Item = (PageRef, u32)> + '_ {
+        self.stored.iter().map(|(&p, &s)| (p, s))
+    }
+
+    /// Absent pages of file-backed regions that fill with zero instead of the file (discarded
+    /// or evicted as zero), as runs of (first page, pages). Zero-backed regions have none:
+    /// zero is their default. What a journal compaction writes besides the stored pages.
+    pub fn zeroed_runs(&self) -> Vec<(PageRef, u64)> {
+        let mut out = Vec::new();
+        for (ri, r) in self.layout.regions.iter().enumerate() {
+            if !matches!(r.backing(), Backing::File { .. }) {
+                continue;
+            }
+            let mut run: Option<(u64, u64)> = None;
+            for (pi, &b) in self.pages[ri].iter().enumerate() {
+                let zeroed = b & FLAG_ZEROED != 0 && decode(b) == PageState::Absent;
+                match (&mut run, zeroed) {
+                    (Some((_, n)), true) => *n += 1,
+                    (None, true) => run = Some((pi as u64, 1)),
+                    (Some(_), false) => {
+                        let (first, n) = run.take().expect("matched Some");
+                        out.push((page_ref(ri, first), n));
+                    }
+                    (None, false) => {}
+                }
+            }
+            if let Some((first, n)) = run {
+                out.push((page_ref(ri, first), n));
+            }
+        }
+        out
+    }
+
     /// The granule of `granule_bytes` containing `page`. Errors if `granule_bytes` is not a
     /// power-of-two multiple of the region's page size or the granule does not fit the region.
     pub fn granule_of(&self, page: PageRef, granule_bytes: u64) -> Result<Granule, StateError> {
@@ -1113,6 +1170,13 @@ fn device_bit(dev: DeviceIdx) -> Result<u32, StateError> {
         Ok(1 << dev.0)
     } else {
         Err(StateError::BadDevice(dev.0))
+    }
+}
+
+fn page_ref(region: usize, page: u64) -> PageRef {
+    PageRef {
+        region: RegionIdx(region as u32),
+        page: PageIdx(page),
     }
 }
 

@@ -1032,3 +1032,43 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn restored_pages_fill_from_their_slot_or_zero_and_only_absent_ones_restore() {
+    let mut m: S2Map<u32> =
+        S2Map::new(Layout::new(vec![file(spec(0, 8 * K4, PageSize::Size4K), 0x10000)]).unwrap());
+    m.restore_absent(page(0, 1), Some(7)).unwrap();
+    m.restore_absent(page(0, 2), None).unwrap();
+    m.restore_absent(page(0, 3), None).unwrap();
+    assert_eq!(m.fill_for(page(0, 1)), Fill::Store { slot: 7 });
+    assert_eq!(m.fill_for(page(0, 2)), Fill::Zero);
+    assert_eq!(m.fill_for(page(0, 0)), Fill::File { offset: 0x10000 });
+    assert_eq!(m.stats().stored_pages, 1);
+    assert_eq!(m.stored_pages().collect::<Vec<_>>(), vec![(page(0, 1), 7)]);
+    assert_eq!(m.zeroed_runs(), vec![(page(0, 2), 2)]);
+
+    // A later record for the same page wins: zero replaces the slot.
+    m.restore_absent(page(0, 1), None).unwrap();
+    assert_eq!(m.fill_for(page(0, 1)), Fill::Zero);
+    assert_eq!(m.stats().stored_pages, 0);
+    assert_eq!(m.zeroed_runs(), vec![(page(0, 1), 3)]);
+
+    assert!(m.mark_present(page(0, 5)));
+    assert_eq!(
+        m.restore_absent(page(0, 5), Some(1)),
+        Err(StateError::RestoreNotAbsent {
+            page: page(0, 5),
+            state: PageState::Resident
+        })
+    );
+    // Resident zeroed pages are not runs: their content is in memory, not implied.
+    assert!(m.mark_present(page(0, 2)));
+    assert_eq!(m.zeroed_runs(), vec![(page(0, 1), 1), (page(0, 3), 1)]);
+}
+
+#[test]
+fn zero_backed_regions_have_no_zeroed_runs() {
+    let mut m = map_4k(4);
+    m.restore_absent(page(0, 1), None).unwrap();
+    assert!(m.zeroed_runs().is_empty());
+}
