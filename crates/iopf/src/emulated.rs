@@ -309,6 +309,21 @@ impl EmulatedIommu {
         self.table.geo
     }
 
+    /// Unmaps every granule at once and waits for the workers: what an IOMMU driver does when
+    /// it takes the device's translations away wholesale (the emulated device's PRI reset
+    /// after its fault handler died, whose mappings nobody tracks any more). Returns how many
+    /// granules were mapped.
+    pub fn unmap_all(&mut self) -> Result<u64, MapError> {
+        let mut cleared = 0;
+        for idx in 0..self.table.geo.entries() {
+            if self.table.entry(idx).swap(0, Ordering::SeqCst) != 0 {
+                cleared += 1;
+            }
+        }
+        self.quiesce()?;
+        Ok(cleared)
+    }
+
     /// Waits until every worker that was inside an access when sampled has left it.
     fn quiesce(&self) -> Result<(), MapError> {
         let start = Instant::now();
@@ -570,6 +585,25 @@ mod tests {
         let again = iommu.map(Iova(BASE), G, target(&fd), true);
 
         assert!(matches!(again, Err(MapError::Exists)));
+    }
+
+    #[test]
+    fn unmap_all_clears_every_mapping_and_counts_them() {
+        let (mut iommu, view, fd) = setup(1);
+        let mut w = view.worker(0).unwrap();
+        for g in [0, 5, 63] {
+            iommu.map(Iova(BASE + g * G), G, target(&fd), true).unwrap();
+        }
+
+        assert_eq!(iommu.unmap_all().unwrap(), 3);
+        let a = w.begin_access();
+        assert!([0, 5, 63]
+            .iter()
+            .all(|g| !a.translate(Iova(BASE + g * G), false)));
+        drop(a);
+        // Mapping again works: the table is empty, not broken.
+        iommu.map(Iova(BASE), G, target(&fd), false).unwrap();
+        assert_eq!(iommu.unmap_all().unwrap(), 1);
     }
 
     #[test]

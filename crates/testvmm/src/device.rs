@@ -27,7 +27,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use faultd_client::{ClientError, DeviceIommu, DeviceQueue, Session};
-use iopf::emulated::{EmulatedTable, IommuView, TableError, Worker, WorkerError};
+use iopf::emulated::{EmulatedIommu, EmulatedTable, IommuView, TableError, Worker, WorkerError};
 use iopf::model::{GRPID_MASK, MAX_GROUP_PAGES, PAGE_SIZE};
 use iopf::ring::{PostError, RingChannel, RingError, RingProducer};
 use iopf::{DevId, Iova, Perm, ResponseCode};
@@ -195,6 +195,10 @@ pub struct PriStats {
     pub timeouts: u64,
     /// Most page requests outstanding at once.
     pub max_outstanding: u64,
+    /// PRI resets ([`PriDevice::reset_pri`]).
+    pub pri_resets: u64,
+    /// Groups outstanding at a reset (their transfers translate again instead of waiting).
+    pub reset_groups: u64,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +214,8 @@ struct Counters {
     unmapped_after_success: AtomicU64,
     stray_responses: AtomicU64,
     timeouts: AtomicU64,
+    pri_resets: AtomicU64,
+    reset_groups: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -332,11 +338,20 @@ impl Credits {
     }
 }
 
+/// What ends the wait for a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// The page request handler answered.
+    Code(ResponseCode),
+    /// The device's page request state was reset: no answer will come; translate again.
+    Reset,
+}
+
 /// Answers on their way to the threads waiting for them.
 #[derive(Debug, Default)]
 struct Dispatch {
     /// Cookies waited for, with the answer once it arrived.
-    waiting: HashMap<u32, Option<ResponseCode>>,
+    waiting: HashMap<u32, Option<Answer>>,
     /// Whether some waiter is polling the ring now.
     polling: bool,
 }
@@ -357,6 +372,8 @@ pub struct PriDevice {
     fds: DeviceFds,
     workers: Vec<Mutex<Worker>>,
     producer: Mutex<RingProducer>,
+    /// The IOMMU driver's end of the table, for [`PriDevice::reset_pri`].
+    iommu: Mutex<EmulatedIommu>,
     /// The device's own duplicate of the notify eventfd, polled without the producer lock.
     notify: OwnedFd,
     dispatch: Mutex<Dispatch>,
@@ -488,6 +505,7 @@ impl PriDevice {
             notify.try_clone()?,
         )?;
         let view = IommuView::from_fd(table.try_clone()?)?;
+        let iommu = EmulatedIommu::from_fd(table.try_clone()?)?;
         let workers = (0..cfg.workers)
             .map(|w| view.worker(w).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
@@ -505,6 +523,7 @@ impl PriDevice {
             },
             workers,
             producer: Mutex::new(producer),
+            iommu: Mutex::new(iommu),
             dispatch: Mutex::new(Dispatch::default()),
             answered: Condvar::new(),
             credits: Credits::new(cfg.credits),
@@ -556,7 +575,33 @@ impl PriDevice {
             stray_responses: get(&c.stray_responses),
             timeouts: get(&c.timeouts),
             max_outstanding: self.credits.max_outstanding().into(),
+            pri_resets: get(&c.pri_resets),
+            reset_groups: get(&c.reset_groups),
         }
+    }
+
+    /// Resets the device's page request interface, as a host does (PRI Control: clear Enable,
+    /// set Reset) when the handler of its page requests died with requests unanswered: every
+    /// translation is taken away (the dead handler's mappings are tracked by nobody now, and
+    /// the next one must not find pages it does not know to be pinned), and every group still
+    /// waiting is forgotten, its credits returned, its transfer translating again, so that it
+    /// asks the next handler. Answers the old handler left in the ring then find no waiter
+    /// and are counted as stray.
+    ///
+    /// Call it before attaching the device to a new handler. Returns the granules unmapped.
+    pub fn reset_pri(&self) -> Result<u64, iopf::MapError> {
+        let cleared = lock(&self.iommu).unmap_all()?;
+        let mut d = lock(&self.dispatch);
+        let mut reset = 0;
+        for answer in d.waiting.values_mut().filter(|a| a.is_none()) {
+            *answer = Some(Answer::Reset);
+            reset += 1;
+        }
+        drop(d);
+        self.answered.notify_all();
+        bump(&self.counters.pri_resets, 1);
+        bump(&self.counters.reset_groups, reset);
+        Ok(cleared)
     }
 
     /// Device writes `data` to guest RAM at `gpa`, on worker `worker`.
@@ -739,7 +784,8 @@ impl PriDevice {
         self.credits.release(n);
         let c = &self.counters;
         match answer {
-            Ok(ResponseCode::Success) => {
+            Ok(Answer::Reset) => Ok(()),
+            Ok(Answer::Code(ResponseCode::Success)) => {
                 bump(&c.success, 1);
                 let access = w.begin_access();
                 let missing = pages
@@ -749,7 +795,7 @@ impl PriDevice {
                 bump(&c.unmapped_after_success, missing as u64);
                 Ok(())
             }
-            Ok(ResponseCode::Invalid) => {
+            Ok(Answer::Code(ResponseCode::Invalid)) => {
                 bump(&c.invalid, 1);
                 Err(DmaError::Invalid { gpa: first })
             }
@@ -791,7 +837,7 @@ impl PriDevice {
 
     /// Waits for the answer to `cookie`, taking the poller role when nobody has it.
     /// Err(None) at the deadline.
-    fn wait(&self, cookie: u32, deadline: Instant) -> Result<ResponseCode, Option<DmaError>> {
+    fn wait(&self, cookie: u32, deadline: Instant) -> Result<Answer, Option<DmaError>> {
         let mut d = lock(&self.dispatch);
         loop {
             if let Some(Some(code)) = d.waiting.get(&cookie) {
@@ -820,7 +866,7 @@ impl PriDevice {
             d.polling = false;
             for (c, code) in got {
                 match d.waiting.get_mut(&c) {
-                    Some(slot @ None) => *slot = Some(code),
+                    Some(slot @ None) => *slot = Some(Answer::Code(code)),
                     _ => bump(&self.counters.stray_responses, 1),
                 }
             }
