@@ -24,8 +24,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::firecracker::Listeners;
 use crate::metrics::DaemonMetrics;
-use crate::server::{Command, DeviceLimits, FaultServer, FaultThread};
+use crate::server::{Command, DeviceLimits, FaultServer, FaultThread, Resume};
 use crate::session::{ServedRegion, Session};
+use crate::store::{Store, StoreError};
 use crate::validate::{validate, Refusal};
 use crate::vcpu::KernelUffd;
 
@@ -49,6 +50,16 @@ pub struct Daemon {
     /// Each session's `vm` metrics label, by session id (taken when its server is built,
     /// released when it ends).
     labels: Mutex<HashMap<u64, Arc<str>>>,
+}
+
+/// Why a session ends, which decides what happens to its VM's pages in faultd's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The VMM hung up: the VM is gone, and so are its stored pages.
+    VmGone,
+    /// faultd stops, or closed the session, while the VMM lives: outstanding work is finished
+    /// and the store kept, for the VMM to register again with `resume`.
+    Handover,
 }
 
 /// A session being served: its state and its fault thread.
@@ -179,27 +190,59 @@ impl Daemon {
     }
 
     /// Starts serving a validated VM on a new fault thread, registered in the daemon. Faults
-    /// are served from the moment this returns.
+    /// are served from the moment this returns. The VM's store is opened first: afresh, or
+    /// with `resume` the one a previous faultd left (see [`crate::store`]); either way a VM
+    /// name has one live session at a time, because its store is locked.
     pub(crate) fn start_session(
         &self,
-        vm: String,
-        layout: Layout,
-        regions: Vec<ServedRegion>,
-        snapshot: Option<File>,
-        uffd: OwnedFd,
-    ) -> std::io::Result<Live> {
-        let (session, server) = self.new_server(vm, layout, regions, snapshot, uffd)?;
-        let thread = FaultThread::spawn(server, self.config.spin)?;
+        v: crate::validate::Validated,
+        resume: bool,
+        vmm_pid: Option<i32>,
+    ) -> Result<Live, Refusal> {
+        let slot_bytes = v
+            .layout
+            .regions()
+            .iter()
+            .map(|r| r.page_size().bytes())
+            .max()
+            .unwrap_or(4096);
+        let (store, records) = Store::open(&self.config.store_dir, &v.vm, slot_bytes, resume)
+            .map_err(|e| {
+                let code = match e {
+                    StoreError::Busy { .. } => ErrorCode::Busy,
+                    StoreError::Journal { .. } => ErrorCode::BadLayout,
+                    _ => ErrorCode::Internal,
+                };
+                Refusal {
+                    code,
+                    message: crate::validate::chain(&e),
+                }
+            })?;
+        let internal = |e: std::io::Error| Refusal {
+            code: ErrorCode::Internal,
+            message: format!("starting fault service: {e}"),
+        };
+        let (session, server) = self
+            .new_server(v.vm, v.layout, v.regions, v.snapshot, v.uffd)
+            .map_err(internal)?;
+        let resume = resume.then_some(Resume { records, vmm_pid });
+        let server = server.with_store(store, resume);
+        let thread = FaultThread::spawn(server, self.config.spin).map_err(internal)?;
         self.register_session(&session);
         Ok(Live { session, thread })
     }
 
     /// Ends a session: stops its fault thread, forgets it, and logs its figures.
-    pub(crate) async fn end_session(&self, live: Live) {
+    pub(crate) async fn end_session(&self, live: Live, ending: Ending) {
         let Live { session, thread } = live;
+        let drain = self.config.device_deadline;
         // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
         // never on the reactor, which serves every other session's control requests.
-        let _ = tokio::task::spawn_blocking(move || thread.stop()).await;
+        let _ = tokio::task::spawn_blocking(move || match ending {
+            Ending::VmGone => thread.stop(),
+            Ending::Handover => thread.hand_over(drain),
+        })
+        .await;
         {
             // Both tables together, as render_metrics reads them.
             let mut sessions = self.sessions();
@@ -461,6 +504,7 @@ async fn register(
         return refuse(&daemon, &conn, ErrorCode::Busy, why).await;
     }
     // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
+    let resume = reg.resume;
     let validated = match tokio::task::spawn_blocking(move || validate(&reg, fds, peer_pid)).await {
         Ok(Ok(v)) => v,
         Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
@@ -474,14 +518,13 @@ async fn register(
             .await
         }
     };
-    let live = match daemon.start_session(
-        validated.vm,
-        validated.layout,
-        validated.regions,
-        validated.snapshot,
-        validated.uffd,
-    ) {
-        Ok(live) => live,
+    // Opening the store and replaying its journal is file I/O: off the reactor.
+    let d = daemon.clone();
+    let started =
+        tokio::task::spawn_blocking(move || d.start_session(validated, resume, peer_pid)).await;
+    let live = match started {
+        Ok(Ok(live)) => live,
+        Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
         Err(e) => {
             return refuse(
                 &daemon,
@@ -501,45 +544,52 @@ async fn register(
     )
     .await;
 
-    session_loop(&conn, &live.session, &live.thread, &daemon, &cancel).await;
+    let ending = session_loop(&conn, &live.session, &live.thread, &daemon, &cancel).await;
 
-    daemon.end_session(live).await;
+    daemon.end_session(live, ending).await;
 }
 
-/// Serves requests on a registered connection until the VMM hangs up or sends something bad.
+/// Serves requests on a registered connection until the VMM hangs up or sends something bad;
+/// says how the session ends.
 async fn session_loop(
     conn: &UnixSeqpacket,
     session: &Arc<Session>,
     thread: &FaultThread,
     daemon: &Daemon,
     cancel: &CancellationToken,
-) {
+) -> Ending {
     let config = &daemon.config;
     loop {
         let packet = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ending::Handover,
             p = recv_packet(conn) => p,
         };
         let packet = match packet {
             Ok(p) => p,
-            Err(RecvError::Closed) => return,
+            Err(RecvError::Closed) => return Ending::VmGone,
             Err(RecvError::Oversize(m)) => {
-                return refuse(daemon, conn, ErrorCode::Oversize, m).await
+                return {
+                    refuse(daemon, conn, ErrorCode::Oversize, m).await;
+                    Ending::Handover
+                }
             }
             Err(RecvError::Io(e)) => {
                 tracing::debug!(session = session.id(), "receive failed: {e}");
-                return;
+                return Ending::VmGone;
             }
         };
         match faultd_proto::decode::<Request>(&packet.bytes) {
             Ok(Request::Stats {}) if !packet.fds.is_empty() => {
-                return refuse(
-                    daemon,
-                    conn,
-                    ErrorCode::BadFd,
-                    "fds attached to a message that takes none".into(),
-                )
-                .await
+                return {
+                    refuse(
+                        daemon,
+                        conn,
+                        ErrorCode::BadFd,
+                        "fds attached to a message that takes none".into(),
+                    )
+                    .await;
+                    Ending::Handover
+                }
             }
             Ok(Request::Stats {}) => send(conn, &Response::Stats(Box::new(session.stats()))).await,
             Ok(Request::AddDevice(add)) => {
@@ -552,44 +602,59 @@ async fn session_loop(
                 let device = match built {
                     Ok(Ok(d)) => d,
                     Ok(Err(Refusal { code, message })) => {
-                        return refuse(daemon, conn, code, message).await
+                        return {
+                            refuse(daemon, conn, code, message).await;
+                            Ending::Handover
+                        }
                     }
                     Err(e) => {
-                        return refuse(daemon, conn, ErrorCode::Internal, format!("attaching: {e}"))
-                            .await
+                        return {
+                            refuse(daemon, conn, ErrorCode::Internal, format!("attaching: {e}"))
+                                .await;
+                            Ending::Handover
+                        }
                     }
                 };
                 let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
                 if thread.send(Command::AddDevice(device)).is_err() {
-                    return refuse(
-                        daemon,
-                        conn,
-                        ErrorCode::Internal,
-                        "the session's fault service has stopped".into(),
-                    )
-                    .await;
+                    return {
+                        refuse(
+                            daemon,
+                            conn,
+                            ErrorCode::Internal,
+                            "the session's fault service has stopped".into(),
+                        )
+                        .await;
+                        Ending::Handover
+                    };
                 }
                 tracing::info!(session = session.id(), dev_id, granule, "device attached");
                 daemon.device_attached.notify_one();
                 send(conn, &Response::DeviceAdded { dev_id, granule }).await;
             }
             Ok(Request::Register(_)) => {
-                return refuse(
-                    daemon,
-                    conn,
-                    ErrorCode::UnexpectedMessage,
-                    "this connection is registered already".into(),
-                )
-                .await
+                return {
+                    refuse(
+                        daemon,
+                        conn,
+                        ErrorCode::UnexpectedMessage,
+                        "this connection is registered already".into(),
+                    )
+                    .await;
+                    Ending::Handover
+                }
             }
             Ok(Request::Evict { .. }) if !packet.fds.is_empty() => {
-                return refuse(
-                    daemon,
-                    conn,
-                    ErrorCode::BadFd,
-                    "fds attached to a message that takes none".into(),
-                )
-                .await
+                return {
+                    refuse(
+                        daemon,
+                        conn,
+                        ErrorCode::BadFd,
+                        "fds attached to a message that takes none".into(),
+                    )
+                    .await;
+                    Ending::Handover
+                }
             }
             Ok(Request::Evict {
                 gpa,
@@ -604,13 +669,16 @@ async fn session_loop(
                     reply: tx,
                 };
                 if thread.send(cmd).is_err() {
-                    return refuse(
-                        daemon,
-                        conn,
-                        ErrorCode::Internal,
-                        "the session's fault service has stopped".into(),
-                    )
-                    .await;
+                    return {
+                        refuse(
+                            daemon,
+                            conn,
+                            ErrorCode::Internal,
+                            "the session's fault service has stopped".into(),
+                        )
+                        .await;
+                        Ending::Handover
+                    };
                 }
                 // The thread evicts between faults; wait for it off the reactor.
                 let report = tokio::task::spawn_blocking(move || rx.recv()).await;
@@ -627,28 +695,37 @@ async fn session_loop(
                         .await
                     }
                     _ => {
-                        return refuse(
-                            daemon,
-                            conn,
-                            ErrorCode::Internal,
-                            "the session's fault service stopped during eviction".into(),
-                        )
-                        .await
+                        return {
+                            refuse(
+                                daemon,
+                                conn,
+                                ErrorCode::Internal,
+                                "the session's fault service stopped during eviction".into(),
+                            )
+                            .await;
+                            Ending::Handover
+                        }
                     }
                 }
             }
             Ok(Request::FirecrackerListen(_) | Request::VmStats { .. }) => {
-                return refuse(
-                    daemon,
-                    conn,
-                    ErrorCode::UnexpectedMessage,
-                    "a VMM session takes register, stats, add_device and evict only".into(),
-                )
-                .await
+                return {
+                    refuse(
+                        daemon,
+                        conn,
+                        ErrorCode::UnexpectedMessage,
+                        "a VMM session takes register, stats, add_device and evict only".into(),
+                    )
+                    .await;
+                    Ending::Handover
+                }
             }
             Err(e) => {
                 let (code, m) = decode_error(e);
-                return refuse(daemon, conn, code, m).await;
+                return {
+                    refuse(daemon, conn, code, m).await;
+                    Ending::Handover
+                };
             }
         }
     }

@@ -58,7 +58,7 @@ use serde::Deserialize;
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::control::{Daemon, Live};
+use crate::control::{Daemon, Ending, Live};
 use crate::server::{FaultServer, StandbyThread};
 use crate::session::{Hva, RegionMemory, ServedRegion, Session};
 use crate::validate::Refusal;
@@ -655,7 +655,11 @@ async fn serve_restore(
         "serving a Firecracker restore"
     );
     end.wait(stream, &daemon.cancel, spec).await;
-    daemon.end_session(Live { session, thread }).await;
+    // Firecracker cannot register again: whatever ended the session, its VM's pages in the
+    // store have nobody to come back for them.
+    daemon
+        .end_session(Live { session, thread }, Ending::VmGone)
+        .await;
 }
 
 fn refused(spec: &ListenSpec, pid: Option<i32>, why: &str) {

@@ -14,6 +14,7 @@ pub mod ctl;
 pub mod device;
 pub mod firecracker;
 pub mod metrics;
+pub mod residency;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -29,7 +29,7 @@ use s2map::{Begin, DeviceIdx, Fill, Granule};
 use crate::device::Device;
 use crate::metrics::{FaultOutcome, SessionMetrics, Source};
 use crate::session::{Counters, Hva, Located, Session};
-use crate::store::Store;
+use crate::store::{Record, Store};
 use crate::vcpu::{OpError, UffdEvent, UffdOps};
 
 /// Limits of the device path, from config.
@@ -79,9 +79,12 @@ pub struct FaultServer<O> {
     /// The last fill [`FaultServer::install`] did, in [`FaultOutcome`] order since the device
     /// path last reset it: labels a device group's latency by what it needed.
     pub(crate) filled: FaultOutcome,
-    /// Where evicted pages go; created at the first eviction.
+    /// Where evicted pages go, and the journal of where absent pages are: opened with the
+    /// session (a resumed one finds its pages there), or at the first eviction.
     store: Option<Store>,
     store_dir: std::path::PathBuf,
+    /// Journal records to rebuild page state from before serving (a resumed session).
+    resume: Option<Resume>,
     /// Pages in the order they were installed, oldest first: the eviction order. Entries of
     /// pages no longer resident are dropped when they reach the front.
     pub(crate) install_order: VecDeque<s2map::PageRef>,
@@ -125,6 +128,28 @@ pub struct EvictReport {
     pub zero: u64,
     /// Pages that could not be evicted (logged and counted as errors).
     pub failed: u64,
+}
+
+/// What a resumed session starts from: a VMM that re-registers after faultd restarted.
+#[derive(Debug)]
+pub struct Resume {
+    /// The store journal's records, oldest first.
+    pub records: Vec<Record>,
+    /// The VMM (its page tables tell which huge pages are present).
+    pub vmm_pid: Option<i32>,
+}
+
+/// What [`FaultServer::resume`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumeReport {
+    /// Pages present in guest memory (resident from now on).
+    pub present: u64,
+    /// Absent pages whose contents are in the store.
+    pub stored: u64,
+    /// Absent pages that read zero whatever their backing says.
+    pub zeroed: u64,
+    /// Journal records that named no page of the layout (a different layout was registered).
+    pub unknown: u64,
 }
 
 /// Why a page eviction failed. The page stays resident.
@@ -192,6 +217,7 @@ impl<O: UffdOps> FaultServer<O> {
             new_devices: None,
             store: None,
             store_dir: std::path::PathBuf::from("/var/lib/faultd/store"),
+            resume: None,
             install_order: VecDeque::new(),
             budget: None,
             metrics: SessionMetrics::detached(),
@@ -216,6 +242,15 @@ impl<O: UffdOps> FaultServer<O> {
     /// Where this server's store file goes (config `store.dir`).
     pub fn with_store_dir(mut self, dir: std::path::PathBuf) -> Self {
         self.store_dir = dir;
+        self
+    }
+
+    /// Uses `store` (the VM's, opened by the caller); with `resume`, the page state is rebuilt
+    /// from guest memory and the store's journal before the first fault is served
+    /// ([`FaultServer::resume`]).
+    pub fn with_store(mut self, store: Store, resume: Option<Resume>) -> Self {
+        self.store = Some(store);
+        self.resume = resume;
         self
     }
 
@@ -435,6 +470,9 @@ impl<O: UffdOps> FaultServer<O> {
                     // once this event has been read).
                     self.unmap_devices_in(gpa, len);
                     let discarded = self.session.map().discard(gpa, len);
+                    // The pages read zero from now on, whatever their backing: a restarted
+                    // faultd must know (the journal's last word on them).
+                    self.journal(Record::Zero { gpa: gpa.0, len });
                     self.session
                         .counters
                         .discarded_pages
@@ -682,6 +720,11 @@ impl<O: UffdOps> FaultServer<O> {
         let finished = self.session.map().finish_evict(page, slot);
         if let (Ok(Some(freed)), Some(store)) = (&finished, &mut self.store) {
             store.free(*freed);
+            // Discarded meanwhile: zero is the page's content, not the saved copy.
+            self.journal(Record::Zero {
+                gpa: gpa.0,
+                len: at.size,
+            });
         }
         // 7.
         if let Err(e) = self.ops.unprotect(at.hva, at.size) {
@@ -693,6 +736,7 @@ impl<O: UffdOps> FaultServer<O> {
             ));
         }
         Counters::bump(&self.session.counters.evictions);
+        self.maybe_compact();
         finished?;
         Ok(slot.is_some())
     }
@@ -718,16 +762,31 @@ impl<O: UffdOps> FaultServer<O> {
                     Err(EvictError::Read(io::Error::other("short read")))
                 }
             })?;
-        let slot = if buf.iter().all(|&b| b == 0) {
-            None
+        if self.store.is_none() {
+            let (store, _) = Store::open(&self.store_dir, self.session.vm(), size, false)?;
+            self.store = Some(store);
+        }
+        let store = self.store.as_mut().expect("opened above");
+        let gpa = self
+            .session
+            .layout()
+            .region(page.region)
+            .page_gpa(page.page)
+            .0;
+        let (slot, record) = if buf.iter().all(|&b| b == 0) {
+            (None, Record::Zero { gpa, len: size })
         } else {
-            if self.store.is_none() {
-                let name = format!("session-{}-{}", self.session.id(), self.session.vm());
-                self.store = Some(Store::create(&self.store_dir, &name, size)?);
-            }
-            let store = self.store.as_mut().expect("created above");
-            Some(store.save(buf)?)
+            let slot = store.save(buf)?;
+            (Some(slot), Record::Stored { gpa, slot })
         };
+        // Recorded before the page is dropped: from the punch on, the store (and this record)
+        // is the only place its contents exist, and a restarted faultd finds them here.
+        if let Err(e) = store.record(record) {
+            if let Some(slot) = slot {
+                store.free(slot);
+            }
+            return Err(e.into());
+        }
         // 5.
         let punched = nix::fcntl::fallocate(
             fd,
@@ -743,6 +802,194 @@ impl<O: UffdOps> FaultServer<O> {
             return Err(EvictError::Drop(e));
         }
         Ok(slot)
+    }
+
+    /// Appends `record` to the store's journal (opening the store if need be). A failure is
+    /// logged and counted: the page state in memory is right, only a restart would miss it.
+    fn journal(&mut self, record: Record) {
+        if self.store.is_none() {
+            let slot_bytes = self.page_buf.len() as u64;
+            match Store::open(&self.store_dir, self.session.vm(), slot_bytes, false) {
+                Ok((store, _)) => self.store = Some(store),
+                Err(e) => {
+                    self.error(format_args!("opening the store to journal {record:?}: {e}"));
+                    return;
+                }
+            }
+        }
+        let Some(store) = &mut self.store else {
+            return;
+        };
+        if let Err(e) = store.record(record) {
+            self.error(format_args!("journaling {record:?}: {e}"));
+        }
+        self.maybe_compact();
+    }
+
+    /// Rewrites the journal as the state now once it has grown well past it (see
+    /// [`Store::wants_compaction`]), so that it stays proportional to the evicted pages.
+    fn maybe_compact(&mut self) {
+        if !self.store.as_ref().is_some_and(Store::wants_compaction) {
+            return;
+        }
+        let records = self.state_records();
+        if let Some(store) = &mut self.store {
+            if let Err(e) = store.compact(records) {
+                self.error(format_args!("compacting the store journal: {e}"));
+            }
+        }
+    }
+
+    /// The journal records that describe the page state now: every stored page and every
+    /// run of zeroed pages of file-backed regions.
+    fn state_records(&self) -> Vec<Record> {
+        let map = self.session.map();
+        let layout = self.session.layout();
+        let gpa_of = |p: s2map::PageRef| layout.region(p.region).page_gpa(p.page).0;
+        let mut out: Vec<Record> = map
+            .stored_pages()
+            .map(|(p, slot)| Record::Stored {
+                gpa: gpa_of(p),
+                slot,
+            })
+            .collect();
+        out.extend(map.zeroed_runs().into_iter().map(|(p, n)| Record::Zero {
+            gpa: gpa_of(p),
+            len: n * layout.region(p.region).page_size().bytes(),
+        }));
+        out
+    }
+
+    /// Serves what is outstanding for up to `bound` before the thread stops with the VM still
+    /// running: device groups already read or still queued, and faults. Returns when nothing
+    /// is pending and nothing new arrived in the last pass, or at the bound.
+    fn drain(&mut self, bound: Duration) {
+        let end = Instant::now() + bound;
+        while Instant::now() < end {
+            match self.serve_ready() {
+                Ok(0) if !self.has_retries() => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Rebuilds the state of a VMM that registers again after faultd restarted, before any of
+    /// its faults is served:
+    /// 1. Pages present in guest memory are resident: the memory is the truth for them (an
+    ///    eviction that died before its punch left the page there, intact, because it was
+    ///    write-protected).
+    /// 2. Absent pages take the journal's last word: a store slot, or zero; without one they
+    ///    fill from the backing registered now. The slots of those pages are in use, every
+    ///    other slot is free.
+    /// 3. The journal is rewritten as that state.
+    /// 4. Write protection is cleared and every waiting thread woken, over all guest RAM: the
+    ///    dead faultd may have left pages write-protected mid-eviction, and threads blocked on
+    ///    faults it had read but not served. Woken, they fault again and this server sees it.
+    pub fn resume(&mut self) -> Option<ResumeReport> {
+        let r = self.resume.take()?;
+        let mut report = ResumeReport::default();
+        // 1.
+        for ri in 0..self.session.regions().len() {
+            match self.present_pages(ri, r.vmm_pid) {
+                Ok(pages) => {
+                    for p in pages {
+                        let page = s2map::PageRef {
+                            region: s2map::RegionIdx(ri as u32),
+                            page: s2map::PageIdx(p),
+                        };
+                        if self.session.map().mark_present(page) {
+                            report.present += 1;
+                            self.installed(page);
+                        }
+                    }
+                }
+                // Taken as absent: a present page then only costs an EEXIST install, while a
+                // page wrongly taken as present would never be served.
+                Err(e) => self.error(format_args!(
+                    "finding the present pages of region {ri} (taken as absent): {e}"
+                )),
+            }
+        }
+        // 2.
+        let layout = self.session.layout().clone();
+        let mut last: std::collections::HashMap<s2map::PageRef, Option<u32>> =
+            std::collections::HashMap::new();
+        for rec in &r.records {
+            let (gpa, len, slot) = match *rec {
+                Record::Stored { gpa, slot } => (gpa, 1, Some(slot)),
+                Record::Zero { gpa, len } => (gpa, len, None),
+            };
+            let end = gpa.saturating_add(len);
+            let mut at = gpa;
+            while at < end {
+                match layout.lookup(s2map::Gpa(at)) {
+                    Some(p) => {
+                        let region = layout.region(p.region);
+                        last.insert(p, slot);
+                        at = region.page_gpa(p.page).0 + region.page_size().bytes();
+                    }
+                    None => {
+                        report.unknown += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        let mut used = Vec::new();
+        {
+            let mut map = self.session.map();
+            for (page, slot) in last {
+                if map.state(page) != s2map::PageState::Absent {
+                    continue;
+                }
+                if map.restore_absent(page, slot).is_ok() {
+                    match slot {
+                        Some(s) => {
+                            used.push(s);
+                            report.stored += 1;
+                        }
+                        None => report.zeroed += 1,
+                    }
+                }
+            }
+        }
+        // 3.
+        let records = self.state_records();
+        if let Some(store) = &mut self.store {
+            store.adopt(used);
+            if let Err(e) = store.compact(records) {
+                self.error(format_args!("rewriting the resumed journal: {e}"));
+            }
+        }
+        // 4.
+        for (region, r) in self.session.regions().iter().zip(layout.regions()) {
+            let (hva, size) = (region.hva, r.size());
+            if let Err(e) = self.ops.unprotect(hva, size) {
+                tracing::debug!(session = self.session.id(), "clearing write-protect: {e}");
+            }
+            if let Err(e) = self.ops.wake(hva, size) {
+                self.error(format_args!("waking the threads of {:#x}: {e}", hva.0));
+            }
+        }
+        self.report_resident();
+        Some(report)
+    }
+
+    /// Page indexes of region `ri` present in guest memory.
+    fn present_pages(&self, ri: usize, vmm_pid: Option<i32>) -> io::Result<Vec<u64>> {
+        let region = &self.session.regions()[ri];
+        let r = &self.session.layout().regions()[ri];
+        let (page, size) = (r.page_size().bytes(), r.size());
+        let crate::session::RegionMemory::Shared { fd, offset } = &region.memory else {
+            return Err(io::Error::other("anonymous memory cannot be inspected"));
+        };
+        if page == 4096 {
+            crate::residency::shmem_present(fd.as_fd(), *offset, size, page)
+        } else {
+            let pid = vmm_pid.ok_or_else(|| io::Error::other("the VMM's pid is unknown"))?;
+            crate::residency::mapped_present(pid, region.hva.0, size, page)
+        }
     }
 
     fn abort(&self, at: Located) {
@@ -784,6 +1031,9 @@ pub struct FaultThread {
 #[derive(Debug)]
 struct Control {
     stop: AtomicBool,
+    /// Set with `stop` when faultd stops but the VM does not: finish the device groups
+    /// outstanding (for at most this long) and keep the store for a resume.
+    handover: std::sync::Mutex<Option<Duration>>,
     /// Wakes the thread from poll(2): to stop, or to pick up a new device.
     event: EventFd,
 }
@@ -797,6 +1047,7 @@ impl FaultThread {
     ) -> io::Result<FaultThread> {
         let ctl = Arc::new(Control {
             stop: AtomicBool::new(false),
+            handover: std::sync::Mutex::new(None),
             event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -820,9 +1071,18 @@ impl FaultThread {
         Ok(())
     }
 
-    /// Stops the thread and waits for it. Outstanding device groups are answered and device
-    /// mappings removed before it returns.
+    /// Stops the thread and waits for it: the VM is gone. Outstanding device groups are
+    /// answered and device mappings removed before it returns; the store is deleted.
     pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    /// Stops the thread and waits for it while the VM lives on (faultd is stopping, or closed
+    /// the session): for up to `drain`, outstanding device groups and faults are still served,
+    /// then what is left is answered INVALID, device mappings are removed, and the store is
+    /// kept (and synced) for the VMM to resume with.
+    pub fn hand_over(mut self, drain: Duration) {
+        *self.ctl.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some(drain);
         self.stop_and_join();
     }
 
@@ -864,6 +1124,7 @@ impl<O: UffdOps + Send + 'static> StandbyThread<O> {
     pub fn new(name: String, spin: Duration) -> io::Result<StandbyThread<O>> {
         let ctl = Arc::new(Control {
             stop: AtomicBool::new(false),
+            handover: std::sync::Mutex::new(None),
             event: EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?,
         });
         let (job_tx, job_rx) = std::sync::mpsc::channel::<StandbyJob<O>>();
@@ -960,6 +1221,19 @@ impl SpinPolicy {
 /// the last of it, then sleep in poll(2) on the uffd, the device queues and the control eventfd.
 fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
     server.session.watch.register_current_thread();
+    let t0 = Instant::now();
+    if let Some(r) = server.resume() {
+        tracing::info!(
+            session = server.session.id(),
+            vm = server.session.vm(),
+            present = r.present,
+            stored = r.stored,
+            zeroed = r.zeroed,
+            unknown_records = r.unknown,
+            took_us = t0.elapsed().as_micros() as u64,
+            "resumed: page state rebuilt from guest memory and the store journal, waiters woken"
+        );
+    }
     let mut policy = SpinPolicy::new(spin);
     let mut last_work = Instant::now();
     let mut window = policy.window();
@@ -1029,7 +1303,19 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             break;
         }
     }
+    let handover = *ctl.handover.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(drain) = handover {
+        server.drain(drain);
+    }
     server.shutdown_devices();
+    if handover.is_some() {
+        if let Some(store) = &mut server.store {
+            store.keep();
+            if let Err(e) = store.sync() {
+                tracing::error!(session = server.session.id(), "syncing the store: {e}");
+            }
+        }
+    }
     if let Some(b) = &server.budget {
         b.global.fetch_sub(b.reported, Ordering::Relaxed);
     }

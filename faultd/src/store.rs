@@ -1,38 +1,105 @@
-//! faultd's swap store: where evicted guest pages go.
+//! faultd's swap store: where evicted guest pages go, and the journal that lets a restarted
+//! faultd find them again.
 //!
-//! One file per session under `store.dir`, made of fixed-size slots (the session's largest
-//! page size). Slots are allocated from a free list, so freed slots are reused and the file
-//! grows only to the high-water mark of evicted pages. Which page lives in which slot is s2map's
-//! `stored` map (pure state); this module only moves bytes.
+//! One store per VM name under `store.dir`: `<vm>.pages`, fixed-size slots (the VM's largest
+//! page size) allocated from a free list, so freed slots are reused and the file grows only to
+//! the high-water mark of evicted pages; and `<vm>.journal`, an append-only log of where each
+//! absent page's contents are. Which page lives in which slot is s2map's `stored` map (pure
+//! state); this module moves bytes and keeps the log.
 //!
-//! Not yet: surviving a faultd restart. The slot index lives in s2map only; making it durable
-//! (a journal next to the file, replayed on re-registration) is part of the restart work.
+//! # Why a journal, and what it must say
+//! A VMM outlives a faultd crash: its guest RAM, its userfaultfd and its registrations stay.
+//! Pages that were in guest RAM are still there; pages faultd evicted exist only in this store.
+//! A restarted faultd therefore needs, for every page that is *absent* from guest RAM, where its
+//! contents are: a store slot, zero (discarded, or evicted while all zero), or the backing the
+//! VMM registers again (zero fill or snapshot file) when the journal says nothing. For pages
+//! present in guest RAM the memory itself is the truth and the journal is ignored.
+//!
+//! So a record is written whenever a page leaves guest RAM with contents other than its
+//! backing's: [`Record::Stored`] by an eviction after the page is saved and *before* it is
+//! dropped from the memfd, and [`Record::Zero`] for a discard or an all-zero eviction. The last
+//! record of a page wins. A page that comes back into guest RAM needs no record: it is present,
+//! and when it leaves again a new record is written. Slots are reused, so an old record can name
+//! a slot that another page owns now; only the last record of a page that is absent counts,
+//! and that one is always current.
+//!
+//! Durability: records are written with `pwrite` before the page is dropped, so they are in the
+//! page cache, which survives the death of the faultd process (kill -9, panic). A host crash
+//! loses guest RAM as well, so nothing is gained by an fsync per eviction; a clean shutdown
+//! syncs both files ([`Store::sync`]). A record torn by a crash mid-write fails its checksum and
+//! ends the replay (the write it belonged to had not returned, so its page was not dropped yet).
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// A session's store file.
+/// A fact about an absent page, as the journal keeps it. Pages are named by guest physical
+/// address, so a VMM that registers the same layout again finds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// The page at `gpa` is in `slot`.
+    Stored {
+        /// Guest physical address of the page.
+        gpa: u64,
+        /// Store slot.
+        slot: u32,
+    },
+    /// The pages of `[gpa, gpa + len)` are zero, whatever their backing says.
+    Zero {
+        /// Start.
+        gpa: u64,
+        /// Bytes.
+        len: u64,
+    },
+}
+
+/// A VM's store: page slots and the journal.
 #[derive(Debug)]
 pub struct Store {
-    file: File,
+    /// Locked (flock) for as long as the store is open.
+    file: nix::fcntl::Flock<File>,
     path: PathBuf,
+    journal: File,
+    journal_path: PathBuf,
+    /// Bytes of the journal (where the next record goes).
+    journal_len: u64,
+    /// Records in the journal.
+    appended: u64,
+    /// Records it had when it was last written whole (or opened).
+    base: u64,
     slot_bytes: u64,
     free: Vec<u32>,
     next: u32,
+    /// Keep the files when the store is dropped (faultd is going away, the VM is not).
+    keep: bool,
 }
 
 /// Failure of a store operation, named for it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Creating the store file failed.
-    #[error("creating store file {path}")]
-    Create {
+    /// Creating or opening a store file failed.
+    #[error("opening store file {path}")]
+    Open {
         /// File path.
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    /// Another live session (of this faultd or another) holds the VM's store.
+    #[error("the store {path} is in use by another session of the same VM name")]
+    Busy {
+        /// File path.
+        path: PathBuf,
+    },
+    /// The journal of a store being resumed is not one this version wrote for this VM.
+    #[error("journal {path} cannot be resumed: {why}")]
+    Journal {
+        /// File path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
     },
     /// Writing a page to its slot failed.
     #[error("writing store slot {slot}")]
@@ -50,35 +117,209 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// Appending to or rewriting the journal failed.
+    #[error("writing the store journal {path}")]
+    WriteJournal {
+        /// File path.
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Every slot number is in use.
     #[error("the store is full ({0} slots)")]
     Full(u32),
 }
 
+/// `"FDJ1"` as a little-endian u32.
+const JOURNAL_MAGIC: u32 = 0x314a_4446;
+const JOURNAL_VERSION: u32 = 1;
+/// magic, version, slot bytes.
+const HEADER_BYTES: u64 = 16;
+/// kind, checksum, gpa, argument.
+const RECORD_BYTES: usize = 24;
+const KIND_STORED: u32 = 1;
+const KIND_ZERO: u32 = 2;
+/// Records appended before a compaction is considered at all.
+const COMPACT_MIN: u64 = 4096;
+
 impl Store {
-    /// Creates (truncating) `dir/<name>.pages` with slots of `slot_bytes`.
-    pub fn create(dir: &Path, name: &str, slot_bytes: u64) -> Result<Store, StoreError> {
-        let path = dir.join(format!("{name}.pages"));
-        let create = || -> io::Result<File> {
-            std::fs::create_dir_all(dir)?;
+    /// Opens the store of VM `vm` in `dir` with slots of `slot_bytes`.
+    ///
+    /// Fresh (`resume` false): any leftover files of that name are truncated. Resumed: the
+    /// existing journal is read and its records returned, oldest first (none if there was no
+    /// store); the caller rebuilds page state from them and hands the slots still in use to
+    /// [`Store::adopt`].
+    ///
+    /// The pages file is locked (`flock`) while the store is open, so two sessions can never
+    /// share one store, whether in one faultd or in two.
+    pub fn open(
+        dir: &Path,
+        vm: &str,
+        slot_bytes: u64,
+        resume: bool,
+    ) -> Result<(Store, Vec<Record>), StoreError> {
+        let path = dir.join(format!("{vm}.pages"));
+        let journal_path = dir.join(format!("{vm}.journal"));
+        let open_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Open { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(open_err(dir))?;
+        let open = |p: &Path| {
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
-                .truncate(true)
-                .open(&path)
+                .truncate(false)
+                .open(p)
         };
-        let file = create().map_err(|source| StoreError::Create {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Store {
+        let file = open(&path).map_err(open_err(&path))?;
+        let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(locked) => locked,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StoreError::Busy { path }),
+            Err((_, e)) => return Err(open_err(&path)(e.into())),
+        };
+        let journal = open(&journal_path).map_err(open_err(&journal_path))?;
+        let mut store = Store {
             file,
             path,
+            journal,
+            journal_path,
+            journal_len: 0,
+            appended: 0,
+            base: 0,
             slot_bytes,
             free: Vec::new(),
             next: 0,
-        })
+            keep: false,
+        };
+        let records = if resume {
+            store.read_journal()?
+        } else {
+            Vec::new()
+        };
+        if records.is_empty() {
+            // Nothing to keep: start both files afresh.
+            store.reset()?;
+        }
+        Ok((store, records))
+    }
+
+    /// Empties both files and writes the journal header.
+    fn reset(&mut self) -> Result<(), StoreError> {
+        self.file.set_len(0).map_err(|source| StoreError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut header = [0u8; HEADER_BYTES as usize];
+        header[0..4].copy_from_slice(&JOURNAL_MAGIC.to_le_bytes());
+        header[4..8].copy_from_slice(&JOURNAL_VERSION.to_le_bytes());
+        header[8..16].copy_from_slice(&self.slot_bytes.to_le_bytes());
+        let write = |j: &File| {
+            j.set_len(0)?;
+            j.write_all_at(&header, 0)
+        };
+        write(&self.journal).map_err(|source| self.journal_error(source))?;
+        self.journal_len = HEADER_BYTES;
+        self.appended = 0;
+        self.base = 0;
+        self.free.clear();
+        self.next = 0;
+        Ok(())
+    }
+
+    /// Reads every intact record; cuts a torn tail off.
+    fn read_journal(&mut self) -> Result<Vec<Record>, StoreError> {
+        let bad = |why: String| StoreError::Journal {
+            path: self.journal_path.clone(),
+            why,
+        };
+        let mut bytes = Vec::new();
+        {
+            use std::io::Read;
+            (&self.journal)
+                .read_to_end(&mut bytes)
+                .map_err(|source| self.journal_error(source))?;
+        }
+        if bytes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if bytes.len() < HEADER_BYTES as usize {
+            return Err(bad(format!(
+                "{} bytes, shorter than its header",
+                bytes.len()
+            )));
+        }
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4"));
+        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8"));
+        if u32_at(&bytes, 0) != JOURNAL_MAGIC || u32_at(&bytes, 4) != JOURNAL_VERSION {
+            return Err(bad("not a faultd journal of version 1".into()));
+        }
+        let slot_bytes = u64_at(&bytes, 8);
+        if slot_bytes != self.slot_bytes {
+            return Err(bad(format!(
+                "written with slots of {slot_bytes} bytes, the VM now has {}-byte pages",
+                self.slot_bytes
+            )));
+        }
+        let mut records = Vec::new();
+        let mut at = HEADER_BYTES as usize;
+        while at + RECORD_BYTES <= bytes.len() {
+            let r = &bytes[at..at + RECORD_BYTES];
+            let (kind, sum, gpa, arg) = (u32_at(r, 0), u32_at(r, 4), u64_at(r, 8), u64_at(r, 16));
+            if sum != checksum(kind, gpa, arg) {
+                break;
+            }
+            records.push(match kind {
+                KIND_STORED => match u32::try_from(arg) {
+                    Ok(slot) => Record::Stored { gpa, slot },
+                    Err(_) => break,
+                },
+                KIND_ZERO => Record::Zero { gpa, len: arg },
+                _ => break,
+            });
+            at += RECORD_BYTES;
+        }
+        if at != bytes.len() {
+            tracing::warn!(
+                journal = %self.journal_path.display(),
+                intact = records.len(),
+                cut_bytes = bytes.len() - at,
+                "journal ends in a torn record (faultd died mid-write); replaying the intact ones"
+            );
+            self.journal
+                .set_len(at as u64)
+                .map_err(|source| self.journal_error(source))?;
+        }
+        self.journal_len = at as u64;
+        self.appended = records.len() as u64;
+        self.base = self.appended;
+        Ok(records)
+    }
+
+    /// After a resume: `used` are the slots that hold pages still absent from guest RAM; every
+    /// other slot below the highest is free.
+    pub fn adopt(&mut self, used: impl IntoIterator<Item = u32>) {
+        let mut used: Vec<u32> = used.into_iter().collect();
+        used.sort_unstable();
+        used.dedup();
+        self.next = used.last().map_or(0, |&s| s + 1);
+        let mut u = used.iter().peekable();
+        let mut free: Vec<u32> = (0..self.next)
+            .filter(|s| {
+                if u.peek() == Some(&s) {
+                    u.next();
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        // Lowest first out of `save` (it pops from the end). Reversed after filtering: the
+        // filter walks `used` in ascending order alongside.
+        free.reverse();
+        self.free = free;
     }
 
     /// Saves `page` (at most one slot) to a free slot and returns the slot.
@@ -98,6 +339,58 @@ impl Store {
         Ok(slot)
     }
 
+    /// Appends `record` to the journal.
+    pub fn record(&mut self, record: Record) -> Result<(), StoreError> {
+        let bytes = encode(record);
+        self.journal
+            .write_all_at(&bytes, self.journal_len)
+            .map_err(|source| self.journal_error(source))?;
+        self.journal_len += RECORD_BYTES as u64;
+        self.appended += 1;
+        Ok(())
+    }
+
+    /// Whether the journal has grown enough since it was last written whole that
+    /// [`Store::compact`] is worth its cost: by [`COMPACT_MIN`] records and by three times its
+    /// size then. So the journal stays within a constant factor of the state it describes, and
+    /// the cost of compactions is spread over the records that made them due.
+    pub fn wants_compaction(&self) -> bool {
+        let new = self.appended - self.base;
+        new >= COMPACT_MIN.max(3 * self.base)
+    }
+
+    /// Replaces the journal by `records` (the state now), atomically: written beside it, then
+    /// renamed over it, so a crash leaves the old journal or the new one, never half of one.
+    pub fn compact(&mut self, records: impl IntoIterator<Item = Record>) -> Result<(), StoreError> {
+        let tmp = self.journal_path.with_extension("journal.new");
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&JOURNAL_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&self.slot_bytes.to_le_bytes());
+        let mut n = 0u64;
+        for r in records {
+            bytes.extend_from_slice(&encode(r));
+            n += 1;
+        }
+        let write = || -> io::Result<File> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            f.write_all_at(&bytes, 0)?;
+            std::fs::rename(&tmp, &self.journal_path)?;
+            Ok(f)
+        };
+        let journal = write().map_err(|source| self.journal_error(source))?;
+        self.journal = journal;
+        self.journal_len = bytes.len() as u64;
+        self.appended = n;
+        self.base = n;
+        Ok(())
+    }
+
     /// Reads `slot` into `page`.
     pub fn load(&self, slot: u32, page: &mut [u8]) -> Result<(), StoreError> {
         self.file
@@ -115,9 +408,29 @@ impl Store {
         self.next - self.free.len() as u32
     }
 
-    /// The store file.
+    /// The pages file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Keeps both files when the store is dropped: faultd is stopping, the VM is not, and a
+    /// faultd started again resumes from them.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Makes both files durable (a clean shutdown; see the module notes on durability).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let sync = |f: &File| nix::unistd::fdatasync(f.as_fd()).map_err(io::Error::from);
+        sync(&self.file).map_err(|source| StoreError::Write { slot: 0, source })?;
+        sync(&self.journal).map_err(|source| self.journal_error(source))
+    }
+
+    fn journal_error(&self, source: io::Error) -> StoreError {
+        StoreError::WriteJournal {
+            path: self.journal_path.clone(),
+            source,
+        }
     }
 
     fn offset(&self, slot: u32) -> u64 {
@@ -127,9 +440,42 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        // The store holds a dead session's pages: nothing can fault them in any more.
+        if self.keep {
+            return;
+        }
+        // The VM is gone (its VMM hung up): nothing can fault these pages in any more.
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.journal_path);
     }
+}
+
+fn checksum(kind: u32, gpa: u64, arg: u64) -> u32 {
+    // FNV-1a over the record's fields: catches a torn or garbage record, which is all it is
+    // for (the journal is faultd's own file, not input).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in kind
+        .to_le_bytes()
+        .iter()
+        .chain(&gpa.to_le_bytes())
+        .chain(&arg.to_le_bytes())
+    {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+fn encode(record: Record) -> [u8; RECORD_BYTES] {
+    let (kind, gpa, arg) = match record {
+        Record::Stored { gpa, slot } => (KIND_STORED, gpa, u64::from(slot)),
+        Record::Zero { gpa, len } => (KIND_ZERO, gpa, len),
+    };
+    let mut b = [0u8; RECORD_BYTES];
+    b[0..4].copy_from_slice(&kind.to_le_bytes());
+    b[4..8].copy_from_slice(&checksum(kind, gpa, arg).to_le_bytes());
+    b[8..16].copy_from_slice(&gpa.to_le_bytes());
+    b[16..24].copy_from_slice(&arg.to_le_bytes());
+    b
 }
 
 #[cfg(test)]
@@ -139,7 +485,7 @@ mod tests {
     #[test]
     fn saved_pages_read_back_and_freed_slots_are_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::create(dir.path(), "vm", 4096).unwrap();
+        let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
         let a = s.save(&[1; 4096]).unwrap();
         let b = s.save(&[2; 4096]).unwrap();
         let mut buf = [0; 4096];
@@ -156,12 +502,191 @@ mod tests {
     }
 
     #[test]
-    fn the_store_file_goes_with_the_session() {
+    fn the_store_goes_with_the_vm_unless_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = {
-            let s = Store::create(dir.path(), "vm", 4096).unwrap();
+            let (s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
             s.path().to_owned()
         };
         assert!(!path.exists());
+        assert!(!dir.path().join("vm.journal").exists());
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            s.keep();
+        }
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn a_resumed_store_replays_its_records_and_keeps_the_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            let a = s.save(&[7; 4096]).unwrap();
+            s.record(Record::Stored {
+                gpa: 0x1000,
+                slot: a,
+            })
+            .unwrap();
+            s.record(Record::Zero {
+                gpa: 0x8000,
+                len: 0x2000,
+            })
+            .unwrap();
+            let b = s.save(&[9; 4096]).unwrap();
+            s.record(Record::Stored {
+                gpa: 0x3000,
+                slot: b,
+            })
+            .unwrap();
+            s.keep();
+        }
+        let (mut s, records) = Store::open(dir.path(), "vm", 4096, true).unwrap();
+        assert_eq!(
+            records,
+            vec![
+                Record::Stored {
+                    gpa: 0x1000,
+                    slot: 0
+                },
+                Record::Zero {
+                    gpa: 0x8000,
+                    len: 0x2000
+                },
+                Record::Stored {
+                    gpa: 0x3000,
+                    slot: 1
+                },
+            ]
+        );
+        let mut buf = [0; 4096];
+        s.load(1, &mut buf).unwrap();
+        assert_eq!(buf, [9; 4096]);
+        // Only slot 1 still holds an absent page: slot 0 is reused first, then 2.
+        s.adopt([1]);
+        assert_eq!(s.save(&[1; 4096]).unwrap(), 0);
+        assert_eq!(s.save(&[1; 4096]).unwrap(), 2);
+        // Every slot in use: no free one is handed out twice.
+        s.adopt([4, 0, 1, 2, 3]);
+        assert_eq!(s.used_slots(), 5);
+        assert_eq!(s.save(&[1; 4096]).unwrap(), 5);
+        s.adopt([0, 2, 5]);
+        let more: Vec<u32> = (0..4).map(|_| s.save(&[1; 4096]).unwrap()).collect();
+        assert_eq!(more, vec![1, 3, 4, 6]);
+    }
+
+    #[test]
+    fn a_fresh_open_forgets_a_leftover_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            let a = s.save(&[7; 4096]).unwrap();
+            s.record(Record::Stored { gpa: 0, slot: a }).unwrap();
+            s.keep();
+        }
+        drop(Store::open(dir.path(), "vm", 4096, false).unwrap());
+        let (_s, records) = Store::open(dir.path(), "vm", 4096, true).unwrap();
+        assert!(records.is_empty());
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_the_intact_records_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            s.record(Record::Stored { gpa: 0, slot: 0 }).unwrap();
+            s.record(Record::Stored {
+                gpa: 0x1000,
+                slot: 1,
+            })
+            .unwrap();
+            s.keep();
+        }
+        let j = dir.path().join("vm.journal");
+        let len = std::fs::metadata(&j).unwrap().len();
+        // Half of the second record, as if faultd died in the middle of writing it.
+        let f = OpenOptions::new().write(true).open(&j).unwrap();
+        f.set_len(len - 10).unwrap();
+        let (mut s, records) = Store::open(dir.path(), "vm", 4096, true).unwrap();
+        assert_eq!(records, vec![Record::Stored { gpa: 0, slot: 0 }]);
+        // New records go after the intact ones.
+        s.record(Record::Zero { gpa: 0, len: 4096 }).unwrap();
+        s.keep();
+        drop(s);
+        let (_s, records) = Store::open(dir.path(), "vm", 4096, true).unwrap();
+        assert_eq!(
+            records,
+            vec![
+                Record::Stored { gpa: 0, slot: 0 },
+                Record::Zero { gpa: 0, len: 4096 }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_journal_of_other_page_sizes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            s.record(Record::Stored { gpa: 0, slot: 0 }).unwrap();
+            s.keep();
+        }
+        let err = Store::open(dir.path(), "vm", 2 << 20, true).unwrap_err();
+        assert!(err.to_string().contains("slots of 4096 bytes"), "{err}");
+    }
+
+    #[test]
+    fn one_store_serves_one_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), "vm", 4096, true),
+            Err(StoreError::Busy { .. })
+        ));
+        assert!(Store::open(dir.path(), "other", 4096, false).is_ok());
+    }
+
+    #[test]
+    fn compaction_replaces_the_log_by_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            for i in 0..COMPACT_MIN - 1 {
+                s.record(Record::Stored {
+                    gpa: 0,
+                    slot: i as u32,
+                })
+                .unwrap();
+            }
+            assert!(!s.wants_compaction());
+            for i in 0..1 {
+                s.record(Record::Stored {
+                    gpa: 0,
+                    slot: i as u32,
+                })
+                .unwrap();
+            }
+            assert!(s.wants_compaction());
+            s.compact([Record::Stored { gpa: 0, slot: 5 }]).unwrap();
+            assert!(!s.wants_compaction());
+            s.record(Record::Zero {
+                gpa: 0x1000,
+                len: 0x1000,
+            })
+            .unwrap();
+            s.keep();
+        }
+        assert!(!dir.path().join("vm.journal.new").exists());
+        let (_s, records) = Store::open(dir.path(), "vm", 4096, true).unwrap();
+        assert_eq!(
+            records,
+            vec![
+                Record::Stored { gpa: 0, slot: 5 },
+                Record::Zero {
+                    gpa: 0x1000,
+                    len: 0x1000
+                }
+            ]
+        );
     }
 }

@@ -114,6 +114,7 @@ fn register(r: &Ram, mutate: impl FnOnce(&mut Register)) -> Vec<u8> {
             read_only: false,
         }],
         snapshot: None,
+        resume: false,
     };
     mutate(&mut reg);
     faultd_proto::encode(&Request::Register(reg)).unwrap()

@@ -21,6 +21,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 
+mod supervise;
+
 pub use faultd_proto::FirecrackerListen;
 use faultd_proto::{
     AddDevice, BackingDesc, ErrorCode, FdIndex, IommuDesc, QueueDesc, RegionDesc, Register,
@@ -31,6 +33,7 @@ use nix::sys::socket::{
     connect, recv, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
     UnixAddr,
 };
+pub use supervise::{Reattach, Supervisor, SupervisorStats};
 pub use userfaultfd::Uffd;
 
 /// Failure of a client operation, named for the operation.
@@ -356,6 +359,30 @@ impl Client {
         regions: &[RegionSpec<'_>],
         snapshot: Option<BorrowedFd<'_>>,
     ) -> Result<Session, ClientError> {
+        self.register_as(vm, uffd, regions, snapshot, false)
+    }
+
+    /// Registers a VM faultd served before, after faultd restarted or closed the session: the
+    /// same uffd, memory and layout as before. faultd takes the pages it had evicted from its
+    /// store, and wakes every thread that was blocked on the faultd that went away.
+    pub fn resume(
+        self,
+        vm: &str,
+        uffd: &Uffd,
+        regions: &[RegionSpec<'_>],
+        snapshot: Option<BorrowedFd<'_>>,
+    ) -> Result<Session, ClientError> {
+        self.register_as(vm, uffd, regions, snapshot, true)
+    }
+
+    fn register_as(
+        self,
+        vm: &str,
+        uffd: &Uffd,
+        regions: &[RegionSpec<'_>],
+        snapshot: Option<BorrowedFd<'_>>,
+        resume: bool,
+    ) -> Result<Session, ClientError> {
         let mut fds: Vec<BorrowedFd<'_>> = vec![uffd.as_fd()];
         let mut descs = Vec::with_capacity(regions.len());
         for r in regions {
@@ -381,6 +408,7 @@ impl Client {
             uffd: FdIndex(0),
             regions: descs,
             snapshot,
+            resume,
         });
         let mut raw = RawConnection { sock: self.sock };
         raw.send(&faultd_proto::encode(&req)?, &fds)?;

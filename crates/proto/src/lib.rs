@@ -158,6 +158,11 @@ pub struct Register {
     /// A snapshot file, required when a region has [`BackingDesc::Snapshot`].
     #[serde(default)]
     pub snapshot: Option<FdIndex>,
+    /// The VM was served before (by a faultd that restarted or closed the session) and goes
+    /// on: faultd takes the pages it evicted from its store for `vm`, and the rest of guest
+    /// memory as it is now. False: a new VM; any store left under `vm` is discarded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
 }
 
 /// One guest RAM region: where it is in the guest, in the VMM, and in its memory fd.
@@ -426,6 +431,7 @@ mod tests {
                 read_only: false,
             }],
             snapshot: Some(FdIndex(2)),
+            resume: false,
         })
     }
 
