@@ -13,6 +13,7 @@ pub mod control;
 pub mod ctl;
 pub mod device;
 pub mod firecracker;
+pub mod logging;
 pub mod metrics;
 pub mod residency;
 pub mod server;

@@ -70,10 +70,7 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_filter))
-        .with_writer(std::io::stderr)
-        .init();
+    faultd::logging::init(&config.log_filter);
     match faultd::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, 1),
