@@ -38,7 +38,17 @@ pub struct Faultd {
     child: Child,
     socket: PathBuf,
     log: PathBuf,
+    /// How it was started, to start it again ([`Faultd::restart`]).
+    launch: Launch,
     _dir: tempfile::TempDir,
+}
+
+#[derive(Debug, Clone)]
+struct Launch {
+    extra: Vec<std::ffi::OsString>,
+    env: Vec<(String, std::ffi::OsString)>,
+    under: Vec<std::ffi::OsString>,
+    store: PathBuf,
 }
 
 impl Faultd {
@@ -65,12 +75,60 @@ impl Faultd {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("faultd.sock");
         let log = dir.path().join("faultd.log");
+        let launch = Launch {
+            extra: extra.iter().map(Into::into).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            under: under.iter().map(|&u| u.to_owned()).collect(),
+            store: dir.path().join("store"),
+        };
+        let child = launch.start(&socket, &log);
+        Faultd {
+            child,
+            socket,
+            log,
+            launch,
+            _dir: dir,
+        }
+    }
+
+    /// Kills faultd with SIGKILL (a crash: nothing of it runs any more) and waits for it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts faultd again as it was started, on the same socket, store directory and log
+    /// (appended to), as systemd's Restart= would; waits until it accepts. The previous one
+    /// must have exited.
+    pub fn restart(&mut self) {
+        assert!(!self.alive(), "faultd is still running");
+        self.child = self.launch.start(&self.socket, &self.log);
+        self.wait_accepting();
+    }
+
+    /// The log file (faultd's stderr, every run of it).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The swap store directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.launch.store
+    }
+}
+
+impl Launch {
+    fn start(&self, socket: &Path, log: &Path) -> Child {
+        let under = &self.under;
         let mut cmd = match under.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
                 for a in args {
                     if *a == "{socket}" {
-                        cmd.arg(&socket);
+                        cmd.arg(socket);
                     } else {
                         cmd.arg(a);
                     }
@@ -81,32 +139,32 @@ impl Faultd {
             None => Command::new(faultd_bin()),
         };
         cmd.arg("--socket")
-            .arg(&socket)
+            .arg(socket)
             .arg("--store-dir")
-            .arg(dir.path().join("store"))
+            .arg(&self.store)
             .arg("--log")
             .arg("info");
-        if !extra.contains(&"--metrics-listen") {
+        if !self.extra.iter().any(|a| a == "--metrics-listen") {
             cmd.args(["--metrics-listen", "127.0.0.1:0"]);
         }
-        for (k, v) in env {
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .args(extra)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        cmd.args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stderr(log)
             .spawn()
-            .expect("spawning faultd");
-        Faultd {
-            child,
-            socket,
-            log,
-            _dir: dir,
-        }
+            .expect("spawning faultd")
     }
+}
 
+impl Faultd {
     /// Waits until the control socket accepts connections.
     pub fn wait_accepting(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
