@@ -217,7 +217,7 @@ pub enum CtlError {
         source: std::io::Error,
     },
     /// Nothing serves the control socket.
-    #[error("faultd is not running: {why} at {socket}")]
+    #[error("not running ({why} at {socket})")]
     NotRunning {
         /// Control socket.
         socket: String,
@@ -225,7 +225,7 @@ pub enum CtlError {
         why: &'static str,
     },
     /// faultd refused the request.
-    #[error("faultd refused ({code:?}): {message}")]
+    #[error("refused ({code:?}): {message}")]
     Refused {
         /// Class of error.
         code: ErrorCode,
@@ -475,9 +475,9 @@ fn pairs(rows: &[(&str, String)]) -> String {
 
 fn status_table(st: &DaemonStatus) -> String {
     let budget = match st.budget.global_bytes {
-        0 => "no global budget".to_string(),
+        0 => ", no global budget".to_string(),
         b => format!(
-            "{:.1}% of the global budget {} (evicts above {}%, down to {}%)",
+            ", {:.1}% of the global budget {} (evicts above {}%, down to {}%)",
             st.resident_bytes as f64 * 100.0 / b as f64,
             human_bytes(b),
             st.budget.high_pct,
@@ -498,7 +498,7 @@ fn status_table(st: &DaemonStatus) -> String {
         ("guest RAM", human_bytes(st.guest_bytes)),
         (
             "resident",
-            format!("{}  ({budget})", human_bytes(st.resident_bytes)),
+            format!("{}{budget}", human_bytes(st.resident_bytes)),
         ),
         ("per-VM budget", per_vm),
         ("pinned", human_bytes(st.pinned_bytes)),

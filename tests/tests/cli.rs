@@ -420,7 +420,7 @@ fn status_sums_the_sessions_against_the_global_budget_and_lists_listeners() {
         format!("faultd         {}, pid {}", st.version, st.pid),
         "sessions       2 of 64".into(),
         format!(
-            "resident       {}  (0.5% of the global budget 64.0 MiB",
+            "resident       {}, 0.5% of the global budget 64.0 MiB (evicts above 95%",
             human_bytes(resident)
         ),
         "evicted        10 pages".into(),
@@ -515,10 +515,7 @@ fn without_a_running_faultd_every_command_says_so_and_exits_3() {
             assert_eq!(code, 3, "{err}");
             assert_eq!(
                 err.trim_end(),
-                format!(
-                    "faultd: faultd is not running: {why} at {}",
-                    socket.display()
-                )
+                format!("faultd: not running ({why} at {})", socket.display())
             );
         }
     }

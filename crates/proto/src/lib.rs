@@ -368,8 +368,6 @@ pub struct DaemonStatus {
     pub budget: BudgetStatus,
     /// Pages of all live sessions held in the store now.
     pub stored_pages: u64,
-    /// Bytes of those pages.
-    pub stored_bytes: u64,
     /// Pages evicted by all live sessions so far.
     pub evicted_pages: u64,
     /// Devices attached to live sessions.
