@@ -580,3 +580,35 @@ fn evict_pages_on_a_kvm_guest_frees_memory_and_the_guest_reads_back_what_it_wrot
     assert!(stats.store_fills > 0);
     assert_eq!(stats.errors, 0, "{}", faultd.log());
 }
+
+#[test]
+fn evict_from_a_user_that_is_not_root_is_refused_and_evicts_nothing() {
+    use std::os::unix::process::CommandExt;
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("vm-uid", 4 * MIB);
+    let mut session = r.serve(&faultd, "vm-uid");
+    write_pages(&r, 0..4);
+    settled_stats(&mut session, |s| s.resident_bytes == 4 * PAGE);
+    // Let user nobody reach the control socket at all, so faultd itself must refuse it.
+    use std::os::unix::fs::PermissionsExt;
+    let open = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+    open(faultd.socket().parent().unwrap(), 0o755).unwrap();
+    open(faultd.socket(), 0o666).unwrap();
+
+    let out = std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(faultd.socket())
+        .args(["ctl", "evict", "--vm", "vm-uid", "--pages", "4"])
+        .uid(65534)
+        .output()
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("the client's uid is 65534"),
+        "{err}"
+    );
+    assert_eq!(session.stats().unwrap().evictions, 0);
+    assert_eq!(memfd_pages(&r), (0..4).collect::<Vec<u64>>());
+}
