@@ -1,7 +1,7 @@
 //! The control socket: accepts VMM connections, turns a valid `register` into a session with a
 //! running fault thread, answers `stats`, and ends the session when the VMM hangs up. It also
-//! answers clients that are not VMMs: `firecracker_listen` (see [`crate::firecracker`]) and
-//! `vm_stats`.
+//! answers clients that are not VMMs: `firecracker_listen` (see [`crate::firecracker`]),
+//! `vm_stats`, and the operator requests of [`crate::admin`].
 //!
 //! Every connection is its own task; anything wrong with one (malformed JSON, oversize packets,
 //! bad fds, a second `register`) gets an error message and closes that connection only.
@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use faultd_proto::{
-    CodecError, ErrorCode, Request, Response, SessionStats, MAX_FDS, MAX_MESSAGE_BYTES,
+    CodecError, ErrorCode, EvictAmount, Request, Response, SessionKind, SessionRef, SessionStats,
+    MAX_FDS, MAX_MESSAGE_BYTES,
 };
 use s2map::Layout;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
@@ -24,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::firecracker::Listeners;
 use crate::metrics::DaemonMetrics;
-use crate::server::{Command, DeviceLimits, FaultServer, FaultThread, Resume};
+use crate::server::{Command, Commander, DeviceLimits, FaultServer, FaultThread, Resume};
 use crate::session::{ServedRegion, Session};
 use crate::store::{Store, StoreError};
 use crate::validate::{validate, Refusal};
@@ -50,6 +51,31 @@ pub struct Daemon {
     /// Each session's `vm` metrics label, by session id (taken when its server is built,
     /// released when it ends).
     labels: Mutex<HashMap<u64, Arc<str>>>,
+    /// What operator requests need of a session besides its state, by session id (added
+    /// once its thread runs, removed when it ends).
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// When the daemon started (for `status`).
+    started: std::time::Instant,
+}
+
+/// How operator requests reach a live session that another connection owns.
+#[derive(Debug, Clone)]
+pub(crate) struct Handle {
+    /// Its fault thread's command channel.
+    pub(crate) commands: Commander,
+    /// The VMM's pid (SO_PEERCRED), if the kernel told it.
+    pub(crate) pid: Option<i32>,
+    /// What kind of client it serves.
+    pub(crate) kind: SessionKind,
+}
+
+/// A live session as operator requests see it.
+#[derive(Debug, Clone)]
+pub(crate) struct Served {
+    pub(crate) session: Arc<Session>,
+    pub(crate) commands: Commander,
+    pub(crate) pid: Option<i32>,
+    pub(crate) kind: SessionKind,
 }
 
 /// Why a session ends, which decides what happens to its VM's pages in faultd's store.
@@ -78,6 +104,8 @@ impl Daemon {
             resident: Arc::new(AtomicU64::new(0)),
             metrics,
             labels: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            started: std::time::Instant::now(),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             device_attached: tokio::sync::Notify::new(),
@@ -98,6 +126,53 @@ impl Daemon {
 
     fn labels(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<str>>> {
         self.labels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long the daemon has been running.
+    pub(crate) fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Makes a running session reachable by operator requests (`evict_session`, and its pid
+    /// and kind in `sessions`).
+    pub(crate) fn admit(
+        &self,
+        session: &Session,
+        thread: &FaultThread,
+        pid: Option<i32>,
+        kind: SessionKind,
+    ) {
+        let handle = Handle {
+            commands: thread.commander(),
+            pid,
+            kind,
+        };
+        self.handles().insert(session.id(), handle);
+    }
+
+    /// The live sessions operator requests can reach, by session id.
+    pub(crate) fn served(&self) -> Vec<Served> {
+        let sessions = self.sessions();
+        let handles = self.handles();
+        let mut served: Vec<Served> = sessions
+            .iter()
+            .filter_map(|(id, s)| {
+                // A session between registration and admission is not reachable yet.
+                let h = handles.get(id)?;
+                Some(Served {
+                    session: s.clone(),
+                    commands: h.commands.clone(),
+                    pid: h.pid,
+                    kind: h.kind,
+                })
+            })
+            .collect();
+        served.sort_unstable_by_key(|s| s.session.id());
+        served
     }
 
     /// The sessions served now.
@@ -247,6 +322,7 @@ impl Daemon {
             // Both tables together, as render_metrics reads them.
             let mut sessions = self.sessions();
             sessions.remove(&session.id());
+            self.handles().remove(&session.id());
             if let Some(label) = self.labels().remove(&session.id()) {
                 self.metrics.release(&label, &session);
             }
@@ -378,12 +454,18 @@ async fn recv_packet(conn: &UnixSeqpacket) -> Result<Packet, RecvError> {
 }
 
 async fn send(conn: &UnixSeqpacket, resp: &Response) {
-    match faultd_proto::encode(resp) {
-        Ok(bytes) => {
-            // A client that hung up cannot be told anything; that is not faultd's error.
-            let _ = conn.send(&bytes).await;
-        }
-        Err(e) => tracing::error!("encoding a response failed: {e}"),
+    let bytes = faultd_proto::encode(resp).or_else(|e| {
+        // Every request is answered once: a client waiting for an answer that never comes
+        // would hang. Answers are bounded to fit (paging); this is the backstop.
+        tracing::error!("encoding a response failed: {e}");
+        faultd_proto::encode(&Response::Error {
+            code: ErrorCode::Internal,
+            message: format!("faultd could not encode its answer: {e}"),
+        })
+    });
+    if let Ok(bytes) = bytes {
+        // A client that hung up cannot be told anything; that is not faultd's error.
+        let _ = conn.send(&bytes).await;
     }
 }
 
@@ -416,13 +498,18 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             }
             Ok(Request::FirecrackerListen(listen)) => Admin::Listen(listen),
             Ok(Request::VmStats { vm }) => Admin::VmStats(vm),
+            Ok(Request::Status {}) => Admin::Status,
+            Ok(Request::Sessions { after }) => Admin::Sessions(after),
+            Ok(Request::SessionDetail { target }) => Admin::Detail(target),
+            Ok(Request::EvictSession { target, amount }) => Admin::Evict(target, amount),
             Ok(_) => {
                 return refuse(
                     &daemon,
                     &conn,
                     ErrorCode::UnexpectedMessage,
                     "the first message must be register (or, from a client that is not a VMM, \
-                     firecracker_listen or vm_stats)"
+                     firecracker_listen, vm_stats, status, sessions, session_detail or \
+                     evict_session)"
                         .into(),
                 )
                 .await
@@ -449,6 +536,12 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             Admin::Listen(listen) => {
                 crate::firecracker::listen_request(&daemon, listen, cred.as_ref()).await
             }
+            Admin::Status => Ok(crate::admin::status(&daemon)),
+            Admin::Sessions(after) => Ok(crate::admin::sessions(&daemon, after)),
+            Admin::Detail(target) => crate::admin::detail(&daemon, &target),
+            Admin::Evict(target, amount) => {
+                crate::admin::evict(&daemon, &target, amount, cred.as_ref()).await
+            }
         };
         match answer {
             Ok(resp) => send(&conn, &resp).await,
@@ -465,6 +558,10 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
 enum Admin {
     Listen(faultd_proto::FirecrackerListen),
     VmStats(String),
+    Status,
+    Sessions(Option<u64>),
+    Detail(SessionRef),
+    Evict(SessionRef, EvictAmount),
 }
 
 /// The next packet of a connection; None when it is closed, failed, or was refused (answered).
@@ -535,6 +632,7 @@ async fn register(
             .await
         }
     };
+    daemon.admit(&live.session, &live.thread, peer_pid, SessionKind::Vmm);
     send(
         &conn,
         &Response::Registered {
@@ -708,7 +806,14 @@ async fn session_loop(
                     }
                 }
             }
-            Ok(Request::FirecrackerListen(_) | Request::VmStats { .. }) => {
+            Ok(
+                Request::FirecrackerListen(_)
+                | Request::VmStats { .. }
+                | Request::Status {}
+                | Request::Sessions { .. }
+                | Request::SessionDetail { .. }
+                | Request::EvictSession { .. },
+            ) => {
                 return {
                     refuse(
                         daemon,

@@ -109,7 +109,7 @@ impl PeerRule {
 }
 
 /// faultd's effective uid.
-fn faultd_uid() -> u32 {
+pub(crate) fn faultd_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -295,6 +295,17 @@ impl Listeners {
         }
         map.insert(spec.socket.clone(), spec.vm.clone());
         Ok(())
+    }
+
+    /// Every socket listened on and its VM, by socket path.
+    pub(crate) fn list(&self) -> Vec<(PathBuf, String)> {
+        let mut all: Vec<(PathBuf, String)> = self
+            .lock()
+            .iter()
+            .map(|(socket, vm)| (socket.clone(), vm.clone()))
+            .collect();
+        all.sort();
+        all
     }
 
     fn release(&self, socket: &Path) {
@@ -647,6 +658,12 @@ async fn serve_restore(
         }
     };
     daemon.register_session(&session);
+    daemon.admit(
+        &session,
+        &thread,
+        pid,
+        faultd_proto::SessionKind::Firecracker,
+    );
     tracing::info!(
         session = session.id(),
         vm = spec.vm,

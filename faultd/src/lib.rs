@@ -8,6 +8,7 @@
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
+mod admin;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -39,6 +39,9 @@ struct Args {
 enum Command {
     /// Send a request to a running faultd (its control socket: --socket, or the config's).
     Ctl {
+        /// Print the answer as JSON (the protocol's field names) instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         request: faultd::ctl::CtlCommand,
     },
@@ -57,13 +60,18 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e, 2),
     };
-    if let Some(Command::Ctl { request }) = args.command {
-        return match faultd::ctl::run(&config.socket, request) {
+    if let Some(Command::Ctl { json, request }) = args.command {
+        let output = if json {
+            faultd::ctl::Output::Json
+        } else {
+            faultd::ctl::Output::Table
+        };
+        return match faultd::ctl::run(&config.socket, request, output) {
             Ok(out) => {
                 println!("{out}");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(&e, 1),
+            Err(e) => fail(&e, e.exit_code()),
         };
     }
     if args.check_config {

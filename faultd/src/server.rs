@@ -117,6 +117,32 @@ pub enum Command {
         /// Where the report goes.
         reply: std::sync::mpsc::Sender<EvictReport>,
     },
+    /// Evict `pages` resident pages chosen as budget enforcement chooses them (oldest
+    /// installed first, device-mapped ones last), and report. An operator's request.
+    EvictOldest {
+        /// Pages to evict.
+        pages: u64,
+        /// Where the report goes.
+        reply: std::sync::mpsc::Sender<EvictReport>,
+    },
+}
+
+/// How much [`FaultServer::evict_oldest`] takes back, and for whom.
+#[derive(Debug, Clone, Copy)]
+enum Quota {
+    /// At least this many bytes, for a budget.
+    BudgetBytes(u64),
+    /// This many pages, for an operator.
+    Pages(u64),
+}
+
+impl Quota {
+    fn met(self, freed_bytes: u64, evicted: u64) -> bool {
+        match self {
+            Quota::BudgetBytes(b) => freed_bytes >= b,
+            Quota::Pages(n) => evicted >= n,
+        }
+    }
 }
 
 /// What an eviction request did.
@@ -283,6 +309,7 @@ impl<O: UffdOps> FaultServer<O> {
             Some(rx) => rx.try_iter().collect(),
             None => Vec::new(),
         };
+        let evicted = !commands.is_empty();
         for c in commands {
             match c {
                 Command::AddDevice(d) => self.add_device(d),
@@ -295,7 +322,16 @@ impl<O: UffdOps> FaultServer<O> {
                     let report = self.evict_range(gpa, len, max);
                     let _ = reply.send(report);
                 }
+                Command::EvictOldest { pages, reply } => {
+                    let report = self.evict_oldest(Quota::Pages(pages));
+                    let _ = reply.send(report);
+                }
             }
+        }
+        if evicted {
+            // Evictions freed memory: the global budget count must see it now, not at the
+            // next fault.
+            self.report_resident();
         }
         let mut work = self.serve_uffd()?;
         if !self.devices.is_empty() {
@@ -340,17 +376,18 @@ impl<O: UffdOps> FaultServer<O> {
             free = free.max((excess as u128 * own as u128 / global as u128) as u64);
         }
         if free > 0 {
-            self.evict_oldest(free);
+            self.evict_oldest(Quota::BudgetBytes(free));
             self.report_resident();
         }
     }
 
-    /// Evicts at least `bytes` of resident pages, oldest-installed first, device-mapped ones
-    /// only when nothing else is left.
-    fn evict_oldest(&mut self, bytes: u64) {
+    /// Evicts resident pages, oldest-installed first, device-mapped ones only when nothing
+    /// else is left, until `quota` is met or no resident page is left.
+    fn evict_oldest(&mut self, quota: Quota) -> EvictReport {
+        let mut report = EvictReport::default();
         let mut freed = 0;
         let mut device_mapped = VecDeque::new();
-        while freed < bytes {
+        while !quota.met(freed, report.evicted) {
             let Some(page) = self.install_order.pop_front() else {
                 break;
             };
@@ -365,30 +402,46 @@ impl<O: UffdOps> FaultServer<O> {
                 device_mapped.push_back(page);
                 continue;
             }
-            freed += self.evict_counted(page);
+            freed += self.evict_counted(page, quota, &mut report);
         }
-        while freed < bytes {
+        while !quota.met(freed, report.evicted) {
             let Some(page) = device_mapped.pop_front() else {
                 break;
             };
-            freed += self.evict_counted(page);
+            freed += self.evict_counted(page, quota, &mut report);
         }
         // Device-mapped pages that were passed over keep their place at the old end.
         while let Some(page) = device_mapped.pop_back() {
             self.install_order.push_front(page);
         }
+        report
     }
 
-    /// Evicts `page` for the budget; returns the bytes freed (0 on failure, logged).
-    fn evict_counted(&mut self, page: s2map::PageRef) -> u64 {
+    /// Evicts `page` for `quota`, adding the outcome to `report`; returns the bytes freed (0
+    /// on failure, logged).
+    fn evict_counted(
+        &mut self,
+        page: s2map::PageRef,
+        quota: Quota,
+        report: &mut EvictReport,
+    ) -> u64 {
         let size = self.session.located(page).size;
         match self.evict_page(page) {
-            Ok(_) => {
-                Counters::bump(&self.session.counters.budget_evictions);
+            Ok(stored) => {
+                if let Quota::BudgetBytes(_) = quota {
+                    Counters::bump(&self.session.counters.budget_evictions);
+                }
+                report.evicted += 1;
+                report.zero += u64::from(!stored);
                 size
             }
             Err(e) => {
-                self.error(format_args!("budget eviction of {page}: {e}"));
+                report.failed += 1;
+                let why = match quota {
+                    Quota::BudgetBytes(_) => "budget",
+                    Quota::Pages(_) => "operator",
+                };
+                self.error(format_args!("{why} eviction of {page}: {e}"));
                 0
             }
         }
@@ -1071,6 +1124,14 @@ impl FaultThread {
         Ok(())
     }
 
+    /// A handle that hands commands to this thread from elsewhere (an operator's connection).
+    pub fn commander(&self) -> Commander {
+        Commander {
+            ctl: self.ctl.clone(),
+            commands: self.commands.clone(),
+        }
+    }
+
     /// Stops the thread and waits for it: the VM is gone. Outstanding device groups are
     /// answered and device mappings removed before it returns; the store is deleted.
     pub fn stop(mut self) {
@@ -1092,6 +1153,24 @@ impl FaultThread {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Hands commands to a fault thread without owning it: operator requests reach a session from
+/// a connection other than the one that owns its [`FaultThread`]. Once the thread has ended,
+/// sending fails.
+#[derive(Debug, Clone)]
+pub struct Commander {
+    ctl: Arc<Control>,
+    commands: Sender<Command>,
+}
+
+impl Commander {
+    /// As [`FaultThread::send`].
+    pub fn send(&self, command: Command) -> Result<(), Command> {
+        self.commands.send(command).map_err(|e| e.0)?;
+        let _ = self.ctl.event.write(1);
+        Ok(())
     }
 }
 

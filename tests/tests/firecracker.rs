@@ -720,11 +720,11 @@ fn cli_listens_and_reports_stats_and_a_config_entry_listens_from_the_start() {
         restores.push(r);
     }
     faultd.settled_vm_stats("fc-cli", |s| s.first().is_some_and(|s| s.file_fills >= 10));
-    let printed: Vec<SessionStats> =
-        serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli"])).unwrap();
+    let printed: Vec<faultd_proto::SessionDetail> =
+        serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli", "--json"])).unwrap();
     assert_eq!(printed.len(), 1);
-    assert_eq!(printed[0].file_fills, 10);
-    assert_eq!(ctl(&["stats", "--vm", "nobody"]).trim(), "[]");
+    assert_eq!(printed[0].kind, faultd_proto::SessionKind::Firecracker);
+    assert_eq!(printed[0].stats.file_fills, 10);
 }
 
 #[test]

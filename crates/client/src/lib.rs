@@ -23,10 +23,13 @@ use std::ptr::NonNull;
 
 mod supervise;
 
-pub use faultd_proto::FirecrackerListen;
 use faultd_proto::{
     AddDevice, BackingDesc, ErrorCode, FdIndex, IommuDesc, QueueDesc, RegionDesc, Register,
     Request, Response, SessionStats, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+};
+pub use faultd_proto::{
+    DaemonStatus, EvictAmount, FirecrackerListen, SessionDetail, SessionEvicted, SessionRef,
+    SessionRow,
 };
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{
@@ -437,6 +440,62 @@ impl Client {
     pub fn vm_stats(self, vm: &str) -> Result<Vec<SessionStats>, ClientError> {
         match self.admin(&Request::VmStats { vm: vm.to_owned() })? {
             Response::VmStats { sessions, .. } => Ok(sessions),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// Daemon-wide figures (an operator request).
+    pub fn status(self) -> Result<DaemonStatus, ClientError> {
+        match self.admin(&Request::Status {})? {
+            Response::Status(st) => Ok(*st),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// One row per live session, by session id (an operator request; asks page after page on
+    /// this connection until faultd has listed them all).
+    pub fn sessions(self) -> Result<Vec<SessionRow>, ClientError> {
+        let mut raw = RawConnection { sock: self.sock };
+        let mut rows: Vec<SessionRow> = Vec::new();
+        loop {
+            let after = rows.last().map(|r| r.session);
+            raw.send(&faultd_proto::encode(&Request::Sessions { after })?, &[])?;
+            match raw.recv_response()? {
+                Response::Sessions { sessions, more } => {
+                    // A page that adds nothing while claiming more would loop forever.
+                    let stalled = sessions.is_empty();
+                    rows.extend(sessions);
+                    if !more || stalled {
+                        return Ok(rows);
+                    }
+                }
+                other => return Err(refusal(other)),
+            }
+        }
+    }
+
+    /// The counters of the live sessions `target` names (an operator request), and how many
+    /// more matched than faultd listed. faultd refuses a target with no live session
+    /// ([`ErrorCode::UnknownSession`]).
+    pub fn session_detail(
+        self,
+        target: SessionRef,
+    ) -> Result<(Vec<SessionDetail>, u64), ClientError> {
+        match self.admin(&Request::SessionDetail { target })? {
+            Response::SessionDetail { sessions, omitted } => Ok((sessions, omitted)),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// Evicts `amount` from the one live session `target` names, on faultd's side (an operator
+    /// request; needs root or faultd's uid).
+    pub fn evict_session(
+        self,
+        target: SessionRef,
+        amount: EvictAmount,
+    ) -> Result<SessionEvicted, ClientError> {
+        match self.admin(&Request::EvictSession { target, amount })? {
+            Response::SessionEvicted(e) => Ok(e),
             other => Err(refusal(other)),
         }
     }

@@ -68,6 +68,70 @@ pub enum Request {
         /// The VM name the sessions were opened with.
         vm: String,
     },
+    /// Not a VMM session: daemon-wide figures. Answered [`Response::Status`]. Takes no fds.
+    Status {},
+    /// Not a VMM session: one summary row per live session, by session id, starting after
+    /// session `after` (paging: an answer holds at most [`MAX_SESSION_ROWS`]). Answered
+    /// [`Response::Sessions`]. Takes no fds.
+    Sessions {
+        /// Only sessions with a larger id (none: from the first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
+    /// Not a VMM session: the counters of the named session(s), with what they are. Answered
+    /// [`Response::SessionDetail`]; a name or id with no live session is refused with
+    /// [`ErrorCode::UnknownSession`]. Takes no fds.
+    SessionDetail {
+        /// Which session(s).
+        target: SessionRef,
+    },
+    /// Not a VMM session: evicts pages of one live session to faultd's store, as its own
+    /// `evict` would, or as budget enforcement would. Needs root or faultd's uid. Answered
+    /// [`Response::SessionEvicted`]. Takes no fds.
+    EvictSession {
+        /// Which session; a VM name must name exactly one live session.
+        target: SessionRef,
+        /// What to evict.
+        amount: EvictAmount,
+    },
+}
+
+/// Most rows in one [`Response::Sessions`]: 64 rows of at most ~700 bytes each stay well within
+/// [`MAX_MESSAGE_BYTES`]; a client asks again with `after` for the rest.
+pub const MAX_SESSION_ROWS: usize = 64;
+
+/// Most sessions in one [`Response::SessionDetail`] (each ~1 KiB of JSON).
+pub const MAX_DETAIL_SESSIONS: usize = 32;
+
+/// Most Firecracker listeners listed in a [`DaemonStatus`] (each up to ~200 bytes); the count
+/// is always complete.
+pub const MAX_STATUS_LISTENERS: usize = 64;
+
+/// How an operator names a live session: `{"vm": "vm0"}` or `{"session": 3}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SessionRef {
+    /// Every live session opened with this VM name.
+    Vm(String),
+    /// The session with this id.
+    Session(u64),
+}
+
+/// What [`Request::EvictSession`] evicts: `{"range": {"gpa": 0, "len": 4096}}` or
+/// `{"pages": 8}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum EvictAmount {
+    /// Every resident page of `[gpa, gpa+len)`: non-empty, page aligned, inside the layout.
+    Range {
+        /// Start (guest physical).
+        gpa: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// This many resident pages, chosen by the session's eviction policy (oldest installed
+    /// first, device-mapped pages last), as budget enforcement chooses them. Not zero.
+    Pages(u64),
 }
 
 /// Where Firecracker will connect for VM `vm`'s restore, and what backs its memory.
@@ -246,6 +310,24 @@ pub enum Response {
         /// One entry per live session of that name.
         sessions: Vec<SessionStats>,
     },
+    /// Daemon-wide figures (the answer to [`Request::Status`]).
+    Status(Box<DaemonStatus>),
+    /// Summary rows of live sessions (the answer to [`Request::Sessions`]).
+    Sessions {
+        /// At most [`MAX_SESSION_ROWS`] rows, by session id.
+        sessions: Vec<SessionRow>,
+        /// Whether sessions with larger ids were left out (ask again with `after`).
+        more: bool,
+    },
+    /// The counters of the sessions a [`Request::SessionDetail`] named, by session id.
+    SessionDetail {
+        /// At most [`MAX_DETAIL_SESSIONS`] of them.
+        sessions: Vec<SessionDetail>,
+        /// How many more matched and were left out.
+        omitted: u64,
+    },
+    /// What a [`Request::EvictSession`] did.
+    SessionEvicted(SessionEvicted),
     /// The request was refused. After an error faultd closes the connection.
     Error {
         /// Machine-readable class of the error.
@@ -253,6 +335,142 @@ pub enum Response {
         /// What was wrong, naming the field and the value.
         message: String,
     },
+}
+
+/// What kind of client a session serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionKind {
+    /// A VMM that sent `register` (memfd guest RAM).
+    #[default]
+    Vmm,
+    /// A Firecracker restore on a `firecracker_listen` socket (anonymous private guest RAM:
+    /// faultd can serve its faults but neither evict it nor map it for a device).
+    Firecracker,
+}
+
+/// Daemon-wide figures (the answer to [`Request::Status`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonStatus {
+    /// faultd's version (its Cargo package version).
+    pub version: String,
+    /// faultd's process id.
+    pub pid: u32,
+    /// Seconds since faultd started.
+    pub uptime_secs: u64,
+    /// Live sessions.
+    pub sessions: u64,
+    /// The session limit (config `control.max_sessions`).
+    pub max_sessions: u64,
+    /// Guest RAM registered by all live sessions, bytes.
+    pub guest_bytes: u64,
+    /// Guest RAM resident in all live sessions, bytes.
+    pub resident_bytes: u64,
+    /// Guest RAM mapped for devices (pinned) in all live sessions, bytes.
+    pub pinned_bytes: u64,
+    /// The resident budgets (config `[budget]`).
+    pub budget: BudgetStatus,
+    /// Pages of all live sessions held in the store now.
+    pub stored_pages: u64,
+    /// Pages evicted by all live sessions so far.
+    pub evicted_pages: u64,
+    /// Devices attached to live sessions.
+    pub devices: u64,
+    /// Device page-request groups read by live sessions.
+    pub device_groups: u64,
+    /// Where evicted pages are kept (config `store.dir`).
+    pub store_dir: std::path::PathBuf,
+    /// Sockets faultd listens on for Firecracker (all of them).
+    pub firecracker_listeners: u64,
+    /// The first [`MAX_STATUS_LISTENERS`] of them, by socket path.
+    pub firecracker: Vec<ListenerStatus>,
+}
+
+/// The resident budgets in force, bytes (0: none) and watermarks (percent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetStatus {
+    /// All VMs together.
+    pub global_bytes: u64,
+    /// Each VM.
+    pub session_bytes: u64,
+    /// Eviction starts above this share of a budget.
+    pub high_pct: u64,
+    /// ... and stops below this one.
+    pub low_pct: u64,
+}
+
+/// One socket faultd listens on for Firecracker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerStatus {
+    /// The VM its restores are served as.
+    pub vm: String,
+    /// The socket path.
+    pub socket: std::path::PathBuf,
+}
+
+/// One live session, in a line (the rows of [`Response::Sessions`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRow {
+    /// Session id.
+    pub session: u64,
+    /// VM name.
+    pub vm: String,
+    /// What kind of client it serves.
+    pub kind: SessionKind,
+    /// The VMM's process id, where the kernel told it (SO_PEERCRED).
+    pub pid: Option<i32>,
+    /// Guest RAM registered, bytes.
+    pub guest_bytes: u64,
+    /// Guest RAM resident, bytes.
+    pub resident_bytes: u64,
+    /// Guest RAM mapped for devices (pinned), bytes.
+    pub pinned_bytes: u64,
+    /// Pages held in the store.
+    pub stored_pages: u64,
+    /// vCPU (userfaultfd) faults read.
+    pub vcpu_faults: u64,
+    /// Device page-request groups read.
+    pub device_groups: u64,
+    /// 99th percentile of vCPU fault service time, microseconds (0 before the first fault).
+    pub vcpu_p99_us: f64,
+    /// 99th percentile of device group service time, microseconds (0 before the first group).
+    pub device_p99_us: f64,
+}
+
+/// What an operator's eviction did (the answer to [`Request::EvictSession`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionEvicted {
+    /// The session evicted from.
+    pub session: u64,
+    /// Its VM name.
+    pub vm: String,
+    /// Pages evicted.
+    pub evicted: u64,
+    /// ... of which were all zero (nothing stored).
+    pub zero: u64,
+    /// Pages that could not be evicted (see faultd's log).
+    pub failed: u64,
+    /// The session's resident bytes after the eviction.
+    pub resident_bytes: u64,
+}
+
+/// One session's counters with what it is (the entries of [`Response::SessionDetail`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionDetail {
+    /// VM name.
+    pub vm: String,
+    /// What kind of client it serves.
+    pub kind: SessionKind,
+    /// The VMM's process id, where known.
+    pub pid: Option<i32>,
+    /// Its counters (`stats.session` is its id).
+    pub stats: SessionStats,
 }
 
 /// Counters of one session.
@@ -374,8 +592,15 @@ pub enum ErrorCode {
     /// A socket or snapshot path of `firecracker_listen` is unusable (relative, too long,
     /// taken, missing, not a regular file).
     BadPath,
-    /// The client may not make this request (`firecracker_listen` needs root or faultd's uid).
+    /// The client may not make this request (`firecracker_listen` and `evict_session` need
+    /// root or faultd's uid).
     PermissionDenied,
+    /// No live session has the name or id an operator request gave.
+    UnknownSession,
+    /// An operator request's own values are unusable (an empty range, a range outside the
+    /// session's layout, zero pages, a VM name of several sessions where one is needed, a
+    /// session whose memory faultd cannot evict).
+    BadRequest,
     /// faultd failed for a reason of its own.
     Internal,
 }
@@ -492,6 +717,70 @@ mod tests {
         };
         let bytes = encode(&r).unwrap();
         assert_eq!(decode::<Response>(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn evict_session_wire_form_is_the_documented_one() {
+        let r = Request::EvictSession {
+            target: SessionRef::Vm("vm0".into()),
+            amount: EvictAmount::Range {
+                gpa: 4096,
+                len: 8192,
+            },
+        };
+        let text = String::from_utf8(encode(&r).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"evict_session","target":{"vm":"vm0"},"amount":{"range":{"gpa":4096,"len":8192}}}"#
+        );
+        assert_eq!(decode::<Request>(text.as_bytes()).unwrap(), r);
+        let by_id = br#"{"type":"evict_session","target":{"session":3},"amount":{"pages":8}}"#;
+        assert_eq!(
+            decode::<Request>(by_id).unwrap(),
+            Request::EvictSession {
+                target: SessionRef::Session(3),
+                amount: EvictAmount::Pages(8),
+            }
+        );
+    }
+
+    #[test]
+    fn status_and_sessions_requests_take_no_fields_but_after() {
+        assert_eq!(
+            decode::<Request>(br#"{"type":"status"}"#).unwrap(),
+            Request::Status {}
+        );
+        assert_eq!(
+            decode::<Request>(br#"{"type":"sessions","after":7}"#).unwrap(),
+            Request::Sessions { after: Some(7) }
+        );
+        assert_eq!(
+            encode(&Request::Sessions { after: None }).unwrap(),
+            br#"{"type":"sessions"}"#
+        );
+    }
+
+    #[test]
+    fn a_full_page_of_longest_session_rows_fits_one_message() {
+        let row = SessionRow {
+            session: u64::MAX,
+            vm: "v".repeat(MAX_VM_NAME),
+            kind: SessionKind::Firecracker,
+            pid: Some(i32::MAX),
+            guest_bytes: u64::MAX,
+            resident_bytes: u64::MAX,
+            pinned_bytes: u64::MAX,
+            stored_pages: u64::MAX,
+            vcpu_faults: u64::MAX,
+            device_groups: u64::MAX,
+            vcpu_p99_us: f64::MAX,
+            device_p99_us: f64::MAX,
+        };
+        let r = Response::Sessions {
+            sessions: vec![row; MAX_SESSION_ROWS],
+            more: true,
+        };
+        assert!(encode(&r).is_ok());
     }
 
     #[test]

@@ -1,0 +1,331 @@
+//! Operator requests on the control socket: `status`, `sessions`, `session_detail` and
+//! `evict_session` (what `faultd ctl` sends). They come from a connection that has not
+//! registered, and address sessions that other connections own.
+//!
+//! Owns: answering them from the daemon's live sessions, and checking an operator's eviction
+//! before any session sees it. Refuses: doing the eviction (the session's fault thread does,
+//! between faults, through its command channel, as for the VMM's own `evict`).
+
+use faultd_proto::{
+    BudgetStatus, DaemonStatus, ErrorCode, EvictAmount, ListenerStatus, Response, SessionDetail,
+    SessionEvicted, SessionRef, SessionRow, MAX_DETAIL_SESSIONS, MAX_SESSION_ROWS,
+    MAX_STATUS_LISTENERS,
+};
+use s2map::{Gpa, Layout};
+
+use crate::control::{Daemon, Served};
+use crate::server::{Command, EvictReport};
+use crate::validate::Refusal;
+
+fn refusal(code: ErrorCode, message: String) -> Refusal {
+    Refusal { code, message }
+}
+
+/// Daemon-wide figures.
+pub(crate) fn status(daemon: &Daemon) -> Response {
+    let served = daemon.served();
+    let mut st = DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        uptime_secs: daemon.uptime().as_secs(),
+        sessions: served.len() as u64,
+        max_sessions: daemon.config.max_sessions as u64,
+        budget: BudgetStatus {
+            global_bytes: daemon.config.budget.global,
+            session_bytes: daemon.config.budget.session,
+            high_pct: daemon.config.budget.high_pct,
+            low_pct: daemon.config.budget.low_pct,
+        },
+        store_dir: daemon.config.store_dir.clone(),
+        ..DaemonStatus::default()
+    };
+    for s in &served {
+        let stats = s.session.stats();
+        st.guest_bytes += stats.guest_bytes;
+        st.resident_bytes += stats.resident_bytes;
+        st.pinned_bytes += stats.device.mapped_bytes;
+        st.stored_pages += stats.stored_pages;
+        st.evicted_pages += stats.evictions;
+        st.devices += stats.device.devices;
+        st.device_groups += stats.device.groups;
+    }
+    let listeners = daemon.firecracker.list();
+    st.firecracker_listeners = listeners.len() as u64;
+    st.firecracker = listeners
+        .into_iter()
+        .take(MAX_STATUS_LISTENERS)
+        .map(|(socket, vm)| ListenerStatus { vm, socket })
+        .collect();
+    Response::Status(Box::new(st))
+}
+
+/// One row per live session with an id above `after`, at most [`MAX_SESSION_ROWS`].
+pub(crate) fn sessions(daemon: &Daemon, after: Option<u64>) -> Response {
+    let mut served = daemon.served();
+    served.retain(|s| after.is_none_or(|a| s.session.id() > a));
+    let more = served.len() > MAX_SESSION_ROWS;
+    let sessions = served
+        .iter()
+        .take(MAX_SESSION_ROWS)
+        .map(|s| {
+            let stats = s.session.stats();
+            SessionRow {
+                session: stats.session,
+                vm: s.session.vm().to_owned(),
+                kind: s.kind,
+                pid: s.pid,
+                guest_bytes: stats.guest_bytes,
+                resident_bytes: stats.resident_bytes,
+                pinned_bytes: stats.device.mapped_bytes,
+                stored_pages: stats.stored_pages,
+                vcpu_faults: stats.vcpu_faults,
+                device_groups: stats.device.groups,
+                vcpu_p99_us: stats.latency_us.p99,
+                device_p99_us: stats.device_latency_us.p99,
+            }
+        })
+        .collect();
+    Response::Sessions { sessions, more }
+}
+
+/// The live sessions `target` names, by id; refused when there is none.
+fn find(daemon: &Daemon, target: &SessionRef) -> Result<Vec<Served>, Refusal> {
+    let mut served = daemon.served();
+    served.retain(|s| match target {
+        SessionRef::Vm(vm) => s.session.vm() == vm,
+        SessionRef::Session(id) => s.session.id() == *id,
+    });
+    if served.is_empty() {
+        let what = match target {
+            SessionRef::Vm(vm) => format!("no live session of vm {vm:?}"),
+            SessionRef::Session(id) => format!("no live session {id}"),
+        };
+        return Err(refusal(ErrorCode::UnknownSession, what));
+    }
+    Ok(served)
+}
+
+/// The counters of the sessions `target` names.
+pub(crate) fn detail(daemon: &Daemon, target: &SessionRef) -> Result<Response, Refusal> {
+    let found = find(daemon, target)?;
+    let omitted = found.len().saturating_sub(MAX_DETAIL_SESSIONS) as u64;
+    let sessions = found
+        .iter()
+        .take(MAX_DETAIL_SESSIONS)
+        .map(|s| SessionDetail {
+            vm: s.session.vm().to_owned(),
+            kind: s.kind,
+            pid: s.pid,
+            stats: s.session.stats(),
+        })
+        .collect();
+    Ok(Response::SessionDetail { sessions, omitted })
+}
+
+/// Evicts `amount` from the one session `target` names, on its fault thread; waits for the
+/// report off the reactor.
+pub(crate) async fn evict(
+    daemon: &Daemon,
+    target: &SessionRef,
+    amount: EvictAmount,
+    cred: Option<&tokio_seqpacket::UCred>,
+) -> Result<Response, Refusal> {
+    // Eviction changes a VM's memory: only root or faultd's own user may ask, as for
+    // firecracker_listen (the socket's group is VMMs, which must not evict each other).
+    let me = crate::firecracker::faultd_uid();
+    match cred.map(|c| c.uid()) {
+        Some(uid) if uid == 0 || uid == me => {}
+        other => {
+            return Err(refusal(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "evict_session needs root or faultd's uid {me}; the client's uid is {}",
+                    other.map_or_else(|| "unknown".into(), |u| u.to_string())
+                ),
+            ))
+        }
+    }
+    let mut found = find(daemon, target)?;
+    if found.len() > 1 {
+        let ids: Vec<String> = found.iter().map(|s| s.session.id().to_string()).collect();
+        return Err(refusal(
+            ErrorCode::BadRequest,
+            format!(
+                "vm {:?} has {} live sessions ({}): name one by its session id",
+                found[0].session.vm(),
+                found.len(),
+                ids.join(", ")
+            ),
+        ));
+    }
+    let served = found.remove(0);
+    let session = &served.session;
+    if !session.memory_is_mappable() {
+        return Err(refusal(
+            ErrorCode::BadRequest,
+            format!(
+                "session {} ({}) is guest RAM faultd has no fd for (a Firecracker restore's \
+                 anonymous memory): it cannot be evicted",
+                session.id(),
+                session.vm()
+            ),
+        ));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let command = match amount {
+        EvictAmount::Range { gpa, len } => {
+            check_range(session.layout(), gpa, len)
+                .map_err(|m| refusal(ErrorCode::BadRequest, m))?;
+            Command::Evict {
+                gpa: Gpa(gpa),
+                len,
+                max: u64::MAX,
+                reply: tx,
+            }
+        }
+        EvictAmount::Pages(0) => {
+            return Err(refusal(
+                ErrorCode::BadRequest,
+                "pages must be at least 1".into(),
+            ))
+        }
+        EvictAmount::Pages(pages) => Command::EvictOldest { pages, reply: tx },
+    };
+    let stopped = || {
+        refusal(
+            ErrorCode::Internal,
+            format!("session {}'s fault service has stopped", session.id()),
+        )
+    };
+    served.commands.send(command).map_err(|_| stopped())?;
+    // The thread evicts between faults, each page a few syscalls: wait on a blocking-pool
+    // thread, never on the reactor. A thread that ends first drops the reply sender.
+    let report: EvictReport = tokio::task::spawn_blocking(move || rx.recv())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(stopped)?;
+    let resident_bytes = session.map().stats().resident_bytes;
+    Ok(Response::SessionEvicted(SessionEvicted {
+        session: session.id(),
+        vm: session.vm().to_owned(),
+        evicted: report.evicted,
+        zero: report.zero,
+        failed: report.failed,
+        resident_bytes,
+    }))
+}
+
+/// Why `[gpa, gpa+len)` is not a range an operator may evict in `layout`, if it is not: it
+/// must be non-empty, lie wholly in guest RAM regions, and start and end on page boundaries of
+/// the regions its ends fall in (a partial page would evict the whole page, which is not what
+/// the operator asked for).
+pub(crate) fn check_range(layout: &Layout, gpa: u64, len: u64) -> Result<(), String> {
+    if len == 0 {
+        return Err("the range is empty (len 0)".into());
+    }
+    let end = gpa
+        .checked_add(len)
+        .ok_or_else(|| format!("the range {gpa:#x} + {len:#x} overflows the address space"))?;
+    let mut at = gpa;
+    while at < end {
+        let Some(page) = layout.lookup(Gpa(at)) else {
+            return Err(format!(
+                "the range [{gpa:#x}, {end:#x}) is not all guest RAM: {at:#x} is in no region \
+                 ({})",
+                describe(layout)
+            ));
+        };
+        let region = layout.region(page.region);
+        let ps = region.page_size().bytes();
+        if at == gpa && !gpa.is_multiple_of(ps) {
+            return Err(format!(
+                "the range start {gpa:#x} is not aligned to its region's page size {ps:#x}"
+            ));
+        }
+        at = region.end().0.min(end);
+        if at == end && !end.is_multiple_of(ps) {
+            return Err(format!(
+                "the range end {end:#x} is not aligned to its region's page size {ps:#x}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The layout's regions, for a message (the first few).
+fn describe(layout: &Layout) -> String {
+    const SHOWN: usize = 4;
+    let mut parts: Vec<String> = layout
+        .regions()
+        .iter()
+        .take(SHOWN)
+        .map(|r| format!("[{:#x}, {:#x})", r.gpa().0, r.end().0))
+        .collect();
+    if layout.regions().len() > SHOWN {
+        parts.push(format!("and {} more", layout.regions().len() - SHOWN));
+    }
+    format!("guest RAM is {}", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use s2map::{Backing, PageSize, RegionSpec};
+
+    /// 1 MiB of 4 KiB pages at 0, a hole, 4 MiB of 2 MiB pages at 4 MiB.
+    fn layout() -> Layout {
+        Layout::new(vec![
+            RegionSpec {
+                gpa: Gpa(0),
+                size: 1 << 20,
+                page_size: PageSize::Size4K,
+                backing: Backing::Zero,
+                read_only: false,
+            },
+            RegionSpec {
+                gpa: Gpa(4 << 20),
+                size: 4 << 20,
+                page_size: PageSize::Size2M,
+                backing: Backing::Zero,
+                read_only: false,
+            },
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_page_aligned_range_inside_a_region_is_accepted() {
+        assert_eq!(check_range(&layout(), 0x1000, 0x3000), Ok(()));
+        assert_eq!(check_range(&layout(), 4 << 20, 2 << 20), Ok(()));
+        assert_eq!(check_range(&layout(), 0, 1 << 20), Ok(()));
+    }
+
+    #[test]
+    fn an_empty_range_is_refused() {
+        let e = check_range(&layout(), 0x1000, 0).unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn a_range_into_a_hole_or_beyond_the_layout_is_refused() {
+        let hole = check_range(&layout(), 0xff000, 0x2000).unwrap_err();
+        assert!(hole.contains("0x100000 is in no region"), "{hole}");
+        let beyond = check_range(&layout(), 8 << 20, 0x1000).unwrap_err();
+        assert!(beyond.contains("in no region"), "{beyond}");
+    }
+
+    #[test]
+    fn an_overflowing_range_is_refused() {
+        let e = check_range(&layout(), u64::MAX - 0xfff, 0x2000).unwrap_err();
+        assert!(e.contains("overflows"), "{e}");
+    }
+
+    #[test]
+    fn a_range_not_on_its_regions_page_boundaries_is_refused() {
+        let start = check_range(&layout(), 0x800, 0x1000).unwrap_err();
+        assert!(start.contains("start 0x800"), "{start}");
+        let huge_end = check_range(&layout(), 4 << 20, 0x1000).unwrap_err();
+        assert!(huge_end.contains("page size 0x200000"), "{huge_end}");
+    }
+}
