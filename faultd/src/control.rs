@@ -78,6 +78,10 @@ pub(crate) struct Served {
     pub(crate) kind: SessionKind,
 }
 
+/// How long a registration waits for the store of its VM name to be released by a session
+/// that is ending (see [`Daemon::start_session`]).
+const STORE_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why a session ends, which decides what happens to its VM's pages in faultd's store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ending {
@@ -281,18 +285,29 @@ impl Daemon {
             .map(|r| r.page_size().bytes())
             .max()
             .unwrap_or(4096);
-        let (store, records) = Store::open(&self.config.store_dir, &v.vm, slot_bytes, resume)
-            .map_err(|e| {
-                let code = match e {
-                    StoreError::Busy { .. } => ErrorCode::Busy,
-                    StoreError::Journal { .. } => ErrorCode::BadLayout,
-                    _ => ErrorCode::Internal,
-                };
-                Refusal {
-                    code,
-                    message: crate::validate::chain(&e),
-                }
-            })?;
+        // A session of the same name that just ended (its VMM hung up, or reconnects right
+        // after a refusal) may still be finishing and hold the store for a moment: wait for it
+        // briefly rather than refuse a VMM for a race it cannot see.
+        let open = || Store::open(&self.config.store_dir, &v.vm, slot_bytes, resume);
+        let waited_until = std::time::Instant::now() + STORE_BUSY_WAIT;
+        let mut opened = open();
+        while matches!(opened, Err(StoreError::Busy { .. }))
+            && std::time::Instant::now() < waited_until
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            opened = open();
+        }
+        let (store, records) = opened.map_err(|e| {
+            let code = match e {
+                StoreError::Busy { .. } => ErrorCode::Busy,
+                StoreError::Journal { .. } => ErrorCode::BadLayout,
+                _ => ErrorCode::Internal,
+            };
+            Refusal {
+                code,
+                message: crate::validate::chain(&e),
+            }
+        })?;
         let internal = |e: std::io::Error| Refusal {
             code: ErrorCode::Internal,
             message: format!("starting fault service: {e}"),
@@ -378,6 +393,8 @@ const STUCK_LIMIT: std::time::Duration = std::time::Duration::from_millis(20);
 async fn watchdog(daemon: Arc<Daemon>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(STUCK_LIMIT / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = std::time::Instant::now();
+    let mut running_since = last_tick;
     loop {
         let sessions: Vec<Arc<Session>> = daemon
             .sessions()
@@ -397,8 +414,16 @@ async fn watchdog(daemon: Arc<Daemon>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // A tick far later than asked means faultd did not run meanwhile (SIGSTOP, a frozen
+        // cgroup, a starved host): a call that looks long may have been stopped with it.
+        // Judge calls only by the time since faultd runs again.
+        let now = std::time::Instant::now();
+        if now.duration_since(last_tick) > STUCK_LIMIT {
+            running_since = now;
+        }
+        last_tick = now;
         for s in sessions {
-            if s.watch.interrupt_if_stuck(STUCK_LIMIT) {
+            if s.watch.interrupt_if_stuck(STUCK_LIMIT, running_since) {
                 tracing::warn!(
                     session = s.id(),
                     vm = s.vm(),

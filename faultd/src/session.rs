@@ -359,9 +359,19 @@ impl Watch {
     }
 
     /// Interrupts the session thread if it has been in a guarded call for longer than
-    /// `limit`. Returns whether it did.
-    pub fn interrupt_if_stuck(&self, limit: std::time::Duration) -> bool {
-        let since = self.since.load(Ordering::Acquire);
+    /// `limit`, counting only from `ran_since`: time before it, when faultd itself was not
+    /// running (stopped, frozen, starved), is no evidence against the VMM. Returns whether it
+    /// did.
+    pub fn interrupt_if_stuck(
+        &self,
+        limit: std::time::Duration,
+        ran_since: std::time::Instant,
+    ) -> bool {
+        let ran_since = ran_since.saturating_duration_since(epoch()).as_nanos() as u64 + 1;
+        let since = match self.since.load(Ordering::Acquire) {
+            0 => return false, // not in a guarded call
+            s => s.max(ran_since),
+        };
         let tid = self.tid.load(Ordering::Acquire);
         if since == 0 || tid == 0 || now_ns().saturating_sub(since) < limit.as_nanos() as u64 {
             return false;

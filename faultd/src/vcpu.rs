@@ -168,6 +168,9 @@ impl UffdOps for KernelUffd {
         let _ = max; // the event buffer was sized to the batch at construction
         let events = match self.uffd.read_events(&mut self.buf) {
             Ok(events) => events,
+            // A signal (the doorbell watchdog's, or a stray one) cut the read short: nothing
+            // was consumed; the next pass reads again.
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EINTR => return Ok(()),
             Err(userfaultfd::Error::SystemError(e)) => {
                 return Err(io::Error::from_raw_os_error(e as i32))
             }
