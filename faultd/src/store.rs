@@ -58,8 +58,10 @@ pub enum Record {
 /// A VM's store: page slots and the journal.
 #[derive(Debug)]
 pub struct Store {
-    /// Locked (flock) for as long as the store is open.
-    file: nix::fcntl::Flock<File>,
+    file: File,
+    /// The pages file's lock (flock, on a duplicate of `file`), held while the store is open;
+    /// None on a kernel without file locking.
+    _lock: Option<nix::fcntl::Flock<File>>,
     path: PathBuf,
     journal: File,
     journal_path: PathBuf,
@@ -174,15 +176,25 @@ impl Store {
                 .open(p)
         };
         let file = open(&path).map_err(open_err(&path))?;
-        let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        {
-            Ok(locked) => locked,
+        let dup = file.try_clone().map_err(open_err(&path))?;
+        let lock = match nix::fcntl::Flock::lock(dup, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => Some(locked),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StoreError::Busy { path }),
+            // A kernel built without file locking (CONFIG_FILE_LOCKING=n, e.g. a minimal test
+            // kernel): the store works, only the guard against a second user is gone.
+            Err((_, nix::errno::Errno::ENOSYS | nix::errno::Errno::EOPNOTSUPP)) => {
+                tracing::warn!(
+                    store = %path.display(),
+                    "no file locking: the store is not guarded against a second user"
+                );
+                None
+            }
             Err((_, e)) => return Err(open_err(&path)(e.into())),
         };
         let journal = open(&journal_path).map_err(open_err(&journal_path))?;
         let mut store = Store {
             file,
+            _lock: lock,
             path,
             journal,
             journal_path,
