@@ -423,3 +423,110 @@ fn writes_before_each_of_several_kills_read_back_after_it() {
     let st = session.as_mut().unwrap().stats().unwrap();
     assert!(st.store_fills > 0 && st.evictions > 0, "{st:?}");
 }
+
+/// SIGTERM with device page requests queued and pages in the store: faultd answers the
+/// queued groups SUCCESS (it finishes them rather than failing them), exits 0 within its
+/// bound, and keeps the store. The VMM then does what it does when faultd goes away (a PRI
+/// reset, a resume with the next faultd): the DMAs complete (a device whose translation was
+/// unmapped at shutdown right after its SUCCESS asks the next faultd), and the pages evicted
+/// before the stop come back from the kept store.
+#[test]
+fn sigterm_finishes_queued_device_groups_exits_0_within_its_bound_and_keeps_the_store() {
+    use nix::sys::signal::Signal;
+    const DEV_GPA: u64 = 8 * MIB;
+    let mut faultd = Faultd::start(&[]);
+    let ram = Ram::new("term", 16 * MIB);
+    let mut session = ram.serve(&faultd, "term");
+    // SAFETY: `ram` outlives the device (declared before it); no Rust reference points into
+    // guest RAM.
+    let device = unsafe {
+        PriDevice::new(
+            ram.ram.host_ptr(),
+            0,
+            16 * MIB,
+            DeviceConfig {
+                workers: 2,
+                response_timeout: Duration::from_secs(30),
+                ..DeviceConfig::default()
+            },
+        )
+    }
+    .expect("device");
+    device.attach(&mut session).expect("attach");
+    let writes: Vec<(u64, u8)> = (0..256u64).map(|p| (p * PAGE + 5, p as u8 | 1)).collect();
+    faultd_tests::write_with_timeout(&ram.ram, writes.clone(), Duration::from_secs(10));
+    assert_eq!(session.evict(0, 256 * PAGE, None).unwrap(), (256, 0, 0));
+
+    // Stopped, faultd reads nothing: both DMA writes post their groups and wait.
+    faultd.signal(Signal::SIGSTOP);
+    std::thread::scope(|s| {
+        let dmas: Vec<_> = (0..2u32)
+            .map(|w| {
+                let device = &device;
+                s.spawn(move || {
+                    let gpa = DEV_GPA + u64::from(w) * 64 * PAGE;
+                    device.dma_write(w, gpa, &pattern_page(gpa, 7))
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while device.stats().groups < 2 {
+            assert!(Instant::now() < deadline, "the DMAs posted no groups");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = Instant::now();
+        faultd.signal(Signal::SIGTERM);
+        faultd.signal(Signal::SIGCONT);
+        let exit = faultd.wait_exit(Duration::from_secs(10));
+        let took = t.elapsed();
+        println!("SIGTERM to exit: {:.1} ms", took.as_secs_f64() * 1e3);
+        assert!(
+            exit.is_some_and(|st| st.success()),
+            "{exit:?}\n{}",
+            faultd.log()
+        );
+        // device.deadline_ms (250) + 2 s.
+        assert!(took < Duration::from_millis(2250), "took {took:?}");
+        let ds = device.stats();
+        assert!(
+            ds.success >= 2 && ds.invalid == 0,
+            "queued groups not finished: {ds:?}"
+        );
+        for f in ["term.pages", "term.journal"] {
+            assert!(faultd.store_dir().join(f).exists(), "{f} was not kept");
+        }
+
+        drop(std::mem::replace(&mut session, {
+            device.reset_pri().unwrap();
+            faultd.restart();
+            let mut s = Client::connect(faultd.socket())
+                .unwrap()
+                .resume("term", &ram.uffd, &[RegionSpec::zero(0, &ram.ram)], None)
+                .unwrap();
+            device.attach(&mut s).expect("attach again");
+            s
+        }));
+        for (w, h) in dmas.into_iter().enumerate() {
+            let done = h.join().unwrap();
+            assert!(done.is_ok(), "DMA {w}: {done:?}\n{}", faultd.log());
+        }
+    });
+    let ds = device.stats();
+    assert_eq!((ds.invalid, ds.timeouts), (0, 0), "{ds:?}");
+    let mut buf = vec![0u8; PAGE as usize];
+    for w in 0..2u64 {
+        let gpa = DEV_GPA + w * 64 * PAGE;
+        device.dma_read(0, gpa, &mut buf).unwrap();
+        assert!(buf == pattern_page(gpa, 7), "DMA {w}'s write was lost");
+    }
+    let got = faultd_tests::read_with_timeout(
+        &ram.ram,
+        writes.iter().map(|&(o, _)| o).collect(),
+        Duration::from_secs(10),
+    );
+    assert_eq!(got, writes.iter().map(|&(_, v)| v).collect::<Vec<_>>());
+    let st = faultd_tests::settled_stats(&mut session, |s| s.store_fills == 256);
+    assert_eq!(st.store_fills, 256);
+    drop(session);
+    drop(device);
+}
