@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p faultd-tests --bench firecracker_restore` (needs root, /dev/userfaultfd and
 //! /dev/kvm). Prints a table per scenario and writes the figures to
-//! `target/firecracker_restore.json`. `FAULT_RT_QUICK=1` shrinks every size tenfold.
+//! `target/firecracker_restore.json`. `FAULT_RT_QUICK=1` shrinks every size tenfold;
+//! `FC_RESTORE_SCENARIOS=D` (letters) runs only those scenarios.
 //!
 //! A round restores fresh anonymous guest RAM through one handler, as
 //! [`faultd_tests::firecracker`]'s stand-in does it (one sendmsg of JSON + uffd): the clock
@@ -462,7 +463,12 @@ fn main() {
             ),
         ),
     ];
+    // FC_RESTORE_SCENARIOS=D (or "AD", ...): only those scenarios, for investigating one.
+    let only = std::env::var("FC_RESTORE_SCENARIOS").ok();
     for (sc, key, title) in scenarios {
+        if only.as_deref().is_some_and(|o| !o.contains(&key[..1])) {
+            continue;
+        }
         let figs = scenario(&env, sc);
         let _ = writeln!(out, "\n{title} ({ROUNDS} rounds)");
         let j = table(&mut out, &figs);
