@@ -1254,25 +1254,55 @@ impl<O: UffdOps + Send + 'static> StandbyThread<O> {
 /// far apart to catch and it does not spin at all. Measured here (`cargo bench -p faultd-tests`):
 /// a host thread bursting faults leaves ~10-15 us gaps, a KVM vCPU touching fresh memory
 /// ~50-90 us (its exits are expensive under PVM), an isolated fault hundreds of us.
+///
+/// A short pace is not enough, though: the spin must also *catch* the fault, i.e. the faulter
+/// must run on another CPU while this thread polls. The faulter is woken by this thread's own
+/// UFFDIO_COPY, and the kernel often queues that wake-up on the waker's CPU (wake-affine; on a
+/// busy machine there is no idle CPU to put it on). Then the spin cannot catch anything: either
+/// the faulter preempts the spinner (the fault is then served as a sleeping thread would serve
+/// it, at the CPU cost of the spin), or it does not, and waits behind the spinner until the
+/// window ends, so the spin *delays* the fault it waits for by up to the whole window.
+/// Measured (firecracker_restore scenario D: one PVM vCPU, another engineer's build on the other
+/// CPU; sched tracepoints): the vCPU was woken onto the fault thread's CPU for 95% of its faults,
+/// 5% of its wake-ups then waited > 50 µs to run (p99 164 µs; spin 0: 0.2%, p99 14 µs), 98% of
+/// those until the spinner went to sleep; that alone made the restore 18% slower than spin 0.
+/// The pace of such faults looks spinnable (the gaps are short), so the policy also keeps score
+/// ([`SpinPolicy::record_spin`]): a spin *paid* if work arrived within the window while this
+/// thread kept its CPU (no involuntary context switch). If fewer than half of the last
+/// [`SPINS`] spins paid, it sleeps at once after work instead, and spins only on every
+/// [`PROBE_EVERY`]th burst to notice when spinning pays again (say the other CPU became free).
 #[derive(Debug, Clone)]
 pub(crate) struct SpinPolicy {
     max: Duration,
     gaps: [Duration; GAPS],
     next: usize,
+    /// Outcomes of the last [`SPINS`] spins, newest in bit 0: 1 = it paid.
+    paid: u8,
+    /// Bursts since the last spin while spinning does not pay.
+    skipped: u32,
 }
 
 /// Gaps remembered by [`SpinPolicy`].
 const GAPS: usize = 8;
 /// Shortest spin when spinning at all (back-to-back work records gaps of ~0).
 const MIN_WINDOW: Duration = Duration::from_micros(10);
+/// Spin outcomes remembered by [`SpinPolicy`] (the bits of its `paid`).
+const SPINS: u32 = u8::BITS;
+/// While spinning does not pay, one burst in this many spins anyway (a probe). A probe that
+/// does not pay costs at most one window; at most 4 paying probes (16 bursts) turn spinning
+/// back on.
+const PROBE_EVERY: u32 = 4;
 
 impl SpinPolicy {
     pub(crate) fn new(max: Duration) -> SpinPolicy {
-        // Start as if faults came back to back: a VM starting up or restoring faults densely.
+        // Start as if faults came back to back and spinning paid: a VM starting up or
+        // restoring faults densely.
         SpinPolicy {
             max,
             gaps: [Duration::ZERO; GAPS],
             next: 0,
+            paid: u8::MAX,
+            skipped: 0,
         }
     }
 
@@ -1281,6 +1311,18 @@ impl SpinPolicy {
         self.next = (self.next + 1) % GAPS;
     }
 
+    /// Records how a spin ended: `paid` if work came within the window while this thread kept
+    /// its CPU.
+    pub(crate) fn record_spin(&mut self, paid: bool) {
+        self.paid = (self.paid << 1) | u8::from(paid);
+    }
+
+    /// Whether at least half of the last [`SPINS`] spins paid.
+    pub(crate) fn spinning_pays(&self) -> bool {
+        self.paid.count_ones() * 2 >= SPINS
+    }
+
+    /// The pace-based window: what to spin if spinning pays.
     pub(crate) fn window(&self) -> Duration {
         if self.max.is_zero() {
             return Duration::ZERO;
@@ -1294,6 +1336,85 @@ impl SpinPolicy {
             Duration::ZERO
         }
     }
+
+    /// The window to spin after the burst that starts now: [`SpinPolicy::window`] if spinning
+    /// pays or this burst is a probe, else none.
+    pub(crate) fn next_window(&mut self) -> Duration {
+        if self.spinning_pays() {
+            self.skipped = 0;
+            return self.window();
+        }
+        self.skipped += 1;
+        if self.skipped >= PROBE_EVERY {
+            self.skipped = 0;
+            self.window()
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Involuntary context switches of the calling thread so far: one more means another thread
+/// took this thread's CPU (in the spin: the faulter it woke, or anything else runnable here).
+fn preemptions() -> i64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |u| u.involuntary_context_switches())
+}
+
+/// Whether the machine has a CPU to spare for a spinner, from the kernel's count of runnable
+/// threads (the 4th field of /proc/loadavg, `running/total`: an instant count, not an
+/// average; this thread is one of them).
+///
+/// A spinner holds a CPU that nothing else gets while it spins. When more threads are runnable
+/// than there are CPUs, that CPU is wanted: by the faulter itself (woken onto this CPU by this
+/// thread's UFFDIO_COPY, it waits behind the spin), or by other work, which then crowds the
+/// faulter's CPU instead. Either way the spin slows down the fault it waits for, and sleeping
+/// in poll(2) is better: the fault's wake-up then gets the CPU through the scheduler's wake-up
+/// preemption. Measured (firecracker_restore scenario D, other engineers' builds running):
+/// with 97% of spins keeping their CPU and catching the vCPU's next fault, the restore still
+/// took 1.5-2x as long as without spinning: the vCPU had the other CPU to share with the
+/// build (sched tracepoints showed a compiler there at most of its wake-ups). Runnable threads
+/// are counted machine-wide against the CPUs this thread may use, so under a cpuset smaller
+/// than the machine this errs toward sleeping.
+#[derive(Debug)]
+struct CpuLoad {
+    /// /proc/loadavg, kept open (one pread per check); None if it could not be opened (then
+    /// the machine counts as having a CPU to spare, as before this check existed).
+    loadavg: Option<std::fs::File>,
+    cpus: u64,
+}
+
+impl CpuLoad {
+    fn new() -> CpuLoad {
+        CpuLoad {
+            loadavg: std::fs::File::open("/proc/loadavg").ok(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+        }
+    }
+
+    /// Whether more threads are runnable than there are CPUs (one pread of ~100 bytes).
+    fn oversubscribed(&self) -> bool {
+        let Some(f) = &self.loadavg else {
+            return false;
+        };
+        let mut buf = [0u8; 128];
+        let Ok(n) = f.read_at(&mut buf, 0) else {
+            return false;
+        };
+        runnable(&buf[..n]).is_some_and(|r| r > self.cpus)
+    }
+}
+
+/// The runnable-thread count in /proc/loadavg's text: `3` in "0.52 0.58 0.59 3/467 12345".
+fn runnable(loadavg: &[u8]) -> Option<u64> {
+    std::str::from_utf8(loadavg)
+        .ok()?
+        .split_whitespace()
+        .nth(3)?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The adaptive polling loop: serve while work comes, spin for the [`SpinPolicy`] window after
@@ -1314,10 +1435,14 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
         );
     }
     let mut policy = SpinPolicy::new(spin);
+    let load = CpuLoad::new();
     let mut last_work = Instant::now();
     let mut window = policy.window();
     // Whether the last iteration found work: a gap is measured from the end of a burst.
     let mut in_burst = false;
+    // While spinning: the thread's involuntary context switches when the spin began (to tell
+    // whether the spin paid, see SpinPolicy).
+    let mut spinning: Option<i64> = None;
     let mut passes = 0u64;
     while !ctl.stop.load(Ordering::Acquire) {
         passes += 1;
@@ -1327,8 +1452,13 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             Ok(_) => {
                 let now = Instant::now();
                 if !in_burst {
+                    if let Some(at_start) = spinning.take() {
+                        // Work came within the window; it paid only if this thread held its
+                        // CPU throughout (read after serving: off the fault's path).
+                        policy.record_spin(preemptions() == at_start);
+                    }
                     policy.record_gap(now - last_work);
-                    window = policy.window();
+                    window = policy.next_window();
                     in_burst = true;
                 }
                 last_work = now;
@@ -1342,9 +1472,19 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                 break;
             }
         }
+        if spinning.is_none() && last_work.elapsed() < window && load.oversubscribed() {
+            // No CPU to spare for a spin after this burst (see CpuLoad): sleep now.
+            window = Duration::ZERO;
+        }
         if last_work.elapsed() < window {
+            if spinning.is_none() {
+                spinning = Some(preemptions());
+            }
             std::hint::spin_loop();
             continue;
+        }
+        if spinning.take().is_some() {
+            policy.record_spin(false);
         }
         let mut fds = Vec::with_capacity(2 + server.devices.len());
         fds.push(PollFd::new(server.fd(), PollFlags::POLLIN));
@@ -1445,6 +1585,46 @@ mod spin_tests {
             policy_after(200, &[310, 305, 320, 300, 330, 301, 315, 309]),
             Duration::ZERO
         );
+    }
+
+    fn spins_after(policy: &mut SpinPolicy, bursts: usize) -> usize {
+        (0..bursts)
+            .filter(|_| !policy.next_window().is_zero())
+            .count()
+    }
+
+    #[test]
+    fn spins_that_do_not_pay_stop_spinning_but_for_probes() {
+        let mut p = SpinPolicy::new(US * 200);
+        assert!(p.spinning_pays(), "starts spinning");
+        // Half of the remembered spins still paid: keep spinning.
+        (0..4).for_each(|_| p.record_spin(false));
+        assert!(p.spinning_pays());
+        assert_eq!(spins_after(&mut p, 8), 8);
+        p.record_spin(false);
+        assert!(!p.spinning_pays());
+        // One burst in PROBE_EVERY spins, with the pace-based window.
+        assert_eq!(spins_after(&mut p, 16), 16 / PROBE_EVERY as usize);
+        assert_eq!(p.window(), MIN_WINDOW);
+    }
+
+    #[test]
+    fn paying_probes_turn_spinning_back_on() {
+        let mut p = SpinPolicy::new(US * 200);
+        (0..SPINS).for_each(|_| p.record_spin(false));
+        for _ in 0..SPINS / 2 {
+            assert!(!p.spinning_pays());
+            p.record_spin(true);
+        }
+        assert!(p.spinning_pays());
+        assert_eq!(spins_after(&mut p, 8), 8);
+    }
+
+    #[test]
+    fn runnable_threads_are_read_from_loadavg() {
+        assert_eq!(runnable(b"0.52 0.58 0.59 3/467 12345\n"), Some(3));
+        assert_eq!(runnable(b"0.52 0.58"), None);
+        assert!(runnable(&std::fs::read("/proc/loadavg").unwrap()).is_some_and(|r| r >= 1));
     }
 
     #[test]
