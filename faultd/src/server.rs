@@ -1362,82 +1362,6 @@ fn preemptions() -> i64 {
     getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |u| u.involuntary_context_switches())
 }
 
-/// Whether the machine has a CPU to spare for a spinner, from the kernel's count of runnable
-/// threads (the 4th field of /proc/loadavg, `running/total`: an instant count, not an
-/// average; this thread is one of them).
-///
-/// A spinner holds a CPU that nothing else gets while it spins. When more threads are runnable
-/// than there are CPUs, that CPU is wanted: by the faulter itself (woken onto this CPU by this
-/// thread's UFFDIO_COPY, it waits behind the spin), or by other work, which then crowds the
-/// faulter's CPU instead. Either way the spin slows down the fault it waits for, and sleeping
-/// in poll(2) is better: the fault's wake-up then gets the CPU through the scheduler's wake-up
-/// preemption. Measured (firecracker_restore scenario D, other engineers' builds running):
-/// with 97% of spins keeping their CPU and catching the vCPU's next fault, the restore still
-/// took 1.5-2x as long as without spinning: the vCPU had the other CPU to share with the
-/// build (sched tracepoints showed a compiler there at most of its wake-ups). Runnable threads
-/// are counted machine-wide against the CPUs this thread may use, so under a cpuset smaller
-/// than the machine this errs toward sleeping.
-///
-/// One check reads /proc/loadavg (~2-3 µs here, as much as a tenth of a fault's service), so an
-/// oversubscribed answer is reused for [`LOAD_RECHECK`].
-#[derive(Debug)]
-struct CpuLoad {
-    /// /proc/loadavg, kept open (one pread per check); None if it could not be opened (then
-    /// the machine counts as having a CPU to spare, as before this check existed).
-    loadavg: Option<std::fs::File>,
-    cpus: u64,
-    /// When the count was last read and found oversubscribed.
-    last: Option<Instant>,
-}
-
-/// How long a [`CpuLoad`] "oversubscribed" is reused: a few dozen faults at restore pace.
-const LOAD_RECHECK: Duration = Duration::from_millis(1);
-
-impl CpuLoad {
-    fn new() -> CpuLoad {
-        CpuLoad {
-            loadavg: std::fs::File::open("/proc/loadavg").ok(),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
-            last: None,
-        }
-    }
-
-    /// Whether more threads are runnable than there are CPUs (if they were less than
-    /// [`LOAD_RECHECK`] before `now`, they still count as such).
-    fn oversubscribed(&mut self, now: Instant) -> bool {
-        // Only "oversubscribed" is reused: before a spin that would take a CPU the count is
-        // read again (a stale "CPU to spare" cost scenario A of the restore benchmark 6x).
-        if let Some(at) = self.last {
-            if now.saturating_duration_since(at) < LOAD_RECHECK {
-                return true;
-            }
-        }
-        let Some(f) = &self.loadavg else {
-            return false;
-        };
-        let mut buf = [0u8; 128];
-        let answer = f
-            .read_at(&mut buf, 0)
-            .ok()
-            .and_then(|n| runnable(&buf[..n]))
-            .is_some_and(|r| r > self.cpus);
-        self.last = answer.then_some(now);
-        answer
-    }
-}
-
-/// The runnable-thread count in /proc/loadavg's text: `3` in "0.52 0.58 0.59 3/467 12345".
-fn runnable(loadavg: &[u8]) -> Option<u64> {
-    std::str::from_utf8(loadavg)
-        .ok()?
-        .split_whitespace()
-        .nth(3)?
-        .split('/')
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// The adaptive polling loop: serve while work comes, spin for the [`SpinPolicy`] window after
 /// the last of it, then sleep in poll(2) on the uffd, the device queues and the control eventfd.
 fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
@@ -1456,7 +1380,6 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
         );
     }
     let mut policy = SpinPolicy::new(spin);
-    let mut load = CpuLoad::new();
     let mut last_work = Instant::now();
     let mut window = policy.window();
     // Whether the last iteration found work: a gap is measured from the end of a burst.
@@ -1480,10 +1403,6 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                     }
                     policy.record_gap(now - last_work);
                     window = policy.next_window();
-                    if !window.is_zero() && load.oversubscribed(now) {
-                        // No CPU to spare for a spin after this burst (see CpuLoad).
-                        window = Duration::ZERO;
-                    }
                     in_burst = true;
                 }
                 last_work = now;
@@ -1647,13 +1566,6 @@ mod spin_tests {
         }
         assert!(p.spinning_pays());
         assert_eq!(spins_after(&mut p, 8), 8);
-    }
-
-    #[test]
-    fn runnable_threads_are_read_from_loadavg() {
-        assert_eq!(runnable(b"0.52 0.58 0.59 3/467 12345\n"), Some(3));
-        assert_eq!(runnable(b"0.52 0.58"), None);
-        assert!(runnable(&std::fs::read("/proc/loadavg").unwrap()).is_some_and(|r| r >= 1));
     }
 
     #[test]
