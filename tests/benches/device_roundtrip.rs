@@ -179,7 +179,8 @@ impl Attached {
                     Handler::FaultdSpin0 => &daemons.spin0,
                     _ => &daemons.default,
                 };
-                let mut session = ram.serve(daemon, "bench");
+                // One live session per VM name: each attachment is its own VM.
+                let mut session = ram.serve(daemon, &ram_name);
                 let granule = session
                     .add_device(DEV.0, ch.queue(), ch.table())
                     .expect("add_device");

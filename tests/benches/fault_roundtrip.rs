@@ -110,8 +110,15 @@ impl Server {
             Handler::Faultd => &daemons.default,
             Handler::FaultdSpin0 => &daemons.spin0,
         };
+        // One live session per VM name (it keys the VM's store): each attachment is its own
+        // VM, so one never waits for the previous one's session to end.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let vm = format!(
+            "bench-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         Server::Faultd {
-            session: ram.serve(faultd, "bench"),
+            session: ram.serve(faultd, &vm),
             pid: faultd.pid(),
         }
     }
