@@ -356,7 +356,10 @@ fn evicted_pages_are_found_in_the_store_after_a_kill() {
         .unwrap()
         .resume("journal", &ram.uffd, &[RegionSpec::zero(0, &ram.ram)], None)
         .unwrap();
-    let st = faultd_tests::settled_stats(&mut session, |s| s.resident_bytes == resident);
+    // The new faultd rebuilds page state on its fault thread after answering register.
+    let st = faultd_tests::settled_stats(&mut session, |s| {
+        s.resident_bytes == resident && s.stored_pages == PAGES / 2 - PAGES / 16
+    });
     assert_eq!(st.resident_bytes, resident, "present pages are resident");
     assert_eq!(st.stored_pages, PAGES / 2 - PAGES / 16);
 
