@@ -496,3 +496,43 @@ impl Drop for HugePages {
         let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
     }
 }
+
+/// One 4 KiB page of [`testvmm::pattern`] for `gpa` and `seed`: what device rounds write.
+pub fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
+    (0..4096 / 4)
+        .flat_map(|i| testvmm::pattern(gpa + 4 * i, seed).to_le_bytes())
+        .collect()
+}
+
+/// One round of the device workload of the chaos and restart tests: DMA-writes
+/// [`pattern_page`]s to `touches` pseudo-random 4 KiB pages of `[first, first + count)`
+/// (alternating workers 0 and 1), then reads every page back (worker 0) and checks it holds
+/// its write. Panics naming the page and `context` on a failed transfer or a lost write.
+pub fn device_round(
+    device: &testvmm::PriDevice,
+    seed: u32,
+    touches: u32,
+    first: u32,
+    count: u32,
+    context: &str,
+) {
+    let seq = testvmm::page_sequence(seed, touches, first, count);
+    for &p in &seq {
+        let gpa = u64::from(p) * 4096;
+        device
+            .dma_write(p % 2, gpa, &pattern_page(gpa, seed))
+            .unwrap_or_else(|e| panic!("DMA write {gpa:#x}: {e} ({context})"));
+    }
+    let mut buf = vec![0u8; 4096];
+    // Every write of a round has the same pattern, so each page once, in any order.
+    for &p in seq.iter().collect::<std::collections::BTreeSet<_>>() {
+        let gpa = u64::from(p) * 4096;
+        device
+            .dma_read(0, gpa, &mut buf)
+            .unwrap_or_else(|e| panic!("DMA read {gpa:#x}: {e} ({context})"));
+        assert!(
+            buf == pattern_page(gpa, seed),
+            "page {gpa:#x} lost a DMA write ({context})"
+        );
+    }
+}

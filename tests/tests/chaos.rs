@@ -16,8 +16,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use faultd_tests::{Faultd, Ram};
-use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, RamSlot, Vm, Workload};
+use faultd_tests::{device_round, Faultd, Ram};
+use testvmm::{DeviceConfig, PriDevice, RamSlot, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -29,12 +29,6 @@ fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 25;
     *x ^= *x >> 27;
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-}
-
-fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
-    (0..PAGE / 4)
-        .flat_map(|i| pattern(gpa + 4 * i, seed).to_le_bytes())
-        .collect()
 }
 
 #[test]
@@ -117,26 +111,15 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
         let dev = s.spawn(|| {
             let mut rounds = 0u32;
             while !stop.load(Ordering::Acquire) {
-                let dseed = 0xD000 + rounds;
-                let seq = page_sequence(dseed, 200, 2 * third, pages - 2 * third);
-                for &p in &seq {
-                    let gpa = p as u64 * PAGE;
-                    device
-                        .dma_write(p % 2, gpa, &pattern_page(gpa, dseed))
-                        .unwrap_or_else(|e| panic!("DMA write {gpa:#x}: {e} (seed {seed})"));
-                }
-                let mut buf = vec![0u8; PAGE as usize];
-                // Later writes of the same page win: check each page against its last writer.
-                for &p in seq.iter().rev().collect::<std::collections::BTreeSet<_>>() {
-                    let gpa = p as u64 * PAGE;
-                    device
-                        .dma_read(0, gpa, &mut buf)
-                        .unwrap_or_else(|e| panic!("DMA read {gpa:#x}: {e} (seed {seed})"));
-                    assert!(
-                        buf == pattern_page(gpa, dseed),
-                        "device round {rounds}: page {gpa:#x} lost a DMA write (seed {seed})"
-                    );
-                }
+                let what = format!("device round {rounds}, seed {seed}");
+                device_round(
+                    &device,
+                    0xD000 + rounds,
+                    200,
+                    2 * third,
+                    pages - 2 * third,
+                    &what,
+                );
                 rounds += 1;
             }
             rounds

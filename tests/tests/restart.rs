@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faultd_client::{Client, ClientError, Reattach, RegionSpec, Session, Supervisor};
-use faultd_tests::{Faultd, Ram};
-use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, RamSlot, Vm, Workload};
+use faultd_tests::{device_round, pattern_page, Faultd, Ram};
+use testvmm::{pattern, DeviceConfig, PriDevice, RamSlot, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -25,12 +25,6 @@ const RAM: u64 = 48 * MIB;
 const BUDGET_MIB: u64 = 12;
 const KILLS: usize = 3;
 const VM: &str = "restart";
-
-fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
-    (0..PAGE / 4)
-        .flat_map(|i| pattern(gpa + 4 * i, seed).to_le_bytes())
-        .collect()
-}
 
 /// The VMM's side of a lost session.
 struct Hooks {
@@ -118,62 +112,53 @@ fn a_guest_and_a_device_lose_nothing_when_faultd_is_killed_and_restarted() {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         std::thread::scope(|s| {
             let guest = s.spawn(|| {
-            let mut r = 0u32;
-            while !stop.load(Ordering::Acquire) {
-                let reports = vm
-                    .run(vec![round(r, 0), round(r, 1)], &|_, _| {
-                        progress.lock().unwrap().push(Instant::now())
-                    })
-                    .expect("guest run");
-                for (i, rep) in reports.iter().enumerate() {
-                    if let Some(gpa) = rep.first_mismatch_gpa {
-                        // Which round's data the page holds, if any: tells a stale page from
-                        // one that got another page's contents.
-                        let b = faultd_tests::read_with_timeout(
-                            &ram.ram,
-                            (0..4).map(|k| gpa + k).collect(),
-                            Duration::from_secs(5),
+                let mut r = 0u32;
+                while !stop.load(Ordering::Acquire) {
+                    let reports = vm
+                        .run(vec![round(r, 0), round(r, 1)], &|_, _| {
+                            progress.lock().unwrap().push(Instant::now())
+                        })
+                        .expect("guest run");
+                    for (i, rep) in reports.iter().enumerate() {
+                        if let Some(gpa) = rep.first_mismatch_gpa {
+                            // Which round's data the page holds, if any: tells a stale page from
+                            // one that got another page's contents.
+                            let b = faultd_tests::read_with_timeout(
+                                &ram.ram,
+                                (0..4).map(|k| gpa + k).collect(),
+                                Duration::from_secs(5),
+                            );
+                            let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                            let rounds: Vec<u32> = (0..=r)
+                                .filter(|&rr| pattern(gpa, 1000 * rr + i as u32) == v)
+                                .collect();
+                            eprintln!("{gpa:#x} holds {v:#x}, the pattern of rounds {rounds:?}");
+                        }
+                        assert_eq!(
+                            rep.mismatches,
+                            0,
+                            "vCPU {i} round {r} (ended {:?}): lost write or stale read at {:?}",
+                            t0.elapsed(),
+                            rep.first_mismatch_gpa
                         );
-                        let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        let rounds: Vec<u32> = (0..=r)
-                            .filter(|&rr| pattern(gpa, 1000 * rr + i as u32) == v)
-                            .collect();
-                        eprintln!("{gpa:#x} holds {v:#x}, the pattern of rounds {rounds:?}");
                     }
-                    assert_eq!(
-                        rep.mismatches, 0,
-                        "guest vCPU {i} round {r} (ended at {:?}): lost write or stale read at {:?}",
-                        t0.elapsed(),
-                        rep.first_mismatch_gpa
-                    );
+                    r += 1;
+                    guest_rounds.store(r, Ordering::Release);
                 }
-                r += 1;
-                guest_rounds.store(r, Ordering::Release);
-            }
-            r
-        });
+                r
+            });
             let dev = s.spawn(|| {
                 let mut r = 0u32;
                 while !stop.load(Ordering::Acquire) {
-                    let seed = 0xD000 + r;
-                    let seq = page_sequence(seed, 300, 2 * third, pages - 2 * third);
-                    for &p in &seq {
-                        let gpa = p as u64 * PAGE;
-                        device
-                            .dma_write(p % 2, gpa, &pattern_page(gpa, seed))
-                            .unwrap_or_else(|e| panic!("DMA write {gpa:#x}: {e}"));
-                    }
-                    let mut buf = vec![0u8; PAGE as usize];
-                    for &p in seq.iter().collect::<std::collections::BTreeSet<_>>() {
-                        let gpa = p as u64 * PAGE;
-                        device
-                            .dma_read(0, gpa, &mut buf)
-                            .unwrap_or_else(|e| panic!("DMA read {gpa:#x}: {e}"));
-                        assert!(
-                            buf == pattern_page(gpa, seed),
-                            "device round {r}: page {gpa:#x} lost a DMA write"
-                        );
-                    }
+                    let what = format!("device round {r}");
+                    device_round(
+                        &device,
+                        0xD000 + r,
+                        300,
+                        2 * third,
+                        pages - 2 * third,
+                        &what,
+                    );
                     r += 1;
                     device_rounds.store(r, Ordering::Release);
                 }
