@@ -46,112 +46,91 @@ pub enum RegionMemory {
     AnonymousPrivate,
 }
 
-/// faultd's own shared mapping of a region's memfd, for the IOMMU to pin pages through
-/// (IOMMU_IOAS_MAP takes a user address in faultd's address space).
+/// A shared mapping that faultd hands only to the kernel and never dereferences itself. Two
+/// uses, one reason each not to touch it:
+/// - [`FaultdView`], a region's memfd mapped read-write, for the IOMMU to pin pages through
+///   (IOMMU_IOAS_MAP takes a user address in faultd's address space). Touching an absent page
+///   through this unregistered mapping would silently allocate a zero page in the memfd, hiding
+///   the page from the guest's userfaultfd (the guest would then read zeros instead of its
+///   data). Only granules s2map says are resident are ever handed to the IOMMU.
+/// - [`SnapshotView`], a snapshot file mapped read-only: the source of UFFDIO_COPY for
+///   snapshot-backed pages, so a fill is one copy (by the kernel, from the page cache) instead
+///   of a pread(2) into a buffer and a copy from there. If the file shrank after it was mapped,
+///   reading past its new end would kill faultd with SIGBUS; the kernel's copy from it instead
+///   fails with EFAULT, which costs that one fault. Only ranges within the length the file had
+///   when it was mapped are handed out ([`Session::mapped_snapshot`]).
 ///
-/// Never read or written by faultd: touching an absent page through this unregistered
-/// mapping would silently allocate a zero page in the memfd, hiding the page from the guest's
-/// userfaultfd (the guest would then read zeros instead of its data). Only granules s2map
-/// says are resident are ever handed to the IOMMU.
+/// Mapping reads, reserves and touches nothing: one mmap(2).
 #[derive(Debug)]
-pub struct FaultdView {
+pub struct KernelOnlyMapping {
     addr: std::ptr::NonNull<std::ffi::c_void>,
-    len: usize,
+    len: u64,
 }
 
-// SAFETY: the view is an address range faultd never dereferences; it is only passed to the
-// kernel, which may be done from any thread.
-unsafe impl Send for FaultdView {}
-// SAFETY: as above: shared references only read the address.
-unsafe impl Sync for FaultdView {}
+/// A region's memfd as faultd maps it for the IOMMU (see [`KernelOnlyMapping`]).
+pub type FaultdView = KernelOnlyMapping;
+/// A snapshot file as faultd maps it to copy from (see [`KernelOnlyMapping`]).
+pub type SnapshotView = KernelOnlyMapping;
 
-impl FaultdView {
-    /// Maps `len` bytes of `fd` at `offset`, shared, without reserving or touching anything.
-    pub fn new(fd: &OwnedFd, offset: u64, len: u64) -> std::io::Result<FaultdView> {
+// SAFETY: the mapping is an address range faultd never dereferences; it is only passed to the
+// kernel, which may be done from any thread.
+unsafe impl Send for KernelOnlyMapping {}
+// SAFETY: as above: shared references only read the address.
+unsafe impl Sync for KernelOnlyMapping {}
+
+impl KernelOnlyMapping {
+    /// Maps `len` bytes of `fd` at `offset`, shared, read-write if `writable`.
+    fn map(fd: BorrowedFd<'_>, offset: u64, len: u64, writable: bool) -> std::io::Result<Self> {
         use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let n = std::num::NonZeroUsize::new(len as usize)
-            .ok_or_else(|| std::io::Error::other("empty region"))?;
+        let n = usize::try_from(len)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .ok_or_else(|| std::io::Error::other("nothing to map: empty or too large"))?;
         let offset = i64::try_from(offset).map_err(std::io::Error::other)?;
+        let prot = if writable {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
         // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
         // Rust object; it is unmapped only in Drop, and nothing ever dereferences it.
         let addr = unsafe {
             mmap(
                 None,
                 n,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                prot,
                 MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
                 fd,
                 offset,
             )
         }?;
-        Ok(FaultdView {
-            addr,
-            len: len as usize,
-        })
+        Ok(KernelOnlyMapping { addr, len })
     }
 
-    /// The address of byte `off` of the view.
+    /// A region's memfd, `len` bytes at `offset`, read-write ([`FaultdView`]).
+    pub fn memfd(fd: &OwnedFd, offset: u64, len: u64) -> std::io::Result<FaultdView> {
+        Self::map(fd.as_fd(), offset, len, true)
+    }
+
+    /// All of a snapshot file, read-only ([`SnapshotView`]).
+    pub fn snapshot(file: &File) -> std::io::Result<SnapshotView> {
+        Self::map(file.as_fd(), 0, file.metadata()?.len(), false)
+    }
+
+    /// The address of byte `off` of the mapping.
     pub fn addr(&self, off: u64) -> u64 {
         self.addr.as_ptr() as u64 + off
     }
-}
 
-impl Drop for FaultdView {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `new`, never dereferenced.
-        let _ = unsafe { nix::sys::mman::munmap(self.addr, self.len) };
+    /// Bytes mapped (never zero: an empty mapping is refused).
+    pub fn bytes(&self) -> u64 {
+        self.len
     }
 }
 
-/// faultd's read-only shared mapping of a snapshot file: the source of UFFDIO_COPY for
-/// snapshot-backed pages, so a fill is one copy (by the kernel, from the page cache) instead of
-/// a pread(2) into a buffer and a copy from there. Mapping costs one mmap(2) at session start
-/// and reads nothing.
-///
-/// Never read or written by faultd itself: if the file shrank after it was mapped, reading
-/// past its new end would kill faultd with SIGBUS. The kernel's copy from it instead fails
-/// with EFAULT, which costs that one fault. Only ranges within the length the file had when it
-/// was mapped are handed out ([`Session::mapped_snapshot`]).
-#[derive(Debug)]
-pub struct SnapshotView {
-    addr: std::ptr::NonNull<std::ffi::c_void>,
-    len: u64,
-}
-
-// SAFETY: the view is an address range faultd never dereferences; it is only passed to the
-// kernel, which may be done from any thread.
-unsafe impl Send for SnapshotView {}
-// SAFETY: as above: shared references only read the address.
-unsafe impl Sync for SnapshotView {}
-
-impl SnapshotView {
-    /// Maps all of `file` read-only and shared, without reading or reserving anything.
-    pub fn new(file: &File) -> std::io::Result<SnapshotView> {
-        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let len = file.metadata()?.len();
-        let n = usize::try_from(len)
-            .ok()
-            .and_then(std::num::NonZeroUsize::new)
-            .ok_or_else(|| std::io::Error::other("snapshot file is empty or too large"))?;
-        // SAFETY: a fresh read-only mapping at a kernel-chosen address (no MAP_FIXED) aliases
-        // no Rust object; it is unmapped only in Drop, and faultd never dereferences it.
-        let addr = unsafe {
-            mmap(
-                None,
-                n,
-                ProtFlags::PROT_READ,
-                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
-                file,
-                0,
-            )
-        }?;
-        Ok(SnapshotView { addr, len })
-    }
-}
-
-impl Drop for SnapshotView {
+impl Drop for KernelOnlyMapping {
     fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `new`, never dereferenced.
+        // SAFETY: exactly the mapping made in `map`, never dereferenced.
         let _ = unsafe { nix::sys::mman::munmap(self.addr, self.len as usize) };
     }
 }
@@ -427,7 +406,7 @@ impl Session {
         let mut by_hva: Vec<usize> = (0..regions.len()).collect();
         by_hva.sort_unstable_by_key(|&i| regions[i].hva);
         let snapshot = snapshot.map(|file| {
-            let view = SnapshotView::new(&file)
+            let view = SnapshotView::snapshot(&file)
                 .inspect_err(|e| {
                     tracing::debug!(session = id, "snapshot not mapped, read with pread: {e}")
                 })
@@ -493,8 +472,8 @@ impl Session {
     pub fn mapped_snapshot(&self, offset: u64, len: u64) -> Option<MappedSource> {
         let view = self.snapshot.as_ref()?.view.as_ref()?;
         let end = offset.checked_add(len)?;
-        (end <= view.len).then(|| MappedSource {
-            addr: view.addr.as_ptr() as u64 + offset,
+        (end <= view.bytes()).then(|| MappedSource {
+            addr: view.addr(offset),
             len,
         })
     }
@@ -622,7 +601,7 @@ impl Session {
             .zip(self.layout.regions())
             .enumerate()
             .map(|(n, (r, l))| match &r.memory {
-                RegionMemory::Shared { fd, offset } => FaultdView::new(fd, *offset, l.size()),
+                RegionMemory::Shared { fd, offset } => FaultdView::memfd(fd, *offset, l.size()),
                 RegionMemory::AnonymousPrivate => Err(std::io::Error::other(format!(
                     "region {n} is anonymous private memory of the VMM: no fd to map"
                 ))),
