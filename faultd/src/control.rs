@@ -494,6 +494,18 @@ async fn send(conn: &UnixSeqpacket, resp: &Response) {
     }
 }
 
+/// Refuses a request of a registered VMM, which closes its session. The VMM lives on (it may
+/// register again with `resume`), so the session is handed over, not ended with the VM.
+async fn refuse_session(
+    daemon: &Daemon,
+    conn: &UnixSeqpacket,
+    code: ErrorCode,
+    message: String,
+) -> Ending {
+    refuse(daemon, conn, code, message).await;
+    Ending::Handover
+}
+
 async fn refuse(daemon: &Daemon, conn: &UnixSeqpacket, code: ErrorCode, message: String) {
     tracing::info!(?code, "refusing client: {message}");
     daemon.metrics.protocol_error(code);
@@ -691,10 +703,7 @@ async fn session_loop(
             Ok(p) => p,
             Err(RecvError::Closed) => return Ending::VmGone,
             Err(RecvError::Oversize(m)) => {
-                return {
-                    refuse(daemon, conn, ErrorCode::Oversize, m).await;
-                    Ending::Handover
-                }
+                return refuse_session(daemon, conn, ErrorCode::Oversize, m).await;
             }
             Err(RecvError::Io(e)) => {
                 tracing::debug!(session = session.id(), "receive failed: {e}");
@@ -702,17 +711,14 @@ async fn session_loop(
             }
         };
         match faultd_proto::decode::<Request>(&packet.bytes) {
-            Ok(Request::Stats {}) if !packet.fds.is_empty() => {
-                return {
-                    refuse(
-                        daemon,
-                        conn,
-                        ErrorCode::BadFd,
-                        "fds attached to a message that takes none".into(),
-                    )
-                    .await;
-                    Ending::Handover
-                }
+            Ok(Request::Stats {} | Request::Evict { .. }) if !packet.fds.is_empty() => {
+                return refuse_session(
+                    daemon,
+                    conn,
+                    ErrorCode::BadFd,
+                    "fds attached to a message that takes none".into(),
+                )
+                .await;
             }
             Ok(Request::Stats {}) => send(conn, &Response::Stats(Box::new(session.stats()))).await,
             Ok(Request::AddDevice(add)) => {
@@ -725,59 +731,40 @@ async fn session_loop(
                 let device = match built {
                     Ok(Ok(d)) => d,
                     Ok(Err(Refusal { code, message })) => {
-                        return {
-                            refuse(daemon, conn, code, message).await;
-                            Ending::Handover
-                        }
+                        return refuse_session(daemon, conn, code, message).await;
                     }
                     Err(e) => {
-                        return {
-                            refuse(daemon, conn, ErrorCode::Internal, format!("attaching: {e}"))
-                                .await;
-                            Ending::Handover
-                        }
+                        return refuse_session(
+                            daemon,
+                            conn,
+                            ErrorCode::Internal,
+                            format!("attaching: {e}"),
+                        )
+                        .await;
                     }
                 };
                 let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
                 if thread.send(Command::AddDevice(device)).is_err() {
-                    return {
-                        refuse(
-                            daemon,
-                            conn,
-                            ErrorCode::Internal,
-                            "the session's fault service has stopped".into(),
-                        )
-                        .await;
-                        Ending::Handover
-                    };
+                    return refuse_session(
+                        daemon,
+                        conn,
+                        ErrorCode::Internal,
+                        "the session's fault service has stopped".into(),
+                    )
+                    .await;
                 }
                 tracing::info!(session = session.id(), dev_id, granule, "device attached");
                 daemon.device_attached.notify_one();
                 send(conn, &Response::DeviceAdded { dev_id, granule }).await;
             }
             Ok(Request::Register(_)) => {
-                return {
-                    refuse(
-                        daemon,
-                        conn,
-                        ErrorCode::UnexpectedMessage,
-                        "this connection is registered already".into(),
-                    )
-                    .await;
-                    Ending::Handover
-                }
-            }
-            Ok(Request::Evict { .. }) if !packet.fds.is_empty() => {
-                return {
-                    refuse(
-                        daemon,
-                        conn,
-                        ErrorCode::BadFd,
-                        "fds attached to a message that takes none".into(),
-                    )
-                    .await;
-                    Ending::Handover
-                }
+                return refuse_session(
+                    daemon,
+                    conn,
+                    ErrorCode::UnexpectedMessage,
+                    "this connection is registered already".into(),
+                )
+                .await;
             }
             Ok(Request::Evict {
                 gpa,
@@ -792,16 +779,13 @@ async fn session_loop(
                     reply: tx,
                 };
                 if thread.send(cmd).is_err() {
-                    return {
-                        refuse(
-                            daemon,
-                            conn,
-                            ErrorCode::Internal,
-                            "the session's fault service has stopped".into(),
-                        )
-                        .await;
-                        Ending::Handover
-                    };
+                    return refuse_session(
+                        daemon,
+                        conn,
+                        ErrorCode::Internal,
+                        "the session's fault service has stopped".into(),
+                    )
+                    .await;
                 }
                 // The thread evicts between faults; wait for it off the reactor.
                 let report = tokio::task::spawn_blocking(move || rx.recv()).await;
@@ -818,16 +802,13 @@ async fn session_loop(
                         .await
                     }
                     _ => {
-                        return {
-                            refuse(
-                                daemon,
-                                conn,
-                                ErrorCode::Internal,
-                                "the session's fault service stopped during eviction".into(),
-                            )
-                            .await;
-                            Ending::Handover
-                        }
+                        return refuse_session(
+                            daemon,
+                            conn,
+                            ErrorCode::Internal,
+                            "the session's fault service stopped during eviction".into(),
+                        )
+                        .await;
                     }
                 }
             }
@@ -839,23 +820,17 @@ async fn session_loop(
                 | Request::SessionDetail { .. }
                 | Request::EvictSession { .. },
             ) => {
-                return {
-                    refuse(
-                        daemon,
-                        conn,
-                        ErrorCode::UnexpectedMessage,
-                        "a VMM session takes register, stats, add_device and evict only".into(),
-                    )
-                    .await;
-                    Ending::Handover
-                }
+                return refuse_session(
+                    daemon,
+                    conn,
+                    ErrorCode::UnexpectedMessage,
+                    "a VMM session takes register, stats, add_device and evict only".into(),
+                )
+                .await;
             }
             Err(e) => {
                 let (code, m) = decode_error(e);
-                return {
-                    refuse(daemon, conn, code, m).await;
-                    Ending::Handover
-                };
+                return refuse_session(daemon, conn, code, m).await;
             }
         }
     }
