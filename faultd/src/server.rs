@@ -804,6 +804,7 @@ impl<O: UffdOps> FaultServer<O> {
             .session
             .mem_location(page)
             .ok_or(EvictError::NoMemory)?;
+        let slot_bytes = self.page_buf.len() as u64;
         let buf = &mut self.page_buf[..size as usize];
         // 4.
         nix::sys::uio::pread(fd, buf, off as i64)
@@ -815,11 +816,12 @@ impl<O: UffdOps> FaultServer<O> {
                     Err(EvictError::Read(io::Error::other("short read")))
                 }
             })?;
-        if self.store.is_none() {
-            let (store, _) = Store::open(&self.store_dir, self.session.vm(), size, false)?;
-            self.store = Some(store);
-        }
-        let store = self.store.as_mut().expect("opened above");
+        let store = open_store(
+            &mut self.store,
+            &self.store_dir,
+            self.session.vm(),
+            slot_bytes,
+        )?;
         let gpa = self
             .session
             .layout()
@@ -860,18 +862,19 @@ impl<O: UffdOps> FaultServer<O> {
     /// Appends `record` to the store's journal (opening the store if need be). A failure is
     /// logged and counted: the page state in memory is right, only a restart would miss it.
     fn journal(&mut self, record: Record) {
-        if self.store.is_none() {
-            let slot_bytes = self.page_buf.len() as u64;
-            match Store::open(&self.store_dir, self.session.vm(), slot_bytes, false) {
-                Ok((store, _)) => self.store = Some(store),
-                Err(e) => {
-                    self.error(format_args!("opening the store to journal {record:?}: {e}"));
-                    return;
-                }
+        let slot_bytes = self.page_buf.len() as u64;
+        let opened = open_store(
+            &mut self.store,
+            &self.store_dir,
+            self.session.vm(),
+            slot_bytes,
+        );
+        let store = match opened {
+            Ok(store) => store,
+            Err(e) => {
+                self.error(format_args!("opening the store to journal {record:?}: {e}"));
+                return;
             }
-        }
-        let Some(store) = &mut self.store else {
-            return;
         };
         if let Err(e) = store.record(record) {
             self.error(format_args!("journaling {record:?}: {e}"));
@@ -965,7 +968,8 @@ impl<O: UffdOps> FaultServer<O> {
             }
         }
         // 2.
-        let layout = self.session.layout().clone();
+        let session = self.session.clone();
+        let layout = session.layout();
         let mut last: std::collections::HashMap<s2map::PageRef, Option<u32>> =
             std::collections::HashMap::new();
         for rec in &r.records {
@@ -1062,6 +1066,21 @@ impl<O: UffdOps> FaultServer<O> {
             );
         }
     }
+}
+
+/// The VM's store in `store`, opened afresh in `dir` if the session has none yet: a session
+/// whose start had to stay minimal (Firecracker's) opens it at its first eviction or journal
+/// record. `slot_bytes` is the VM's largest page, as for a store opened at session start.
+fn open_store<'s>(
+    store: &'s mut Option<Store>,
+    dir: &std::path::Path,
+    vm: &str,
+    slot_bytes: u64,
+) -> Result<&'s mut Store, crate::store::StoreError> {
+    if store.is_none() {
+        *store = Some(Store::open(dir, vm, slot_bytes, false)?.0);
+    }
+    Ok(store.as_mut().expect("opened above"))
 }
 
 /// The `outcome` label of a fill.

@@ -127,6 +127,14 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// Making the pages file durable failed.
+    #[error("syncing store file {path}")]
+    Sync {
+        /// File path.
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Every slot number is in use.
     #[error("the store is full ({0} slots)")]
     Full(u32),
@@ -434,7 +442,10 @@ impl Store {
     /// Makes both files durable (a clean shutdown; see the module notes on durability).
     pub fn sync(&self) -> Result<(), StoreError> {
         let sync = |f: &File| nix::unistd::fdatasync(f.as_fd()).map_err(io::Error::from);
-        sync(&self.file).map_err(|source| StoreError::Write { slot: 0, source })?;
+        sync(&self.file).map_err(|source| StoreError::Sync {
+            path: self.path.clone(),
+            source,
+        })?;
         sync(&self.journal).map_err(|source| self.journal_error(source))
     }
 
