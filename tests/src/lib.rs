@@ -73,10 +73,32 @@ impl Faultd {
     /// an argument `{socket}` stands for the control socket's path), e.g. a socket activator.
     pub fn spawn(extra: &[&str], env: &[(&str, &OsStr)], under: &[&OsStr]) -> Faultd {
         let dir = tempfile::tempdir().expect("tempdir");
+        let extra = extra.iter().map(Into::into).collect();
+        Faultd::spawn_in(dir, extra, env, under)
+    }
+
+    /// Starts faultd with `toml` as its configuration file (`--config`), kept in faultd's own
+    /// directory so that [`Faultd::restart`] reads it again; waits until it accepts.
+    pub fn start_with_config(toml: &str) -> Faultd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("faultd.toml");
+        std::fs::write(&config, toml).expect("writing faultd.toml");
+        let extra = vec!["--config".into(), config.into_os_string()];
+        let mut f = Faultd::spawn_in(dir, extra, &[], &[]);
+        f.wait_accepting();
+        f
+    }
+
+    fn spawn_in(
+        dir: tempfile::TempDir,
+        extra: Vec<std::ffi::OsString>,
+        env: &[(&str, &OsStr)],
+        under: &[&OsStr],
+    ) -> Faultd {
         let socket = dir.path().join("faultd.sock");
         let log = dir.path().join("faultd.log");
         let launch = Launch {
-            extra: extra.iter().map(Into::into).collect(),
+            extra,
             env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -495,6 +517,22 @@ impl Drop for HugePages {
     fn drop(&mut self) {
         let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
     }
+}
+
+/// The seed of a randomised test: `FAULTD_SEED` if set, else the clock. Printed, so that a
+/// failure can be rerun with the same one.
+pub fn seed() -> u64 {
+    let s = std::env::var("FAULTD_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("the clock is past 1970")
+                .as_nanos() as u64
+        });
+    println!("seed {s} (rerun with FAULTD_SEED={s})");
+    s
 }
 
 /// One 4 KiB page of [`testvmm::pattern`] for `gpa` and `seed`: what device rounds write.

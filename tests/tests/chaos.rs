@@ -37,21 +37,9 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let seed: u64 = std::env::var("FAULTD_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("chaos seed {seed} (FAULTD_SEED={seed}), target {target} evictions");
-
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("faultd.toml");
-    std::fs::write(&cfg, format!("[budget]\nglobal_mib = {BUDGET_MIB}\n")).unwrap();
-    let faultd = Faultd::start(&["--config", cfg.to_str().unwrap()]);
+    let seed = faultd_tests::seed();
+    println!("chaos target {target} evictions");
+    let faultd = Faultd::start_with_config(&format!("[budget]\nglobal_mib = {BUDGET_MIB}\n"));
     let ram = Ram::new("chaos", RAM);
     let mut session = ram.serve(&faultd, "chaos");
     // SAFETY: `ram` outlives the device (declared before it), and this test holds no Rust

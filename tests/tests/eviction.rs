@@ -11,20 +11,6 @@ use testvmm::{page_sequence, RamSlot, Vm, Workload};
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
-fn seed() -> u64 {
-    let s = std::env::var("FAULTD_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("seed {s} (rerun with FAULTD_SEED={s})");
-    s
-}
-
 /// xorshift64*: small, seeded, reproducible.
 fn next(x: &mut u64) -> u64 {
     *x ^= *x >> 12;
@@ -38,7 +24,7 @@ fn host_writes_survive_random_evictions_and_reads_never_see_stale_data() {
     const PAGES: u64 = 256;
     const ROUNDS: u64 = 60;
     const MIN_EVICTIONS: u64 = 2000;
-    let mut rng = seed() | 1;
+    let mut rng = faultd_tests::seed() | 1;
     let faultd = Faultd::start(&[]);
     let r = Ram::new("ram", PAGES * PAGE);
     let mut session = r.serve(&faultd, "evict");
@@ -120,7 +106,7 @@ fn host_writes_survive_random_evictions_and_reads_never_see_stale_data() {
 
 #[test]
 fn a_kvm_guest_loses_no_write_while_its_pages_are_evicted() {
-    let mut rng = seed() | 1;
+    let mut rng = faultd_tests::seed() | 1;
     let faultd = Faultd::start(&[]);
     let r = Ram::new("vm-evict", 64 * MIB);
     let mut session = r.serve(&faultd, "vm-evict");
@@ -211,13 +197,6 @@ fn a_kvm_guest_loses_no_write_while_its_pages_are_evicted() {
 }
 
 /// Starts faultd with `toml` as its config file.
-fn faultd_with(toml: &str) -> (Faultd, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("faultd.toml");
-    std::fs::write(&cfg, toml).unwrap();
-    (Faultd::start(&["--config", cfg.to_str().unwrap()]), dir)
-}
-
 fn write_verify(r: &Ram, seed: u32, touches: u32) -> u32 {
     let mut vm = Vm::new(vec![RamSlot {
         gpa: 0,
@@ -253,7 +232,7 @@ fn write_verify(r: &Ram, seed: u32, touches: u32) -> u32 {
 #[test]
 fn overcommitted_vms_run_to_completion_within_the_global_budget() {
     const BUDGET: u64 = 16 * MIB;
-    let (faultd, _cfg) = faultd_with("[budget]\nglobal_mib = 16\n");
+    let faultd = Faultd::start_with_config("[budget]\nglobal_mib = 16\n");
     let rams: Vec<Ram> = (0..3)
         .map(|i| Ram::new(&format!("oc{i}"), 64 * MIB))
         .collect();
@@ -303,7 +282,7 @@ fn overcommitted_vms_run_to_completion_within_the_global_budget() {
 
 #[test]
 fn a_vm_is_kept_within_its_own_budget() {
-    let (faultd, _cfg) = faultd_with("[budget]\nsession_mib = 4\n");
+    let faultd = Faultd::start_with_config("[budget]\nsession_mib = 4\n");
     let r = Ram::new("small", 32 * MIB);
     let mut session = r.serve(&faultd, "small");
 

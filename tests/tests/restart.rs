@@ -51,10 +51,7 @@ impl Reattach for Hooks {
 
 #[test]
 fn a_guest_and_a_device_lose_nothing_when_faultd_is_killed_and_restarted() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("faultd.toml");
-    std::fs::write(&cfg, format!("[budget]\nglobal_mib = {BUDGET_MIB}\n")).unwrap();
-    let mut faultd = Faultd::start(&["--config", cfg.to_str().unwrap()]);
+    let mut faultd = Faultd::start_with_config(&format!("[budget]\nglobal_mib = {BUDGET_MIB}\n"));
     let ram = Arc::new(Ram::new(VM, RAM));
     let mut session = ram.serve(&faultd, VM);
     // SAFETY: the device lives in an Arc dropped (below) before `ram`'s last owner is; this
@@ -366,10 +363,7 @@ fn evicted_pages_are_found_in_the_store_after_a_kill() {
 #[test]
 fn writes_before_each_of_several_kills_read_back_after_it() {
     const PAGES: u64 = 2048;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("faultd.toml");
-    std::fs::write(&cfg, "[budget]\nglobal_mib = 2\n").unwrap();
-    let mut faultd = Faultd::start(&["--config", cfg.to_str().unwrap()]);
+    let mut faultd = Faultd::start_with_config("[budget]\nglobal_mib = 2\n");
     let ram = Ram::new("cycles", PAGES * PAGE);
     let mut session = Some(ram.serve(&faultd, "cycles"));
     for g in 0..6u64 {
