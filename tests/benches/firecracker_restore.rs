@@ -24,7 +24,10 @@
 //! of its own as Firecracker's example handlers are), `faultd` (the real daemon, default
 //! config); for reference, without targets: `minimal-inproc` (the same loop on a thread of the
 //! restoring process: no address-space switch between faulter and handler, which no external
-//! handler has) and `faultd-spin0` (`--spin-us 0`: no polling window). Rounds interleave the
+//! handler has), `minimal-threads` (the `minimal` process with as many idle threads as faultd
+//! has: what a handler pays for living in a multi-threaded process, measured at about 1 µs per
+//! fault here when faults come back to back on one CPU) and `faultd-spin0` (`--spin-us 0`: no
+//! polling window). Rounds interleave the
 //! handlers, order rotated each round (see `fault_roundtrip.rs` for why: placement noise on a
 //! 2-vCPU machine). The target: the median restore time of faultd over the minimal handler's,
 //! <= 1.0. Also printed: the time from the message to the first page served ("1st page", host
@@ -59,22 +62,30 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 enum Handler {
     Minimal,
     MinimalInProcess,
+    MinimalThreads,
     Faultd,
     FaultdSpin0,
 }
 
-const HANDLERS: [Handler; 4] = [
+const HANDLERS: [Handler; 5] = [
     Handler::Minimal,
     Handler::MinimalInProcess,
+    Handler::MinimalThreads,
     Handler::Faultd,
     Handler::FaultdSpin0,
 ];
+
+/// Threads of `minimal-threads` besides its serving one: as many as faultd has besides the
+/// fault thread of the restore (main, two runtime workers, the fault thread kept ready for
+/// the socket's next restore).
+const DAEMON_IDLE_THREADS: usize = 4;
 
 impl Handler {
     fn name(self) -> &'static str {
         match self {
             Handler::Minimal => "minimal",
             Handler::MinimalInProcess => "minimal-inproc",
+            Handler::MinimalThreads => "minimal-threads",
             Handler::Faultd => "faultd",
             Handler::FaultdSpin0 => "faultd-spin0",
         }
@@ -121,10 +132,14 @@ enum Server<'a> {
 impl<'a> Server<'a> {
     fn ready(h: Handler, env: &'a Env, socket: &Path) -> Server<'a> {
         let faultd = match h {
-            Handler::Minimal => {
+            Handler::Minimal | Handler::MinimalThreads => {
+                let idle = match h {
+                    Handler::MinimalThreads => DAEMON_IDLE_THREADS,
+                    _ => 0,
+                };
                 return Server::Minimal(
-                    ExampleProcess::spawn(socket, &env.snapshot).expect("example handler"),
-                )
+                    ExampleProcess::spawn(socket, &env.snapshot, idle).expect("example handler"),
+                );
             }
             Handler::MinimalInProcess => {
                 return Server::MinimalInProcess(
@@ -161,7 +176,7 @@ impl<'a> Server<'a> {
             Server::Minimal(m) => {
                 drop(restore);
                 let stats = m.finish().expect("example handler failed");
-                assert_eq!(stats.copied, faults, "minimal: pages copied");
+                assert_eq!(stats.copied, faults, "{}: pages copied", h.name());
                 None
             }
             Server::MinimalInProcess(m) => {
@@ -336,8 +351,8 @@ struct Figures {
     first: Pooled,
 }
 
-fn scenario(env: &Env, sc: Scenario) -> [Figures; 4] {
-    let mut out: [Figures; 4] = Default::default();
+fn scenario(env: &Env, sc: Scenario) -> [Figures; HANDLERS.len()] {
+    let mut out: [Figures; HANDLERS.len()] = Default::default();
     interleaved(ROUNDS, &HANDLERS, |h, r| {
         let r = round(env, sc, h, r);
         let f = &mut out[h.index()];
@@ -352,7 +367,7 @@ fn scenario(env: &Env, sc: Scenario) -> [Figures; 4] {
     out
 }
 
-fn table(out: &mut String, figs: &[Figures; 4]) -> Value {
+fn table(out: &mut String, figs: &[Figures; HANDLERS.len()]) -> Value {
     let _ = writeln!(
         out,
         "  {:<14} {:>11} {:>9} {:>11} {:>9} {:>13} {:>12}",
@@ -406,7 +421,7 @@ fn main() {
         fresh: "guest RAM, uffd and socket",
         columns: "columns: restore ms = median over rounds of message sent -> last page touched; \
                   1st page = message sent -> first page touched (median); \
-                  µs/fault = that over the faults of a round; CPU = handler process (minimal), \
+                  µs/fault = that over the faults of a round; CPU = handler process (minimal, minimal-threads), \
                   thread (minimal-inproc) or whole faultd process; faultd svc = faultd's own \
                   event-read-to-installed median",
         kvm: true,
@@ -487,18 +502,22 @@ fn main() {
         };
         let spin0 = over(Handler::FaultdSpin0, Handler::Minimal);
         let inproc = over(Handler::MinimalInProcess, Handler::Minimal);
+        let threads = over(Handler::MinimalThreads, Handler::Minimal);
         let _ = writeln!(out, "{}", t.line());
         let _ = writeln!(
             out,
             "  reference, no target: faultd-spin0/minimal {spin0:.2}x, \
-             minimal-inproc/minimal {inproc:.2}x, faultd/minimal-inproc {:.2}x",
-            over(Handler::Faultd, Handler::MinimalInProcess)
+             minimal-inproc/minimal {inproc:.2}x, faultd/minimal-inproc {:.2}x, \
+             minimal-threads/minimal {threads:.2}x, faultd/minimal-threads {:.2}x",
+            over(Handler::Faultd, Handler::MinimalInProcess),
+            over(Handler::Faultd, Handler::MinimalThreads)
         );
         report.push((
             key,
             json!({"title": title, "handlers": j, "target": t.json(),
                    "faultd_spin0_over_minimal": spin0,
-                   "minimal_inproc_over_minimal": inproc}),
+                   "minimal_inproc_over_minimal": inproc,
+                   "minimal_threads_over_minimal": threads}),
         ));
         targets.push(t);
     }

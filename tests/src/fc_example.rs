@@ -153,9 +153,16 @@ pub struct ExampleProcess {
 }
 
 impl ExampleProcess {
-    /// Starts the handler on `socket`; returns once it listens.
-    pub fn spawn(socket: &Path, snapshot: &Path) -> io::Result<ExampleProcess> {
+    /// Starts the handler on `socket`, in a process that also has `idle_threads` threads that
+    /// never run (see the binary); returns once it listens.
+    pub fn spawn(
+        socket: &Path,
+        snapshot: &Path,
+        idle_threads: usize,
+    ) -> io::Result<ExampleProcess> {
         let mut child = Command::new(example_handler_bin())
+            .arg("--idle-threads")
+            .arg(idle_threads.to_string())
             .arg(socket)
             .arg(snapshot)
             .stdin(Stdio::null())
