@@ -6,10 +6,10 @@
 //! the s2map lock is never contended by the VM's own sources. Different VMs are served in
 //! parallel by their own threads.
 //!
-//! Adaptive polling ([`run`], [`SpinPolicy`]): serve while work comes, keep polling for a
-//! window that follows the source's pace, then sleep in poll(2) on the uffd, the device queues
-//! and the control eventfd. Why a thread and not
-//! a tokio task: see [`crate::vcpu`].
+//! Adaptive polling ([`run`], [`SpinPolicy`], [`ReadFirst`]): serve while work comes, keep
+//! polling for a window that follows the source's pace (while spinning pays), then sleep in
+//! poll(2) on the uffd, the device queues and the control eventfd (after one more read where
+//! that keeps finding work). Why a thread and not a tokio task: see [`crate::vcpu`].
 
 use std::collections::VecDeque;
 use std::io;

@@ -370,7 +370,7 @@ fn scenario(env: &Env, sc: Scenario) -> [Figures; HANDLERS.len()] {
 fn table(out: &mut String, figs: &[Figures; HANDLERS.len()]) -> Value {
     let _ = writeln!(
         out,
-        "  {:<14} {:>11} {:>9} {:>11} {:>9} {:>13} {:>12}",
+        "  {:<15} {:>11} {:>9} {:>11} {:>9} {:>13} {:>12}",
         "handler", "restore ms", "µs/fault", "1st page µs", "CPU ms", "CPU/fault µs", "faultd svc"
     );
     let mut handlers = serde_json::Map::new();
@@ -386,7 +386,7 @@ fn table(out: &mut String, figs: &[Figures; HANDLERS.len()]) -> Value {
         let first = (!f.first.samples.is_empty()).then(|| f.first.p(0.5));
         let _ = writeln!(
             out,
-            "  {:<14} {:>11.1} {:>9.2} {:>11} {:>9.1} {:>13.2} {:>12}",
+            "  {:<15} {:>11.1} {:>9.2} {:>11} {:>9.1} {:>13.2} {:>12}",
             h.name(),
             median_ms,
             per_fault,
