@@ -1288,25 +1288,21 @@ impl<O: UffdOps + Send + 'static> StandbyThread<O> {
 /// The pace of such faults looks spinnable (the gaps are short), so the policy also keeps score
 /// ([`SpinPolicy::record_spin`]): a spin *paid* if work arrived within the window while this
 /// thread kept its CPU (no involuntary context switch). If fewer than half of the last
-/// [`SPINS`] spins paid, it sleeps at once after work instead, and spins only on every
+/// [`Payoff::HISTORY`] spins paid, it sleeps at once after work instead, and spins only on every
 /// [`PROBE_EVERY`]th burst to notice when spinning pays again (say the other CPU became free).
 #[derive(Debug, Clone)]
 pub(crate) struct SpinPolicy {
     max: Duration,
     gaps: [Duration; GAPS],
     next: usize,
-    /// Outcomes of the last [`SPINS`] spins, newest in bit 0: 1 = it paid.
-    paid: u8,
-    /// Bursts since the last spin while spinning does not pay.
-    skipped: u32,
+    /// Whether recent spins paid.
+    score: Payoff,
 }
 
 /// Gaps remembered by [`SpinPolicy`].
 const GAPS: usize = 8;
 /// Shortest spin when spinning at all (back-to-back work records gaps of ~0).
 const MIN_WINDOW: Duration = Duration::from_micros(10);
-/// Spin outcomes remembered by [`SpinPolicy`] (the bits of its `paid`).
-const SPINS: u32 = u8::BITS;
 /// While spinning does not pay, one burst in this many spins anyway (a probe). A probe that
 /// does not pay can delay the next fault by a whole window (the faulter queued behind it), up
 /// to 200 µs against faults that come every 10-50 µs: probing every 4th burst made restores
@@ -1321,8 +1317,7 @@ impl SpinPolicy {
             max,
             gaps: [Duration::ZERO; GAPS],
             next: 0,
-            paid: u8::MAX,
-            skipped: 0,
+            score: Payoff::new(true, PROBE_EVERY),
         }
     }
 
@@ -1334,12 +1329,7 @@ impl SpinPolicy {
     /// Records how a spin ended: `paid` if work came within the window while this thread kept
     /// its CPU.
     pub(crate) fn record_spin(&mut self, paid: bool) {
-        self.paid = (self.paid << 1) | u8::from(paid);
-    }
-
-    /// Whether at least half of the last [`SPINS`] spins paid.
-    pub(crate) fn spinning_pays(&self) -> bool {
-        self.paid.count_ones() * 2 >= SPINS
+        self.score.record(paid);
     }
 
     /// The pace-based window: what to spin if spinning pays.
@@ -1360,17 +1350,62 @@ impl SpinPolicy {
     /// The window to spin after the burst that starts now: [`SpinPolicy::window`] if spinning
     /// pays or this burst is a probe, else none.
     pub(crate) fn next_window(&mut self) -> Duration {
-        if self.spinning_pays() {
-            self.skipped = 0;
-            return self.window();
-        }
-        self.skipped += 1;
-        if self.skipped >= PROBE_EVERY {
-            self.skipped = 0;
+        if self.score.try_now() {
             self.window()
         } else {
             Duration::ZERO
         }
+    }
+}
+
+/// The score the fault thread keeps of a habit that pays only in some regimes (spinning after
+/// work, [`SpinPolicy`]; reading before polling, [`ReadFirst`]): the outcomes of its last
+/// [`Payoff::HISTORY`] tries. It pays while at least half of them did; while it does not, every
+/// `probe_every`th burst tries it anyway, so a change of regime is noticed.
+#[derive(Debug, Clone)]
+pub(crate) struct Payoff {
+    /// Outcomes of the last tries, newest in bit 0: 1 = it paid.
+    paid: u8,
+    /// Bursts since the last try while the habit does not pay.
+    skipped: u32,
+    probe_every: u32,
+}
+
+impl Payoff {
+    /// Tries remembered.
+    pub(crate) const HISTORY: u32 = u8::BITS;
+
+    /// A score that starts as if every try had paid (`paying`) or none had.
+    pub(crate) fn new(paying: bool, probe_every: u32) -> Payoff {
+        Payoff {
+            paid: if paying { u8::MAX } else { 0 },
+            skipped: 0,
+            probe_every,
+        }
+    }
+
+    /// Records how a try ended.
+    pub(crate) fn record(&mut self, paid: bool) {
+        self.paid = (self.paid << 1) | u8::from(paid);
+    }
+
+    /// Whether at least half of the last [`Payoff::HISTORY`] tries paid.
+    pub(crate) fn pays(&self) -> bool {
+        self.paid.count_ones() * 2 >= Self::HISTORY
+    }
+
+    /// Whether to try after the burst that just ended: while it pays, or as a probe.
+    pub(crate) fn try_now(&mut self) -> bool {
+        if self.pays() {
+            self.skipped = 0;
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped >= self.probe_every {
+            self.skipped = 0;
+            return true;
+        }
+        false
     }
 }
 
@@ -1386,41 +1421,31 @@ impl SpinPolicy {
 /// first is the syscall too many (`firecracker_restore`, one CPU busy: the thread was preempted
 /// on its COPY and found the next fault pending for nearly every fault of a restore).
 ///
-/// So it keeps score as [`SpinPolicy`] does: a read first *paid* if it found work. It reads
-/// first while at least half of the last [`READS`] did, and otherwise on every
-/// [`READ_PROBE_EVERY`]th burst only, to notice the regime change; a probe that finds nothing
-/// costs one EAGAIN read.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct ReadFirst {
-    /// Outcomes of the last [`READS`] reads first, newest in bit 0: 1 = it found work.
-    paid: u8,
-    /// Bursts since the last read first while reading first does not pay.
-    skipped: u32,
-}
+/// So it keeps score as [`SpinPolicy`] does ([`Payoff`]): a read first *paid* if it found
+/// work. It reads first while at least half of the last [`Payoff::HISTORY`] did, and otherwise
+/// on every [`READ_PROBE_EVERY`]th burst only; a probe that finds nothing costs one EAGAIN read.
+/// It starts as not paying: idle faults must not pay that read each.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadFirst(Payoff);
 
-/// Read-first outcomes remembered by [`ReadFirst`].
-const READS: u32 = u8::BITS;
 /// While reading first does not pay, one burst in this many reads first anyway.
 const READ_PROBE_EVERY: u32 = 16;
+
+impl Default for ReadFirst {
+    fn default() -> ReadFirst {
+        ReadFirst(Payoff::new(false, READ_PROBE_EVERY))
+    }
+}
 
 impl ReadFirst {
     /// Whether to read again before polling, after the burst that just ended.
     pub(crate) fn read_first(&mut self) -> bool {
-        if self.paid.count_ones() * 2 >= READS {
-            self.skipped = 0;
-            return true;
-        }
-        self.skipped += 1;
-        if self.skipped >= READ_PROBE_EVERY {
-            self.skipped = 0;
-            return true;
-        }
-        false
+        self.0.try_now()
     }
 
     /// Records whether a read first found work.
     pub(crate) fn record(&mut self, found: bool) {
-        self.paid = (self.paid << 1) | u8::from(found);
+        self.0.record(found);
     }
 }
 
@@ -1625,13 +1650,13 @@ mod spin_tests {
     #[test]
     fn spins_that_do_not_pay_stop_spinning_but_for_probes() {
         let mut p = SpinPolicy::new(US * 200);
-        assert!(p.spinning_pays(), "starts spinning");
+        assert!(p.score.pays(), "starts spinning");
         // Half of the remembered spins still paid: keep spinning.
         (0..4).for_each(|_| p.record_spin(false));
-        assert!(p.spinning_pays());
+        assert!(p.score.pays());
         assert_eq!(spins_after(&mut p, 8), 8);
         p.record_spin(false);
-        assert!(!p.spinning_pays());
+        assert!(!p.score.pays());
         // One burst in PROBE_EVERY spins, with the pace-based window.
         assert_eq!(spins_after(&mut p, 16), 16 / PROBE_EVERY as usize);
         assert_eq!(p.window(), MIN_WINDOW);
@@ -1640,12 +1665,12 @@ mod spin_tests {
     #[test]
     fn paying_probes_turn_spinning_back_on() {
         let mut p = SpinPolicy::new(US * 200);
-        (0..SPINS).for_each(|_| p.record_spin(false));
-        for _ in 0..SPINS / 2 {
-            assert!(!p.spinning_pays());
+        (0..Payoff::HISTORY).for_each(|_| p.record_spin(false));
+        for _ in 0..Payoff::HISTORY / 2 {
+            assert!(!p.score.pays());
             p.record_spin(true);
         }
-        assert!(p.spinning_pays());
+        assert!(p.score.pays());
         assert_eq!(spins_after(&mut p, 8), 8);
     }
 
