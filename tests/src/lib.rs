@@ -400,6 +400,18 @@ pub fn settled_stats(
     }
 }
 
+/// The session's stats once faultd's count of resident bytes has caught up with what the memfd
+/// holds (`allocated`), or after 5 s. A faulting thread is woken by the very uffd copy that
+/// installs its page, a moment before faultd records the page resident, so stats read right
+/// after a workload can lag by the page(s) still being completed; after that moment they agree
+/// exactly, and a test then compares them exactly.
+pub fn resident_settled(
+    session: &mut Session,
+    allocated: impl Fn() -> u64,
+) -> faultd_proto::SessionStats {
+    settled_stats(session, |s| s.resident_bytes == allocated())
+}
+
 /// Reads byte `off` of `ram` from a helper thread; a fault there blocks until faultd serves it,
 /// so a dead or stuck faultd makes this panic after `timeout` instead of hanging the test.
 pub fn read_with_timeout(ram: &GuestRam, offs: Vec<u64>, timeout: Duration) -> Vec<u8> {

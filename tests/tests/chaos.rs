@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use faultd_tests::{device_round, Faultd, Ram};
+use faultd_tests::{device_round, resident_settled, Faultd, Ram};
 use testvmm::{DeviceConfig, PriDevice, RamSlot, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
@@ -150,7 +150,7 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
         (g, d, kinds)
     });
 
-    let st = session.stats().unwrap();
+    let st = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
     let ds = device.stats();
     println!(
         "{:.1} s: driver evictions {} ({:?} singles/ranges/granules/bursts), faultd evictions {} \

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec};
 use faultd_proto::BackingDesc;
-use faultd_tests::{read_with_timeout, settled_stats, write_with_timeout, Faultd, Ram};
+use faultd_tests::{
+    read_with_timeout, resident_settled, settled_stats, write_with_timeout, Faultd, Ram,
+};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use testvmm::{
     dword_offsets, page_sequence, pattern, DeviceConfig, DmaError, PriDevice, RamRange, RamSlot,
@@ -228,7 +230,7 @@ fn kvm_guest_and_emulated_device_share_unpinned_ram_through_one_faultd() {
         device_mismatches.len(),
         device_mismatches[0]
     );
-    let st = session.stats().unwrap();
+    let st = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
     let ds = dev.stats();
     // Resident: the guest's pages, plus every granule the device touched (faultd makes a
     // granule resident whole before mapping it for a device).

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use faultd_tests::{settled_stats, Faultd, Ram};
+use faultd_tests::{resident_settled, settled_stats, Faultd, Ram};
 use testvmm::{page_sequence, RamSlot, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
@@ -89,7 +89,10 @@ fn host_writes_survive_random_evictions_and_reads_never_see_stale_data() {
         "lost or stale writes (page, round, seen): {:?}",
         &mismatch[..mismatch.len().min(10)]
     );
-    let stats = settled_stats(&mut session, |s| s.errors > 0 || s.evictions >= evicted);
+    let stats = settled_stats(&mut session, |s| {
+        s.errors > 0
+            || (s.evictions >= evicted && s.resident_bytes == r.ram.allocated_bytes().unwrap())
+    });
     println!(
         "evictions {evicted}, served from the store {}, stats {stats:?}",
         stats.store_fills
@@ -257,7 +260,11 @@ fn overcommitted_vms_run_to_completion_within_the_global_budget() {
         vec![0, 0, 0],
         "a guest lost data under overcommit"
     );
-    let stats: Vec<_> = sessions.iter_mut().map(|s| s.stats().unwrap()).collect();
+    let stats: Vec<_> = sessions
+        .iter_mut()
+        .zip(&rams)
+        .map(|(s, r)| resident_settled(s, || r.ram.allocated_bytes().unwrap()))
+        .collect();
     let resident: u64 = stats.iter().map(|s| s.resident_bytes).sum();
     let allocated: u64 = rams.iter().map(|r| r.ram.allocated_bytes().unwrap()).sum();
     println!(

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use faultd_client::{Client, RegionSpec};
-use faultd_tests::{Faultd, Ram};
+use faultd_tests::{resident_settled, Faultd, Ram};
 use testvmm::{page_sequence, pattern, RamSlot, Vm, Workload};
 
 const GIB: u64 = 1 << 30;
@@ -89,7 +89,7 @@ fn one_gib_guest_touching_random_pages_is_served_and_only_those_pages_become_res
             }
         }
     }
-    let stats = session.stats().unwrap();
+    let stats = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
     let touched_bytes = touched.len() as u64 * PAGE;
     println!(
         "guest {} MiB, touched {} pages, resident {} MiB (memfd: {} MiB), faults {}, p50 {:.1} us, p99 {:.1} us",
@@ -189,7 +189,7 @@ fn guest_restored_lazily_from_a_snapshot_sees_exactly_the_files_contents() {
             .collect();
         assert!(got == want, "page {p} differs from the snapshot");
     }
-    let stats = session.stats().unwrap();
+    let stats = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
     assert_eq!(stats.file_fills, touched.len() as u64);
     assert_eq!(stats.resident_bytes, touched.len() as u64 * PAGE);
     assert_eq!(
@@ -241,7 +241,7 @@ fn one_faultd_serves_two_vms_at_once() {
         let touched: BTreeSet<u32> = page_sequence(100 + i as u32, 4000, 0, pages)
             .into_iter()
             .collect();
-        let stats = sessions[i].stats().unwrap();
+        let stats = resident_settled(&mut sessions[i], || rams[i].ram.allocated_bytes().unwrap());
         assert_eq!(stats.zero_fills, touched.len() as u64, "VM {i}");
         assert_eq!(
             rams[i].ram.allocated_bytes().unwrap(),

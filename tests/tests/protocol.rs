@@ -37,7 +37,7 @@ fn host_thread_faults_are_served_and_only_touched_pages_become_resident() {
         .iter()
         .collect::<std::collections::BTreeSet<_>>()
         .len() as u64;
-    let stats = session.stats().unwrap();
+    let stats = faultd_tests::resident_settled(&mut session, || r.ram.allocated_bytes().unwrap());
     assert_eq!(stats.resident_bytes, distinct * 4096);
     assert_eq!(r.ram.allocated_bytes().unwrap(), distinct * 4096);
     assert_eq!(stats.zero_fills, distinct);
