@@ -160,16 +160,37 @@ pub(crate) async fn evict(
     }
     let served = found.remove(0);
     let session = &served.session;
-    if !session.memory_is_mappable() {
-        return Err(refusal(
-            ErrorCode::BadRequest,
-            format!(
-                "session {} ({}) is guest RAM faultd has no fd for (a Firecracker restore's \
-                 anonymous memory): it cannot be evicted",
-                session.id(),
-                session.vm()
-            ),
-        ));
+    if session.is_anonymous() {
+        // A Firecracker restore's anonymous memory is paged out to swap (see crate::remote):
+        // say up front what would make that a no-op.
+        let why = if session.remote().is_none() {
+            Some("faultd could not open the VMM's memory when the session started (see its log)")
+        } else if session
+            .layout()
+            .regions()
+            .iter()
+            .all(|r| r.page_size().bytes() != 4096)
+        {
+            Some("its guest RAM is hugetlb memory, which the kernel does not page out")
+        } else if !crate::remote::swap_available().unwrap_or(false) {
+            Some(
+                "no swap is enabled, and the kernel pages anonymous memory out only to swap \
+                 (enable a swap device or file)",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(refusal(
+                ErrorCode::BadRequest,
+                format!(
+                    "session {} ({}) is a Firecracker restore, whose anonymous memory is \
+                     evicted by paging it out to swap; it cannot be now: {why}",
+                    session.id(),
+                    session.vm()
+                ),
+            ));
+        }
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let command = match amount {
@@ -205,7 +226,7 @@ pub(crate) async fn evict(
         .ok()
         .and_then(Result::ok)
         .ok_or_else(stopped)?;
-    let resident_bytes = session.map().stats().resident_bytes;
+    let resident_bytes = session.resident_bytes();
     Ok(Response::SessionEvicted(SessionEvicted {
         session: session.id(),
         vm: session.vm().to_owned(),

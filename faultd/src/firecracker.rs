@@ -657,6 +657,8 @@ async fn serve_restore(
             return refused(spec, pid, &why);
         }
     };
+    // Off the restore's path: what paging the VM's memory out needs (see crate::remote).
+    attach_remote(&session, &stream, pid);
     daemon.register_session(&session);
     daemon.admit(
         &session,
@@ -677,6 +679,28 @@ async fn serve_restore(
     daemon
         .end_session(Live { session, thread }, Ending::VmGone)
         .await;
+}
+
+/// Opens the peer's memory for paging out: its pidfd from the socket (SO_PEERPIDFD: the very
+/// process that connected, whatever happened to its pid since), then its pagemap. Without it
+/// the session is served but its memory cannot be evicted; the log says why.
+fn attach_remote(session: &Session, stream: &UnixStream, pid: Option<i32>) {
+    let opened = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd)
+        .map_err(io::Error::from)
+        .and_then(|pidfd| {
+            let pid = pid
+                .filter(|&p| p > 0)
+                .ok_or_else(|| io::Error::other("the kernel did not tell the peer's pid"))?;
+            crate::remote::RemoteMm::open(pidfd, pid)
+        });
+    match opened {
+        Ok(mm) => session.set_remote(mm),
+        Err(e) => tracing::warn!(
+            session = session.id(),
+            vm = session.vm(),
+            "the VM's memory cannot be paged out (opening the peer's memory: {e})"
+        ),
+    }
 }
 
 fn refused(spec: &ListenSpec, pid: Option<i32>, why: &str) {
@@ -1034,7 +1058,8 @@ fn prepare(
                  message, and the kernel did not tell the peer's pid to watch instead",
             )?;
             SessionEnd::ProcessExit(
-                pidfd_open(pid).map_err(|e| format!("watching peer process {pid}: {e}"))?,
+                crate::remote::pidfd_open(pid)
+                    .map_err(|e| format!("watching peer process {pid}: {e}"))?,
             )
         }
     };
@@ -1048,18 +1073,6 @@ fn prepare(
         )
         .map_err(|e| format!("starting fault service: {e}"))?;
     Ok((session, server, end))
-}
-
-/// A pidfd of process `pid`: readable once it exits.
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
-    // passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 #[cfg(test)]

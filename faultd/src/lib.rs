@@ -16,6 +16,7 @@ pub mod device;
 pub mod firecracker;
 pub mod logging;
 pub mod metrics;
+pub mod remote;
 pub mod residency;
 pub mod server;
 pub mod session;

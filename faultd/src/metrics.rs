@@ -424,7 +424,7 @@ impl DaemonMetrics {
             let map = s.map().stats();
             let l = levels.entry(label.to_owned()).or_default();
             l.guest_bytes += s.layout().total_bytes();
-            l.resident_bytes += map.resident_bytes;
+            l.resident_bytes += s.resident_bytes();
             l.mapped_bytes += map.device_mapped_bytes;
             l.stored_pages += map.stored_pages;
             l.devices += s.counters.devices.load(Ordering::Relaxed);

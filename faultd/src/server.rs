@@ -89,6 +89,8 @@ pub struct FaultServer<O> {
     /// pages no longer resident are dropped when they reach the front.
     pub(crate) install_order: VecDeque<s2map::PageRef>,
     budget: Option<BudgetState>,
+    /// Anonymous memory's residency as the VMM's pagemap said last (see [`pageout`]).
+    anon: pageout::AnonResidency,
 }
 
 /// Budget enforcement of one VM (see config `[budget]`).
@@ -246,6 +248,7 @@ impl<O: UffdOps> FaultServer<O> {
             resume: None,
             install_order: VecDeque::new(),
             budget: None,
+            anon: pageout::AnonResidency::default(),
             metrics: SessionMetrics::detached(),
             filled: FaultOutcome::Present,
         }
@@ -345,7 +348,7 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// Adds this VM's resident change to the global count; returns (own, global) bytes.
     fn report_resident(&mut self) -> (u64, u64) {
-        let own = self.session.map().stats().resident_bytes;
+        let own = self.own_resident();
         let Some(b) = &mut self.budget else {
             return (own, 0);
         };
@@ -362,18 +365,33 @@ impl<O: UffdOps> FaultServer<O> {
     /// high one. Over the global budget, each VM gives back its share of the excess (in
     /// proportion to its resident memory), so no VM pays for the others.
     pub fn enforce_budget(&mut self) {
+        self.enforce(false)
+    }
+
+    /// [`FaultServer::enforce_budget`]; `idle`: no event came for a while, so for anonymous
+    /// memory read the pagemap even if the estimate is within the budget (swap-ins raise no
+    /// event).
+    fn enforce(&mut self, idle: bool) {
         let Some(limits) = self.budget.as_ref().map(|b| b.limits) else {
             return;
         };
-        let (own, global) = self.report_resident();
-        let pct = |v: u64, p: u64| (v as u128 * p as u128 / 100) as u64;
-        let mut free = 0;
-        if limits.session > 0 && own > pct(limits.session, limits.high_pct) {
-            free = own - pct(limits.session, limits.low_pct);
-        }
-        if limits.global > 0 && global > pct(limits.global, limits.high_pct) && global > 0 {
-            let excess = global - pct(limits.global, limits.low_pct);
-            free = free.max((excess as u128 * own as u128 / global as u128) as u64);
+        let excess = |(own, global): (u64, u64)| {
+            let pct = |v: u64, p: u64| (v as u128 * p as u128 / 100) as u64;
+            let mut free = 0;
+            if limits.session > 0 && own > pct(limits.session, limits.high_pct) {
+                free = own - pct(limits.session, limits.low_pct);
+            }
+            if limits.global > 0 && global > pct(limits.global, limits.high_pct) && global > 0 {
+                let excess = global - pct(limits.global, limits.low_pct);
+                free = free.max((excess as u128 * own as u128 / global as u128) as u64);
+            }
+            free
+        };
+        let mut free = excess(self.report_resident());
+        // Anonymous memory: over the line by an estimate, look at the pagemap before paging
+        // out (and, idle, look anyway).
+        if (free > 0 || idle) && self.remeasure_if_stale() {
+            free = excess(self.report_resident());
         }
         if free > 0 {
             self.evict_oldest(Quota::BudgetBytes(free));
@@ -384,6 +402,9 @@ impl<O: UffdOps> FaultServer<O> {
     /// Evicts resident pages, oldest-installed first, device-mapped ones only when nothing
     /// else is left, until `quota` is met or no resident page is left.
     fn evict_oldest(&mut self, quota: Quota) -> EvictReport {
+        if self.session.is_anonymous() {
+            return self.page_out_oldest(quota);
+        }
         let mut report = EvictReport::default();
         let mut freed = 0;
         let mut device_mapped = VecDeque::new();
@@ -706,6 +727,9 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// Evicts up to `max` resident pages touching `[gpa, gpa+len)`.
     pub fn evict_range(&mut self, gpa: s2map::Gpa, len: u64, max: u64) -> EvictReport {
+        if self.session.is_anonymous() {
+            return self.page_out_range(gpa, len, max);
+        }
         let mut report = EvictReport::default();
         let pages = self.session.resident_pages_in(gpa, len);
         for page in pages.into_iter().take(max as usize) {
@@ -1551,7 +1575,14 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                 .map(|d| PollFd::new(d.queue.fd(), PollFlags::POLLIN)),
         );
         server.session.watch.idle(passes);
-        match poll(&mut fds, PollTimeout::NONE) {
+        let timeout = if server.needs_idle_check() {
+            PollTimeout::from(pageout::IDLE_CHECK.as_millis() as u16)
+        } else {
+            PollTimeout::NONE
+        };
+        let mut timed_out = false;
+        match poll(&mut fds, timeout) {
+            Ok(0) => timed_out = true,
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {
                 tracing::error!(
@@ -1571,6 +1602,10 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             let _ = ctl.event.read();
         }
         drop(fds);
+        if timed_out {
+            // Nothing came: an anonymous-memory VM's pages may have been swapped back in.
+            server.enforce(true);
+        }
         if hup {
             tracing::debug!(session = server.session.id(), "userfaultfd hung up");
             break;
@@ -1594,6 +1629,8 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
     }
     server.session.watch.exited();
 }
+
+mod pageout;
 
 #[cfg(test)]
 mod tests;

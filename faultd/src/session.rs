@@ -13,6 +13,7 @@ use faultd_proto::{DeviceStats, LatencySummary, SessionStats};
 use hdrhistogram::Histogram;
 use s2map::{Gpa, Granule, Layout, PageRef, S2Map};
 
+use crate::remote::{PageStatus, RemoteMm};
 use crate::vcpu::MappedSource;
 
 /// A host virtual address in the VMM's address space (not faultd's).
@@ -392,6 +393,9 @@ pub struct Session {
     device_latency: Mutex<Histogram<u64>>,
     /// dev_ids attached so far (their position is their s2map DeviceIdx).
     pub(crate) device_ids: Mutex<Vec<u32>>,
+    /// The VMM's memory as reached from outside, for anonymous regions (set once the peer is
+    /// known; see [`crate::remote`]).
+    remote: std::sync::OnceLock<RemoteMm>,
 }
 
 impl Session {
@@ -427,7 +431,55 @@ impl Session {
             latency: Mutex::new(histogram()),
             device_latency: Mutex::new(histogram()),
             device_ids: Mutex::new(Vec::new()),
+            remote: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives an anonymous-memory session the VMM's memory as reached from outside (once; a
+    /// second call is ignored).
+    pub fn set_remote(&self, mm: RemoteMm) {
+        let _ = self.remote.set(mm);
+    }
+
+    /// The VMM's memory as reached from outside, if set.
+    pub fn remote(&self) -> Option<&RemoteMm> {
+        self.remote.get()
+    }
+
+    /// Whether guest RAM is the VMM's anonymous private memory (a Firecracker restore).
+    pub fn is_anonymous(&self) -> bool {
+        self.regions
+            .iter()
+            .any(|r| matches!(r.memory, RegionMemory::AnonymousPrivate))
+    }
+
+    /// Each region's pages as the VMM's pagemap has them (None: no [`RemoteMm`]).
+    pub fn remote_status(&self) -> Option<std::io::Result<Vec<Vec<PageStatus>>>> {
+        let mm = self.remote()?;
+        Some(
+            self.layout
+                .regions()
+                .iter()
+                .zip(&self.regions)
+                .map(|(r, served)| mm.status(served.hva.0, r.page_count(), r.page_size().bytes()))
+                .collect(),
+        )
+    }
+
+    /// Bytes of guest RAM in RAM by the VMM's pagemap (None: no [`RemoteMm`], or it could not
+    /// be read).
+    pub fn remote_present_bytes(&self) -> Option<u64> {
+        let status = self.remote_status()?.ok()?;
+        Some(
+            status
+                .iter()
+                .zip(self.layout.regions())
+                .map(|(st, r)| {
+                    st.iter().filter(|&&s| s == PageStatus::Present).count() as u64
+                        * r.page_size().bytes()
+                })
+                .sum(),
+        )
     }
 
     /// Whether a device has been attached to this VM.
@@ -635,17 +687,20 @@ impl Session {
         }
     }
 
+    /// Bytes of guest RAM in RAM: s2map's count, or for anonymous memory the VMM's pagemap's
+    /// (it can be paged out to swap and come back by the kernel's swap-in, unseen by faultd).
+    pub fn resident_bytes(&self) -> u64 {
+        self.remote_present_bytes()
+            .unwrap_or_else(|| self.map().stats().resident_bytes)
+    }
+
     /// A snapshot of the counters for the control protocol.
     pub fn stats(&self) -> SessionStats {
-        let (guest_bytes, resident_bytes, stored_pages) = {
+        let (guest_bytes, stored_pages) = {
             let map = self.map();
-            let st = map.stats();
-            (
-                map.layout().total_bytes(),
-                st.resident_bytes,
-                st.stored_pages,
-            )
+            (map.layout().total_bytes(), map.stats().stored_pages)
         };
+        let resident_bytes = self.resident_bytes();
         let latency_us = summary(&self.latency);
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);

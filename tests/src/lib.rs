@@ -531,6 +531,66 @@ impl Drop for HugePages {
     }
 }
 
+/// Swap for the holder's lifetime, for tests that page anonymous memory out (the kernel pages
+/// it out only to swap). If the machine has no swap, a swap file of 256 MiB is made and enabled
+/// in /var/tmp (a disk file system: the kernel refuses swap files on tmpfs), and disabled and
+/// removed when the last holder in this process drops it; swap that was there is left alone.
+#[derive(Debug)]
+pub struct Swap(());
+
+/// Holders of [`Swap`] in this process, and the file made for them (None: swap was there).
+static SWAP: std::sync::Mutex<(usize, Option<PathBuf>)> = std::sync::Mutex::new((0, None));
+
+fn swap_total_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("SwapTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("SwapTotal in /proc/meminfo")
+}
+
+impl Swap {
+    /// Makes sure swap is enabled; panics (saying why) if it cannot be.
+    pub fn enable() -> Swap {
+        let mut held = SWAP.lock().unwrap_or_else(|p| p.into_inner());
+        if held.0 == 0 && swap_total_kib() == 0 {
+            let path = PathBuf::from(format!("/var/tmp/faultd-test-{}.swap", std::process::id()));
+            let run = |cmd: &str, args: &[&str]| {
+                let out = Command::new(cmd).args(args).output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "{cmd} {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            let p = path.to_str().unwrap();
+            // Allocated, not sparse: the kernel refuses a swap file with holes.
+            run("fallocate", &["-l", "256M", p]);
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            run("mkswap", &[p]);
+            run("swapon", &[p]);
+            held.1 = Some(path);
+        }
+        held.0 += 1;
+        Swap(())
+    }
+}
+
+impl Drop for Swap {
+    fn drop(&mut self) {
+        let mut held = SWAP.lock().unwrap_or_else(|p| p.into_inner());
+        held.0 -= 1;
+        if held.0 == 0 {
+            if let Some(path) = held.1.take() {
+                let _ = Command::new("swapoff").arg(&path).status();
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
 /// The seed of a randomised test: `FAULTD_SEED` if set, else the clock. Printed, so that a
 /// failure can be rerun with the same one.
 pub fn seed() -> u64 {

@@ -833,3 +833,206 @@ fn an_older_firecracker_that_closes_its_socket_is_served_until_its_process_exits
         .settled_vm_stats("fc-old", |s| s.is_empty())
         .is_empty());
 }
+
+/// Runs `faultd ctl ARGS` against `faultd`; panics with its stderr unless it succeeds.
+fn ctl(faultd: &Faultd, args: &[&str]) -> String {
+    let out = std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(faultd.socket())
+        .arg("ctl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// (in RAM, in swap) for each of this process's pages at `addrs`, from its own pagemap: the
+/// stand-in's memory is this process's, as Firecracker's is Firecracker's.
+fn own_pages(addrs: &[u64]) -> Vec<(bool, bool)> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    addrs
+        .iter()
+        .map(|&a| {
+            let mut e = [0u8; 8];
+            pagemap.read_exact_at(&mut e, a / PAGE * 8).unwrap();
+            let e = u64::from_le_bytes(e);
+            (e >> 63 & 1 == 1, e >> 62 & 1 == 1)
+        })
+        .collect()
+}
+
+#[test]
+fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() {
+    let _swap = faultd_tests::Swap::enable();
+    let regions = [Region {
+        gpa: 0,
+        size: 16 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0x5A9);
+    let faultd = Faultd::start(&[]);
+    let socket = setup.socket("fc.sock");
+    faultd
+        .listen_firecracker("fc-swap", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut restore = setup.restore(RamPageSize::Size4K);
+    restore.send(&socket, WireForm::Current).unwrap();
+
+    // Every other page, in order: the order faultd installs them in, so the order the oldest
+    // go in; and no two touched pages adjacent, so each is a range of its own to page out.
+    const TOUCHED: u64 = 1024;
+    let offs: Vec<u64> = (0..TOUCHED).map(|p| p * 2 * PAGE).collect();
+    let addrs: Vec<u64> = offs.iter().map(|&o| restore.addr(0, o)).collect();
+    let got = copy_with_timeout(addrs.clone(), PAGE as usize, T);
+    for (&o, page) in offs.iter().zip(&got) {
+        assert!(
+            *page == setup.file_bytes(0, o, PAGE as usize),
+            "offset {o:#x}"
+        );
+    }
+    // The VM writes to every page after the restore: a mark over the first 8 bytes. The pages
+    // are present (just read), so the writes do not fault.
+    let mark = |i: usize| 0x5eed_0000_0000_0000u64 | i as u64;
+    for (i, &a) in addrs.iter().enumerate() {
+        // SAFETY: `a` is a page of the stand-in's live anonymous mapping, 8-byte aligned, and
+        // present (read above); a volatile write creates no reference.
+        unsafe { std::ptr::write_volatile(a as *mut u64, mark(i)) };
+    }
+    let before = only_session(faultd.settled_vm_stats("fc-swap", |s| {
+        s.first().is_some_and(|s| s.file_fills >= TOUCHED)
+    }));
+    assert_eq!(before.resident_bytes, TOUCHED * PAGE);
+    assert!(own_pages(&addrs).iter().all(|&(ram, _)| ram));
+
+    // The 600 oldest pages.
+    let done: faultd_proto::SessionEvicted = serde_json::from_str(&ctl(
+        &faultd,
+        &["evict", "--vm", "fc-swap", "--pages", "600", "--json"],
+    ))
+    .unwrap();
+    assert_eq!((done.evicted, done.zero, done.failed), (600, 0, 0));
+    assert_eq!(done.resident_bytes, (TOUCHED - 600) * PAGE);
+    let pages = own_pages(&addrs);
+    assert!(
+        pages[..600].iter().all(|&p| p == (false, true)),
+        "oldest not in swap"
+    );
+    assert!(
+        pages[600..].iter().all(|&(ram, _)| ram),
+        "young ones left RAM"
+    );
+
+    // A range: the next 200 touched pages (guest 1200 * 4 KiB onwards).
+    let range = format!("{:#x}:{:#x}", offs[600], offs[800] - offs[600]);
+    let done: faultd_proto::SessionEvicted = serde_json::from_str(&ctl(
+        &faultd,
+        &["evict", "--vm", "fc-swap", "--range", &range, "--json"],
+    ))
+    .unwrap();
+    assert_eq!((done.evicted, done.failed), (200, 0));
+    assert_eq!(done.resident_bytes, (TOUCHED - 800) * PAGE);
+    let pages = own_pages(&addrs);
+    assert!(pages[..800].iter().all(|&p| p == (false, true)));
+    assert!(pages[800..].iter().all(|&(ram, _)| ram));
+
+    // Read back: the kernel swaps the pages in (no fault reaches faultd), and each holds the
+    // VM's write over the snapshot's bytes, not the snapshot again.
+    let back = copy_with_timeout(addrs.clone(), PAGE as usize, T);
+    for (i, (&o, page)) in offs.iter().zip(&back).enumerate() {
+        assert_eq!(
+            u64::from_ne_bytes(page[..8].try_into().unwrap()),
+            mark(i),
+            "offset {o:#x} lost the VM's write"
+        );
+        assert!(
+            page[8..] == setup.file_bytes(0, o, PAGE as usize)[8..],
+            "offset {o:#x} differs from the snapshot"
+        );
+    }
+    let after = only_session(faultd.settled_vm_stats("fc-swap", |s| {
+        s.first()
+            .is_some_and(|s| s.resident_bytes == TOUCHED * PAGE)
+    }));
+    assert_eq!(after.resident_bytes, TOUCHED * PAGE);
+    assert_eq!(
+        (
+            after.vcpu_faults,
+            after.file_fills,
+            after.evictions,
+            after.errors
+        ),
+        (before.vcpu_faults, TOUCHED, 800, 0)
+    );
+}
+
+#[test]
+fn a_firecracker_restore_under_a_budget_is_paged_out_to_stay_within_it_even_after_swap_ins() {
+    let _swap = faultd_tests::Swap::enable();
+    let regions = [Region {
+        gpa: 0,
+        size: 32 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0xB0D6);
+    let config = setup.dir.path().join("faultd.toml");
+    // 4 MiB per VM: paged out above 95% (3.8 MiB) down to 85% (3.4 MiB).
+    std::fs::write(&config, "[budget]\nsession_mib = 4\n").unwrap();
+    let faultd = Faultd::start(&["--config", config.to_str().unwrap()]);
+    let socket = setup.socket("fc.sock");
+    faultd
+        .listen_firecracker("fc-budget", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut restore = setup.restore(RamPageSize::Size4K);
+    restore.send(&socket, WireForm::Current).unwrap();
+
+    // 16 MiB touched: four times the budget.
+    const TOUCHED: u64 = 4096;
+    const LIMIT: u64 = 4 * MIB;
+    let offs: Vec<u64> = (0..TOUCHED).map(|p| p * PAGE).collect();
+    let addrs: Vec<u64> = offs.iter().map(|&o| restore.addr(0, o)).collect();
+    let check = |round: &str| {
+        let got = copy_with_timeout(addrs.clone(), PAGE as usize, T);
+        for (&o, page) in offs.iter().zip(&got) {
+            assert!(
+                *page == setup.file_bytes(0, o, PAGE as usize),
+                "{round}: offset {o:#x} differs from the snapshot"
+            );
+        }
+    };
+    check("restore");
+    let st = only_session(faultd.settled_vm_stats("fc-budget", |s| {
+        s.first()
+            .is_some_and(|s| s.file_fills >= TOUCHED && s.resident_bytes <= LIMIT)
+    }));
+    let in_ram = |a: &[u64]| own_pages(a).iter().filter(|&&(ram, _)| ram).count() as u64;
+    println!(
+        "after the restore: resident {} KiB (this process's pagemap: {} KiB), {} evictions",
+        st.resident_bytes / 1024,
+        in_ram(&addrs) * 4,
+        st.evictions
+    );
+    assert!(st.resident_bytes <= LIMIT, "{st:?}");
+    assert!(in_ram(&addrs) * PAGE <= LIMIT);
+    assert!(st.evictions >= (TOUCHED * PAGE - LIMIT) / PAGE, "{st:?}");
+
+    // The VM reads everything again: the kernel swaps pages back in, which faultd is not told
+    // of; its idle check finds the VM over its budget and pages out again.
+    check("after swap-ins");
+    let st2 = only_session(faultd.settled_vm_stats("fc-budget", |s| {
+        s.first()
+            .is_some_and(|s| s.resident_bytes <= LIMIT && s.evictions > st.evictions)
+    }));
+    assert!(st2.resident_bytes <= LIMIT, "{st2:?}");
+    assert!(in_ram(&addrs) * PAGE <= LIMIT);
+    assert!(st2.evictions > st.evictions);
+    // Every page came from the snapshot once; after that only the kernel's swap served it.
+    assert_eq!(
+        (st2.vcpu_faults, st2.file_fills, st2.errors),
+        (TOUCHED, TOUCHED, 0)
+    );
+}
