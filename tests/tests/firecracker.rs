@@ -674,21 +674,7 @@ fn cli_listens_and_reports_stats_and_a_config_entry_listens_from_the_start() {
     )
     .unwrap();
     let faultd = Faultd::start(&["--config", config.to_str().unwrap()]);
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(faultd_tests::faultd_bin())
-            .arg("--socket")
-            .arg(faultd.socket())
-            .arg("ctl")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let ctl = |args: &[&str]| ctl(&faultd, args);
     let cli_socket = setup.socket("cli.sock");
     let said = ctl(&[
         "firecracker-listen",
