@@ -604,10 +604,11 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
             )
         }
     };
-    serve_restore(&daemon, &socket, stream, message, pid).await;
+    // The slot is given back before the connection closes: a peer that sees it closed and
+    // connects again must find the socket free.
+    serve_restore(&daemon, &socket, stream, message, pid, slot).await;
     // The next restore may connect as soon as this one is over (it makes its own thread if
     // it comes before the refill below is done).
-    drop(slot);
     if !daemon.cancel.is_cancelled() {
         socket.refill(daemon.config.spin).await;
     }
@@ -622,15 +623,21 @@ async fn serve_restore(
     stream: UnixStream,
     message: Message,
     pid: Option<i32>,
+    slot: Slot,
 ) {
     let spec = &socket.spec;
+    // Refused: the socket is free again before the connection closes (when `stream` drops).
+    let refuse = |slot: Slot, why: &str| {
+        drop(slot);
+        refused(spec, pid, why);
+    };
     let standby = match socket.take_standby() {
         Some(t) => Ok(t),
         None => StandbyThread::new("faultd-fc".into(), daemon.config.spin),
     };
     let standby = match standby {
         Ok(t) => t,
-        Err(e) => return refused(spec, pid, &format!("starting a fault thread: {e}")),
+        Err(e) => return refuse(slot, &format!("starting a fault thread: {e}")),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, s) = (daemon.clone(), socket.clone());
@@ -654,7 +661,7 @@ async fn serve_restore(
                 Ok(Err(why)) => why,
                 _ => "the fault thread ended before its session started".into(),
             };
-            return refused(spec, pid, &why);
+            return refuse(slot, &why);
         }
     };
     // Off the restore's path: what paging the VM's memory out needs (see crate::remote).
@@ -679,6 +686,7 @@ async fn serve_restore(
     daemon
         .end_session(Live { session, thread }, Ending::VmGone)
         .await;
+    drop(slot);
 }
 
 /// Opens the peer's memory for paging out: its pidfd from the socket (SO_PEERPIDFD: the very
