@@ -248,7 +248,9 @@ fn evict_pages_takes_the_oldest_pages_and_their_data_faults_back_intact() {
 
     // Everything comes back from the store as it was written.
     assert_eq!(pages_intact(&r, &touched), Vec::<u64>::new());
-    let back = settled_stats(&mut session, |s| s.store_fills == 12);
+    let back = settled_stats(&mut session, |s| {
+        s.store_fills == 12 && s.resident_bytes == 32 * PAGE
+    });
     assert_eq!(back.store_fills, 12);
     assert_eq!(back.resident_bytes, 32 * PAGE);
     assert_eq!(back.errors, 0, "{}", faultd.log());
@@ -312,7 +314,8 @@ fn stats_by_vm_or_session_shows_fills_latency_and_memory_as_the_session_sees_the
     settled_stats(&mut session, |s| s.resident_bytes == 20 * PAGE);
     ctl(&faultd, &["evict", "--vm", "vm-stats", "--pages", "5"]);
     assert_eq!(pages_intact(&r, &[0, 1, 2]), Vec::<u64>::new());
-    let own = settled_stats(&mut session, |s| s.store_fills == 3);
+    // The latency is recorded last, after the fill and the residency: all 23 faults are done.
+    let own = settled_stats(&mut session, |s| s.latency_us.count == 23);
 
     let by_vm: Vec<SessionDetail> = json(&ctl(&faultd, &["stats", "--vm", "vm-stats", "--json"]));
     let id = own.session.to_string();
@@ -568,7 +571,9 @@ fn evict_pages_on_a_kvm_guest_frees_memory_and_the_guest_reads_back_what_it_wrot
         .into_iter()
         .collect::<std::collections::BTreeSet<u32>>()
         .len() as u64;
-    let before = settled_stats(&mut session, |s| s.vcpu_faults >= distinct);
+    let before = settled_stats(&mut session, |s| {
+        s.vcpu_faults >= distinct && s.resident_bytes == r.ram.allocated_bytes().unwrap()
+    });
 
     let done: SessionEvicted = json(&ctl(
         &faultd,

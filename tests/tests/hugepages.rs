@@ -48,6 +48,7 @@ fn kvm_guest_on_2mib_hugetlb_ram_gets_whole_huge_pages_from_faultd() {
         .collect();
     let stats = faultd_tests::settled_stats(&mut session, |s| {
         s.zero_fills + s.already_present >= huge_touched.len() as u64
+            && s.resident_bytes == ram.ram.allocated_bytes().unwrap()
     });
     println!("{stats:?}");
     assert_eq!(stats.zero_fills, huge_touched.len() as u64);

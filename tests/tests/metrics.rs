@@ -249,7 +249,8 @@ fn metrics_with_a_session() -> String {
         vec![0, 5 * PAGE, 9 * PAGE],
         Duration::from_secs(10),
     );
-    settled_stats(&mut session, |s| s.zero_fills == 3);
+    // Latency is recorded last, after the fill and the residency (the metrics right after).
+    settled_stats(&mut session, |s| s.latency_us.count == 3);
     // A refused request, so the protocol error counter has a series.
     let mut raw = faultd_client::Client::connect(faultd.socket())
         .unwrap()

@@ -283,7 +283,8 @@ fn bad_registrations_are_refused_and_a_live_session_keeps_being_served() {
     assert!(s2.recv().unwrap().is_none());
     check_live();
 
-    let stats = live_session.stats().unwrap();
+    // The last fault's thread is woken a moment before faultd counts the fill.
+    let stats = faultd_tests::settled_stats(&mut live_session, |s| s.zero_fills >= 15);
     assert_eq!(stats.errors, 0);
     assert!(stats.zero_fills >= 15, "{stats:?}");
 }
