@@ -1019,6 +1019,8 @@ fn a_firecracker_restore_under_a_budget_is_paged_out_to_stay_within_it_even_afte
     // Every page came from the snapshot once; after that only the kernel's swap served it.
     assert_eq!(
         (st2.vcpu_faults, st2.file_fills, st2.errors),
-        (TOUCHED, TOUCHED, 0)
+        (TOUCHED, TOUCHED, 0),
+        "{}",
+        faultd.log()
     );
 }
