@@ -895,23 +895,39 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
     assert_eq!(before.resident_bytes, TOUCHED * PAGE);
     assert!(own_pages(&addrs).iter().all(|&(ram, _)| ram));
 
+    // The kernel may leave a page in RAM: one it has not put on its LRU lists yet (it batches
+    // those per CPU, and a page-out drains only its own CPU's batch), so a few of a request
+    // can stay. The report must then say so, and the pagemap must agree with it page by page.
+    // (15 pages per CPU's batch: the kernel's folio batch size.)
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let stay_at_most = 15 * cpus;
+    let in_swap = |from: usize, to: usize| {
+        own_pages(&addrs[from..to])
+            .iter()
+            .filter(|&&p| p == (false, true))
+            .count() as u64
+    };
+
     // The 600 oldest pages.
     let done: faultd_proto::SessionEvicted = serde_json::from_str(&ctl(
         &faultd,
         &["evict", "--vm", "fc-swap", "--pages", "600", "--json"],
     ))
     .unwrap();
-    assert_eq!((done.evicted, done.zero, done.failed), (600, 0, 0));
-    assert_eq!(done.resident_bytes, (TOUCHED - 600) * PAGE);
-    let pages = own_pages(&addrs);
-    assert!(
-        pages[..600].iter().all(|&p| p == (false, true)),
-        "oldest not in swap"
+    println!("--pages 600: {done:?}");
+    assert_eq!((done.evicted + done.failed, done.zero), (600, 0));
+    assert!(done.failed <= stay_at_most, "{done:?}");
+    assert_eq!(
+        in_swap(0, 600),
+        done.evicted,
+        "the report and the pagemap disagree"
     );
     assert!(
-        pages[600..].iter().all(|&(ram, _)| ram),
+        own_pages(&addrs[600..]).iter().all(|&(ram, _)| ram),
         "young ones left RAM"
     );
+    assert_eq!(done.resident_bytes, (TOUCHED - done.evicted) * PAGE);
+    let mut evicted = done.evicted;
 
     // A range: the next 200 touched pages (guest 1200 * 4 KiB onwards).
     let range = format!("{:#x}:{:#x}", offs[600], offs[800] - offs[600]);
@@ -920,11 +936,16 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
         &["evict", "--vm", "fc-swap", "--range", &range, "--json"],
     ))
     .unwrap();
-    assert_eq!((done.evicted, done.failed), (200, 0));
-    assert_eq!(done.resident_bytes, (TOUCHED - 800) * PAGE);
-    let pages = own_pages(&addrs);
-    assert!(pages[..800].iter().all(|&p| p == (false, true)));
-    assert!(pages[800..].iter().all(|&(ram, _)| ram));
+    println!("--range {range}: {done:?}");
+    // Pages of the range already in swap are not asked for again (none here: the range is
+    // past the first request's pages).
+    assert_eq!(done.evicted + done.failed, 200);
+    assert!(done.failed <= stay_at_most, "{done:?}");
+    assert_eq!(in_swap(600, 800), done.evicted);
+    assert!(own_pages(&addrs[800..]).iter().all(|&(ram, _)| ram));
+    evicted += done.evicted;
+    assert_eq!(done.resident_bytes, (TOUCHED - evicted) * PAGE);
+    assert!(evicted >= 800 - 2 * stay_at_most);
 
     // Read back: the kernel swaps the pages in (no fault reaches faultd), and each holds the
     // VM's write over the snapshot's bytes, not the snapshot again.
@@ -952,7 +973,7 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
             after.evictions,
             after.errors
         ),
-        (before.vcpu_faults, TOUCHED, 800, 0)
+        (before.vcpu_faults, TOUCHED, evicted, 0)
     );
 }
 
