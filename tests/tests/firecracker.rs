@@ -1045,3 +1045,105 @@ fn a_firecracker_restore_under_a_budget_is_paged_out_to_stay_within_it_even_afte
         faultd.log()
     );
 }
+
+#[test]
+fn a_kvm_guest_on_a_firecracker_restore_under_a_budget_reads_the_snapshot_and_keeps_its_writes() {
+    let _swap = faultd_tests::Swap::enable();
+    const SIZE: u64 = 64 * MIB;
+    const LIMIT: u64 = 8 * MIB;
+    let regions = [Region {
+        gpa: 0,
+        size: SIZE,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0xC0DE);
+    let config = setup.dir.path().join("faultd.toml");
+    std::fs::write(&config, "[budget]\nsession_mib = 8\n").unwrap();
+    let faultd = Faultd::start(&["--config", config.to_str().unwrap()]);
+    let socket = setup.socket("fc.sock");
+    faultd
+        .listen_firecracker("fc-kvm", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut restore = setup.restore(RamPageSize::Size4K);
+    restore.send(&socket, WireForm::Current).unwrap();
+    let mut vm = setup.vm(&restore);
+    let pages = (SIZE / PAGE) as u32;
+    let run = |vm: &mut Vm, w: Workload| {
+        let r = vm.run(vec![w], &|_, _| {}).expect("guest run");
+        (r[0].mismatches, r[0].first_mismatch_gpa)
+    };
+
+    // 1. The restore: 4,000 random pages (about 15 MiB, twice the budget) read against the
+    //    snapshot while faultd pages the oldest out to stay within 8 MiB.
+    let restored = run(
+        &mut vm,
+        Workload::Verify {
+            seed: setup.seed,
+            touches: 4000,
+            first_page: 0,
+            page_count: pages,
+        },
+    );
+    assert_eq!(
+        restored,
+        (0, None),
+        "the guest read a page unlike the snapshot"
+    );
+    // 2. The guest writes its own pattern to 4,000 random pages and reads it back, pages
+    //    going out to swap and coming back (by KVM's fault and the kernel's swap-in) meanwhile.
+    let (seed, touches) = (0x51u32, 4000u32);
+    let written = run(
+        &mut vm,
+        Workload::WriteVerify {
+            seed,
+            touches,
+            first_page: 0,
+            page_count: pages,
+        },
+    );
+    assert_eq!(written, (0, None), "the guest lost a write while paged out");
+    // 3. Once more after the budget pushed most of it out again.
+    let st = only_session(faultd.settled_vm_stats("fc-kvm", |s| {
+        s.first().is_some_and(|s| s.resident_bytes <= LIMIT)
+    }));
+    let again = run(
+        &mut vm,
+        Workload::Verify {
+            seed,
+            touches,
+            first_page: 0,
+            page_count: pages,
+        },
+    );
+    assert_eq!(again, (0, None), "a page came back from swap wrong");
+
+    let distinct: BTreeSet<u32> = page_sequence(setup.seed, 4000, 0, pages)
+        .into_iter()
+        .chain(page_sequence(seed, touches, 0, pages))
+        .collect();
+    let end = only_session(faultd.settled_vm_stats("fc-kvm", |s| {
+        s.first().is_some_and(|s| s.resident_bytes <= LIMIT)
+    }));
+    println!(
+        "guest touched {} distinct pages ({} MiB) under an 8 MiB budget: {} paged out, resident \
+         {} KiB after step 2, {} KiB at the end",
+        distinct.len(),
+        distinct.len() as u64 * PAGE / MIB,
+        end.evictions,
+        st.resident_bytes / 1024,
+        end.resident_bytes / 1024
+    );
+    assert!(st.resident_bytes <= LIMIT, "{st:?}");
+    assert!(end.resident_bytes <= LIMIT, "{end:?}");
+    assert!(
+        end.evictions >= distinct.len() as u64 - LIMIT / PAGE,
+        "{end:?}"
+    );
+    // Each page was faulted to faultd once, and filled from the snapshot once; swap did the rest.
+    assert_eq!(
+        (end.vcpu_faults, end.file_fills, end.errors),
+        (distinct.len() as u64, distinct.len() as u64, 0),
+        "{}",
+        faultd.log()
+    );
+}
