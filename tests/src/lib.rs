@@ -532,14 +532,26 @@ impl Drop for HugePages {
 }
 
 /// Swap for the holder's lifetime, for tests that page anonymous memory out (the kernel pages
-/// it out only to swap). If the machine has no swap, a swap file of 256 MiB is made and enabled
-/// in /var/tmp (a disk file system: the kernel refuses swap files on tmpfs), and disabled and
-/// removed when the last holder in this process drops it; swap that was there is left alone.
+/// it out only to swap). If the machine has no swap, 256 MiB are made and enabled: a zram
+/// device where the kernel has zram (memory-backed, so a test's swap-ins do not wait on a disk
+/// that a build may be busy writing to), else a swap file in /var/tmp (a disk file system: the
+/// kernel refuses swap files on tmpfs). It is disabled and removed when the last holder in this
+/// process drops it; swap that was there is left alone.
 #[derive(Debug)]
 pub struct Swap(());
 
-/// Holders of [`Swap`] in this process, and the file made for them (None: swap was there).
-static SWAP: std::sync::Mutex<(usize, Option<PathBuf>)> = std::sync::Mutex::new((0, None));
+/// Swap made for the holders of [`Swap`].
+#[derive(Debug)]
+enum MadeSwap {
+    /// zram device number N (/dev/zramN).
+    Zram(u32),
+    File(PathBuf),
+}
+
+/// Holders of [`Swap`] in this process, and the swap made for them (None: it was there).
+static SWAP: std::sync::Mutex<(usize, Option<MadeSwap>)> = std::sync::Mutex::new((0, None));
+
+const ZRAM_CONTROL: &str = "/sys/class/zram-control";
 
 fn swap_total_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -550,28 +562,46 @@ fn swap_total_kib() -> u64 {
         .expect("SwapTotal in /proc/meminfo")
 }
 
+fn run_tool(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Swap {
     /// Makes sure swap is enabled; panics (saying why) if it cannot be.
     pub fn enable() -> Swap {
         let mut held = SWAP.lock().unwrap_or_else(|p| p.into_inner());
         if held.0 == 0 && swap_total_kib() == 0 {
-            let path = PathBuf::from(format!("/var/tmp/faultd-test-{}.swap", std::process::id()));
-            let run = |cmd: &str, args: &[&str]| {
-                let out = Command::new(cmd).args(args).output().unwrap();
-                assert!(
-                    out.status.success(),
-                    "{cmd} {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            };
-            let p = path.to_str().unwrap();
-            // Allocated, not sparse: the kernel refuses a swap file with holes.
-            run("fallocate", &["-l", "256M", p]);
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            held.1 = Some(if Path::new(ZRAM_CONTROL).exists() {
+                let n: u32 = std::fs::read_to_string(format!("{ZRAM_CONTROL}/hot_add"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                std::fs::write(format!("/sys/block/zram{n}/disksize"), "256M").unwrap();
+                let dev = format!("/dev/zram{n}");
+                run_tool("mkswap", &[&dev]);
+                run_tool("swapon", &[&dev]);
+                MadeSwap::Zram(n)
+            } else {
+                let path =
+                    PathBuf::from(format!("/var/tmp/faultd-test-{}.swap", std::process::id()));
+                let p = path.to_str().unwrap();
+                // Allocated, not sparse: the kernel refuses a swap file with holes.
+                run_tool("fallocate", &["-l", "256M", p]);
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
                 .unwrap();
-            run("mkswap", &[p]);
-            run("swapon", &[p]);
-            held.1 = Some(path);
+                run_tool("mkswap", &[p]);
+                run_tool("swapon", &[p]);
+                MadeSwap::File(path)
+            });
         }
         held.0 += 1;
         Swap(())
@@ -583,9 +613,18 @@ impl Drop for Swap {
         let mut held = SWAP.lock().unwrap_or_else(|p| p.into_inner());
         held.0 -= 1;
         if held.0 == 0 {
-            if let Some(path) = held.1.take() {
-                let _ = Command::new("swapoff").arg(&path).status();
-                let _ = std::fs::remove_file(&path);
+            match held.1.take() {
+                Some(MadeSwap::Zram(n)) => {
+                    let _ = Command::new("swapoff")
+                        .arg(format!("/dev/zram{n}"))
+                        .status();
+                    let _ = std::fs::write(format!("{ZRAM_CONTROL}/hot_remove"), n.to_string());
+                }
+                Some(MadeSwap::File(path)) => {
+                    let _ = Command::new("swapoff").arg(&path).status();
+                    let _ = std::fs::remove_file(&path);
+                }
+                None => {}
             }
         }
     }
