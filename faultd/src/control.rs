@@ -277,6 +277,7 @@ impl Daemon {
         v: crate::validate::Validated,
         resume: bool,
         vmm_pid: Option<i32>,
+        remote: Option<crate::remote::RemoteMm>,
     ) -> Result<Live, Refusal> {
         let slot_bytes = v
             .layout
@@ -315,6 +316,10 @@ impl Daemon {
         let (session, server) = self
             .new_server(v.vm, v.layout, v.regions, v.snapshot, v.uffd)
             .map_err(internal)?;
+        // Anonymous memory is reached from outside (resume reads its pagemap).
+        if let Some(mm) = remote {
+            session.set_remote(mm);
+        }
         let resume = resume.then_some(Resume { records, vmm_pid });
         let server = server.with_store(store, resume);
         let thread = FaultThread::spawn(server, self.config.spin).map_err(internal)?;
@@ -655,7 +660,8 @@ async fn register(
     // Opening the store and replaying its journal is file I/O: off the reactor.
     let d = daemon.clone();
     let started =
-        tokio::task::spawn_blocking(move || d.start_session(validated, resume, peer_pid)).await;
+        tokio::task::spawn_blocking(move || d.start_session(validated, resume, peer_pid, None))
+            .await;
     let live = match started {
         Ok(Ok(live)) => live,
         Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,

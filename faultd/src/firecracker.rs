@@ -54,7 +54,7 @@ use std::time::Duration;
 
 use faultd_proto::{ErrorCode, FirecrackerListen, Response, MAX_MESSAGE_BYTES, MAX_REGIONS};
 use s2map::{Backing, Gpa, Layout, PageSize, RegionSpec};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -641,10 +641,18 @@ async fn serve_restore(
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, s) = (daemon.clone(), socket.clone());
+    // What the fd store keeps of the session (see kept), if a service manager is there.
+    let kept = systemd_keeps().then(|| kept::Kept {
+        vm: spec.vm.clone(),
+        snapshot: spec.snapshot.clone(),
+        regions: message.regions.clone(),
+    });
     let thread = standby.start(Box::new(move || match prepare(&d, &s.spec, message, pid) {
         Ok((session, server, end)) => {
+            // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
+            let uffd = kept_uffd_dup(&server);
             // Straight to serving: registering and logging are done on the async side.
-            let _ = tx.send(Ok((session, end)));
+            let _ = tx.send(Ok((session, end, uffd)));
             Some(server)
         }
         Err(why) => {
@@ -652,7 +660,7 @@ async fn serve_restore(
             None
         }
     }));
-    let (session, end) = match rx.await {
+    let (session, end, uffd) = match rx.await {
         Ok(Ok(prepared)) => prepared,
         outcome => {
             // The thread has ended (nothing to serve): joining it is immediate.
@@ -665,7 +673,15 @@ async fn serve_restore(
         }
     };
     // Off the restore's path: what paging the VM's memory out needs (see crate::remote).
-    attach_remote(&session, &stream, pid);
+    // Without it the session is served but its memory cannot be evicted.
+    match open_remote(&stream, pid) {
+        Ok(mm) => session.set_remote(mm),
+        Err(e) => tracing::warn!(
+            session = session.id(),
+            vm = session.vm(),
+            "the VM's memory cannot be paged out (opening the peer's memory: {e})"
+        ),
+    }
     daemon.register_session(&session);
     daemon.admit(
         &session,
@@ -680,35 +696,54 @@ async fn serve_restore(
         ends_on = end.describe(),
         "serving a Firecracker restore"
     );
-    end.wait(stream, &daemon.cancel, spec).await;
-    // Firecracker cannot register again: whatever ended the session, its VM's pages in the
-    // store have nobody to come back for them.
-    daemon
-        .end_session(Live { session, thread }, Ending::VmGone)
-        .await;
+    let kept_as = match (&kept, &uffd) {
+        (Some(k), Some(uffd)) => kept::keep(k, uffd, &stream),
+        _ => None,
+    };
+    drop(uffd);
+    end.wait(stream, &daemon.cancel, &spec.vm).await;
+    // Firecracker cannot register again: unless the session is kept for the next faultd (see
+    // kept), whatever ended it, its VM's pages in the store have nobody to come back for them.
+    let ending = kept::ending(&kept_as, daemon);
+    daemon.end_session(Live { session, thread }, ending).await;
+    if let (Ending::VmGone, Some(name)) = (ending, kept_as) {
+        kept::forget(&name);
+    }
     drop(slot);
 }
 
-/// Opens the peer's memory for paging out: its pidfd from the socket (SO_PEERPIDFD: the very
-/// process that connected, whatever happened to its pid since), then its pagemap. Without it
-/// the session is served but its memory cannot be evicted; the log says why.
-fn attach_remote(session: &Session, stream: &UnixStream, pid: Option<i32>) {
-    let opened = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd)
-        .map_err(io::Error::from)
-        .and_then(|pidfd| {
-            let pid = pid
-                .filter(|&p| p > 0)
-                .ok_or_else(|| io::Error::other("the kernel did not tell the peer's pid"))?;
-            crate::remote::RemoteMm::open(pidfd, pid)
-        });
-    match opened {
-        Ok(mm) => session.set_remote(mm),
-        Err(e) => tracing::warn!(
-            session = session.id(),
-            vm = session.vm(),
-            "the VM's memory cannot be paged out (opening the peer's memory: {e})"
-        ),
+/// Whether sessions are kept in a service manager's fd store (see [`kept`]).
+fn systemd_keeps() -> bool {
+    crate::systemd::has_manager()
+}
+
+/// A duplicate of `server`'s userfaultfd to keep in the fd store, when one is kept.
+fn kept_uffd_dup(server: &FaultServer<KernelUffd>) -> Option<OwnedFd> {
+    if !systemd_keeps() {
+        return None;
     }
+    server
+        .fd()
+        .try_clone_to_owned()
+        .inspect_err(|e| tracing::warn!("duplicating the userfaultfd for the fd store: {e}"))
+        .ok()
+}
+
+/// Serves again the Firecracker sessions a previous faultd kept (see [`kept`]).
+pub fn resume_kept(daemon: &Arc<Daemon>, stored: Vec<(String, OwnedFd)>) {
+    kept::resume_all(daemon, stored)
+}
+
+mod kept;
+
+/// Opens the peer's memory for paging out: its pidfd from the socket (SO_PEERPIDFD: the very
+/// process that connected, whatever happened to its pid since), then its pagemap.
+fn open_remote(stream: &UnixStream, pid: Option<i32>) -> io::Result<crate::remote::RemoteMm> {
+    let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd)?;
+    let pid = pid
+        .filter(|&p| p > 0)
+        .ok_or_else(|| io::Error::other("the kernel did not tell the peer's pid"))?;
+    crate::remote::RemoteMm::open(pidfd, pid)
 }
 
 fn refused(spec: &ListenSpec, pid: Option<i32>, why: &str) {
@@ -730,7 +765,7 @@ pub struct Message {
 }
 
 /// One element of Firecracker's message (its `GuestRegionUffdMapping`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Mapping {
     /// Where Firecracker mapped the region.
     pub base_host_virt_addr: u64,
@@ -995,7 +1030,7 @@ impl SessionEnd {
         self,
         stream: UnixStream,
         cancel: &tokio_util::sync::CancellationToken,
-        spec: &ListenSpec,
+        vm: &str,
     ) {
         match self {
             SessionEnd::HangUp => {
@@ -1013,7 +1048,7 @@ impl SessionEnd {
                         Ok(n) => {
                             if !warned {
                                 tracing::warn!(
-                                    vm = spec.vm,
+                                    vm,
                                     "ignoring {n} unexpected bytes from Firecracker"
                                 );
                                 warned = true;
@@ -1034,7 +1069,7 @@ impl SessionEnd {
                 let afd = match registered {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::error!(vm = spec.vm, "watching the peer process: {e}");
+                        tracing::error!(vm, "watching the peer process: {e}");
                         return;
                     }
                 };

@@ -173,13 +173,16 @@ pub fn run(config: Config) -> Result<(), RunError> {
     runtime.block_on(async {
         // A socket we bound is ours to remove at exit; an inherited one belongs to the
         // service manager, which keeps it open (and queues VMMs on it) across our restarts.
-        let (listener, bound) = match systemd::inherited_listener().map_err(RunError::Activation)? {
-            Some(l) => {
-                tracing::info!("serving the control socket passed by the service manager");
-                (l, None)
-            }
-            None => (bind(&config.socket)?, Some(config.socket.clone())),
-        };
+        let inherited = systemd::inherited().map_err(RunError::Activation)?;
+        let stored = inherited.stored;
+        let (listener, bound) =
+            match systemd::inherited_listener(inherited.control).map_err(RunError::Activation)? {
+                Some(l) => {
+                    tracing::info!("serving the control socket passed by the service manager");
+                    (l, None)
+                }
+                None => (bind(&config.socket)?, Some(config.socket.clone())),
+            };
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -212,6 +215,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
                 }
                 return Err(RunError::FirecrackerListen { vm, source });
             }
+        }
+        // Firecracker sessions a previous faultd kept in the service manager's fd store.
+        if !stored.is_empty() {
+            firecracker::resume_kept(&daemon, stored);
         }
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(control::serve(listener, daemon.clone()));

@@ -1063,7 +1063,18 @@ impl<O: UffdOps> FaultServer<O> {
         let r = &self.session.layout().regions()[ri];
         let (page, size) = (r.page_size().bytes(), r.size());
         let crate::session::RegionMemory::Shared { fd, offset } = &region.memory else {
-            return Err(io::Error::other("anonymous memory cannot be inspected"));
+            // Anonymous memory (Firecracker's): its pagemap. A page in swap is populated too
+            // (the kernel swaps it in; no userfault comes for it).
+            let status = match self.session.remote_status() {
+                Some(s) => s?,
+                None => return Err(io::Error::other("the VMM's memory is not open")),
+            };
+            return Ok(status[ri]
+                .iter()
+                .enumerate()
+                .filter(|(_, &st)| st != crate::remote::PageStatus::None)
+                .map(|(i, _)| i as u64)
+                .collect());
         };
         if page == 4096 {
             crate::residency::shmem_present(fd.as_fd(), *offset, size, page)

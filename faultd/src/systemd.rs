@@ -35,20 +35,97 @@ pub enum ActivationError {
     Adopt(#[source] io::Error),
 }
 
-/// The control socket the service manager passed (socket activation), if any. Must be called
-/// inside the tokio runtime (the listener registers with it).
-pub fn inherited_listener() -> Result<Option<UnixSeqpacketListener>, ActivationError> {
-    let fds: Vec<_> = sd_notify::listen_fds()
-        .map_err(ActivationError::Env)?
-        .collect();
-    let fd = match fds.as_slice() {
-        [] => return Ok(None),
-        [fd] => *fd,
-        more => return Err(ActivationError::TooMany(more.len())),
+/// Names of the fds faultd keeps in the service manager's fd store start with this; any other
+/// passed fd is the control socket (socket activation).
+pub const STORED_PREFIX: &str = "faultd-";
+
+/// What the service manager passed at start (`LISTEN_FDS`, `LISTEN_FDNAMES`).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// The control socket (socket activation).
+    pub control: Option<OwnedFd>,
+    /// fds faultd put in the fd store before it last stopped, by name.
+    pub stored: Vec<(String, OwnedFd)>,
+}
+
+/// Takes what the service manager passed. Called once, at start.
+pub fn inherited() -> Result<Inherited, ActivationError> {
+    let mut got = Inherited::default();
+    let mut control = Vec::new();
+    for (fd, name) in sd_notify::listen_fds_with_names().map_err(ActivationError::Env)? {
+        // SAFETY: LISTEN_PID names this process, so the service manager passed `fd` to it for
+        // it to own; nothing else in faultd uses fd numbers from LISTEN_FDS, and each is taken
+        // once here, so this is its only owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if name.starts_with(STORED_PREFIX) {
+            got.stored.push((name, fd));
+        } else {
+            control.push(fd);
+        }
+    }
+    if control.len() > 1 {
+        return Err(ActivationError::TooMany(control.len()));
+    }
+    got.control = control.pop();
+    Ok(got)
+}
+
+/// Whether a service manager listens for notifications (and so may keep an fd store).
+pub fn has_manager() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
+/// Puts `fds` in the service manager's fd store under `name` (`FDSTORE=1`): it keeps them
+/// while faultd restarts, crashes included, and passes them back at the next start. The unit
+/// must allow it (`FileDescriptorStoreMax=`).
+pub fn store_fds(name: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+    send_to_manager(&format!("FDSTORE=1\nFDNAME={name}\n"), fds)
+}
+
+/// Takes the fds stored under `name` out of the fd store (`FDSTOREREMOVE=1`).
+pub fn remove_stored(name: &str) -> io::Result<()> {
+    send_to_manager(&format!("FDSTOREREMOVE=1\nFDNAME={name}\n"), &[])
+}
+
+fn send_to_manager(message: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
     };
-    // SAFETY: LISTEN_PID names this process, so the service manager passed `fd` to it for it
-    // to own; nothing else in faultd uses fd numbers from LISTEN_FDS, so this is the only owner.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // An abstract socket is written with a leading '@'.
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name)?,
+        None => UnixAddr::new(std::path::Path::new(&path))?,
+    };
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    let iov = [std::io::IoSlice::new(message.as_bytes())];
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::empty(),
+        Some(&addr),
+    )?;
+    Ok(())
+}
+
+/// Serves `fd`, the control socket the service manager passed (socket activation), if any.
+/// Must be called inside the tokio runtime (the listener registers with it).
+pub fn inherited_listener(
+    fd: Option<OwnedFd>,
+) -> Result<Option<UnixSeqpacketListener>, ActivationError> {
+    let Some(fd) = fd else {
+        return Ok(None);
+    };
     check_seqpacket_listener(&fd)?;
     // tokio needs a non-blocking socket (an accept after a spurious wake-up must not block the
     // reactor). The flag is on the open file description it shares with the service manager,

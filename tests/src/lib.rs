@@ -7,12 +7,13 @@ pub mod fc_example;
 pub mod firecracker;
 pub mod raw;
 pub mod raw_ring;
+pub mod service_manager;
 
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec, Session, Uffd};
@@ -49,6 +50,8 @@ struct Launch {
     env: Vec<(String, std::ffi::OsString)>,
     under: Vec<std::ffi::OsString>,
     store: PathBuf,
+    /// The service manager faultd notifies and is passed its kept fds by, if any.
+    manager: Option<(PathBuf, Arc<Mutex<service_manager::State>>)>,
 }
 
 impl Faultd {
@@ -89,6 +92,32 @@ impl Faultd {
         f
     }
 
+    /// Starts faultd as `manager`'s service: it notifies `manager`, and every start (this one
+    /// and each [`Faultd::restart`]) is passed the fds in `manager`'s fd store, as systemd
+    /// does. Waits until it accepts.
+    pub fn start_managed(manager: &service_manager::ServiceManager, extra: &[&str]) -> Faultd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("faultd.sock");
+        let log = dir.path().join("faultd.log");
+        let launch = Launch {
+            extra: extra.iter().map(Into::into).collect(),
+            env: Vec::new(),
+            under: Vec::new(),
+            store: dir.path().join("store"),
+            manager: Some((manager.notify_socket().to_owned(), manager.state.clone())),
+        };
+        let child = launch.start(&socket, &log);
+        let mut f = Faultd {
+            child,
+            socket,
+            log,
+            launch,
+            _dir: dir,
+        };
+        f.wait_accepting();
+        f
+    }
+
     fn spawn_in(
         dir: tempfile::TempDir,
         extra: Vec<std::ffi::OsString>,
@@ -105,6 +134,7 @@ impl Faultd {
                 .collect(),
             under: under.iter().map(|&u| u.to_owned()).collect(),
             store: dir.path().join("store"),
+            manager: None,
         };
         let child = launch.start(&socket, &log);
         Faultd {
@@ -144,7 +174,20 @@ impl Faultd {
 
 impl Launch {
     fn start(&self, socket: &Path, log: &Path) -> Child {
-        let under = &self.under;
+        let mut under = self.under.clone();
+        // Passed fds: LISTEN_PID must be the started process's own pid, which a shell that
+        // execs faultd knows as $$.
+        let passed = self
+            .manager
+            .as_ref()
+            .map(|(_, state)| service_manager::to_pass(state))
+            .filter(|(fds, _)| !fds.is_empty());
+        if passed.is_some() {
+            under = ["sh", "-c", "export LISTEN_PID=$$; exec \"$0\" \"$@\""]
+                .iter()
+                .map(Into::into)
+                .collect();
+        }
         let mut cmd = match under.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -172,6 +215,35 @@ impl Launch {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        if let Some((notify, _)) = &self.manager {
+            cmd.env("NOTIFY_SOCKET", notify);
+        }
+        if let Some((fds, names)) = passed {
+            cmd.env("LISTEN_FDS", fds.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+            let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+            // SAFETY: runs in the child between fork and exec, and only calls dup2(2), which is
+            // async-signal-safe; `raw` was allocated before the fork. The sources are above
+            // fd 100 (see to_pass), so moving them to 3.. overwrites none of them.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    for (i, &fd) in raw.iter().enumerate() {
+                        if libc::dup2(fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+            // The duplicates live until the child has them (spawn returns after exec).
+            let child = self.finish_spawn(cmd, log);
+            drop(fds);
+            return child;
+        }
+        self.finish_spawn(cmd, log)
+    }
+
+    fn finish_spawn(&self, mut cmd: Command, log: &Path) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -1147,3 +1147,109 @@ fn a_kvm_guest_on_a_firecracker_restore_under_a_budget_reads_the_snapshot_and_ke
         faultd.log()
     );
 }
+
+#[test]
+fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_again_by_its_service_manager(
+) {
+    let regions = [Region {
+        gpa: 0,
+        size: 16 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0x4E57);
+    let manager = faultd_tests::service_manager::ServiceManager::new(setup.dir.path());
+    let mut faultd = Faultd::start_managed(&manager, &[]);
+    let socket = setup.socket("fc.sock");
+    faultd
+        .listen_firecracker("fc-kept", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut restore = setup.restore(RamPageSize::Size4K);
+    restore.send(&socket, WireForm::Current).unwrap();
+
+    // Before the crash: pages 0..64 restored, and written over by the VM (a mark in their
+    // first 8 bytes); a balloon takes 1 MiB at 8 MiB, some of it restored before.
+    let touched: Vec<u64> = (0..64).map(|p| p * PAGE).collect();
+    let addrs: Vec<u64> = touched.iter().map(|&o| restore.addr(0, o)).collect();
+    copy_with_timeout(addrs.clone(), PAGE as usize, T);
+    let mark = |i: usize| 0x6b65_7074_0000_0000u64 | i as u64;
+    for (i, &a) in addrs.iter().enumerate() {
+        // SAFETY: a present page (read above) of the stand-in's live mapping, 8-byte aligned.
+        unsafe { std::ptr::write_volatile(a as *mut u64, mark(i)) };
+    }
+    let balloon = 8 * MIB;
+    copy_with_timeout(vec![restore.addr(0, balloon)], PAGE as usize, T);
+    balloon_discard(restore.addr(0, balloon), MIB, T);
+    faultd.settled_vm_stats("fc-kept", |s| {
+        s.first().is_some_and(|s| s.discarded_pages == 1)
+    });
+    let name = "faultd-fc-fc-kept";
+    assert_eq!(
+        manager.wait_for_store(&[name, name, name], T),
+        [name, name, name],
+        "the session was not put in the fd store:\n{}",
+        faultd.log()
+    );
+
+    // The crash. While faultd is down the VM faults on pages never restored and on ballooned
+    // ones: those threads wait.
+    faultd.kill9();
+    let waiting: Vec<u64> = [
+        (0..32).map(|p| (100 + p * 5) * PAGE).collect::<Vec<_>>(),
+        vec![balloon, balloon + 17 * PAGE],
+    ]
+    .concat();
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let addrs: Vec<u64> = waiting.iter().map(|&o| restore.addr(0, o)).collect();
+        std::thread::spawn(move || {
+            let _ = tx.send(copy_with_timeout(
+                addrs,
+                PAGE as usize,
+                Duration::from_secs(60),
+            ));
+        });
+    }
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a fault was served with faultd down"
+    );
+
+    // The service manager starts faultd again and passes it the kept fds.
+    faultd.restart();
+    let got = rx
+        .recv_timeout(T)
+        .expect("faults waiting across the restart were not served");
+    for (&o, page) in waiting.iter().zip(&got) {
+        if (balloon..balloon + MIB).contains(&o) {
+            assert!(page.iter().all(|&b| b == 0), "ballooned {o:#x} is not zero");
+        } else {
+            assert!(
+                *page == setup.file_bytes(0, o, PAGE as usize),
+                "offset {o:#x}"
+            );
+        }
+    }
+    // The pages restored before the crash still hold the VM's writes (not the file again).
+    let before = copy_with_timeout(addrs, PAGE as usize, T);
+    for (i, page) in before.iter().enumerate() {
+        assert_eq!(u64::from_ne_bytes(page[..8].try_into().unwrap()), mark(i));
+    }
+    let log = faultd.log();
+    assert!(
+        log.contains("serving a Firecracker restore again after a faultd restart"),
+        "{log}"
+    );
+    let st = only_session(faultd.settled_vm_stats("fc-kept", |s| {
+        s.first()
+            .is_some_and(|s| s.file_fills + s.zero_fills >= waiting.len() as u64)
+    }));
+    assert_eq!(
+        (st.file_fills, st.zero_fills, st.errors),
+        (32, 2, 0),
+        "{st:?}"
+    );
+    // Firecracker exits: the session ends and leaves the fd store.
+    restore.hang_up();
+    assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
+    assert!(manager.wait_for_store(&[], T).is_empty());
+}

@@ -1,0 +1,233 @@
+//! Firecracker sessions that outlive a faultd restart, crash included.
+//!
+//! Firecracker sends its one message once and never connects again, so what faultd needs to
+//! serve the VM after a restart is kept by the service manager in its fd store
+//! (`FDSTORE=1`, systemd's `FileDescriptorStoreMax=`), under one name per VM
+//! (`faultd-fc-<vm>`), as three fds:
+//! - a memfd holding [`Kept`]: the VM, its snapshot path and Firecracker's regions as sent;
+//! - the userfaultfd;
+//! - faultd's end of Firecracker's connection: its hang-up still ends the session, and its
+//!   `SO_PEERPIDFD` still names Firecracker.
+//!
+//! They are stored once the session serves and removed when the VM is gone. At the next
+//! start the service manager passes them back (`LISTEN_FDS`, `LISTEN_FDNAMES`), and each VM
+//! is served again as a resumed session: pages in Firecracker's memory (in RAM or in swap, by
+//! its pagemap) are taken as populated, balloon discards come from the VM's store journal
+//! (kept, not removed, when faultd stops), and every thread blocked on a fault the old faultd
+//! had read is woken to fault again ([`crate::server::FaultServer::resume`]).
+//!
+//! The fds are told apart by kind, not by order (the fd store's order is the manager's).
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+use super::{check_fds, check_regions, open_remote, open_snapshot, Mapping, SessionEnd, WireForm};
+use crate::control::{Daemon, Ending, Live};
+use crate::systemd;
+
+/// What a kept session's memfd holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Kept {
+    /// The VM (its store, its sessions' name).
+    pub vm: String,
+    /// The memory snapshot file.
+    pub snapshot: PathBuf,
+    /// Firecracker's regions, as it sent them.
+    pub regions: Vec<Mapping>,
+}
+
+/// The fd store name of `vm`'s kept session.
+fn name_of(vm: &str) -> String {
+    format!("{}fc-{vm}", systemd::STORED_PREFIX)
+}
+
+/// Puts a session that has just started serving in the fd store, if a service manager is
+/// there to keep it. Returns the name it is kept under (for [`forget`]); failures are logged:
+/// the VM is served, only not across a restart.
+pub(super) fn keep(kept: &Kept, uffd: &OwnedFd, conn: &UnixStream) -> Option<String> {
+    if !systemd::has_manager() {
+        return None;
+    }
+    let name = name_of(&kept.vm);
+    let stored = (|| -> io::Result<()> {
+        let fd =
+            nix::sys::memfd::memfd_create(c"faultd-fc", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+        let mut file = File::from(fd);
+        file.write_all(&serde_json::to_vec(kept).map_err(io::Error::other)?)?;
+        systemd::store_fds(&name, &[file.as_fd(), uffd.as_fd(), conn.as_fd()])
+    })();
+    match stored {
+        Ok(()) => {
+            tracing::info!(
+                vm = kept.vm,
+                name,
+                "session kept in the service manager's fd store"
+            );
+            Some(name)
+        }
+        Err(e) => {
+            tracing::warn!(
+                vm = kept.vm,
+                "the session cannot be kept across a faultd restart (fd store: {e})"
+            );
+            None
+        }
+    }
+}
+
+/// Takes a session out of the fd store: its VM is gone.
+pub(super) fn forget(name: &str) {
+    if let Err(e) = systemd::remove_stored(name) {
+        tracing::warn!(name, "removing a session from the fd store: {e}");
+    }
+}
+
+/// How a kept session ends: the VM gone (forgotten), or faultd stopping (still kept, its
+/// store too, for the next faultd).
+pub(super) fn ending(kept_as: &Option<String>, daemon: &Daemon) -> Ending {
+    if kept_as.is_some() && daemon.cancel.is_cancelled() {
+        Ending::Handover
+    } else {
+        Ending::VmGone
+    }
+}
+
+/// Serves again every session the service manager passed back, each on its own task.
+pub fn resume_all(daemon: &Arc<Daemon>, stored: Vec<(String, OwnedFd)>) {
+    let mut by_name: Vec<(String, Vec<OwnedFd>)> = Vec::new();
+    for (name, fd) in stored {
+        match by_name.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, fds)) => fds.push(fd),
+            None => by_name.push((name, vec![fd])),
+        }
+    }
+    for (name, fds) in by_name {
+        let d = daemon.clone();
+        daemon
+            .tracker
+            .spawn(async move { resume(d, name, fds).await });
+    }
+}
+
+/// The three fds of a kept session, told apart by kind.
+struct Parts {
+    desc: File,
+    uffd: OwnedFd,
+    conn: std::os::unix::net::UnixStream,
+}
+
+fn sort_out(fds: Vec<OwnedFd>) -> Result<Parts, String> {
+    let (mut desc, mut uffd, mut conn) = (None, None, None);
+    let n = fds.len();
+    for fd in fds {
+        let meta = File::from(fd.try_clone().map_err(|e| e.to_string())?)
+            .metadata()
+            .map_err(|e| e.to_string())?;
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            conn = Some(std::os::unix::net::UnixStream::from(fd));
+        } else if meta.is_file() {
+            desc = Some(File::from(fd));
+        } else {
+            uffd = Some(fd);
+        }
+    }
+    match (desc, uffd, conn) {
+        (Some(desc), Some(uffd), Some(conn)) if n == 3 => Ok(Parts { desc, uffd, conn }),
+        _ => Err(format!(
+            "{n} fds, not the memfd, userfaultfd and connection a kept session has"
+        )),
+    }
+}
+
+/// Serves one kept session again, until its VM is gone.
+async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
+    // Opening the store and starting the thread block: not on the reactor.
+    let d = daemon.clone();
+    let prepared = tokio::task::spawn_blocking(move || prepare(&d, fds))
+        .await
+        .unwrap_or_else(|e| Err(format!("preparing it panicked: {e}")));
+    let (live, conn, end, vm) = match prepared {
+        Ok(p) => p,
+        Err(why) => {
+            // Nothing can serve it: drop it from the store rather than fail every start.
+            tracing::error!(
+                name,
+                "a kept Firecracker session cannot be served again: {why}"
+            );
+            forget(&name);
+            return;
+        }
+    };
+    tracing::info!(
+        session = live.session.id(),
+        vm,
+        ends_on = end.describe(),
+        "serving a Firecracker restore again after a faultd restart"
+    );
+    end.wait(conn, &daemon.cancel, &vm).await;
+    let kept_as = Some(name);
+    let ending = ending(&kept_as, &daemon);
+    daemon.end_session(live, ending).await;
+    if let (Ending::VmGone, Some(name)) = (ending, kept_as) {
+        forget(&name);
+    }
+}
+
+type Resumed = (Live, UnixStream, SessionEnd, String);
+
+fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, String> {
+    let Parts {
+        mut desc,
+        uffd,
+        conn,
+    } = sort_out(fds)?;
+    let mut json = Vec::new();
+    desc.rewind()
+        .and_then(|()| desc.read_to_end(&mut json))
+        .map_err(|e| format!("reading the kept description: {e}"))?;
+    let kept: Kept =
+        serde_json::from_slice(&json).map_err(|e| format!("the kept description: {e}"))?;
+    let uffd = check_fds(vec![uffd])?;
+    let (snapshot, len) = open_snapshot(&kept.snapshot).map_err(|e| crate::validate::chain(&e))?;
+    let regions = check_regions(&kept.regions, len)?;
+    conn.set_nonblocking(true)
+        .map_err(|e| format!("the kept connection: {e}"))?;
+    let conn = UnixStream::from_std(conn).map_err(|e| format!("the kept connection: {e}"))?;
+    let pid = conn
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .filter(|&p| p > 0);
+    let remote = open_remote(&conn, pid).map_err(|e| format!("Firecracker's memory: {e}"))?;
+    let end = match regions.form {
+        WireForm::Current => SessionEnd::HangUp,
+        WireForm::Legacy => SessionEnd::ProcessExit(
+            nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerPidfd)
+                .map_err(|e| format!("watching Firecracker's process: {e}"))?,
+        ),
+    };
+    let validated = crate::validate::Validated {
+        vm: kept.vm.clone(),
+        layout: regions.layout,
+        regions: regions.served,
+        uffd,
+        snapshot: Some(snapshot),
+    };
+    let live = daemon
+        .start_session(validated, true, pid, Some(remote))
+        .map_err(|r| r.message)?;
+    daemon.admit(
+        &live.session,
+        &live.thread,
+        pid,
+        faultd_proto::SessionKind::Firecracker,
+    );
+    Ok((live, conn, end, kept.vm))
+}
