@@ -1248,6 +1248,28 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
         (32, 2, 0),
         "{st:?}"
     );
+
+    // A stop (SIGTERM, as `systemctl restart` sends) keeps it too, with a balloon made since.
+    let balloon2 = 12 * MIB;
+    copy_with_timeout(vec![restore.addr(0, balloon2)], PAGE as usize, T);
+    balloon_discard(restore.addr(0, balloon2), MIB, T);
+    faultd.settled_vm_stats("fc-kept", |s| {
+        s.first().is_some_and(|s| s.discarded_pages == 1)
+    });
+    assert!(faultd.terminate().success(), "{}", faultd.log());
+    assert_eq!(manager.stored_names(), [name, name, name]);
+    faultd.restart();
+    let after_stop = copy_with_timeout(
+        vec![restore.addr(0, balloon2), restore.addr(0, 14 * MIB)],
+        PAGE as usize,
+        T,
+    );
+    assert!(
+        after_stop[0].iter().all(|&b| b == 0),
+        "ballooned page not zero"
+    );
+    assert!(after_stop[1] == setup.file_bytes(0, 14 * MIB, PAGE as usize));
+
     // Firecracker exits: the session ends and leaves the fd store.
     restore.hang_up();
     assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
