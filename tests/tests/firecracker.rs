@@ -1270,8 +1270,45 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
     );
     assert!(after_stop[1] == setup.file_bytes(0, 14 * MIB, PAGE as usize));
 
-    // Firecracker exits: the session ends and leaves the fd store.
+    // A second VM, restored now, whose Firecracker will exit while faultd is down.
+    let socket2 = setup.socket("fc2.sock");
+    faultd
+        .listen_firecracker("fc-gone", &socket2, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut restore2 = setup.restore(RamPageSize::Size4K);
+    restore2.send(&socket2, WireForm::Current).unwrap();
+    copy_with_timeout(vec![restore2.addr(0, 0)], PAGE as usize, T);
+    balloon_discard(restore2.addr(0, 0), MIB, T); // so its store has a journal
+    let name2 = "faultd-fc-fc-gone";
+    let both = [name, name, name, name2, name2, name2];
+    assert_eq!(manager.wait_for_store(&both, T), both);
+    let store_dir = faultd.store_dir().to_owned();
+    let files = |vm: &str| {
+        ["pages", "journal"]
+            .iter()
+            .filter(|ext| store_dir.join(format!("{vm}.{ext}")).exists())
+            .count()
+    };
+    assert!(files("fc-gone") > 0, "fc-gone has no store to clean up");
+
+    // The first Firecracker exits: its session ends and leaves the fd store.
     restore.hang_up();
     assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
+    assert_eq!(
+        manager.wait_for_store(&[name2, name2, name2], T),
+        [name2; 3]
+    );
+
+    // The second exits while faultd is down: the next faultd drops it, fd store and store.
+    faultd.kill9();
+    restore2.hang_up();
+    faultd.restart();
+    assert!(
+        faultd.wait_for_log("a kept Firecracker VM ended while faultd was down", T),
+        "{}",
+        faultd.log()
+    );
     assert!(manager.wait_for_store(&[], T).is_empty());
+    assert_eq!(files("fc-gone"), 0, "the gone VM's store was left behind");
+    assert!(faultd.vm_stats("fc-gone").is_empty());
 }

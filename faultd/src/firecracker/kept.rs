@@ -152,10 +152,23 @@ async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
     let d = daemon.clone();
     let prepared = tokio::task::spawn_blocking(move || prepare(&d, fds))
         .await
-        .unwrap_or_else(|e| Err(format!("preparing it panicked: {e}")));
+        .unwrap_or_else(|e| Err(format!("preparing it panicked: {e}").into()));
     let (live, conn, end, vm) = match prepared {
         Ok(p) => p,
-        Err(why) => {
+        Err(NotResumed::Gone(vm)) => {
+            // Firecracker exited while faultd was down: its pages have nobody to come back
+            // for them (a store opened afresh and dropped removes its files).
+            tracing::info!(vm, "a kept Firecracker VM ended while faultd was down");
+            drop(crate::store::Store::open(
+                &daemon.config.store_dir,
+                &vm,
+                4096,
+                false,
+            ));
+            forget(&name);
+            return;
+        }
+        Err(NotResumed::Failed(why)) => {
             // Nothing can serve it: drop it from the store rather than fail every start.
             tracing::error!(
                 name,
@@ -182,7 +195,43 @@ async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
 
 type Resumed = (Live, UnixStream, SessionEnd, String);
 
-fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, String> {
+/// Why a kept session is not served again.
+enum NotResumed {
+    /// Its VM (this one) ended while faultd was down.
+    Gone(String),
+    /// Something else, said.
+    Failed(String),
+}
+
+impl From<String> for NotResumed {
+    fn from(why: String) -> Self {
+        NotResumed::Failed(why)
+    }
+}
+
+/// Whether Firecracker has gone: it hung up (1.12+ keeps the socket open while the VM runs),
+/// or, for older ones that close it at once, its process exited.
+fn peer_gone(conn: &std::os::unix::net::UnixStream, form: WireForm) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // `when`: the events that mean gone (a unix stream whose peer closed polls POLLHUP; a
+    // pidfd of an exited process polls readable).
+    let polls = |fd: std::os::fd::BorrowedFd<'_>, when: PollFlags| {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok()
+            && fds[0].revents().is_some_and(|r| r.intersects(when))
+    };
+    match form {
+        WireForm::Current => polls(conn.as_fd(), PollFlags::POLLHUP),
+        WireForm::Legacy => {
+            match nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerPidfd) {
+                Ok(pidfd) => polls(pidfd.as_fd(), PollFlags::POLLIN | PollFlags::POLLHUP),
+                Err(_) => true,
+            }
+        }
+    }
+}
+
+fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResumed> {
     let Parts {
         mut desc,
         uffd,
@@ -197,6 +246,9 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, String> {
     let uffd = check_fds(vec![uffd])?;
     let (snapshot, len) = open_snapshot(&kept.snapshot).map_err(|e| crate::validate::chain(&e))?;
     let regions = check_regions(&kept.regions, len)?;
+    if peer_gone(&conn, regions.form) {
+        return Err(NotResumed::Gone(kept.vm));
+    }
     conn.set_nonblocking(true)
         .map_err(|e| format!("the kept connection: {e}"))?;
     let conn = UnixStream::from_std(conn).map_err(|e| format!("the kept connection: {e}"))?;
@@ -222,7 +274,7 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, String> {
     };
     let live = daemon
         .start_session(validated, true, pid, Some(remote))
-        .map_err(|r| r.message)?;
+        .map_err(|r| NotResumed::Failed(r.message))?;
     daemon.admit(
         &live.session,
         &live.thread,
