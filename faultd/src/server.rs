@@ -375,6 +375,11 @@ impl<O: UffdOps> FaultServer<O> {
         let Some(limits) = self.budget.as_ref().map(|b| b.limits) else {
             return;
         };
+        if limits.session == 0 && limits.global == 0 {
+            // No budget (the default): nothing reads the global count, so this runs after every
+            // batch of faults for nothing but a lock and an atomic.
+            return;
+        }
         let excess = |(own, global): (u64, u64)| {
             let pct = |v: u64, p: u64| (v as u128 * p as u128 / 100) as u64;
             let mut free = 0;

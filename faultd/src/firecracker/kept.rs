@@ -283,3 +283,51 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
     );
     Ok((live, conn, end, kept.vm))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd_with(bytes: &[u8]) -> OwnedFd {
+        let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::empty()).unwrap();
+        let mut f = File::from(fd);
+        f.write_all(bytes).unwrap();
+        f.into()
+    }
+
+    #[test]
+    fn a_kept_sessions_fds_are_told_apart_by_kind_in_any_order() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (r, _w) = nix::unistd::pipe().unwrap(); // stands for the uffd: neither file nor socket
+        let parts = sort_out(vec![a.into(), memfd_with(b"{}"), r]).unwrap();
+        assert!(parts.desc.metadata().unwrap().is_file());
+        assert!(parts.conn.peer_addr().is_ok());
+        // Too few, or two of a kind, is refused by name.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = sort_out(vec![a.into(), memfd_with(b"{}")]).err().unwrap();
+        assert!(err.contains("2 fds"), "{err}");
+        let err = sort_out(vec![memfd_with(b"1"), memfd_with(b"2"), memfd_with(b"3")])
+            .err()
+            .unwrap();
+        assert!(err.contains("3 fds"), "{err}");
+    }
+
+    #[test]
+    fn the_kept_description_round_trips_firecrackers_regions_as_sent() {
+        let kept = Kept {
+            vm: "fc0".into(),
+            snapshot: "/srv/fc0/mem".into(),
+            regions: vec![Mapping {
+                base_host_virt_addr: 0x7f00_0000_0000,
+                size: 1 << 30,
+                offset: 0,
+                page_size: Some(4096),
+                page_size_kib: None,
+            }],
+        };
+        let back: Kept = serde_json::from_slice(&serde_json::to_vec(&kept).unwrap()).unwrap();
+        assert_eq!(back.vm, kept.vm);
+        assert_eq!(back.snapshot, kept.snapshot);
+        assert_eq!(back.regions, kept.regions);
+    }
+}
