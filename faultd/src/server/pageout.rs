@@ -58,6 +58,8 @@ impl<O: UffdOps> FaultServer<O> {
                 .anon
                 .measured
                 .is_some_and(|m| m.at.elapsed() < MEASURE_EVERY)
+            // Without swap nothing can be paged out: not worth reading the pagemap for.
+            || !swap_available().unwrap_or(false)
         {
             return false;
         }
@@ -132,17 +134,20 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// The pagemap, if paging out can work now (else logged, once per spell).
     fn paging_status(&mut self) -> Option<Vec<Vec<PageStatus>>> {
-        let why = match (self.session.remote_status(), swap_available()) {
-            (None, _) => "the VMM's memory could not be opened (see the session's start)".into(),
-            (Some(Err(e)), _) => format!("reading the VMM's pagemap: {e}"),
-            (_, Ok(false)) => "no swap is enabled, and the kernel pages anonymous memory out \
-                               only to swap"
+        // Swap first: it is one small read, the pagemap one of 8 bytes per page.
+        let why = match swap_available() {
+            Ok(false) => "no swap is enabled, and the kernel pages anonymous memory out only \
+                          to swap"
                 .into(),
-            (_, Err(e)) => format!("reading /proc/meminfo: {e}"),
-            (Some(Ok(status)), Ok(true)) => {
-                self.anon.no_swap_logged = false;
-                return Some(status);
-            }
+            Err(e) => format!("reading /proc/meminfo: {e}"),
+            Ok(true) => match self.session.remote_status() {
+                None => "the VMM's memory could not be opened (see the session's start)".into(),
+                Some(Err(e)) => format!("reading the VMM's pagemap: {e}"),
+                Some(Ok(status)) => {
+                    self.anon.no_swap_logged = false;
+                    return Some(status);
+                }
+            },
         };
         if !std::mem::replace(&mut self.anon.no_swap_logged, true) {
             self.error(format_args!(
