@@ -1279,6 +1279,10 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
     restore2.send(&socket2, WireForm::Current).unwrap();
     copy_with_timeout(vec![restore2.addr(0, 0)], PAGE as usize, T);
     balloon_discard(restore2.addr(0, 0), MIB, T); // so its store has a journal
+                                                  // Counted after the journal record is written.
+    faultd.settled_vm_stats("fc-gone", |s| {
+        s.first().is_some_and(|s| s.discarded_pages == 1)
+    });
     let name2 = "faultd-fc-fc-gone";
     let both = [name, name, name, name2, name2, name2];
     assert_eq!(manager.wait_for_store(&both, T), both);
