@@ -133,6 +133,8 @@ impl<O: UffdOps> FaultServer<O> {
                     Incoming::Malformed { cookie, reason } => {
                         Counters::bump(&self.session.counters.device_malformed);
                         if let Some(cookie) = cookie {
+                            // Counted before it is answered, as every answer is.
+                            Counters::bump(&self.session.counters.device_invalid);
                             self.respond(
                                 d,
                                 *cookie,
@@ -140,7 +142,6 @@ impl<O: UffdOps> FaultServer<O> {
                                 now,
                                 FaultOutcome::Invalid,
                             );
-                            Counters::bump(&self.session.counters.device_invalid);
                         }
                         tracing::debug!(
                             session = self.session.id(),
@@ -207,12 +208,14 @@ impl<O: UffdOps> FaultServer<O> {
                 (ResponseCode::Success, filled)
             }
             Outcome::Invalid(why) => {
-                Counters::bump(&c.device_invalid);
+                // The reason first, the total last: whoever sees the INVALID counted sees why
+                // (the iommufd check once read the total between the two).
                 Counters::bump(match why {
                     Refuse::OutsideLayout => &c.device_outside,
                     Refuse::ReadOnly => &c.device_read_only,
                     Refuse::Failed | Refuse::Deadline => &c.device_failed,
                 });
+                Counters::bump(&c.device_invalid);
                 let served = match why {
                     Refuse::Deadline => FaultOutcome::Deadline,
                     _ => FaultOutcome::Invalid,
