@@ -372,7 +372,10 @@ fn discarded_snapshot_pages_read_as_zero_afterwards() {
         .map(|p| if (2..6).contains(&p) { 0 } else { 0x77 })
         .collect();
     assert_eq!(read_with_timeout(&r.ram, offs, T), want);
-    let stats = settled_stats(&mut session, |s| s.zero_fills >= 4);
+    // Residency is recorded a moment after the fill is counted (see resident_settled).
+    let stats = settled_stats(&mut session, |s| {
+        s.zero_fills >= 4 && s.resident_bytes == r.ram.allocated_bytes().unwrap()
+    });
     assert_eq!(stats.discarded_pages, 4);
     assert_eq!((stats.file_fills, stats.zero_fills), (8, 4));
     assert_eq!(stats.resident_bytes, 8 * 4096);
