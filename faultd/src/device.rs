@@ -376,10 +376,6 @@ impl<O: UffdOps> FaultServer<O> {
             .zeropage(first.hva, first.size * pages.len() as u64);
         match result {
             Ok(()) => {
-                self.session
-                    .counters
-                    .zero_fills
-                    .fetch_add(pages.len() as u64, Ordering::Relaxed);
                 self.filled = self.filled.max(FaultOutcome::Zero);
                 let mut stale = false;
                 let mut installed = Vec::with_capacity(pages.len());
@@ -392,6 +388,11 @@ impl<O: UffdOps> FaultServer<O> {
                     }
                 }
                 drop(map);
+                // Counted once s2map has them resident (as FaultServer::install does).
+                self.session
+                    .counters
+                    .zero_fills
+                    .fetch_add(pages.len() as u64, Ordering::Relaxed);
                 for page in installed {
                     self.installed(page);
                 }

@@ -693,13 +693,15 @@ impl<O: UffdOps> FaultServer<O> {
         }
         match result {
             Ok(()) | Err(OpError::Exists) => {
+                let completed = self.session.map().complete(at.page);
+                // Counted once s2map has it resident: whoever sees the fill counted sees the
+                // page resident too (the faulting thread already runs: the copy woke it).
                 Counters::bump(match (result, fill) {
                     (Err(_), _) => &counters.already_present,
                     (Ok(()), Fill::Zero) => &counters.zero_fills,
                     (Ok(()), Fill::File { .. }) => &counters.file_fills,
                     (Ok(()), Fill::Store { .. }) => &counters.store_fills,
                 });
-                let completed = self.session.map().complete(at.page);
                 if let (Ok(c), Some(store)) = (&completed, &mut self.store) {
                     if let Some(slot) = c.freed_slot {
                         store.free(slot);
