@@ -77,9 +77,12 @@ pub fn has_manager() -> bool {
 
 /// Puts `fds` in the service manager's fd store under `name` (`FDSTORE=1`): it keeps them
 /// while faultd restarts, crashes included, and passes them back at the next start. The unit
-/// must allow it (`FileDescriptorStoreMax=`).
+/// must allow it (`FileDescriptorStoreMax=`). `FDPOLL=0`: systemd would otherwise drop a stored
+/// fd on its own when it polls POLLHUP, and a socket whose peer closed does (an older
+/// Firecracker closes its end right after its message, while its VM runs on); what is kept
+/// is faultd's to remove (`remove_stored`).
 pub fn store_fds(name: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
-    send_to_manager(&format!("FDSTORE=1\nFDNAME={name}\n"), fds)
+    send_to_manager(&format!("FDSTORE=1\nFDNAME={name}\nFDPOLL=0\n"), fds)
 }
 
 /// Takes the fds stored under `name` out of the fd store (`FDSTOREREMOVE=1`).

@@ -1189,6 +1189,15 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
         "the session was not put in the fd store:\n{}",
         faultd.log()
     );
+    // Kept until faultd removes it: not dropped by the manager on a hang-up it polls.
+    assert!(
+        manager
+            .messages()
+            .iter()
+            .any(|m| m.contains("FDSTORE=1") && m.contains("FDPOLL=0")),
+        "{:?}",
+        manager.messages()
+    );
 
     // The crash. While faultd is down the VM faults on pages never restored and on ballooned
     // ones: those threads wait.
