@@ -322,6 +322,26 @@ fn firecracker_restore_on_2mib_hugetlb_memory_gets_whole_huge_pages_from_the_sna
     assert_eq!(stats.file_fills, huge.len() as u64);
     assert_eq!(stats.resident_bytes, huge.len() as u64 * HUGE);
     assert!(huge.len() < (SIZE / HUGE) as usize);
+
+    // hugetlb memory is not paged out by the kernel: an eviction is refused saying so, and
+    // nothing changes.
+    let out = std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(faultd.socket())
+        .args(["ctl", "evict", "--vm", "fc-huge", "--pages", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("hugetlb memory, which the kernel does not page out"),
+        "{err}"
+    );
+    let after = only_session(faultd.vm_stats("fc-huge"));
+    assert_eq!(
+        (after.resident_bytes, after.evictions),
+        (stats.resident_bytes, 0)
+    );
 }
 
 #[test]
