@@ -511,6 +511,26 @@ async fn refuse_session(
     Ending::Handover
 }
 
+/// Hands `cmd` to the session's fault thread. A thread that has stopped cannot serve the
+/// session any more: the request is refused and the session closed (the returned ending).
+async fn command(
+    daemon: &Daemon,
+    conn: &UnixSeqpacket,
+    thread: &FaultThread,
+    cmd: Command,
+) -> Result<(), Ending> {
+    if thread.send(cmd).is_ok() {
+        return Ok(());
+    }
+    Err(refuse_session(
+        daemon,
+        conn,
+        ErrorCode::Internal,
+        "the session's fault service has stopped".into(),
+    )
+    .await)
+}
+
 async fn refuse(daemon: &Daemon, conn: &UnixSeqpacket, code: ErrorCode, message: String) {
     tracing::info!(?code, "refusing client: {message}");
     daemon.metrics.protocol_error(code);
@@ -750,14 +770,9 @@ async fn session_loop(
                     }
                 };
                 let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
-                if thread.send(Command::AddDevice(device)).is_err() {
-                    return refuse_session(
-                        daemon,
-                        conn,
-                        ErrorCode::Internal,
-                        "the session's fault service has stopped".into(),
-                    )
-                    .await;
+                if let Err(ending) = command(daemon, conn, thread, Command::AddDevice(device)).await
+                {
+                    return ending;
                 }
                 tracing::info!(session = session.id(), dev_id, granule, "device attached");
                 daemon.device_attached.notify_one();
@@ -784,14 +799,8 @@ async fn session_loop(
                     max: max_pages.unwrap_or(u64::MAX),
                     reply: tx,
                 };
-                if thread.send(cmd).is_err() {
-                    return refuse_session(
-                        daemon,
-                        conn,
-                        ErrorCode::Internal,
-                        "the session's fault service has stopped".into(),
-                    )
-                    .await;
+                if let Err(ending) = command(daemon, conn, thread, cmd).await {
+                    return ending;
                 }
                 // The thread evicts between faults; wait for it off the reactor.
                 let report = tokio::task::spawn_blocking(move || rx.recv()).await;
