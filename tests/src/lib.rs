@@ -77,7 +77,7 @@ impl Faultd {
     pub fn spawn(extra: &[&str], env: &[(&str, &OsStr)], under: &[&OsStr]) -> Faultd {
         let dir = tempfile::tempdir().expect("tempdir");
         let extra = extra.iter().map(Into::into).collect();
-        Faultd::spawn_in(dir, extra, env, under)
+        Faultd::spawn_in(dir, extra, env, under, None)
     }
 
     /// Starts faultd with `toml` as its configuration file (`--config`), kept in faultd's own
@@ -87,7 +87,7 @@ impl Faultd {
         let config = dir.path().join("faultd.toml");
         std::fs::write(&config, toml).expect("writing faultd.toml");
         let extra = vec!["--config".into(), config.into_os_string()];
-        let mut f = Faultd::spawn_in(dir, extra, &[], &[]);
+        let mut f = Faultd::spawn_in(dir, extra, &[], &[], None);
         f.wait_accepting();
         f
     }
@@ -97,23 +97,8 @@ impl Faultd {
     /// does. Waits until it accepts.
     pub fn start_managed(manager: &service_manager::ServiceManager, extra: &[&str]) -> Faultd {
         let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("faultd.sock");
-        let log = dir.path().join("faultd.log");
-        let launch = Launch {
-            extra: extra.iter().map(Into::into).collect(),
-            env: Vec::new(),
-            under: Vec::new(),
-            store: dir.path().join("store"),
-            manager: Some((manager.notify_socket().to_owned(), manager.state.clone())),
-        };
-        let child = launch.start(&socket, &log);
-        let mut f = Faultd {
-            child,
-            socket,
-            log,
-            launch,
-            _dir: dir,
-        };
+        let extra = extra.iter().map(Into::into).collect();
+        let mut f = Faultd::spawn_in(dir, extra, &[], &[], Some(manager));
         f.wait_accepting();
         f
     }
@@ -123,6 +108,7 @@ impl Faultd {
         extra: Vec<std::ffi::OsString>,
         env: &[(&str, &OsStr)],
         under: &[&OsStr],
+        manager: Option<&service_manager::ServiceManager>,
     ) -> Faultd {
         let socket = dir.path().join("faultd.sock");
         let log = dir.path().join("faultd.log");
@@ -134,7 +120,7 @@ impl Faultd {
                 .collect(),
             under: under.iter().map(|&u| u.to_owned()).collect(),
             store: dir.path().join("store"),
-            manager: None,
+            manager: manager.map(|m| (m.notify_socket().to_owned(), m.state.clone())),
         };
         let child = launch.start(&socket, &log);
         Faultd {
@@ -705,7 +691,12 @@ impl Drop for Swap {
 /// The seed of a randomised test: `FAULTD_SEED` if set, else the clock. Printed, so that a
 /// failure can be rerun with the same one.
 pub fn seed() -> u64 {
-    let s = std::env::var("FAULTD_SEED")
+    seed_from("FAULTD_SEED")
+}
+
+/// As [`seed`], read from the environment variable `var`.
+pub fn seed_from(var: &str) -> u64 {
+    let s = std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
@@ -714,7 +705,7 @@ pub fn seed() -> u64 {
                 .expect("the clock is past 1970")
                 .as_nanos() as u64
         });
-    println!("seed {s} (rerun with FAULTD_SEED={s})");
+    println!("seed {s} (rerun with {var}={s})");
     s
 }
 

@@ -756,16 +756,7 @@ fn hostile_ring_producer_does_not_crash_faultd_or_affect_another_session() {
     const SIZE: u64 = 64 * MIB;
     const VICTIM_SIZE: u64 = 256 * MIB;
     const HOSTILE_FOR: Duration = Duration::from_secs(3);
-    let seed = std::env::var("FAULTD_HOSTILE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("hostile seed {seed} (rerun with FAULTD_HOSTILE_SEED={seed})");
+    let seed = faultd_tests::seed_from("FAULTD_HOSTILE_SEED");
     let mut rng = Rng(seed);
     let mut faultd = Faultd::start(&[]);
     let _watchdog = Watchdog::new(&faultd);
