@@ -326,7 +326,7 @@ impl<O: UffdOps> FaultServer<O> {
                     let _ = reply.send(report);
                 }
                 Command::EvictOldest { pages, reply } => {
-                    let report = self.evict_oldest(Quota::Pages(pages));
+                    let report = self.evict_oldest(Quota::Pages(pages), None);
                     let _ = reply.send(report);
                 }
             }
@@ -395,20 +395,29 @@ impl<O: UffdOps> FaultServer<O> {
         let mut free = excess(self.report_resident());
         // Anonymous memory: over the line by an estimate, look at the pagemap before paging
         // out (and, idle, look anyway).
-        if (free > 0 || idle) && self.remeasure_if_stale() {
-            free = excess(self.report_resident());
+        let mut pagemap = None;
+        if free > 0 || idle {
+            pagemap = self.remeasure_if_stale();
+            if pagemap.is_some() {
+                free = excess(self.report_resident());
+            }
         }
         if free > 0 {
-            self.evict_oldest(Quota::BudgetBytes(free));
+            self.evict_oldest(Quota::BudgetBytes(free), pagemap);
             self.report_resident();
         }
     }
 
     /// Evicts resident pages, oldest-installed first, device-mapped ones only when nothing
-    /// else is left, until `quota` is met or no resident page is left.
-    fn evict_oldest(&mut self, quota: Quota) -> EvictReport {
+    /// else is left, until `quota` is met or no resident page is left. Anonymous memory is
+    /// paged out instead, by `pagemap` if the caller has just read it.
+    fn evict_oldest(
+        &mut self,
+        quota: Quota,
+        pagemap: Option<Vec<Vec<crate::remote::PageStatus>>>,
+    ) -> EvictReport {
         if self.session.is_anonymous() {
-            return self.page_out_oldest(quota);
+            return self.page_out_oldest(quota, pagemap);
         }
         let mut report = EvictReport::default();
         let mut freed = 0;

@@ -446,11 +446,10 @@ impl Session {
         self.remote.get()
     }
 
-    /// Whether guest RAM is the VMM's anonymous private memory (a Firecracker restore).
+    /// Whether guest RAM is the VMM's anonymous private memory (a Firecracker restore): the
+    /// memory that is not mappable (a session's regions are all one or all the other).
     pub fn is_anonymous(&self) -> bool {
-        self.regions
-            .iter()
-            .any(|r| matches!(r.memory, RegionMemory::AnonymousPrivate))
+        !self.memory_is_mappable()
     }
 
     /// Each region's pages as the VMM's pagemap has them (None: no [`RemoteMm`]).
@@ -469,17 +468,19 @@ impl Session {
     /// Bytes of guest RAM in RAM by the VMM's pagemap (None: no [`RemoteMm`], or it could not
     /// be read).
     pub fn remote_present_bytes(&self) -> Option<u64> {
-        let status = self.remote_status()?.ok()?;
-        Some(
-            status
-                .iter()
-                .zip(self.layout.regions())
-                .map(|(st, r)| {
-                    st.iter().filter(|&&s| s == PageStatus::Present).count() as u64
-                        * r.page_size().bytes()
-                })
-                .sum(),
-        )
+        Some(self.present_bytes(&self.remote_status()?.ok()?))
+    }
+
+    /// Bytes in RAM by `status`, a pagemap reading ([`Session::remote_status`]).
+    pub fn present_bytes(&self, status: &[Vec<PageStatus>]) -> u64 {
+        status
+            .iter()
+            .zip(self.layout.regions())
+            .map(|(st, r)| {
+                st.iter().filter(|&&s| s == PageStatus::Present).count() as u64
+                    * r.page_size().bytes()
+            })
+            .sum()
     }
 
     /// Whether a device has been attached to this VM.

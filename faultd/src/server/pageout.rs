@@ -51,8 +51,8 @@ impl<O: UffdOps> FaultServer<O> {
     }
 
     /// Reads the VMM's pagemap again if the last reading is older than [`MEASURE_EVERY`].
-    /// Returns whether it did.
-    pub(super) fn remeasure_if_stale(&mut self) -> bool {
+    /// Returns what it read, for paging out by it.
+    pub(super) fn remeasure_if_stale(&mut self) -> Option<Vec<Vec<PageStatus>>> {
         if !self.session.is_anonymous()
             || self
                 .anon
@@ -61,21 +61,20 @@ impl<O: UffdOps> FaultServer<O> {
             // Without swap nothing can be paged out: not worth reading the pagemap for.
             || !swap_available().unwrap_or(false)
         {
-            return false;
+            return None;
         }
-        self.measure();
-        true
+        let status = self.session.remote_status()?.ok()?;
+        self.measured(&status);
+        Some(status)
     }
 
-    fn measure(&mut self) {
-        let populated = self.session.map().stats().resident_bytes;
-        if let Some(present) = self.session.remote_present_bytes() {
-            self.anon.measured = Some(Measured {
-                present,
-                populated,
-                at: Instant::now(),
-            });
-        }
+    /// Records `status`, the pagemap just read, as the last measurement.
+    fn measured(&mut self, status: &[Vec<PageStatus>]) {
+        self.anon.measured = Some(Measured {
+            present: self.session.present_bytes(status),
+            populated: self.session.map().stats().resident_bytes,
+            at: Instant::now(),
+        });
     }
 
     /// Whether an idle fault thread should wake to look at the budget (see [`IDLE_CHECK`]).
@@ -87,9 +86,14 @@ impl<O: UffdOps> FaultServer<O> {
             && self.session.remote().is_some()
     }
 
-    /// Pages out `quota` of the oldest-installed pages that are in RAM.
-    pub(super) fn page_out_oldest(&mut self, quota: Quota) -> EvictReport {
-        let Some(status) = self.paging_status() else {
+    /// Pages out `quota` of the oldest-installed pages that are in RAM, by `pagemap` if it was
+    /// just read.
+    pub(super) fn page_out_oldest(
+        &mut self,
+        quota: Quota,
+        pagemap: Option<Vec<Vec<PageStatus>>>,
+    ) -> EvictReport {
+        let Some(status) = self.paging_status(pagemap) else {
             return EvictReport::default();
         };
         let mut chosen = Vec::new();
@@ -119,7 +123,7 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// Pages out up to `max` pages of `[gpa, gpa+len)` that are in RAM.
     pub(super) fn page_out_range(&mut self, gpa: s2map::Gpa, len: u64, max: u64) -> EvictReport {
-        let Some(status) = self.paging_status() else {
+        let Some(status) = self.paging_status(None) else {
             return EvictReport::default();
         };
         let chosen: Vec<PageRef> = self
@@ -132,15 +136,19 @@ impl<O: UffdOps> FaultServer<O> {
         self.page_out(chosen, false)
     }
 
-    /// The pagemap, if paging out can work now (else logged, once per spell).
-    fn paging_status(&mut self) -> Option<Vec<Vec<PageStatus>>> {
+    /// The pagemap (`known` if given, else read now), if paging out can work now (else logged,
+    /// once per spell).
+    fn paging_status(
+        &mut self,
+        known: Option<Vec<Vec<PageStatus>>>,
+    ) -> Option<Vec<Vec<PageStatus>>> {
         // Swap first: it is one small read, the pagemap one of 8 bytes per page.
         let why = match swap_available() {
             Ok(false) => "no swap is enabled, and the kernel pages anonymous memory out only \
                           to swap"
                 .into(),
             Err(e) => format!("reading /proc/meminfo: {e}"),
-            Ok(true) => match self.session.remote_status() {
+            Ok(true) => match known.map(Ok).or_else(|| self.session.remote_status()) {
                 None => "the VMM's memory could not be opened (see the session's start)".into(),
                 Some(Err(e)) => format!("reading the VMM's pagemap: {e}"),
                 Some(Ok(status)) => {
@@ -214,7 +222,8 @@ impl<O: UffdOps> FaultServer<O> {
                 pages.len()
             );
         }
-        self.measure();
+        // The pagemap just read is the new measurement: no need to read it again.
+        self.measured(&status);
         report
     }
 }
