@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::control::{Daemon, Ending, Live};
+use crate::control::{Daemon, Live};
 use crate::server::{FaultServer, StandbyThread};
 use crate::session::{Hva, RegionMemory, ServedRegion, Session};
 use crate::validate::Refusal;
@@ -642,7 +642,8 @@ async fn serve_restore(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, s) = (daemon.clone(), socket.clone());
     // What the fd store keeps of the session (see kept), if a service manager is there.
-    let kept = systemd_keeps().then(|| kept::Kept {
+    let keeping = crate::systemd::has_manager();
+    let kept = keeping.then(|| kept::Kept {
         vm: spec.vm.clone(),
         snapshot: spec.snapshot.clone(),
         regions: message.regions.clone(),
@@ -650,7 +651,7 @@ async fn serve_restore(
     let thread = standby.start(Box::new(move || match prepare(&d, &s.spec, message, pid) {
         Ok((session, server, end)) => {
             // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
-            let uffd = kept_uffd_dup(&server);
+            let uffd = keeping.then(|| uffd_dup(&server)).flatten();
             // Straight to serving: registering and logging are done on the async side.
             let _ = tx.send(Ok((session, end, uffd)));
             Some(server)
@@ -674,7 +675,7 @@ async fn serve_restore(
     };
     // Off the restore's path: what paging the VM's memory out needs (see crate::remote).
     // Without it the session is served but its memory cannot be evicted.
-    match open_remote(&stream, pid) {
+    match open_remote(peer_pidfd(&stream), pid) {
         Ok(mm) => session.set_remote(mm),
         Err(e) => tracing::warn!(
             session = session.id(),
@@ -702,26 +703,12 @@ async fn serve_restore(
     };
     drop(uffd);
     end.wait(stream, &daemon.cancel, &spec.vm).await;
-    // Firecracker cannot register again: unless the session is kept for the next faultd (see
-    // kept), whatever ended it, its VM's pages in the store have nobody to come back for them.
-    let ending = kept::ending(&kept_as, daemon);
-    daemon.end_session(Live { session, thread }, ending).await;
-    if let (Ending::VmGone, Some(name)) = (ending, kept_as) {
-        kept::forget(&name);
-    }
+    kept::end(daemon, Live { session, thread }, kept_as).await;
     drop(slot);
 }
 
-/// Whether sessions are kept in a service manager's fd store (see [`kept`]).
-fn systemd_keeps() -> bool {
-    crate::systemd::has_manager()
-}
-
-/// A duplicate of `server`'s userfaultfd to keep in the fd store, when one is kept.
-fn kept_uffd_dup(server: &FaultServer<KernelUffd>) -> Option<OwnedFd> {
-    if !systemd_keeps() {
-        return None;
-    }
+/// A duplicate of `server`'s userfaultfd, to keep in the fd store.
+fn uffd_dup(server: &FaultServer<KernelUffd>) -> Option<OwnedFd> {
     server
         .fd()
         .try_clone_to_owned()
@@ -730,20 +717,29 @@ fn kept_uffd_dup(server: &FaultServer<KernelUffd>) -> Option<OwnedFd> {
 }
 
 /// Serves again the Firecracker sessions a previous faultd kept (see [`kept`]).
-pub fn resume_kept(daemon: &Arc<Daemon>, stored: Vec<(String, OwnedFd)>) {
-    kept::resume_all(daemon, stored)
-}
+pub use kept::resume_all as resume_kept;
 
 mod kept;
 
-/// Opens the peer's memory for paging out: its pidfd from the socket (SO_PEERPIDFD: the very
-/// process that connected, whatever happened to its pid since), then its pagemap.
-fn open_remote(stream: &UnixStream, pid: Option<i32>) -> io::Result<crate::remote::RemoteMm> {
-    let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd)?;
+/// The peer's pidfd (SO_PEERPIDFD: the very process that connected, whatever happened to its
+/// pid since).
+fn peer_pidfd(stream: &impl AsFd) -> io::Result<OwnedFd> {
+    Ok(nix::sys::socket::getsockopt(
+        stream,
+        nix::sys::socket::sockopt::PeerPidfd,
+    )?)
+}
+
+/// Opens the peer's memory for paging out: by its pidfd (from [`peer_pidfd`]), then its
+/// pagemap.
+fn open_remote(
+    pidfd: io::Result<OwnedFd>,
+    pid: Option<i32>,
+) -> io::Result<crate::remote::RemoteMm> {
     let pid = pid
         .filter(|&p| p > 0)
         .ok_or_else(|| io::Error::other("the kernel did not tell the peer's pid"))?;
-    crate::remote::RemoteMm::open(pidfd, pid)
+    crate::remote::RemoteMm::open(pidfd?, pid)
 }
 
 fn refused(spec: &ListenSpec, pid: Option<i32>, why: &str) {

@@ -27,7 +27,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
-use super::{check_fds, check_regions, open_remote, open_snapshot, Mapping, SessionEnd, WireForm};
+use super::{
+    check_fds, check_regions, open_remote, open_snapshot, peer_pidfd, Mapping, SessionEnd, WireForm,
+};
 use crate::control::{Daemon, Ending, Live};
 use crate::systemd;
 
@@ -51,9 +53,6 @@ fn name_of(vm: &str) -> String {
 /// there to keep it. Returns the name it is kept under (for [`forget`]); failures are logged:
 /// the VM is served, only not across a restart.
 pub(super) fn keep(kept: &Kept, uffd: &OwnedFd, conn: &UnixStream) -> Option<String> {
-    if !systemd::has_manager() {
-        return None;
-    }
     let name = name_of(&kept.vm);
     let stored = (|| -> io::Result<()> {
         let fd =
@@ -88,13 +87,19 @@ pub(super) fn forget(name: &str) {
     }
 }
 
-/// How a kept session ends: the VM gone (forgotten), or faultd stopping (still kept, its
-/// store too, for the next faultd).
-pub(super) fn ending(kept_as: &Option<String>, daemon: &Daemon) -> Ending {
-    if kept_as.is_some() && daemon.cancel.is_cancelled() {
+/// Ends a Firecracker session whose VM is gone or which faultd stops. Firecracker cannot
+/// register again, so unless the session is kept (`kept_as`, its fd store name) for the next
+/// faultd, its VM's pages in the store have nobody to come back for them. A kept one is
+/// handed over when faultd stops (store kept), and forgotten when its VM is gone.
+pub(super) async fn end(daemon: &Daemon, live: Live, kept_as: Option<String>) {
+    let ending = if kept_as.is_some() && daemon.cancel.is_cancelled() {
         Ending::Handover
     } else {
         Ending::VmGone
+    };
+    daemon.end_session(live, ending).await;
+    if let (Ending::VmGone, Some(name)) = (ending, kept_as) {
+        forget(&name);
     }
 }
 
@@ -185,12 +190,7 @@ async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
         "serving a Firecracker restore again after a faultd restart"
     );
     end.wait(conn, &daemon.cancel, &vm).await;
-    let kept_as = Some(name);
-    let ending = ending(&kept_as, &daemon);
-    daemon.end_session(live, ending).await;
-    if let (Ending::VmGone, Some(name)) = (ending, kept_as) {
-        forget(&name);
-    }
+    self::end(&daemon, live, Some(name)).await;
 }
 
 type Resumed = (Live, UnixStream, SessionEnd, String);
@@ -210,8 +210,12 @@ impl From<String> for NotResumed {
 }
 
 /// Whether Firecracker has gone: it hung up (1.12+ keeps the socket open while the VM runs),
-/// or, for older ones that close it at once, its process exited.
-fn peer_gone(conn: &std::os::unix::net::UnixStream, form: WireForm) -> bool {
+/// or, for older ones that close it at once, its process (`pidfd`) exited.
+fn peer_gone(
+    conn: &std::os::unix::net::UnixStream,
+    form: WireForm,
+    pidfd: Option<&OwnedFd>,
+) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     // `when`: the events that mean gone (a unix stream whose peer closed polls POLLHUP; a
     // pidfd of an exited process polls readable).
@@ -223,10 +227,7 @@ fn peer_gone(conn: &std::os::unix::net::UnixStream, form: WireForm) -> bool {
     match form {
         WireForm::Current => polls(conn.as_fd(), PollFlags::POLLHUP),
         WireForm::Legacy => {
-            match nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerPidfd) {
-                Ok(pidfd) => polls(pidfd.as_fd(), PollFlags::POLLIN | PollFlags::POLLHUP),
-                Err(_) => true,
-            }
+            pidfd.is_none_or(|p| polls(p.as_fd(), PollFlags::POLLIN | PollFlags::POLLHUP))
         }
     }
 }
@@ -246,7 +247,9 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
     let uffd = check_fds(vec![uffd])?;
     let (snapshot, len) = open_snapshot(&kept.snapshot).map_err(|e| crate::validate::chain(&e))?;
     let regions = check_regions(&kept.regions, len)?;
-    if peer_gone(&conn, regions.form) {
+    // Firecracker's pidfd: to tell whether it is gone, then to reach its memory.
+    let pidfd = peer_pidfd(&conn);
+    if peer_gone(&conn, regions.form, pidfd.as_ref().ok()) {
         return Err(NotResumed::Gone(kept.vm));
     }
     conn.set_nonblocking(true)
@@ -257,12 +260,11 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
         .ok()
         .and_then(|c| c.pid())
         .filter(|&p| p > 0);
-    let remote = open_remote(&conn, pid).map_err(|e| format!("Firecracker's memory: {e}"))?;
+    let remote = open_remote(pidfd, pid).map_err(|e| format!("Firecracker's memory: {e}"))?;
     let end = match regions.form {
         WireForm::Current => SessionEnd::HangUp,
         WireForm::Legacy => SessionEnd::ProcessExit(
-            nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerPidfd)
-                .map_err(|e| format!("watching Firecracker's process: {e}"))?,
+            peer_pidfd(&conn).map_err(|e| format!("watching Firecracker's process: {e}"))?,
         ),
     };
     let validated = crate::validate::Validated {
