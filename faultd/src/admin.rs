@@ -164,19 +164,22 @@ pub(crate) async fn evict(
         // A Firecracker restore's anonymous memory is paged out to swap (see crate::remote):
         // say up front what would make that a no-op.
         let why = if session.remote().is_none() {
-            Some("faultd could not open the VMM's memory when the session started (see its log)")
+            Some(
+                "faultd could not open the VMM's memory when the session started (see its log)"
+                    .to_owned(),
+            )
         } else if session
             .layout()
             .regions()
             .iter()
             .all(|r| r.page_size().bytes() != 4096)
         {
-            Some("its guest RAM is hugetlb memory, which the kernel does not page out")
+            Some("its guest RAM is hugetlb memory, which the kernel does not page out".to_owned())
         } else if !crate::remote::swap_available().unwrap_or(false) {
-            Some(
-                "no swap is enabled, and the kernel pages anonymous memory out only to swap \
-                 (enable a swap device or file)",
-            )
+            Some(format!(
+                "{} (enable a swap device or file)",
+                crate::remote::NO_SWAP
+            ))
         } else {
             None
         };

@@ -195,6 +195,13 @@ pub struct Budget {
     pub low_pct: u64,
 }
 
+impl Budget {
+    /// Whether any budget is set (per VM or global).
+    pub fn is_set(&self) -> bool {
+        self.session > 0 || self.global > 0
+    }
+}
+
 /// Command-line overrides; `None` keeps the configured value.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {

@@ -139,6 +139,10 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as std::os::fd::RawFd) })
 }
 
+/// Why anonymous memory cannot be paged out while [`swap_available`] says no.
+pub const NO_SWAP: &str =
+    "no swap is enabled, and the kernel pages anonymous memory out only to swap";
+
 /// Whether the kernel has swap to page anonymous memory out to (any free swap space).
 pub fn swap_available() -> io::Result<bool> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;

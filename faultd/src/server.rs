@@ -375,7 +375,7 @@ impl<O: UffdOps> FaultServer<O> {
         let Some(limits) = self.budget.as_ref().map(|b| b.limits) else {
             return;
         };
-        if limits.session == 0 && limits.global == 0 {
+        if !limits.is_set() {
             // No budget (the default): nothing reads the global count, so this runs after every
             // batch of faults for nothing but a lock and an atomic.
             return;

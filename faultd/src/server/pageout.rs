@@ -79,9 +79,7 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// Whether an idle fault thread should wake to look at the budget (see [`IDLE_CHECK`]).
     pub(super) fn needs_idle_check(&self) -> bool {
-        self.budget
-            .as_ref()
-            .is_some_and(|b| b.limits.session > 0 || b.limits.global > 0)
+        self.budget.as_ref().is_some_and(|b| b.limits.is_set())
             && self.session.is_anonymous()
             && self.session.remote().is_some()
     }
@@ -144,9 +142,7 @@ impl<O: UffdOps> FaultServer<O> {
     ) -> Option<Vec<Vec<PageStatus>>> {
         // Swap first: it is one small read, the pagemap one of 8 bytes per page.
         let why = match swap_available() {
-            Ok(false) => "no swap is enabled, and the kernel pages anonymous memory out only \
-                          to swap"
-                .into(),
+            Ok(false) => crate::remote::NO_SWAP.into(),
             Err(e) => format!("reading /proc/meminfo: {e}"),
             Ok(true) => match known.map(Ok).or_else(|| self.session.remote_status()) {
                 None => "the VMM's memory could not be opened (see the session's start)".into(),
