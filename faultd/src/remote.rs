@@ -79,17 +79,10 @@ impl RemoteMm {
         Ok(RemoteMm { pidfd, pagemap })
     }
 
-    /// The status of each of the `count` pages of `page_size` bytes from `addr`: one read of
-    /// the pagemap (8 bytes per base page), the first base page of each page speaking for it.
+    /// The status of each of the `count` pages of `page_size` bytes from `addr` (see
+    /// [`pagemap_status`]).
     pub fn status(&self, addr: u64, count: u64, page_size: u64) -> io::Result<Vec<PageStatus>> {
-        let per = (page_size / BASE_PAGE).max(1);
-        let entries = count * per;
-        let mut raw = vec![0u8; (entries * 8) as usize];
-        self.pagemap.read_exact_at(&mut raw, addr / BASE_PAGE * 8)?;
-        Ok(raw
-            .chunks_exact(8 * per as usize)
-            .map(|e| PageStatus::of(u64::from_le_bytes(e[..8].try_into().expect("8 bytes"))))
-            .collect())
+        pagemap_status(&self.pagemap, addr, count, page_size)
     }
 
     /// Asks the kernel to page out `ranges` (address, length) now. Returns the bytes it took
@@ -125,6 +118,39 @@ impl RemoteMm {
         }
         Ok(advised)
     }
+}
+
+/// Base pages whose pagemap entries one read takes: 64 KiB at a time, however large the
+/// memory (8 bytes per 4 KiB page would be 2 MiB per GiB in one buffer).
+const READ_ENTRIES: u64 = 8192;
+
+/// The status of each of the `count` pages of `page_size` bytes from `addr`, from `pagemap`
+/// (a process's `/proc/<pid>/pagemap`), read in [`READ_ENTRIES`] runs; the first base page of
+/// each page speaks for it.
+pub fn pagemap_status(
+    pagemap: &File,
+    addr: u64,
+    count: u64,
+    page_size: u64,
+) -> io::Result<Vec<PageStatus>> {
+    let per = (page_size / BASE_PAGE).max(1);
+    // Whole pages per read (at least one, even a 1 GiB one).
+    let pages_per_read = (READ_ENTRIES / per).max(1);
+    let mut out = Vec::with_capacity(count as usize);
+    let mut raw = Vec::new();
+    let mut page = 0;
+    while page < count {
+        let n = pages_per_read.min(count - page);
+        raw.resize((n * per * 8) as usize, 0);
+        let first_entry = addr / BASE_PAGE + page * per;
+        pagemap.read_exact_at(&mut raw, first_entry * 8)?;
+        out.extend(
+            raw.chunks_exact(8 * per as usize)
+                .map(|e| PageStatus::of(u64::from_le_bytes(e[..8].try_into().expect("8 bytes")))),
+        );
+        page += n;
+    }
+    Ok(out)
 }
 
 /// A pidfd of process `pid` (readable once it exits).
@@ -209,6 +235,50 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, s)| present.contains(&i) || *s == PageStatus::None));
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { munmap(p, len) }.unwrap();
+    }
+
+    #[test]
+    fn a_pagemap_larger_than_one_read_is_read_whole_and_in_order() {
+        use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+        // Three reads and a bit: pages either side of each read boundary are touched.
+        let pages = 3 * READ_ENTRIES + 5;
+        let len = (pages * 4096) as usize;
+        // SAFETY: a fresh private anonymous mapping, touched only through `p` below within its
+        // length, and unmapped at the end.
+        let p = unsafe {
+            mmap_anonymous(
+                None,
+                std::num::NonZeroUsize::new(len).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .unwrap();
+        // 4 KiB pages only: a transparent huge page would make 511 untouched neighbours present.
+        // SAFETY: advice on the mapping made above; it changes no contents.
+        unsafe { nix::sys::mman::madvise(p, len, nix::sys::mman::MmapAdvise::MADV_NOHUGEPAGE) }
+            .unwrap();
+        let base = p.as_ptr() as u64;
+        let touched = [
+            0,
+            READ_ENTRIES - 1,
+            READ_ENTRIES,
+            2 * READ_ENTRIES + 1,
+            pages - 1,
+        ];
+        for page in touched {
+            // SAFETY: inside the mapping made above.
+            unsafe { std::ptr::write_volatile((base + page * 4096) as *mut u8, 1) };
+        }
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let st = pagemap_status(&pagemap, base, pages, 4096).unwrap();
+        assert_eq!(st.len() as u64, pages);
+        let present: Vec<u64> = (0..pages)
+            .filter(|&i| st[i as usize] == PageStatus::Present)
+            .collect();
+        assert_eq!(present, touched);
         // SAFETY: the mapping made above, no longer used.
         unsafe { munmap(p, len) }.unwrap();
     }

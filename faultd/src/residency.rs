@@ -7,7 +7,6 @@
 
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::os::unix::fs::FileExt;
 
 use nix::unistd::{lseek, Whence};
 
@@ -43,29 +42,27 @@ pub fn shmem_present(
 }
 
 /// Page indexes of the VMM's mapping `[hva, hva + size)` that its page tables map, from
-/// `/proc/<pid>/pagemap` (bit 63: present). For hugetlbfs memory, which has no
+/// `/proc/<pid>/pagemap` (present: in RAM). For hugetlbfs memory, which has no
 /// `SEEK_DATA`: a huge page gets into the file only by being faulted in or installed through
 /// the VMM's registered mapping (faultd never touches its own mapping of an absent page), so
-/// present in the file means mapped there. One read per page.
+/// present in the file means mapped there.
 pub fn mapped_present(pid: i32, hva: u64, size: u64, page: u64) -> io::Result<Vec<u64>> {
-    const PRESENT: u64 = 1 << 63;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut out = Vec::new();
-    let mut entry = [0u8; 8];
-    for i in 0..size / page {
-        let va = hva + i * page;
-        pagemap.read_exact_at(&mut entry, va / 4096 * 8)?;
-        if u64::from_le_bytes(entry) & PRESENT != 0 {
-            out.push(i);
-        }
-    }
-    Ok(out)
+    Ok(
+        crate::remote::pagemap_status(&pagemap, hva, size / page, page)?
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| s == crate::remote::PageStatus::Present)
+            .map(|(i, _)| i as u64)
+            .collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn shmem_pages_written_are_present_and_holes_are_not() {
