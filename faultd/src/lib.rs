@@ -8,22 +8,15 @@
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
-mod admin;
-pub mod config;
-pub mod control;
 pub mod ctl;
-pub mod device;
-pub mod firecracker;
-pub mod logging;
-pub mod metrics;
-pub mod remote;
-pub mod residency;
-pub mod server;
-pub mod session;
-pub mod store;
-pub mod systemd;
-pub mod validate;
-pub mod vcpu;
+pub mod daemon;
+pub mod engine;
+pub mod front;
+pub mod kernel;
+pub mod ops;
+
+use front::{control, firecracker};
+use ops::{config, metrics, systemd};
 
 use std::io;
 use std::path::Path;
@@ -86,7 +79,7 @@ pub enum RunError {
     },
 }
 
-/// Installs the no-op handler of [`session::WATCHDOG_SIGNAL`], without SA_RESTART, so the
+/// Installs the no-op handler of [`engine::session::WATCHDOG_SIGNAL`], without SA_RESTART, so the
 /// signal makes a blocked system call fail with EINTR instead of killing faultd or being
 /// ignored.
 fn install_watchdog_handler() -> io::Result<()> {
@@ -99,7 +92,7 @@ fn install_watchdog_handler() -> io::Result<()> {
     );
     // SAFETY: the handler does nothing, so it is async-signal-safe; replacing SIGURG's
     // default (ignore) affects only faultd, which sends the signal only to its own threads.
-    unsafe { sigaction(session::WATCHDOG_SIGNAL, &action) }.map_err(io::Error::from)?;
+    unsafe { sigaction(engine::session::WATCHDOG_SIGNAL, &action) }.map_err(io::Error::from)?;
     Ok(())
 }
 
@@ -203,7 +196,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         // At shutdown each session finishes its outstanding work for up to the device
         // deadline; joining and flushing get a little more.
         let shutdown_bound = config.device_deadline + SHUTDOWN_SLACK;
-        let daemon = control::Daemon::new(config, cancel.clone());
+        let daemon = daemon::Daemon::new(config, cancel.clone());
         for spec in static_listens {
             let vm = spec.vm.clone();
             if let Err(source) = firecracker::listen(&daemon, spec).await {
@@ -236,7 +229,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
                 "watchdog keep-alive while fault service progresses"
             );
             let d = daemon.clone();
-            let sessions = Arc::new(move || d.live_sessions());
+            let sessions = Arc::new(move || {
+                d.live_sessions()
+                    .iter()
+                    .map(|s| (s.id(), s.watch.beat(), s.watch.source_ready()))
+                    .collect()
+            });
             tasks.spawn(systemd::keep_alive(timeout, sessions, cancel.clone()));
         }
         systemd::notify(&[

@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    faultd::logging::init(&config.log_filter);
+    faultd::ops::logging::init(&config.log_filter);
     match faultd::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, 1),

@@ -1,6 +1,6 @@
 //! Eviction of anonymous guest RAM (a Firecracker restore's) by paging it out to swap.
 //!
-//! faultd cannot save such a page and drop it (no fd; see [`crate::remote`]), so the kernel
+//! faultd cannot save such a page and drop it (no fd; see [`crate::kernel::remote`]), so the kernel
 //! pages it out and swaps it back in on touch. The page stays populated as far as s2map and the
 //! userfaultfd are concerned (it never faults to faultd again); what changes is whether it is in
 //! RAM, which only the VMM's pagemap knows, so budgets here work from that.
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use s2map::{PageRef, PageState};
 
 use super::{EvictReport, FaultServer, Quota, UffdOps};
-use crate::remote::{runs, swap_available, PageStatus};
+use crate::kernel::remote::{runs, swap_available, PageStatus};
 
 /// How old a pagemap measurement may be before budget enforcement reads it again. In between,
 /// pages installed since are added to it; only the kernel's own swap-ins go unseen that long.
@@ -142,7 +142,7 @@ impl<O: UffdOps> FaultServer<O> {
     ) -> Option<Vec<Vec<PageStatus>>> {
         // Swap first: it is one small read, the pagemap one of 8 bytes per page.
         let why = match swap_available() {
-            Ok(false) => crate::remote::NO_SWAP.into(),
+            Ok(false) => crate::kernel::remote::NO_SWAP.into(),
             Err(e) => format!("reading /proc/meminfo: {e}"),
             Ok(true) => match known.map(Ok).or_else(|| self.session.remote_status()) {
                 None => "the VMM's memory could not be opened (see the session's start)".into(),

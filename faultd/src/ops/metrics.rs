@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,8 +33,6 @@ use prometheus::{
     TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
-
-use crate::session::Session;
 
 /// The label shared by the VMs beyond `metrics.vm_labels`.
 pub const OTHER_VM: &str = "other";
@@ -182,35 +179,30 @@ fn detached_histogram() -> Histogram {
     Histogram::with_opts(opts).expect("constant, valid histogram options")
 }
 
-/// Totals of the monotone counters of sessions that ended, per label.
+/// The monotone counters of a session (or, summed, of a label's sessions that ended).
 #[derive(Debug, Default, Clone, Copy)]
-struct Totals {
-    vcpu_faults: u64,
-    device_success: u64,
-    device_invalid: u64,
-    device_deadline: u64,
-    pin_evictions: u64,
-    errors: u64,
-    discarded_pages: u64,
-    evictions: u64,
+#[allow(missing_docs)] // Each is the counter of the same name in the session's counters.
+pub struct Totals {
+    pub vcpu_faults: u64,
+    pub device_success: u64,
+    pub device_invalid: u64,
+    pub device_deadline: u64,
+    pub pin_evictions: u64,
+    pub errors: u64,
+    pub discarded_pages: u64,
+    pub evictions: u64,
+}
+
+/// What a scrape reads of one live session: plain numbers, so metrics need not know sessions.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sample {
+    /// Its monotone counters.
+    pub totals: Totals,
+    /// Its gauges.
+    pub levels: Levels,
 }
 
 impl Totals {
-    fn of(session: &Session) -> Totals {
-        let c = &session.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Totals {
-            vcpu_faults: get(&c.vcpu_faults),
-            device_success: get(&c.device_success),
-            device_invalid: get(&c.device_invalid),
-            device_deadline: get(&c.device_deadline),
-            pin_evictions: get(&c.device_pin_evictions),
-            errors: get(&c.errors),
-            discarded_pages: get(&c.discarded_pages),
-            evictions: get(&c.evictions),
-        }
-    }
-
     fn add(&mut self, o: &Totals) {
         self.vcpu_faults += o.vcpu_faults;
         self.device_success += o.device_success;
@@ -223,14 +215,15 @@ impl Totals {
     }
 }
 
-/// Gauges of one label, summed over its live sessions.
+/// Gauges of one session (or of one label, summed over its live sessions).
 #[derive(Debug, Default, Clone, Copy)]
-struct Levels {
-    guest_bytes: u64,
-    resident_bytes: u64,
-    mapped_bytes: u64,
-    stored_pages: u64,
-    devices: u64,
+#[allow(missing_docs)] // Named as the gauges they feed.
+pub struct Levels {
+    pub guest_bytes: u64,
+    pub resident_bytes: u64,
+    pub mapped_bytes: u64,
+    pub stored_pages: u64,
+    pub devices: u64,
 }
 
 #[derive(Debug, Default)]
@@ -365,13 +358,13 @@ impl DaemonMetrics {
     /// label no live session holds any more is freed with all its series. Call with the
     /// daemon's session table locked and the session already out of it, so a scrape sees the
     /// session either live or retired, never both or neither.
-    pub fn release(&self, label: &str, session: &Session) {
+    pub fn release(&self, label: &str, ended: &Totals) {
         let mut labels = self.labels();
         labels
             .retired
             .entry(label.to_owned())
             .or_default()
-            .add(&Totals::of(session));
+            .add(ended);
         if label == OTHER_VM {
             return;
         }
@@ -405,7 +398,7 @@ impl DaemonMetrics {
 
     /// The text exposition of every metric, with `live` the sessions being served now and
     /// their labels. Call with the daemon's session table locked (see [`Self::release`]).
-    pub fn render<'a>(&self, live: impl Iterator<Item = (&'a str, &'a Session)>) -> String {
+    pub fn render<'a>(&self, live: impl Iterator<Item = (&'a str, Sample)>) -> String {
         let mut totals: HashMap<String, Totals> = HashMap::new();
         let mut levels: HashMap<String, Levels> = HashMap::new();
         let mut sessions = 0i64;
@@ -417,17 +410,13 @@ impl DaemonMetrics {
         }
         for (label, s) in live {
             sessions += 1;
-            totals
-                .entry(label.to_owned())
-                .or_default()
-                .add(&Totals::of(s));
-            let map = s.map().stats();
+            totals.entry(label.to_owned()).or_default().add(&s.totals);
             let l = levels.entry(label.to_owned()).or_default();
-            l.guest_bytes += s.layout().total_bytes();
-            l.resident_bytes += s.resident_bytes();
-            l.mapped_bytes += map.device_mapped_bytes;
-            l.stored_pages += map.stored_pages;
-            l.devices += s.counters.devices.load(Ordering::Relaxed);
+            l.guest_bytes += s.levels.guest_bytes;
+            l.resident_bytes += s.levels.resident_bytes;
+            l.mapped_bytes += s.levels.mapped_bytes;
+            l.stored_pages += s.levels.stored_pages;
+            l.devices += s.levels.devices;
         }
         let mut families = self.registry.gather();
         families.extend(scrape_families(&totals, &levels, sessions, self.pin_limit));

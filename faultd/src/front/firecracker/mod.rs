@@ -42,12 +42,11 @@
 //!   VM's lifetime: its hang-up ends the session. Older versions close the socket right after
 //!   the message, so their sessions end when the peer process exits (a pidfd).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,11 +57,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::control::{Daemon, Live};
-use crate::server::{FaultServer, StandbyThread};
-use crate::session::{Hva, RegionMemory, ServedRegion, Session};
-use crate::validate::Refusal;
-use crate::vcpu::KernelUffd;
+use crate::daemon::{Daemon, Live};
+use crate::engine::session::{Hva, RegionMemory, ServedRegion, Session};
+use crate::engine::{FaultServer, StandbyThread};
+use crate::front::validate::Refusal;
+use crate::kernel::uffd::KernelUffd;
+pub use crate::ops::config::{ListenSpec, PeerRule, SpecError};
 
 /// How long a connected peer has to send its message. Firecracker sends it right after
 /// connecting; a peer that does not is refused instead of holding the socket's one session.
@@ -71,122 +71,6 @@ const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most fds one recvmsg(2) can carry (the kernel's SCM_MAX_FD): with room for all of them the
 /// control data is never truncated, so every fd that arrives is owned (and closed) by faultd.
 const SCM_MAX_FD: usize = 253;
-
-/// sun_path holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
-
-/// Which process may connect to a Firecracker socket (checked with SO_PEERCRED).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PeerRule {
-    /// The peer's uid must be this.
-    pub uid: Option<u32>,
-    /// The peer's pid must be this.
-    pub pid: Option<i32>,
-}
-
-impl PeerRule {
-    /// Whether a peer with `uid` and `pid` (None: the kernel did not say) is admitted; the
-    /// reason if not.
-    pub fn admits(&self, uid: u32, pid: Option<i32>) -> Result<(), String> {
-        if let Some(want) = self.uid {
-            if uid != want {
-                return Err(format!(
-                    "peer uid {uid} is not the expected uid {want} (pid {})",
-                    shown_pid(pid)
-                ));
-            }
-        }
-        if let Some(want) = self.pid {
-            if pid != Some(want) {
-                return Err(format!(
-                    "peer pid {} is not the expected pid {want}",
-                    shown_pid(pid)
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// faultd's effective uid.
-pub(crate) fn faultd_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-fn shown_pid(pid: Option<i32>) -> String {
-    pid.map_or_else(|| "unknown".into(), |p| p.to_string())
-}
-
-/// A validated order to serve Firecracker restores of `vm` on `socket` from `snapshot`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenSpec {
-    /// VM name for logs and metrics.
-    pub vm: String,
-    /// The socket Firecracker's `backend_path` names.
-    pub socket: PathBuf,
-    /// The memory snapshot file.
-    pub snapshot: PathBuf,
-    /// Who may connect.
-    pub peer: PeerRule,
-}
-
-/// A listen order with a field faultd refuses without looking at the file system.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} = {value}: {why}")]
-pub struct SpecError {
-    /// `vm`, `socket` or `snapshot`.
-    pub field: &'static str,
-    /// The value given.
-    pub value: String,
-    /// What it must be.
-    pub why: &'static str,
-}
-
-impl ListenSpec {
-    /// Checks what needs no I/O: the VM name, absolute paths, the socket path's length.
-    pub fn new(
-        vm: String,
-        socket: PathBuf,
-        snapshot: PathBuf,
-        peer: PeerRule,
-    ) -> Result<ListenSpec, SpecError> {
-        if crate::validate::check_vm_name(&vm).is_err() {
-            return Err(SpecError {
-                field: "vm",
-                value: vm,
-                why: "must be 1..=64 bytes of [A-Za-z0-9._-]",
-            });
-        }
-        if !socket.is_absolute() {
-            return Err(SpecError {
-                field: "socket",
-                value: socket.display().to_string(),
-                why: "must be an absolute path",
-            });
-        }
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(SpecError {
-                field: "socket",
-                value: socket.display().to_string(),
-                why: "must be shorter than 108 bytes (unix socket path limit)",
-            });
-        }
-        if !snapshot.is_absolute() {
-            return Err(SpecError {
-                field: "snapshot",
-                value: snapshot.display().to_string(),
-                why: "must be an absolute path",
-            });
-        }
-        Ok(ListenSpec {
-            vm,
-            socket,
-            snapshot,
-            peer,
-        })
-    }
-}
 
 /// Failure to start listening, named for the step.
 #[derive(Debug, thiserror::Error)]
@@ -267,56 +151,22 @@ pub enum ListenError {
     },
 }
 
-/// The sockets faultd listens on for Firecracker: socket path -> VM name.
-#[derive(Debug, Default)]
-pub struct Listeners {
-    by_socket: Mutex<HashMap<PathBuf, String>>,
-}
-
-impl Listeners {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, String>> {
-        self.by_socket.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Reserves `spec`'s socket and VM name, or says which is taken.
-    fn reserve(&self, spec: &ListenSpec) -> Result<(), ListenError> {
-        let mut map = self.lock();
-        if let Some(vm) = map.get(&spec.socket) {
-            return Err(ListenError::AlreadyListening {
-                socket: spec.socket.display().to_string(),
-                vm: vm.clone(),
-            });
-        }
-        if let Some((socket, _)) = map.iter().find(|(_, vm)| **vm == spec.vm) {
-            return Err(ListenError::VmTaken {
-                vm: spec.vm.clone(),
-                socket: socket.display().to_string(),
-            });
-        }
-        map.insert(spec.socket.clone(), spec.vm.clone());
-        Ok(())
-    }
-
-    /// Every socket listened on and its VM, by socket path.
-    pub(crate) fn list(&self) -> Vec<(PathBuf, String)> {
-        let mut all: Vec<(PathBuf, String)> = self
-            .lock()
-            .iter()
-            .map(|(socket, vm)| (socket.clone(), vm.clone()))
-            .collect();
-        all.sort();
-        all
-    }
-
-    fn release(&self, socket: &Path) {
-        self.lock().remove(socket);
-    }
-}
-
 /// Starts listening for `spec` on the daemon's runtime; the socket is served (and removed at
 /// shutdown) by a task of the daemon. Must be called within the runtime.
 pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), ListenError> {
-    daemon.firecracker.reserve(&spec)?;
+    daemon
+        .firecracker
+        .reserve(&spec.socket, &spec.vm)
+        .map_err(|taken| match taken {
+            crate::daemon::Taken::Socket(vm) => ListenError::AlreadyListening {
+                socket: spec.socket.display().to_string(),
+                vm,
+            },
+            crate::daemon::Taken::Vm(socket) => ListenError::VmTaken {
+                vm: spec.vm.clone(),
+                socket: socket.display().to_string(),
+            },
+        })?;
     let spec = Arc::new(spec);
     let s = spec.clone();
     // File system work (open, stat, bind, chown): off the reactor.
@@ -417,7 +267,7 @@ pub(crate) async fn listen_request(
 ) -> Result<Response, Refusal> {
     // Listening makes faultd open a file and create a socket on the client's behalf, with
     // faultd's privileges: only root or faultd's own user may ask.
-    let me = faultd_uid();
+    let me = nix::unistd::geteuid().as_raw();
     match cred.map(|c| c.uid()) {
         Some(uid) if uid == 0 || uid == me => {}
         other => {
@@ -452,7 +302,7 @@ pub(crate) async fn listen_request(
         Ok(()) => Ok(Response::Listening { vm, socket }),
         Err(e) => Err(Refusal {
             code: ErrorCode::BadPath,
-            message: crate::validate::chain(&e),
+            message: crate::front::validate::chain(&e),
         }),
     }
 }
@@ -468,7 +318,7 @@ fn bind(spec: &ListenSpec) -> Result<std::os::unix::net::UnixListener, ListenErr
         (None, Some(pid)) => std::fs::metadata(format!("/proc/{pid}"))
             .map_err(|source| ListenError::PeerProcess { pid, source })?
             .uid(),
-        (None, None) => faultd_uid(),
+        (None, None) => nix::unistd::geteuid().as_raw(),
     };
     match std::fs::symlink_metadata(&spec.socket) {
         Ok(m) if !m.file_type().is_socket() => return Err(ListenError::NotASocket { path: shown }),
@@ -642,7 +492,7 @@ async fn serve_restore(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, s) = (daemon.clone(), socket.clone());
     // What the fd store keeps of the session (see kept), if a service manager is there.
-    let keeping = crate::systemd::has_manager();
+    let keeping = crate::ops::systemd::has_manager();
     let kept = keeping.then(|| kept::Kept {
         vm: spec.vm.clone(),
         snapshot: spec.snapshot.clone(),
@@ -673,7 +523,7 @@ async fn serve_restore(
             return refuse(slot, &why);
         }
     };
-    // Off the restore's path: what paging the VM's memory out needs (see crate::remote).
+    // Off the restore's path: what paging the VM's memory out needs (see crate::kernel::remote).
     // Without it the session is served but its memory cannot be evicted.
     match open_remote(peer_pidfd(&stream), pid) {
         Ok(mm) => session.set_remote(mm),
@@ -735,11 +585,11 @@ fn peer_pidfd(stream: &impl AsFd) -> io::Result<OwnedFd> {
 fn open_remote(
     pidfd: io::Result<OwnedFd>,
     pid: Option<i32>,
-) -> io::Result<crate::remote::RemoteMm> {
+) -> io::Result<crate::kernel::remote::RemoteMm> {
     let pid = pid
         .filter(|&p| p > 0)
         .ok_or_else(|| io::Error::other("the kernel did not tell the peer's pid"))?;
-    crate::remote::RemoteMm::open(pidfd?, pid)
+    crate::kernel::remote::RemoteMm::open(pidfd?, pid)
 }
 
 fn refused(spec: &ListenSpec, pid: Option<i32>, why: &str) {
@@ -867,7 +717,7 @@ pub fn check_fds(mut fds: Vec<OwnedFd>) -> Result<OwnedFd, String> {
         0 => Err("no fd attached: Firecracker sends its userfaultfd with the message".into()),
         1 => {
             let fd = fds.pop().expect("one fd, checked above");
-            crate::validate::check_uffd(fd.as_fd()).map_err(|r| r.message)?;
+            crate::front::validate::check_uffd(fd.as_fd()).map_err(|r| r.message)?;
             Ok(fd)
         }
         n => Err(format!(
@@ -1087,7 +937,8 @@ fn prepare(
     pid: Option<i32>,
 ) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
     let uffd = check_fds(message.fds)?;
-    let (snapshot, len) = open_snapshot(&spec.snapshot).map_err(|e| crate::validate::chain(&e))?;
+    let (snapshot, len) =
+        open_snapshot(&spec.snapshot).map_err(|e| crate::front::validate::chain(&e))?;
     let regions = check_regions(&message.regions, len)?;
     let end = match regions.form {
         WireForm::Current => SessionEnd::HangUp,
@@ -1097,7 +948,7 @@ fn prepare(
                  message, and the kernel did not tell the peer's pid to watch instead",
             )?;
             SessionEnd::ProcessExit(
-                crate::remote::pidfd_open(pid)
+                crate::kernel::remote::pidfd_open(pid)
                     .map_err(|e| format!("watching peer process {pid}: {e}"))?,
             )
         }

@@ -19,10 +19,10 @@ use std::time::Instant;
 use iopf::{DevId, FaultQueue, Group, Incoming, Iova, MapError, MapTarget, Mapper, ResponseCode};
 use s2map::{Begin, DeviceIdx, Gpa, Granule};
 
-use crate::metrics::{FaultOutcome, Source};
-use crate::server::{FaultServer, InstallFail};
-use crate::session::Counters;
-use crate::vcpu::{OpError, UffdOps};
+use crate::engine::session::Counters;
+use crate::engine::{FaultServer, InstallFail};
+use crate::kernel::uffd::{OpError, UffdOps};
+use crate::ops::metrics::{FaultOutcome, Source};
 
 /// A device attached to a session.
 pub struct Device {
@@ -37,7 +37,7 @@ pub struct Device {
     /// Groups read but not answered yet, oldest first, with the time they were read and the
     /// fills they needed so far.
     pub(crate) pending: VecDeque<(Group, Instant, FaultOutcome)>,
-    /// The VMM made faultd's notification block (see [`crate::session::Watch`]): the device
+    /// The VMM made faultd's notification block (see [`crate::engine::session::Watch`]): the device
     /// is no longer served. Only that VM's device pays for its VMM's misbehaviour.
     pub(crate) quarantined: bool,
 }

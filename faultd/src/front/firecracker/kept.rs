@@ -14,7 +14,7 @@
 //! is served again as a resumed session: pages in Firecracker's memory (in RAM or in swap, by
 //! its pagemap) are taken as populated, balloon discards come from the VM's store journal
 //! (kept, not removed, when faultd stops), and every thread blocked on a fault the old faultd
-//! had read is woken to fault again ([`crate::server::FaultServer::resume`]).
+//! had read is woken to fault again ([`crate::engine::FaultServer::resume`]).
 //!
 //! The fds are told apart by kind, not by order (the fd store's order is the manager's).
 
@@ -30,8 +30,8 @@ use tokio::net::UnixStream;
 use super::{
     check_fds, check_regions, open_remote, open_snapshot, peer_pidfd, Mapping, SessionEnd, WireForm,
 };
-use crate::control::{Daemon, Ending, Live};
-use crate::systemd;
+use crate::daemon::{Daemon, Ending, Live};
+use crate::ops::systemd;
 
 /// What a kept session's memfd holds.
 #[derive(Debug, Serialize, Deserialize)]
@@ -164,7 +164,7 @@ async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
             // Firecracker exited while faultd was down: its pages have nobody to come back
             // for them (a store opened afresh and dropped removes its files).
             tracing::info!(vm, "a kept Firecracker VM ended while faultd was down");
-            drop(crate::store::Store::open(
+            drop(crate::engine::store::Store::open(
                 &daemon.config.store_dir,
                 &vm,
                 4096,
@@ -245,7 +245,8 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
     let kept: Kept =
         serde_json::from_slice(&json).map_err(|e| format!("the kept description: {e}"))?;
     let uffd = check_fds(vec![uffd])?;
-    let (snapshot, len) = open_snapshot(&kept.snapshot).map_err(|e| crate::validate::chain(&e))?;
+    let (snapshot, len) =
+        open_snapshot(&kept.snapshot).map_err(|e| crate::front::validate::chain(&e))?;
     let regions = check_regions(&kept.regions, len)?;
     // Firecracker's pidfd: to tell whether it is gone, then to reach its memory.
     let pidfd = peer_pidfd(&conn);
@@ -267,7 +268,7 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
             peer_pidfd(&conn).map_err(|e| format!("watching Firecracker's process: {e}"))?,
         ),
     };
-    let validated = crate::validate::Validated {
+    let validated = crate::front::validate::Validated {
         vm: kept.vm.clone(),
         layout: regions.layout,
         regions: regions.served,

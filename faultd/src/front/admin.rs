@@ -13,9 +13,9 @@ use faultd_proto::{
 };
 use s2map::{Gpa, Layout};
 
-use crate::control::{Daemon, Served};
-use crate::server::{Command, EvictReport};
-use crate::validate::Refusal;
+use crate::daemon::{Daemon, Served};
+use crate::engine::{Command, EvictReport};
+use crate::front::validate::Refusal;
 
 fn refusal(code: ErrorCode, message: String) -> Refusal {
     Refusal { code, message }
@@ -132,7 +132,7 @@ pub(crate) async fn evict(
 ) -> Result<Response, Refusal> {
     // Eviction changes a VM's memory: only root or faultd's own user may ask, as for
     // firecracker_listen (the socket's group is VMMs, which must not evict each other).
-    let me = crate::firecracker::faultd_uid();
+    let me = nix::unistd::geteuid().as_raw();
     match cred.map(|c| c.uid()) {
         Some(uid) if uid == 0 || uid == me => {}
         other => {
@@ -161,7 +161,7 @@ pub(crate) async fn evict(
     let served = found.remove(0);
     let session = &served.session;
     if session.is_anonymous() {
-        // A Firecracker restore's anonymous memory is paged out to swap (see crate::remote):
+        // A Firecracker restore's anonymous memory is paged out to swap (see crate::kernel::remote):
         // say up front what would make that a no-op.
         let why = if session.remote().is_none() {
             Some(
@@ -175,10 +175,10 @@ pub(crate) async fn evict(
             .all(|r| r.page_size().bytes() != 4096)
         {
             Some("its guest RAM is hugetlb memory, which the kernel does not page out".to_owned())
-        } else if !crate::remote::swap_available().unwrap_or(false) {
+        } else if !crate::kernel::remote::swap_available().unwrap_or(false) {
             Some(format!(
                 "{} (enable a swap device or file)",
-                crate::remote::NO_SWAP
+                crate::kernel::remote::NO_SWAP
             ))
         } else {
             None

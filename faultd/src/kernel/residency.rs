@@ -1,5 +1,5 @@
 //! Which pages of guest memory are present, asked of the kernel: what a restarted faultd
-//! trusts over its journal (see [`crate::server::FaultServer::resume`]).
+//! trusts over its journal (see [`crate::engine::FaultServer::resume`]).
 //!
 //! Both answers err only towards "absent" (a page present but reported absent costs an install
 //! that finds it there, EEXIST); never towards "present", which would leave a page nobody
@@ -49,10 +49,10 @@ pub fn shmem_present(
 pub fn mapped_present(pid: i32, hva: u64, size: u64, page: u64) -> io::Result<Vec<u64>> {
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
     Ok(
-        crate::remote::pagemap_status(&pagemap, hva, size / page, page)?
+        crate::kernel::remote::pagemap_status(&pagemap, hva, size / page, page)?
             .iter()
             .enumerate()
-            .filter(|(_, &s)| s == crate::remote::PageStatus::Present)
+            .filter(|(_, &s)| s == crate::kernel::remote::PageStatus::Present)
             .map(|(i, _)| i as u64)
             .collect(),
     )

@@ -1,29 +1,25 @@
-//! vCPU faults: the VMM's userfaultfd as faultd uses it ([`UffdOps`], [`KernelUffd`]). The
-//! session thread that serves it is [`crate::server`].
-//!
-//! One fault, end to end: a vCPU (or the VMM, or KVM on its behalf) touches an absent page of
-//! guest RAM; the kernel blocks that thread and queues a MISSING event on the VMM's userfaultfd,
-//! which faultd holds. The session's fault thread reads it ([`UffdOps::read_events`]), maps the
-//! address to a page ([`Session::locate`]), asks s2map whether to resolve it
-//! ([`s2map::S2Map::begin_fault`]: coalesces with a resolution already in flight), fills it from
-//! its backing with `UFFDIO_ZEROPAGE` or `UFFDIO_COPY` (the kernel installs the page in the memfd
-//! and wakes every thread blocked on it), and tells s2map it is resident.
+//! The VMM's userfaultfd as faultd uses it: the operations behind a trait ([`UffdOps`]), so the
+//! engine runs against the kernel ([`KernelUffd`]) or a fake in unit tests. The vCPU fault path
+//! that uses it is [`crate::engine`]'s `vcpu` module.
 //!
 //! Errno is lifted into meaning once, in [`KernelUffd`]: EEXIST means someone installed the page
 //! first (fine: it is present), EAGAIN means a layout event (REMOVE/UNMAP) is queued and unread
 //! (read events, then retry), ESRCH means the VMM's address space is gone.
 //!
 //! Threads, not tokio tasks: each session's uffd is served by a dedicated OS thread with
-//! adaptive polling ([`crate::server`]). A fault is a few microseconds of work, and the dominant cost on
-//! an idle host is waking the serving thread. A dedicated thread can spin for a bounded window
-//! after each fault (catching bursts without any wake-up) and then sleep in poll(2); a tokio
-//! task would add a reactor hop and a task wake-up to every fault and could not spin without
-//! starving other tasks. The benchmark (`cargo bench -p faultd-tests`) measures this choice.
+//! adaptive polling (the engine's fault thread). A fault is a few microseconds of work, and the
+//! dominant cost on an idle host is waking the serving thread. A dedicated thread can spin for a
+//! bounded window after each fault (catching bursts without any wake-up) and then sleep in
+//! poll(2); a tokio task would add a reactor hop and a task wake-up to every fault and could not
+//! spin without starving other tasks. The benchmark (`cargo bench -p faultd-tests`) measures
+//! this choice.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use crate::session::Hva;
+/// A host virtual address in the VMM's address space (not faultd's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hva(pub u64);
 
 /// A userfaultfd event, reduced to what faultd acts on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +48,7 @@ pub enum UffdEvent {
 }
 
 /// Bytes in faultd's address space that faultd itself never reads: a range of its read-only
-/// mapping of a snapshot file ([`crate::session::SnapshotView`]). Only the kernel reads them,
+/// mapping of a snapshot file ([`crate::engine::session::SnapshotView`]). Only the kernel reads them,
 /// as UFFDIO_COPY's source; if the file shrank under the mapping, the copy fails with EFAULT
 /// instead of faultd taking SIGBUS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

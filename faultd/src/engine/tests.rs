@@ -5,13 +5,14 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use s2map::{Backing, Gpa, Layout, PageSize, PageState, RegionSpec};
 
 use super::*;
-use crate::session::{RegionMemory, ServedRegion};
-use crate::vcpu::{MappedSource, OpError};
+use crate::engine::session::{RegionMemory, ServedRegion};
+use crate::kernel::uffd::{MappedSource, OpError};
+use nix::sys::eventfd::EventFd;
 
 const HVA: u64 = 0x7f00_0000_0000;
 const LIMITS: DeviceLimits = DeviceLimits {
@@ -516,7 +517,7 @@ impl Dev {
             limits,
         );
         let (incoming, log): (Arc<Mutex<Vec<Incoming>>>, Log) = Default::default();
-        srv.add_device(crate::device::Device::new(
+        srv.add_device(crate::engine::device::Device::new(
             s2map::DeviceIdx(0),
             DevId(1),
             Box::new(FakeQueue {

@@ -16,8 +16,6 @@ use std::time::Duration;
 use tokio_seqpacket::UnixSeqpacketListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::session::{Beat, Session, ThreadState};
-
 /// Why an inherited socket cannot be the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
@@ -172,6 +170,26 @@ pub fn watchdog_timeout() -> Option<Duration> {
     sd_notify::watchdog_enabled().filter(|t| !t.is_zero())
 }
 
+/// What a session thread is doing, as the watchdog sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadState {
+    /// Serving (or spinning between) passes.
+    Busy,
+    /// Asleep in poll(2), waiting for work.
+    Idle,
+    /// Gone: the session's service ended.
+    Exited,
+}
+
+/// A session thread's heartbeat: its pass count and state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    /// Service passes started.
+    pub passes: u64,
+    /// What it is doing.
+    pub state: ThreadState,
+}
+
 /// Decides from two looks at every session thread, one check interval apart, whether fault
 /// service stalled. Pure state: the daemon feeds it what it sees.
 #[derive(Debug, Default)]
@@ -207,10 +225,10 @@ impl Liveness {
 }
 
 /// Sends `WATCHDOG=1` every `timeout / 2` while [`Liveness`] finds no stalled session among
-/// those `sessions` returns, until `cancel` fires.
+/// those `sessions` returns (id, heartbeat, faults waiting), until `cancel` fires.
 pub async fn keep_alive(
     timeout: Duration,
-    sessions: Arc<dyn Fn() -> Vec<Arc<Session>> + Send + Sync>,
+    sessions: Arc<dyn Fn() -> Vec<(u64, Beat, bool)> + Send + Sync>,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(timeout / 2);
@@ -222,11 +240,7 @@ pub async fn keep_alive(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let live = sessions();
-        let stalled = liveness.check(
-            live.iter()
-                .map(|s| (s.id(), s.watch.beat(), s.watch.source_ready())),
-        );
+        let stalled = liveness.check(sessions());
         if stalled.is_empty() {
             notify(&[sd_notify::NotifyState::Watchdog]);
         } else if stalled != was_stalled {

@@ -25,42 +25,19 @@ use iopf::ring::RingConsumer;
 use iopf::{DevId, FaultQueue, Mapper};
 use s2map::{Backing, DeviceIdx, Gpa, Layout, PageSize, RegionSpec};
 
-use crate::device::Device;
-use crate::session::{Hva, RegionMemory, ServedRegion, Session};
+use crate::engine::device::Device;
+use crate::engine::session::{Hva, RegionMemory, ServedRegion, Session};
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
-/// A refused registration: the protocol error class and a message naming field and value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct Refusal {
-    /// Class for the client.
-    pub code: ErrorCode,
-    /// Explanation.
-    pub message: String,
-}
+pub use crate::daemon::{Refusal, Validated};
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
     Refusal {
         code,
         message: message.into(),
     }
-}
-
-/// A registration that passed every check, with the fds it owns.
-#[derive(Debug)]
-pub struct Validated {
-    /// VM name.
-    pub vm: String,
-    /// Guest layout.
-    pub layout: Layout,
-    /// Per region of `layout` (same order): where it lives in the VMM.
-    pub regions: Vec<ServedRegion>,
-    /// The VMM's userfaultfd.
-    pub uffd: OwnedFd,
-    /// Snapshot file, if any region is snapshot-backed.
-    pub snapshot: Option<File>,
 }
 
 /// Checks `reg` with the fds that came with it. `peer_pid` is the VMM (from SO_PEERCRED).
@@ -254,12 +231,7 @@ pub fn validate(
 }
 
 pub(crate) fn check_vm_name(vm: &str) -> Result<(), Refusal> {
-    let ok = !vm.is_empty()
-        && vm.len() <= MAX_VM_NAME
-        && vm
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if crate::ops::config::valid_vm_name(vm) {
         Ok(())
     } else {
         Err(refuse(
@@ -592,17 +564,7 @@ pub fn device(
     Ok(Device::new(idx, dev_id, queue, mapper))
 }
 
-/// An error with its sources, for messages sent to clients.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub(crate) use crate::ops::logging::chain;
 
 #[cfg(test)]
 mod tests {

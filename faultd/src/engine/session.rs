@@ -2,7 +2,7 @@
 //!
 //! The session owns the fds the VMM handed over and the one [`s2map::S2Map`] that every fault
 //! source of this VM (the vCPU fault thread now, device fault queues later) asks before it
-//! installs a page. Fault service itself lives in [`crate::vcpu`].
+//! installs a page. Fault service itself lives in [`crate::kernel::uffd`].
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -13,12 +13,10 @@ use faultd_proto::{DeviceStats, LatencySummary, SessionStats};
 use hdrhistogram::Histogram;
 use s2map::{Gpa, Granule, Layout, PageRef, S2Map};
 
-use crate::remote::{PageStatus, RemoteMm};
-use crate::vcpu::MappedSource;
+use crate::kernel::remote::{PageStatus, RemoteMm};
+use crate::kernel::uffd::MappedSource;
 
-/// A host virtual address in the VMM's address space (not faultd's).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Hva(pub u64);
+pub use crate::kernel::Hva;
 
 /// Where one layout region lives in the VMM.
 #[derive(Debug)]
@@ -225,7 +223,7 @@ impl Counters {
 /// without SA_RESTART) when one lasts too long, and the call fails with EINTR.
 ///
 /// It also carries the thread's heartbeat for the service manager's watchdog
-/// ([`crate::systemd::Liveness`]): which service pass the thread is in and whether it is busy
+/// ([`crate::ops::systemd::Liveness`]): which service pass the thread is in and whether it is busy
 /// in it or asleep waiting for work.
 #[derive(Debug, Default)]
 pub struct Watch {
@@ -239,25 +237,7 @@ pub struct Watch {
     source: std::sync::OnceLock<OwnedFd>,
 }
 
-/// What a session thread is doing, as the watchdog sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ThreadState {
-    /// Serving (or spinning between) passes.
-    Busy,
-    /// Asleep in poll(2), waiting for work.
-    Idle,
-    /// Gone: the session's service ended.
-    Exited,
-}
-
-/// A session thread's heartbeat: its pass count and state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Beat {
-    /// Service passes started.
-    pub passes: u64,
-    /// What it is doing.
-    pub state: ThreadState,
-}
+pub use crate::ops::systemd::{Beat, ThreadState};
 
 /// The signal the watchdog interrupts a stuck session thread with.
 pub const WATCHDOG_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGURG;
@@ -394,11 +374,38 @@ pub struct Session {
     /// dev_ids attached so far (their position is their s2map DeviceIdx).
     pub(crate) device_ids: Mutex<Vec<u32>>,
     /// The VMM's memory as reached from outside, for anonymous regions (set once the peer is
-    /// known; see [`crate::remote`]).
+    /// known; see [`crate::kernel::remote`]).
     remote: std::sync::OnceLock<RemoteMm>,
 }
 
 impl Session {
+    /// What a metrics scrape reads of this session: its counters and gauges, as plain numbers.
+    pub fn sample(&self) -> crate::ops::metrics::Sample {
+        use crate::ops::metrics::{Levels, Sample, Totals};
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let map = self.map().stats();
+        Sample {
+            totals: Totals {
+                vcpu_faults: get(&c.vcpu_faults),
+                device_success: get(&c.device_success),
+                device_invalid: get(&c.device_invalid),
+                device_deadline: get(&c.device_deadline),
+                pin_evictions: get(&c.device_pin_evictions),
+                errors: get(&c.errors),
+                discarded_pages: get(&c.discarded_pages),
+                evictions: get(&c.evictions),
+            },
+            levels: Levels {
+                guest_bytes: self.layout().total_bytes(),
+                resident_bytes: self.resident_bytes(),
+                mapped_bytes: map.device_mapped_bytes,
+                stored_pages: map.stored_pages,
+                devices: get(&c.devices),
+            },
+        }
+    }
+
     /// Builds a session from a validated registration (regions in layout order).
     pub fn new(
         id: u64,

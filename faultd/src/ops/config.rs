@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::firecracker::{ListenSpec, PeerRule};
-
 /// The default configuration, compiled in.
-pub const DEFAULT_TOML: &str = include_str!("../../config/faultd.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../../config/faultd.toml");
 
 /// Longest spin window accepted: longer only burns CPU without helping latency.
 const MAX_SPIN_US: u64 = 10_000;
@@ -109,7 +107,7 @@ struct RawStore {
     dir: Option<PathBuf>,
 }
 
-/// A static Firecracker listen order (see [`crate::firecracker`]). No `pid`: a pid is not
+/// A static Firecracker listen order (see [`crate::front::firecracker`]). No `pid`: a pid is not
 /// known before the process exists.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -497,6 +495,129 @@ fn firecracker_entries(
         out.push(spec);
     }
     Ok(out)
+}
+
+/// sun_path holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Longest VM name.
+pub const MAX_VM_NAME: usize = 64;
+
+/// Whether `vm` is a VM name faultd takes: 1..=[`MAX_VM_NAME`] bytes of `[A-Za-z0-9._-]` (it
+/// names store files and metric labels).
+pub fn valid_vm_name(vm: &str) -> bool {
+    !vm.is_empty()
+        && vm.len() <= MAX_VM_NAME
+        && vm
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Which process may connect to a Firecracker socket (checked with SO_PEERCRED).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerRule {
+    /// The peer's uid must be this.
+    pub uid: Option<u32>,
+    /// The peer's pid must be this.
+    pub pid: Option<i32>,
+}
+
+impl PeerRule {
+    /// Whether a peer with `uid` and `pid` (None: the kernel did not say) is admitted; the
+    /// reason if not.
+    pub fn admits(&self, uid: u32, pid: Option<i32>) -> Result<(), String> {
+        if let Some(want) = self.uid {
+            if uid != want {
+                return Err(format!(
+                    "peer uid {uid} is not the expected uid {want} (pid {})",
+                    shown_pid(pid)
+                ));
+            }
+        }
+        if let Some(want) = self.pid {
+            if pid != Some(want) {
+                return Err(format!(
+                    "peer pid {} is not the expected pid {want}",
+                    shown_pid(pid)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn shown_pid(pid: Option<i32>) -> String {
+    pid.map_or_else(|| "unknown".into(), |p| p.to_string())
+}
+
+/// A validated order to serve Firecracker restores of `vm` on `socket` from `snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// VM name for logs and metrics.
+    pub vm: String,
+    /// The socket Firecracker's `backend_path` names.
+    pub socket: PathBuf,
+    /// The memory snapshot file.
+    pub snapshot: PathBuf,
+    /// Who may connect.
+    pub peer: PeerRule,
+}
+
+/// A listen order with a field faultd refuses without looking at the file system.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value}: {why}")]
+pub struct SpecError {
+    /// `vm`, `socket` or `snapshot`.
+    pub field: &'static str,
+    /// The value given.
+    pub value: String,
+    /// What it must be.
+    pub why: &'static str,
+}
+
+impl ListenSpec {
+    /// Checks what needs no I/O: the VM name, absolute paths, the socket path's length.
+    pub fn new(
+        vm: String,
+        socket: PathBuf,
+        snapshot: PathBuf,
+        peer: PeerRule,
+    ) -> Result<ListenSpec, SpecError> {
+        if !valid_vm_name(&vm) {
+            return Err(SpecError {
+                field: "vm",
+                value: vm,
+                why: "must be 1..=64 bytes of [A-Za-z0-9._-]",
+            });
+        }
+        if !socket.is_absolute() {
+            return Err(SpecError {
+                field: "socket",
+                value: socket.display().to_string(),
+                why: "must be an absolute path",
+            });
+        }
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(SpecError {
+                field: "socket",
+                value: socket.display().to_string(),
+                why: "must be shorter than 108 bytes (unix socket path limit)",
+            });
+        }
+        if !snapshot.is_absolute() {
+            return Err(SpecError {
+                field: "snapshot",
+                value: snapshot.display().to_string(),
+                why: "must be an absolute path",
+            });
+        }
+        Ok(ListenSpec {
+            vm,
+            socket,
+            snapshot,
+            peer,
+        })
+    }
 }
 
 #[cfg(test)]
