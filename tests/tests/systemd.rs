@@ -163,7 +163,22 @@ fn notifications(sock: &UnixDatagram, window: Duration) -> Vec<String> {
             {
                 return got
             }
+            // See recv_ready.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!("receiving notifications: {e}"),
+        }
+    }
+}
+
+/// The first datagram on `sock` (each try waits its read timeout). A recv with a timeout fails
+/// with EINTR whenever a signal wakes its thread, even one that is then ignored, and the kernel
+/// does not restart it: e.g. a SIGCHLD for a tool another test spawned (queued for the whole
+/// process while the spawning thread had it blocked inside posix_spawn). So it is tried again.
+fn recv_ready(sock: &UnixDatagram, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match sock.recv(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            done => return done,
         }
     }
 }
@@ -245,7 +260,7 @@ fn readiness_comes_once_serving_and_watchdog_keep_alives_stop_while_a_session_th
     notify
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let n = notify.recv(&mut buf).expect("no notification from faultd");
+    let n = recv_ready(&notify, &mut buf).expect("no notification from faultd");
     let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(
         ready.lines().any(|l| l == "READY=1"),
