@@ -320,3 +320,37 @@ fn readiness_comes_once_serving_and_watchdog_keep_alives_stop_while_a_session_th
     drop(session);
     drop(std::mem::ManuallyDrop::into_inner(ram));
 }
+
+/// Values of every `Key=` line of `unit`, in order.
+fn values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+    let prefix = format!("{key}=");
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .collect()
+}
+
+#[test]
+fn the_sysusers_file_makes_the_group_the_socket_unit_gives_the_control_socket() {
+    let socket = std::fs::read_to_string(unit("faultd.socket")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+
+    let out = Command::new(tool("systemd-sysusers"))
+        .arg(format!("--root={}", root.path().display()))
+        .arg(unit("faultd.sysusers"))
+        .output()
+        .unwrap();
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(values(&socket, "SocketGroup"), ["faultd"]);
+    assert_eq!(values(&socket, "SocketMode"), ["0660"]);
+    let groups = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    assert!(
+        groups.lines().any(|l| l.starts_with("faultd:x:")),
+        "{groups}"
+    );
+}
