@@ -275,7 +275,7 @@ fn check_parse(bytes: &[u8]) -> Result<Result<Vec<Mapping>, Parse>, TestCaseErro
 }
 
 proptest! {
-    #![proptest_config(cases(1024))]
+    #![proptest_config(cases(4096))]
 
     #[test]
     fn firecracker_messages_parse_to_what_was_sent_and_cut_short_are_incomplete(
@@ -615,7 +615,7 @@ fn check_config(got: &Result<Config, ConfigError>) -> Result<(), TestCaseError> 
 }
 
 proptest! {
-    #![proptest_config(cases(1024))]
+    #![proptest_config(cases(4096))]
 
     #[test]
     fn config_documents_load_within_bounds_or_name_the_fault(text in config_text()) {
@@ -631,7 +631,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(64))]
+    #![proptest_config(cases(256))]
 
     #[test]
     fn any_file_loads_within_bounds_or_names_the_fault(

@@ -138,7 +138,7 @@ fn expected(r: &iommu_hwpt_pgfault) -> Result<PageRequest, RecordError> {
 }
 
 proptest! {
-    #![proptest_config(cases(4096))]
+    #![proptest_config(cases(16384))]
 
     #[test]
     fn record_bytes_are_the_fields_little_endian_at_their_offsets(bytes in any::<[u8; 40]>()) {
@@ -225,7 +225,7 @@ fn closures(records: &[iommu_hwpt_pgfault]) -> (usize, usize) {
 }
 
 proptest! {
-    #![proptest_config(cases(1024))]
+    #![proptest_config(cases(4096))]
 
     #[test]
     fn every_group_is_reported_once_and_within_bounds(
@@ -432,7 +432,7 @@ fn table_bytes(h: [u32; 4], w: [u64; 2]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(cases(512))]
+    #![proptest_config(cases(2048))]
 
     #[test]
     fn ring_memfds_open_exactly_when_header_and_size_are_layout_v1(

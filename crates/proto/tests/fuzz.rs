@@ -396,7 +396,7 @@ fn check_decode(bytes: &[u8]) -> Result<Option<Request>, TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(cases(2048))]
+    #![proptest_config(cases(8192))]
 
     #[test]
     fn every_request_round_trips_through_its_encoding(req in request()) {
