@@ -695,7 +695,7 @@ pub enum Parse {
 }
 
 /// Parses Firecracker's message: JSON first, then its shape, so the error says which is
-/// wrong.
+/// wrong. Each mapping must be an object: serde would also take the array of its field values.
 pub fn parse_message(bytes: &[u8]) -> Result<Vec<Mapping>, Parse> {
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_eof() {
@@ -704,6 +704,12 @@ pub fn parse_message(bytes: &[u8]) -> Result<Vec<Mapping>, Parse> {
             Parse::Invalid(format!("message is not valid JSON: {e}"))
         }
     })?;
+    let elements = value.as_array().map_or(&[][..], Vec::as_slice);
+    if let Some(n) = elements.iter().position(|m| !m.is_object()) {
+        return Err(Parse::Invalid(format!(
+            "message is JSON but regions[{n}] is not a JSON object (a GuestRegionUffdMapping)"
+        )));
+    }
     serde_json::from_value(value).map_err(|e| {
         Parse::Invalid(format!(
             "message is JSON but not an array of GuestRegionUffdMapping: {e}"
