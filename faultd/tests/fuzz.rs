@@ -18,8 +18,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use faultd::config::{Config, ConfigError, Overrides};
-use faultd::firecracker::{check_regions, parse_message, Mapping, Parse, WireForm};
+use faultd::ops::config::{Config, ConfigError, Overrides};
+use faultd::front::firecracker::{check_regions, parse_message, Mapping, Parse, WireForm};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -815,11 +815,11 @@ const CONFIG_CORPUS: &[(&str, Cfg)] = &[
     (
         "firecracker-valid.toml",
         Cfg::Loads(|c| {
-            c.firecracker = vec![faultd::firecracker::ListenSpec::new(
+            c.firecracker = vec![faultd::front::firecracker::ListenSpec::new(
                 "fc0".into(),
                 "/run/fc0/uffd.sock".into(),
                 "/srv/fc0/mem".into(),
-                faultd::firecracker::PeerRule {
+                faultd::front::firecracker::PeerRule {
                     uid: Some(1000),
                     pid: None,
                 },
