@@ -18,8 +18,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use faultd::ops::config::{Config, ConfigError, Overrides};
 use faultd::front::firecracker::{check_regions, parse_message, Mapping, Parse, WireForm};
+use faultd::ops::config::{Config, ConfigError, Overrides};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 

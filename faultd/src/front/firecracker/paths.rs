@@ -138,8 +138,13 @@ fn clear_stale(
         }
     })?;
     let probed = fstatat(&private.fd, PROBE, AT_NOFOLLOW);
+    // Only a refused connection says nobody listens: a SEQPACKET or DGRAM socket (faultd's own
+    // control socket, say) fails a stream connect with EPROTOTYPE while it is very much alive.
     let in_use = probed.is_ok_and(|p| is_type(&p, SFlag::S_IFSOCK))
-        && std::os::unix::net::UnixStream::connect(via_fd(&private.fd, PROBE)).is_ok();
+        && !stale(std::os::unix::net::UnixStream::connect(via_fd(
+            &private.fd,
+            PROBE,
+        )));
     let _ = nix::unistd::unlinkat(&private.fd, PROBE, UnlinkatFlags::NoRemoveDir);
     if in_use {
         return Err(ListenError::SocketInUse { path: shown() });
@@ -153,6 +158,11 @@ fn clear_stale(
         })?;
     }
     Ok(())
+}
+
+/// Whether a stream connect's outcome shows a socket nobody listens on.
+fn stale(connected: io::Result<std::os::unix::net::UnixStream>) -> bool {
+    matches!(connected, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED))
 }
 
 const AT_NOFOLLOW_LINK: nix::fcntl::AtFlags = nix::fcntl::AtFlags::empty();
@@ -405,6 +415,31 @@ mod tests {
             open_snapshot(&link, me),
             Err(ListenError::SnapshotLink { .. })
         ));
+    }
+
+    #[test]
+    fn a_live_socket_of_another_type_is_not_taken_for_stale() {
+        // faultd's control socket is SEQPACKET: a stream connect to it fails, with EPROTOTYPE,
+        // while it listens. A listen spelled onto it must be refused, not unlink it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag};
+        use nix::sys::socket::{SockType, UnixAddr};
+        let live = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(live.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&live, Backlog::new(1).unwrap()).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(matches!(
+            place_socket(&path, me),
+            Err(ListenError::SocketInUse { .. })
+        ));
+        assert!(path.exists(), "the live socket was removed");
     }
 
     #[test]
