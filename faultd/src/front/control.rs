@@ -494,7 +494,8 @@ async fn session_loop(
                 | Request::Status {}
                 | Request::Sessions { .. }
                 | Request::SessionDetail { .. }
-                | Request::EvictSession { .. },
+                | Request::EvictSession { .. }
+                | Request::Finish {},
             ) => {
                 return refuse_session(
                     daemon,
