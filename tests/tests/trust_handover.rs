@@ -1,6 +1,6 @@
 //! What a VMM hands faultd, and how it leaves: every handover that would lose the client's own
 //! data silently is refused with a reason naming it, a session beside it keeps serving with its
-//! data intact.
+//! data intact, and `finish` lets a VMM end its session and close its uffd without losing a page.
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -288,4 +288,60 @@ fn zero_length_packet_is_refused_and_the_store_is_kept_for_resume() {
         .resume("zl", &r.uffd, &[RegionSpec::zero(0, &r.ram)], None)
         .unwrap();
     assert_every_page(&r.ram, |p| p < 64);
+}
+
+/// The bytes of page `p` of the test snapshot: its number everywhere, a marker at 100.
+fn snapshot_page(p: u64) -> Vec<u8> {
+    let mut page = vec![(p as u8) ^ 0x5A; PAGE as usize];
+    page[100] = 0xA5;
+    page[4000] = (p >> 8) as u8;
+    page
+}
+
+#[test]
+fn after_finish_the_vmm_closes_its_uffd_and_every_snapshot_page_reads_back() {
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("ram", 4 * MIB);
+    let pages = r.ram.size() / PAGE;
+    let mut snapshot = tempfile::tempfile().unwrap();
+    for p in 0..pages {
+        snapshot.write_all(&snapshot_page(p)).unwrap();
+    }
+    let mut session = Client::connect(faultd.socket())
+        .unwrap()
+        .register(
+            "fin",
+            &r.uffd,
+            &[RegionSpec::snapshot(0, &r.ram, 0)],
+            Some(snapshot.as_fd()),
+        )
+        .unwrap();
+    // Pages 0..32 written by the guest, 0..16 of them then evicted to faultd's store; pages
+    // 32.. never faulted in.
+    write_with_timeout(&r.ram, (0..32).map(|p| (p * PAGE + 7, 0xEE)).collect(), T);
+    let (evicted, _, failed) = session.evict(0, 16 * PAGE, None).unwrap();
+    assert_eq!((evicted, failed), (16, 0));
+
+    let finished = session.finish().unwrap();
+
+    assert_eq!(finished.remaining, 0);
+    assert_eq!(finished.filled, pages - 16);
+    // The VMM ends its session and closes its uffd: guest RAM must hold everything now.
+    drop(session);
+    let Ram { uffd, ram } = r;
+    drop(uffd);
+    // SAFETY: `ram` maps `ram.size()` bytes shared and stays alive for this borrow; with the
+    // uffd closed no access blocks, and nothing writes the mapping meanwhile.
+    let bytes = unsafe { std::slice::from_raw_parts(ram.host_ptr().as_ptr(), ram.size() as usize) };
+    for p in 0..pages {
+        let mut want = snapshot_page(p);
+        if p < 32 {
+            want[7] = 0xEE;
+        }
+        let got = &bytes[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+        assert!(
+            got == want.as_slice(),
+            "page {p} differs from what the guest had"
+        );
+    }
 }

@@ -547,14 +547,49 @@ async fn session_loop(
                     }
                 }
             }
+            Ok(Request::Finish {}) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                if let Err(ending) =
+                    command(daemon, conn, thread, Command::Finish { reply: tx }).await
+                {
+                    return ending;
+                }
+                // The thread fills pages between faults; wait for it off the reactor.
+                match tokio::task::spawn_blocking(move || rx.recv()).await {
+                    Ok(Ok(r)) => {
+                        tracing::info!(
+                            session = session.id(),
+                            filled = r.filled,
+                            remaining = r.remaining,
+                            "finish: pages restored from their backing"
+                        );
+                        send(
+                            conn,
+                            &Response::Finished {
+                                filled: r.filled,
+                                remaining: r.remaining,
+                            },
+                        )
+                        .await
+                    }
+                    _ => {
+                        return refuse_session(
+                            daemon,
+                            conn,
+                            ErrorCode::Internal,
+                            "the session's fault service stopped during finish".into(),
+                        )
+                        .await;
+                    }
+                }
+            }
             Ok(
                 Request::FirecrackerListen(_)
                 | Request::VmStats { .. }
                 | Request::Status {}
                 | Request::Sessions { .. }
                 | Request::SessionDetail { .. }
-                | Request::EvictSession { .. }
-                | Request::Finish {},
+                | Request::EvictSession { .. },
             ) => {
                 return refuse_session(
                     daemon,
