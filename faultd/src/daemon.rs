@@ -47,6 +47,33 @@ pub struct Validated {
     pub snapshot: Option<File>,
 }
 
+/// A file by identity: `fstat`'s device and inode. Every userfaultfd has an inode of its own
+/// (since Linux 5.12; faultd needs 6.1), so this tells one uffd from another too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+/// The files one live session holds alone (its uffd, its guest RAM), released when dropped:
+/// once the session has ended.
+#[derive(Debug)]
+pub(crate) struct Claims {
+    daemon: Arc<Daemon>,
+    ids: Vec<FileId>,
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        let mut claimed = self.daemon.claimed();
+        for id in &self.ids {
+            claimed.remove(id);
+        }
+    }
+}
+
 /// The sockets faultd listens on for Firecracker: socket path -> VM name.
 #[derive(Debug, Default)]
 pub struct Listeners {
@@ -122,6 +149,8 @@ pub struct Daemon {
     handles: Mutex<HashMap<u64, Handle>>,
     /// When the daemon started (for `status`).
     started: std::time::Instant,
+    /// The uffds and guest RAM files live sessions hold (see [`Daemon::claim`]).
+    claimed: Mutex<std::collections::HashSet<FileId>>,
 }
 
 /// How operator requests reach a live session that another connection owns.
@@ -176,6 +205,7 @@ impl Daemon {
             labels: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
+            claimed: Mutex::new(std::collections::HashSet::new()),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             device_attached: tokio::sync::Notify::new(),
@@ -200,6 +230,45 @@ impl Daemon {
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn claimed(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<FileId>> {
+        self.claimed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `files` (each with what it is in the request, for the refusal) for a new session,
+    /// or refuses the one another live session holds. A session that is just ending may hold
+    /// them for a moment (a VMM registering again right after a refusal): wait for it briefly,
+    /// as for the store. Blocking: call off the reactor.
+    pub(crate) fn claim(self: &Arc<Self>, files: &[(FileId, String)]) -> Result<Claims, Refusal> {
+        let waited_until = std::time::Instant::now() + STORE_BUSY_WAIT;
+        loop {
+            {
+                let mut claimed = self.claimed();
+                let held = files.iter().find(|(id, _)| claimed.contains(id));
+                match held {
+                    None => {
+                        let ids: Vec<FileId> = files.iter().map(|(id, _)| *id).collect();
+                        claimed.extend(ids.iter().copied());
+                        return Ok(Claims {
+                            daemon: self.clone(),
+                            ids,
+                        });
+                    }
+                    Some((_, what)) if std::time::Instant::now() >= waited_until => {
+                        return Err(Refusal {
+                            code: ErrorCode::BadFd,
+                            message: format!(
+                                "{what} is held by another live session: a uffd or a guest \
+                                 RAM file serves one session at a time"
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// How long the daemon has been running.

@@ -600,6 +600,19 @@ impl Session {
         }
     }
 
+    /// Asks faultd to fill every page not yet restored from its backing (snapshot file or
+    /// faultd's store), before the VMM ends the session and closes its uffd: after a
+    /// [`Finished`] with `remaining == 0`, guest RAM holds everything and no fault needs
+    /// faultd any more. Without it, closing the uffd leaves those pages reading zeros.
+    pub fn finish(&mut self) -> Result<Finished, ClientError> {
+        self.raw
+            .send(&faultd_proto::encode(&Request::Finish {})?, &[])?;
+        match self.raw.recv_response()? {
+            Response::Finished { filled, remaining } => Ok(Finished { filled, remaining }),
+            other => Err(refusal(other)),
+        }
+    }
+
     /// Asks faultd for this session's counters.
     pub fn stats(&mut self) -> Result<SessionStats, ClientError> {
         self.raw
@@ -609,6 +622,15 @@ impl Session {
             other => Err(refusal(other)),
         }
     }
+}
+
+/// What [`Session::finish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Pages filled from the snapshot file or faultd's store.
+    pub filled: u64,
+    /// Pages still holding data only faultd can provide; 0 on success.
+    pub remaining: u64,
 }
 
 /// Where a device's page requests arrive (see docs/device-faults.md).

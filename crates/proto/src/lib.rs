@@ -58,6 +58,11 @@ pub enum Request {
         #[serde(default)]
         max_pages: Option<u64>,
     },
+    /// Before the VMM ends its session and closes its uffd: fills every page not yet restored
+    /// from its backing (the snapshot file, or faultd's store) so that nothing is left that
+    /// only faultd could provide. Answered [`Response::Finished`]. Takes no fds. Only valid
+    /// after `register`.
+    Finish {},
     /// Not a VMM session: tells faultd to serve Firecracker snapshot restores of VM `vm` on a
     /// socket of its own (Firecracker's external page-fault handler protocol). Answered
     /// [`Response::Listening`]. Takes no fds.
@@ -307,6 +312,13 @@ pub enum Response {
         zero: u64,
         /// Pages that could not be evicted (see faultd's log).
         failed: u64,
+    },
+    /// A `finish` request's result: the session no longer needs faultd when `remaining` is 0.
+    Finished {
+        /// Pages filled from the snapshot file or faultd's store by this request.
+        filled: u64,
+        /// Pages that still hold data only faultd can provide (see faultd's log); 0 on success.
+        remaining: u64,
     },
     /// The device was attached; its page requests are served from now on.
     DeviceAdded {

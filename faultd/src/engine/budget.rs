@@ -46,6 +46,10 @@ impl<O: UffdOps> FaultServer<O> {
         let Some(limits) = self.budget.as_ref().map(|b| b.limits) else {
             return;
         };
+        if self.finished {
+            // Finished: no page goes back to where only faultd has it.
+            return;
+        }
         if !limits.is_set() {
             // No budget (the default): nothing reads the global count, so this runs after every
             // batch of faults for nothing but a lock and an atomic.

@@ -87,6 +87,9 @@ pub struct FaultServer<O> {
     budget: Option<BudgetState>,
     /// Anonymous memory's residency as the VMM's pagemap said last (see [`pageout`]).
     anon: pageout::AnonResidency,
+    /// The VMM asked to finish ([`finish`]): every page is restored, and nothing is evicted
+    /// any more.
+    pub(crate) finished: bool,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -129,6 +132,7 @@ impl<O: UffdOps> FaultServer<O> {
             install_order: VecDeque::new(),
             budget: None,
             anon: pageout::AnonResidency::default(),
+            finished: false,
             metrics: SessionMetrics::detached(),
             filled: FaultOutcome::Present,
         }
@@ -196,6 +200,16 @@ impl<O: UffdOps> FaultServer<O> {
         for c in commands {
             match c {
                 Command::AddDevice(d) => self.add_device(d),
+                // After finish, nothing goes back to where only faultd has it.
+                Command::Evict { reply, .. } | Command::EvictOldest { reply, .. }
+                    if self.finished =>
+                {
+                    let _ = reply.send(EvictReport::default());
+                }
+                Command::Finish { reply } => {
+                    let report = self.finish();
+                    let _ = reply.send(report);
+                }
                 Command::Evict {
                     gpa,
                     len,
@@ -400,6 +414,7 @@ pub(crate) fn outcome_of(fill: Fill) -> FaultOutcome {
 
 mod budget;
 mod evict;
+mod finish;
 mod pageout;
 mod resume;
 mod spin;
@@ -415,6 +430,7 @@ use evict::Quota;
 use spin::{ReadFirst, SpinPolicy};
 
 pub use evict::{EvictError, EvictReport};
+pub use finish::FinishReport;
 pub use resume::{Resume, ResumeReport};
 pub use thread::{Command, Commander, FaultThread, StandbyJob, StandbyThread};
 

@@ -327,6 +327,54 @@ fn short_snapshot_is_an_error_and_the_page_stays_absent() {
 }
 
 #[test]
+fn finish_fills_every_snapshot_page_not_yet_faulted_in() {
+    let s = session(4, Backing::File { offset: 0 }, Some(snapshot(4)));
+    let mut srv = server(&s, 4);
+    srv.ops().touch(HVA + PAGE);
+    srv.serve_ready().unwrap();
+
+    let report = srv.finish();
+
+    assert_eq!(
+        report,
+        crate::engine::FinishReport {
+            filled: 3,
+            remaining: 0
+        }
+    );
+    for i in 0..4 {
+        assert_eq!(
+            srv.ops().page(HVA + i * PAGE),
+            Some(vec![i as u8 + 1; PAGE as usize]),
+            "page {i}"
+        );
+    }
+}
+
+#[test]
+fn finish_leaves_zero_pages_absent() {
+    let s = session(4, Backing::Zero, None);
+    let mut srv = server(&s, 4);
+
+    let report = srv.finish();
+
+    assert_eq!((report.filled, report.remaining), (0, 0));
+    assert_eq!(*srv.ops().installs.borrow(), 0);
+}
+
+#[test]
+fn finish_counts_the_pages_it_could_not_fill_as_remaining() {
+    // The file shrank after registration: page 1 cannot be read.
+    let s = session(2, Backing::File { offset: 0 }, Some(snapshot(1)));
+    let mut srv = server(&s, 2);
+
+    let report = srv.finish();
+
+    assert_eq!((report.filled, report.remaining), (1, 1));
+    assert_eq!(page_state(&s, HVA + PAGE), PageState::Absent);
+}
+
+#[test]
 fn huge_page_zero_fill_installs_two_mib_of_zeros() {
     const HUGE: u64 = 2 << 20;
     let layout = Layout::new(vec![RegionSpec {

@@ -38,6 +38,12 @@ pub enum Command {
         /// Where the report goes.
         reply: std::sync::mpsc::Sender<EvictReport>,
     },
+    /// Fill every page whose bytes only faultd has (snapshot, store), stop evicting, and
+    /// report: the VMM is about to end the session and close its uffd.
+    Finish {
+        /// Where the report goes.
+        reply: std::sync::mpsc::Sender<super::FinishReport>,
+    },
 }
 
 /// A running fault thread; [`FaultThread::stop`] ends it.

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::daemon::{Daemon, Ending};
 use crate::engine::session::Session;
 use crate::engine::{Command, FaultThread};
-use crate::front::validate::{validate, Refusal};
+use crate::front::validate::{handed_files, validate, Refusal};
 
 /// Accepts connections until the daemon's cancel token fires; each connection runs in its own
 /// task, and every session (Firecracker's too) is ended before this returns.
@@ -108,6 +108,8 @@ struct Packet {
 
 enum RecvError {
     Closed,
+    /// A packet of zero bytes (not the peer hanging up): no message at all.
+    Empty,
     Oversize(String),
     Io(std::io::Error),
 }
@@ -115,7 +117,9 @@ enum RecvError {
 async fn recv_packet(conn: &UnixSeqpacket) -> Result<Packet, RecvError> {
     // One byte more than the limit: a packet that fills it was truncated, i.e. oversize.
     let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
-    let mut anc = vec![0u8; 64 + MAX_FDS * 4];
+    // Room for every fd the kernel lets one message carry (SCM_MAX_FD), so that a packet with
+    // more than MAX_FDS is seen, counted and refused, not cut short.
+    let mut anc = vec![0u8; 64 + SCM_MAX_FD * 4];
     let (info, reader) = conn
         .recv_with_ancillary(&mut buf, &mut anc)
         .await
@@ -137,12 +141,46 @@ async fn recv_packet(conn: &UnixSeqpacket) -> Result<Packet, RecvError> {
             "more than {MAX_FDS} fds attached"
         )));
     }
+    if fds.len() > MAX_FDS {
+        return Err(RecvError::Oversize(format!(
+            "{} fds attached; a message carries at most {MAX_FDS}",
+            fds.len()
+        )));
+    }
     if info.bytes_read() == 0 {
-        return Err(RecvError::Closed);
+        // A hang-up and a zero-length packet both read as 0 bytes; only a hang-up leaves the
+        // socket shut down for reading. (A zero-length packet sent just before hanging up
+        // reads as the hang-up: the VMM closed the session either way.)
+        return Err(if fds.is_empty() && peer_hung_up(conn) {
+            RecvError::Closed
+        } else {
+            RecvError::Empty
+        });
     }
     buf.truncate(info.bytes_read());
     Ok(Packet { bytes: buf, fds })
 }
+
+/// Most fds one `SCM_RIGHTS` message can carry (include/net/scm.h): a sender cannot attach
+/// more.
+const SCM_MAX_FD: usize = 253;
+
+/// Whether the peer of `conn` has shut the connection down (closed it or exited).
+fn peer_hung_up(conn: &UnixSeqpacket) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    // nix does not name POLLRDHUP.
+    let hangup = PollFlags::from_bits_retain(libc::POLLRDHUP) | PollFlags::POLLHUP;
+    let mut fds = [PollFd::new(conn.as_fd(), hangup)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0].revents().is_some_and(|r| r.intersects(hangup)),
+        // Cannot tell: take it as the hang-up it nearly always is.
+        Err(_) => true,
+    }
+}
+
+/// What a zero-length packet is told.
+const EMPTY_PACKET: &str = "zero-length packet: every message is one JSON object";
 
 async fn send(conn: &UnixSeqpacket, resp: &Response) {
     let bytes = faultd_proto::encode(resp).or_else(|e| {
@@ -304,6 +342,10 @@ async fn recv_request(
             refuse(daemon, conn, ErrorCode::Oversize, m).await;
             None
         }
+        Err(RecvError::Empty) => {
+            refuse(daemon, conn, ErrorCode::Malformed, EMPTY_PACKET.into()).await;
+            None
+        }
         Err(RecvError::Io(e)) => {
             tracing::debug!("receive failed before registration: {e}");
             None
@@ -324,8 +366,18 @@ async fn register(
         return refuse(&daemon, &conn, ErrorCode::Busy, why).await;
     }
     // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
+    // The uffd and guest RAM files are claimed for this session until it has ended (the claims
+    // drop after end_session), so no other live session can be handed them.
     let resume = reg.resume;
-    let validated = match tokio::task::spawn_blocking(move || validate(&reg, fds, peer_pid)).await {
+    let d = daemon.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let files = handed_files(&reg, &fds);
+        let validated = validate(&reg, fds, peer_pid)?;
+        let claims = d.claim(&files)?;
+        Ok::<_, Refusal>((validated, claims))
+    })
+    .await;
+    let (validated, _claims) = match checked {
         Ok(Ok(v)) => v,
         Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
         Err(e) => {
@@ -392,13 +444,20 @@ async fn session_loop(
             Err(RecvError::Oversize(m)) => {
                 return refuse_session(daemon, conn, ErrorCode::Oversize, m).await;
             }
+            // Malformed, not a hang-up: the VMM lives, and so does its store.
+            Err(RecvError::Empty) => {
+                return refuse_session(daemon, conn, ErrorCode::Malformed, EMPTY_PACKET.into())
+                    .await;
+            }
             Err(RecvError::Io(e)) => {
                 tracing::debug!(session = session.id(), "receive failed: {e}");
                 return Ending::VmGone;
             }
         };
         match faultd_proto::decode::<Request>(&packet.bytes) {
-            Ok(Request::Stats {} | Request::Evict { .. }) if !packet.fds.is_empty() => {
+            Ok(Request::Stats {} | Request::Evict { .. } | Request::Finish {})
+                if !packet.fds.is_empty() =>
+            {
                 return refuse_session(
                     daemon,
                     conn,
@@ -488,6 +547,42 @@ async fn session_loop(
                     }
                 }
             }
+            Ok(Request::Finish {}) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                if let Err(ending) =
+                    command(daemon, conn, thread, Command::Finish { reply: tx }).await
+                {
+                    return ending;
+                }
+                // The thread fills pages between faults; wait for it off the reactor.
+                match tokio::task::spawn_blocking(move || rx.recv()).await {
+                    Ok(Ok(r)) => {
+                        tracing::info!(
+                            session = session.id(),
+                            filled = r.filled,
+                            remaining = r.remaining,
+                            "finish: pages restored from their backing"
+                        );
+                        send(
+                            conn,
+                            &Response::Finished {
+                                filled: r.filled,
+                                remaining: r.remaining,
+                            },
+                        )
+                        .await
+                    }
+                    _ => {
+                        return refuse_session(
+                            daemon,
+                            conn,
+                            ErrorCode::Internal,
+                            "the session's fault service stopped during finish".into(),
+                        )
+                        .await;
+                    }
+                }
+            }
             Ok(
                 Request::FirecrackerListen(_)
                 | Request::VmStats { .. }
@@ -500,7 +595,7 @@ async fn session_loop(
                     daemon,
                     conn,
                     ErrorCode::UnexpectedMessage,
-                    "a VMM session takes register, stats, add_device and evict only".into(),
+                    "a VMM session takes register, stats, add_device, evict and finish only".into(),
                 )
                 .await;
             }

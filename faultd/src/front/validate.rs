@@ -10,6 +10,11 @@
 //! - mappings: every region's `hva` range must be, in the VMM's own address space, a shared
 //!   mapping of exactly its memory fd at `mem_offset`. userfaultfd operations name VMM addresses;
 //!   if the VMM lied about them, faultd would fill pages that are not the guest's RAM.
+//! - the handover itself: the uffd has completed `UFFDIO_API` (else every ioctl faultd makes
+//!   fails and every fault blocks), every region is registered with it for MISSING faults (else
+//!   absent pages never fault: a snapshot-backed guest reads zeros), and memory fds are open
+//!   read-write (faultd restores evicted pages through them). [`handed_files`] names the uffd
+//!   and memory files so that the daemon lets one live session at a time hold each.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -25,8 +30,10 @@ use iopf::ring::RingConsumer;
 use iopf::{DevId, FaultQueue, Mapper};
 use s2map::{Backing, DeviceIdx, Gpa, Layout, PageSize, RegionSpec};
 
+use crate::daemon::FileId;
 use crate::engine::device::Device;
 use crate::engine::session::{Hva, RegionMemory, ServedRegion, Session};
+use crate::kernel::uffd::api_handshake_done;
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -62,6 +69,19 @@ pub fn validate(
             ErrorCode::BadLayout,
             format!(
                 "regions: {} given, 1..={MAX_REGIONS} allowed",
+                reg.regions.len()
+            ),
+        ));
+    }
+    // The uffd, a snapshot, and one memory fd per region: any more cannot all be used.
+    let most = reg.regions.len() + 2;
+    if fds.len() > most {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!(
+                "{} fds attached; a register of {} regions uses at most {most} (the uffd, a \
+                 snapshot, one memory fd per region)",
+                fds.len(),
                 reg.regions.len()
             ),
         ));
@@ -117,6 +137,7 @@ pub fn validate(
                 ),
             )
         })?;
+        check_mem_access(n, mi, fds[mi].as_fd())?;
         check_mem(n, fds[mi].as_fd(), r.mem_offset, r.size, page_size)?;
         if r.hva == 0
             || !r.hva.is_multiple_of(page_size.bytes())
@@ -191,6 +212,19 @@ pub fn validate(
                 .map_err(|why| refuse(ErrorCode::BadMapping, format!("regions[{n}]: {why}")))?;
         }
     }
+    check_handshake(uffd_i, fds[uffd_i].as_fd(), Hva(reg.regions[0].hva))?;
+    if let Some(pid) = peer_pid {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| {
+            refuse(
+                ErrorCode::Internal,
+                format!("cannot read /proc/{pid}/smaps to check the uffd registration: {e}"),
+            )
+        })?;
+        for (n, r) in reg.regions.iter().enumerate() {
+            check_registered(&smaps, r.hva, r.size)
+                .map_err(|why| refuse(ErrorCode::BadMapping, format!("regions[{n}]: {why}")))?;
+        }
+    }
 
     let layout = Layout::new(specs).map_err(|e| refuse(ErrorCode::BadLayout, e.to_string()))?;
 
@@ -251,6 +285,74 @@ pub(crate) fn check_uffd(fd: BorrowedFd<'_>) -> Result<(), Refusal> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a uffd on which the VMM has not done `UFFDIO_API`. `probe` is a page of guest RAM.
+fn check_handshake(i: usize, fd: BorrowedFd<'_>, probe: Hva) -> Result<(), Refusal> {
+    match api_handshake_done(fd, probe) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(refuse(
+            ErrorCode::BadFd,
+            format!(
+                "uffd (fd {i}): the VMM has not completed UFFDIO_API on it; every ioctl faultd \
+                 makes would fail and every fault would block"
+            ),
+        )),
+        Err(e) => Err(refuse(
+            ErrorCode::BadFd,
+            format!("uffd (fd {i}): probing its API handshake: {e}"),
+        )),
+    }
+}
+
+/// Refuses a memory fd faultd cannot write guest pages through: an O_PATH fd (no I/O at all)
+/// or one not open read-write (restoring evicted pages, and mapping RAM for devices, write).
+fn check_mem_access(n: usize, i: usize, fd: BorrowedFd<'_>) -> Result<(), Refusal> {
+    let what = format!("regions[{n}].mem (fd {i})");
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| refuse(ErrorCode::BadFd, format!("{what}: fcntl: {e}")))?;
+    if flags & libc::O_PATH != 0 {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!("{what}: an O_PATH fd, which allows no reads or writes of guest RAM"),
+        ));
+    }
+    if flags & libc::O_ACCMODE != libc::O_RDWR {
+        return Err(refuse(
+            ErrorCode::BadFd,
+            format!("{what}: not open read-write; faultd writes restored pages through it"),
+        ));
+    }
+    Ok(())
+}
+
+/// The files a registration hands over that one live session at a time may hold, with what
+/// each is in the request: the uffd (two sessions reading one uffd steal each other's faults)
+/// and every memory fd (two sessions filling and evicting one file destroy each other's
+/// pages). Fds that cannot be inspected, or indexes out of range, are left to [`validate`] to
+/// refuse.
+pub fn handed_files(reg: &Register, fds: &[OwnedFd]) -> Vec<(FileId, String)> {
+    let id = |i: usize| {
+        let st = nix::sys::stat::fstat(fds.get(i)?.as_fd()).ok()?;
+        Some(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    };
+    let uffd = reg.uffd.0 as usize;
+    let mut files: Vec<(FileId, String)> = id(uffd)
+        .map(|f| (f, format!("uffd (fd {uffd})")))
+        .into_iter()
+        .collect();
+    for (n, r) in reg.regions.iter().enumerate() {
+        let i = r.mem.0 as usize;
+        if let Some(f) = id(i) {
+            if !files.iter().any(|(held, _)| *held == f) {
+                files.push((f, format!("regions[{n}].mem (fd {i})")));
+            }
+        }
+    }
+    files
 }
 
 fn check_snapshot(fd: BorrowedFd<'_>) -> Result<u64, Refusal> {
@@ -407,6 +509,42 @@ pub fn check_mapping(
     Err(format!(
         "{covered:#x} (within {hva:#x}+{size:#x}) is not mapped from the region's memory fd"
     ))
+}
+
+/// Checks that `smaps` (the text of `/proc/<pid>/smaps`) shows every mapping within
+/// `[hva, hva+size)` registered with a userfaultfd for missing faults (`um` in `VmFlags`).
+/// The range is known to be mapped without gaps (see [`check_mapping`]).
+pub fn check_registered(smaps: &str, hva: u64, size: u64) -> Result<(), String> {
+    let end = hva + size;
+    let mut current: Option<(u64, u64)> = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let Some((start, stop)) = current.take() else {
+                continue;
+            };
+            if stop <= hva || start >= end {
+                continue;
+            }
+            if !flags.split_ascii_whitespace().any(|f| f == "um") {
+                return Err(format!(
+                    "{:#x} is not registered with the userfaultfd for missing faults (no `um` \
+                     in its VmFlags): its absent pages would read zeros instead of their \
+                     backing, without a fault",
+                    start.max(hva)
+                ));
+            }
+        } else if let Some(m) = parse_maps_line(line) {
+            current = Some((m.start, m.end));
+        } else if let Some((range, _)) = line.split_once(' ') {
+            // A header line of an anonymous mapping (no device/inode fields parse as a file).
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    current = Some((a, b));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 struct MapsLine {
@@ -621,6 +759,26 @@ mod tests {
     fn unmapped_range_is_refused() {
         let e = check_mapping(MAPS, 0x7f00_1000_0000, 0x1000, 0, FILE).unwrap_err();
         assert!(e.contains("not mapped"), "{e}");
+    }
+
+    const SMAPS: &str = "\
+7f0000000000-7f0000200000 rw-s 00000000 00:01 1234 /memfd:ram (deleted)
+Size:               2048 kB
+VmFlags: rd wr sh mr mw me ms um uw
+7f0000200000-7f0000400000 rw-s 00200000 00:01 1234 /memfd:ram (deleted)
+Size:               2048 kB
+VmFlags: rd wr sh mr mw me ms
+";
+
+    #[test]
+    fn range_registered_missing_is_accepted() {
+        assert_eq!(check_registered(SMAPS, 0x7f00_0000_0000, 0x20_0000), Ok(()));
+    }
+
+    #[test]
+    fn range_running_into_an_unregistered_mapping_is_refused() {
+        let e = check_registered(SMAPS, 0x7f00_0010_0000, 0x20_0000).unwrap_err();
+        assert!(e.starts_with("0x7f0000200000 is not registered"), "{e}");
     }
 
     #[test]

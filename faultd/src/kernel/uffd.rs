@@ -252,3 +252,39 @@ impl UffdOps for KernelUffd {
         self.uffd.as_fd()
     }
 }
+
+/// `struct uffdio_range` (include/uapi/linux/userfaultfd.h).
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+const _: () = assert!(std::mem::size_of::<UffdioRange>() == 16);
+
+/// `UFFDIO_WAKE`: `_IOR(0xAA, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+
+/// Whether the VMM completed the `UFFDIO_API` handshake on `fd`, probed with a `UFFDIO_WAKE`
+/// of the one page at `probe` (page aligned, mapped in the uffd's address space). Before the
+/// handshake the kernel refuses every ioctl but `UFFDIO_API` with EINVAL (fs/userfaultfd.c,
+/// `userfaultfd_ioctl`); after it, a wake of a valid range succeeds whether or not anything
+/// waits there (a thread woken spuriously faults again). `/proc/self/fdinfo`'s `API:` line
+/// would do too, but shows the handshake (the `UFFD_FEATURE_INITIALIZED` bit) only on newer
+/// kernels; the ioctl is the same on all of them.
+pub fn api_handshake_done(fd: BorrowedFd<'_>, probe: Hva) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let range = UffdioRange {
+        start: probe.0,
+        len: 4096,
+    };
+    // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range` from the pointer, which points to a
+    // live value of that layout (size asserted above); the fd is borrowed for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_WAKE as _, &range) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        e => Err(e),
+    }
+}
