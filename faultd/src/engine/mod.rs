@@ -87,6 +87,10 @@ pub struct FaultServer<O> {
     budget: Option<BudgetState>,
     /// Anonymous memory's residency as the VMM's pagemap said last (see [`pageout`]).
     anon: pageout::AnonResidency,
+    /// Evict in the wrong order, saving before write-protecting: only the unit test that shows
+    /// what that order loses sets it.
+    #[cfg(test)]
+    save_before_protect: bool,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -131,6 +135,8 @@ impl<O: UffdOps> FaultServer<O> {
             anon: pageout::AnonResidency::default(),
             metrics: SessionMetrics::detached(),
             filled: FaultOutcome::Present,
+            #[cfg(test)]
+            save_before_protect: false,
         }
     }
 
