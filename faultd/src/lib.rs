@@ -1,10 +1,17 @@
 //! faultd: serves the page faults of VMs whose guest RAM is not pinned.
 //!
-//! Owns: the control socket and sessions ([`control`]), validation of what VMMs hand over
-//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), Firecracker's page-fault
-//! handler protocol ([`firecracker`]), configuration ([`config`]), Prometheus metrics
-//! ([`metrics`]), what the service manager sees: socket activation, readiness and the
-//! watchdog ([`systemd`]), and the `faultd ctl` client commands ([`ctl`]).
+//! In layers, lowest first; a layer uses only itself and the layers below it
+//! (`faultd/tests/layers.rs` checks):
+//! - [`ops`]: configuration ([`config`]), Prometheus metrics ([`metrics`]), what the service
+//!   manager sees: socket activation, readiness and the watchdog ([`systemd`]), logging;
+//! - [`kernel`]: the userfaultfd operations and another process's memory;
+//! - [`engine`]: one VM's fault thread: vCPU faults ([`engine::FaultServer`]), device page
+//!   requests ([`engine::device`]), eviction, budgets, restart-resume;
+//! - [`daemon`]: the registry of live sessions that every front door shares;
+//! - [`front`]: the control socket ([`control`]) and the validation of what VMMs hand over
+//!   ([`front::validate`]), the operator's admin requests, Firecracker's page-fault handler
+//!   protocol ([`firecracker`]);
+//! - and above them all, this wiring and the `faultd ctl` client commands ([`ctl`]).
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 

@@ -8,7 +8,7 @@
 //!
 //! 1. checks the peer against the spec's [`PeerRule`] (SO_PEERCRED);
 //! 2. reads Firecracker's one message: a JSON array of `GuestRegionUffdMapping`s with the
-//!    userfaultfd attached as SCM_RIGHTS ([`receive_message`]);
+//!    userfaultfd attached as SCM_RIGHTS (`receive_message`);
 //! 3. validates it with no more than JSON, fd and stat checks ([`check_regions`],
 //!    [`check_fds`]): Firecracker fills guest pages inside its load call and waits for them,
 //!    so nothing expensive may stand before the first fault. For the same reason the socket
@@ -19,7 +19,7 @@
 //!    are answered with UFFDIO_COPY from the snapshot file at
 //!    `offset + (addr - base_host_virt_addr)` and REMOVE events (balloon) make later faults in
 //!    their range zero-fill;
-//! 5. ends the session when the VM is gone ([`SessionEnd`]).
+//! 5. ends the session when the VM is gone (`SessionEnd`).
 //!
 //! Anything wrong with a connection is logged (warn) with the reason and the connection is
 //! closed; nothing else is affected.
@@ -566,7 +566,7 @@ fn uffd_dup(server: &FaultServer<KernelUffd>) -> Option<OwnedFd> {
         .ok()
 }
 
-/// Serves again the Firecracker sessions a previous faultd kept (see [`kept`]).
+/// Serves again the Firecracker sessions a previous faultd kept (see `kept.rs`).
 pub use kept::resume_all as resume_kept;
 
 mod kept;
