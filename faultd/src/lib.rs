@@ -261,7 +261,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
             .is_err()
         {
             // A session thread is stuck (its VMM blocks a call the watchdog could not cut
-            // short). Exit anyway: the stores are consistent at every instant (see store.rs),
+            // short). Exit anyway: the stores are consistent at every instant (see engine/store.rs),
             // and the VMMs resume with the next faultd.
             tracing::error!(
                 ?shutdown_bound,
