@@ -12,6 +12,7 @@
 //!   ([`front::validate`]), the operator's admin requests, Firecracker's page-fault handler
 //!   protocol ([`firecracker`]);
 //! - and above them all, this wiring and the `faultd ctl` client commands ([`ctl`]).
+//!
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
