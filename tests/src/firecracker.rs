@@ -335,3 +335,21 @@ pub fn balloon_discard(addr: u64, len: u64, timeout: Duration) {
         .expect("MADV_DONTNEED did not return in time")
         .expect("MADV_DONTNEED");
 }
+
+/// (in RAM, in swap) for each of this process's pages at `addrs`, from its own pagemap: the
+/// stand-in's memory is this process's, as Firecracker's is Firecracker's.
+pub fn own_pages(addrs: &[u64]) -> Vec<(bool, bool)> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = File::open("/proc/self/pagemap").expect("opening /proc/self/pagemap");
+    addrs
+        .iter()
+        .map(|&a| {
+            let mut e = [0u8; 8];
+            pagemap
+                .read_exact_at(&mut e, a / PAGE * 8)
+                .expect("reading /proc/self/pagemap");
+            let e = u64::from_le_bytes(e);
+            (e >> 63 & 1 == 1, e >> 62 & 1 == 1)
+        })
+        .collect()
+}

@@ -247,10 +247,17 @@ impl Launch {
 impl Faultd {
     /// Waits until the control socket accepts connections.
     pub fn wait_accepting(&mut self) {
+        if let Err(status) = self.try_wait_accepting() {
+            panic!("faultd exited with {status} at start:\n{}", self.log());
+        }
+    }
+
+    /// Waits until the control socket accepts connections, or faultd exits: its status then.
+    pub fn try_wait_accepting(&mut self) -> Result<(), std::process::ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Client::connect(&self.socket).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("faultd exited with {status} at start:\n{}", self.log());
+                return Err(status);
             }
             assert!(
                 Instant::now() < deadline,
@@ -259,6 +266,7 @@ impl Faultd {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
     }
 
     /// The control socket.

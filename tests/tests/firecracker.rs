@@ -12,8 +12,8 @@ use std::time::Duration;
 use faultd_client::{Client, ClientError, FirecrackerListen, RamPageSize};
 use faultd_proto::{ErrorCode, SessionStats};
 use faultd_tests::firecracker::{
-    balloon_discard, closed_by_peer, copy_with_timeout, pattern_snapshot, refused_at_once,
-    send_raw, FcRestore, WireForm, PAGE,
+    balloon_discard, closed_by_peer, copy_with_timeout, own_pages, pattern_snapshot,
+    refused_at_once, send_raw, FcRestore, WireForm, PAGE,
 };
 use faultd_tests::{Faultd, HugePages};
 use testvmm::{page_sequence, RamSlot, Vm, Workload};
@@ -858,21 +858,6 @@ fn ctl(faultd: &Faultd, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// (in RAM, in swap) for each of this process's pages at `addrs`, from its own pagemap: the
-/// stand-in's memory is this process's, as Firecracker's is Firecracker's.
-fn own_pages(addrs: &[u64]) -> Vec<(bool, bool)> {
-    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
-    addrs
-        .iter()
-        .map(|&a| {
-            let mut e = [0u8; 8];
-            pagemap.read_exact_at(&mut e, a / PAGE * 8).unwrap();
-            let e = u64::from_le_bytes(e);
-            (e >> 63 & 1 == 1, e >> 62 & 1 == 1)
-        })
-        .collect()
 }
 
 #[test]

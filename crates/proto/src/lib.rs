@@ -256,6 +256,7 @@ pub struct RegionDesc {
 /// Source of a never-resident page's contents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(from = "BackingWire")]
 pub enum BackingDesc {
     /// Zero fill.
     Zero,
@@ -264,6 +265,25 @@ pub enum BackingDesc {
         /// File offset of the region's first byte (aligned to the page size).
         offset: u64,
     },
+}
+
+/// [`BackingDesc`] as it is read. `Zero {}`, not `Zero`: serde lets a unit variant of an
+/// internally tagged enum through with unknown fields despite `deny_unknown_fields`
+/// (serde-rs/serde#2123), an empty struct variant refuses them.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum BackingWire {
+    Zero {},
+    Snapshot { offset: u64 },
+}
+
+impl From<BackingWire> for BackingDesc {
+    fn from(wire: BackingWire) -> BackingDesc {
+        match wire {
+            BackingWire::Zero {} => BackingDesc::Zero,
+            BackingWire::Snapshot { offset } => BackingDesc::Snapshot { offset },
+        }
+    }
 }
 
 /// A message from faultd to the VMM.
@@ -629,11 +649,50 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 }
 
 /// Decodes one packet.
+///
+/// Records are JSON objects: the message itself and every element of its arrays (the
+/// protocol's arrays all hold records). serde would also take a record spelled as the array of
+/// its field values (`["status"]`, a region as `[0, 4096, ...]`), a second spelling that no
+/// client sends and nothing documents; it is refused as malformed, naming where it was.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(CodecError::Oversize { len: bytes.len() });
     }
-    serde_json::from_slice(bytes).map_err(CodecError::Malformed)
+    let msg = serde_json::from_slice(bytes).map_err(CodecError::Malformed)?;
+    // Parsed again as plain JSON only once it is known to be valid, so this cannot fail.
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(CodecError::Malformed)?;
+    match record_not_an_object(&value) {
+        None => Ok(msg),
+        Some(at) => Err(CodecError::Malformed(serde::de::Error::custom(format!(
+            "{at} is not a JSON object (messages, records and the elements of arrays are)"
+        )))),
+    }
+}
+
+/// Where `message` has a record that is not a JSON object: the message itself, or the first
+/// such array element, as a path (`regions[0]`); `None` if all are objects.
+fn record_not_an_object(message: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    /// The path below `v` of the first array element in it that is not an object.
+    fn below(v: &Value) -> Option<String> {
+        match v {
+            Value::Object(fields) => fields
+                .iter()
+                .find_map(|(k, v)| below(v).map(|p| format!(".{k}{p}"))),
+            Value::Array(elements) => elements.iter().enumerate().find_map(|(i, e)| {
+                let inside = match e {
+                    Value::Object(_) => below(e),
+                    _ => Some(String::new()),
+                };
+                inside.map(|p| format!("[{i}]{p}"))
+            }),
+            _ => None,
+        }
+    }
+    match message {
+        Value::Object(_) => below(message).map(|p| p.trim_start_matches('.').to_owned()),
+        _ => Some("the message".into()),
+    }
 }
 
 #[cfg(test)]

@@ -28,11 +28,18 @@
 //! loses guest RAM as well, so nothing is gained by an fsync per eviction; a clean shutdown
 //! syncs both files ([`Store::sync`]). A record torn by a crash mid-write fails its checksum and
 //! ends the replay (the write it belonged to had not returned, so its page was not dropped yet).
+//!
+//! # Who may read it
+//! The store holds guest memory, so it is faultd's alone whoever starts faultd and whatever
+//! its umask: `store.dir` is created 0700 (an existing one of faultd's uid is made 0700, one
+//! of another uid is refused), and every file in it, the compaction's temporary journal
+//! included, is created 0600 (a leftover of another mode is made 0600). Store files are opened
+//! `O_NOFOLLOW` and must be regular files, so changing a mode never follows a link.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A fact about an absent page, as the journal keeps it. Pages are named by guest physical
@@ -88,6 +95,17 @@ pub enum StoreError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    /// The store directory exists and belongs to another user, who could read or replace
+    /// the guest memory faultd would keep there.
+    #[error("the store directory {path} belongs to uid {owner}, not to faultd's uid {faultd}")]
+    DirOwner {
+        /// Directory path.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// faultd's effective uid.
+        faultd: u32,
     },
     /// Another live session (of this faultd or another) holds the VM's store.
     #[error("the store {path} is in use by another session of the same VM name")]
@@ -151,6 +169,10 @@ const KIND_STORED: u32 = 1;
 const KIND_ZERO: u32 = 2;
 /// Records appended before a compaction is considered at all.
 const COMPACT_MIN: u64 = 4096;
+/// Mode of `store.dir`.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every file in it.
+const FILE_MODE: u32 = 0o600;
 
 impl Store {
     /// Opens the store of VM `vm` in `dir` with slots of `slot_bytes`.
@@ -174,15 +196,8 @@ impl Store {
             let path = path.to_owned();
             move |source| StoreError::Open { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(open_err(dir))?;
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(p)
-        };
+        private_dir(dir)?;
+        let open = |p: &Path| open_private(p, false);
         let file = open(&path).map_err(open_err(&path))?;
         let dup = file.try_clone().map_err(open_err(&path))?;
         let lock = match nix::fcntl::Flock::lock(dup, nix::fcntl::FlockArg::LockExclusiveNonblock) {
@@ -393,12 +408,7 @@ impl Store {
             n += 1;
         }
         let write = || -> io::Result<File> {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+            let f = open_private(&tmp, true)?;
             f.write_all_at(&bytes, 0)?;
             std::fs::rename(&tmp, &self.journal_path)?;
             Ok(f)
@@ -470,6 +480,70 @@ impl Drop for Store {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(&self.journal_path);
     }
+}
+
+/// Creates `dir` (and its missing parents) [`DIR_MODE`] whatever the umask. An existing `dir`
+/// of faultd's uid that is not [`DIR_MODE`] (made by an older faultd, or by hand) is made so,
+/// and said; one of another uid is refused: its owner could read or swap the files.
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    let failed = |source| StoreError::Open {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(failed)?;
+    let opened = File::open(dir).map_err(failed)?;
+    let meta = opened.metadata().map_err(failed)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let faultd = unsafe { libc::geteuid() };
+    if meta.uid() != faultd {
+        return Err(StoreError::DirOwner {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            faultd,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode != DIR_MODE {
+        opened
+            .set_permissions(Permissions::from_mode(DIR_MODE))
+            .map_err(failed)?;
+        tracing::warn!(
+            dir = %dir.display(),
+            "the store directory had mode {mode:04o}: made it {DIR_MODE:04o}"
+        );
+    }
+    Ok(())
+}
+
+/// Opens the store file `path` for reading and writing, creating it [`FILE_MODE`] whatever the
+/// umask (emptied with `truncate`). It must be a regular file and not a link (`O_NOFOLLOW`);
+/// an existing one of another mode (a leftover of an older faultd) is made [`FILE_MODE`].
+fn open_private(path: &Path, truncate: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode != FILE_MODE {
+        file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+        tracing::warn!(
+            file = %path.display(),
+            "the store file had mode {mode:04o}: made it {FILE_MODE:04o}"
+        );
+    }
+    Ok(file)
 }
 
 fn checksum(kind: u32, gpa: u64, arg: u64) -> u32 {
@@ -711,5 +785,65 @@ mod tests {
                 }
             ]
         );
+    }
+
+    /// Octal mode of `path` (not following a link).
+    fn mode_of(path: &Path) -> String {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        format!("{:04o}", meta.mode() & 0o7777)
+    }
+
+    #[test]
+    fn a_loose_store_directory_and_leftover_files_are_made_private() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("store");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o755)).unwrap();
+        for name in ["vm.pages", "vm.journal", "vm.journal.new"] {
+            std::fs::write(dir.join(name), b"").unwrap();
+            std::fs::set_permissions(dir.join(name), Permissions::from_mode(0o644)).unwrap();
+        }
+
+        let (mut s, _) = Store::open(&dir, "vm", 4096, false).unwrap();
+        s.compact([Record::Zero { gpa: 0, len: 4096 }]).unwrap();
+
+        assert_eq!(
+            ["", "vm.pages", "vm.journal"].map(|n| mode_of(&dir.join(n))),
+            ["0700", "0600", "0600"]
+        );
+    }
+
+    #[test]
+    fn a_store_file_that_is_a_link_is_refused_and_its_target_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"not a store").unwrap();
+        std::fs::set_permissions(&target, Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("vm.pages")).unwrap();
+
+        let err = Store::open(dir.path(), "vm", 4096, false).unwrap_err();
+
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert_eq!(
+            (mode_of(&target), std::fs::read(&target).unwrap()),
+            ("0644".to_owned(), b"not a store".to_vec())
+        );
+    }
+
+    #[test]
+    fn a_store_directory_of_another_user_is_refused() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("store");
+        std::fs::create_dir(&dir).unwrap();
+        // Needs root (as faultd's tests do): only root gives a directory away.
+        std::os::unix::fs::chown(&dir, Some(4242), None).unwrap();
+
+        let err = Store::open(&dir, "vm", 4096, false).unwrap_err();
+
+        assert!(
+            matches!(err, StoreError::DirOwner { owner: 4242, .. }),
+            "{err}"
+        );
+        assert!(!dir.join("vm.pages").exists());
     }
 }

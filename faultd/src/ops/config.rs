@@ -597,6 +597,15 @@ impl ListenSpec {
                 why: "must be an absolute path",
             });
         }
+        // faultd makes the socket in its directory under its file name, and follows no
+        // symbolic link on the way: neither may be left to resolution (a `..`, a trailing `/`).
+        if !plain_path(&socket) || socket.file_name().is_none() {
+            return Err(SpecError {
+                field: "socket",
+                value: socket.display().to_string(),
+                why: "must name a file in a directory, with no `.` or `..` component",
+            });
+        }
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(SpecError {
                 field: "socket",
@@ -611,6 +620,13 @@ impl ListenSpec {
                 why: "must be an absolute path",
             });
         }
+        if !plain_path(&snapshot) {
+            return Err(SpecError {
+                field: "snapshot",
+                value: snapshot.display().to_string(),
+                why: "must have no `.` or `..` component",
+            });
+        }
         Ok(ListenSpec {
             vm,
             socket,
@@ -620,9 +636,49 @@ impl ListenSpec {
     }
 }
 
+/// Whether `path` has only normal components after its root (no `.`, no `..`, which
+/// `Path::components` would otherwise hide or keep) and does not end in `/`.
+fn plain_path(path: &Path) -> bool {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    !bytes.ends_with(b"/")
+        && bytes
+            .split(|&b| b == b'/')
+            .skip(1)
+            .all(|c| !c.is_empty() && c != b"." && c != b"..")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_and_snapshot_paths_must_be_plain() {
+        let spec = |socket: &str, snapshot: &str| {
+            ListenSpec::new(
+                "fc0".into(),
+                socket.into(),
+                snapshot.into(),
+                PeerRule::default(),
+            )
+        };
+        assert!(spec("/run/fc/a.sock", "/srv/fc/mem").is_ok());
+        for socket in [
+            "/run/fc/",
+            "/run/fc/..",
+            "/run/../a.sock",
+            "/run/./a.sock",
+            "/",
+        ] {
+            assert_eq!(
+                spec(socket, "/srv/mem").unwrap_err().field,
+                "socket",
+                "{socket}"
+            );
+        }
+        for snapshot in ["/srv/../mem", "/srv/./mem", "/srv/mem/"] {
+            assert_eq!(spec("/run/a.sock", snapshot).unwrap_err().field, "snapshot");
+        }
+    }
 
     #[test]
     fn embedded_default_is_valid() {

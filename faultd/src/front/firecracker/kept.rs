@@ -27,9 +27,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
-use super::{
-    check_fds, check_regions, open_remote, open_snapshot, peer_pidfd, Mapping, SessionEnd, WireForm,
-};
+use super::paths::open_snapshot;
+use super::{check_fds, check_regions, open_remote, peer_pidfd, Mapping, SessionEnd, WireForm};
 use crate::daemon::{Daemon, Ending, Live};
 use crate::ops::systemd;
 
@@ -245,8 +244,14 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
     let kept: Kept =
         serde_json::from_slice(&json).map_err(|e| format!("the kept description: {e}"))?;
     let uffd = check_fds(vec![uffd])?;
+    // Reopened by path (the fd store keeps no snapshot fd): as the user Firecracker runs as,
+    // who was admitted when it connected, so whatever is at the path now is served only if
+    // that user could read it itself.
+    let reader = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("the kept connection's peer: {e}"))?
+        .uid();
     let (snapshot, len) =
-        open_snapshot(&kept.snapshot).map_err(|e| crate::front::validate::chain(&e))?;
+        open_snapshot(&kept.snapshot, reader).map_err(|e| crate::front::validate::chain(&e))?;
     let regions = check_regions(&kept.regions, len)?;
     // Firecracker's pidfd: to tell whether it is gone, then to reach its memory.
     let pidfd = peer_pidfd(&conn);

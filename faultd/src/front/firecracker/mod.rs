@@ -32,8 +32,12 @@
 //! - **Regions in s2map.** Firecracker does not tell guest physical addresses; faultd keys each
 //!   region by its snapshot-file offset instead (regions cover disjoint file ranges), which keeps
 //!   the layout dense. The address space is internal: devices are refused for these sessions.
-//! - **Snapshot file.** Checked when listening (a clear early error), opened anew for every
-//!   connection: a snapshot re-made at the same path is served with its new contents.
+//! - **Snapshot file.** Opened once, when listening, with the rights of the user the socket
+//!   admits and no symbolic link on the way, and kept for every restore on the socket: later
+//!   changes at the path do not matter (a snapshot rewritten in place is served with its new
+//!   contents; one renamed over the path needs a new listen). See `paths.rs`.
+//! - **The socket** is made without following a link or leaving a moment in which someone
+//!   else could swap what faultd chowns (`paths.rs`).
 //! - **One live session per socket.** A second connection while a restore is served is refused.
 //! - **Message form.** Unknown fields are ignored (faultd serves Firecracker across versions and
 //!   needs only four fields). `page_size` (1.12+) and `page_size_kib` (older; bytes despite the
@@ -45,7 +49,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +106,34 @@ pub enum ListenError {
     /// The snapshot is not a regular file.
     #[error("snapshot {path} is not a regular file")]
     SnapshotNotAFile {
+        /// Path.
+        path: String,
+    },
+    /// The snapshot path is, or goes through, a symbolic link.
+    #[error("snapshot {path} is or goes through a symbolic link (faultd follows none)")]
+    SnapshotLink {
+        /// Path.
+        path: String,
+    },
+    /// The user the socket admits could not read the snapshot itself.
+    #[error("snapshot {path} is not readable by uid {uid}, whom the socket admits")]
+    SnapshotNotReadable {
+        /// Path.
+        path: String,
+        /// The admitted uid.
+        uid: u32,
+    },
+    /// The socket's directory cannot be opened (without following a link).
+    #[error("opening the directory of {path}")]
+    SocketDirectory {
+        /// Socket path.
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Something appeared at the socket path while faultd made the socket.
+    #[error("something appeared at {path} while faultd made its socket")]
+    SocketAppeared {
         /// Path.
         path: String,
     },
@@ -172,8 +204,8 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
     // File system work (open, stat, bind, chown): off the reactor.
     let spin = daemon.config.spin;
     let bound = tokio::task::spawn_blocking(move || {
-        let listener = bind(&s)?;
-        Ok((listener, new_standby(&s, spin)))
+        let bound = bind(&s)?;
+        Ok((bound, new_standby(&s, spin)))
     })
     .await
     .unwrap_or_else(|e| {
@@ -183,21 +215,26 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
         })
     });
     let (bound, standby) = match bound {
-        Ok((l, standby)) => (Ok(l), standby),
+        Ok((b, standby)) => (Ok(b), standby),
         Err(e) => (Err(e), None),
     };
-    let listener = match bound.and_then(|std_listener| {
-        UnixListener::from_std(std_listener).map_err(|source| ListenError::Bind {
-            path: spec.socket.display().to_string(),
-            source,
-        })
-    }) {
-        Ok(l) => l,
-        Err(e) => {
-            daemon.firecracker.release(&spec.socket);
-            return Err(e);
-        }
-    };
+    let (listener, placed, snapshot) =
+        match bound.and_then(|b| match UnixListener::from_std(b.listener) {
+            Ok(l) => Ok((l, b.placed, b.snapshot)),
+            Err(source) => {
+                b.placed.remove();
+                Err(ListenError::Bind {
+                    path: spec.socket.display().to_string(),
+                    source,
+                })
+            }
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                daemon.firecracker.release(&spec.socket);
+                return Err(e);
+            }
+        };
     tracing::info!(
         vm = spec.vm,
         socket = %spec.socket.display(),
@@ -208,6 +245,8 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
     );
     let socket = Arc::new(Socket {
         spec: Arc::unwrap_or_clone(spec),
+        snapshot,
+        placed,
         busy: AtomicBool::new(false),
         standby: Mutex::new(standby),
     });
@@ -232,6 +271,10 @@ fn new_standby(spec: &ListenSpec, spin: Duration) -> Option<StandbyThread<Kernel
 #[derive(Debug)]
 struct Socket {
     spec: ListenSpec,
+    /// The snapshot file, opened when listening.
+    snapshot: File,
+    /// The socket file, to remove at the end.
+    placed: paths::PlacedSocket,
     /// Whether a connection is being served (one at a time).
     busy: AtomicBool,
     standby: Mutex<Option<StandbyThread<KernelUffd>>>,
@@ -307,71 +350,44 @@ pub(crate) async fn listen_request(
     }
 }
 
-/// Checks the snapshot and the peer rule, and binds the socket, restricted to the peer.
-fn bind(spec: &ListenSpec) -> Result<std::os::unix::net::UnixListener, ListenError> {
-    let shown = spec.socket.display().to_string();
-    open_snapshot(&spec.snapshot)?;
-    // The socket's owner: whoever the rule admits (a uid, or the uid of the process a pid
-    // names), else faultd itself.
-    let owner = match (spec.peer.uid, spec.peer.pid) {
+/// What [`bind`] makes: the listening socket, in place, and the snapshot it serves.
+struct Bound {
+    listener: std::os::unix::net::UnixListener,
+    placed: paths::PlacedSocket,
+    snapshot: File,
+}
+
+/// Opens the snapshot as the admitted user may, and makes the socket, restricted to that user.
+fn bind(spec: &ListenSpec) -> Result<Bound, ListenError> {
+    let admitted = admitted_uid(spec)?;
+    let (snapshot, _) = paths::open_snapshot(&spec.snapshot, admitted)?;
+    let (listener, placed) = paths::place_socket(&spec.socket, admitted)?;
+    Ok(Bound {
+        listener,
+        placed,
+        snapshot,
+    })
+}
+
+/// The user a spec admits, who owns its socket and whose rights its snapshot is opened with:
+/// the rule's uid, else the uid of the process its pid names, else faultd's own.
+fn admitted_uid(spec: &ListenSpec) -> Result<u32, ListenError> {
+    Ok(match (spec.peer.uid, spec.peer.pid) {
         (Some(uid), _) => uid,
         (None, Some(pid)) => std::fs::metadata(format!("/proc/{pid}"))
             .map_err(|source| ListenError::PeerProcess { pid, source })?
             .uid(),
         (None, None) => nix::unistd::geteuid().as_raw(),
-    };
-    match std::fs::symlink_metadata(&spec.socket) {
-        Ok(m) if !m.file_type().is_socket() => return Err(ListenError::NotASocket { path: shown }),
-        Ok(_) => {
-            if std::os::unix::net::UnixStream::connect(&spec.socket).is_ok() {
-                return Err(ListenError::SocketInUse { path: shown });
-            }
-            std::fs::remove_file(&spec.socket).map_err(|source| ListenError::RemoveStale {
-                path: shown.clone(),
-                source,
-            })?;
-        }
-        Err(_) => {}
-    }
-    let listener = std::os::unix::net::UnixListener::bind(&spec.socket).map_err(|source| {
-        ListenError::Bind {
-            path: shown.clone(),
-            source,
-        }
-    })?;
-    let restrict = || -> io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&spec.socket, std::fs::Permissions::from_mode(0o600))?;
-        std::os::unix::fs::chown(&spec.socket, Some(owner), None)?;
-        listener.set_nonblocking(true)
-    };
-    if let Err(source) = restrict() {
-        let _ = std::fs::remove_file(&spec.socket);
-        return Err(ListenError::Permissions {
-            path: shown,
-            source,
-        });
-    }
-    Ok(listener)
+    })
 }
 
-/// Opens the snapshot file for reading; its length.
-fn open_snapshot(path: &Path) -> Result<(File, u64), ListenError> {
-    let shown = || path.display().to_string();
-    let file = File::open(path).map_err(|source| ListenError::OpenSnapshot {
-        path: shown(),
-        source,
-    })?;
-    let meta = file
+/// The length of the snapshot file a socket keeps open (the file may have been rewritten in
+/// place since the listen).
+fn snapshot_len(snapshot: &File, path: &Path) -> Result<u64, String> {
+    snapshot
         .metadata()
-        .map_err(|source| ListenError::OpenSnapshot {
-            path: shown(),
-            source,
-        })?;
-    if !meta.is_file() {
-        return Err(ListenError::SnapshotNotAFile { path: shown() });
-    }
-    Ok((file, meta.len()))
+        .map(|m| m.len())
+        .map_err(|e| format!("the snapshot file {}: {e}", path.display()))
 }
 
 /// Accepts Firecracker connections on `listener` until shutdown, then removes the socket.
@@ -397,7 +413,7 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, socket: Arc<So
         }
     }
     drop(listener);
-    let _ = std::fs::remove_file(&spec.socket);
+    socket.placed.remove();
     daemon.firecracker.release(&spec.socket);
 }
 
@@ -498,7 +514,7 @@ async fn serve_restore(
         snapshot: spec.snapshot.clone(),
         regions: message.regions.clone(),
     });
-    let thread = standby.start(Box::new(move || match prepare(&d, &s.spec, message, pid) {
+    let thread = standby.start(Box::new(move || match prepare(&d, &s, message, pid) {
         Ok((session, server, end)) => {
             // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
             let uffd = keeping.then(|| uffd_dup(&server)).flatten();
@@ -570,6 +586,7 @@ fn uffd_dup(server: &FaultServer<KernelUffd>) -> Option<OwnedFd> {
 pub use kept::resume_all as resume_kept;
 
 mod kept;
+mod paths;
 
 /// The peer's pidfd (SO_PEERPIDFD: the very process that connected, whatever happened to its
 /// pid since).
@@ -695,7 +712,7 @@ pub enum Parse {
 }
 
 /// Parses Firecracker's message: JSON first, then its shape, so the error says which is
-/// wrong.
+/// wrong. Each mapping must be an object: serde would also take the array of its field values.
 pub fn parse_message(bytes: &[u8]) -> Result<Vec<Mapping>, Parse> {
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_eof() {
@@ -704,6 +721,12 @@ pub fn parse_message(bytes: &[u8]) -> Result<Vec<Mapping>, Parse> {
             Parse::Invalid(format!("message is not valid JSON: {e}"))
         }
     })?;
+    let elements = value.as_array().map_or(&[][..], Vec::as_slice);
+    if let Some(n) = elements.iter().position(|m| !m.is_object()) {
+        return Err(Parse::Invalid(format!(
+            "message is JSON but regions[{n}] is not a JSON object (a GuestRegionUffdMapping)"
+        )));
+    }
     serde_json::from_value(value).map_err(|e| {
         Parse::Invalid(format!(
             "message is JSON but not an array of GuestRegionUffdMapping: {e}"
@@ -928,17 +951,21 @@ impl SessionEnd {
     }
 }
 
-/// Validates a received message and builds its session and server (blocking: opens the
-/// snapshot). Runs on the fault thread that will serve it.
+/// Validates a received message and builds its session and server (blocking: stats the
+/// snapshot the socket keeps, and duplicates it). Runs on the fault thread that will serve it.
 fn prepare(
     daemon: &Daemon,
-    spec: &ListenSpec,
+    socket: &Socket,
     message: Message,
     pid: Option<i32>,
 ) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
+    let spec = &socket.spec;
     let uffd = check_fds(message.fds)?;
-    let (snapshot, len) =
-        open_snapshot(&spec.snapshot).map_err(|e| crate::front::validate::chain(&e))?;
+    let len = snapshot_len(&socket.snapshot, &spec.snapshot)?;
+    let snapshot = socket
+        .snapshot
+        .try_clone()
+        .map_err(|e| format!("duplicating the snapshot file's fd: {e}"))?;
     let regions = check_regions(&message.regions, len)?;
     let end = match regions.form {
         WireForm::Current => SessionEnd::HangUp,
