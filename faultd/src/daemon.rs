@@ -144,32 +144,25 @@ pub struct Daemon {
     /// Each session's `vm` metrics label, by session id (taken when its server is built,
     /// released when it ends).
     labels: Mutex<HashMap<u64, Arc<str>>>,
-    /// What operator requests need of a session besides its state, by session id (added
-    /// once its thread runs, removed when it ends).
-    handles: Mutex<HashMap<u64, Handle>>,
+    /// The sessions operator requests can reach, by session id (added once its thread runs,
+    /// removed when it ends).
+    handles: Mutex<HashMap<u64, Served>>,
     /// When the daemon started (for `status`).
     started: std::time::Instant,
     /// The uffds and guest RAM files live sessions hold (see [`Daemon::claim`]).
     claimed: Mutex<std::collections::HashSet<FileId>>,
 }
 
-/// How operator requests reach a live session that another connection owns.
+/// A live session as operator requests see it, though another connection owns it (and its
+/// fault thread, in a [`Live`]): its state and how to reach its thread.
 #[derive(Debug, Clone)]
-pub(crate) struct Handle {
+pub(crate) struct Served {
+    pub(crate) session: Arc<Session>,
     /// Its fault thread's command channel.
     pub(crate) commands: Commander,
     /// The VMM's pid (SO_PEERCRED), if the kernel told it.
     pub(crate) pid: Option<i32>,
     /// What kind of client it serves.
-    pub(crate) kind: SessionKind,
-}
-
-/// A live session as operator requests see it.
-#[derive(Debug, Clone)]
-pub(crate) struct Served {
-    pub(crate) session: Arc<Session>,
-    pub(crate) commands: Commander,
-    pub(crate) pid: Option<i32>,
     pub(crate) kind: SessionKind,
 }
 
@@ -228,7 +221,7 @@ impl Daemon {
         self.labels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Served>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -280,35 +273,29 @@ impl Daemon {
     /// and kind in `sessions`).
     pub(crate) fn admit(
         &self,
-        session: &Session,
+        session: &Arc<Session>,
         thread: &FaultThread,
         pid: Option<i32>,
         kind: SessionKind,
     ) {
-        let handle = Handle {
+        let served = Served {
+            session: session.clone(),
             commands: thread.commander(),
             pid,
             kind,
         };
-        self.handles().insert(session.id(), handle);
+        self.handles().insert(session.id(), served);
     }
 
     /// The live sessions operator requests can reach, by session id.
     pub(crate) fn served(&self) -> Vec<Served> {
         let sessions = self.sessions();
         let handles = self.handles();
-        let mut served: Vec<Served> = sessions
+        // A session between registration and admission is not reachable yet.
+        let mut served: Vec<Served> = handles
             .iter()
-            .filter_map(|(id, s)| {
-                // A session between registration and admission is not reachable yet.
-                let h = handles.get(id)?;
-                Some(Served {
-                    session: s.clone(),
-                    commands: h.commands.clone(),
-                    pid: h.pid,
-                    kind: h.kind,
-                })
-            })
+            .filter(|(id, _)| sessions.contains_key(id))
+            .map(|(_, s)| s.clone())
             .collect();
         served.sort_unstable_by_key(|s| s.session.id());
         served

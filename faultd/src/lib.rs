@@ -1,10 +1,18 @@
 //! faultd: serves the page faults of VMs whose guest RAM is not pinned.
 //!
-//! Owns: the control socket and sessions ([`control`]), validation of what VMMs hand over
-//! ([`validate`]), vCPU fault service over userfaultfd ([`vcpu`]), Firecracker's page-fault
-//! handler protocol ([`firecracker`]), configuration ([`config`]), Prometheus metrics
-//! ([`metrics`]), what the service manager sees: socket activation, readiness and the
-//! watchdog ([`systemd`]), and the `faultd ctl` client commands ([`ctl`]).
+//! In layers, lowest first; a layer uses only itself and the layers below it
+//! (`faultd/tests/layers.rs` checks):
+//! - [`ops`]: configuration ([`config`]), Prometheus metrics ([`metrics`]), what the service
+//!   manager sees: socket activation, readiness and the watchdog ([`systemd`]), logging;
+//! - [`kernel`]: the userfaultfd operations and another process's memory;
+//! - [`engine`]: one VM's fault thread: vCPU faults ([`engine::FaultServer`]), device page
+//!   requests ([`engine::device`]), eviction, budgets, restart-resume;
+//! - [`daemon`]: the registry of live sessions that every front door shares;
+//! - [`front`]: the control socket ([`control`]) and the validation of what VMMs hand over
+//!   ([`front::validate`]), the operator's admin requests, Firecracker's page-fault handler
+//!   protocol ([`firecracker`]);
+//! - and above them all, this wiring and the `faultd ctl` client commands ([`ctl`]).
+//!
 //! The stage-2 state itself is the `s2map` crate; the wire format is `faultd-proto`.
 //! `main.rs` only parses arguments and calls [`run`].
 
@@ -254,7 +262,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
             .is_err()
         {
             // A session thread is stuck (its VMM blocks a call the watchdog could not cut
-            // short). Exit anyway: the stores are consistent at every instant (see store.rs),
+            // short). Exit anyway: the stores are consistent at every instant (see engine/store.rs),
             // and the VMMs resume with the next faultd.
             tracing::error!(
                 ?shutdown_bound,

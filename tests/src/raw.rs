@@ -8,7 +8,7 @@
 //! - [`RawKind::Blocking`]: sleeps in poll(2), reads one event, copies, polls again;
 //! - [`RawKind::Polling`]: never sleeps: spins on non-blocking reads (burns a core);
 //! - [`RawKind::Tokio`]: a current-thread tokio runtime with the uffd in an `AsyncFd`, the
-//!   design faultd rejected for a dedicated thread (see faultd's `vcpu.rs`).
+//!   design faultd rejected for a dedicated thread (see `faultd/src/kernel/uffd.rs`).
 //!
 //! The serving thread, its stop signal and its CPU time are [`crate::bench`]'s, shared with the
 //! ring handlers of [`crate::raw_ring`].

@@ -735,6 +735,7 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut c_vo
 fn kick(thread: libc::pthread_t) {
     // SAFETY: `thread` is a vCPU thread of the enclosing `thread::scope`, which
     // joins it only after we stop kicking, so the handle is valid (an exited,
-    // unjoined thread just yields ESRCH). The signal has a no-op handler.
+    // unjoined thread just yields ESRCH). The signal has a no-op handler. Raw libc: nix's
+    // pthread_kill takes a `Signal`, which has no real-time signals.
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }

@@ -426,7 +426,7 @@ fn vm_is_send() {
 
 /// Guest speed; run with `cargo test -p testvmm --release -- --ignored --nocapture speed`.
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run by hand (see above)"]
 fn speed() {
     let len = 1024 * MIB;
     let pages_per_vcpu = 65536; // 256 MiB each

@@ -169,8 +169,7 @@ impl<O: UffdOps> FaultServer<O> {
     /// Evicts one resident page; returns whether its contents went to the store (false: they
     /// were all zero, nothing stored).
     ///
-    /// The order is the point (it was run on this kernel and loses nothing; see
-    /// ../shared/reference/userfaultfd-shmem.md):
+    /// The order is the point (it was run on this kernel and loses nothing):
     /// 1. Device mappings go first: once the IOMMU unmap returns, no DMA can write the page
     ///    (a device's next access faults and is served after the eviction).
     /// 2. s2map marks it Evicting (refused while a device still maps it).
@@ -184,6 +183,10 @@ impl<O: UffdOps> FaultServer<O> {
     /// 7. Clear write-protect: blocked writers wake, re-fault as MISSING on the absent page,
     ///    are served from the store (by this thread, after this function returns), and their
     ///    writes land on top of the saved contents.
+    ///
+    /// Saving before write-protecting would lose a write that lands between the two: the
+    /// unit test `evicting_with_save_before_write_protect_loses_a_write_made_between_them`
+    /// runs that order and shows it.
     pub fn evict_page(&mut self, page: s2map::PageRef) -> Result<bool, EvictError> {
         let at = self.session.located(page);
         let gpa = self
@@ -195,15 +198,25 @@ impl<O: UffdOps> FaultServer<O> {
         self.unmap_devices_in(gpa, at.size);
         // 2.
         self.session.map().begin_evict(page)?;
+        // 4. before 3.: only a test does that, to show what it loses.
+        let saved_early = self
+            .saves_before_protecting()
+            .then(|| self.save(page, at.size));
         // 3.
         if let Err(source) = self.ops.write_protect(at.hva, at.size) {
             let _ = self.session.map().cancel_evict(page);
+            if let (Some(Ok(Some(slot))), Some(store)) = (saved_early, &mut self.store) {
+                store.free(slot);
+            }
             return Err(EvictError::WriteProtect {
                 hva: at.hva.0,
                 source,
             });
         }
-        let saved = self.save_and_drop(page, at.size);
+        // 4. and 5.
+        let saved = saved_early
+            .unwrap_or_else(|| self.save(page, at.size))
+            .and_then(|slot| self.punch(page, at.size, slot));
         // 6.
         let slot = match saved {
             Ok(slot) => slot,
@@ -237,19 +250,27 @@ impl<O: UffdOps> FaultServer<O> {
         Ok(slot.is_some())
     }
 
-    /// Steps 4 and 5 of [`FaultServer::evict_page`]: returns the slot (None: all zero).
-    pub(super) fn save_and_drop(
-        &mut self,
-        page: s2map::PageRef,
-        size: u64,
-    ) -> Result<Option<u32>, EvictError> {
+    /// Whether [`FaultServer::evict_page`] saves before write-protecting: never, except in the
+    /// unit test that shows what that order loses.
+    #[cfg(not(test))]
+    fn saves_before_protecting(&self) -> bool {
+        false
+    }
+
+    #[cfg(test)]
+    fn saves_before_protecting(&self) -> bool {
+        self.save_before_protect
+    }
+
+    /// Step 4 of [`FaultServer::evict_page`]: reads the page from the memfd, stores it and
+    /// journals where it is. Returns the slot (None: all zero, journaled as zero).
+    fn save(&mut self, page: s2map::PageRef, size: u64) -> Result<Option<u32>, EvictError> {
         let (fd, off) = self
             .session
             .mem_location(page)
             .ok_or(EvictError::NoMemory)?;
         let slot_bytes = self.page_buf.len() as u64;
         let buf = &mut self.page_buf[..size as usize];
-        // 4.
         nix::sys::uio::pread(fd, buf, off as i64)
             .map_err(|e| EvictError::Read(e.into()))
             .and_then(|n| {
@@ -285,7 +306,21 @@ impl<O: UffdOps> FaultServer<O> {
             }
             return Err(e.into());
         }
-        // 5.
+        Ok(slot)
+    }
+
+    /// Step 5 of [`FaultServer::evict_page`]: punches the saved page (in `slot`) out of the
+    /// memfd; on failure the slot is freed. Returns `slot`.
+    fn punch(
+        &mut self,
+        page: s2map::PageRef,
+        size: u64,
+        slot: Option<u32>,
+    ) -> Result<Option<u32>, EvictError> {
+        let (fd, off) = self
+            .session
+            .mem_location(page)
+            .ok_or(EvictError::NoMemory)?;
         let punched = nix::fcntl::fallocate(
             fd,
             nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE

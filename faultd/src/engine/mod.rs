@@ -6,10 +6,10 @@
 //! the s2map lock is never contended by the VM's own sources. Different VMs are served in
 //! parallel by their own threads.
 //!
-//! Adaptive polling ([`run`], [`SpinPolicy`], [`ReadFirst`]): serve while work comes, keep
-//! polling for a window that follows the source's pace (while spinning pays), then sleep in
-//! poll(2) on the uffd, the device queues and the control eventfd (after one more read where
-//! that keeps finding work). Why a thread and not a tokio task: see [`crate::kernel::uffd`].
+//! Adaptive polling (`run` in `thread.rs`, `SpinPolicy` and `ReadFirst` in `spin.rs`): serve
+//! while work comes, keep polling for a window that follows the source's pace (while spinning
+//! pays), then sleep in poll(2) on the uffd, the device queues and the control eventfd (after
+//! one more read where that keeps finding work). Why a thread and not a tokio task: see [`crate::kernel::uffd`].
 
 use std::collections::VecDeque;
 use std::io;
@@ -48,7 +48,7 @@ pub(crate) enum InstallFail {
     Failed,
 }
 
-/// Serves one session's fault sources. Driver-agnostic: [`run`] drives it from a thread.
+/// Serves one session's fault sources. Driver-agnostic: [`FaultThread`] drives it from a thread.
 #[derive(Debug)]
 pub struct FaultServer<O> {
     pub(crate) session: Arc<Session>,
@@ -90,6 +90,10 @@ pub struct FaultServer<O> {
     /// The VMM asked to finish ([`finish`]): every page is restored, and nothing is evicted
     /// any more.
     pub(crate) finished: bool,
+    /// Evict in the wrong order, saving before write-protecting: only the unit test that shows
+    /// what that order loses sets it.
+    #[cfg(test)]
+    save_before_protect: bool,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -135,6 +139,8 @@ impl<O: UffdOps> FaultServer<O> {
             finished: false,
             metrics: SessionMetrics::detached(),
             filled: FaultOutcome::Present,
+            #[cfg(test)]
+            save_before_protect: false,
         }
     }
 
@@ -183,7 +189,7 @@ impl<O: UffdOps> FaultServer<O> {
         &self.ops
     }
 
-    /// Attaches a device now (the thread gets devices through [`FaultThread::add_device`]).
+    /// Attaches a device now (the thread gets devices through [`Command::AddDevice`]).
     pub fn add_device(&mut self, device: Device) {
         Counters::bump(&self.session.counters.devices);
         self.devices.push(device);

@@ -338,6 +338,7 @@ impl Watch {
         }
         // tgkill by kernel tid: if the thread has just left the call, or even exited, the
         // worst case is one spurious EINTR in a faultd thread, which every caller handles.
+        // (nix has no tgkill, and its pthread_kill needs a pthread_t that must still be live.)
         // SAFETY: tgkill only sends a signal; a handler for it is installed (no-op).
         let rc = unsafe {
             libc::syscall(

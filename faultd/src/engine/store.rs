@@ -386,7 +386,7 @@ impl Store {
     }
 
     /// Whether the journal has grown enough since it was last written whole that
-    /// [`Store::compact`] is worth its cost: by [`COMPACT_MIN`] records and by three times its
+    /// [`Store::compact`] is worth its cost: by `COMPACT_MIN` records and by three times its
     /// size then. So the journal stays within a constant factor of the state it describes, and
     /// the cost of compactions is spread over the records that made them due.
     pub fn wants_compaction(&self) -> bool {

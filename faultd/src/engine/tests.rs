@@ -11,6 +11,7 @@ use s2map::{Backing, Gpa, Layout, PageSize, PageState, RegionSpec};
 
 use super::*;
 use crate::engine::session::{RegionMemory, ServedRegion};
+use crate::engine::store::Record;
 use crate::kernel::uffd::{MappedSource, OpError};
 use nix::sys::eventfd::EventFd;
 
@@ -32,7 +33,45 @@ struct FakeUffd {
     force_retry: RefCell<u32>,
     /// Write-protect calls, in order.
     log_wp: RefCell<Vec<String>>,
+    /// Guest memory as a memfd instead of `present` (see [`Memory`]).
+    memory: Option<Memory>,
+    /// Pages write-protected now.
+    protected: RefCell<std::collections::BTreeSet<u64>>,
+    /// A VMM thread that writes a page while it is being evicted.
+    racer: RefCell<Option<Racer>>,
     fd: EventFd,
+}
+
+/// Guest memory in a memfd, as a VMM's shared guest RAM is: installs write into it, and an
+/// eviction reads and punches it behind the fake's back (a page is present where the memfd
+/// has data). Each write-protect change is logged, with what the eviction had done by then,
+/// into the log the device fakes write too.
+#[derive(Debug)]
+struct Memory {
+    fd: Arc<OwnedFd>,
+    session: Arc<Session>,
+    store_dir: std::path::PathBuf,
+    log: Log,
+}
+
+/// When a racing write comes, relative to the eviction's write-protect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Race {
+    /// Just before the write-protect takes effect: the write lands at once.
+    BeforeProtect,
+    /// Just after: the write blocks until the page is un-protected.
+    AfterProtect,
+}
+
+/// A VMM thread's write of `byte` at `addr`: once started, it lands as soon as the page is
+/// neither write-protected nor absent (an absent page is faulted in first, as the kernel does).
+#[derive(Debug)]
+struct Racer {
+    addr: u64,
+    byte: u8,
+    when: Race,
+    started: bool,
+    faulted: bool,
 }
 
 impl FakeUffd {
@@ -45,13 +84,94 @@ impl FakeUffd {
             installs: RefCell::new(0),
             force_retry: RefCell::new(0),
             log_wp: RefCell::default(),
+            memory: None,
+            protected: RefCell::default(),
+            racer: RefCell::default(),
             fd: EventFd::new().unwrap(),
         }
     }
 
+    fn with_memory(mut self, memory: Memory) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// Offset of `addr` in the memfd (which starts at the registered start).
+    fn offset(&self, addr: u64) -> u64 {
+        addr - self.registered.0
+    }
+
+    fn is_present(&self, addr: u64) -> bool {
+        let Some(m) = &self.memory else {
+            return self.present.borrow().contains_key(&addr);
+        };
+        let off = self.offset(addr) as i64;
+        // SEEK_DATA on shmem: the first offset at or after `off` that has a page.
+        nix::unistd::lseek(m.fd.as_fd(), off, nix::unistd::Whence::SeekData) == Ok(off)
+    }
+
+    fn put(&self, addr: u64, bytes: Vec<u8>) {
+        match &self.memory {
+            Some(m) => {
+                let n = nix::sys::uio::pwrite(m.fd.as_fd(), &bytes, self.offset(addr) as i64);
+                assert_eq!(n, Ok(bytes.len()));
+            }
+            None => {
+                self.present.borrow_mut().insert(addr, bytes);
+            }
+        }
+    }
+
+    /// What the eviction of the page at `addr` had done when the fake saw `call`.
+    fn note(&self, call: &str, addr: u64) {
+        let Some(m) = &self.memory else { return };
+        let state = page_state(&m.session, addr);
+        let memory = if self.is_present(addr) {
+            "in memory"
+        } else {
+            "punched"
+        };
+        let stored = std::fs::metadata(m.store_dir.join("t.pages")).map_or(0, |md| md.len()) / PAGE;
+        m.log.lock().unwrap().push(format!(
+            "{call} {addr:#x}: {state}, {memory}, {stored} stored"
+        ));
+    }
+
+    /// Lets a started racing write go as far as it can now.
+    fn race(&self) {
+        let mut racer = self.racer.borrow_mut();
+        let Some(r) = racer.as_mut().filter(|r| r.started) else {
+            return;
+        };
+        let page = r.addr & !(PAGE - 1);
+        if self.protected.borrow().contains(&page) {
+            return; // blocked in a write-protect fault
+        }
+        if !self.is_present(page) {
+            if !r.faulted {
+                r.faulted = true;
+                self.queue
+                    .borrow_mut()
+                    .push_back(UffdEvent::Fault { addr: Hva(r.addr) });
+            }
+            return; // blocked in a MISSING fault
+        }
+        let m = self.memory.as_ref().expect("racing writes need memory");
+        let off = self.offset(r.addr) as i64;
+        assert_eq!(nix::sys::uio::pwrite(m.fd.as_fd(), &[r.byte], off), Ok(1));
+        *racer = None;
+    }
+
+    fn start_racer(&self, when: Race) {
+        if let Some(r) = self.racer.borrow_mut().as_mut() {
+            r.started |= r.when == when;
+        }
+        self.race();
+    }
+
     /// A VMM thread touches `addr`: no event if present, else a MISSING fault is queued.
     fn touch(&self, addr: u64) {
-        if !self.present.borrow().contains_key(&(addr & !(PAGE - 1))) {
+        if !self.is_present(addr & !(PAGE - 1)) {
             self.queue
                 .borrow_mut()
                 .push_back(UffdEvent::Fault { addr: Hva(addr) });
@@ -92,17 +212,27 @@ impl FakeUffd {
         if at.0 < self.registered.0 || at.0 >= self.registered.1 {
             return Err(OpError::NotRegistered);
         }
-        let mut present = self.present.borrow_mut();
-        if present.contains_key(&at.0) {
+        if self.is_present(at.0) {
             return Err(OpError::Exists);
         }
-        present.insert(at.0, bytes);
+        self.put(at.0, bytes);
         *self.installs.borrow_mut() += 1;
+        // The install woke the threads blocked on the page.
+        self.race();
         Ok(())
     }
 
     fn page(&self, addr: u64) -> Option<Vec<u8>> {
-        self.present.borrow().get(&addr).cloned()
+        let Some(m) = &self.memory else {
+            return self.present.borrow().get(&addr).cloned();
+        };
+        if !self.is_present(addr) {
+            return None;
+        }
+        let mut buf = vec![0; PAGE as usize];
+        let n = nix::sys::uio::pread(m.fd.as_fd(), &mut buf, self.offset(addr) as i64);
+        assert_eq!(n, Ok(buf.len()));
+        Some(buf)
     }
 }
 
@@ -116,6 +246,7 @@ impl UffdOps for FakeUffd {
                 self.present
                     .borrow_mut()
                     .retain(|&a, _| a + PAGE <= start.0 || a >= end.0);
+                assert!(self.memory.is_none(), "REMOVE of a memfd: not modelled");
             }
             out.push(ev);
         }
@@ -143,13 +274,25 @@ impl UffdOps for FakeUffd {
         Ok(())
     }
 
-    fn write_protect(&self, at: Hva, _len: u64) -> Result<(), OpError> {
+    fn write_protect(&self, at: Hva, len: u64) -> Result<(), OpError> {
+        self.start_racer(Race::BeforeProtect);
         self.log_wp.borrow_mut().push(format!("wp {:#x}", at.0));
+        self.note("wp", at.0);
+        let mut protected = self.protected.borrow_mut();
+        protected.extend((0..len / PAGE).map(|i| at.0 + i * PAGE));
+        drop(protected);
+        self.start_racer(Race::AfterProtect);
         Ok(())
     }
 
-    fn unprotect(&self, at: Hva, _len: u64) -> Result<(), OpError> {
+    fn unprotect(&self, at: Hva, len: u64) -> Result<(), OpError> {
+        self.protected
+            .borrow_mut()
+            .retain(|&a| a < at.0 || a >= at.0 + len);
         self.log_wp.borrow_mut().push(format!("unwp {:#x}", at.0));
+        self.note("unwp", at.0);
+        // The writers blocked in write-protect faults wake.
+        self.race();
         Ok(())
     }
 
@@ -524,12 +667,38 @@ struct Dev {
     session: Arc<Session>,
     incoming: Arc<Mutex<Vec<Incoming>>>,
     log: Log,
+    /// The store directory of a Dev with memory.
+    store: Option<tempfile::TempDir>,
 }
 
 impl Dev {
     /// `pages` zero-backed pages (a read-only second region of 4 pages after them), one device
     /// with `granule` bytes, `limits`.
     fn new(pages: u64, granule: u64, limits: DeviceLimits) -> Dev {
+        Dev::build(pages, granule, limits, false)
+    }
+
+    /// [`Dev::new`] with guest memory in a memfd (see [`Memory`]) and a store in a temporary
+    /// directory: pages can be evicted.
+    fn with_memory(pages: u64, granule: u64, limits: DeviceLimits) -> Dev {
+        Dev::build(pages, granule, limits, true)
+    }
+
+    fn build(pages: u64, granule: u64, limits: DeviceLimits, memory: bool) -> Dev {
+        let memfd = Arc::new(
+            nix::sys::memfd::memfd_create("guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+        );
+        nix::unistd::ftruncate(&memfd, ((pages + 4) * PAGE) as i64).unwrap();
+        let region_memory = |offset: u64| {
+            if memory {
+                RegionMemory::Shared {
+                    fd: memfd.clone(),
+                    offset,
+                }
+            } else {
+                shared()
+            }
+        };
         let layout = Layout::new(vec![
             RegionSpec {
                 gpa: Gpa(GPA),
@@ -550,21 +719,29 @@ impl Dev {
         let regions = vec![
             ServedRegion {
                 hva: Hva(HVA),
-                memory: shared(),
+                memory: region_memory(0),
             },
             ServedRegion {
                 hva: Hva(HVA + pages * PAGE),
-                memory: shared(),
+                memory: region_memory(pages * PAGE),
             },
         ];
         let session = Arc::new(Session::new(1, "t".into(), layout, regions, None));
-        let mut srv = FaultServer::new(
-            session.clone(),
-            FakeUffd::new(HVA, (pages + 4) * PAGE),
-            8,
-            limits,
-        );
         let (incoming, log): (Arc<Mutex<Vec<Incoming>>>, Log) = Default::default();
+        let mut fake = FakeUffd::new(HVA, (pages + 4) * PAGE);
+        let store = memory.then(|| tempfile::tempdir().unwrap());
+        if let Some(dir) = &store {
+            fake = fake.with_memory(Memory {
+                fd: memfd,
+                session: session.clone(),
+                store_dir: dir.path().to_owned(),
+                log: log.clone(),
+            });
+        }
+        let mut srv = FaultServer::new(session.clone(), fake, 8, limits);
+        if let Some(dir) = &store {
+            srv = srv.with_store_dir(dir.path().to_owned());
+        }
         srv.add_device(crate::engine::device::Device::new(
             s2map::DeviceIdx(0),
             DevId(1),
@@ -583,6 +760,7 @@ impl Dev {
             session,
             incoming,
             log,
+            store,
         }
     }
 
@@ -892,4 +1070,207 @@ fn shutdown_answers_pending_groups_and_unmaps_everything() {
         "{log:?}"
     );
     assert_eq!(d.session.stats().device.mapped_bytes, 0);
+}
+
+// ---- eviction (see evict.rs) ----
+
+/// A Dev with memory whose page 1 is resident, device-mapped, and written by the guest with
+/// 0x11; returns it and the page.
+fn resident_written_page() -> (Dev, s2map::PageRef) {
+    let mut d = Dev::with_memory(4, PAGE, LIMITS);
+    d.post(1, &[(GPA + PAGE, Perm::WRITE)]);
+    d.srv.serve_ready().unwrap();
+    d.srv.ops().put(HVA + PAGE, vec![0x11; PAGE as usize]);
+    let page = d.session.locate(Hva(HVA + PAGE)).unwrap().page;
+    (d, page)
+}
+
+/// Arms a VMM thread that writes 0xab at byte 8 of page 1 at `when`.
+fn race(d: &Dev, when: Race) {
+    *d.srv.ops().racer.borrow_mut() = Some(Racer {
+        addr: HVA + PAGE + 8,
+        byte: 0xab,
+        when,
+        started: false,
+        faulted: false,
+    });
+}
+
+/// The byte every byte of `page` is, if one is (keeps failures short).
+fn uniform(page: Option<Vec<u8>>) -> Option<u8> {
+    let page = page?;
+    page.iter().all(|&b| b == page[0]).then_some(page[0])
+}
+
+/// Page 1 as the guest reads it after the eviction: faulted back in if absent, once every
+/// blocked writer has been served.
+fn read_back(d: &mut Dev) -> Vec<u8> {
+    d.srv.serve_ready().unwrap(); // a writer that re-faulted after the un-protect
+    d.srv.ops().touch(HVA + PAGE);
+    d.srv.serve_ready().unwrap();
+    assert!(
+        d.srv.ops().racer.borrow().is_none(),
+        "the racing write was made"
+    );
+    d.srv.ops().page(HVA + PAGE).unwrap()
+}
+
+#[test]
+fn eviction_of_a_device_mapped_page_unmaps_protects_saves_punches_marks_and_unprotects_in_order() {
+    let (mut d, page) = resident_written_page();
+
+    let stored = d.srv.evict_page(page).unwrap();
+
+    assert!(stored);
+    // Each line: a call, and what the eviction had done when the fake saw it.
+    assert_eq!(
+        d.log()[2..],
+        [
+            "unmap 0x101000+0x1000",
+            "wp 0x7f0000001000: evicting, in memory, 0 stored",
+            "unwp 0x7f0000001000: absent, punched, 1 stored",
+        ]
+    );
+    assert_eq!(
+        *d.srv.ops().log_wp.borrow(),
+        ["wp 0x7f0000001000", "unwp 0x7f0000001000"]
+    );
+    assert_eq!(d.session.stats().device.mapped_bytes, 0);
+    // Saved before the punch: the guest's bytes come back from the store.
+    assert_eq!(uniform(Some(read_back(&mut d))), Some(0x11));
+    assert_eq!(d.session.stats().store_fills, 1);
+}
+
+#[test]
+fn evicting_with_save_before_write_protect_loses_a_write_made_between_them() {
+    let (mut d, page) = resident_written_page();
+    d.srv.save_before_protect = true;
+    race(&d, Race::BeforeProtect);
+
+    d.srv.evict_page(page).unwrap();
+
+    let page = read_back(&mut d);
+    assert_eq!(
+        uniform(Some(page)),
+        Some(0x11),
+        "the write made after the save is lost"
+    );
+}
+
+#[test]
+fn evicting_in_order_keeps_a_write_made_just_before_the_write_protect() {
+    let (mut d, page) = resident_written_page();
+    race(&d, Race::BeforeProtect);
+
+    d.srv.evict_page(page).unwrap();
+
+    let page = read_back(&mut d);
+    assert_eq!((page[0], page[8], page[9]), (0x11, 0xab, 0x11));
+}
+
+#[test]
+fn evicting_in_order_keeps_a_write_blocked_by_the_write_protect_on_top_of_the_saved_page() {
+    let (mut d, page) = resident_written_page();
+    race(&d, Race::AfterProtect);
+
+    d.srv.evict_page(page).unwrap();
+    // The write is blocked until the un-protect, then faults the absent page in.
+    assert_eq!(d.srv.ops().queue.borrow().len(), 1);
+
+    let page = read_back(&mut d);
+    assert_eq!((page[0], page[8], page[9]), (0x11, 0xab, 0x11));
+}
+
+// ---- restart-resume (see resume.rs) ----
+
+#[test]
+fn resume_keeps_present_pages_and_takes_the_journals_last_word_for_absent_ones() {
+    let d = Dev::with_memory(8, PAGE, LIMITS);
+    let dir = d.store.as_ref().unwrap().path().to_owned();
+    let fill = |b: u8| vec![b; PAGE as usize];
+    // The dead faultd's store.
+    let (mut old, _) = crate::engine::store::Store::open(&dir, "t", PAGE, false).unwrap();
+    let mut stored = |page: u64, b: u8| {
+        let slot = old.save(&fill(b)).unwrap();
+        old.record(Record::Stored {
+            gpa: GPA + page * PAGE,
+            slot,
+        })
+        .unwrap();
+    };
+    stored(1, 0x22); // page 1: stored, but present again since
+    stored(2, 0x33); // page 2: stored, then discarded
+    stored(3, 0x44); // page 3: stored
+    let zero = |page: u64| Record::Zero {
+        gpa: page,
+        len: PAGE,
+    };
+    old.record(zero(GPA + 2 * PAGE)).unwrap();
+    old.record(zero(GPA + 5 * PAGE)).unwrap(); // page 5: zeroed, then stored
+    let slot = old.save(&fill(0x66)).unwrap();
+    old.record(Record::Stored {
+        gpa: GPA + 5 * PAGE,
+        slot,
+    })
+    .unwrap();
+    old.record(zero(0x4000_0000)).unwrap(); // outside this layout
+    old.keep();
+    drop(old);
+    d.srv.ops().put(HVA + PAGE, fill(0x55));
+    let (store, records) = crate::engine::store::Store::open(&dir, "t", PAGE, true).unwrap();
+    let Dev {
+        srv, session, log, ..
+    } = d;
+    let mut srv = srv.with_store(
+        store,
+        Some(Resume {
+            records,
+            vmm_pid: None,
+        }),
+    );
+
+    let report = srv.resume().unwrap();
+
+    assert_eq!(
+        report,
+        ResumeReport {
+            present: 1,
+            stored: 2,
+            zeroed: 1,
+            unknown: 1
+        }
+    );
+    let state = |page: u64| page_state(&session, HVA + page * PAGE);
+    assert_eq!(
+        (0..6).map(state).collect::<Vec<_>>(),
+        [
+            PageState::Absent,
+            PageState::Resident,
+            PageState::Absent,
+            PageState::Absent,
+            PageState::Absent,
+            PageState::Absent
+        ]
+    );
+    // Write protection is cleared and waiters woken over all guest RAM, both regions.
+    assert_eq!(*srv.ops().wakes.borrow(), [HVA, HVA + 8 * PAGE]);
+    assert_eq!(
+        *srv.ops().log_wp.borrow(),
+        ["unwp 0x7f0000000000", "unwp 0x7f0000008000"]
+    );
+    drop(log);
+    for page in [2, 3, 5] {
+        srv.ops().touch(HVA + page * PAGE);
+    }
+    srv.serve_ready().unwrap();
+    assert_eq!(srv.ops().page(HVA + PAGE), Some(fill(0x55)), "present wins");
+    assert_eq!(srv.ops().page(HVA + 2 * PAGE), Some(fill(0)), "last: zero");
+    assert_eq!(srv.ops().page(HVA + 3 * PAGE), Some(fill(0x44)));
+    assert_eq!(
+        srv.ops().page(HVA + 5 * PAGE),
+        Some(fill(0x66)),
+        "last: stored"
+    );
+    let st = session.stats();
+    assert_eq!((st.store_fills, st.zero_fills), (2, 1));
 }

@@ -6,6 +6,8 @@
 //! its backing with `UFFDIO_ZEROPAGE` or `UFFDIO_COPY` (the kernel installs the page in the memfd
 //! and wakes every thread blocked on it), and tells s2map it is resident ([`FaultServer::install`]).
 //! Layout events (REMOVE, UNMAP) are read here too: they come on the same fd.
+//!
+//! [`Session::locate`]: crate::engine::session::Session::locate
 
 use super::{outcome_of, FaultServer, InstallFail};
 use crate::engine::session::{Counters, Hva};

@@ -125,7 +125,7 @@ impl RemoteMm {
 const READ_ENTRIES: u64 = 8192;
 
 /// The status of each of the `count` pages of `page_size` bytes from `addr`, from `pagemap`
-/// (a process's `/proc/<pid>/pagemap`), read in [`READ_ENTRIES`] runs; the first base page of
+/// (a process's `/proc/<pid>/pagemap`), read in runs of `READ_ENTRIES`; the first base page of
 /// each page speaks for it.
 pub fn pagemap_status(
     pagemap: &File,

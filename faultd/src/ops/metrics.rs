@@ -2,7 +2,7 @@
 //! HTTP endpoint that serves them.
 //!
 //! Owns: the registry, the bounded `vm` label, the per-session handles the session threads
-//! record into, and `/metrics`. Refuses to own: the counters themselves ([`Session::counters`]
+//! record into, and `/metrics`. Refuses to own: the counters themselves (`Session::counters`, in the engine,
 //! stay the one source of truth that the control protocol's `stats` reads too).
 //!
 //! Two kinds of metric, chosen by cost on the fault path:

@@ -80,43 +80,14 @@ pub fn has_manager() -> bool {
 /// Firecracker closes its end right after its message, while its VM runs on); what is kept
 /// is faultd's to remove (`remove_stored`).
 pub fn store_fds(name: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
-    send_to_manager(&format!("FDSTORE=1\nFDNAME={name}\nFDPOLL=0\n"), fds)
+    use sd_notify::NotifyState::{Custom, FdName, FdStore};
+    sd_notify::notify_with_fds(&[FdStore, FdName(name), Custom("FDPOLL=0")], fds)
 }
 
 /// Takes the fds stored under `name` out of the fd store (`FDSTOREREMOVE=1`).
 pub fn remove_stored(name: &str) -> io::Result<()> {
-    send_to_manager(&format!("FDSTOREREMOVE=1\nFDNAME={name}\n"), &[])
-}
-
-fn send_to_manager(message: &str, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
-    // An abstract socket is written with a leading '@'.
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => UnixAddr::new_abstract(name)?,
-        None => UnixAddr::new(std::path::Path::new(&path))?,
-    };
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let rights = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-    let iov = [std::io::IoSlice::new(message.as_bytes())];
-    sendmsg(
-        sock.as_raw_fd(),
-        &iov,
-        cmsgs,
-        MsgFlags::empty(),
-        Some(&addr),
-    )?;
-    Ok(())
+    use sd_notify::NotifyState::{FdName, FdStoreRemove};
+    sd_notify::notify(&[FdStoreRemove, FdName(name)])
 }
 
 /// Serves `fd`, the control socket the service manager passed (socket activation), if any.

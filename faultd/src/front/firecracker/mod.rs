@@ -8,7 +8,7 @@
 //!
 //! 1. checks the peer against the spec's [`PeerRule`] (SO_PEERCRED);
 //! 2. reads Firecracker's one message: a JSON array of `GuestRegionUffdMapping`s with the
-//!    userfaultfd attached as SCM_RIGHTS ([`receive_message`]);
+//!    userfaultfd attached as SCM_RIGHTS (`receive_message`);
 //! 3. validates it with no more than JSON, fd and stat checks ([`check_regions`],
 //!    [`check_fds`]): Firecracker fills guest pages inside its load call and waits for them,
 //!    so nothing expensive may stand before the first fault. For the same reason the socket
@@ -19,7 +19,7 @@
 //!    are answered with UFFDIO_COPY from the snapshot file at
 //!    `offset + (addr - base_host_virt_addr)` and REMOVE events (balloon) make later faults in
 //!    their range zero-fill;
-//! 5. ends the session when the VM is gone ([`SessionEnd`]).
+//! 5. ends the session when the VM is gone (`SessionEnd`).
 //!
 //! Anything wrong with a connection is logged (warn) with the reason and the connection is
 //! closed; nothing else is affected.
@@ -35,9 +35,9 @@
 //! - **Snapshot file.** Opened once, when listening, with the rights of the user the socket
 //!   admits and no symbolic link on the way, and kept for every restore on the socket: later
 //!   changes at the path do not matter (a snapshot rewritten in place is served with its new
-//!   contents; one renamed over the path needs a new listen). See [`paths`].
+//!   contents; one renamed over the path needs a new listen). See `paths.rs`.
 //! - **The socket** is made without following a link or leaving a moment in which someone
-//!   else could swap what faultd chowns ([`paths`]).
+//!   else could swap what faultd chowns (`paths.rs`).
 //! - **One live session per socket.** A second connection while a restore is served is refused.
 //! - **Message form.** Unknown fields are ignored (faultd serves Firecracker across versions and
 //!   needs only four fields). `page_size` (1.12+) and `page_size_kib` (older; bytes despite the
@@ -582,7 +582,7 @@ fn uffd_dup(server: &FaultServer<KernelUffd>) -> Option<OwnedFd> {
         .ok()
 }
 
-/// Serves again the Firecracker sessions a previous faultd kept (see [`kept`]).
+/// Serves again the Firecracker sessions a previous faultd kept (see `kept.rs`).
 pub use kept::resume_all as resume_kept;
 
 mod kept;
