@@ -314,6 +314,7 @@ impl Daemon {
             DeviceLimits {
                 pin_limit: config.pin_limit,
                 deadline: config.device_deadline,
+                malformed_run: config.limits.device_malformed_run,
             },
         )
         .with_store_dir(config.store_dir.clone())
