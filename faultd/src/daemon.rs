@@ -687,3 +687,62 @@ impl Daemon {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Config::from_toml("[limits]\nregistrations_per_sec = 2\nregistrations_burst = 3\n")
+            .unwrap()
+            .limits
+    }
+
+    #[test]
+    fn registration_tokens_allow_a_burst_then_refill_at_the_rate_per_uid() {
+        let (limits, mut q) = (limits(), Quotas::default());
+        let t0 = std::time::Instant::now();
+
+        let burst: Vec<bool> = (0..4).map(|_| q.take_token(7, &limits, t0)).collect();
+        let other_uid = q.take_token(8, &limits, t0);
+        let half_second_later = q.take_token(7, &limits, t0 + Duration::from_millis(500));
+        let right_after = q.take_token(7, &limits, t0 + Duration::from_millis(500));
+
+        assert_eq!(burst, [true, true, true, false]);
+        assert!(other_uid);
+        assert!(half_second_later);
+        assert!(!right_after);
+    }
+
+    #[test]
+    fn an_admission_gives_back_its_session_and_guest_bytes_when_dropped() {
+        let config =
+            Config::from_toml("[limits]\nsessions_per_uid = 1\ntotal_guest_gib = 1\n").unwrap();
+        let daemon = Daemon::new(config, CancellationToken::new());
+        let mut first = daemon.admit_uid(5).unwrap();
+        daemon.admit_guest(&mut first, 1 << 30).unwrap();
+
+        let second = daemon.admit_uid(5).unwrap_err();
+        let mut other = daemon.admit_uid(6).unwrap();
+        let over = daemon.admit_guest(&mut other, 1).unwrap_err();
+        drop(first);
+        let again = daemon
+            .admit_uid(5)
+            .map(|mut a| daemon.admit_guest(&mut a, 1 << 30));
+
+        assert!(
+            second
+                .message
+                .starts_with("limit sessions_per_uid = 1 reached"),
+            "{second}"
+        );
+        assert!(
+            over.message
+                .starts_with("limit total_guest_gib = 1 reached"),
+            "{over}"
+        );
+        assert!(matches!(again, Ok(Ok(()))), "{again:?}");
+    }
+}
