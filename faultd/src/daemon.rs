@@ -19,7 +19,7 @@ use crate::engine::session::{ServedRegion, Session};
 use crate::engine::store::{Store, StoreError};
 use crate::engine::{Commander, DeviceLimits, FaultServer, FaultThread, Resume};
 use crate::kernel::uffd::KernelUffd;
-use crate::ops::config::Config;
+use crate::ops::config::{Config, Limit, Limits};
 use crate::ops::metrics::DaemonMetrics;
 
 /// A refused request: the protocol error class and a message naming field and value.
@@ -151,6 +151,110 @@ pub struct Daemon {
     started: std::time::Instant,
     /// The uffds and guest RAM files live sessions hold (see [`Daemon::claim`]).
     claimed: Mutex<std::collections::HashSet<FileId>>,
+    /// What each uid and all sessions hold of the [`Limits`].
+    quotas: Arc<Mutex<Quotas>>,
+    /// VM names whose session is ending, and who waits for them (see [`Daemon::name_free`]).
+    ending: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    /// Control-socket connections open; one permit per connection.
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Control-socket connections open, by uid.
+    uid_connections: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+/// A control-socket connection's place under the connection limits, given back on drop.
+#[derive(Debug)]
+pub(crate) struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    by_uid: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// What uids and sessions hold of the [`Limits`] now.
+#[derive(Debug, Default)]
+struct Quotas {
+    by_uid: HashMap<u32, UidUse>,
+    /// Guest RAM of all admitted sessions, bytes.
+    guest: u64,
+}
+
+/// One uid's sessions and its registration token bucket.
+#[derive(Debug)]
+struct UidUse {
+    sessions: usize,
+    tokens: f64,
+    refilled: std::time::Instant,
+}
+
+/// Uids remembered before idle ones (no session, a full bucket) are forgotten.
+const UIDS_KEPT: usize = 1024;
+
+impl Quotas {
+    /// Takes one registration token of `uid`, refilled at `limits.registrations_per_sec`.
+    fn take_token(&mut self, uid: u32, limits: &Limits, now: std::time::Instant) -> bool {
+        let burst = f64::from(limits.registrations_burst);
+        if self.by_uid.len() >= UIDS_KEPT {
+            let rate = f64::from(limits.registrations_per_sec);
+            self.by_uid.retain(|_, u| {
+                let full = u.tokens + now.duration_since(u.refilled).as_secs_f64() * rate >= burst;
+                u.sessions > 0 || !full
+            });
+        }
+        let u = self.by_uid.entry(uid).or_insert(UidUse {
+            sessions: 0,
+            tokens: burst,
+            refilled: now,
+        });
+        let earned =
+            now.duration_since(u.refilled).as_secs_f64() * f64::from(limits.registrations_per_sec);
+        u.tokens = (u.tokens + earned).min(burst);
+        u.refilled = now;
+        if u.tokens < 1.0 {
+            return false;
+        }
+        u.tokens -= 1.0;
+        true
+    }
+}
+
+/// A registration's share of the [`Limits`]: a session of its uid and its guest RAM, given
+/// back when dropped (refused, or the session ended).
+#[derive(Debug)]
+pub(crate) struct Admission {
+    quotas: Arc<Mutex<Quotas>>,
+    uid: u32,
+    guest: u64,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut q = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        q.guest = q.guest.saturating_sub(self.guest);
+        if let Some(u) = q.by_uid.get_mut(&self.uid) {
+            u.sessions = u.sessions.saturating_sub(1);
+        }
+    }
+}
+
+/// Whether a VM name can take a new session (see [`Daemon::name_state`]).
+pub(crate) enum NameState {
+    /// No session has it.
+    Free,
+    /// A live session has it: a registration for it is refused at once.
+    Live(u64),
+    /// Its session is ending; the store is released when this fires.
+    Ending(Arc<tokio::sync::Notify>),
 }
 
 /// A live session as operator requests see it, though another connection owns it (and its
@@ -191,6 +295,7 @@ impl Daemon {
     /// New daemon state; `cancel` ends everything it runs.
     pub fn new(config: Config, cancel: CancellationToken) -> Arc<Daemon> {
         let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit);
+        let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.connections));
         Arc::new(Daemon {
             config,
             resident: Arc::new(AtomicU64::new(0)),
@@ -199,6 +304,10 @@ impl Daemon {
             handles: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
             claimed: Mutex::new(std::collections::HashSet::new()),
+            quotas: Arc::new(Mutex::new(Quotas::default())),
+            ending: Mutex::new(HashMap::new()),
+            connections,
+            uid_connections: Arc::new(Mutex::new(HashMap::new())),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             device_attached: tokio::sync::Notify::new(),
@@ -329,6 +438,158 @@ impl Daemon {
         })
     }
 
+    /// A refusal because `limit` was reached: counted, logged by the caller's refusal.
+    pub(crate) fn limit_reached(
+        &self,
+        limit: Limit,
+        value: impl std::fmt::Display,
+        why: String,
+    ) -> Refusal {
+        self.metrics.refusal(limit);
+        Refusal {
+            code: ErrorCode::Busy,
+            message: format!("limit {} = {value} reached: {why}", limit.name()),
+        }
+    }
+
+    /// A place for a new connection of `uid` under the connection limits (all uids, and
+    /// this one), or the limit reached and its value.
+    pub(crate) fn admit_connection(&self, uid: u32) -> Result<ConnectionSlot, (Limit, usize)> {
+        let limits = &self.config.limits;
+        let mut by_uid = self
+            .uid_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let open = by_uid.get(&uid).copied().unwrap_or(0);
+        if open >= limits.connections_per_uid {
+            return Err((Limit::ConnectionsPerUid, limits.connections_per_uid));
+        }
+        let permit = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| (Limit::Connections, limits.connections))?;
+        *by_uid.entry(uid).or_insert(0) += 1;
+        Ok(ConnectionSlot {
+            _permit: permit,
+            by_uid: self.uid_connections.clone(),
+            uid,
+        })
+    }
+
+    /// Admits a registration of `uid` under the per-uid limits (registrations per second,
+    /// sessions at once), or refuses it naming the limit. Cheap: no I/O, nothing allocated
+    /// beyond the uid's entry.
+    pub(crate) fn admit_uid(&self, uid: u32) -> Result<Admission, Refusal> {
+        let limits = &self.config.limits;
+        let mut q = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        if !q.take_token(uid, limits, std::time::Instant::now()) {
+            return Err(self.limit_reached(
+                Limit::RegistrationsPerSec,
+                limits.registrations_per_sec,
+                format!(
+                    "uid {uid} registers too often (bursts of {})",
+                    limits.registrations_burst
+                ),
+            ));
+        }
+        // take_token made the entry.
+        let Some(u) = q.by_uid.get_mut(&uid) else {
+            return Err(Refusal {
+                code: ErrorCode::Internal,
+                message: format!("uid {uid} has no quota entry"),
+            });
+        };
+        if u.sessions >= limits.sessions_per_uid {
+            return Err(self.limit_reached(
+                Limit::SessionsPerUid,
+                limits.sessions_per_uid,
+                format!("uid {uid} has {} sessions", u.sessions),
+            ));
+        }
+        u.sessions += 1;
+        Ok(Admission {
+            quotas: self.quotas.clone(),
+            uid,
+            guest: 0,
+        })
+    }
+
+    /// Adds `bytes` of guest RAM to `admission`, within the per-session and total limits, or
+    /// refuses naming the limit. Checked before anything is built for the guest.
+    pub(crate) fn admit_guest(&self, admission: &mut Admission, bytes: u64) -> Result<(), Refusal> {
+        let limits = &self.config.limits;
+        let gib = |b: u64| b >> 30;
+        if bytes > limits.session_guest {
+            return Err(self.limit_reached(
+                Limit::SessionGuest,
+                gib(limits.session_guest),
+                format!("the guest has {bytes} bytes of RAM"),
+            ));
+        }
+        let mut q = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        let total = q.guest.saturating_add(bytes);
+        if total > limits.total_guest {
+            return Err(self.limit_reached(
+                Limit::TotalGuest,
+                gib(limits.total_guest),
+                format!(
+                    "sessions hold {} bytes of guest RAM; this guest has {bytes}",
+                    q.guest
+                ),
+            ));
+        }
+        q.guest = total;
+        admission.guest += bytes;
+        Ok(())
+    }
+
+    /// Whether `vm` is free for a new session, taken by a live one, or being released.
+    pub(crate) fn name_state(&self, vm: &str) -> NameState {
+        // Ending first: an ending session is still in the session table until it is gone.
+        if let Some(n) = self.ending().get(vm) {
+            return NameState::Ending(n.clone());
+        }
+        match self.sessions().values().find(|s| s.vm() == vm) {
+            Some(s) => NameState::Live(s.id()),
+            None => NameState::Free,
+        }
+    }
+
+    /// Waits until `vm` has no session, or refuses: at once if its session is live, after
+    /// at most [`STORE_BUSY_WAIT`] if it is ending. Waiting holds no thread.
+    pub(crate) async fn name_free(&self, vm: &str) -> Result<(), Refusal> {
+        let notify = match self.name_state(vm) {
+            NameState::Free => return Ok(()),
+            NameState::Live(id) => {
+                return Err(self.limit_reached(
+                    Limit::LiveName,
+                    1,
+                    format!("VM {vm} is in use by another session (live session {id})"),
+                ))
+            }
+            NameState::Ending(n) => n,
+        };
+        let released = notify.notified();
+        // notify_waiters wakes only futures that exist: look again, now that this one does.
+        if !matches!(self.name_state(vm), NameState::Ending(_)) {
+            return Ok(());
+        }
+        match tokio::time::timeout(STORE_BUSY_WAIT, released).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Refusal {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "VM {vm}'s previous session is still ending after {STORE_BUSY_WAIT:?}"
+                ),
+            }),
+        }
+    }
+
+    fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Notify>>> {
+        self.ending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The counters of every live session named `vm`, by session id.
     pub(crate) fn stats_of(&self, vm: &str) -> Vec<SessionStats> {
         let mut matching: Vec<Arc<Session>> = self
@@ -370,6 +631,7 @@ impl Daemon {
             DeviceLimits {
                 pin_limit: config.pin_limit,
                 deadline: config.device_deadline,
+                malformed_run: config.limits.device_malformed_run,
             },
         )
         .with_store_dir(config.store_dir.clone())
@@ -408,18 +670,10 @@ impl Daemon {
             .map(|r| r.page_size().bytes())
             .max()
             .unwrap_or(4096);
-        // A session of the same name that just ended (its VMM hung up, or reconnects right
-        // after a refusal) may still be finishing and hold the store for a moment: wait for it
-        // briefly rather than refuse a VMM for a race it cannot see.
-        let open = || Store::open(&self.config.store_dir, &v.vm, slot_bytes, resume);
-        let waited_until = std::time::Instant::now() + STORE_BUSY_WAIT;
-        let mut opened = open();
-        while matches!(opened, Err(StoreError::Busy { .. }))
-            && std::time::Instant::now() < waited_until
-        {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            opened = open();
-        }
+        // One live session per name: a registration waits for an ending one before this
+        // (asynchronously, see [`Daemon::name_free`]), so a busy store here is a live one or
+        // a race with another registration: refused at once, holding no thread.
+        let opened = Store::open(&self.config.store_dir, &v.vm, slot_bytes, resume);
         let (store, records) = opened.map_err(|e| {
             let code = match e {
                 StoreError::Busy { .. } => ErrorCode::Busy,
@@ -452,6 +706,10 @@ impl Daemon {
     /// Ends a session: stops its fault thread, forgets it, and logs its figures.
     pub(crate) async fn end_session(&self, live: Live, ending: Ending) {
         let Live { session, thread } = live;
+        // From here the name is ending, not live: a registration for it waits for the store.
+        let released = Arc::new(tokio::sync::Notify::new());
+        self.ending()
+            .insert(session.vm().to_owned(), released.clone());
         let drain = self.config.device_deadline;
         // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
         // never on the reactor, which serves every other session's control requests.
@@ -468,6 +726,9 @@ impl Daemon {
             if let Some(label) = self.labels().remove(&session.id()) {
                 self.metrics.release(&label, &session.sample().totals);
             }
+            // The thread has stopped and dropped the store: the name is free.
+            self.ending().remove(session.vm());
+            released.notify_waiters();
         }
         let stats = session.stats();
         tracing::info!(
@@ -480,5 +741,64 @@ impl Daemon {
             errors = stats.errors,
             "session ended"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Config::from_toml("[limits]\nregistrations_per_sec = 2\nregistrations_burst = 3\n")
+            .unwrap()
+            .limits
+    }
+
+    #[test]
+    fn registration_tokens_allow_a_burst_then_refill_at_the_rate_per_uid() {
+        let (limits, mut q) = (limits(), Quotas::default());
+        let t0 = std::time::Instant::now();
+
+        let burst: Vec<bool> = (0..4).map(|_| q.take_token(7, &limits, t0)).collect();
+        let other_uid = q.take_token(8, &limits, t0);
+        let half_second_later = q.take_token(7, &limits, t0 + Duration::from_millis(500));
+        let right_after = q.take_token(7, &limits, t0 + Duration::from_millis(500));
+
+        assert_eq!(burst, [true, true, true, false]);
+        assert!(other_uid);
+        assert!(half_second_later);
+        assert!(!right_after);
+    }
+
+    #[test]
+    fn an_admission_gives_back_its_session_and_guest_bytes_when_dropped() {
+        let config =
+            Config::from_toml("[limits]\nsessions_per_uid = 1\ntotal_guest_gib = 1\n").unwrap();
+        let daemon = Daemon::new(config, CancellationToken::new());
+        let mut first = daemon.admit_uid(5).unwrap();
+        daemon.admit_guest(&mut first, 1 << 30).unwrap();
+
+        let second = daemon.admit_uid(5).unwrap_err();
+        let mut other = daemon.admit_uid(6).unwrap();
+        let over = daemon.admit_guest(&mut other, 1).unwrap_err();
+        drop(first);
+        let again = daemon
+            .admit_uid(5)
+            .map(|mut a| daemon.admit_guest(&mut a, 1 << 30));
+
+        assert!(
+            second
+                .message
+                .starts_with("limit sessions_per_uid = 1 reached"),
+            "{second}"
+        );
+        assert!(
+            over.message
+                .starts_with("limit total_guest_gib = 1 reached"),
+            "{over}"
+        );
+        assert!(matches!(again, Ok(Ok(()))), "{again:?}");
     }
 }

@@ -24,6 +24,26 @@ const READ_RECORDS: usize = 1640;
 /// while groups remain.
 const READS_PER_CALL: usize = 4;
 
+/// What `/proc/self/fd/N` reads for a fault fd of `IOMMU_FAULT_QUEUE_ALLOC`: the kernel
+/// makes it an anon inode named `[iommufd-pgfault]` (drivers/iommu/iommufd, 6.11 on).
+pub const FAULT_FD_KIND: &str = "anon_inode:[iommufd-pgfault]";
+
+/// Refuses an fd that is not the kernel's iommufd fault queue, naming what it is instead (a
+/// file read as a queue delivers garbage, or nothing, as fast as it is read).
+pub fn check_fault_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let kind = crate::shm::fd_kind(fd)?;
+    if kind.as_os_str() == FAULT_FD_KIND {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "is {}, not an iommufd fault queue ({FAULT_FD_KIND})",
+            kind.display()
+        ),
+    ))
+}
+
 /// Page requests from the kernel's fault fd (`IOMMU_FAULT_QUEUE_ALLOC`).
 #[derive(Debug)]
 pub struct IommufdQueue {

@@ -162,10 +162,14 @@ pub(crate) fn page_round_up(len: u64) -> u64 {
     len.div_ceil(4096) * 4096
 }
 
+/// What `fd` is, as /proc/self/fd names it: `anon_inode:[eventfd]`, a path, `socket:[N]`...
+pub(crate) fn fd_kind(fd: BorrowedFd<'_>) -> io::Result<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// Whether `fd` is an eventfd (per /proc/self/fd).
 pub(crate) fn is_eventfd(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    Ok(link.as_os_str() == "anon_inode:[eventfd]")
+    Ok(fd_kind(fd)?.as_os_str() == "anon_inode:[eventfd]")
 }
 
 /// Sets O_NONBLOCK on `fd`. Note the flag lives in the open file description, which the

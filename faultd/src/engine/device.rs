@@ -40,6 +40,8 @@ pub struct Device {
     /// The VMM made faultd's notification block (see [`crate::engine::session::Watch`]): the device
     /// is no longer served. Only that VM's device pays for its VMM's misbehaviour.
     pub(crate) quarantined: bool,
+    /// Malformed entries read since the last valid group (see `DeviceLimits::malformed_run`).
+    malformed_run: u64,
 }
 
 impl std::fmt::Debug for Device {
@@ -68,8 +70,18 @@ impl Device {
             mapper,
             pending: VecDeque::new(),
             quarantined: false,
+            malformed_run: 0,
         }
     }
+}
+
+/// Why a device is no longer served.
+#[derive(Debug, Clone, Copy)]
+enum Quarantine {
+    /// Its VMM made faultd's notification block.
+    Blocked,
+    /// It sent this many malformed records in a row.
+    Malformed(u64),
 }
 
 /// Why a group is answered INVALID.
@@ -107,7 +119,7 @@ impl<O: UffdOps> FaultServer<O> {
             self.session.watch.exit();
             if let Err(e) = read {
                 if e.kind() == std::io::ErrorKind::Interrupted {
-                    self.quarantine(d);
+                    self.quarantine(d, Quarantine::Blocked);
                 } else {
                     self.error(format_args!(
                         "reading page requests of device {}: {e}",
@@ -124,6 +136,7 @@ impl<O: UffdOps> FaultServer<O> {
             for item in &incoming {
                 match item {
                     Incoming::Group(g) => {
+                        self.devices[d].malformed_run = 0;
                         let c = &self.session.counters;
                         Counters::bump(&c.device_groups);
                         c.device_pages
@@ -131,6 +144,7 @@ impl<O: UffdOps> FaultServer<O> {
                         self.serve_group(d, g.clone(), now, FaultOutcome::Present);
                     }
                     Incoming::Malformed { cookie, reason } => {
+                        self.devices[d].malformed_run += 1;
                         Counters::bump(&self.session.counters.device_malformed);
                         if let Some(cookie) = cookie {
                             // Counted before it is answered, as every answer is.
@@ -153,6 +167,10 @@ impl<O: UffdOps> FaultServer<O> {
                 }
             }
             self.incoming = incoming;
+            if self.devices[d].malformed_run >= self.limits.malformed_run {
+                // Garbage costs faultd as much as the device can send: stop reading it.
+                self.quarantine(d, Quarantine::Malformed(self.limits.malformed_run));
+            }
         }
         let in_flight = self.pending_groups();
         self.metrics.device_in_flight.set(in_flight);
@@ -246,7 +264,7 @@ impl<O: UffdOps> FaultServer<O> {
             Ok(()) => {}
             Err(iopf::RespondError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
                 // The answer is in the ring; only the wake-up was cut short by the watchdog.
-                self.quarantine(d);
+                self.quarantine(d, Quarantine::Blocked);
             }
             Err(e) => {
                 Counters::bump(&self.session.counters.device_respond_errors);
@@ -266,17 +284,32 @@ impl<O: UffdOps> FaultServer<O> {
     /// interrupt it). Its mappings stay until the session ends (the memory stays pinned and
     /// resident meanwhile); its pending groups are dropped unanswered, since answering means
     /// ringing the doorbell that blocked.
-    fn quarantine(&mut self, d: usize) {
+    /// Stops serving device `d` (no longer polled nor read); counted, and logged once.
+    fn quarantine(&mut self, d: usize, why: Quarantine) {
         let dev = &mut self.devices[d];
+        if dev.quarantined {
+            return;
+        }
         dev.quarantined = true;
         dev.pending.clear();
         Counters::bump(&self.session.counters.device_quarantined);
-        tracing::warn!(
-            session = self.session.id(),
-            vm = self.session.vm(),
-            dev_id = dev.dev_id.0,
-            "device quarantined: its VMM made faultd's notification eventfd block"
-        );
+        let session = self.session.id();
+        let (vm, dev_id) = (self.session.vm(), dev.dev_id.0);
+        match why {
+            Quarantine::Blocked => tracing::warn!(
+                session,
+                vm,
+                dev_id,
+                "device quarantined: its VMM made faultd's notification eventfd block"
+            ),
+            Quarantine::Malformed(run) => tracing::warn!(
+                session,
+                vm,
+                dev_id,
+                "device quarantined: limit device_malformed_run = {run} reached (malformed \
+                 records in a row)"
+            ),
+        }
     }
 
     /// Makes every page of the group resident and mapped for the device.

@@ -35,6 +35,9 @@ pub struct DeviceLimits {
     pub pin_limit: u64,
     /// Every page-request group is answered within this time, INVALID if need be.
     pub deadline: Duration,
+    /// Malformed records in a row (no valid group between) after which a device is
+    /// quarantined: garbage would otherwise cost as much as the device can send.
+    pub malformed_run: u64,
 }
 
 /// Why a page could not be made resident.

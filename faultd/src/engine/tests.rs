@@ -19,6 +19,7 @@ const HVA: u64 = 0x7f00_0000_0000;
 const LIMITS: DeviceLimits = DeviceLimits {
     pin_limit: 1 << 30,
     deadline: Duration::from_millis(250),
+    malformed_run: 4096,
 };
 const PAGE: u64 = 4096;
 

@@ -21,6 +21,7 @@ use crate::daemon::{Daemon, Ending};
 use crate::engine::session::Session;
 use crate::engine::{Command, FaultThread};
 use crate::front::validate::{handed_files, validate, Refusal};
+use crate::ops::config::Limit;
 
 /// Accepts connections until the daemon's cancel token fires; each connection runs in its own
 /// task, and every session (Firecracker's too) is ended before this returns.
@@ -28,14 +29,29 @@ pub async fn serve(mut listener: UnixSeqpacketListener, daemon: Arc<Daemon>) {
     let cancel = daemon.cancel.clone();
     let tracker = daemon.tracker.clone();
     tracker.spawn(watchdog(daemon.clone(), cancel.clone()));
+    let mut refused = Refused::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => {
+                    // Past a cap the connection is closed at once: it never holds an fd for
+                    // long, so a flood cannot run the listener out of them. A peer the kernel
+                    // does not name counts as one uid of its own (u32::MAX, no real uid).
+                    let uid = conn.peer_cred().map_or(u32::MAX, |c| c.uid());
+                    let slot = match daemon.admit_connection(uid) {
+                        Ok(slot) => slot,
+                        Err((limit, max)) => {
+                            over_connection_limit(&daemon, conn, uid, limit, max, &mut refused);
+                            continue;
+                        }
+                    };
                     let daemon = daemon.clone();
                     let cancel = cancel.clone();
-                    tracker.spawn(async move { connection(conn, daemon, cancel).await });
+                    tracker.spawn(async move {
+                        connection(conn, daemon, cancel).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -47,6 +63,49 @@ pub async fn serve(mut listener: UnixSeqpacketListener, daemon: Arc<Daemon>) {
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Connections refused over the connection limit, logged at most once a second.
+#[derive(Default)]
+struct Refused {
+    since_log: u64,
+    logged: Option<std::time::Instant>,
+}
+
+/// Refuses a connection of `uid` over a connection limit: counted, told why (a non-blocking
+/// send on a fresh socket), closed; logged at most once a second with how many were refused.
+fn over_connection_limit(
+    daemon: &Daemon,
+    conn: UnixSeqpacket,
+    uid: u32,
+    limit: Limit,
+    max: usize,
+    refused: &mut Refused,
+) {
+    let whose = match limit {
+        Limit::ConnectionsPerUid => format!("uid {uid} has"),
+        _ => "faultd has".to_owned(),
+    };
+    let Refusal { code, message } =
+        daemon.limit_reached(limit, max, format!("{whose} {max} connections open"));
+    refused.since_log += 1;
+    let now = std::time::Instant::now();
+    if refused
+        .logged
+        .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+    {
+        tracing::warn!(
+            refused = refused.since_log,
+            "refusing connections: {message}"
+        );
+        refused.since_log = 0;
+        refused.logged = Some(now);
+    }
+    if let Ok(bytes) = faultd_proto::encode(&Response::Error { code, message }) {
+        // A full or closed socket is not worth waiting for: it is closed either way.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = conn.poll_send(&mut cx, &bytes);
+    }
 }
 
 /// How long a session thread may stay in a call its VMM can make block before the watchdog
@@ -246,7 +305,7 @@ fn decode_error(e: CodecError) -> (ErrorCode, String) {
 async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: CancellationToken) {
     let cred = conn.peer_cred().ok();
     let peer_pid = cred.as_ref().and_then(|c| c.pid());
-    let mut packet = match recv_request(&daemon, &conn, &cancel).await {
+    let mut packet = match recv_before_deadline(&daemon, &conn, &cancel).await {
         Some(p) => p,
         None => return,
     };
@@ -255,7 +314,17 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     loop {
         let admin = match faultd_proto::decode::<Request>(&packet.bytes) {
             Ok(Request::Register(reg)) => {
-                return register(conn, reg, packet.fds, peer_pid, daemon, cancel).await
+                let Some(uid) = cred.as_ref().map(|c| c.uid()) else {
+                    return refuse(
+                        &daemon,
+                        &conn,
+                        ErrorCode::Internal,
+                        "the kernel did not say who the peer is (SO_PEERCRED)".into(),
+                    )
+                    .await;
+                };
+                let peer = Peer { uid, pid: peer_pid };
+                return register(conn, reg, packet.fds, peer, daemon, cancel).await;
             }
             Ok(Request::FirecrackerListen(listen)) => Admin::Listen(listen),
             Ok(Request::VmStats { vm }) => Admin::VmStats(vm),
@@ -308,10 +377,39 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             Ok(resp) => send(&conn, &resp).await,
             Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
         }
-        packet = match recv_request(&daemon, &conn, &cancel).await {
+        packet = match recv_before_deadline(&daemon, &conn, &cancel).await {
             Some(p) => p,
             None => return,
         };
+    }
+}
+
+/// Who is on the other end of a connection, as the kernel says (SO_PEERCRED).
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    pid: Option<i32>,
+}
+
+/// The next request of a connection that is not a registered VMM: as [`recv_request`], and
+/// closed (answered, counted) if none comes within `limits.handshake`.
+async fn recv_before_deadline(
+    daemon: &Daemon,
+    conn: &UnixSeqpacket,
+    cancel: &CancellationToken,
+) -> Option<Packet> {
+    let deadline = daemon.config.limits.handshake;
+    match tokio::time::timeout(deadline, recv_request(daemon, conn, cancel)).await {
+        Ok(p) => p,
+        Err(_) => {
+            let Refusal { code, message } = daemon.limit_reached(
+                Limit::Handshake,
+                deadline.as_millis(),
+                "no request came in time; closing the connection".into(),
+            );
+            refuse(daemon, conn, code, message).await;
+            None
+        }
     }
 }
 
@@ -358,12 +456,33 @@ async fn register(
     conn: UnixSeqpacket,
     reg: faultd_proto::Register,
     fds: Vec<OwnedFd>,
-    peer_pid: Option<i32>,
+    peer: Peer,
     daemon: Arc<Daemon>,
     cancel: CancellationToken,
 ) {
     if let Some(why) = daemon.session_limit_reached() {
         return refuse(&daemon, &conn, ErrorCode::Busy, why).await;
+    }
+    // The limits first, before anything is read, opened or built: a flood is refused here,
+    // cheaply, and what it took is given back when `admission` drops.
+    let peer_pid = peer.pid;
+    let admitted = daemon.admit_uid(peer.uid).and_then(|mut admission| {
+        let guest = reg
+            .regions
+            .iter()
+            .try_fold(0u64, |sum, r| sum.checked_add(r.size))
+            .unwrap_or(u64::MAX);
+        daemon.admit_guest(&mut admission, guest)?;
+        Ok(admission)
+    });
+    let admission = match admitted {
+        Ok(a) => a,
+        Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
+    };
+    // A name has one session at a time: refused at once while it is live; an ending one is
+    // waited for, briefly and without a thread.
+    if let Err(Refusal { code, message }) = daemon.name_free(&reg.vm).await {
+        return refuse(&daemon, &conn, code, message).await;
     }
     // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
     // The uffd and guest RAM files are claimed for this session until it has ended (the claims
@@ -421,6 +540,7 @@ async fn register(
     let ending = session_loop(&conn, &live.session, &live.thread, &daemon, &cancel).await;
 
     daemon.end_session(live, ending).await;
+    drop(admission);
 }
 
 /// Serves requests on a registered connection until the VMM hangs up or sends something bad;

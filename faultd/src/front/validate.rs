@@ -620,10 +620,14 @@ pub fn device(
                     .map_err(|e| refuse(ErrorCode::BadFd, format!("queue: {}", chain(&e))))?,
             )
         }
-        QueueDesc::Iommufd { fault_fd } => Box::new(
-            IommufdQueue::new(take(fault_fd, "queue.fault_fd")?)
-                .map_err(|e| refuse(ErrorCode::BadFd, format!("queue.fault_fd: {e}")))?,
-        ),
+        QueueDesc::Iommufd { fault_fd } => {
+            let fault_fd = take(fault_fd, "queue.fault_fd")?;
+            let bad = |e: std::io::Error| refuse(ErrorCode::BadFd, format!("queue.fault_fd: {e}"));
+            // Only the kernel's queue: anything else would be read as garbage, or as nothing,
+            // as fast as the session thread can poll it.
+            iopf::iommufd::check_fault_fd(fault_fd.as_fd()).map_err(bad)?;
+            Box::new(IommufdQueue::new(fault_fd).map_err(bad)?)
+        }
     };
     let layout = session.layout();
     let max_page = layout

@@ -18,6 +18,10 @@ const MAX_SPIN_US: u64 = 10_000;
 const MAX_BATCH: usize = 4096;
 /// Most sessions accepted in config (each owns a thread).
 const MAX_SESSIONS: usize = 4096;
+/// Most connections accepted in config (each costs an fd).
+const MAX_CONNECTIONS: usize = 65536;
+/// Largest guest-size limit accepted in config, GiB (64 TiB).
+const MAX_GUEST_GIB: u64 = 65536;
 /// Most VMs with a `vm` label of their own: each costs a few hundred series.
 const MAX_VM_LABELS: usize = 256;
 
@@ -82,7 +86,23 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     firecracker: Vec<RawFirecracker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    connections: Option<usize>,
+    connections_per_uid: Option<usize>,
+    handshake_ms: Option<u64>,
+    registrations_per_sec: Option<u32>,
+    registrations_burst: Option<u32>,
+    sessions_per_uid: Option<usize>,
+    session_guest_gib: Option<u64>,
+    total_guest_gib: Option<u64>,
+    device_malformed_run: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +198,84 @@ pub struct Config {
     pub metrics_vm_labels: usize,
     /// Sockets to serve Firecracker restores on from the start.
     pub firecracker: Vec<ListenSpec>,
+    /// What a client may make faultd spend.
+    pub limits: Limits,
+}
+
+/// Bounds on what clients may make faultd spend (the `[limits]` section). Each is refused,
+/// named and counted when reached (see [`Limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Control-socket connections open at once (registered or not), all uids together.
+    pub connections: usize,
+    /// Control-socket connections one uid may have open at once.
+    pub connections_per_uid: usize,
+    /// How long a connection may stay open without a request (the first, or the next admin
+    /// request); a registered VMM is not held to it.
+    pub handshake: Duration,
+    /// Registrations per uid per second (the refill rate of its token bucket).
+    pub registrations_per_sec: u32,
+    /// Registrations a uid may make at once after a quiet spell (the bucket's size).
+    pub registrations_burst: u32,
+    /// Sessions one uid may have at once.
+    pub sessions_per_uid: usize,
+    /// Guest RAM of one session, bytes.
+    pub session_guest: u64,
+    /// Guest RAM of all sessions together, bytes.
+    pub total_guest: u64,
+    /// Malformed device records in a row (no valid group between) before the device is
+    /// quarantined.
+    pub device_malformed_run: u64,
+}
+
+/// One of the [`Limits`], as refusals, logs and the `limit` metrics label name it (its key in
+/// `[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// [`Limits::connections`].
+    Connections,
+    /// [`Limits::connections_per_uid`].
+    ConnectionsPerUid,
+    /// [`Limits::handshake`].
+    Handshake,
+    /// [`Limits::registrations_per_sec`].
+    RegistrationsPerSec,
+    /// [`Limits::sessions_per_uid`].
+    SessionsPerUid,
+    /// [`Limits::session_guest`].
+    SessionGuest,
+    /// [`Limits::total_guest`].
+    TotalGuest,
+    /// A VM name has one live session at a time (not configurable).
+    LiveName,
+}
+
+impl Limit {
+    /// Every limit, for the metrics (each label is exported from the start, at 0).
+    pub const ALL: [Limit; 8] = [
+        Limit::Connections,
+        Limit::ConnectionsPerUid,
+        Limit::Handshake,
+        Limit::RegistrationsPerSec,
+        Limit::SessionsPerUid,
+        Limit::SessionGuest,
+        Limit::TotalGuest,
+        Limit::LiveName,
+    ];
+
+    /// The `limit` label and the key in `[limits]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::ConnectionsPerUid => "connections_per_uid",
+            Limit::Handshake => "handshake_ms",
+            Limit::RegistrationsPerSec => "registrations_per_sec",
+            Limit::SessionsPerUid => "sessions_per_uid",
+            Limit::SessionGuest => "session_guest_gib",
+            Limit::TotalGuest => "total_guest_gib",
+            Limit::LiveName => "live_name",
+        }
+    }
 }
 
 /// Resident-memory budgets (bytes; 0: none) and their watermarks (percent).
@@ -267,6 +365,16 @@ impl RawConfig {
         self.budget.low_pct = over.budget.low_pct.or(self.budget.low_pct);
         self.metrics.listen = over.metrics.listen.or(self.metrics.listen.take());
         self.metrics.vm_labels = over.metrics.vm_labels.or(self.metrics.vm_labels);
+        let (l, o) = (&mut self.limits, over.limits);
+        l.connections = o.connections.or(l.connections);
+        l.connections_per_uid = o.connections_per_uid.or(l.connections_per_uid);
+        l.handshake_ms = o.handshake_ms.or(l.handshake_ms);
+        l.registrations_per_sec = o.registrations_per_sec.or(l.registrations_per_sec);
+        l.registrations_burst = o.registrations_burst.or(l.registrations_burst);
+        l.sessions_per_uid = o.sessions_per_uid.or(l.sessions_per_uid);
+        l.session_guest_gib = o.session_guest_gib.or(l.session_guest_gib);
+        l.total_guest_gib = o.total_guest_gib.or(l.total_guest_gib);
+        l.device_malformed_run = o.device_malformed_run.or(l.device_malformed_run);
         // Entries are a list, not keys: a file that lists any replaces the default's (none).
         if !over.firecracker.is_empty() {
             self.firecracker = over.firecracker;
@@ -427,8 +535,10 @@ impl TryFrom<RawConfig> for Config {
             });
         }
         let firecracker = firecracker_entries(raw.firecracker, &socket)?;
+        let limits = limits(raw.limits)?;
         Ok(Config {
             firecracker,
+            limits,
             socket,
             max_sessions,
             spin: Duration::from_micros(spin_us),
@@ -444,6 +554,84 @@ impl TryFrom<RawConfig> for Config {
             metrics_vm_labels,
         })
     }
+}
+
+/// Validates `[limits]`: every bound set and within its range.
+fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
+    fn within<T: PartialOrd + ToString>(
+        v: Option<T>,
+        field: &'static str,
+        range: std::ops::RangeInclusive<T>,
+        why: &'static str,
+    ) -> Result<T, ConfigError> {
+        let v = required(v, field)?;
+        if !range.contains(&v) {
+            return Err(ConfigError::Invalid {
+                field,
+                value: v.to_string(),
+                why,
+            });
+        }
+        Ok(v)
+    }
+    let session_gib = within(
+        raw.session_guest_gib,
+        "limits.session_guest_gib",
+        1..=MAX_GUEST_GIB,
+        "must be 1..=65536",
+    )?;
+    let total_gib = within(
+        raw.total_guest_gib,
+        "limits.total_guest_gib",
+        1..=MAX_GUEST_GIB,
+        "must be 1..=65536",
+    )?;
+    Ok(Limits {
+        connections: within(
+            raw.connections,
+            "limits.connections",
+            1..=MAX_CONNECTIONS,
+            "must be 1..=65536",
+        )?,
+        connections_per_uid: within(
+            raw.connections_per_uid,
+            "limits.connections_per_uid",
+            1..=MAX_CONNECTIONS,
+            "must be 1..=65536",
+        )?,
+        handshake: Duration::from_millis(within(
+            raw.handshake_ms,
+            "limits.handshake_ms",
+            1..=600_000,
+            "must be 1..=600000",
+        )?),
+        registrations_per_sec: within(
+            raw.registrations_per_sec,
+            "limits.registrations_per_sec",
+            1..=100_000,
+            "must be 1..=100000",
+        )?,
+        registrations_burst: within(
+            raw.registrations_burst,
+            "limits.registrations_burst",
+            1..=100_000,
+            "must be 1..=100000",
+        )?,
+        sessions_per_uid: within(
+            raw.sessions_per_uid,
+            "limits.sessions_per_uid",
+            1..=MAX_SESSIONS,
+            "must be 1..=4096",
+        )?,
+        session_guest: session_gib << 30,
+        total_guest: total_gib << 30,
+        device_malformed_run: within(
+            raw.device_malformed_run,
+            "limits.device_malformed_run",
+            1..=1 << 30,
+            "must be 1..=1073741824",
+        )?,
+    })
 }
 
 /// Validates `[[firecracker]]` entries: each as a listen order, sockets and VM names unique,
@@ -820,6 +1008,19 @@ mod tests {
         let pid = Config::from_toml(&(entry("a", "/r/a") + "pid = 7\n")).unwrap_err();
         let text = format!("{:#}", anyhow::Error::from(pid));
         assert!(text.contains("pid"), "{text}");
+    }
+
+    #[test]
+    fn limits_default_to_finite_bounds_and_refuse_zero_naming_the_field() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.limits.connections, 512);
+        assert_eq!(c.limits.connections_per_uid, 64);
+        assert_eq!(c.limits.session_guest, 256 << 30);
+        let err = Config::from_toml("[limits]\nconnections = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config field limits.connections = 0: must be 1..=65536"
+        );
     }
 
     #[test]

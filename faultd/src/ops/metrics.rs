@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::ops::config::Limit;
 use faultd_proto::ErrorCode;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -241,6 +242,7 @@ pub struct DaemonMetrics {
     latency: HistogramVec,
     in_flight: IntGaugeVec,
     protocol_errors: IntCounterVec,
+    refusals: IntCounterVec,
     labels: Mutex<Labels>,
     vm_labels: usize,
     pin_limit: u64,
@@ -282,10 +284,23 @@ impl DaemonMetrics {
             &["code"],
         )
         .expect("constant, valid counter options");
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "faultd_refusals_total",
+                "Requests and connections refused because a [limits] bound was reached, by \
+                 limit (its key in [limits]).",
+            ),
+            &["limit"],
+        )
+        .expect("constant, valid counter options");
+        for limit in Limit::ALL {
+            refusals.with_label_values(&[limit.name()]);
+        }
         for c in [
             Box::new(latency.clone()) as Box<dyn Collector>,
             Box::new(in_flight.clone()),
             Box::new(protocol_errors.clone()),
+            Box::new(refusals.clone()),
         ] {
             registry
                 .register(c)
@@ -296,6 +311,7 @@ impl DaemonMetrics {
             latency,
             in_flight,
             protocol_errors,
+            refusals,
             labels: Mutex::new(Labels::default()),
             vm_labels,
             pin_limit,
@@ -394,6 +410,11 @@ impl DaemonMetrics {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_else(|| format!("{code:?}"));
         self.protocol_errors.with_label_values(&[&label]).inc();
+    }
+
+    /// Counts a refusal because `limit` was reached.
+    pub fn refusal(&self, limit: Limit) {
+        self.refusals.with_label_values(&[limit.name()]).inc();
     }
 
     /// The text exposition of every metric, with `live` the sessions being served now and
