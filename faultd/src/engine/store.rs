@@ -1,7 +1,8 @@
 //! faultd's swap store: where evicted guest pages go, and the journal that lets a restarted
 //! faultd find them again.
 //!
-//! One store per VM name under `store.dir`: `<vm>.pages`, fixed-size slots (the VM's largest
+//! One store per VM under a directory of its owner (`store.dir/<uid>/`, see
+//! [`owner_dir`]): `<vm>.pages`, fixed-size slots (the VM's largest
 //! page size) allocated from a free list, so freed slots are reused and the file grows only to
 //! the high-water mark of evicted pages; and `<vm>.journal`, an append-only log of where each
 //! absent page's contents are. Which page lives in which slot is s2map's `stored` map (pure
@@ -32,8 +33,80 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of a store file: guest memory, for faultd alone (whatever the umask).
+const FILE_MODE: u32 = 0o600;
+/// Mode of an owner's store directory.
+const DIR_MODE: u32 = 0o700;
+
+/// The directory of the stores of VMs owned by `uid` (their VMM's uid, from SO_PEERCRED):
+/// `dir/<uid>`. A VM name is one owner's: the same name under two uids is two VMs with two
+/// stores, and no request of one uid reaches another's.
+pub fn owner_dir(dir: &Path, uid: u32) -> PathBuf {
+    dir.join(uid.to_string())
+}
+
+/// Whether `dir` holds a store of `vm` (its journal: a store is created with both files).
+pub fn exists(dir: &Path, vm: &str) -> bool {
+    std::fs::symlink_metadata(dir.join(format!("{vm}.journal"))).is_ok_and(|m| m.is_file())
+}
+
+/// Creates `dir` (and its parents) if need be, and makes it faultd's alone: mode 0700,
+/// set on the opened directory (`O_NOFOLLOW`: a symlink is refused, not followed).
+fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)?;
+    opened.set_permissions(std::fs::Permissions::from_mode(DIR_MODE))
+}
+
+/// Opens (creating) a store file read-write, mode 0600, not through a symlink; an existing
+/// file (from an older faultd) gets mode 0600 too.
+fn open_file(path: &Path, truncate: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if meta.permissions().mode() & 0o7777 != FILE_MODE {
+        file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(file)
+}
+
+/// Moves the store of `vm` from `from` into `to` (which [`Store::open`] makes private):
+/// both files, renamed, so it is the same store. Nothing is moved unless `from` has a store
+/// of `vm` and `to` has none.
+pub fn adopt_legacy(from: &Path, to: &Path, vm: &str) -> io::Result<bool> {
+    if !exists(from, vm) || exists(to, vm) {
+        return Ok(false);
+    }
+    private_dir(to)?;
+    for ext in ["pages", "journal"] {
+        let name = format!("{vm}.{ext}");
+        match std::fs::rename(from.join(&name), to.join(&name)) {
+            Ok(()) => {}
+            // A store whose pages file never came to be has a journal alone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && ext == "pages" => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
 
 /// A fact about an absent page, as the journal keeps it. Pages are named by guest physical
 /// address, so a VMM that registers the same layout again finds them.
@@ -174,15 +247,8 @@ impl Store {
             let path = path.to_owned();
             move |source| StoreError::Open { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(open_err(dir))?;
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(p)
-        };
+        private_dir(dir).map_err(open_err(dir))?;
+        let open = |p: &Path| open_file(p, false);
         let file = open(&path).map_err(open_err(&path))?;
         let dup = file.try_clone().map_err(open_err(&path))?;
         let lock = match nix::fcntl::Flock::lock(dup, nix::fcntl::FlockArg::LockExclusiveNonblock) {
@@ -393,12 +459,7 @@ impl Store {
             n += 1;
         }
         let write = || -> io::Result<File> {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+            let f = open_file(&tmp, true)?;
             f.write_all_at(&bytes, 0)?;
             std::fs::rename(&tmp, &self.journal_path)?;
             Ok(f)
