@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use faultd_proto::{ErrorCode, SessionKind, SessionStats};
+use faultd_proto::{ErrorCode, SessionKind};
 use s2map::Layout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -273,30 +273,19 @@ impl Daemon {
         })
     }
 
-    /// The counters of every live session named `vm`, by session id.
-    pub(crate) fn stats_of(&self, vm: &str) -> Vec<SessionStats> {
-        let mut matching: Vec<Arc<Session>> = self
-            .sessions()
-            .values()
-            .filter(|s| s.vm() == vm)
-            .cloned()
-            .collect();
-        matching.sort_unstable_by_key(|s| s.id());
-        matching.iter().map(|s| s.stats()).collect()
-    }
-
     /// Builds the session of a validated VM and the server of its faults (not yet running,
     /// not yet registered).
     pub(crate) fn new_server(
         &self,
         vm: String,
+        owner: u32,
         layout: Layout,
         regions: Vec<ServedRegion>,
         snapshot: Option<File>,
         uffd: OwnedFd,
     ) -> std::io::Result<(Arc<Session>, FaultServer<KernelUffd>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let session = Arc::new(Session::new(id, vm, layout, regions, snapshot));
+        let session = Arc::new(Session::new(id, vm, layout, regions, snapshot).owned_by(owner));
         let config = &self.config;
         // The systemd watchdog looks at the uffd through a duplicate (to see faults waiting);
         // without one it judges the thread by its progress alone.
@@ -316,10 +305,72 @@ impl Daemon {
                 deadline: config.device_deadline,
             },
         )
-        .with_store_dir(config.store_dir.clone())
+        .with_store_dir(self.store_dir_of(owner))
         .with_budget(config.budget, self.resident.clone())
         .with_metrics(self.metrics.session(&label));
         Ok((session, server))
+    }
+
+    /// Where the stores of `owner`'s VMs are: `store.dir/<uid>` (see [`crate::engine::store`]).
+    pub(crate) fn store_dir_of(&self, owner: u32) -> PathBuf {
+        crate::engine::store::owner_dir(&self.config.store_dir, owner)
+    }
+
+    /// Before `owner` resumes `vm`: finds the store to resume in `owner`'s directory, or says
+    /// why the one there is not `owner`'s to resume. A store of `vm` that an older faultd left
+    /// in `store.dir` itself records no owner: it becomes root's (moved into `store.dir/0`)
+    /// when root resumes it, and nobody else may. A store of `vm` that only another uid has
+    /// is never served to `owner`: the resume is refused, and nothing of that store changes.
+    /// Without any store of `vm`, the resume goes on with none (as before).
+    fn claim_store(&self, owner: u32, vm: &str) -> Result<(), Refusal> {
+        use crate::engine::store;
+        let root = &self.config.store_dir;
+        let mine = self.store_dir_of(owner);
+        if store::exists(&mine, vm) {
+            return Ok(());
+        }
+        let forbidden = |message: String| Refusal {
+            code: ErrorCode::Forbidden,
+            message,
+        };
+        if store::exists(root, vm) {
+            if owner != 0 {
+                return Err(forbidden(format!(
+                    "vm {vm:?} has no store of uid {owner} to resume; the store {} left by an \
+                     older faultd records no owner, so only root may resume it (an operator \
+                     who knows it is uid {owner}'s moves {vm}.pages and {vm}.journal into {})",
+                    root.display(),
+                    mine.display()
+                )));
+            }
+            return match store::adopt_legacy(root, &mine, vm) {
+                Ok(_) => {
+                    tracing::info!(vm, dir = %mine.display(), "moved an older faultd's store to root's");
+                    Ok(())
+                }
+                Err(e) => Err(Refusal {
+                    code: ErrorCode::Internal,
+                    message: format!(
+                        "moving vm {vm:?}'s store from {} into {}: {e}",
+                        root.display(),
+                        mine.display()
+                    ),
+                }),
+            };
+        }
+        let others = std::fs::read_dir(root).into_iter().flatten().flatten();
+        let held_elsewhere = others.into_iter().any(|entry| {
+            let name = entry.file_name();
+            let other = name.to_str().and_then(|n| n.parse::<u32>().ok());
+            other.is_some_and(|uid| uid != owner) && store::exists(&entry.path(), vm)
+        });
+        if held_elsewhere {
+            return Err(forbidden(format!(
+                "vm {vm:?} has no store of uid {owner} to resume: the store of that name belongs \
+                 to another user, and a VM's store is served only to the uid that created it"
+            )));
+        }
+        Ok(())
     }
 
     /// Makes a served session known (stats, watchdog, the session limit).
@@ -338,9 +389,13 @@ impl Daemon {
     /// are served from the moment this returns. The VM's store is opened first: afresh, or
     /// with `resume` the one a previous faultd left (see [`crate::engine::store`]); either way a VM
     /// name has one live session at a time, because its store is locked.
+    ///
+    /// The VM is `owner`'s (the uid of its VMM, SO_PEERCRED): its name is looked up, and its
+    /// store kept, among `owner`'s VMs only (see [`Daemon::claim_store`]).
     pub(crate) fn start_session(
         &self,
         v: Validated,
+        owner: u32,
         resume: bool,
         vmm_pid: Option<i32>,
         remote: Option<crate::kernel::remote::RemoteMm>,
@@ -355,7 +410,11 @@ impl Daemon {
         // A session of the same name that just ended (its VMM hung up, or reconnects right
         // after a refusal) may still be finishing and hold the store for a moment: wait for it
         // briefly rather than refuse a VMM for a race it cannot see.
-        let open = || Store::open(&self.config.store_dir, &v.vm, slot_bytes, resume);
+        if resume {
+            self.claim_store(owner, &v.vm)?;
+        }
+        let dir = self.store_dir_of(owner);
+        let open = || Store::open(&dir, &v.vm, slot_bytes, resume);
         let waited_until = std::time::Instant::now() + STORE_BUSY_WAIT;
         let mut opened = open();
         while matches!(opened, Err(StoreError::Busy { .. }))
@@ -380,7 +439,7 @@ impl Daemon {
             message: format!("starting fault service: {e}"),
         };
         let (session, server) = self
-            .new_server(v.vm, v.layout, v.regions, v.snapshot, v.uffd)
+            .new_server(v.vm, owner, v.layout, v.regions, v.snapshot, v.uffd)
             .map_err(internal)?;
         // Anonymous memory is reached from outside (resume reads its pagemap).
         if let Some(mm) = remote {

@@ -217,7 +217,8 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     loop {
         let admin = match faultd_proto::decode::<Request>(&packet.bytes) {
             Ok(Request::Register(reg)) => {
-                return register(conn, reg, packet.fds, peer_pid, daemon, cancel).await
+                let peer_uid = cred.as_ref().map(|c| c.uid());
+                return register(conn, reg, packet.fds, peer_pid, peer_uid, daemon, cancel).await;
             }
             Ok(Request::FirecrackerListen(listen)) => Admin::Listen(listen),
             Ok(Request::VmStats { vm }) => Admin::VmStats(vm),
@@ -251,17 +252,15 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             )
             .await;
         }
+        let caller = crate::front::admin::Caller::of(cred.as_ref());
         let answer = match admin {
-            Admin::VmStats(vm) => Ok(Response::VmStats {
-                sessions: daemon.stats_of(&vm),
-                vm,
-            }),
+            Admin::VmStats(vm) => crate::front::admin::vm_stats(&daemon, vm, caller),
             Admin::Listen(listen) => {
                 crate::front::firecracker::listen_request(&daemon, listen, cred.as_ref()).await
             }
             Admin::Status => Ok(crate::front::admin::status(&daemon)),
-            Admin::Sessions(after) => Ok(crate::front::admin::sessions(&daemon, after)),
-            Admin::Detail(target) => crate::front::admin::detail(&daemon, &target),
+            Admin::Sessions(after) => Ok(crate::front::admin::sessions(&daemon, after, caller)),
+            Admin::Detail(target) => crate::front::admin::detail(&daemon, &target, caller),
             Admin::Evict(target, amount) => {
                 crate::front::admin::evict(&daemon, &target, amount, cred.as_ref()).await
             }
@@ -317,9 +316,20 @@ async fn register(
     reg: faultd_proto::Register,
     fds: Vec<OwnedFd>,
     peer_pid: Option<i32>,
+    peer_uid: Option<u32>,
     daemon: Arc<Daemon>,
     cancel: CancellationToken,
 ) {
+    // The VM and its store will be this uid's: without it, nobody could be told apart.
+    let Some(owner) = peer_uid else {
+        return refuse(
+            &daemon,
+            &conn,
+            ErrorCode::Internal,
+            "the kernel did not tell the client's uid (SO_PEERCRED), which owns its VM".into(),
+        )
+        .await;
+    };
     if let Some(why) = daemon.session_limit_reached() {
         return refuse(&daemon, &conn, ErrorCode::Busy, why).await;
     }
@@ -340,9 +350,10 @@ async fn register(
     };
     // Opening the store and replaying its journal is file I/O: off the reactor.
     let d = daemon.clone();
-    let started =
-        tokio::task::spawn_blocking(move || d.start_session(validated, resume, peer_pid, None))
-            .await;
+    let started = tokio::task::spawn_blocking(move || {
+        d.start_session(validated, owner, resume, peer_pid, None)
+    })
+    .await;
     let live = match started {
         Ok(Ok(live)) => live,
         Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,

@@ -456,7 +456,14 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
     };
     // The slot is given back before the connection closes: a peer that sees it closed and
     // connects again must find the socket free.
-    serve_restore(&daemon, &socket, stream, message, pid, slot).await;
+    // The VM and its store are the uid's the socket admits (its rule's uid, or the uid of its
+    // rule's process), or the operator's (0) on a socket of faultd's own.
+    let owner = match (spec.peer.uid, spec.peer.pid) {
+        (Some(rule_uid), _) => rule_uid,
+        (None, Some(_)) => uid,
+        (None, None) => 0,
+    };
+    serve_restore(&daemon, &socket, stream, message, pid, owner, slot).await;
     // The next restore may connect as soon as this one is over (it makes its own thread if
     // it comes before the refill below is done).
     if !daemon.cancel.is_cancelled() {
@@ -473,6 +480,7 @@ async fn serve_restore(
     stream: UnixStream,
     message: Message,
     pid: Option<i32>,
+    owner: u32,
     slot: Slot,
 ) {
     let spec = &socket.spec;
@@ -495,20 +503,23 @@ async fn serve_restore(
     let keeping = crate::ops::systemd::has_manager();
     let kept = keeping.then(|| kept::Kept {
         vm: spec.vm.clone(),
+        owner,
         snapshot: spec.snapshot.clone(),
         regions: message.regions.clone(),
     });
-    let thread = standby.start(Box::new(move || match prepare(&d, &s.spec, message, pid) {
-        Ok((session, server, end)) => {
-            // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
-            let uffd = keeping.then(|| uffd_dup(&server)).flatten();
-            // Straight to serving: registering and logging are done on the async side.
-            let _ = tx.send(Ok((session, end, uffd)));
-            Some(server)
-        }
-        Err(why) => {
-            let _ = tx.send(Err(why));
-            None
+    let thread = standby.start(Box::new(move || {
+        match prepare(&d, &s.spec, message, pid, owner) {
+            Ok((session, server, end)) => {
+                // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
+                let uffd = keeping.then(|| uffd_dup(&server)).flatten();
+                // Straight to serving: registering and logging are done on the async side.
+                let _ = tx.send(Ok((session, end, uffd)));
+                Some(server)
+            }
+            Err(why) => {
+                let _ = tx.send(Err(why));
+                None
+            }
         }
     }));
     let (session, end, uffd) = match rx.await {
@@ -935,6 +946,7 @@ fn prepare(
     spec: &ListenSpec,
     message: Message,
     pid: Option<i32>,
+    owner: u32,
 ) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
     let uffd = check_fds(message.fds)?;
     let (snapshot, len) =
@@ -956,6 +968,7 @@ fn prepare(
     let (session, server) = daemon
         .new_server(
             spec.vm.clone(),
+            owner,
             regions.layout,
             regions.served,
             Some(snapshot),
