@@ -158,6 +158,18 @@ pub(crate) enum Ending {
     Handover,
 }
 
+/// How a session's store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// A new VM (`register` without `resume`): any store of the name and owner is discarded.
+    Fresh,
+    /// A client's `register` with `resume`: its own store of the name, if it has one.
+    Resume,
+    /// A session faultd kept across its restart (a Firecracker restore), with the owner it
+    /// recorded.
+    Kept,
+}
+
 /// A session being served: its state and its fault thread.
 #[derive(Debug)]
 pub(crate) struct Live {
@@ -316,13 +328,16 @@ impl Daemon {
         crate::engine::store::owner_dir(&self.config.store_dir, owner)
     }
 
-    /// Before `owner` resumes `vm`: finds the store to resume in `owner`'s directory, or says
-    /// why the one there is not `owner`'s to resume. A store of `vm` that an older faultd left
-    /// in `store.dir` itself records no owner: it becomes root's (moved into `store.dir/0`)
+    /// Before `owner` resumes `vm` (`by_peer`: because a client asked; otherwise faultd resumes
+    /// a session it kept, whose owner it recorded itself): finds the store to resume in
+    /// `owner`'s directory, or says why the one there is not `owner`'s to resume. A store of
+    /// `vm` that an older faultd left in `store.dir` itself records no owner: it becomes root's (moved into `store.dir/0`)
     /// when root resumes it, and nobody else may. A store of `vm` that only another uid has
     /// is never served to `owner`: the resume is refused, and nothing of that store changes.
-    /// Without any store of `vm`, the resume goes on with none (as before).
-    fn claim_store(&self, owner: u32, vm: &str) -> Result<(), Refusal> {
+    /// Without any store of `vm`, the resume goes on with none (as before). A kept session is
+    /// never refused for another uid's store: that would let any uid stop it being served
+    /// again by making a store of its name.
+    fn claim_store(&self, owner: u32, vm: &str, by_peer: bool) -> Result<(), Refusal> {
         use crate::engine::store;
         let root = &self.config.store_dir;
         let mine = self.store_dir_of(owner);
@@ -357,6 +372,9 @@ impl Daemon {
                     ),
                 }),
             };
+        }
+        if !by_peer {
+            return Ok(());
         }
         let others = std::fs::read_dir(root).into_iter().flatten().flatten();
         let held_elsewhere = others.into_iter().any(|entry| {
@@ -396,7 +414,7 @@ impl Daemon {
         &self,
         v: Validated,
         owner: u32,
-        resume: bool,
+        open: Opening,
         vmm_pid: Option<i32>,
         remote: Option<crate::kernel::remote::RemoteMm>,
     ) -> Result<Live, Refusal> {
@@ -407,13 +425,14 @@ impl Daemon {
             .map(|r| r.page_size().bytes())
             .max()
             .unwrap_or(4096);
+        let resume = open != Opening::Fresh;
+        if resume {
+            self.claim_store(owner, &v.vm, open == Opening::Resume)?;
+        }
+        let dir = self.store_dir_of(owner);
         // A session of the same name that just ended (its VMM hung up, or reconnects right
         // after a refusal) may still be finishing and hold the store for a moment: wait for it
         // briefly rather than refuse a VMM for a race it cannot see.
-        if resume {
-            self.claim_store(owner, &v.vm)?;
-        }
-        let dir = self.store_dir_of(owner);
         let open = || Store::open(&dir, &v.vm, slot_bytes, resume);
         let waited_until = std::time::Instant::now() + STORE_BUSY_WAIT;
         let mut opened = open();

@@ -17,7 +17,7 @@ use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::{Daemon, Ending};
+use crate::daemon::{Daemon, Ending, Opening};
 use crate::engine::session::Session;
 use crate::engine::{Command, FaultThread};
 use crate::front::validate::{validate, Refusal};
@@ -351,7 +351,12 @@ async fn register(
     // Opening the store and replaying its journal is file I/O: off the reactor.
     let d = daemon.clone();
     let started = tokio::task::spawn_blocking(move || {
-        d.start_session(validated, owner, resume, peer_pid, None)
+        let open = if resume {
+            Opening::Resume
+        } else {
+            Opening::Fresh
+        };
+        d.start_session(validated, owner, open, peer_pid, None)
     })
     .await;
     let live = match started {

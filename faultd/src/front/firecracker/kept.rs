@@ -30,7 +30,7 @@ use tokio::net::UnixStream;
 use super::{
     check_fds, check_regions, open_remote, open_snapshot, peer_pidfd, Mapping, SessionEnd, WireForm,
 };
-use crate::daemon::{Daemon, Ending, Live};
+use crate::daemon::{Daemon, Ending, Live, Opening};
 use crate::ops::systemd;
 
 /// What a kept session's memfd holds.
@@ -279,7 +279,7 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
         snapshot: Some(snapshot),
     };
     let live = daemon
-        .start_session(validated, kept.owner, true, pid, Some(remote))
+        .start_session(validated, kept.owner, Opening::Kept, pid, Some(remote))
         .map_err(|r| NotResumed::Failed(r.message))?;
     daemon.admit(
         &live.session,
