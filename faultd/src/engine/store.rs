@@ -720,6 +720,61 @@ mod tests {
     }
 
     #[test]
+    fn store_files_are_0600_in_a_0700_directory_whatever_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = owner_dir(dir.path(), 1000);
+        std::fs::create_dir(&owner).unwrap();
+        std::fs::set_permissions(&owner, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A pages file an older faultd made under a loose umask.
+        let pages = owner.join("vm.pages");
+        std::fs::write(&pages, b"").unwrap();
+        std::fs::set_permissions(&pages, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let (mut s, _) = Store::open(&owner, "vm", 4096, false).unwrap();
+        s.keep();
+
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&owner), 0o700);
+        assert_eq!(mode(&pages), 0o600);
+        assert_eq!(mode(&owner.join("vm.journal")), 0o600);
+    }
+
+    #[test]
+    fn a_store_is_not_opened_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"not faultd's").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("vm.pages")).unwrap();
+
+        let err = Store::open(dir.path(), "vm", 4096, false).unwrap_err();
+
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"not faultd's");
+    }
+
+    #[test]
+    fn an_older_store_is_moved_whole_and_only_where_there_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            let slot = s.save(&[5; 4096]).unwrap();
+            s.record(Record::Stored { gpa: 0, slot }).unwrap();
+            s.keep();
+        }
+        let root = owner_dir(dir.path(), 0);
+
+        assert!(adopt_legacy(dir.path(), &root, "vm").unwrap());
+        assert!(!adopt_legacy(dir.path(), &root, "vm").unwrap());
+
+        assert!(!exists(dir.path(), "vm"));
+        let (s, records) = Store::open(&root, "vm", 4096, true).unwrap();
+        assert_eq!(records, vec![Record::Stored { gpa: 0, slot: 0 }]);
+        let mut page = [0; 4096];
+        s.load(0, &mut page).unwrap();
+        assert_eq!(page, [5; 4096]);
+    }
+
+    #[test]
     fn one_store_serves_one_session() {
         let dir = tempfile::tempdir().unwrap();
         let (_s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
