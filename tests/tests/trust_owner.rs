@@ -255,3 +255,35 @@ fn a_vm_name_held_by_one_uid_does_not_block_another_uids_vm_of_that_name() {
     assert_eq!(squatter.ask("check 1"), "ok");
     assert_eq!(owner.ask("check 2"), "ok");
 }
+
+#[test]
+fn a_store_left_by_an_older_faultd_is_resumed_by_root_only_and_moved_into_roots_directory() {
+    let mut faultd = Faultd::start(&[]);
+    open_socket(&faultd);
+    let mut vmm = Vmm::start(&faultd, 0);
+    vmm.register("old", false);
+    assert_eq!(vmm.ask("fill 5"), "ok");
+    assert_eq!(vmm.ask("evict"), format!("ok {PAGES} 0 0"));
+    faultd.kill9();
+    // Where an older faultd kept it: store.dir/<vm>.*, no owner recorded.
+    let (store, root) = (faultd.store_dir().to_owned(), faultd.store_dir().join("0"));
+    for f in ["old.pages", "old.journal"] {
+        std::fs::rename(root.join(f), store.join(f)).unwrap();
+    }
+    faultd.restart();
+    open_socket(&faultd);
+    let attacker_dir = store.join(ATTACKER.to_string());
+    let before = files(&store, &attacker_dir);
+    let mut attacker = Vmm::start(&faultd, ATTACKER);
+
+    let claimed = attacker.ask("register old 1");
+
+    assert!(
+        claimed.starts_with("refused forbidden ") && claimed.contains("only root may resume it"),
+        "{claimed}"
+    );
+    assert_eq!(files(&store, &attacker_dir), before);
+    vmm.register("old", true);
+    assert_eq!(vmm.ask("check 5"), "ok", "{}", faultd.log());
+    assert!(root.join("old.journal").exists() && !store.join("old.journal").exists());
+}
