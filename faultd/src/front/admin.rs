@@ -429,6 +429,22 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_name_may_name_its_owner_before_a_slash() {
+        assert_eq!(parse_vm("vm0"), (None, "vm0"));
+        assert_eq!(parse_vm("1000/vm0"), (Some(1000), "vm0"));
+        // Not a uid: kept whole, a name no VM can have (VM names hold no '/').
+        assert_eq!(parse_vm("x/vm0"), (None, "x/vm0"));
+    }
+
+    #[test]
+    fn the_operator_reaches_every_owner_a_user_only_its_own() {
+        assert!(Caller::Operator.reaches(1000));
+        assert!(Caller::User(Some(1000)).reaches(1000));
+        assert!(!Caller::User(Some(1001)).reaches(1000));
+        assert!(!Caller::User(None).reaches(0));
+    }
+
+    #[test]
     fn a_page_aligned_range_inside_a_region_is_accepted() {
         assert_eq!(check_range(&layout(), 0x1000, 0x3000), Ok(()));
         assert_eq!(check_range(&layout(), 4 << 20, 2 << 20), Ok(()));
