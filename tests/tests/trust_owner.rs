@@ -287,3 +287,60 @@ fn a_store_left_by_an_older_faultd_is_resumed_by_root_only_and_moved_into_roots_
     assert_eq!(vmm.ask("check 5"), "ok", "{}", faultd.log());
     assert!(root.join("old.journal").exists() && !store.join("old.journal").exists());
 }
+
+/// Runs `f` on a thread of its own whose effective uid and gid are `uid` (raw setresuid and
+/// setresgid: the kernel keeps credentials per thread, and only the C library makes setuid
+/// process-wide), so what it connects is seen by its peer as `uid` (SO_PEERCRED).
+fn on_a_thread_as<R: Send>(uid: u32, f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let keep = u32::MAX; // -1: leave that id as it is.
+                                 // SAFETY: plain syscalls with integer arguments; they change this thread's
+                                 // credentials only, and the thread ends right after `f`.
+            let (g, u) = unsafe {
+                (
+                    libc::syscall(libc::SYS_setresgid, keep, uid, keep),
+                    libc::syscall(libc::SYS_setresuid, keep, uid, keep),
+                )
+            };
+            assert_eq!((g, u), (0, 0), "{}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[test]
+fn a_firecracker_restore_belongs_to_the_uid_its_socket_admits() {
+    use faultd_client::RamPageSize;
+    use faultd_tests::firecracker::{pattern_snapshot, FcRestore, WireForm};
+    let faultd = Faultd::start(&[]);
+    open_socket(&faultd);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let snapshot = dir.path().join("mem");
+    drop(pattern_snapshot(&snapshot, &[(0, 4 << 20, 0)], 3));
+    let socket = dir.path().join("fc.sock");
+    faultd
+        .listen_firecracker("fc-own", &socket, &snapshot, Some(VICTIM), None)
+        .unwrap();
+    let mut restore = FcRestore::new(&[(4 << 20, 0)], RamPageSize::Size4K).unwrap();
+    on_a_thread_as(VICTIM, || restore.send(&socket, WireForm::Current)).unwrap();
+    let shown = faultd.settled_vm_stats("fc-own", |s| s.len() == 1);
+    assert_eq!(shown.len(), 1, "{}", faultd.log());
+    let mut owner = Vmm::start(&faultd, VICTIM);
+    let mut other = Vmm::start(&faultd, ATTACKER);
+
+    let by_owner = owner.ask("vm_stats fc-own");
+    let by_other = other.ask("vm_stats fc-own");
+    let by_other_named = other.ask(&format!("vm_stats {VICTIM}/fc-own"));
+
+    assert_eq!(by_owner, "ok 1");
+    assert!(by_other.starts_with("refused forbidden "), "{by_other}");
+    assert!(
+        by_other_named.starts_with("refused forbidden "),
+        "{by_other_named}"
+    );
+    restore.hang_up();
+}
