@@ -331,12 +331,12 @@ impl Daemon {
     /// Before `owner` resumes `vm` (`by_peer`: because a client asked; otherwise faultd resumes
     /// a session it kept, whose owner it recorded itself): finds the store to resume in
     /// `owner`'s directory, or says why the one there is not `owner`'s to resume. A store of
-    /// `vm` that an older faultd left in `store.dir` itself records no owner: it becomes root's (moved into `store.dir/0`)
-    /// when root resumes it, and nobody else may. A store of `vm` that only another uid has
-    /// is never served to `owner`: the resume is refused, and nothing of that store changes.
-    /// Without any store of `vm`, the resume goes on with none (as before). A kept session is
-    /// never refused for another uid's store: that would let any uid stop it being served
-    /// again by making a store of its name.
+    /// `vm` that an older faultd left in `store.dir` itself records no owner: it becomes root's
+    /// (moved into `store.dir/0`) when root resumes it, and nobody else may. A store of `vm`
+    /// that only another uid has is never served to `owner`: the resume is refused, and nothing
+    /// of that store changes. Without any store of `vm`, the resume goes on with none (as
+    /// before). A kept session is never refused for another uid's store: that would let any
+    /// uid stop it being served again by making a store of its name.
     fn claim_store(&self, owner: u32, vm: &str, by_peer: bool) -> Result<(), Refusal> {
         use crate::engine::store;
         let root = &self.config.store_dir;
