@@ -3,7 +3,7 @@
 //! registered, and address sessions that other connections own.
 //!
 //! Owns: answering them from the daemon's live sessions, deciding who may reach which session
-//! ([`Caller`]), and checking an operator's eviction before any session sees it. Refuses:
+//! (`Caller`), and checking an operator's eviction before any session sees it. Refuses:
 //! doing the eviction (the session's fault thread does, between faults, through its command
 //! channel, as for the VMM's own `evict`).
 
