@@ -65,7 +65,8 @@ pub enum CtlCommand {
 #[derive(Debug, Clone, clap::Args)]
 #[group(required = true, multiple = false)]
 pub struct Target {
-    /// The VM name its VMM registered with.
+    /// The VM name its VMM registered with: one of your own VMs; root names a VM of another
+    /// uid as UID/NAME (a bare NAME is that name under every uid, for root).
     #[arg(long)]
     vm: Option<String>,
     /// The session id (`faultd ctl sessions` lists them).
@@ -247,10 +248,15 @@ pub enum CtlError {
 
 impl CtlError {
     /// The process exit code for this failure: 3 when faultd is not running (so scripts can
-    /// tell "nothing to ask" from "asked and refused"), 1 otherwise. (2 is clap's, for usage.)
+    /// tell "nothing to ask" from "asked and refused"), 4 when the VM belongs to another user
+    /// (`forbidden`), 1 otherwise. (2 is clap's, for usage.)
     pub fn exit_code(&self) -> u8 {
         match self {
             CtlError::NotRunning { .. } => 3,
+            CtlError::Refused {
+                code: ErrorCode::Forbidden,
+                ..
+            } => 4,
             _ => 1,
         }
     }

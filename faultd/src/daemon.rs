@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use faultd_proto::{ErrorCode, SessionKind, SessionStats};
+use faultd_proto::{ErrorCode, SessionKind};
 use s2map::Layout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -154,7 +154,7 @@ pub struct Daemon {
     /// What each uid and all sessions hold of the [`Limits`].
     quotas: Arc<Mutex<Quotas>>,
     /// VM names whose session is ending, and who waits for them (see [`Daemon::name_free`]).
-    ending: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    ending: Mutex<HashMap<(u32, String), Arc<tokio::sync::Notify>>>,
     /// Control-socket connections open; one permit per connection.
     connections: Arc<tokio::sync::Semaphore>,
     /// Control-socket connections open, by uid.
@@ -282,6 +282,18 @@ pub(crate) enum Ending {
     /// faultd stops, or closed the session, while the VMM lives: outstanding work is finished
     /// and the store kept, for the VMM to register again with `resume`.
     Handover,
+}
+
+/// How a session's store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// A new VM (`register` without `resume`): any store of the name and owner is discarded.
+    Fresh,
+    /// A client's `register` with `resume`: its own store of the name, if it has one.
+    Resume,
+    /// A session faultd kept across its restart (a Firecracker restore), with the owner it
+    /// recorded.
+    Kept,
 }
 
 /// A session being served: its state and its fault thread.
@@ -544,22 +556,27 @@ impl Daemon {
         Ok(())
     }
 
-    /// Whether `vm` is free for a new session, taken by a live one, or being released.
-    pub(crate) fn name_state(&self, vm: &str) -> NameState {
+    /// Whether `owner`'s `vm` is free for a new session, taken by a live one, or being released
+    /// (names are per owner: another uid's VM of the same name is another VM).
+    pub(crate) fn name_state(&self, owner: u32, vm: &str) -> NameState {
         // Ending first: an ending session is still in the session table until it is gone.
-        if let Some(n) = self.ending().get(vm) {
+        if let Some(n) = self.ending().get(&(owner, vm.to_owned())) {
             return NameState::Ending(n.clone());
         }
-        match self.sessions().values().find(|s| s.vm() == vm) {
+        match self
+            .sessions()
+            .values()
+            .find(|s| s.owner() == owner && s.vm() == vm)
+        {
             Some(s) => NameState::Live(s.id()),
             None => NameState::Free,
         }
     }
 
-    /// Waits until `vm` has no session, or refuses: at once if its session is live, after
+    /// Waits until `owner`'s `vm` has no session, or refuses: at once if its session is live, after
     /// at most [`STORE_BUSY_WAIT`] if it is ending. Waiting holds no thread.
-    pub(crate) async fn name_free(&self, vm: &str) -> Result<(), Refusal> {
-        let notify = match self.name_state(vm) {
+    pub(crate) async fn name_free(&self, owner: u32, vm: &str) -> Result<(), Refusal> {
+        let notify = match self.name_state(owner, vm) {
             NameState::Free => return Ok(()),
             NameState::Live(id) => {
                 return Err(self.limit_reached(
@@ -572,7 +589,7 @@ impl Daemon {
         };
         let released = notify.notified();
         // notify_waiters wakes only futures that exist: look again, now that this one does.
-        if !matches!(self.name_state(vm), NameState::Ending(_)) {
+        if !matches!(self.name_state(owner, vm), NameState::Ending(_)) {
             return Ok(());
         }
         match tokio::time::timeout(STORE_BUSY_WAIT, released).await {
@@ -586,20 +603,8 @@ impl Daemon {
         }
     }
 
-    fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Notify>>> {
+    fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, String), Arc<tokio::sync::Notify>>> {
         self.ending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The counters of every live session named `vm`, by session id.
-    pub(crate) fn stats_of(&self, vm: &str) -> Vec<SessionStats> {
-        let mut matching: Vec<Arc<Session>> = self
-            .sessions()
-            .values()
-            .filter(|s| s.vm() == vm)
-            .cloned()
-            .collect();
-        matching.sort_unstable_by_key(|s| s.id());
-        matching.iter().map(|s| s.stats()).collect()
     }
 
     /// Builds the session of a validated VM and the server of its faults (not yet running,
@@ -607,13 +612,14 @@ impl Daemon {
     pub(crate) fn new_server(
         &self,
         vm: String,
+        owner: u32,
         layout: Layout,
         regions: Vec<ServedRegion>,
         snapshot: Option<File>,
         uffd: OwnedFd,
     ) -> std::io::Result<(Arc<Session>, FaultServer<KernelUffd>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let session = Arc::new(Session::new(id, vm, layout, regions, snapshot));
+        let session = Arc::new(Session::new(id, vm, layout, regions, snapshot).owned_by(owner));
         let config = &self.config;
         // The systemd watchdog looks at the uffd through a duplicate (to see faults waiting);
         // without one it judges the thread by its progress alone.
@@ -634,10 +640,78 @@ impl Daemon {
                 malformed_run: config.limits.device_malformed_run,
             },
         )
-        .with_store_dir(config.store_dir.clone())
+        .with_store_dir(self.store_dir_of(owner))
         .with_budget(config.budget, self.resident.clone())
         .with_metrics(self.metrics.session(&label));
         Ok((session, server))
+    }
+
+    /// Where the stores of `owner`'s VMs are: `store.dir/<uid>` (see [`crate::engine::store`]).
+    pub(crate) fn store_dir_of(&self, owner: u32) -> PathBuf {
+        crate::engine::store::owner_dir(&self.config.store_dir, owner)
+    }
+
+    /// Before `owner` resumes `vm` (`by_peer`: because a client asked; otherwise faultd resumes
+    /// a session it kept, whose owner it recorded itself): finds the store to resume in
+    /// `owner`'s directory, or says why the one there is not `owner`'s to resume. A store of
+    /// `vm` that an older faultd left in `store.dir` itself records no owner: it becomes root's
+    /// (moved into `store.dir/0`) when root resumes it, and nobody else may. A store of `vm`
+    /// that only another uid has is never served to `owner`: the resume is refused, and nothing
+    /// of that store changes. Without any store of `vm`, the resume goes on with none (as
+    /// before). A kept session is never refused for another uid's store: that would let any
+    /// uid stop it being served again by making a store of its name.
+    fn claim_store(&self, owner: u32, vm: &str, by_peer: bool) -> Result<(), Refusal> {
+        use crate::engine::store;
+        let root = &self.config.store_dir;
+        let mine = self.store_dir_of(owner);
+        if store::exists(&mine, vm) {
+            return Ok(());
+        }
+        let forbidden = |message: String| Refusal {
+            code: ErrorCode::Forbidden,
+            message,
+        };
+        if store::exists(root, vm) {
+            if owner != 0 {
+                return Err(forbidden(format!(
+                    "vm {vm:?} has no store of uid {owner} to resume; the store {} left by an \
+                     older faultd records no owner, so only root may resume it (an operator \
+                     who knows it is uid {owner}'s moves {vm}.pages and {vm}.journal into {})",
+                    root.display(),
+                    mine.display()
+                )));
+            }
+            return match store::adopt_legacy(root, &mine, vm) {
+                Ok(_) => {
+                    tracing::info!(vm, dir = %mine.display(), "moved an older faultd's store to root's");
+                    Ok(())
+                }
+                Err(e) => Err(Refusal {
+                    code: ErrorCode::Internal,
+                    message: format!(
+                        "moving vm {vm:?}'s store from {} into {}: {e}",
+                        root.display(),
+                        mine.display()
+                    ),
+                }),
+            };
+        }
+        if !by_peer {
+            return Ok(());
+        }
+        let others = std::fs::read_dir(root).into_iter().flatten().flatten();
+        let held_elsewhere = others.into_iter().any(|entry| {
+            let name = entry.file_name();
+            let other = name.to_str().and_then(|n| n.parse::<u32>().ok());
+            other.is_some_and(|uid| uid != owner) && store::exists(&entry.path(), vm)
+        });
+        if held_elsewhere {
+            return Err(forbidden(format!(
+                "vm {vm:?} has no store of uid {owner} to resume: the store of that name belongs \
+                 to another user, and a VM's store is served only to the uid that created it"
+            )));
+        }
+        Ok(())
     }
 
     /// Makes a served session known (stats, watchdog, the session limit).
@@ -656,10 +730,14 @@ impl Daemon {
     /// are served from the moment this returns. The VM's store is opened first: afresh, or
     /// with `resume` the one a previous faultd left (see [`crate::engine::store`]); either way a VM
     /// name has one live session at a time, because its store is locked.
+    ///
+    /// The VM is `owner`'s (the uid of its VMM, SO_PEERCRED): its name is looked up, and its
+    /// store kept, among `owner`'s VMs only (see [`Daemon::claim_store`]).
     pub(crate) fn start_session(
         &self,
         v: Validated,
-        resume: bool,
+        owner: u32,
+        open: Opening,
         vmm_pid: Option<i32>,
         remote: Option<crate::kernel::remote::RemoteMm>,
     ) -> Result<Live, Refusal> {
@@ -670,10 +748,15 @@ impl Daemon {
             .map(|r| r.page_size().bytes())
             .max()
             .unwrap_or(4096);
-        // One live session per name: a registration waits for an ending one before this
-        // (asynchronously, see [`Daemon::name_free`]), so a busy store here is a live one or
-        // a race with another registration: refused at once, holding no thread.
-        let opened = Store::open(&self.config.store_dir, &v.vm, slot_bytes, resume);
+        let resume = open != Opening::Fresh;
+        if resume {
+            self.claim_store(owner, &v.vm, open == Opening::Resume)?;
+        }
+        let dir = self.store_dir_of(owner);
+        // One live session per owner and name: a registration waits for an ending one before
+        // this (asynchronously, see [`Daemon::name_free`]), so a busy store here is a live one
+        // or a race with another registration: refused at once, holding no thread.
+        let opened = Store::open(&dir, &v.vm, slot_bytes, resume);
         let (store, records) = opened.map_err(|e| {
             let code = match e {
                 StoreError::Busy { .. } => ErrorCode::Busy,
@@ -690,7 +773,7 @@ impl Daemon {
             message: format!("starting fault service: {e}"),
         };
         let (session, server) = self
-            .new_server(v.vm, v.layout, v.regions, v.snapshot, v.uffd)
+            .new_server(v.vm, owner, v.layout, v.regions, v.snapshot, v.uffd)
             .map_err(internal)?;
         // Anonymous memory is reached from outside (resume reads its pagemap).
         if let Some(mm) = remote {
@@ -709,7 +792,7 @@ impl Daemon {
         // From here the name is ending, not live: a registration for it waits for the store.
         let released = Arc::new(tokio::sync::Notify::new());
         self.ending()
-            .insert(session.vm().to_owned(), released.clone());
+            .insert((session.owner(), session.vm().to_owned()), released.clone());
         let drain = self.config.device_deadline;
         // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
         // never on the reactor, which serves every other session's control requests.
@@ -727,7 +810,8 @@ impl Daemon {
                 self.metrics.release(&label, &session.sample().totals);
             }
             // The thread has stopped and dropped the store: the name is free.
-            self.ending().remove(session.vm());
+            self.ending()
+                .remove(&(session.owner(), session.vm().to_owned()));
             released.notify_waiters();
         }
         let stats = session.stats();

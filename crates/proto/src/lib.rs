@@ -635,6 +635,9 @@ pub enum ErrorCode {
     BadRequest,
     /// faultd failed for a reason of its own.
     Internal,
+    /// The VM (its session or its store) belongs to another user: a VM and its store are the
+    /// uid's that created them (SO_PEERCRED), and only it, or root, may reach them.
+    Forbidden,
 }
 
 /// Failure to encode or decode a message.

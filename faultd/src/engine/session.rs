@@ -357,6 +357,9 @@ impl Watch {
 pub struct Session {
     id: u64,
     vm: String,
+    /// The uid of the peer that created the session (SO_PEERCRED): the VM and its store are
+    /// its (0, the operator's, unless set).
+    owner: u32,
     map: Mutex<S2Map<Waiter>>,
     /// A copy of the (immutable) layout, so locating a fault takes no lock.
     layout: Layout,
@@ -428,6 +431,7 @@ impl Session {
         Session {
             id,
             vm,
+            owner: 0,
             map: Mutex::new(S2Map::new(layout.clone())),
             layout,
             regions,
@@ -441,6 +445,17 @@ impl Session {
             device_ids: Mutex::new(Vec::new()),
             remote: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The session as owned by `uid` (see [`Session::owner`]).
+    pub fn owned_by(mut self, uid: u32) -> Session {
+        self.owner = uid;
+        self
+    }
+
+    /// The uid the VM and its store belong to.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// Gives an anonymous-memory session the VMM's memory as reached from outside (once; a

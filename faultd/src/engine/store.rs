@@ -1,7 +1,8 @@
 //! faultd's swap store: where evicted guest pages go, and the journal that lets a restarted
 //! faultd find them again.
 //!
-//! One store per VM name under `store.dir`: `<vm>.pages`, fixed-size slots (the VM's largest
+//! One store per VM under a directory of its owner (`store.dir/<uid>/`, see
+//! [`owner_dir`]): `<vm>.pages`, fixed-size slots (the VM's largest
 //! page size) allocated from a free list, so freed slots are reused and the file grows only to
 //! the high-water mark of evicted pages; and `<vm>.journal`, an append-only log of where each
 //! absent page's contents are. Which page lives in which slot is s2map's `stored` map (pure
@@ -41,6 +42,43 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of a store file: guest memory, for faultd alone (whatever the umask).
+const FILE_MODE: u32 = 0o600;
+/// Mode of an owner's store directory.
+const DIR_MODE: u32 = 0o700;
+
+/// The directory of the stores of VMs owned by `uid` (their VMM's uid, from SO_PEERCRED):
+/// `dir/<uid>`. A VM name is one owner's: the same name under two uids is two VMs with two
+/// stores, and no request of one uid reaches another's.
+pub fn owner_dir(dir: &Path, uid: u32) -> PathBuf {
+    dir.join(uid.to_string())
+}
+
+/// Whether `dir` holds a store of `vm` (its journal: a store is created with both files).
+pub fn exists(dir: &Path, vm: &str) -> bool {
+    std::fs::symlink_metadata(dir.join(format!("{vm}.journal"))).is_ok_and(|m| m.is_file())
+}
+
+/// Moves the store of `vm` from `from` into `to` (which [`Store::open`] makes private):
+/// both files, renamed, so it is the same store. Nothing is moved unless `from` has a store
+/// of `vm` and `to` has none.
+pub fn adopt_legacy(from: &Path, to: &Path, vm: &str) -> io::Result<bool> {
+    if !exists(from, vm) || exists(to, vm) {
+        return Ok(false);
+    }
+    private_dir(to).map_err(io::Error::other)?;
+    for ext in ["pages", "journal"] {
+        let name = format!("{vm}.{ext}");
+        match std::fs::rename(from.join(&name), to.join(&name)) {
+            Ok(()) => {}
+            // A store whose pages file never came to be has a journal alone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && ext == "pages" => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
 
 /// A fact about an absent page, as the journal keeps it. Pages are named by guest physical
 /// address, so a VMM that registers the same layout again finds them.
@@ -169,10 +207,6 @@ const KIND_STORED: u32 = 1;
 const KIND_ZERO: u32 = 2;
 /// Records appended before a compaction is considered at all.
 const COMPACT_MIN: u64 = 4096;
-/// Mode of `store.dir`.
-const DIR_MODE: u32 = 0o700;
-/// Mode of every file in it.
-const FILE_MODE: u32 = 0o600;
 
 impl Store {
     /// Opens the store of VM `vm` in `dir` with slots of `slot_bytes`.
@@ -730,6 +764,61 @@ mod tests {
         }
         let err = Store::open(dir.path(), "vm", 2 << 20, true).unwrap_err();
         assert!(err.to_string().contains("slots of 4096 bytes"), "{err}");
+    }
+
+    #[test]
+    fn store_files_are_0600_in_a_0700_directory_whatever_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = owner_dir(dir.path(), 1000);
+        std::fs::create_dir(&owner).unwrap();
+        std::fs::set_permissions(&owner, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A pages file an older faultd made under a loose umask.
+        let pages = owner.join("vm.pages");
+        std::fs::write(&pages, b"").unwrap();
+        std::fs::set_permissions(&pages, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let (mut s, _) = Store::open(&owner, "vm", 4096, false).unwrap();
+        s.keep();
+
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&owner), 0o700);
+        assert_eq!(mode(&pages), 0o600);
+        assert_eq!(mode(&owner.join("vm.journal")), 0o600);
+    }
+
+    #[test]
+    fn a_store_is_not_opened_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"not faultd's").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("vm.pages")).unwrap();
+
+        let err = Store::open(dir.path(), "vm", 4096, false).unwrap_err();
+
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"not faultd's");
+    }
+
+    #[test]
+    fn an_older_store_is_moved_whole_and_only_where_there_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(dir.path(), "vm", 4096, false).unwrap();
+            let slot = s.save(&[5; 4096]).unwrap();
+            s.record(Record::Stored { gpa: 0, slot }).unwrap();
+            s.keep();
+        }
+        let root = owner_dir(dir.path(), 0);
+
+        assert!(adopt_legacy(dir.path(), &root, "vm").unwrap());
+        assert!(!adopt_legacy(dir.path(), &root, "vm").unwrap());
+
+        assert!(!exists(dir.path(), "vm"));
+        let (s, records) = Store::open(&root, "vm", 4096, true).unwrap();
+        assert_eq!(records, vec![Record::Stored { gpa: 0, slot: 0 }]);
+        let mut page = [0; 4096];
+        s.load(0, &mut page).unwrap();
+        assert_eq!(page, [5; 4096]);
     }
 
     #[test]

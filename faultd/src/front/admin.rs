@@ -2,9 +2,10 @@
 //! `evict_session` (what `faultd ctl` sends). They come from a connection that has not
 //! registered, and address sessions that other connections own.
 //!
-//! Owns: answering them from the daemon's live sessions, and checking an operator's eviction
-//! before any session sees it. Refuses: doing the eviction (the session's fault thread does,
-//! between faults, through its command channel, as for the VMM's own `evict`).
+//! Owns: answering them from the daemon's live sessions, deciding who may reach which session
+//! (`Caller`), and checking an operator's eviction before any session sees it. Refuses:
+//! doing the eviction (the session's fault thread does, between faults, through its command
+//! channel, as for the VMM's own `evict`).
 
 use faultd_proto::{
     BudgetStatus, DaemonStatus, ErrorCode, EvictAmount, ListenerStatus, Response, SessionDetail,
@@ -19,6 +20,102 @@ use crate::front::validate::Refusal;
 
 fn refusal(code: ErrorCode, message: String) -> Refusal {
     Refusal { code, message }
+}
+
+/// Who asks, as the kernel told it (SO_PEERCRED). A VM, its sessions and its store belong to
+/// the uid that created them: that uid reaches its own VMs, the operator (root, or faultd's own
+/// uid) every VM, and nobody else any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// Root or faultd's uid.
+    Operator,
+    /// Any other uid (None: the kernel did not say, so it owns nothing).
+    User(Option<u32>),
+}
+
+impl Caller {
+    /// The caller of a connection with credentials `cred`.
+    pub(crate) fn of(cred: Option<&tokio_seqpacket::UCred>) -> Caller {
+        let me = nix::unistd::geteuid().as_raw();
+        match cred.map(|c| c.uid()) {
+            Some(uid) if uid == 0 || uid == me => Caller::Operator,
+            uid => Caller::User(uid),
+        }
+    }
+
+    /// Whether the caller may reach a VM of `owner`.
+    fn reaches(self, owner: u32) -> bool {
+        match self {
+            Caller::Operator => true,
+            Caller::User(uid) => uid == Some(owner),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Caller::Operator => "the operator".into(),
+            Caller::User(Some(uid)) => format!("uid {uid}"),
+            Caller::User(None) => "a client of unknown uid".into(),
+        }
+    }
+}
+
+/// A VM name as an operator request gives it: `vm` (the caller's own VM of that name; for the
+/// operator, that name under every uid) or `uid/vm` (the VM of that uid). VM names never hold
+/// a `/`, so the two cannot be confused.
+fn parse_vm(name: &str) -> (Option<u32>, &str) {
+    match name.split_once('/') {
+        Some((uid, vm)) => match uid.parse::<u32>() {
+            Ok(uid) => (Some(uid), vm),
+            // Not a uid: a name no VM has (refused as unknown).
+            Err(_) => (None, name),
+        },
+        None => (None, name),
+    }
+}
+
+fn forbidden(caller: Caller, what: String, owner: Option<u32>) -> Refusal {
+    let whose = owner.map_or_else(|| "another user".into(), |o| format!("uid {o}"));
+    refusal(
+        ErrorCode::Forbidden,
+        format!(
+            "{what} belongs to {whose}, not to {}: a VM and its store are reached only by the \
+             uid that created it, or by root",
+            caller.describe()
+        ),
+    )
+}
+
+/// The live sessions (admitted or not) named `name` (see [`parse_vm`]) that `caller` may
+/// reach; refused `forbidden` when the name is only another user's.
+fn named(
+    daemon: &Daemon,
+    name: &str,
+    caller: Caller,
+) -> Result<Vec<std::sync::Arc<crate::engine::session::Session>>, Refusal> {
+    let (uid, vm) = parse_vm(name);
+    if let Some(uid) = uid.filter(|&u| !caller.reaches(u)) {
+        return Err(forbidden(caller, format!("vm {vm:?}"), Some(uid)));
+    }
+    let mut all = daemon.live_sessions();
+    all.retain(|s| s.vm() == vm && uid.is_none_or(|u| s.owner() == u));
+    all.sort_unstable_by_key(|s| s.id());
+    let (mine, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|s| caller.reaches(s.owner()));
+    if mine.is_empty() && !others.is_empty() {
+        // Which user is not said: another user's VM names are none of the caller's business.
+        return Err(forbidden(caller, format!("vm {vm:?}"), None));
+    }
+    Ok(mine)
+}
+
+/// The counters of every live session named `name` that `caller` may see, by session id
+/// (none is an empty answer, as before; a name only another user has is refused).
+pub(crate) fn vm_stats(daemon: &Daemon, name: String, caller: Caller) -> Result<Response, Refusal> {
+    let sessions = named(daemon, &name, caller)?
+        .iter()
+        .map(|s| s.stats())
+        .collect();
+    Ok(Response::VmStats { vm: name, sessions })
 }
 
 /// Daemon-wide figures.
@@ -60,9 +157,11 @@ pub(crate) fn status(daemon: &Daemon) -> Response {
 }
 
 /// One row per live session with an id above `after`, at most [`MAX_SESSION_ROWS`].
-pub(crate) fn sessions(daemon: &Daemon, after: Option<u64>) -> Response {
+/// A caller that is not the operator sees its own sessions only.
+pub(crate) fn sessions(daemon: &Daemon, after: Option<u64>, caller: Caller) -> Response {
     let mut served = daemon.served();
-    served.retain(|s| after.is_none_or(|a| s.session.id() > a));
+    served
+        .retain(|s| after.is_none_or(|a| s.session.id() > a) && caller.reaches(s.session.owner()));
     let more = served.len() > MAX_SESSION_ROWS;
     let sessions = served
         .iter()
@@ -88,13 +187,32 @@ pub(crate) fn sessions(daemon: &Daemon, after: Option<u64>) -> Response {
     Response::Sessions { sessions, more }
 }
 
-/// The live sessions `target` names, by id; refused when there is none.
-fn find(daemon: &Daemon, target: &SessionRef) -> Result<Vec<Served>, Refusal> {
+/// The live sessions `target` names, by id; refused when there is none, and `forbidden` when
+/// they are not `caller`'s.
+fn find(daemon: &Daemon, target: &SessionRef, caller: Caller) -> Result<Vec<Served>, Refusal> {
     let mut served = daemon.served();
-    served.retain(|s| match target {
-        SessionRef::Vm(vm) => s.session.vm() == vm,
-        SessionRef::Session(id) => s.session.id() == *id,
-    });
+    match target {
+        SessionRef::Vm(name) => {
+            let ids: Vec<u64> = named(daemon, name, caller)?
+                .iter()
+                .map(|s| s.id())
+                .collect();
+            served.retain(|s| ids.contains(&s.session.id()));
+        }
+        SessionRef::Session(id) => {
+            served.retain(|s| s.session.id() == *id);
+            if let Some(s) = served
+                .first()
+                .filter(|s| !caller.reaches(s.session.owner()))
+            {
+                return Err(forbidden(
+                    caller,
+                    format!("session {id} (vm {:?})", s.session.vm()),
+                    Some(s.session.owner()),
+                ));
+            }
+        }
+    }
     if served.is_empty() {
         let what = match target {
             SessionRef::Vm(vm) => format!("no live session of vm {vm:?}"),
@@ -106,8 +224,12 @@ fn find(daemon: &Daemon, target: &SessionRef) -> Result<Vec<Served>, Refusal> {
 }
 
 /// The counters of the sessions `target` names.
-pub(crate) fn detail(daemon: &Daemon, target: &SessionRef) -> Result<Response, Refusal> {
-    let found = find(daemon, target)?;
+pub(crate) fn detail(
+    daemon: &Daemon,
+    target: &SessionRef,
+    caller: Caller,
+) -> Result<Response, Refusal> {
+    let found = find(daemon, target, caller)?;
     let omitted = found.len().saturating_sub(MAX_DETAIL_SESSIONS) as u64;
     let sessions = found
         .iter()
@@ -130,22 +252,11 @@ pub(crate) async fn evict(
     amount: EvictAmount,
     cred: Option<&tokio_seqpacket::UCred>,
 ) -> Result<Response, Refusal> {
-    // Eviction changes a VM's memory: only root or faultd's own user may ask, as for
-    // firecracker_listen (the socket's group is VMMs, which must not evict each other).
-    let me = nix::unistd::geteuid().as_raw();
-    match cred.map(|c| c.uid()) {
-        Some(uid) if uid == 0 || uid == me => {}
-        other => {
-            return Err(refusal(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "evict_session needs root or faultd's uid {me}; the client's uid is {}",
-                    other.map_or_else(|| "unknown".into(), |u| u.to_string())
-                ),
-            ))
-        }
-    }
-    let mut found = find(daemon, target)?;
+    // Eviction changes a VM's memory: the operator may evict any VM, a VM's owner its own,
+    // nobody else any (the socket's group is VMMs of many users, which must not evict each
+    // other's).
+    let caller = Caller::of(cred);
+    let mut found = find(daemon, target, caller)?;
     if found.len() > 1 {
         let ids: Vec<String> = found.iter().map(|s| s.session.id().to_string()).collect();
         return Err(refusal(
@@ -316,6 +427,22 @@ mod tests {
             },
         ])
         .unwrap()
+    }
+
+    #[test]
+    fn a_vm_name_may_name_its_owner_before_a_slash() {
+        assert_eq!(parse_vm("vm0"), (None, "vm0"));
+        assert_eq!(parse_vm("1000/vm0"), (Some(1000), "vm0"));
+        // Not a uid: kept whole, a name no VM can have (VM names hold no '/').
+        assert_eq!(parse_vm("x/vm0"), (None, "x/vm0"));
+    }
+
+    #[test]
+    fn the_operator_reaches_every_owner_a_user_only_its_own() {
+        assert!(Caller::Operator.reaches(1000));
+        assert!(Caller::User(Some(1000)).reaches(1000));
+        assert!(!Caller::User(Some(1001)).reaches(1000));
+        assert!(!Caller::User(None).reaches(0));
     }
 
     #[test]

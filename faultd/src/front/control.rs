@@ -17,7 +17,7 @@ use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::{Daemon, Ending};
+use crate::daemon::{Daemon, Ending, Opening};
 use crate::engine::session::Session;
 use crate::engine::{Command, FaultThread};
 use crate::front::validate::{handed_files, validate, Refusal};
@@ -358,17 +358,15 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             )
             .await;
         }
+        let caller = crate::front::admin::Caller::of(cred.as_ref());
         let answer = match admin {
-            Admin::VmStats(vm) => Ok(Response::VmStats {
-                sessions: daemon.stats_of(&vm),
-                vm,
-            }),
+            Admin::VmStats(vm) => crate::front::admin::vm_stats(&daemon, vm, caller),
             Admin::Listen(listen) => {
                 crate::front::firecracker::listen_request(&daemon, listen, cred.as_ref()).await
             }
             Admin::Status => Ok(crate::front::admin::status(&daemon)),
-            Admin::Sessions(after) => Ok(crate::front::admin::sessions(&daemon, after)),
-            Admin::Detail(target) => crate::front::admin::detail(&daemon, &target),
+            Admin::Sessions(after) => Ok(crate::front::admin::sessions(&daemon, after, caller)),
+            Admin::Detail(target) => crate::front::admin::detail(&daemon, &target, caller),
             Admin::Evict(target, amount) => {
                 crate::front::admin::evict(&daemon, &target, amount, cred.as_ref()).await
             }
@@ -460,6 +458,8 @@ async fn register(
     daemon: Arc<Daemon>,
     cancel: CancellationToken,
 ) {
+    // The VM and its store will be this uid's (names are per owner).
+    let owner = peer.uid;
     if let Some(why) = daemon.session_limit_reached() {
         return refuse(&daemon, &conn, ErrorCode::Busy, why).await;
     }
@@ -479,9 +479,9 @@ async fn register(
         Ok(a) => a,
         Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
     };
-    // A name has one session at a time: refused at once while it is live; an ending one is
+    // An owner's VM name has one session at a time: refused at once while it is live; an ending one is
     // waited for, briefly and without a thread.
-    if let Err(Refusal { code, message }) = daemon.name_free(&reg.vm).await {
+    if let Err(Refusal { code, message }) = daemon.name_free(owner, &reg.vm).await {
         return refuse(&daemon, &conn, code, message).await;
     }
     // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
@@ -511,9 +511,15 @@ async fn register(
     };
     // Opening the store and replaying its journal is file I/O: off the reactor.
     let d = daemon.clone();
-    let started =
-        tokio::task::spawn_blocking(move || d.start_session(validated, resume, peer_pid, None))
-            .await;
+    let started = tokio::task::spawn_blocking(move || {
+        let open = if resume {
+            Opening::Resume
+        } else {
+            Opening::Fresh
+        };
+        d.start_session(validated, owner, open, peer_pid, None)
+    })
+    .await;
     let live = match started {
         Ok(Ok(live)) => live,
         Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,

@@ -29,7 +29,7 @@ use tokio::net::UnixStream;
 
 use super::paths::open_snapshot;
 use super::{check_fds, check_regions, open_remote, peer_pidfd, Mapping, SessionEnd, WireForm};
-use crate::daemon::{Daemon, Ending, Live};
+use crate::daemon::{Daemon, Ending, Live, Opening};
 use crate::ops::systemd;
 
 /// What a kept session's memfd holds.
@@ -37,6 +37,9 @@ use crate::ops::systemd;
 pub(super) struct Kept {
     /// The VM (its store, its sessions' name).
     pub vm: String,
+    /// The uid the VM and its store belong to (0, the operator, in what an older faultd kept).
+    #[serde(default)]
+    pub owner: u32,
     /// The memory snapshot file.
     pub snapshot: PathBuf,
     /// Firecracker's regions, as it sent them.
@@ -159,12 +162,12 @@ async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
         .unwrap_or_else(|e| Err(format!("preparing it panicked: {e}").into()));
     let (live, conn, end, vm) = match prepared {
         Ok(p) => p,
-        Err(NotResumed::Gone(vm)) => {
+        Err(NotResumed::Gone(vm, owner)) => {
             // Firecracker exited while faultd was down: its pages have nobody to come back
             // for them (a store opened afresh and dropped removes its files).
             tracing::info!(vm, "a kept Firecracker VM ended while faultd was down");
             drop(crate::engine::store::Store::open(
-                &daemon.config.store_dir,
+                &daemon.store_dir_of(owner),
                 &vm,
                 4096,
                 false,
@@ -196,8 +199,8 @@ type Resumed = (Live, UnixStream, SessionEnd, String);
 
 /// Why a kept session is not served again.
 enum NotResumed {
-    /// Its VM (this one) ended while faultd was down.
-    Gone(String),
+    /// Its VM (this one, of this owner) ended while faultd was down.
+    Gone(String, u32),
     /// Something else, said.
     Failed(String),
 }
@@ -256,7 +259,7 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
     // Firecracker's pidfd: to tell whether it is gone, then to reach its memory.
     let pidfd = peer_pidfd(&conn);
     if peer_gone(&conn, regions.form, pidfd.as_ref().ok()) {
-        return Err(NotResumed::Gone(kept.vm));
+        return Err(NotResumed::Gone(kept.vm, kept.owner));
     }
     conn.set_nonblocking(true)
         .map_err(|e| format!("the kept connection: {e}"))?;
@@ -281,7 +284,7 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
         snapshot: Some(snapshot),
     };
     let live = daemon
-        .start_session(validated, true, pid, Some(remote))
+        .start_session(validated, kept.owner, Opening::Kept, pid, Some(remote))
         .map_err(|r| NotResumed::Failed(r.message))?;
     daemon.admit(
         &live.session,
@@ -324,6 +327,7 @@ mod tests {
     fn the_kept_description_round_trips_firecrackers_regions_as_sent() {
         let kept = Kept {
             vm: "fc0".into(),
+            owner: 1000,
             snapshot: "/srv/fc0/mem".into(),
             regions: vec![Mapping {
                 base_host_virt_addr: 0x7f00_0000_0000,
@@ -335,6 +339,7 @@ mod tests {
         };
         let back: Kept = serde_json::from_slice(&serde_json::to_vec(&kept).unwrap()).unwrap();
         assert_eq!(back.vm, kept.vm);
+        assert_eq!(back.owner, kept.owner);
         assert_eq!(back.snapshot, kept.snapshot);
         assert_eq!(back.regions, kept.regions);
     }

@@ -472,7 +472,14 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
     };
     // The slot is given back before the connection closes: a peer that sees it closed and
     // connects again must find the socket free.
-    serve_restore(&daemon, &socket, stream, message, pid, slot).await;
+    // The VM and its store are the uid's the socket admits (its rule's uid, or the uid of its
+    // rule's process), or the operator's (0) on a socket of faultd's own.
+    let owner = match (spec.peer.uid, spec.peer.pid) {
+        (Some(rule_uid), _) => rule_uid,
+        (None, Some(_)) => uid,
+        (None, None) => 0,
+    };
+    serve_restore(&daemon, &socket, stream, message, pid, owner, slot).await;
     // The next restore may connect as soon as this one is over (it makes its own thread if
     // it comes before the refill below is done).
     if !daemon.cancel.is_cancelled() {
@@ -489,6 +496,7 @@ async fn serve_restore(
     stream: UnixStream,
     message: Message,
     pid: Option<i32>,
+    owner: u32,
     slot: Slot,
 ) {
     let spec = &socket.spec;
@@ -511,10 +519,11 @@ async fn serve_restore(
     let keeping = crate::ops::systemd::has_manager();
     let kept = keeping.then(|| kept::Kept {
         vm: spec.vm.clone(),
+        owner,
         snapshot: spec.snapshot.clone(),
         regions: message.regions.clone(),
     });
-    let thread = standby.start(Box::new(move || match prepare(&d, &s, message, pid) {
+    let thread = standby.start(Box::new(move || match prepare(&d, &s, message, pid, owner) {
         Ok((session, server, end)) => {
             // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
             let uffd = keeping.then(|| uffd_dup(&server)).flatten();
@@ -958,6 +967,7 @@ fn prepare(
     socket: &Socket,
     message: Message,
     pid: Option<i32>,
+    owner: u32,
 ) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
     let spec = &socket.spec;
     let uffd = check_fds(message.fds)?;
@@ -983,6 +993,7 @@ fn prepare(
     let (session, server) = daemon
         .new_server(
             spec.vm.clone(),
+            owner,
             regions.layout,
             regions.served,
             Some(snapshot),
