@@ -603,7 +603,9 @@ impl Daemon {
         }
     }
 
-    fn ending(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, String), Arc<tokio::sync::Notify>>> {
+    fn ending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(u32, String), Arc<tokio::sync::Notify>>> {
         self.ending.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -523,17 +523,19 @@ async fn serve_restore(
         snapshot: spec.snapshot.clone(),
         regions: message.regions.clone(),
     });
-    let thread = standby.start(Box::new(move || match prepare(&d, &s, message, pid, owner) {
-        Ok((session, server, end)) => {
-            // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
-            let uffd = keeping.then(|| uffd_dup(&server)).flatten();
-            // Straight to serving: registering and logging are done on the async side.
-            let _ = tx.send(Ok((session, end, uffd)));
-            Some(server)
-        }
-        Err(why) => {
-            let _ = tx.send(Err(why));
-            None
+    let thread = standby.start(Box::new(move || {
+        match prepare(&d, &s, message, pid, owner) {
+            Ok((session, server, end)) => {
+                // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
+                let uffd = keeping.then(|| uffd_dup(&server)).flatten();
+                // Straight to serving: registering and logging are done on the async side.
+                let _ = tx.send(Ok((session, end, uffd)));
+                Some(server)
+            }
+            Err(why) => {
+                let _ = tx.send(Err(why));
+                None
+            }
         }
     }));
     let (session, end, uffd) = match rx.await {
