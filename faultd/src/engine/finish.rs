@@ -9,7 +9,7 @@ use super::{FaultServer, InstallFail};
 use crate::kernel::uffd::UffdOps;
 use s2map::{Begin, Fill, PageIdx, PageRef, PageState, RegionIdx};
 
-/// What [`FaultServer::finish`] did.
+/// What the session's `finish` (`FaultServer::finish`, in this file) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FinishReport {
     /// Pages filled from the snapshot file or the store.
