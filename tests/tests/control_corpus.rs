@@ -18,7 +18,7 @@ use faultd_tests::Faultd;
 enum Answer {
     /// Refuse it with this code and close the connection.
     Refused(ErrorCode),
-    /// Close the connection without an answer (a zero-length packet reads as a hang-up).
+    /// Close the connection without an answer.
     HangsUp,
     /// Nothing reaches faultd: the kernel refuses to send a packet that large (EMSGSIZE).
     NotSent,
@@ -28,7 +28,7 @@ enum Answer {
 
 /// Every corpus file, the fds it is sent with, and faultd's answer.
 const CORPUS: &[(&str, usize, Answer)] = &[
-    ("empty.bin", 0, Answer::HangsUp),
+    ("empty.bin", 0, Answer::Refused(ErrorCode::Malformed)),
     (
         "whitespace-only.json",
         0,
@@ -173,9 +173,6 @@ const CORPUS: &[(&str, usize, Answer)] = &[
     ("defaults-spelled-out.json", 0, Answer::Answered),
 ];
 
-/// Packets whose answer faultd does not give yet (see `more_than_64_fds_are_refused_as_oversize`).
-const NOT_YET: &[&str] = &["register-65-fds.json"];
-
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/proto/tests/corpus/control")
 }
@@ -216,7 +213,7 @@ fn every_control_corpus_packet_is_answered_as_recorded() {
     let faultd = Faultd::start(&[]);
     let null = File::open("/dev/null").unwrap();
 
-    for (file, fds, want) in CORPUS.iter().filter(|(f, ..)| !NOT_YET.contains(f)) {
+    for (file, fds, want) in CORPUS {
         let got = send(&faultd, file, *fds, null.as_fd());
 
         assert_eq!(got, *want, "{file} with {fds} fds");
@@ -229,11 +226,9 @@ fn every_control_corpus_packet_is_answered_as_recorded() {
     );
 }
 
-/// docs/protocol.md: at most 64 fds per message, a packet with more is refused `oversize`.
-/// control.rs's receive buffer for fds has room for 76 (64 + MAX_FDS * 4 bytes, 16 of them a
-/// header), and only a truncated one is refused: 65..=76 fds go through to validation.
+/// docs/protocol.md: at most 64 fds per message, a packet with more is refused `oversize`
+/// (faultd receives up to the kernel's 253 and counts them; it once let 65..=76 through).
 #[test]
-#[ignore = "faultd takes 65..=76 fds per packet; the fix (count them) belongs in control.rs"]
 fn more_than_64_fds_are_refused_as_oversize() {
     let faultd = Faultd::start(&[]);
     let null = File::open("/dev/null").unwrap();
