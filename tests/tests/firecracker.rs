@@ -4,7 +4,7 @@
 //! its own thread touching pages during the load, a real KVM guest after it.
 
 use std::collections::BTreeSet;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -386,6 +386,11 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
     };
     let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
     let uffd = bad.uffd.as_fd();
+    // SAFETY: the userfaultfd syscall takes flags only; the result is checked below.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert!(raw >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd this process owns.
+    let no_api = unsafe { OwnedFd::from_raw_fd(raw as i32) };
     // What is wrong, the bytes, the fds, and what faultd's log line must say.
     let cases: Vec<(&str, String, Vec<std::os::fd::BorrowedFd<'_>>, &str)> = vec![
         (
@@ -401,6 +406,12 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
             "not an array of GuestRegionUffdMapping",
         ),
         ("no fd", good_json.clone(), vec![], "no fd attached"),
+        (
+            "a uffd without UFFDIO_API",
+            good_json.clone(),
+            vec![no_api.as_fd()],
+            "has not completed UFFDIO_API",
+        ),
         (
             "a pipe instead of the uffd",
             good_json.clone(),

@@ -979,6 +979,19 @@ fn prepare(
         .try_clone()
         .map_err(|e| format!("duplicating the snapshot file's fd: {e}"))?;
     let regions = check_regions(&message.regions, len)?;
+    // A uffd without UFFDIO_API fails every copy: the restore would hang at its first fault.
+    let probe = regions.served.first().map(|r| r.hva).ok_or("no regions")?;
+    match crate::kernel::uffd::api_handshake_done(uffd.as_fd(), probe) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(
+                "the userfaultfd has not completed UFFDIO_API: every page faultd \
+                        installed would fail and every fault would block"
+                    .into(),
+            )
+        }
+        Err(e) => return Err(format!("probing the userfaultfd's API handshake: {e}")),
+    }
     let end = match regions.form {
         WireForm::Current => SessionEnd::HangUp,
         WireForm::Legacy => {
