@@ -58,20 +58,31 @@ fn the_store_directory_is_0700_and_its_pages_journal_and_compacted_journal_0600_
 
     let (first, _, failed) = session.evict(0, PAGE, None).unwrap();
     assert_eq!((first, failed), (1, 0), "{}", faultd.log());
-    let journal = faultd.store_dir().join("vm-files.journal");
+    // The store is the VM owner's: store.dir/<uid>/ (this test's VMM is root).
+    let owner_dir = faultd.store_dir().join("0");
+    let journal = owner_dir.join("vm-files.journal");
     let before = std::fs::metadata(&journal).unwrap().ino();
     let (rest, _, failed) = session.evict(0, SIZE, None).unwrap();
     assert_eq!((rest, failed), (pages - 1, 0), "{}", faultd.log());
 
     let after = std::fs::metadata(&journal).unwrap().ino();
     assert_ne!(before, after, "the journal was not compacted");
-    let dir = std::fs::metadata(faultd.store_dir()).unwrap();
+    let mode = |p: &std::path::Path| {
+        format!(
+            "{:04o}",
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+        )
+    };
     assert_eq!(
         (
-            format!("{:04o}", dir.permissions().mode() & 0o7777),
-            entries(faultd.store_dir())
+            mode(faultd.store_dir()),
+            entries(faultd.store_dir()),
+            mode(&owner_dir),
+            entries(&owner_dir)
         ),
         (
+            "0700".to_owned(),
+            vec![("0".to_owned(), "0700".to_owned(), false)],
             "0700".to_owned(),
             vec![
                 ("vm-files.journal".to_owned(), "0600".to_owned(), true),
