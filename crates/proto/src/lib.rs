@@ -676,11 +676,37 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> 
     let msg = serde_json::from_slice(bytes).map_err(CodecError::Malformed)?;
     // Parsed again as plain JSON only once it is known to be valid, so this cannot fail.
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(CodecError::Malformed)?;
-    match record_not_an_object(&value) {
+    if let Some(at) = record_not_an_object(&value) {
+        return Err(CodecError::Malformed(serde::de::Error::custom(format!(
+            "{at} is not a JSON object (messages, records and the elements of arrays are)"
+        ))));
+    }
+    match tag_not_a_string(&value) {
         None => Ok(msg),
         Some(at) => Err(CodecError::Malformed(serde::de::Error::custom(format!(
-            "{at} is not a JSON object (messages, records and the elements of arrays are)"
+            "{at} is not a string (a record's `type` or `kind` names its variant)"
         )))),
+    }
+}
+
+/// Where `v` has a `type` or `kind` field whose value is not a string, as a path
+/// (`queue.kind`). serde takes an integer there as the variant's index (`"kind": 0` is the
+/// first variant), a second spelling that no client sends and nothing documents.
+fn tag_not_a_string(v: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match v {
+        Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+            if (k == "type" || k == "kind") && !v.is_string() {
+                return Some(k.clone());
+            }
+            tag_not_a_string(v)
+                .map(|p| format!("{k}{}{p}", if p.starts_with('[') { "" } else { "." }))
+        }),
+        Value::Array(elements) => elements
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| tag_not_a_string(e).map(|p| format!("[{i}].{p}"))),
+        _ => None,
     }
 }
 
@@ -713,6 +739,26 @@ fn record_not_an_object(message: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_variant_tag_spelled_as_its_index_is_malformed() {
+        // serde would take `"kind": 0` as the first variant (`ring`), `"type": 1` likewise.
+        let json = br#"{"type":"add_device","dev_id":0,"queue":{"kind":0,"ring":0,"kick":0,"notify":0},"iommu":{"kind":"emulated","table":0}}"#;
+        match decode::<Request>(json) {
+            Err(CodecError::Malformed(e)) => assert!(e.to_string().contains("queue.kind"), "{e}"),
+            other => panic!("accepted or refused otherwise: {other:?}"),
+        }
+        assert!(matches!(
+            decode::<Request>(br#"{"type":2}"#),
+            Err(CodecError::Malformed(_))
+        ));
+        let good = json_string_tag();
+        assert!(decode::<Request>(good.as_bytes()).is_ok(), "{good}");
+    }
+
+    fn json_string_tag() -> String {
+        r#"{"type":"add_device","dev_id":0,"queue":{"kind":"ring","ring":0,"kick":0,"notify":0},"iommu":{"kind":"emulated","table":0}}"#.to_owned()
+    }
 
     fn sample() -> Request {
         Request::Register(Register {
