@@ -290,6 +290,38 @@ fn zero_length_packet_is_refused_and_the_store_is_kept_for_resume() {
     assert_every_page(&r.ram, |p| p < 64);
 }
 
+#[test]
+fn a_vmm_that_hangs_up_ends_its_vm_and_its_store_is_deleted_not_taken_for_an_empty_packet() {
+    // A hang-up also reads as 0 bytes; it must stay a hang-up (the VM is gone, and so are its
+    // stored pages), not a zero-length packet (which keeps the store for a resume).
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("ram", MIB);
+    let mut session = r.serve(&faultd, "gone");
+    write_marks(&r.ram, 0..16);
+    let (evicted, _, failed) = session.evict(0, 16 * PAGE, None).unwrap();
+    assert_eq!((evicted, failed), (16, 0));
+    // The test's VMM is root: its stores are in store.dir/0.
+    let journal = faultd.store_dir().join("0").join("gone.journal");
+    assert!(journal.exists(), "no store after an eviction");
+
+    drop(session);
+
+    let deadline = std::time::Instant::now() + T;
+    while journal.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !journal.exists(),
+        "the store outlived its VM:\n{}",
+        faultd.log()
+    );
+    assert!(
+        !faultd.log().contains("zero-length"),
+        "a hang-up was taken for a zero-length packet:\n{}",
+        faultd.log()
+    );
+}
+
 /// The bytes of page `p` of the test snapshot: its number everywhere, a marker at 100.
 fn snapshot_page(p: u64) -> Vec<u8> {
     let mut page = vec![(p as u8) ^ 0x5A; PAGE as usize];

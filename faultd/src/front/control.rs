@@ -228,11 +228,15 @@ const SCM_MAX_FD: usize = 253;
 fn peer_hung_up(conn: &UnixSeqpacket) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
-    // nix does not name POLLRDHUP.
-    let hangup = PollFlags::from_bits_retain(libc::POLLRDHUP) | PollFlags::POLLHUP;
-    let mut fds = [PollFd::new(conn.as_fd(), hangup)];
+    // POLLHUP is reported whether asked for or not, once the peer has closed its end (and
+    // with it POLLRDHUP, were that asked for: nix cannot name it, and revents() with a bit it
+    // cannot name is None, which read every hang-up as a zero-length packet). A zero-length
+    // packet from a live peer shows POLLIN alone.
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::empty())];
     match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(_) => fds[0].revents().is_some_and(|r| r.intersects(hangup)),
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
         // Cannot tell: take it as the hang-up it nearly always is.
         Err(_) => true,
     }
