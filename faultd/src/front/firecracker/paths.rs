@@ -18,7 +18,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, RenameFlags, ResolveFlag, AT_FDCWD};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
-use nix::unistd::{Gid, Uid, UnlinkatFlags};
+use nix::unistd::{Uid, UnlinkatFlags};
 
 use super::ListenError;
 
@@ -327,70 +327,98 @@ pub(super) fn open_snapshot(path: &Path, reader: u32) -> Result<(File, u64), Lis
 }
 
 /// Opens `path` read-only with no symbolic link in any component, `O_NONBLOCK` (a FIFO does
-/// not block the open; faultd never reads it), with the file access rights of `uid`: directly
-/// if faultd runs as `uid`, else on a thread of its own that takes `uid`'s fsuid, fsgid and
-/// groups (its account's, or none and [`NO_ACCOUNT_GID`] without one) for the open and then
-/// ends, as file servers do.
+/// not block the open; faultd never reads it), only if `uid` could open it: every directory on
+/// the way searchable and the file readable by `uid`, by the mode bits that apply to it (owner,
+/// else one of its groups: its account's primary and supplementary groups, or
+/// [`NO_ACCOUNT_GID`] alone without an account, else other). The walk goes one component at a
+/// time, each opened relative to the directory just checked, so what is checked is what is
+/// opened. Done without taking `uid`'s credentials, which would need CAP_SETUID and
+/// CAP_SETGID (a wider unit than faultd's). ACLs are not read: a file or directory whose ACL
+/// grants `uid` more than its mode bits show is refused; one whose ACL takes away what its
+/// group bits (the ACL mask) grant to its owning group is not seen.
 fn open_as(path: &Path, uid: u32) -> io::Result<File> {
-    let open = || -> io::Result<File> {
-        let how = OpenHow::new()
-            .flags(
-                OFlag::O_RDONLY
-                    | OFlag::O_NONBLOCK
-                    | OFlag::O_CLOEXEC
-                    | OFlag::O_NOCTTY
-                    | OFlag::O_NOFOLLOW,
-            )
-            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        Ok(File::from(openat2(AT_FDCWD, path, how)?))
+    let groups = if uid == nix::unistd::geteuid().as_raw() || uid == 0 {
+        None
+    } else {
+        Some(groups_of(uid)?)
     };
-    if uid == nix::unistd::geteuid().as_raw() {
-        return open();
-    }
-    // The account lookup (NSS) is done before the thread changes its credentials.
-    let (gid, groups) = match nix::unistd::User::from_uid(Uid::from_raw(uid)) {
-        Ok(Some(user)) => {
-            let name = std::ffi::CString::new(user.name.as_bytes()).map_err(io::Error::other)?;
-            (user.gid, nix::unistd::getgrouplist(&name, user.gid)?)
+    let check = |fd: &dyn AsFd, bit: u32| -> io::Result<()> {
+        let Some(groups) = &groups else {
+            return Ok(());
+        };
+        let st = fstat(fd.as_fd())?;
+        let mode = st.st_mode;
+        let shift = if st.st_uid == uid {
+            6
+        } else if groups.contains(&st.st_gid) {
+            3
+        } else {
+            0
+        };
+        if (mode >> shift) & bit == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
-        Ok(None) => (Gid::from_raw(NO_ACCOUNT_GID), Vec::new()),
-        Err(e) => return Err(e.into()),
+        Ok(())
     };
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("faultd-open-as".into())
-            .spawn_scoped(s, || {
-                become_for_files(uid, gid, &groups)?;
-                open()
-            })?
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the open-as thread panicked")))
-    })
+    let names: Vec<&std::ffi::OsStr> = path
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    let (last, dirs) = names
+        .split_last()
+        .ok_or_else(|| io::Error::other("the snapshot path names no file"))?;
+    let no_links = ResolveFlag::RESOLVE_NO_SYMLINKS
+        | ResolveFlag::RESOLVE_NO_MAGICLINKS
+        | ResolveFlag::RESOLVE_BENEATH;
+    let dir_how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(no_links);
+    // "/" itself is absolute, which RESOLVE_BENEATH refuses (EXDEV); it is no link either.
+    let mut dir = openat2(
+        AT_FDCWD,
+        "/",
+        OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS),
+    )?;
+    check(&dir, 0o1)?;
+    for name in dirs {
+        let next = openat2(&dir, *name, dir_how)?;
+        check(&next, 0o1)?;
+        dir = next;
+    }
+    let how = OpenHow::new()
+        .flags(
+            OFlag::O_RDONLY
+                | OFlag::O_NONBLOCK
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY
+                | OFlag::O_NOFOLLOW,
+        )
+        .resolve(no_links);
+    let file = File::from(openat2(&dir, *last, how)?);
+    check(&file, 0o4)?;
+    Ok(file)
 }
 
-/// Gives the calling thread (only) `uid`'s file access rights: supplementary groups, fsgid,
-/// fsuid. For a thread that ends afterwards: nothing restores them.
-fn become_for_files(uid: u32, gid: Gid, groups: &[Gid]) -> io::Result<()> {
-    let raw: Vec<libc::gid_t> = groups.iter().map(|g| g.as_raw()).collect();
-    // SAFETY: setgroups(2) reads `raw.len()` gid_t values at `raw.as_ptr()`, which `raw` holds
-    // for the whole call. The raw system call changes the calling thread's credentials only
-    // (glibc's setgroups wrapper would change every thread's): this thread, which ends after
-    // the open it does with them.
-    let set = unsafe { libc::syscall(libc::SYS_setgroups, raw.len(), raw.as_ptr()) };
-    if set != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // setfsgid/setfsuid tell no error: each returns the previous value, so a second call says
-    // whether the first took.
-    nix::unistd::setfsgid(gid);
-    let fsuid = Uid::from_raw(uid);
-    nix::unistd::setfsuid(fsuid);
-    if nix::unistd::setfsgid(gid) != gid || nix::unistd::setfsuid(fsuid) != fsuid {
-        return Err(io::Error::other(format!(
-            "taking uid {uid}'s file access rights (faultd needs CAP_SETUID and CAP_SETGID)"
-        )));
-    }
-    Ok(())
+/// The groups whose mode bits apply to `uid`: its account's primary and supplementary groups,
+/// or [`NO_ACCOUNT_GID`] alone if it has no account.
+fn groups_of(uid: u32) -> io::Result<Vec<u32>> {
+    Ok(match nix::unistd::User::from_uid(Uid::from_raw(uid)) {
+        Ok(Some(user)) => {
+            let name = std::ffi::CString::new(user.name.as_bytes()).map_err(io::Error::other)?;
+            nix::unistd::getgrouplist(&name, user.gid)?
+                .into_iter()
+                .map(|g| g.as_raw())
+                .chain([user.gid.as_raw()])
+                .collect()
+        }
+        Ok(None) => vec![NO_ACCOUNT_GID],
+        Err(e) => return Err(e.into()),
+    })
 }
 
 #[cfg(test)]
