@@ -351,38 +351,29 @@ impl Daemon {
     }
 
     /// Claims `files` (each with what it is in the request, for the refusal) for a new session,
-    /// or refuses the one another live session holds. A session that is just ending may hold
-    /// them for a moment (a VMM registering again right after a refusal): wait for it briefly,
-    /// as for the store. Blocking: call off the reactor.
+    /// or refuses at once the one another live session holds. No waiting here: a wait would
+    /// hold a blocking thread per waiter, which a flood of registrations sharing one fd turns
+    /// into hundreds. A VMM registering again while its previous session ends is waited for
+    /// before this, without a thread ([`Daemon::name_free`]); the claims of that session go a
+    /// moment after its name is released, so a registration can still, rarely, be refused
+    /// here and succeed when retried.
     pub(crate) fn claim(self: &Arc<Self>, files: &[(FileId, String)]) -> Result<Claims, Refusal> {
-        let waited_until = std::time::Instant::now() + STORE_BUSY_WAIT;
-        loop {
-            {
-                let mut claimed = self.claimed();
-                let held = files.iter().find(|(id, _)| claimed.contains(id));
-                match held {
-                    None => {
-                        let ids: Vec<FileId> = files.iter().map(|(id, _)| *id).collect();
-                        claimed.extend(ids.iter().copied());
-                        return Ok(Claims {
-                            daemon: self.clone(),
-                            ids,
-                        });
-                    }
-                    Some((_, what)) if std::time::Instant::now() >= waited_until => {
-                        return Err(Refusal {
-                            code: ErrorCode::BadFd,
-                            message: format!(
-                                "{what} is held by another live session: a uffd or a guest \
-                                 RAM file serves one session at a time"
-                            ),
-                        });
-                    }
-                    Some(_) => {}
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut claimed = self.claimed();
+        if let Some((_, what)) = files.iter().find(|(id, _)| claimed.contains(id)) {
+            return Err(Refusal {
+                code: ErrorCode::BadFd,
+                message: format!(
+                    "{what} is held by another live session: a uffd or a guest RAM file serves \
+                     one session at a time"
+                ),
+            });
         }
+        let ids: Vec<FileId> = files.iter().map(|(id, _)| *id).collect();
+        claimed.extend(ids.iter().copied());
+        Ok(Claims {
+            daemon: self.clone(),
+            ids,
+        })
     }
 
     /// How long the daemon has been running.
