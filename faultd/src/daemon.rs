@@ -351,12 +351,10 @@ impl Daemon {
     }
 
     /// Claims `files` (each with what it is in the request, for the refusal) for a new session,
-    /// or refuses at once the one another live session holds. No waiting here: a wait would
-    /// hold a blocking thread per waiter, which a flood of registrations sharing one fd turns
-    /// into hundreds. A VMM registering again while its previous session ends is waited for
-    /// before this, without a thread ([`Daemon::name_free`]); the claims of that session go a
-    /// moment after its name is released, so a registration can still, rarely, be refused
-    /// here and succeed when retried.
+    /// or refuses at once the one another live session holds. No waiting here: a blocking
+    /// wait would hold a thread per waiter, which a flood of registrations sharing one fd turns
+    /// into hundreds; the control socket retries on the reactor instead, for a session that is
+    /// just ending.
     pub(crate) fn claim(self: &Arc<Self>, files: &[(FileId, String)]) -> Result<Claims, Refusal> {
         let mut claimed = self.claimed();
         if let Some((_, what)) = files.iter().find(|(id, _)| claimed.contains(id)) {

@@ -386,6 +386,10 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
     }
 }
 
+/// How long a registration waits for its uffd and memory files to be released by a session
+/// that is ending (see [`register`]).
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Who is on the other end of a connection, as the kernel says (SO_PEERCRED).
 #[derive(Debug, Clone, Copy)]
 struct Peer {
@@ -492,15 +496,13 @@ async fn register(
     // The uffd and guest RAM files are claimed for this session until it has ended (the claims
     // drop after end_session), so no other live session can be handed them.
     let resume = reg.resume;
-    let d = daemon.clone();
     let checked = tokio::task::spawn_blocking(move || {
         let files = handed_files(&reg, &fds);
         let validated = validate(&reg, fds, peer_pid)?;
-        let claims = d.claim(&files)?;
-        Ok::<_, Refusal>((validated, claims))
+        Ok::<_, Refusal>((validated, files))
     })
     .await;
-    let (validated, _claims) = match checked {
+    let (validated, files) = match checked {
         Ok(Ok(v)) => v,
         Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
         Err(e) => {
@@ -511,6 +513,19 @@ async fn register(
                 format!("validation failed: {e}"),
             )
             .await
+        }
+    };
+    // The claims of a session that is just ending go a moment after its name does: a VMM
+    // registering again with the same fds waits for them briefly, here on the reactor (a
+    // sleep between tries, no thread held per waiter).
+    let claim_until = tokio::time::Instant::now() + CLAIM_WAIT;
+    let _claims = loop {
+        match daemon.claim(&files) {
+            Ok(claims) => break claims,
+            Err(_) if tokio::time::Instant::now() < claim_until => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await
+            }
+            Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
         }
     };
     // Opening the store and replaying its journal is file I/O: off the reactor.
