@@ -777,13 +777,20 @@ impl Daemon {
         Ok(Live { session, thread })
     }
 
+    /// Marks `session`'s name as ending, not live (idempotent): a registration for it now
+    /// waits for [`Daemon::end_session`] to release the store. The notification it fires then.
+    pub(crate) fn begin_ending(&self, session: &Session) -> Arc<tokio::sync::Notify> {
+        self.ending()
+            .entry((session.owner(), session.vm().to_owned()))
+            .or_insert_with(|| Arc::new(tokio::sync::Notify::new()))
+            .clone()
+    }
+
     /// Ends a session: stops its fault thread, forgets it, and logs its figures.
     pub(crate) async fn end_session(&self, live: Live, ending: Ending) {
         let Live { session, thread } = live;
         // From here the name is ending, not live: a registration for it waits for the store.
-        let released = Arc::new(tokio::sync::Notify::new());
-        self.ending()
-            .insert((session.owner(), session.vm().to_owned()), released.clone());
+        let released = self.begin_ending(&session);
         let drain = self.config.device_deadline;
         // Joining waits for the thread to finish what it is doing (the watchdog bounds that);
         // never on the reactor, which serves every other session's control requests.

@@ -265,10 +265,14 @@ async fn send(conn: &UnixSeqpacket, resp: &Response) {
 /// register again with `resume`), so the session is handed over, not ended with the VM.
 async fn refuse_session(
     daemon: &Daemon,
+    session: &Session,
     conn: &UnixSeqpacket,
     code: ErrorCode,
     message: String,
 ) -> Ending {
+    // Ending before the VMM hears it: a VMM that registers again at once is then waited for
+    // (the name is ending), not refused as if the session were still live.
+    daemon.begin_ending(session);
     refuse(daemon, conn, code, message).await;
     Ending::Handover
 }
@@ -277,6 +281,7 @@ async fn refuse_session(
 /// session any more: the request is refused and the session closed (the returned ending).
 async fn command(
     daemon: &Daemon,
+    session: &Session,
     conn: &UnixSeqpacket,
     thread: &FaultThread,
     cmd: Command,
@@ -286,6 +291,7 @@ async fn command(
     }
     Err(refuse_session(
         daemon,
+        session,
         conn,
         ErrorCode::Internal,
         "the session's fault service has stopped".into(),
@@ -384,6 +390,20 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             None => return,
         };
     }
+}
+
+/// The outcome of a blocking step of a registration: its own refusal, or `Internal` naming
+/// `what` if its task failed (panicked or was cancelled).
+fn joined<T>(
+    result: Result<Result<T, Refusal>, tokio::task::JoinError>,
+    what: &str,
+) -> Result<T, Refusal> {
+    result.unwrap_or_else(|e| {
+        Err(Refusal {
+            code: ErrorCode::Internal,
+            message: format!("{what}: {e}"),
+        })
+    })
 }
 
 /// How long a registration waits for its uffd and memory files to be released by a session
@@ -502,18 +522,9 @@ async fn register(
         Ok::<_, Refusal>((validated, files))
     })
     .await;
-    let (validated, files) = match checked {
-        Ok(Ok(v)) => v,
-        Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
-        Err(e) => {
-            return refuse(
-                &daemon,
-                &conn,
-                ErrorCode::Internal,
-                format!("validation failed: {e}"),
-            )
-            .await
-        }
+    let (validated, files) = match joined(checked, "validation failed") {
+        Ok(v) => v,
+        Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
     };
     // The claims of a session that is just ending go a moment after its name does: a VMM
     // registering again with the same fds waits for them briefly, here on the reactor (a
@@ -539,18 +550,9 @@ async fn register(
         d.start_session(validated, owner, open, peer_pid, None)
     })
     .await;
-    let live = match started {
-        Ok(Ok(live)) => live,
-        Ok(Err(Refusal { code, message })) => return refuse(&daemon, &conn, code, message).await,
-        Err(e) => {
-            return refuse(
-                &daemon,
-                &conn,
-                ErrorCode::Internal,
-                format!("starting fault service: {e}"),
-            )
-            .await
-        }
+    let live = match joined(started, "starting fault service") {
+        Ok(live) => live,
+        Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
     };
     daemon.admit(&live.session, &live.thread, peer_pid, SessionKind::Vmm);
     send(
@@ -587,12 +589,18 @@ async fn session_loop(
             Ok(p) => p,
             Err(RecvError::Closed) => return Ending::VmGone,
             Err(RecvError::Oversize(m)) => {
-                return refuse_session(daemon, conn, ErrorCode::Oversize, m).await;
+                return refuse_session(daemon, session, conn, ErrorCode::Oversize, m).await;
             }
             // Malformed, not a hang-up: the VMM lives, and so does its store.
             Err(RecvError::Empty) => {
-                return refuse_session(daemon, conn, ErrorCode::Malformed, EMPTY_PACKET.into())
-                    .await;
+                return refuse_session(
+                    daemon,
+                    session,
+                    conn,
+                    ErrorCode::Malformed,
+                    EMPTY_PACKET.into(),
+                )
+                .await;
             }
             Err(RecvError::Io(e)) => {
                 tracing::debug!(session = session.id(), "receive failed: {e}");
@@ -605,6 +613,7 @@ async fn session_loop(
             {
                 return refuse_session(
                     daemon,
+                    session,
                     conn,
                     ErrorCode::BadFd,
                     "fds attached to a message that takes none".into(),
@@ -622,11 +631,12 @@ async fn session_loop(
                 let device = match built {
                     Ok(Ok(d)) => d,
                     Ok(Err(Refusal { code, message })) => {
-                        return refuse_session(daemon, conn, code, message).await;
+                        return refuse_session(daemon, session, conn, code, message).await;
                     }
                     Err(e) => {
                         return refuse_session(
                             daemon,
+                            session,
                             conn,
                             ErrorCode::Internal,
                             format!("attaching: {e}"),
@@ -635,7 +645,8 @@ async fn session_loop(
                     }
                 };
                 let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
-                if let Err(ending) = command(daemon, conn, thread, Command::AddDevice(device)).await
+                if let Err(ending) =
+                    command(daemon, session, conn, thread, Command::AddDevice(device)).await
                 {
                     return ending;
                 }
@@ -646,6 +657,7 @@ async fn session_loop(
             Ok(Request::Register(_)) => {
                 return refuse_session(
                     daemon,
+                    session,
                     conn,
                     ErrorCode::UnexpectedMessage,
                     "this connection is registered already".into(),
@@ -664,7 +676,7 @@ async fn session_loop(
                     max: max_pages.unwrap_or(u64::MAX),
                     reply: tx,
                 };
-                if let Err(ending) = command(daemon, conn, thread, cmd).await {
+                if let Err(ending) = command(daemon, session, conn, thread, cmd).await {
                     return ending;
                 }
                 // The thread evicts between faults; wait for it off the reactor.
@@ -684,6 +696,7 @@ async fn session_loop(
                     _ => {
                         return refuse_session(
                             daemon,
+                            session,
                             conn,
                             ErrorCode::Internal,
                             "the session's fault service stopped during eviction".into(),
@@ -695,7 +708,7 @@ async fn session_loop(
             Ok(Request::Finish {}) => {
                 let (tx, rx) = std::sync::mpsc::channel();
                 if let Err(ending) =
-                    command(daemon, conn, thread, Command::Finish { reply: tx }).await
+                    command(daemon, session, conn, thread, Command::Finish { reply: tx }).await
                 {
                     return ending;
                 }
@@ -720,6 +733,7 @@ async fn session_loop(
                     _ => {
                         return refuse_session(
                             daemon,
+                            session,
                             conn,
                             ErrorCode::Internal,
                             "the session's fault service stopped during finish".into(),
@@ -738,6 +752,7 @@ async fn session_loop(
             ) => {
                 return refuse_session(
                     daemon,
+                    session,
                     conn,
                     ErrorCode::UnexpectedMessage,
                     "a VMM session takes register, stats, add_device, evict and finish only".into(),
@@ -746,7 +761,7 @@ async fn session_loop(
             }
             Err(e) => {
                 let (code, m) = decode_error(e);
-                return refuse_session(daemon, conn, code, m).await;
+                return refuse_session(daemon, session, conn, code, m).await;
             }
         }
     }
