@@ -447,6 +447,54 @@ impl Ram {
     }
 }
 
+/// A raw `register` of all of `ram` as one zero-filled region at GPA 0, naming the uffd as fd 0
+/// and the memory as fd 1: the packet a test sends by hand to see what faultd makes of it.
+pub fn zero_register(vm: &str, ram: &GuestRam) -> faultd_proto::Register {
+    faultd_proto::Register {
+        version: faultd_proto::PROTOCOL_VERSION,
+        vm: vm.into(),
+        uffd: faultd_proto::FdIndex(0),
+        regions: vec![faultd_proto::RegionDesc {
+            gpa: 0,
+            size: ram.size(),
+            page_size: 4096,
+            hva: ram.host_addr(),
+            mem: faultd_proto::FdIndex(1),
+            mem_offset: 0,
+            backing: faultd_proto::BackingDesc::Zero,
+            read_only: false,
+        }],
+        snapshot: None,
+        resume: false,
+    }
+}
+
+/// [`zero_register`] encoded for the wire.
+pub fn zero_register_bytes(vm: &str, ram: &GuestRam) -> Vec<u8> {
+    faultd_proto::encode(&faultd_proto::Request::Register(zero_register(vm, ram)))
+        .expect("encoding register")
+}
+
+/// Sends `bytes` with `fds` on a fresh connection and returns faultd's refusal, after checking
+/// that faultd closed that connection (an error ends the session it arrived on).
+pub fn refused_raw(
+    faultd: &Faultd,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> (faultd_proto::ErrorCode, String) {
+    let mut conn = Client::connect(faultd.socket()).unwrap().into_raw();
+    conn.send(bytes, fds).unwrap();
+    let refusal = match conn.recv_response().unwrap() {
+        faultd_proto::Response::Error { code, message } => (code, message),
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert!(
+        conn.recv().unwrap().is_none(),
+        "connection left open after {refusal:?}"
+    );
+    refusal
+}
+
 /// The session's stats once `done` holds (or after 5 s, whatever they are then).
 ///
 /// faultd's counters trail the fault by a moment: the uffd ioctl that installs a page also

@@ -7,10 +7,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use faultd_client::{Client, ClientError, RegionSpec};
-use faultd_proto::{
-    BackingDesc, ErrorCode, FdIndex, RegionDesc, Register, Request, Response, PROTOCOL_VERSION,
+use faultd_proto::{BackingDesc, ErrorCode, FdIndex, Register, Request, Response};
+use faultd_tests::{
+    read_with_timeout, refused_raw, settled_stats, write_with_timeout, zero_register, Faultd, Ram,
 };
-use faultd_tests::{read_with_timeout, settled_stats, write_with_timeout, Faultd, Ram};
 
 const T: Duration = Duration::from_secs(10);
 const MIB: u64 = 1 << 20;
@@ -82,40 +82,8 @@ fn snapshot_backed_ram_reads_exactly_the_files_bytes() {
     }
 }
 
-/// Sends `req` with `fds` on a fresh connection and returns faultd's error code.
-fn refused(faultd: &Faultd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (ErrorCode, String) {
-    let mut conn = Client::connect(faultd.socket()).unwrap().into_raw();
-    conn.send(bytes, fds).unwrap();
-    let resp = conn.recv_response().unwrap();
-    // After an error, faultd closes the connection.
-    assert!(
-        conn.recv().unwrap().is_none(),
-        "connection left open after {resp:?}"
-    );
-    match resp {
-        Response::Error { code, message } => (code, message),
-        other => panic!("expected an error, got {other:?}"),
-    }
-}
-
 fn register(r: &Ram, mutate: impl FnOnce(&mut Register)) -> Vec<u8> {
-    let mut reg = Register {
-        version: PROTOCOL_VERSION,
-        vm: "bad".into(),
-        uffd: FdIndex(0),
-        regions: vec![RegionDesc {
-            gpa: 0,
-            size: r.ram.size(),
-            page_size: 4096,
-            hva: r.ram.host_addr(),
-            mem: FdIndex(1),
-            mem_offset: 0,
-            backing: BackingDesc::Zero,
-            read_only: false,
-        }],
-        snapshot: None,
-        resume: false,
-    };
+    let mut reg = zero_register("bad", &r.ram);
     mutate(&mut reg);
     faultd_proto::encode(&Request::Register(reg)).unwrap()
 }
@@ -259,7 +227,7 @@ fn bad_registrations_are_refused_and_a_live_session_keeps_being_served() {
         ),
     ];
     for (what, bytes, fds, code, needle) in cases {
-        let (got, message) = refused(&faultd, &bytes, &fds);
+        let (got, message) = refused_raw(&faultd, &bytes, &fds);
         assert_eq!(got, code, "{what}: {message}");
         assert!(
             message.contains(needle),

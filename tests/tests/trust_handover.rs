@@ -7,10 +7,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use faultd_client::{create_uffd, Client, ClientError, GuestRam, RamPageSize, RegionSpec};
-use faultd_proto::{
-    BackingDesc, ErrorCode, FdIndex, RegionDesc, Register, Request, Response, PROTOCOL_VERSION,
+use faultd_proto::{ErrorCode, Request, Response};
+use faultd_tests::{
+    read_with_timeout, refused_raw, write_with_timeout, zero_register_bytes, Faultd, Ram,
 };
-use faultd_tests::{read_with_timeout, write_with_timeout, Faultd, Ram};
 
 const T: Duration = Duration::from_secs(10);
 const MIB: u64 = 1 << 20;
@@ -23,43 +23,6 @@ fn refusal(result: Result<faultd_client::Session, ClientError>) -> (ErrorCode, S
         Err(other) => panic!("expected a refusal, got {other}"),
         Ok(s) => panic!("registration accepted (session {})", s.id()),
     }
-}
-
-/// A zero-backed register of `ram` at GPA 0, uffd at fd 0 and memory at fd 1.
-fn register_bytes(vm: &str, ram: &GuestRam) -> Vec<u8> {
-    faultd_proto::encode(&Request::Register(Register {
-        version: PROTOCOL_VERSION,
-        vm: vm.into(),
-        uffd: FdIndex(0),
-        regions: vec![RegionDesc {
-            gpa: 0,
-            size: ram.size(),
-            page_size: PAGE,
-            hva: ram.host_addr(),
-            mem: FdIndex(1),
-            mem_offset: 0,
-            backing: BackingDesc::Zero,
-            read_only: false,
-        }],
-        snapshot: None,
-        resume: false,
-    }))
-    .unwrap()
-}
-
-/// Sends `bytes` with `fds` on a fresh connection; faultd's error, after which it closed.
-fn refused_raw(faultd: &Faultd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (ErrorCode, String) {
-    let mut conn = Client::connect(faultd.socket()).unwrap().into_raw();
-    conn.send(bytes, fds).unwrap();
-    let refusal = match conn.recv_response().unwrap() {
-        Response::Error { code, message } => (code, message),
-        other => panic!("expected an error, got {other:?}"),
-    };
-    assert!(
-        conn.recv().unwrap().is_none(),
-        "left open after {refusal:?}"
-    );
-    refusal
 }
 
 /// Reopens `fd` through /proc with `flags` (a new open file description of the same file).
@@ -105,7 +68,7 @@ fn uffd_without_the_api_handshake_is_refused() {
 
     let (code, message) = refused_raw(
         &faultd,
-        &register_bytes("noapi", &ram),
+        &zero_register_bytes("noapi", &ram),
         &[uffd.as_fd(), ram.memfd()],
     );
 
@@ -201,7 +164,7 @@ fn memory_fd_opened_o_path_is_refused() {
 
     let (code, message) = refused_raw(
         &faultd,
-        &register_bytes("opath", &r.ram),
+        &zero_register_bytes("opath", &r.ram),
         &[r.uffd.as_fd(), path_fd.as_fd()],
     );
 
@@ -220,7 +183,7 @@ fn memory_fd_opened_read_only_is_refused() {
 
     let (code, message) = refused_raw(
         &faultd,
-        &register_bytes("rdonly", &r.ram),
+        &zero_register_bytes("rdonly", &r.ram),
         &[r.uffd.as_fd(), ro.as_fd()],
     );
 
@@ -239,7 +202,7 @@ fn more_fds_than_a_message_may_carry_are_refused_naming_count_and_limit() {
         let mut fds = vec![r.uffd.as_fd()];
         fds.resize(count, r.ram.memfd());
 
-        let (code, message) = refused_raw(&faultd, &register_bytes("many", &r.ram), &fds);
+        let (code, message) = refused_raw(&faultd, &zero_register_bytes("many", &r.ram), &fds);
 
         assert_eq!(code, ErrorCode::Oversize, "{count} fds: {message}");
         assert!(

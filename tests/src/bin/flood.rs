@@ -14,7 +14,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
 
 use faultd_client::{GuestRam, RamPageSize, Uffd};
-use faultd_proto::{BackingDesc, FdIndex, RegionDesc, Register, Request, PROTOCOL_VERSION};
 use nix::sys::socket::{
     connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
@@ -59,27 +58,6 @@ fn uffd_for(ram: &GuestRam) -> Uffd {
     uffd
 }
 
-fn register_packet(vm: &str, ram: &GuestRam) -> Vec<u8> {
-    faultd_proto::encode(&Request::Register(Register {
-        version: PROTOCOL_VERSION,
-        vm: vm.into(),
-        uffd: FdIndex(0),
-        regions: vec![RegionDesc {
-            gpa: 0,
-            size: ram.size(),
-            page_size: 4096,
-            hva: ram.host_addr(),
-            mem: FdIndex(1),
-            mem_offset: 0,
-            backing: BackingDesc::Zero,
-            read_only: false,
-        }],
-        snapshot: None,
-        resume: false,
-    }))
-    .expect("encoding register")
-}
-
 fn send_with_fds(conn: &OwnedFd, bytes: &[u8], fds: &[i32]) -> nix::Result<usize> {
     let iov = [std::io::IoSlice::new(bytes)];
     let cmsg = [ControlMessage::ScmRights(fds)];
@@ -118,7 +96,7 @@ fn main() -> ExitCode {
             let vm = &args[2];
             let ram = GuestRam::new("flood", RAM, RamPageSize::Size4K).expect("guest RAM");
             let uffd = uffd_for(&ram);
-            let packet = register_packet(vm, &ram);
+            let packet = faultd_tests::zero_register_bytes(vm, &ram);
             let fds = [
                 std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd()),
                 std::os::fd::AsRawFd::as_raw_fd(&ram.memfd()),
