@@ -457,7 +457,7 @@ impl CtlError {
 
 /// Sends `args.request` to the faultd at `control`; what to print on success.
 ///
-/// A command is one or more requests on one connection ([`Connection::ask`]), the protocol's
+/// A command is one or more requests on one connection (`Connection::ask`), the protocol's
 /// answer checked for its kind, and two ways to print it: the answer object whole (`--json`)
 /// or a table made from it.
 pub fn run(control: &Path, args: CtlArgs) -> Result<String, CtlError> {
