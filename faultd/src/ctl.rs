@@ -1,20 +1,116 @@
 //! `faultd ctl ...`: requests to a running faultd from the command line, through its control
-//! socket (the same protocol any client speaks, `faultd-client`'s side of it).
+//! socket (the same protocol any client speaks, as `faultd-client` speaks it).
 //!
-//! Owns: the operator's commands, parsing their sizes and ranges, and printing answers as
-//! aligned tables, or with `--json` as the protocol's own JSON objects (their field names are
+//! Owns: the operator's commands, parsing their sizes, ranges and timeouts, the connection
+//! (bounded waits, telling "not running" from "not faultd"), and printing answers as aligned
+//! tables, or with `--json` as the protocol's own answer objects whole (their field names are
 //! the protocol's, documented in docs/protocol.md, so they stay stable). Refuses: anything
 //! faultd decides (which session, what is evictable); faultd's refusals are printed as they
 //! come.
+//!
+//! The connection is made here rather than with `faultd_client::Client`: bounding the connect
+//! and every answer needs socket options on the socket before it connects, and telling a
+//! socket of another kind or a peer speaking another protocol from faultd needs the raw errno
+//! and the raw answer, which the VMM-facing client does not expose.
 
 use std::fmt::Write as _;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use faultd_client::{
-    Client, ClientError, DaemonStatus, EvictAmount, FirecrackerListen, SessionDetail,
-    SessionEvicted, SessionRef, SessionRow,
+use faultd_proto::{
+    CodecError, DaemonStatus, ErrorCode, EvictAmount, FirecrackerListen, LatencySummary, Request,
+    Response, SessionDetail, SessionEvicted, SessionKind, SessionRef, SessionRow,
+    MAX_MESSAGE_BYTES,
 };
-use faultd_proto::{ErrorCode, LatencySummary, SessionKind};
+use nix::sys::socket::{
+    connect, recv, send, setsockopt, sockopt, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use nix::sys::time::TimeVal;
+
+/// Exit status: the request was answered and the answer printed.
+pub const EXIT_DONE: u8 = 0;
+/// Exit status: faultd refused the request, or talking to it failed otherwise.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status: a usage error (clap's), or a configuration that does not load.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: faultd is not running (nothing to ask, as opposed to asked and refused).
+pub const EXIT_NOT_RUNNING: u8 = 3;
+/// Exit status: the VM belongs to another user (`forbidden`).
+pub const EXIT_FORBIDDEN: u8 = 4;
+/// Exit status: no connection or no answer within the timeout.
+pub const EXIT_TIMED_OUT: u8 = 5;
+/// Exit status: something is at the path, but it is not a faultd control socket.
+pub const EXIT_NOT_FAULTD: u8 = 6;
+
+/// Every exit status of `faultd ctl` with what it means, as `faultd ctl --help` lists them.
+pub const EXIT_STATUSES: [(u8, &str); 7] = [
+    (
+        EXIT_DONE,
+        "done (also when standard output is closed early, as by `| head`)",
+    ),
+    (
+        EXIT_FAILED,
+        "faultd refused the request (the message says why) or talking to it failed",
+    ),
+    (
+        EXIT_USAGE,
+        "usage error, or a configuration that does not load",
+    ),
+    (
+        EXIT_NOT_RUNNING,
+        "faultd is not running: no socket at the path, or nothing accepts connections on it",
+    ),
+    (EXIT_FORBIDDEN, "the VM belongs to another user (forbidden)"),
+    (
+        EXIT_TIMED_OUT,
+        "timed out connecting (--connect-timeout) or waiting for an answer (--timeout)",
+    ),
+    (
+        EXIT_NOT_FAULTD,
+        "not a faultd control socket: a file that is not a socket, a socket of another type, \
+         or a peer answering something other than faultd's protocol",
+    ),
+];
+
+/// The "Exit status" section of `faultd ctl --help`, from [`EXIT_STATUSES`].
+pub fn exit_status_help() -> String {
+    let mut text = String::from("Exit status:");
+    for (code, what) in EXIT_STATUSES {
+        let _ = write!(text, "\n  {code}  {what}");
+    }
+    text
+}
+
+/// Default of `--connect-timeout`: a faultd that is up accepts at once; its backlog stays full
+/// only when it is stuck or flooded.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// Default of `--timeout`: status and stats answer in milliseconds; an eviction of many GiB to
+/// a slow disk is the slowest answer, and may need longer.
+pub const DEFAULT_ANSWER_TIMEOUT: &str = "30s";
+/// Longest timeout taken.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `faultd ctl`'s own flags and its command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CtlArgs {
+    /// Print faultd's answer as JSON: the protocol's answer object whole, as docs/protocol.md
+    /// shows it, instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// How long to wait for faultd to accept the connection, e.g. 500ms, 5s, 1m.
+    #[arg(long, global = true, value_name = "DURATION", default_value = DEFAULT_CONNECT_TIMEOUT,
+          value_parser = parse_timeout)]
+    pub connect_timeout: Duration,
+    /// How long to wait for each answer, e.g. 500ms, 30s, 5m (a request already sent may still
+    /// complete in faultd after ctl gave up waiting).
+    #[arg(long, global = true, value_name = "DURATION", default_value = DEFAULT_ANSWER_TIMEOUT,
+          value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// The request.
+    #[command(subcommand)]
+    pub request: CtlCommand,
+}
 
 /// A request to a running faultd.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -154,6 +250,18 @@ pub enum ParseError {
     /// A page count of zero.
     #[error("the page count must be at least 1")]
     NoPages,
+    /// Not a number with an optional `ms`, `s` or `m`.
+    #[error("{text:?} is not a duration: a whole number with ms, s or m (e.g. 500ms, 5s, 1m)")]
+    NotADuration {
+        /// What was given.
+        text: String,
+    },
+    /// Zero, or longer than a day.
+    #[error("{text:?} is out of range: a timeout must be at least 1ms and at most 24h")]
+    TimeoutOutOfRange {
+        /// What was given.
+        text: String,
+    },
 }
 
 /// Parses a size: a decimal or `0x` hexadecimal number with an optional binary suffix
@@ -198,6 +306,26 @@ pub fn parse_range(text: &str) -> Result<GpaRange, ParseError> {
     })
 }
 
+/// Parses a timeout: a whole number of milliseconds (`ms`), seconds (`s`, or no unit) or
+/// minutes (`m`), from 1ms to 24h.
+pub fn parse_timeout(text: &str) -> Result<Duration, ParseError> {
+    let not_a_duration = || ParseError::NotADuration { text: text.into() };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: u64 = number.parse().map_err(|_| not_a_duration())?;
+    let millis = match unit {
+        "ms" => Some(value),
+        "" | "s" => value.checked_mul(1000),
+        "m" => value.checked_mul(60_000),
+        _ => return Err(not_a_duration()),
+    };
+    match millis.map(Duration::from_millis) {
+        Some(d) if !d.is_zero() && d <= MAX_TIMEOUT => Ok(d),
+        _ => Err(ParseError::TimeoutOutOfRange { text: text.into() }),
+    }
+}
+
 /// Parses a page count (at least 1).
 pub fn parse_pages(text: &str) -> Result<u64, ParseError> {
     match parse_size(text)? {
@@ -225,6 +353,26 @@ pub enum CtlError {
         /// What connecting found.
         why: &'static str,
     },
+    /// Something is at the path, but it is not faultd's control socket.
+    #[error("not a faultd control socket: {socket} {why}")]
+    NotFaultd {
+        /// The path.
+        socket: String,
+        /// What is there instead.
+        why: String,
+    },
+    /// No connection or no answer in time.
+    #[error("timed out after {after:?} {step} {socket} ({hint})")]
+    TimedOut {
+        /// Control socket.
+        socket: String,
+        /// What was waited for.
+        step: &'static str,
+        /// The timeout.
+        after: Duration,
+        /// Which flag sets it, and what it means for the request.
+        hint: &'static str,
+    },
     /// faultd refused the request.
     #[error("refused ({code:?}): {message}")]
     Refused {
@@ -233,13 +381,58 @@ pub enum CtlError {
         /// faultd's explanation.
         message: String,
     },
-    /// Talking to faultd failed.
-    #[error("asking faultd at {socket}")]
-    Request {
+    /// Creating the socket, setting its timeouts or connecting failed otherwise (e.g. no
+    /// permission on the socket).
+    #[error("connecting to {socket}")]
+    Connect {
         /// Control socket.
         socket: String,
         #[source]
-        source: ClientError,
+        source: nix::Error,
+    },
+    /// The request could not be encoded (too large).
+    #[error("encoding the request")]
+    Encode(#[source] CodecError),
+    /// Sending the request failed.
+    #[error("sending the request to {socket}")]
+    Send {
+        /// Control socket.
+        socket: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// Receiving the answer failed.
+    #[error("receiving the answer from {socket}")]
+    Recv {
+        /// Control socket.
+        socket: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// The peer hung up without answering.
+    #[error(
+        "{socket} closed the connection without answering (faultd does so past its connection \
+         limits; see its log)"
+    )]
+    Closed {
+        /// Control socket.
+        socket: String,
+    },
+    /// A protocol message this ctl cannot read: faultd's protocol, another version of it.
+    #[error("reading the answer from {socket} (a faultd of another version?)")]
+    Unreadable {
+        /// Control socket.
+        socket: String,
+        #[source]
+        source: CodecError,
+    },
+    /// A protocol answer that does not fit the request.
+    #[error("{socket} answered {answer:?}, which does not answer the request")]
+    Unexpected {
+        /// Control socket.
+        socket: String,
+        /// What came.
+        answer: Box<Response>,
     },
     /// An answer could not be printed as JSON.
     #[error("printing the answer as JSON")]
@@ -247,33 +440,34 @@ pub enum CtlError {
 }
 
 impl CtlError {
-    /// The process exit code for this failure: 3 when faultd is not running (so scripts can
-    /// tell "nothing to ask" from "asked and refused"), 4 when the VM belongs to another user
-    /// (`forbidden`), 1 otherwise. (2 is clap's, for usage.)
+    /// The process exit code for this failure (see [`EXIT_STATUSES`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            CtlError::NotRunning { .. } => 3,
+            CtlError::NotRunning { .. } => EXIT_NOT_RUNNING,
+            CtlError::NotFaultd { .. } => EXIT_NOT_FAULTD,
+            CtlError::TimedOut { .. } => EXIT_TIMED_OUT,
             CtlError::Refused {
                 code: ErrorCode::Forbidden,
                 ..
-            } => 4,
-            _ => 1,
+            } => EXIT_FORBIDDEN,
+            _ => EXIT_FAILED,
         }
     }
 }
 
-/// Sends `cmd` to the faultd at `control`; what to print on success.
-pub fn run(control: &Path, cmd: CtlCommand, output: Output) -> Result<String, CtlError> {
-    let socket = control.display().to_string();
-    let asking = |source| match source {
-        ClientError::Refused { code, message } => CtlError::Refused { code, message },
-        source => CtlError::Request {
-            socket: socket.clone(),
-            source,
-        },
+/// Sends `args.request` to the faultd at `control`; what to print on success.
+///
+/// A command is one or more requests on one connection (`Connection::ask`), the protocol's
+/// answer checked for its kind, and two ways to print it: the answer object whole (`--json`)
+/// or a table made from it.
+pub fn run(control: &Path, args: CtlArgs) -> Result<String, CtlError> {
+    let output = if args.json {
+        Output::Json
+    } else {
+        Output::Table
     };
-    let client = connect(control)?;
-    match cmd {
+    let mut conn = Connection::open(control, args.connect_timeout, args.timeout)?;
+    match args.request {
         CtlCommand::FirecrackerListen {
             vm,
             socket,
@@ -284,85 +478,278 @@ pub fn run(control: &Path, cmd: CtlCommand, output: Output) -> Result<String, Ct
             // faultd runs elsewhere: relative paths mean this command's directory.
             let socket = absolute(socket)?;
             let snapshot = absolute(snapshot)?;
-            let listening = serde_json::json!({"vm": vm, "socket": socket});
-            let shown = format!(
-                "faultd listens for Firecracker VM {vm} on {}",
-                socket.display()
-            );
-            client
-                .firecracker_listen(FirecrackerListen {
-                    vm,
-                    socket,
-                    snapshot,
-                    uid,
-                    pid,
-                })
-                .map_err(asking)?;
-            match output {
-                Output::Table => Ok(shown),
-                Output::Json => json(&listening),
-            }
+            let request = Request::FirecrackerListen(FirecrackerListen {
+                vm,
+                socket,
+                snapshot,
+                uid,
+                pid,
+            });
+            let answer = conn.ask(&request)?;
+            let Response::Listening { vm, socket } = &answer else {
+                return Err(conn.unexpected(answer));
+            };
+            show(output, &answer, || {
+                format!(
+                    "faultd listens for Firecracker VM {vm} on {}",
+                    socket.display()
+                )
+            })
         }
         CtlCommand::Status => {
-            let st = client.status().map_err(asking)?;
-            match output {
-                Output::Table => Ok(status_table(&st)),
-                Output::Json => json(&st),
-            }
+            let answer = conn.ask(&Request::Status {})?;
+            let Response::Status(st) = &answer else {
+                return Err(conn.unexpected(answer));
+            };
+            show(output, &answer, || status_table(st))
         }
         CtlCommand::Sessions => {
-            let rows = client.sessions().map_err(asking)?;
-            match output {
-                Output::Table => Ok(sessions_table(&rows)),
-                Output::Json => json(&rows),
-            }
+            // The pages put together, as one answer that leaves nothing out.
+            let rows = conn.all_sessions()?;
+            let answer = Response::Sessions {
+                sessions: rows.clone(),
+                more: false,
+            };
+            show(output, &answer, || sessions_table(&rows))
         }
         CtlCommand::Stats { target } => {
-            let (sessions, omitted) = client.session_detail(target.to_ref()).map_err(asking)?;
-            match output {
-                Output::Table => Ok(stats_text(&sessions, omitted)),
-                Output::Json => json(&sessions),
-            }
+            let request = Request::SessionDetail {
+                target: target.to_ref(),
+            };
+            let answer = conn.ask(&request)?;
+            let Response::SessionDetail { sessions, omitted } = &answer else {
+                return Err(conn.unexpected(answer));
+            };
+            show(output, &answer, || stats_text(sessions, *omitted))
         }
         CtlCommand::Evict { target, amount } => {
-            let done = client
-                .evict_session(target.to_ref(), amount.to_amount())
-                .map_err(asking)?;
-            match output {
-                Output::Table => Ok(evicted_table(&done)),
-                Output::Json => json(&done),
-            }
+            let request = Request::EvictSession {
+                target: target.to_ref(),
+                amount: amount.to_amount(),
+            };
+            let answer = conn.ask(&request)?;
+            let Response::SessionEvicted(e) = &answer else {
+                return Err(conn.unexpected(answer));
+            };
+            show(output, &answer, || evicted_table(e))
         }
     }
 }
 
-/// Connects, telling "faultd is not running" apart from other failures.
-fn connect(control: &Path) -> Result<Client, CtlError> {
-    let socket = control.display().to_string();
-    Client::connect(control).map_err(|source| {
-        let why = match &source {
-            ClientError::Connect { source, .. } => match source {
-                nix::Error::ENOENT => Some("no control socket"),
-                nix::Error::ECONNREFUSED => Some("nothing accepts connections"),
-                _ => None,
-            },
-            _ => None,
-        };
-        match why {
-            Some(why) => CtlError::NotRunning {
-                socket: socket.clone(),
-                why,
-            },
-            None => CtlError::Request {
-                socket: socket.clone(),
-                source,
-            },
-        }
-    })
+/// The answer as `output` asks: the protocol's object whole, or `table` made from it.
+fn show(
+    output: Output,
+    answer: &Response,
+    table: impl FnOnce() -> String,
+) -> Result<String, CtlError> {
+    match output {
+        Output::Table => Ok(table()),
+        Output::Json => serde_json::to_string_pretty(answer).map_err(CtlError::Json),
+    }
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Result<String, CtlError> {
-    serde_json::to_string_pretty(value).map_err(CtlError::Json)
+/// A connection to a control socket, every wait on it bounded.
+struct Connection {
+    sock: OwnedFd,
+    /// The path, for messages.
+    socket: String,
+    /// How long each answer may take.
+    answer: Duration,
+}
+
+impl Connection {
+    /// Connects within `connect` (the kernel waits while the listener's backlog is full, up to
+    /// the socket's send timeout), telling "faultd is not running" and "this is not a faultd
+    /// control socket" from other failures.
+    fn open(control: &Path, connect_within: Duration, answer: Duration) -> Result<Self, CtlError> {
+        let socket = control.display().to_string();
+        let failed = |source| CtlError::Connect {
+            socket: socket.clone(),
+            source,
+        };
+        let sock = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(failed)?;
+        setsockopt(&sock, sockopt::SendTimeout, &timeval(connect_within)).map_err(failed)?;
+        let addr = UnixAddr::new(control).map_err(failed)?;
+        match connect(sock.as_raw_fd(), &addr) {
+            Ok(()) => {}
+            Err(nix::Error::ENOENT) => {
+                return Err(CtlError::NotRunning {
+                    socket,
+                    why: "no control socket",
+                })
+            }
+            // Linux answers ECONNREFUSED both for a socket nobody listens on (what a killed
+            // faultd leaves) and for a path that is no socket at all; only the second is
+            // "not faultd".
+            Err(nix::Error::ECONNREFUSED) => {
+                return Err(match not_a_socket(control) {
+                    Some(what) => CtlError::NotFaultd {
+                        socket,
+                        why: format!("is {what}, not a socket"),
+                    },
+                    None => CtlError::NotRunning {
+                        socket,
+                        why: "nothing accepts connections",
+                    },
+                })
+            }
+            // A stream or datagram socket: faultd's is SOCK_SEQPACKET.
+            Err(nix::Error::EPROTOTYPE) => {
+                return Err(CtlError::NotFaultd {
+                    socket,
+                    why: "is a socket of another type (faultd's is a seqpacket socket)".into(),
+                })
+            }
+            Err(nix::Error::EAGAIN) => {
+                return Err(CtlError::TimedOut {
+                    socket,
+                    step: "connecting to",
+                    after: connect_within,
+                    hint: "nothing accepted the connection; --connect-timeout sets the wait",
+                })
+            }
+            Err(source) => return Err(failed(source)),
+        }
+        setsockopt(&sock, sockopt::SendTimeout, &timeval(answer)).map_err(failed)?;
+        setsockopt(&sock, sockopt::ReceiveTimeout, &timeval(answer)).map_err(failed)?;
+        Ok(Connection {
+            sock,
+            socket,
+            answer,
+        })
+    }
+
+    /// Sends `request` and returns faultd's answer; a refusal is [`CtlError::Refused`], an
+    /// answer that is not the protocol at all is [`CtlError::NotFaultd`].
+    fn ask(&mut self, request: &Request) -> Result<Response, CtlError> {
+        let bytes = faultd_proto::encode(request).map_err(CtlError::Encode)?;
+        match send(self.sock.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(_) => {}
+            Err(nix::Error::EAGAIN) => return Err(self.timed_out()),
+            Err(source) => {
+                return Err(CtlError::Send {
+                    socket: self.socket.clone(),
+                    source,
+                })
+            }
+        }
+        // One byte more than the protocol allows, so that an oversize answer is seen as such
+        // rather than cut to a size that happens to decode.
+        let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        let n = loop {
+            match recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => break n,
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return Err(self.timed_out()),
+                Err(source) => {
+                    return Err(CtlError::Recv {
+                        socket: self.socket.clone(),
+                        source,
+                    })
+                }
+            }
+        };
+        if n == 0 {
+            return Err(CtlError::Closed {
+                socket: self.socket.clone(),
+            });
+        }
+        let bytes = &buf[..n];
+        match faultd_proto::decode::<Response>(bytes) {
+            Ok(Response::Error { code, message }) => Err(CtlError::Refused { code, message }),
+            Ok(answer) => Ok(answer),
+            Err(source) if speaks_the_protocol(bytes) => Err(CtlError::Unreadable {
+                socket: self.socket.clone(),
+                source,
+            }),
+            Err(source) => Err(CtlError::NotFaultd {
+                socket: self.socket.clone(),
+                why: format!(
+                    "answered something that is not faultd's protocol ({})",
+                    with_cause(&source)
+                ),
+            }),
+        }
+    }
+
+    /// Every live session's row: page after page on this connection until faultd has listed
+    /// them all.
+    fn all_sessions(&mut self) -> Result<Vec<SessionRow>, CtlError> {
+        let mut rows: Vec<SessionRow> = Vec::new();
+        loop {
+            let after = rows.last().map(|r| r.session);
+            match self.ask(&Request::Sessions { after })? {
+                Response::Sessions { sessions, more } => {
+                    // A page that adds nothing while claiming more would loop forever.
+                    let stalled = sessions.is_empty();
+                    rows.extend(sessions);
+                    if !more || stalled {
+                        return Ok(rows);
+                    }
+                }
+                other => return Err(self.unexpected(other)),
+            }
+        }
+    }
+
+    fn timed_out(&self) -> CtlError {
+        CtlError::TimedOut {
+            socket: self.socket.clone(),
+            step: "waiting for an answer from",
+            after: self.answer,
+            hint: "--timeout sets the wait; faultd may still complete a request it received",
+        }
+    }
+
+    fn unexpected(&self, answer: Response) -> CtlError {
+        CtlError::Unexpected {
+            socket: self.socket.clone(),
+            answer: Box::new(answer),
+        }
+    }
+}
+
+/// What `path` is when it exists and is not a socket ("a regular file", "a directory"); None
+/// when it is a socket, or cannot be looked at.
+fn not_a_socket(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path).ok()?.file_type();
+    if kind.is_socket() {
+        None
+    } else if kind.is_file() {
+        Some("a regular file")
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else {
+        Some("a special file")
+    }
+}
+
+/// Whether `bytes` look like a message of faultd's protocol (a JSON object with a string
+/// `type`) even though this ctl could not decode it: a faultd of another version, not a
+/// stranger.
+fn speaks_the_protocol(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .is_ok_and(|v| v.get("type").is_some_and(serde_json::Value::is_string))
+}
+
+/// `e` and its cause, as one phrase.
+fn with_cause(e: &dyn std::error::Error) -> String {
+    match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+fn timeval(d: Duration) -> TimeVal {
+    // parse_timeout bounds it to a day: both fit.
+    TimeVal::new(d.as_secs() as _, d.subsec_micros() as _)
 }
 
 fn absolute(path: PathBuf) -> Result<PathBuf, CtlError> {
@@ -761,6 +1148,97 @@ mod tests {
     fn a_page_count_must_be_positive() {
         assert_eq!(parse_pages("8"), Ok(8));
         assert_eq!(parse_pages("0"), Err(ParseError::NoPages));
+    }
+
+    #[test]
+    fn timeouts_take_ms_s_or_m_and_refuse_zero_and_more_than_a_day() {
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_timeout("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("1440m"), Ok(MAX_TIMEOUT));
+        for bad in ["", "s", "1.5s", "-1s", "5h", "5 s"] {
+            assert_eq!(
+                parse_timeout(bad),
+                Err(ParseError::NotADuration { text: bad.into() }),
+                "{bad:?}"
+            );
+        }
+        for out in ["0", "0ms", "1441m", "99999999999999999999m"] {
+            assert!(
+                matches!(
+                    parse_timeout(out),
+                    Err(ParseError::TimeoutOutOfRange { .. } | ParseError::NotADuration { .. })
+                ),
+                "{out:?}"
+            );
+        }
+        assert_eq!(
+            parse_timeout("0"),
+            Err(ParseError::TimeoutOutOfRange { text: "0".into() })
+        );
+        assert_eq!(
+            parse_timeout(DEFAULT_CONNECT_TIMEOUT),
+            Ok(Duration::from_secs(5))
+        );
+        assert_eq!(
+            parse_timeout(DEFAULT_ANSWER_TIMEOUT),
+            Ok(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn every_failure_exits_with_a_status_the_help_lists() {
+        let codes: Vec<u8> = EXIT_STATUSES.iter().map(|e| e.0).collect();
+        assert_eq!(codes, (0..=6).collect::<Vec<u8>>());
+        let help = exit_status_help();
+        for (code, what) in EXIT_STATUSES {
+            assert!(help.contains(&format!("\n  {code}  {what}")), "{help}");
+        }
+        let socket = String::from("/s");
+        let failures = [
+            (
+                CtlError::NotRunning {
+                    socket: socket.clone(),
+                    why: "no control socket",
+                },
+                EXIT_NOT_RUNNING,
+            ),
+            (
+                CtlError::NotFaultd {
+                    socket: socket.clone(),
+                    why: "is a regular file".into(),
+                },
+                EXIT_NOT_FAULTD,
+            ),
+            (
+                CtlError::TimedOut {
+                    socket: socket.clone(),
+                    step: "connecting to",
+                    after: Duration::from_secs(1),
+                    hint: "",
+                },
+                EXIT_TIMED_OUT,
+            ),
+            (
+                CtlError::Refused {
+                    code: ErrorCode::Forbidden,
+                    message: String::new(),
+                },
+                EXIT_FORBIDDEN,
+            ),
+            (
+                CtlError::Refused {
+                    code: ErrorCode::BadRequest,
+                    message: String::new(),
+                },
+                EXIT_FAILED,
+            ),
+            (CtlError::Closed { socket }, EXIT_FAILED),
+        ];
+        for (e, code) in failures {
+            assert_eq!(e.exit_code(), code, "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! faultd: parse arguments, load config, run. Everything else is in the library.
 
+use std::io::Write as _;
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,10 +16,13 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
     /// Config file (TOML), read over the embedded default.
-    #[arg(long)]
+    // Global flags share one name space with every command's arguments (clap propagates them
+    // by id): ids of their own keep a command's `socket` field (firecracker-listen's
+    // --backend-path) from being taken for the control socket.
+    #[arg(long, global = true, id = "global_config", value_name = "CONFIG")]
     config: Option<PathBuf>,
     /// Control socket path (overrides control.socket).
-    #[arg(long)]
+    #[arg(long, global = true, id = "global_socket", value_name = "SOCKET")]
     socket: Option<PathBuf>,
     /// Adaptive polling window in microseconds (overrides fault.spin_us).
     #[arg(long)]
@@ -30,7 +36,7 @@ struct Args {
     /// Metrics endpoint, loopback IP:PORT, "" for none (overrides metrics.listen).
     #[arg(long)]
     metrics_listen: Option<String>,
-    /// Print the effective configuration and exit.
+    /// Print the effective configuration as TOML (a file --config takes back) and exit.
     #[arg(long)]
     check_config: bool,
 }
@@ -38,13 +44,8 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send a request to a running faultd (its control socket: --socket, or the config's).
-    Ctl {
-        /// Print the answer as JSON (the protocol's field names) instead of a table.
-        #[arg(long, global = true)]
-        json: bool,
-        #[command(subcommand)]
-        request: faultd::ctl::CtlCommand,
-    },
+    #[command(after_help = faultd::ctl::exit_status_help())]
+    Ctl(faultd::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,25 +59,22 @@ fn main() -> ExitCode {
     };
     let config = match faultd::Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
-        Err(e) => return fail(&e, 2),
+        Err(e) => return fail(&e, faultd::ctl::EXIT_USAGE),
     };
-    if let Some(Command::Ctl { json, request }) = args.command {
-        let output = if json {
-            faultd::ctl::Output::Json
-        } else {
-            faultd::ctl::Output::Table
-        };
-        return match faultd::ctl::run(&config.socket, request, output) {
-            Ok(out) => {
-                println!("{out}");
-                ExitCode::SUCCESS
-            }
+    if let Some(Command::Ctl(ctl)) = args.command {
+        return match faultd::ctl::run(&config.socket, ctl) {
+            Ok(out) => print(&out),
             Err(e) => fail(&e, e.exit_code()),
         };
     }
     if args.check_config {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
+        return match config.to_toml() {
+            Ok(toml) => print(&toml),
+            Err(e) => {
+                let what = format!("printing the configuration as TOML: {e}");
+                fail(&std::io::Error::other(what), 1)
+            }
+        };
     }
     faultd::ops::logging::init(&config.log_filter);
     match faultd::run(config) {
@@ -85,14 +83,65 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints the error with its cause chain and returns `code`.
+/// Prints `text` and a newline on stdout. A reader that went away (`faultd ctl sessions |
+/// head`) has what it wanted: that ends quietly with success, as ripgrep does, instead of the
+/// panic `println!` makes of EPIPE (Rust ignores SIGPIPE, so a write gets EPIPE).
+fn print(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&e, 1),
+    }
+}
+
+/// Prints the error with its cause chain on stderr (a closed stderr is not worth a panic) and
+/// returns `code`.
 fn fail(e: &dyn std::error::Error, code: u8) -> ExitCode {
-    eprint!("faultd: {e}");
+    let mut line = format!("faultd: {e}");
     let mut src = e.source();
     while let Some(s) = src {
-        eprint!(": {s}");
+        line.push_str(&format!(": {s}"));
         src = s.source();
     }
-    eprintln!();
+    let _ = writeln!(std::io::stderr(), "{line}");
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arguments_are_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn a_commands_own_socket_argument_is_not_the_control_socket() {
+        let args = Args::try_parse_from([
+            "faultd",
+            "ctl",
+            "--socket",
+            "/run/c.sock",
+            "firecracker-listen",
+            "--vm",
+            "fc0",
+            "--backend-path",
+            "/run/fc.sock",
+            "--snapshot",
+            "/srv/mem",
+        ])
+        .unwrap();
+        assert_eq!(args.socket, Some(PathBuf::from("/run/c.sock")));
+        let Some(Command::Ctl(ctl)) = args.command else {
+            panic!("not ctl: {:?}", args.command);
+        };
+        assert!(matches!(
+            ctl.request,
+            faultd::ctl::CtlCommand::FirecrackerListen { socket, .. }
+                if socket == Path::new("/run/fc.sock")
+        ));
+    }
 }

@@ -3,14 +3,18 @@
 //! guest). Each command is checked against what the session itself reports and against the
 //! memfd: which pages it holds (SEEK_DATA/SEEK_HOLE) and what they contain.
 
-use std::os::fd::AsFd;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::process::Output;
-use std::time::Duration;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 
 use faultd::ctl::{human_bytes, human_us};
-use faultd_proto::{DaemonStatus, SessionDetail, SessionEvicted, SessionKind, SessionRow};
+use faultd_proto::{
+    DaemonStatus, Response, SessionDetail, SessionEvicted, SessionKind, SessionRef, SessionRow,
+};
 use faultd_tests::{read_with_timeout, settled_stats, write_with_timeout, Faultd, Ram};
+use serde_json::Value;
 use testvmm::{page_sequence, RamSlot, Vm, Workload};
 
 const PAGE: u64 = 4096;
@@ -63,8 +67,83 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn json<T: serde::de::DeserializeOwned>(text: &str) -> T {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not the expected JSON ({e}):\n{text}"))
+/// `faultd ctl ARGS` (with `--json` among them): the protocol's answer it printed, checked to
+/// be that object as it is: it decodes as a [`Response`] (which refuses unknown fields), and
+/// encoding that again gives the very JSON printed (so no field was left out either).
+fn answer(faultd: &Faultd, args: &[&str]) -> Response {
+    let text = ctl(faultd, args);
+    let printed: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}):\n{text}"));
+    let answer: Response = faultd_proto::decode(text.as_bytes())
+        .unwrap_or_else(|e| panic!("{args:?} printed no protocol answer ({e}):\n{text}"));
+    assert_eq!(
+        differences(&printed, &serde_json::to_value(&answer).unwrap(), "answer"),
+        Vec::<String>::new()
+    );
+    answer
+}
+
+fn session_rows(answer: Response) -> Vec<SessionRow> {
+    match answer {
+        Response::Sessions { sessions, more } => {
+            assert!(!more, "ctl printed a page, not every session");
+            sessions
+        }
+        other => panic!("not a sessions answer: {other:?}"),
+    }
+}
+
+fn details(answer: Response) -> Vec<SessionDetail> {
+    match answer {
+        Response::SessionDetail { sessions, omitted } => {
+            assert_eq!(omitted, 0);
+            sessions
+        }
+        other => panic!("not a session_detail answer: {other:?}"),
+    }
+}
+
+fn evicted(answer: Response) -> SessionEvicted {
+    match answer {
+        Response::SessionEvicted(e) => e,
+        other => panic!("not a session_evicted answer: {other:?}"),
+    }
+}
+
+fn status(answer: Response) -> DaemonStatus {
+    match answer {
+        Response::Status(st) => *st,
+        other => panic!("not a status answer: {other:?}"),
+    }
+}
+
+/// Where two JSON values differ, field by field, as "path: printed A, protocol B" (a field
+/// one side lacks shows as `None` there).
+fn differences(printed: &Value, proto: &Value, at: &str) -> Vec<String> {
+    match (printed, proto) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let at = format!("{at}.{k}");
+                    match (a.get(k), b.get(k)) {
+                        (Some(x), Some(y)) => differences(x, y, &at),
+                        (x, y) => vec![format!("{at}: printed {x:?}, protocol {y:?}")],
+                    }
+                })
+                .collect()
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .flat_map(|(i, (x, y))| differences(x, y, &format!("{at}[{i}]")))
+            .collect(),
+        (a, b) if a == b => Vec::new(),
+        (a, b) => vec![format!("{at}: printed {a}, protocol {b}")],
+    }
 }
 
 /// A table's data lines as cells: columns are separated by at least two spaces and no cell
@@ -141,7 +220,7 @@ fn sessions_lists_every_vm_with_the_resident_bytes_its_own_stats_report() {
     let stats_a = settled_stats(&mut sa, |s| s.resident_bytes == 10 * PAGE);
     let stats_b = settled_stats(&mut sb, |s| s.resident_bytes == 50 * PAGE);
 
-    let rows: Vec<SessionRow> = json(&ctl(&faultd, &["sessions", "--json"]));
+    let rows = session_rows(answer(&faultd, &["sessions", "--json"]));
     let table = ctl(&faultd, &["sessions"]);
 
     let names: Vec<&str> = rows.iter().map(|r| r.vm.as_str()).collect();
@@ -186,7 +265,7 @@ fn sessions_lists_every_vm_with_the_resident_bytes_its_own_stats_report() {
     drop(b);
     let deadline = std::time::Instant::now() + T;
     let left = loop {
-        let rows: Vec<SessionRow> = json(&ctl(&faultd, &["sessions", "--json"]));
+        let rows = session_rows(answer(&faultd, &["sessions", "--json"]));
         if rows.len() == 1 || std::time::Instant::now() > deadline {
             break rows;
         }
@@ -229,7 +308,7 @@ fn evict_pages_takes_the_oldest_pages_and_their_data_faults_back_intact() {
 
     // By session id, as JSON: the next four oldest.
     let id = before.session.to_string();
-    let done: SessionEvicted = json(&ctl(
+    let done = evicted(answer(
         &faultd,
         &["evict", "--session", &id, "--pages", "4", "--json"],
     ));
@@ -256,7 +335,7 @@ fn evict_pages_takes_the_oldest_pages_and_their_data_faults_back_intact() {
     assert_eq!(back.errors, 0, "{}", faultd.log());
 
     // Asking for more pages than are resident evicts what there is.
-    let all: SessionEvicted = json(&ctl(
+    let all = evicted(answer(
         &faultd,
         &["evict", "--vm", "vm-pages", "--pages", "1000", "--json"],
     ));
@@ -274,7 +353,7 @@ fn evict_range_evicts_exactly_the_resident_pages_of_that_range() {
     write_pages(&r, touched.iter().copied());
     settled_stats(&mut session, |s| s.resident_bytes == 46 * PAGE);
 
-    let done: SessionEvicted = json(&ctl(
+    let done = evicted(answer(
         &faultd,
         &[
             "evict",
@@ -317,9 +396,9 @@ fn stats_by_vm_or_session_shows_fills_latency_and_memory_as_the_session_sees_the
     // The latency is recorded last, after the fill and the residency: all 23 faults are done.
     let own = settled_stats(&mut session, |s| s.latency_us.count == 23);
 
-    let by_vm: Vec<SessionDetail> = json(&ctl(&faultd, &["stats", "--vm", "vm-stats", "--json"]));
+    let by_vm = details(answer(&faultd, &["stats", "--vm", "vm-stats", "--json"]));
     let id = own.session.to_string();
-    let by_id: Vec<SessionDetail> = json(&ctl(&faultd, &["--json", "stats", "--session", &id]));
+    let by_id = details(answer(&faultd, &["--json", "stats", "--session", &id]));
     let table = ctl(&faultd, &["stats", "--session", &id]);
 
     assert_eq!(by_vm, by_id);
@@ -401,7 +480,7 @@ fn status_sums_the_sessions_against_the_global_budget_and_lists_listeners() {
         ],
     );
 
-    let st: DaemonStatus = json(&ctl(&faultd, &["status", "--json"]));
+    let st = status(answer(&faultd, &["status", "--json"]));
     let table = ctl(&faultd, &["status"]);
 
     assert_eq!(st.version, env!("CARGO_PKG_VERSION"));
@@ -499,7 +578,7 @@ fn a_second_vmm_with_a_live_vm_name_is_refused_and_the_first_keeps_it() {
         )
         .unwrap_err();
 
-    let shown: Vec<SessionDetail> = json(&ctl(&faultd, &["stats", "--vm", "twin", "--json"]));
+    let shown = details(answer(&faultd, &["stats", "--vm", "twin", "--json"]));
     let evicted = ctl(&faultd, &["evict", "--vm", "twin", "--pages", "1"]);
 
     assert!(
@@ -575,7 +654,7 @@ fn evict_pages_on_a_kvm_guest_frees_memory_and_the_guest_reads_back_what_it_wrot
         s.vcpu_faults >= distinct && s.resident_bytes == r.ram.allocated_bytes().unwrap()
     });
 
-    let done: SessionEvicted = json(&ctl(
+    let done = evicted(answer(
         &faultd,
         &["evict", "--vm", "vm-kvm", "--pages", "200", "--json"],
     ));
@@ -634,4 +713,537 @@ fn evict_from_a_user_that_is_not_root_is_refused_and_evicts_nothing() {
     );
     assert_eq!(session.stats().unwrap().evictions, 0);
     assert_eq!(memfd_pages(&r), (0..4).collect::<Vec<u64>>());
+}
+
+/// Runs `faultd ARGS` and waits at most `limit` for it (then kills it and fails: it hangs);
+/// its output and how long it ran.
+fn faultd_within<S: AsRef<OsStr> + std::fmt::Debug>(
+    args: &[S],
+    limit: Duration,
+) -> (Output, Duration) {
+    let started = Instant::now();
+    let child = std::process::Command::new(faultd_tests::faultd_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running faultd");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => (out.expect("waiting for faultd"), started.elapsed()),
+        Err(_) => {
+            // Our own child, still unreaped (its waiter is blocked in wait).
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let out = rx.recv().expect("waiter").expect("waiting for faultd");
+            panic!(
+                "faultd {args:?} still ran after {limit:?} (killed): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// A SOCK_SEQPACKET socket listening at `path` with `backlog`, as faultd's is.
+fn seqpacket_listener(path: &Path, backlog: i32) -> OwnedFd {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        sock.as_raw_fd(),
+        &nix::sys::socket::UnixAddr::new(path).unwrap(),
+    )
+    .unwrap();
+    listen(&sock, Backlog::new(backlog).unwrap()).unwrap();
+    sock
+}
+
+/// Accepts one connection on `listener`.
+fn accept_one(listener: &OwnedFd) -> OwnedFd {
+    let fd = nix::sys::socket::accept(listener.as_raw_fd()).expect("accept");
+    // SAFETY: accept returned a new fd that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Receives one packet on `conn` (empty: the peer hung up).
+fn recv_packet(conn: &OwnedFd) -> Vec<u8> {
+    let mut buf = vec![0u8; 65536];
+    let n = nix::sys::socket::recv(
+        conn.as_raw_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn socket_and_config_are_taken_after_ctl_and_after_its_command_too() {
+    let faultd = Faultd::start(&[]);
+    let socket = faultd.socket().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("faultd.toml");
+    std::fs::write(&config, format!("[control]\nsocket = \"{socket}\"\n")).unwrap();
+    let config = config.to_str().unwrap();
+    let missing = dir.path().join("none.sock");
+    let missing = missing.to_str().unwrap();
+    let head = format!(
+        "faultd         {}, pid {}",
+        env!("CARGO_PKG_VERSION"),
+        faultd.pid()
+    );
+
+    for args in [
+        &["--socket", socket, "ctl", "status"][..],
+        &["ctl", "--socket", socket, "status"],
+        &["ctl", "status", "--socket", socket],
+        &["ctl", "--config", config, "status"],
+        &["ctl", "status", "--config", config, "--timeout", "5s"],
+        &[
+            "--config",
+            config,
+            "ctl",
+            "--connect-timeout",
+            "2s",
+            "status",
+        ],
+    ] {
+        let (out, _) = faultd_within(args, T);
+
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout(&out).starts_with(&head),
+            "{args:?}: {}",
+            stdout(&out)
+        );
+    }
+    // The flag after ctl is the one used: a socket where nothing runs is reported as such.
+    let (out, _) = faultd_within(
+        &["--socket", socket, "ctl", "--socket", missing, "status"],
+        T,
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!("faultd: not running (no control socket at {missing})")
+    );
+}
+
+#[test]
+fn ctl_help_lists_the_socket_config_and_timeout_flags_and_every_exit_status() {
+    for args in [&["ctl", "--help"][..], &["ctl", "-h"]] {
+        let (out, _) = faultd_within(args, T);
+        let help = stdout(&out);
+
+        assert_eq!(out.status.code(), Some(0));
+        for flag in [
+            "--socket <SOCKET>",
+            "--config <CONFIG>",
+            "--connect-timeout <DURATION>",
+            "--timeout <DURATION>",
+            "--json",
+            "[default: 5s]",
+            "[default: 30s]",
+        ] {
+            assert!(help.contains(flag), "{flag} not in:\n{help}");
+        }
+        let listed: Vec<(u8, String)> = help
+            .split_once("Exit status:\n")
+            .expect("an exit status section")
+            .1
+            .lines()
+            .map_while(|l| {
+                let (code, what) = l.trim_start().split_once("  ")?;
+                Some((code.parse().ok()?, what.to_owned()))
+            })
+            .collect();
+        let codes: Vec<u8> = listed.iter().map(|l| l.0).collect();
+        assert_eq!(codes, [0, 1, 2, 3, 4, 5, 6], "{help}");
+        // The codes the other tests see, with what they mean.
+        for (code, says) in [
+            (2, "usage"),
+            (3, "not running"),
+            (4, "forbidden"),
+            (5, "timed out"),
+            (6, "not a faultd control socket"),
+        ] {
+            assert!(listed[code].1.contains(says), "{code}: {}", listed[code].1);
+        }
+    }
+    // A command's own help lists the flags too.
+    let (out, _) = faultd_within(&["ctl", "stats", "--help"], T);
+    assert!(
+        stdout(&out).contains("--socket <SOCKET>"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("--timeout <DURATION>"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_socket_that_accepts_and_never_answers_times_out_with_exit_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mute.sock");
+    let listener = seqpacket_listener(&path, 8);
+    // Accepts, reads the request, and never answers (until ctl hangs up).
+    let mute = std::thread::spawn(move || {
+        let conn = accept_one(&listener);
+        let request = recv_packet(&conn);
+        let hung_up = recv_packet(&conn).is_empty();
+        (request, hung_up)
+    });
+
+    let (out, took) = faultd_within(
+        &[
+            "ctl",
+            "--socket",
+            path.to_str().unwrap(),
+            "--timeout",
+            "1s",
+            "status",
+        ],
+        T,
+    );
+
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "faultd: timed out after 1s waiting for an answer from {} (--timeout sets the wait; \
+             faultd may still complete a request it received)",
+            path.display()
+        )
+    );
+    assert!(out.stdout.is_empty());
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    let (request, hung_up) = mute.join().unwrap();
+    assert_eq!(
+        faultd_proto::decode::<faultd_proto::Request>(&request).unwrap(),
+        faultd_proto::Request::Status {}
+    );
+    assert!(hung_up);
+}
+
+#[test]
+fn a_socket_whose_backlog_stays_full_times_out_connecting_with_exit_5() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stuck.sock");
+    // Listening, never accepting: fill its backlog as a stuck or flooded daemon's would be.
+    let _listener = seqpacket_listener(&path, 0);
+    let mut queued = Vec::new();
+    loop {
+        let c = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match connect(c.as_raw_fd(), &UnixAddr::new(&path).unwrap()) {
+            Ok(()) => queued.push(c),
+            Err(nix::Error::EAGAIN) => break,
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+        assert!(queued.len() < 100, "the backlog never fills");
+    }
+
+    let (out, took) = faultd_within(
+        &[
+            "ctl",
+            "status",
+            "--socket",
+            path.to_str().unwrap(),
+            "--connect-timeout",
+            "1500ms",
+        ],
+        T,
+    );
+
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "faultd: timed out after 1.5s connecting to {} (nothing accepted the connection; \
+             --connect-timeout sets the wait)",
+            path.display()
+        )
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(4500),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_path_that_is_no_faultd_control_socket_is_named_so_with_exit_6() {
+    use std::os::unix::net::{UnixDatagram, UnixListener};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "not a socket").unwrap();
+    let directory = dir.path().join("dir");
+    std::fs::create_dir(&directory).unwrap();
+    let stream = dir.path().join("stream.sock");
+    let _stream = UnixListener::bind(&stream).unwrap();
+    let datagram = dir.path().join("dgram.sock");
+    let _datagram = UnixDatagram::bind(&datagram).unwrap();
+    // A seqpacket socket, as faultd's, whose peer answers another protocol.
+    let garbage = dir.path().join("garbage.sock");
+    let listener = seqpacket_listener(&garbage, 8);
+    let stranger = std::thread::spawn(move || {
+        let conn = accept_one(&listener);
+        recv_packet(&conn);
+        nix::sys::socket::send(
+            conn.as_raw_fd(),
+            b"SSH-2.0-OpenSSH_9.6\r\n",
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        recv_packet(&conn);
+    });
+
+    let cases = [
+        (&file, "is a regular file, not a socket"),
+        (&directory, "is a directory, not a socket"),
+        (
+            &stream,
+            "is a socket of another type (faultd's is a seqpacket socket)",
+        ),
+        (
+            &datagram,
+            "is a socket of another type (faultd's is a seqpacket socket)",
+        ),
+        (
+            &garbage,
+            "answered something that is not faultd's protocol (malformed message: expected value at line 1 column 1)",
+        ),
+    ];
+    for (path, why) in cases {
+        let (code, err) = ctl_fails(path, &["status"]);
+
+        assert_eq!(code, 6, "{err}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "faultd: not a faultd control socket: {} {why}",
+                path.display()
+            )
+        );
+    }
+    stranger.join().unwrap();
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_with_exit_0() {
+    let faultd = Faultd::start(&[]);
+    let r = Ram::new("vm-pipe", 4 * MIB);
+    let mut session = r.serve(&faultd, "vm-pipe");
+    write_pages(&r, 0..4);
+    settled_stats(&mut session, |s| s.resident_bytes == 4 * PAGE);
+    let socket = faultd.socket().to_str().unwrap();
+
+    for args in [
+        &["ctl", "--socket", socket, "status"][..],
+        &["ctl", "--socket", socket, "sessions"],
+        &["ctl", "--socket", socket, "stats", "--vm", "vm-pipe"],
+        &[
+            "ctl", "--socket", socket, "stats", "--vm", "vm-pipe", "--json",
+        ],
+        &["--check-config"],
+    ] {
+        // `faultd ctl stats | head -c1` where head has already gone: the reading end is closed
+        // before faultd writes a byte, so every write gets EPIPE.
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let out = std::process::Command::new(faultd_tests::faultd_bin())
+            .args(args)
+            .stdout(Stdio::from(write))
+            .output()
+            .unwrap();
+
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
+}
+
+#[test]
+fn json_prints_every_answer_whole_field_by_field_as_the_protocol_gives_it() {
+    let faultd = Faultd::start(&[]);
+    let (a, b) = (Ram::new("js-a", 4 * MIB), Ram::new("js-b", 4 * MIB));
+    let mut sa = a.serve(&faultd, "js-a");
+    let mut sb = b.serve(&faultd, "js-b");
+    write_pages(&a, 0..12);
+    write_pages(&b, 0..5);
+    settled_stats(&mut sa, |s| s.latency_us.count == 12);
+    settled_stats(&mut sb, |s| s.latency_us.count == 5);
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("mem");
+    std::fs::write(&snapshot, vec![0u8; 4096]).unwrap();
+    let fc = dir.path().join("fc.sock");
+    let printed = |args: &[&str]| -> Value {
+        let text = ctl(&faultd, args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}:\n{text}"))
+    };
+    let proto = |answer: Response| serde_json::to_value(answer).unwrap();
+    let client = || faultd_client::Client::connect(faultd.socket()).unwrap();
+
+    let listen = printed(&[
+        "firecracker-listen",
+        "--vm",
+        "js-fc",
+        "--backend-path",
+        fc.to_str().unwrap(),
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--json",
+    ]);
+    let mut st = printed(&["status", "--json"]);
+    let mut st_proto = proto(Response::Status(Box::new(client().status().unwrap())));
+    let sessions = printed(&["--json", "sessions"]);
+    let sessions_proto = proto(Response::Sessions {
+        sessions: client().sessions().unwrap(),
+        more: false,
+    });
+    let detail = printed(&["stats", "--json", "--vm", "js-a"]);
+    let (d, omitted) = client()
+        .session_detail(SessionRef::Vm("js-a".into()))
+        .unwrap();
+    let detail_proto = proto(Response::SessionDetail {
+        sessions: d,
+        omitted,
+    });
+    let evict = printed(&["evict", "--vm", "js-b", "--pages", "2", "--json"]);
+    let resident_after = sb.stats().unwrap().resident_bytes;
+
+    let listen_proto = proto(Response::Listening {
+        vm: "js-fc".into(),
+        socket: fc.clone(),
+    });
+    assert_eq!(
+        differences(&listen, &listen_proto, "listening"),
+        Vec::<String>::new()
+    );
+    // The one field that moves between the two asks.
+    for v in [&mut st, &mut st_proto] {
+        v.as_object_mut()
+            .unwrap()
+            .remove("uptime_secs")
+            .expect("uptime_secs");
+    }
+    assert_eq!(differences(&st, &st_proto, "status"), Vec::<String>::new());
+    assert_eq!(st["type"], "status");
+    assert_eq!(st["firecracker"][0]["vm"], "js-fc");
+    assert_eq!(
+        differences(&sessions, &sessions_proto, "sessions"),
+        Vec::<String>::new()
+    );
+    assert_eq!(sessions["sessions"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        differences(&detail, &detail_proto, "session_detail"),
+        Vec::<String>::new()
+    );
+    assert_eq!(detail["omitted"], 0);
+    assert_eq!(detail["sessions"][0]["stats"]["latency_us"]["count"], 12);
+    let evict_proto = proto(Response::SessionEvicted(SessionEvicted {
+        session: sb.id(),
+        vm: "js-b".into(),
+        evicted: 2,
+        zero: 0,
+        failed: 0,
+        resident_bytes: resident_after,
+    }));
+    assert_eq!(
+        differences(&evict, &evict_proto, "session_evicted"),
+        Vec::<String>::new()
+    );
+    assert_eq!(resident_after, 3 * PAGE);
+}
+
+#[test]
+fn check_config_prints_toml_that_loads_back_as_the_same_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("faultd.toml");
+    std::fs::write(
+        &file,
+        "[control]\nmax_sessions = 9\n[budget]\nsession_mib = 128\nhigh_pct = 90\nlow_pct = 70\n\
+         [metrics]\nlisten = \"\"\n[limits]\nhandshake_ms = 1234\nsession_guest_gib = 3\n\
+         [[firecracker]]\nvm = \"fc0\"\nsocket = \"/run/fc0.sock\"\nsnapshot = \"/srv/fc0.mem\"\n\
+         uid = 1000\n",
+    )
+    .unwrap();
+    let socket = dir.path().join("s.sock");
+    let overrides = faultd::Overrides {
+        socket: Some(socket.clone()),
+        spin_us: Some(7),
+        log_filter: Some("faultd=trace".into()),
+        ..Default::default()
+    };
+    let want = faultd::Config::load(Some(&file), &overrides).unwrap();
+
+    let (out, _) = faultd_within(
+        &[
+            OsStr::new("--config"),
+            file.as_os_str(),
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--spin-us"),
+            OsStr::new("7"),
+            OsStr::new("--log"),
+            OsStr::new("faultd=trace"),
+            OsStr::new("--check-config"),
+        ],
+        T,
+    );
+
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = stdout(&out);
+    let loaded = faultd::Config::from_toml(&printed)
+        .unwrap_or_else(|e| panic!("the printed config does not load ({e}):\n{printed}"));
+    assert_eq!(loaded, want, "{printed}");
+    // ... and it is this file's and these flags' config, not the default.
+    assert_ne!(
+        want,
+        faultd::Config::load(None, &Default::default()).unwrap()
+    );
+    for line in [
+        format!("socket = \"{}\"", socket.display()),
+        "spin_us = 7".into(),
+        "max_sessions = 9".into(),
+        "handshake_ms = 1234".into(),
+        "[[firecracker]]".into(),
+        "uid = 1000".into(),
+    ] {
+        assert!(
+            printed.lines().any(|l| l == line),
+            "{line:?} not in:\n{printed}"
+        );
+    }
 }

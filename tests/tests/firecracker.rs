@@ -737,8 +737,12 @@ fn cli_listens_and_reports_stats_and_a_config_entry_listens_from_the_start() {
         restores.push(r);
     }
     faultd.settled_vm_stats("fc-cli", |s| s.first().is_some_and(|s| s.file_fills >= 10));
-    let printed: Vec<faultd_proto::SessionDetail> =
-        serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli", "--json"])).unwrap();
+    // `--json` prints faultd's answer object whole.
+    let printed = match serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli", "--json"])).unwrap()
+    {
+        faultd_proto::Response::SessionDetail { sessions, .. } => sessions,
+        other => panic!("not a session_detail answer: {other:?}"),
+    };
     assert_eq!(printed.len(), 1);
     assert_eq!(printed[0].kind, faultd_proto::SessionKind::Firecracker);
     assert_eq!(printed[0].stats.file_fills, 10);
@@ -871,6 +875,14 @@ fn ctl(faultd: &Faultd, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The eviction `faultd ctl evict --json` printed (faultd's answer object whole).
+fn evicted_answer(printed: &str) -> faultd_proto::SessionEvicted {
+    match serde_json::from_str(printed).unwrap() {
+        faultd_proto::Response::SessionEvicted(e) => e,
+        other => panic!("not an eviction's answer: {other:?}"),
+    }
+}
+
 #[test]
 fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() {
     let _swap = faultd_tests::Swap::enable();
@@ -928,11 +940,10 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
     };
 
     // The 600 oldest pages.
-    let done: faultd_proto::SessionEvicted = serde_json::from_str(&ctl(
+    let done = evicted_answer(&ctl(
         &faultd,
         &["evict", "--vm", "fc-swap", "--pages", "600", "--json"],
-    ))
-    .unwrap();
+    ));
     println!("--pages 600: {done:?}");
     assert_eq!((done.evicted + done.failed, done.zero), (600, 0));
     assert!(done.failed <= stay_at_most, "{done:?}");
@@ -950,11 +961,10 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
 
     // A range: the next 200 touched pages (guest 1200 * 4 KiB onwards).
     let range = format!("{:#x}:{:#x}", offs[600], offs[800] - offs[600]);
-    let done: faultd_proto::SessionEvicted = serde_json::from_str(&ctl(
+    let done = evicted_answer(&ctl(
         &faultd,
         &["evict", "--vm", "fc-swap", "--range", &range, "--json"],
-    ))
-    .unwrap();
+    ));
     println!("--range {range}: {done:?}");
     // Pages of the range already in swap are not asked for again (none here: the range is
     // past the first request's pages).

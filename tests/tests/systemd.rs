@@ -615,7 +615,11 @@ fn firecracker_flow(sandbox: &Sandbox) -> FlowEnd {
             .output()
             .unwrap();
         if out.status.success() {
-            Ok(serde_json::from_slice(&out.stdout).unwrap())
+            // `--json` prints faultd's answer object whole.
+            match serde_json::from_slice(&out.stdout).unwrap() {
+                faultd_proto::Response::SessionEvicted(e) => Ok(e),
+                other => Err(format!("not an eviction's answer: {other:?}")),
+            }
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The default configuration, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../../config/faultd.toml");
@@ -68,7 +68,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
@@ -87,11 +87,11 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     limits: RawLimits,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     firecracker: Vec<RawFirecracker>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     connections: Option<usize>,
@@ -105,14 +105,14 @@ struct RawLimits {
     device_malformed_run: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Option<String>,
     vm_labels: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawBudget {
     session_mib: Option<u64>,
@@ -121,7 +121,7 @@ struct RawBudget {
     low_pct: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
     dir: Option<PathBuf>,
@@ -129,16 +129,17 @@ struct RawStore {
 
 /// A static Firecracker listen order (see [`crate::front::firecracker`]). No `pid`: a pid is not
 /// known before the process exists.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawFirecracker {
     vm: String,
     socket: PathBuf,
     snapshot: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
     uid: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawDevice {
     deadline_ms: Option<u64>,
@@ -147,21 +148,21 @@ struct RawDevice {
     max_devices: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
     socket: Option<PathBuf>,
     max_sessions: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawFault {
     spin_us: Option<u64>,
     batch: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
     filter: Option<String>,
@@ -337,6 +338,78 @@ impl Config {
         let mut raw = parse(DEFAULT_TOML, "embedded default")?;
         raw.merge(parse(text, "text")?);
         Config::try_from(raw)
+    }
+}
+
+impl Config {
+    /// The configuration as a TOML file in the format [`Config::load`] reads, every key set
+    /// (`--check-config` prints it). Loading it gives this configuration back, exactly for
+    /// every configuration loaded from TOML (its sizes are whole MiB, KiB and GiB there).
+    /// Fails only for a path that is not UTF-8, which TOML cannot hold.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(&RawConfig::from(self))
+    }
+}
+
+/// The file form of a validated configuration: the inverse of `TryFrom<RawConfig>`.
+impl From<&Config> for RawConfig {
+    fn from(c: &Config) -> RawConfig {
+        // Validated durations are at most minutes: their counts fit u64.
+        let ms = |d: Duration| Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        RawConfig {
+            control: RawControl {
+                socket: Some(c.socket.clone()),
+                max_sessions: Some(c.max_sessions),
+            },
+            fault: RawFault {
+                spin_us: Some(u64::try_from(c.spin.as_micros()).unwrap_or(u64::MAX)),
+                batch: Some(c.batch),
+            },
+            device: RawDevice {
+                deadline_ms: ms(c.device_deadline),
+                pin_limit_mib: Some(c.pin_limit >> 20),
+                granule_kib: Some(c.granule >> 10),
+                max_devices: Some(c.max_devices),
+            },
+            budget: RawBudget {
+                session_mib: Some(c.budget.session >> 20),
+                global_mib: Some(c.budget.global >> 20),
+                high_pct: Some(c.budget.high_pct),
+                low_pct: Some(c.budget.low_pct),
+            },
+            store: RawStore {
+                dir: Some(c.store_dir.clone()),
+            },
+            log: RawLog {
+                filter: Some(c.log_filter.clone()),
+            },
+            metrics: RawMetrics {
+                listen: Some(c.metrics_listen.map_or_else(String::new, |a| a.to_string())),
+                vm_labels: Some(c.metrics_vm_labels),
+            },
+            limits: RawLimits {
+                connections: Some(c.limits.connections),
+                connections_per_uid: Some(c.limits.connections_per_uid),
+                handshake_ms: ms(c.limits.handshake),
+                registrations_per_sec: Some(c.limits.registrations_per_sec),
+                registrations_burst: Some(c.limits.registrations_burst),
+                sessions_per_uid: Some(c.limits.sessions_per_uid),
+                session_guest_gib: Some(c.limits.session_guest >> 30),
+                total_guest_gib: Some(c.limits.total_guest >> 30),
+                device_malformed_run: Some(c.limits.device_malformed_run),
+            },
+            // A pid is never in a file (see RawFirecracker): it has none to write.
+            firecracker: c
+                .firecracker
+                .iter()
+                .map(|l| RawFirecracker {
+                    vm: l.vm.clone(),
+                    socket: l.socket.clone(),
+                    snapshot: l.snapshot.clone(),
+                    uid: l.peer.uid,
+                })
+                .collect(),
+        }
     }
 }
 
@@ -1021,6 +1094,44 @@ mod tests {
             err.to_string(),
             "config field limits.connections = 0: must be 1..=65536"
         );
+    }
+
+    #[test]
+    fn the_default_printed_as_toml_loads_back_the_same() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+    }
+
+    #[test]
+    fn a_config_with_every_key_changed_printed_as_toml_loads_back_the_same() {
+        let text = "[control]\nsocket = \"/run/x/f.sock\"\nmax_sessions = 7\n\
+             [fault]\nspin_us = 3\nbatch = 5\n\
+             [device]\ndeadline_ms = 9\npin_limit_mib = 6\ngranule_kib = 8\nmax_devices = 2\n\
+             [budget]\nsession_mib = 11\nglobal_mib = 13\nhigh_pct = 70\nlow_pct = 60\n\
+             [store]\ndir = \"/srv/st\"\n[log]\nfilter = \"faultd=debug\"\n\
+             [metrics]\nlisten = \"[::1]:0\"\nvm_labels = 3\n\
+             [limits]\nconnections = 17\nconnections_per_uid = 4\nhandshake_ms = 19\n\
+             registrations_per_sec = 23\nregistrations_burst = 29\nsessions_per_uid = 2\n\
+             session_guest_gib = 31\ntotal_guest_gib = 37\ndevice_malformed_run = 41\n\
+             [[firecracker]]\nvm = \"fc0\"\nsocket = \"/run/fc0.sock\"\n\
+             snapshot = \"/srv/fc0.mem\"\nuid = 1000\n\
+             [[firecracker]]\nvm = \"fc1\"\nsocket = \"/run/fc1.sock\"\nsnapshot = \"/srv/fc1.mem\"\n";
+        let c = Config::from_toml(text).unwrap();
+
+        let printed = c.to_toml().unwrap();
+
+        // Every key above differs from the default, so a key the print left out would load
+        // back as the default and differ.
+        assert_eq!(Config::from_toml(&printed).unwrap(), c, "{printed}");
+        assert_eq!(c.metrics_listen, Some("[::1]:0".parse().unwrap()));
+    }
+
+    #[test]
+    fn no_metrics_prints_as_the_empty_listen_address() {
+        let c = Config::from_toml("[metrics]\nlisten = \"\"\n").unwrap();
+        let printed = c.to_toml().unwrap();
+        assert!(printed.contains("listen = \"\""), "{printed}");
+        assert_eq!(Config::from_toml(&printed).unwrap(), c);
     }
 
     #[test]
