@@ -306,7 +306,7 @@ pub(crate) struct Live {
 impl Daemon {
     /// New daemon state; `cancel` ends everything it runs.
     pub fn new(config: Config, cancel: CancellationToken) -> Arc<Daemon> {
-        let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit);
+        let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit, config.budget);
         let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.connections));
         Arc::new(Daemon {
             config,
@@ -799,20 +799,22 @@ impl Daemon {
             Ending::Handover => thread.hand_over(drain),
         })
         .await;
+        // The thread has stopped: these are the final counters, retired into the metrics and
+        // logged, from one read.
+        let (stats, sample) = session.stats_and_sample();
         {
             // Both tables together, as render_metrics reads them.
             let mut sessions = self.sessions();
             sessions.remove(&session.id());
             self.handles().remove(&session.id());
             if let Some(label) = self.labels().remove(&session.id()) {
-                self.metrics.release(&label, &session.sample().totals);
+                self.metrics.release(&label, &sample.totals);
             }
             // The thread has stopped and dropped the store: the name is free.
             self.ending()
                 .remove(&(session.owner(), session.vm().to_owned()));
             released.notify_waiters();
         }
-        let stats = session.stats();
         tracing::info!(
             session = session.id(),
             vm = session.vm(),

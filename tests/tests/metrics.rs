@@ -1,7 +1,9 @@
-//! faultd's Prometheus metrics, checked with the real tools: a real Prometheus server scrapes
-//! faultd while a KVM guest faults, `promtool check metrics` lints the exposition, and the
-//! alert rules shipped in deploy/ pass `promtool check rules` and their `promtool test rules`
-//! unit tests. (`scripts/setup` installs Debian's `prometheus` package, which has both tools.)
+//! faultd's Prometheus metrics, checked with the real tools: a real Prometheus server, run
+//! with the scrape config and alert rules shipped in deploy/prometheus, scrapes faultd while a
+//! KVM guest faults; `promtool check metrics` lints the exposition; the shipped config passes
+//! `promtool check config` and the rules `promtool check rules` and their `promtool test
+//! rules` unit tests. (`scripts/setup` installs Debian's `prometheus` package, which has both
+//! tools.)
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -11,14 +13,46 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use faultd_tests::{http_get, read_with_timeout, settled_stats, tool, url_encode, Faultd, Ram};
+use faultd_client::RamPageSize;
+use faultd_tests::{
+    http_get, read_with_timeout, settled_stats, tool, url_encode, write_with_timeout, Faultd,
+    HugePages, Ram,
+};
 use testvmm::{RamSlot, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
+const HUGE: u64 = 2 * MIB;
+const T: Duration = Duration::from_secs(10);
+
+/// The shipped scrape configuration, and the target in it (faultd's default metrics address).
+const SHIPPED_CONFIG: &str = "deploy/prometheus/prometheus.yml";
+const SHIPPED_TARGET: &str = "['127.0.0.1:9597']";
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// The job name of the shipped scrape configuration (its one `job_name:`).
+fn shipped_job() -> String {
+    let config = std::fs::read_to_string(repo_file(SHIPPED_CONFIG)).unwrap();
+    let jobs: Vec<&str> = config
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- job_name:"))
+        .map(|j| j.trim().trim_matches(['\'', '"']))
+        .collect();
+    assert_eq!(
+        jobs.len(),
+        1,
+        "one scrape job in {SHIPPED_CONFIG}: {jobs:?}"
+    );
+    jobs[0].to_owned()
+}
+
+/// `text` with `from` replaced by `to`, which must occur exactly once.
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "{from:?} once in:\n{text}");
+    text.replacen(from, to, 1)
 }
 
 /// A Prometheus server on a private loopback port and data directory; killed on drop.
@@ -29,18 +63,21 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping `target` (`IP:PORT`, path /metrics) every second as job
-    /// "faultd", and waits until it is ready.
-    fn scraping(target: &str) -> Prometheus {
+    /// Starts Prometheus with the shipped configuration (deploy/prometheus/prometheus.yml and
+    /// the rule file it loads, copied side by side), changed only in where faultd is (`target`,
+    /// `IP:PORT`) and in scraping and evaluating every second instead of every 15; waits until
+    /// it is ready.
+    fn shipped(target: &str) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: faultd\n    static_configs:\n      \
-                 - targets: ['{target}']\n"
-            ),
+        let shipped = std::fs::read_to_string(repo_file(SHIPPED_CONFIG)).unwrap();
+        let ours = replace_once(&shipped, SHIPPED_TARGET, &format!("['{target}']"));
+        let ours = replace_once(&ours, "scrape_interval: 15s", "scrape_interval: 1s");
+        let ours = replace_once(&ours, "evaluation_interval: 15s", "evaluation_interval: 1s");
+        std::fs::write(&config, ours).unwrap();
+        std::fs::copy(
+            repo_file("deploy/prometheus/faultd-rules.yml"),
+            dir.path().join("faultd-rules.yml"),
         )
         .unwrap();
         // A free port now; nothing else on this machine binds ephemeral ports on purpose.
@@ -77,6 +114,39 @@ impl Prometheus {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Waits until `expr` has exactly the value `want` (Prometheus scrapes every second).
+    fn wait_value(&self, expr: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.value(expr) != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "{expr}: Prometheus shows {:?}, expected {want}\n{}",
+                self.value(expr),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The alerts Prometheus has now (pending or firing): (name, state, labels).
+    fn alerts(&self) -> Vec<(String, String, serde_json::Value)> {
+        let (status, body) = http_get(&self.addr, "/api/v1/alerts");
+        assert_eq!(status, 200, "{body}");
+        let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+        reply["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["labels"]["alertname"].as_str().unwrap().to_owned(),
+                    a["state"].as_str().unwrap().to_owned(),
+                    a["labels"].clone(),
+                )
+            })
+            .collect()
     }
 
     fn log(&self) -> String {
@@ -123,12 +193,57 @@ impl Drop for Prometheus {
     }
 }
 
+/// faultd's CPU time so far (user + system, all threads), seconds, from /proc/PID/stat.
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces) are counted from its closing paren:
+    // utime and stime are fields 14 and 15, the 12th and 13th after it.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / clock_ticks()
+}
+
+/// Clock ticks per second (the unit of /proc's CPU times).
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// A field of /proc/PID/status in kB, as bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("{field} in {status}"));
+    let kb: u64 = line.trim().trim_end_matches("kB").trim().parse().unwrap();
+    kb * 1024
+}
+
+/// The commit the workspace is at, as faultd_build_info should report it.
+fn git_head() -> String {
+    let out = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git rev-parse HEAD");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 #[test]
-fn real_prometheus_sees_fault_latency_histograms_move_while_a_kvm_guest_runs() {
+fn real_prometheus_with_the_shipped_config_sees_faults_cpu_budgets_and_faultd_going_down() {
     const SIZE: u64 = 512 * MIB;
     const ROUND_PAGES: u32 = 2000;
-    let faultd = Faultd::start(&[]);
-    let prom = Prometheus::scraping(&faultd.metrics_addr());
+    // Budgets above what the guest touches: this is about the gauges showing them.
+    const VM_BUDGET_MIB: u64 = 1024;
+    const GLOBAL_BUDGET_MIB: u64 = 3072;
+    let mut faultd = Faultd::start_with_config(&format!(
+        "[budget]\nsession_mib = {VM_BUDGET_MIB}\nglobal_mib = {GLOBAL_BUDGET_MIB}\n"
+    ));
+    let job = shipped_job();
+    let prom = Prometheus::shipped(&faultd.metrics_addr());
     let ram = Ram::new("vm-prom", SIZE);
     let mut session = ram.serve(&faultd, "vm-prom");
     let mut vm = Vm::new(vec![RamSlot {
@@ -138,7 +253,8 @@ fn real_prometheus_sees_fault_latency_histograms_move_while_a_kvm_guest_runs() {
     }])
     .unwrap();
     vm.set_timeout(Some(Duration::from_secs(120)));
-    let served = "sum(faultd_fault_latency_seconds_count{job=\"faultd\",vm=\"vm-prom\",source=\"vcpu\",outcome=\"zero\"})";
+    let served = format!("sum(faultd_fault_latency_seconds_count{{job=\"{job}\",vm=\"vm-prom\",source=\"vcpu\",outcome=\"zero\"}})");
+    let served = served.as_str();
     // Prometheus has scraped faultd (the series exist, pre-created at 0) before the guest runs.
     let deadline = Instant::now() + Duration::from_secs(30);
     while prom.value(served).is_none() {
@@ -157,11 +273,12 @@ fn real_prometheus_sees_fault_latency_histograms_move_while_a_kvm_guest_runs() {
     let observer = {
         let done = done.clone();
         let addr = prom.addr.clone();
+        let served = served.to_owned();
         std::thread::spawn(move || {
             let mut seen = BTreeSet::new();
             let deadline = Instant::now() + Duration::from_secs(90);
             while seen.len() < 4 && Instant::now() < deadline {
-                if let Some(v) = value(&addr, served) {
+                if let Some(v) = value(&addr, &served) {
                     seen.insert(v as u64);
                 }
                 std::thread::sleep(Duration::from_millis(250));
@@ -237,6 +354,97 @@ fn real_prometheus_sees_fault_latency_histograms_move_while_a_kvm_guest_runs() {
         Some(stats.resident_bytes as f64)
     );
     assert_eq!(prom.value("faultd_sessions"), Some(1.0));
+
+    // What faultd was built from, scraped through the shipped job.
+    let info = prom.query(&format!("faultd_build_info{{job=\"{job}\"}}"));
+    assert_eq!(info.len(), 1, "{info:?}");
+    let (labels, one) = &info[0];
+    assert_eq!(*one, 1.0);
+    assert_eq!(labels["version"], env!("CARGO_PKG_VERSION"), "{labels}");
+    assert_eq!(labels["git_commit"], git_head().as_str(), "{labels}");
+    assert!(
+        labels["rustc_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("rustc ")),
+        "{labels}"
+    );
+
+    // Process metrics: CPU, memory and fds of faultd, with the real values /proc has.
+    let pid = faultd.pid();
+    let cpu_query = format!("process_cpu_seconds_total{{job=\"{job}\"}}");
+    let cpu = prom.value(&cpu_query).expect("process CPU scraped");
+    let cpu_now = proc_cpu_seconds(pid);
+    println!(
+        "faultd CPU per Prometheus: {cpu:.3} s for {} faults ({:.2} us of CPU per fault, \
+         all threads); /proc says {cpu_now:.2} s now",
+        stats.vcpu_faults,
+        cpu * 1e6 / stats.vcpu_faults as f64
+    );
+    // Scraped before /proc was read: at most that, give or take /proc's accounting in clock
+    // ticks, which can lose up to a tick for each thread.
+    let threads = prom
+        .value(&format!("process_threads{{job=\"{job}\"}}"))
+        .unwrap();
+    let ticks = 1.0 / clock_ticks();
+    assert!(
+        cpu > 0.0 && cpu <= cpu_now + (threads + 1.0) * ticks,
+        "{cpu} vs {cpu_now} ({threads} threads)"
+    );
+    let rss = prom
+        .value(&format!("process_resident_memory_bytes{{job=\"{job}\"}}"))
+        .unwrap();
+    let vm_rss = proc_status_bytes(pid, "VmRSS:") as f64;
+    assert!(
+        rss > 0.0 && (rss - vm_rss).abs() < vm_rss / 2.0,
+        "RSS {rss} vs VmRSS {vm_rss}"
+    );
+    let fds = prom
+        .value(&format!("process_open_fds{{job=\"{job}\"}}"))
+        .unwrap();
+    let max_fds = prom
+        .value(&format!("process_max_fds{{job=\"{job}\"}}"))
+        .unwrap();
+    // At least the control socket, the metrics listener, the session's uffd and memfd.
+    assert!(fds >= 4.0 && fds < max_fds, "{fds} of {max_fds}");
+
+    // Budgets as configured, and the VM's resident bytes within its budget.
+    assert_eq!(
+        prom.value(&format!("faultd_budget_per_vm_bytes{{job=\"{job}\"}}")),
+        Some((VM_BUDGET_MIB * MIB) as f64)
+    );
+    assert_eq!(
+        prom.value(&format!("faultd_budget_global_bytes{{job=\"{job}\"}}")),
+        Some((GLOBAL_BUDGET_MIB * MIB) as f64)
+    );
+    assert_eq!(
+        prom.value(&format!(
+            "faultd_resident_bytes{{job=\"{job}\",vm=\"vm-prom\"}} <= on (job, instance) \
+             group_left faultd_budget_per_vm_bytes"
+        )),
+        Some(stats.resident_bytes as f64)
+    );
+
+    // faultd goes away: the shipped rules, selecting the shipped job, see it down (pending
+    // for their 2 minutes).
+    drop(vm);
+    drop(session);
+    faultd.terminate();
+    prom.wait_value(&format!("up{{job=\"{job}\"}}"), 0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let alerts = prom.alerts();
+        if let Some((_, state, labels)) = alerts.iter().find(|a| a.0 == "FaultdDown") {
+            println!("FaultdDown {state}: {labels}");
+            assert_eq!(labels["job"], job.as_str());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "FaultdDown never pending with faultd down: {alerts:?}\n{}",
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// faultd's /metrics text with a session that has served a few faults, and a refused request.
@@ -294,17 +502,140 @@ fn promtool_check_metrics_finds_nothing_wrong_with_faultds_output() {
         "faultd_protocol_errors_total{code=\"malformed\"} 1",
         "faultd_sessions 1",
         "faultd_evicted_pages_total{vm=\"vm-lint\"} 0",
+        "faultd_evicted_bytes_total{vm=\"vm-lint\"} 0",
+        "faultd_discarded_bytes_total{vm=\"vm-lint\"} 0",
+        "faultd_stored_bytes{vm=\"vm-lint\"} 0",
+        // No [budget] configured: 0, none.
+        "faultd_budget_per_vm_bytes 0",
+        "faultd_budget_global_bytes 0",
+        &format!("faultd_build_info{{git_commit=\"{}\",", git_head()),
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_resident_memory_bytes gauge",
+        "# TYPE process_open_fds gauge",
     ] {
         assert!(text.contains(want), "missing {want}:\n{text}");
     }
+    // Three faults and a refused request are far less than a second of CPU: the count has
+    // sub-second resolution (the prometheus crate's own collector counts whole seconds).
+    let cpu: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+        .expect("process_cpu_seconds_total sample")
+        .parse()
+        .unwrap();
+    assert!(cpu > 0.0 && cpu < 1.0, "process_cpu_seconds_total {cpu}");
+}
+
+/// Pages `pages` of `ram` (of `size` bytes each) discarded by the VMM, as a balloon does.
+/// MADV_REMOVE returns once faultd has read the REMOVE event, so it runs while faultd serves.
+fn discard(ram: &Ram, first: u64, pages: u64, size: u64) {
+    let (addr, len) = (ram.ram.host_addr() + first * size, pages * size);
+    assert!(first * size + len <= ram.ram.size());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: the range lies inside the live shared mapping of guest RAM (checked above);
+        // MADV_REMOVE drops its pages and no Rust reference points into guest RAM.
+        let rc = unsafe { libc::madvise(addr as *mut _, len as usize, libc::MADV_REMOVE) };
+        let _ = tx.send((rc, std::io::Error::last_os_error()));
+    });
+    let (rc, err) = rx
+        .recv_timeout(T)
+        .expect("MADV_REMOVE did not return in time");
+    assert_eq!(rc, 0, "MADV_REMOVE: {err}");
+}
+
+#[test]
+fn bytes_counters_are_pages_times_the_page_size_for_4k_and_2m_sessions() {
+    let _reserved = HugePages::reserve(8);
+    let faultd = Faultd::start(&[]);
+    let job = shipped_job();
+    let prom = Prometheus::shipped(&faultd.metrics_addr());
+    // (vm, page size, RAM, pages written, evicted, discarded): each VM writes its first
+    // `written` pages (non-zero, so evicted pages are stored), evicts the first `evicted` and
+    // discards the next `discarded`.
+    let cases = [
+        ("vm-4k", RamPageSize::Size4K, PAGE, 16 * MIB, 12, 8, 3),
+        ("vm-2m", RamPageSize::Size2M, HUGE, 16 * MIB, 5, 3, 1),
+    ];
+    let mut kept = Vec::new();
+    for (vm, page_size, size, ram_bytes, written, evicted, discarded) in cases {
+        let ram = Ram::with_page_size(vm, ram_bytes, page_size);
+        let mut session = ram.serve(&faultd, vm);
+        write_with_timeout(
+            &ram.ram,
+            (0..written).map(|p| (p * size + 7, 0xa5)).collect(),
+            T,
+        );
+        settled_stats(&mut session, |s| s.resident_bytes == written * size);
+        let (n, zero, failed) = session.evict(0, evicted * size, None).unwrap();
+        assert_eq!(
+            (n, zero, failed),
+            (evicted, 0, 0),
+            "{vm}:\n{}",
+            faultd.log()
+        );
+        discard(&ram, evicted, discarded, size);
+        let stats = settled_stats(&mut session, |s| s.discarded_pages == discarded);
+        assert_eq!(
+            (stats.evictions, stats.stored_pages, stats.discarded_pages),
+            (evicted, evicted, discarded),
+            "{vm}: {stats:?}"
+        );
+        for (metric, pages) in [
+            ("evicted_pages_total", evicted),
+            ("stored_pages", evicted),
+            ("discarded_pages_total", discarded),
+        ] {
+            prom.wait_value(
+                &format!("faultd_{metric}{{job=\"{job}\",vm=\"{vm}\"}}"),
+                pages as f64,
+            );
+        }
+        for (metric, pages) in [
+            ("evicted_bytes_total", evicted),
+            ("stored_bytes", evicted),
+            ("discarded_bytes_total", discarded),
+        ] {
+            prom.wait_value(
+                &format!("faultd_{metric}{{job=\"{job}\",vm=\"{vm}\"}}"),
+                (pages * size) as f64,
+            );
+        }
+        println!(
+            "{vm}: {evicted} pages evicted = {} bytes, {discarded} discarded = {} bytes",
+            evicted * size,
+            discarded * size
+        );
+        kept.push((ram, session));
+    }
+    // Every dashboard query is one Prometheus takes (query() asserts success).
+    let queries = dashboard_queries();
+    assert!(queries.len() > 25, "{queries:?}");
+    for q in &queries {
+        prom.query(q);
+    }
+    // The two page sizes side by side: the same page counts would say nothing of the bytes.
+    assert_eq!(
+        prom.value(
+            "faultd_evicted_bytes_total{vm=\"vm-2m\"} / faultd_evicted_pages_total{vm=\"vm-2m\"}"
+        ),
+        Some(HUGE as f64)
+    );
 }
 
 /// Names of faultd metrics an expression text uses (histogram series map to their family).
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for (i, _) in text.match_indices("faultd_") {
+    let starts = text
+        .match_indices("faultd_")
+        .chain(text.match_indices("process_"));
+    for (i, _) in starts {
         // `faultd:` recording-rule names and label values like "faultd" are not metrics.
-        if i > 0 && text.as_bytes()[i - 1] == b':' {
+        if i > 0
+            && (text.as_bytes()[i - 1] == b':'
+                || text.as_bytes()[i - 1].is_ascii_alphanumeric()
+                || text.as_bytes()[i - 1] == b'_')
+        {
             continue;
         }
         let name: String = text[i..]
@@ -349,6 +680,11 @@ fn the_dashboard_and_alert_rules_use_only_metrics_faultd_exports() {
 fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let dir = repo_file("deploy/prometheus");
 
+    let config = Command::new(tool("promtool"))
+        .args(["check", "config", "prometheus.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
     let check = Command::new(tool("promtool"))
         .args(["check", "rules", "faultd-rules.yml"])
         .current_dir(&dir)
@@ -367,12 +703,75 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
             String::from_utf8_lossy(&o.stderr)
         )
     };
+    assert!(config.status.success(), "{}", show(&config));
+    // The config loads the rule file (checked with it).
+    assert!(
+        show(&config).contains("SUCCESS: 1 rule files found"),
+        "{}",
+        show(&config)
+    );
     assert!(check.status.success(), "{}", show(&check));
     assert!(
-        show(&check).contains("SUCCESS: 7 rules found"),
+        show(&check).contains("SUCCESS: 8 rules found"),
         "{}",
         show(&check)
     );
     assert!(test.status.success(), "{}", show(&test));
     assert!(show(&test).contains("SUCCESS"), "{}", show(&test));
+}
+
+/// Every job `text` names (`job="X"`, or `job=\"X\"` inside a string).
+fn jobs_named(text: &str) -> BTreeSet<String> {
+    text.match_indices("job=")
+        .map(|(i, _)| {
+            let rest = text[i + 4..]
+                .trim_start_matches('\\')
+                .trim_start_matches('"');
+            rest.split(['"', '\\']).next().unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn the_alert_rules_and_dashboard_select_the_job_the_shipped_scrape_config_sets() {
+    let job = shipped_job();
+    let rules = std::fs::read_to_string(repo_file("deploy/prometheus/faultd-rules.yml")).unwrap();
+    let dashboard =
+        std::fs::read_to_string(repo_file("deploy/grafana/faultd-dashboard.json")).unwrap();
+
+    let in_rules = jobs_named(&rules);
+    let in_dashboard = jobs_named(&dashboard);
+
+    let want = BTreeSet::from([job]);
+    assert_eq!(
+        in_rules, want,
+        "the rules select jobs the shipped scrape config ({SHIPPED_CONFIG}) does not set"
+    );
+    assert_eq!(
+        in_dashboard, want,
+        "the dashboard selects jobs the shipped scrape config ({SHIPPED_CONFIG}) does not set"
+    );
+}
+
+/// Each dashboard query with Grafana's variables given values Prometheus takes.
+fn dashboard_queries() -> Vec<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("deploy/grafana/faultd-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| {
+            t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$instance", ".*")
+                .replace("$vm", ".*")
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "1h")
+        })
+        .collect()
 }

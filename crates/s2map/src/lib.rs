@@ -511,6 +511,8 @@ pub struct Stats {
     pub device_granules: u64,
     /// Pages whose contents are in the store.
     pub stored_pages: u64,
+    /// Bytes of those pages (each counted at its region's page size).
+    pub stored_bytes: u64,
     /// Pages being evicted.
     pub evicting_pages: u64,
 }
@@ -579,6 +581,8 @@ pub enum Mapped {
 pub struct Discarded {
     /// Pages that were resident.
     pub resident_pages: u64,
+    /// Bytes of those pages (each counted at its region's page size).
+    pub resident_bytes: u64,
     /// Device mappings the discard had to drop from the state because the caller had not
     /// unmapped them first: the caller must now unmap these in the IOMMU. Empty for a caller
     /// that unmaps `device_granules_in` the range before discarding.
@@ -613,6 +617,8 @@ pub struct S2Map<W> {
     /// Evicted pages whose contents are in a store slot. Only evicted pages: bounded by what
     /// the budget pushed out, so a map rather than a per-page array.
     stored: HashMap<PageRef, u32>,
+    /// Bytes of the pages in `stored`, kept with it ([`S2Map::store_slot`], [`S2Map::unstore`]).
+    stored_bytes: u64,
     /// Evicting pages the VMM discarded meanwhile.
     evict_discarded: std::collections::HashSet<PageRef>,
 }
@@ -637,6 +643,7 @@ impl<W> S2Map<W> {
             granules: HashMap::new(),
             device_mapped_bytes: 0,
             stored: HashMap::new(),
+            stored_bytes: 0,
             evict_discarded: std::collections::HashSet::new(),
         }
     }
@@ -708,11 +715,7 @@ impl<W> S2Map<W> {
         };
         let resident = !entry.stale;
         // Installed from the store (or over it): the stored copy is now stale.
-        let freed_slot = if resident {
-            self.stored.remove(&page)
-        } else {
-            None
-        };
+        let freed_slot = if resident { self.unstore(page) } else { None };
         self.set_state(
             page,
             if resident {
@@ -770,11 +773,12 @@ impl<W> S2Map<W> {
         }
         for page in self.pages_in(gpa, len) {
             self.pages[page.region.0 as usize][page.page.0 as usize] |= FLAG_ZEROED;
-            out.freed_slots.extend(self.stored.remove(&page));
+            out.freed_slots.extend(self.unstore(page));
             match self.state(page) {
                 PageState::Resident => {
                     self.set_state(page, PageState::Absent);
                     out.resident_pages += 1;
+                    out.resident_bytes += self.page_bytes(page);
                 }
                 PageState::Resolving => {
                     if let Some(entry) = self.in_flight.get_mut(&page) {
@@ -847,7 +851,7 @@ impl<W> S2Map<W> {
         let discarded = self.evict_discarded.remove(&page);
         let freed = match slot {
             Some(slot) if !discarded => {
-                self.stored.insert(page, slot);
+                self.store_slot(page, slot);
                 None
             }
             Some(slot) => Some(slot),
@@ -888,14 +892,34 @@ impl<W> S2Map<W> {
         }
         match slot {
             Some(slot) => {
-                self.stored.insert(page, slot);
+                self.store_slot(page, slot);
             }
             None => {
-                self.stored.remove(&page);
+                self.unstore(page);
                 self.pages[page.region.0 as usize][page.page.0 as usize] |= FLAG_ZEROED;
             }
         }
         Ok(())
+    }
+
+    fn page_bytes(&self, page: PageRef) -> u64 {
+        self.layout.region(page.region).page_size().bytes()
+    }
+
+    /// Records `page`'s contents as in store `slot` (replacing a slot it had).
+    fn store_slot(&mut self, page: PageRef, slot: u32) {
+        if self.stored.insert(page, slot).is_none() {
+            self.stored_bytes += self.page_bytes(page);
+        }
+    }
+
+    /// Forgets `page`'s store slot, returning it if it had one.
+    fn unstore(&mut self, page: PageRef) -> Option<u32> {
+        let slot = self.stored.remove(&page);
+        if slot.is_some() {
+            self.stored_bytes -= self.page_bytes(page);
+        }
+        slot
     }
 
     /// Every stored page with its slot, in no particular order (what a journal compaction
@@ -1130,6 +1154,7 @@ impl<W> S2Map<W> {
             device_mapped_bytes: self.device_mapped_bytes,
             device_granules: self.granules.len() as u64,
             stored_pages: self.stored.len() as u64,
+            stored_bytes: self.stored_bytes,
             evicting_pages: count(PageState::Evicting),
         }
     }

@@ -355,7 +355,8 @@ fn discard_of_a_partial_range_drops_every_touched_resident_page() {
         assert!(map.mark_present(p));
     }
     // From the last byte of page 0 of region 0 to the first byte of region 1.
-    assert_eq!(map.discard(Gpa(K4 - 1), M2 - K4 + 2).resident_pages, 4);
+    let d = map.discard(Gpa(K4 - 1), M2 - K4 + 2);
+    assert_eq!((d.resident_pages, d.resident_bytes), (4, 3 * K4 + M2));
     let states: Vec<PageState> = [page(0, 0), page(0, 1), page(0, 3), page(1, 0), page(1, 1)]
         .into_iter()
         .map(|p| map.state(p))
@@ -708,6 +709,9 @@ impl Model {
                 PageState::Evicting => recount.evicting_pages += 1,
             }
             recount.stored_pages += u64::from(m.slot.is_some());
+            if m.slot.is_some() {
+                recount.stored_bytes += self.range(p).1 - self.range(p).0;
+            }
         }
         for (&(r, first, n), devs) in &self.mapped {
             recount.device_granules += 1;
@@ -831,6 +835,7 @@ fn run_against_model(
                 let start = model.range(keys[pick % keys.len()]).0.saturating_sub(K4) + offset;
                 let end = start.saturating_add(len);
                 let mut was_resident = 0;
+                let mut was_resident_bytes = 0;
                 let mut freed = Vec::new();
                 let mut dropped = Vec::new();
                 let mapped = std::mem::take(&mut model.mapped);
@@ -859,6 +864,7 @@ fn run_against_model(
                         PageState::Resident => {
                             m.state = PageState::Absent;
                             was_resident += 1;
+                            was_resident_bytes += hi - lo;
                         }
                         PageState::Resolving => m.stale = true,
                         PageState::Evicting => m.evict_discarded = true,
@@ -867,6 +873,7 @@ fn run_against_model(
                 }
                 let got = map.discard(Gpa(start), len);
                 prop_assert_eq!(got.resident_pages, was_resident);
+                prop_assert_eq!(got.resident_bytes, was_resident_bytes);
                 let mut got_freed = got.freed_slots;
                 got_freed.sort_unstable();
                 freed.sort_unstable();

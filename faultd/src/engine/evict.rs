@@ -245,6 +245,10 @@ impl<O: UffdOps> FaultServer<O> {
             ));
         }
         Counters::bump(&self.session.counters.evictions);
+        self.session
+            .counters
+            .evicted_bytes
+            .fetch_add(at.size, std::sync::atomic::Ordering::Relaxed);
         self.maybe_compact();
         finished?;
         Ok(slot.is_some())

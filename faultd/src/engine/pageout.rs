@@ -192,16 +192,20 @@ impl<O: UffdOps> FaultServer<O> {
                 return report;
             }
         };
+        let mut evicted_bytes = 0;
         for p in &pages {
             if status[p.region.0 as usize][p.page.0 as usize] == PageStatus::Present {
                 report.failed += 1;
             } else {
                 report.evicted += 1;
+                evicted_bytes += self.session.located(*p).size;
             }
         }
         let c = &self.session.counters;
         c.evictions
             .fetch_add(report.evicted, std::sync::atomic::Ordering::Relaxed);
+        c.evicted_bytes
+            .fetch_add(evicted_bytes, std::sync::atomic::Ordering::Relaxed);
         if budget {
             c.budget_evictions
                 .fetch_add(report.evicted, std::sync::atomic::Ordering::Relaxed);

@@ -171,6 +171,8 @@ pub struct Counters {
     pub store_fills: AtomicU64,
     /// Pages evicted.
     pub evictions: AtomicU64,
+    /// Bytes of those pages (a 2 MiB page counts one eviction and 2 MiB).
+    pub evicted_bytes: AtomicU64,
     /// ... of which to keep within a budget.
     pub budget_evictions: AtomicU64,
     /// Faults on pages found present.
@@ -179,6 +181,8 @@ pub struct Counters {
     pub retries: AtomicU64,
     /// Pages discarded by the VMM.
     pub discarded_pages: AtomicU64,
+    /// Bytes of those pages.
+    pub discarded_bytes: AtomicU64,
     /// Faults that could not be served.
     pub errors: AtomicU64,
     /// Devices attached.
@@ -385,29 +389,15 @@ pub struct Session {
 impl Session {
     /// What a metrics scrape reads of this session: its counters and gauges, as plain numbers.
     pub fn sample(&self) -> crate::ops::metrics::Sample {
-        use crate::ops::metrics::{Levels, Sample, Totals};
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let map = self.map().stats();
-        Sample {
-            totals: Totals {
-                vcpu_faults: get(&c.vcpu_faults),
-                device_success: get(&c.device_success),
-                device_invalid: get(&c.device_invalid),
-                device_deadline: get(&c.device_deadline),
-                pin_evictions: get(&c.device_pin_evictions),
-                errors: get(&c.errors),
-                discarded_pages: get(&c.discarded_pages),
-                evictions: get(&c.evictions),
-            },
-            levels: Levels {
-                guest_bytes: self.layout().total_bytes(),
-                resident_bytes: self.resident_bytes(),
-                mapped_bytes: map.device_mapped_bytes,
-                stored_pages: map.stored_pages,
-                devices: get(&c.devices),
-            },
-        }
+        self.read().sample()
+    }
+
+    /// [`Session::stats`] and [`Session::sample`] from one read, so the two agree (for the
+    /// end of a session: its final counters retire into the metrics and are logged).
+    pub fn stats_and_sample(&self) -> (SessionStats, crate::ops::metrics::Sample) {
+        let reading = self.read();
+        let sample = reading.sample();
+        (self.with_latency(reading.stats), sample)
     }
 
     /// Builds a session from a validated registration (regions in layout order).
@@ -720,18 +710,25 @@ impl Session {
 
     /// A snapshot of the counters for the control protocol.
     pub fn stats(&self) -> SessionStats {
-        let (guest_bytes, stored_pages) = {
-            let map = self.map();
-            (map.layout().total_bytes(), map.stats().stored_pages)
-        };
-        let resident_bytes = self.resident_bytes();
-        let latency_us = summary(&self.latency);
+        self.with_latency(self.read().stats)
+    }
+
+    /// `stats` with the latency summaries filled in (left out of [`Session::read`]: a scrape
+    /// needs none, and computing them locks the histograms the fault thread records into).
+    fn with_latency(&self, mut stats: SessionStats) -> SessionStats {
+        stats.latency_us = summary(&self.latency);
+        stats.device_latency_us = summary(&self.device_latency);
+        stats
+    }
+
+    /// One read of every counter and of the stage-2 map's totals (one lock), which both
+    /// [`Session::stats`] and [`Session::sample`] are made from.
+    fn read(&self) -> Reading {
+        let map = self.map().stats();
+        // After the map lock is released: for anonymous memory this reads the VMM's pagemap.
+        let resident_bytes = self.remote_present_bytes().unwrap_or(map.resident_bytes);
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (mapped_bytes, device_latency_us) = (
-            self.map().stats().device_mapped_bytes,
-            summary(&self.device_latency),
-        );
         let device = DeviceStats {
             devices: get(&c.devices),
             groups: get(&c.device_groups),
@@ -743,28 +740,71 @@ impl Session {
             malformed: get(&c.device_malformed),
             deadline: get(&c.device_deadline),
             failed: get(&c.device_failed),
-            mapped_bytes,
+            mapped_bytes: map.device_mapped_bytes,
             pin_evictions: get(&c.device_pin_evictions),
             respond_errors: get(&c.device_respond_errors),
             quarantined: get(&c.device_quarantined),
         };
-        SessionStats {
-            session: self.id,
-            guest_bytes,
-            resident_bytes,
-            vcpu_faults: get(&c.vcpu_faults),
-            zero_fills: get(&c.zero_fills),
-            file_fills: get(&c.file_fills),
-            store_fills: get(&c.store_fills),
-            evictions: get(&c.evictions),
-            stored_pages,
-            already_present: get(&c.already_present),
-            retries: get(&c.retries),
-            discarded_pages: get(&c.discarded_pages),
-            errors: get(&c.errors),
-            latency_us,
-            device,
-            device_latency_us,
+        Reading {
+            stats: SessionStats {
+                session: self.id,
+                guest_bytes: self.layout.total_bytes(),
+                resident_bytes,
+                vcpu_faults: get(&c.vcpu_faults),
+                zero_fills: get(&c.zero_fills),
+                file_fills: get(&c.file_fills),
+                store_fills: get(&c.store_fills),
+                evictions: get(&c.evictions),
+                stored_pages: map.stored_pages,
+                already_present: get(&c.already_present),
+                retries: get(&c.retries),
+                discarded_pages: get(&c.discarded_pages),
+                errors: get(&c.errors),
+                latency_us: LatencySummary::default(),
+                device,
+                device_latency_us: LatencySummary::default(),
+            },
+            evicted_bytes: get(&c.evicted_bytes),
+            discarded_bytes: get(&c.discarded_bytes),
+            stored_bytes: map.stored_bytes,
+        }
+    }
+}
+
+/// One read of a session ([`Session::read`]): the control protocol's stats (without the
+/// latency summaries) and the byte counts only the metrics export.
+struct Reading {
+    stats: SessionStats,
+    evicted_bytes: u64,
+    discarded_bytes: u64,
+    stored_bytes: u64,
+}
+
+impl Reading {
+    fn sample(&self) -> crate::ops::metrics::Sample {
+        use crate::ops::metrics::{Levels, Sample, Totals};
+        let st = &self.stats;
+        Sample {
+            totals: Totals {
+                vcpu_faults: st.vcpu_faults,
+                device_success: st.device.success,
+                device_invalid: st.device.invalid,
+                device_deadline: st.device.deadline,
+                pin_evictions: st.device.pin_evictions,
+                errors: st.errors,
+                discarded_pages: st.discarded_pages,
+                discarded_bytes: self.discarded_bytes,
+                evictions: st.evictions,
+                evicted_bytes: self.evicted_bytes,
+            },
+            levels: Levels {
+                guest_bytes: st.guest_bytes,
+                resident_bytes: st.resident_bytes,
+                mapped_bytes: st.device.mapped_bytes,
+                stored_pages: st.stored_pages,
+                stored_bytes: self.stored_bytes,
+                devices: st.device.devices,
+            },
         }
     }
 }

@@ -72,10 +72,11 @@ impl<O: UffdOps> FaultServer<O> {
                     // The pages read zero from now on, whatever their backing: a restarted
                     // faultd must know (the journal's last word on them).
                     self.journal(Record::Zero { gpa: gpa.0, len });
-                    self.session
-                        .counters
-                        .discarded_pages
+                    let c = &self.session.counters;
+                    c.discarded_pages
                         .fetch_add(discarded.resident_pages, Ordering::Relaxed);
+                    c.discarded_bytes
+                        .fetch_add(discarded.resident_bytes, Ordering::Relaxed);
                     if let Some(store) = &mut self.store {
                         discarded
                             .freed_slots

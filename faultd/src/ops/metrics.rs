@@ -23,7 +23,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::ops::config::Limit;
+use crate::ops::config::{Budget, Limit};
 use faultd_proto::ErrorCode;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -180,6 +180,83 @@ fn detached_histogram() -> Histogram {
     Histogram::with_opts(opts).expect("constant, valid histogram options")
 }
 
+/// `faultd_build_info`: what this faultd was built from, as labels of a constant 1 (join it
+/// on `instance` to label other series with the version). `git_commit` is the commit the
+/// build's tree was at (`unknown` when built outside a git checkout; a tree with uncommitted
+/// changes reports its HEAD all the same).
+fn build_info() -> IntGaugeVec {
+    let info = gauge(
+        "faultd_build_info",
+        "What this faultd was built from: version, git commit, rustc version (always 1).",
+        &["version", "git_commit", "rustc_version"],
+    );
+    info.with_label_values(&[
+        env!("CARGO_PKG_VERSION"),
+        env!("FAULTD_GIT_COMMIT"),
+        env!("FAULTD_RUSTC_VERSION"),
+    ])
+    .set(1);
+    info
+}
+
+/// The `process_*` metrics of faultd itself: the prometheus crate's process collector (open
+/// and maximum fds, resident and virtual memory, threads, start time, from /proc/self), with
+/// its CPU counter replaced. The crate's (0.14) counts whole seconds ((utime + stime) /
+/// CLK_TCK in integer arithmetic), so a faultd that served a million faults in 0.9 s of CPU
+/// would show 0 and CPU per fault could not be measured; this one reads getrusage(2)
+/// (microseconds).
+struct ProcessMetrics {
+    inner: prometheus::process_collector::ProcessCollector,
+}
+
+/// The name the crate's collector and this one give the CPU counter.
+const PROCESS_CPU: &str = "process_cpu_seconds_total";
+
+impl ProcessMetrics {
+    fn new() -> ProcessMetrics {
+        ProcessMetrics {
+            inner: prometheus::process_collector::ProcessCollector::for_self(),
+        }
+    }
+
+    /// User and system CPU time of the whole process (every thread), seconds.
+    fn cpu_seconds() -> Option<f64> {
+        use nix::sys::resource::{getrusage, UsageWho};
+        let u = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
+        Some(secs(u.user_time()) + secs(u.system_time()))
+    }
+}
+
+impl Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        // The crate's descriptions, its CPU counter's included: the replacement has the same
+        // name, help and (no) labels.
+        self.inner.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families: Vec<MetricFamily> = self
+            .inner
+            .collect()
+            .into_iter()
+            .filter(|f| f.name() != PROCESS_CPU)
+            .collect();
+        if let Some(cpu) = Self::cpu_seconds() {
+            // A fresh counter per scrape, at the process's total: monotone because the
+            // kernel's count is, and concurrent scrapes cannot race on an update.
+            let counter = prometheus::Counter::new(
+                PROCESS_CPU,
+                "Total user and system CPU time spent in seconds.",
+            )
+            .expect("constant, valid counter options");
+            counter.inc_by(cpu);
+            families.extend(counter.collect());
+        }
+        families
+    }
+}
+
 /// The monotone counters of a session (or, summed, of a label's sessions that ended).
 #[derive(Debug, Default, Clone, Copy)]
 #[allow(missing_docs)] // Each is the counter of the same name in the session's counters.
@@ -191,7 +268,9 @@ pub struct Totals {
     pub pin_evictions: u64,
     pub errors: u64,
     pub discarded_pages: u64,
+    pub discarded_bytes: u64,
     pub evictions: u64,
+    pub evicted_bytes: u64,
 }
 
 /// What a scrape reads of one live session: plain numbers, so metrics need not know sessions.
@@ -212,7 +291,9 @@ impl Totals {
         self.pin_evictions += o.pin_evictions;
         self.errors += o.errors;
         self.discarded_pages += o.discarded_pages;
+        self.discarded_bytes += o.discarded_bytes;
         self.evictions += o.evictions;
+        self.evicted_bytes += o.evicted_bytes;
     }
 }
 
@@ -224,7 +305,19 @@ pub struct Levels {
     pub resident_bytes: u64,
     pub mapped_bytes: u64,
     pub stored_pages: u64,
+    pub stored_bytes: u64,
     pub devices: u64,
+}
+
+impl Levels {
+    fn add(&mut self, o: &Levels) {
+        self.guest_bytes += o.guest_bytes;
+        self.resident_bytes += o.resident_bytes;
+        self.mapped_bytes += o.mapped_bytes;
+        self.stored_pages += o.stored_pages;
+        self.stored_bytes += o.stored_bytes;
+        self.devices += o.devices;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -245,13 +338,13 @@ pub struct DaemonMetrics {
     refusals: IntCounterVec,
     labels: Mutex<Labels>,
     vm_labels: usize,
-    pin_limit: u64,
 }
 
 impl DaemonMetrics {
-    /// Metrics with at most `vm_labels` VMs labelled by name; `pin_limit` is the configured
-    /// per-VM pin limit (exported for alerting on it).
-    pub fn new(vm_labels: usize, pin_limit: u64) -> DaemonMetrics {
+    /// Metrics with at most `vm_labels` VMs labelled by name; `pin_limit` (the per-VM pin
+    /// limit) and `budget` are exported as configured, for dashboards and alerts to compare
+    /// with.
+    pub fn new(vm_labels: usize, pin_limit: u64, budget: Budget) -> DaemonMetrics {
         let registry = Registry::new();
         let latency = HistogramVec::new(
             HistogramOpts::new(
@@ -296,11 +389,35 @@ impl DaemonMetrics {
         for limit in Limit::ALL {
             refusals.with_label_values(&[limit.name()]);
         }
+        let configured = |name: &str, help: &str, value: u64| {
+            let g = IntGauge::new(name, help).expect("constant, valid gauge options");
+            g.set(i64::try_from(value).unwrap_or(i64::MAX));
+            Box::new(g) as Box<dyn Collector>
+        };
         for c in [
             Box::new(latency.clone()) as Box<dyn Collector>,
             Box::new(in_flight.clone()),
             Box::new(protocol_errors.clone()),
             Box::new(refusals.clone()),
+            Box::new(build_info()),
+            Box::new(ProcessMetrics::new()),
+            configured(
+                "faultd_device_pin_limit_bytes",
+                "Configured limit of device-mapped (pinned) bytes per VM (device.pin_limit_mib).",
+                pin_limit,
+            ),
+            configured(
+                "faultd_budget_per_vm_bytes",
+                "Configured resident budget of each VM (budget.session_mib; 0: none). What it \
+                 bounds is faultd_resident_bytes of the VM.",
+                budget.session,
+            ),
+            configured(
+                "faultd_budget_global_bytes",
+                "Configured resident budget of all VMs together (budget.global_mib; 0: none). \
+                 What it bounds is the sum of faultd_resident_bytes.",
+                budget.global,
+            ),
         ] {
             registry
                 .register(c)
@@ -314,7 +431,6 @@ impl DaemonMetrics {
             refusals,
             labels: Mutex::new(Labels::default()),
             vm_labels,
-            pin_limit,
         }
     }
 
@@ -432,15 +548,10 @@ impl DaemonMetrics {
         for (label, s) in live {
             sessions += 1;
             totals.entry(label.to_owned()).or_default().add(&s.totals);
-            let l = levels.entry(label.to_owned()).or_default();
-            l.guest_bytes += s.levels.guest_bytes;
-            l.resident_bytes += s.levels.resident_bytes;
-            l.mapped_bytes += s.levels.mapped_bytes;
-            l.stored_pages += s.levels.stored_pages;
-            l.devices += s.levels.devices;
+            levels.entry(label.to_owned()).or_default().add(&s.levels);
         }
         let mut families = self.registry.gather();
-        families.extend(scrape_families(&totals, &levels, sessions, self.pin_limit));
+        families.extend(scrape_families(&totals, &levels, sessions));
         families.retain(|f| !f.get_metric().is_empty());
         families.sort_by(|a, b| a.name().cmp(b.name()));
         TextEncoder::new()
@@ -465,7 +576,6 @@ fn scrape_families(
     totals: &HashMap<String, Totals>,
     levels: &HashMap<String, Levels>,
     sessions: i64,
-    pin_limit: u64,
 ) -> Vec<MetricFamily> {
     let vcpu_faults = counter(
         "faultd_vcpu_faults_total",
@@ -494,12 +604,26 @@ fn scrape_families(
     );
     let discarded = counter(
         "faultd_discarded_pages_total",
-        "Resident pages the VMM discarded (balloon, hole punch).",
+        "Resident pages the VMM discarded (balloon, hole punch), counted as pages of the \
+         region's page size (4 KiB or 2 MiB): discards done. Bytes: \
+         faultd_discarded_bytes_total.",
+        &["vm"],
+    );
+    let discarded_bytes = counter(
+        "faultd_discarded_bytes_total",
+        "Bytes of the resident pages the VMM discarded (balloon, hole punch).",
         &["vm"],
     );
     let evicted = counter(
         "faultd_evicted_pages_total",
-        "Pages evicted to the swap store (on request or to keep a budget).",
+        "Pages evicted (to the swap store, or paged out for anonymous memory; on request or \
+         to keep a budget), counted as pages of the region's page size (4 KiB or 2 MiB): \
+         evictions done, each a refault if touched again. Bytes: faultd_evicted_bytes_total.",
+        &["vm"],
+    );
+    let evicted_bytes = counter(
+        "faultd_evicted_bytes_total",
+        "Bytes of the pages evicted (to the swap store, or paged out for anonymous memory).",
         &["vm"],
     );
     for (label, t) in totals {
@@ -517,7 +641,13 @@ fn scrape_families(
             .inc_by(t.pin_evictions);
         errors.with_label_values(&[vm]).inc_by(t.errors);
         discarded.with_label_values(&[vm]).inc_by(t.discarded_pages);
+        discarded_bytes
+            .with_label_values(&[vm])
+            .inc_by(t.discarded_bytes);
         evicted.with_label_values(&[vm]).inc_by(t.evictions);
+        evicted_bytes
+            .with_label_values(&[vm])
+            .inc_by(t.evicted_bytes);
     }
     let guest = gauge(
         "faultd_guest_bytes",
@@ -536,7 +666,13 @@ fn scrape_families(
     );
     let stored = gauge(
         "faultd_stored_pages",
-        "Pages held in the swap store now.",
+        "Pages held in the swap store now, of the region's page size (4 KiB or 2 MiB). \
+         Bytes: faultd_stored_bytes.",
+        &["vm"],
+    );
+    let stored_bytes = gauge(
+        "faultd_stored_bytes",
+        "Bytes of the pages held in the swap store now.",
         &["vm"],
     );
     let devices = gauge(
@@ -553,16 +689,13 @@ fn scrape_families(
             .set(to_i64(l.resident_bytes));
         mapped.with_label_values(&[vm]).set(to_i64(l.mapped_bytes));
         stored.with_label_values(&[vm]).set(to_i64(l.stored_pages));
+        stored_bytes
+            .with_label_values(&[vm])
+            .set(to_i64(l.stored_bytes));
         devices.with_label_values(&[vm]).set(to_i64(l.devices));
     }
     let live = gauge("faultd_sessions", "Sessions (VMs) served now.", &[]);
     live.with_label_values::<&str>(&[]).set(sessions);
-    let limit = gauge(
-        "faultd_device_pin_limit_bytes",
-        "Configured limit of device-mapped (pinned) bytes per VM (device.pin_limit_mib).",
-        &[],
-    );
-    limit.with_label_values::<&str>(&[]).set(to_i64(pin_limit));
     [
         vcpu_faults,
         groups,
@@ -570,12 +703,14 @@ fn scrape_families(
         pin_evictions,
         errors,
         discarded,
+        discarded_bytes,
         evicted,
+        evicted_bytes,
     ]
     .iter()
     .flat_map(|c| c.collect())
     .chain(
-        [guest, resident, mapped, stored, devices, live, limit]
+        [guest, resident, mapped, stored, stored_bytes, devices, live]
             .iter()
             .flat_map(|g| g.collect()),
     )
@@ -646,9 +781,16 @@ fn respond(
 mod tests {
     use super::*;
 
+    const NO_BUDGET: Budget = Budget {
+        session: 0,
+        global: 0,
+        high_pct: 90,
+        low_pct: 80,
+    };
+
     #[test]
     fn vm_labels_are_bounded_and_the_rest_share_other() {
-        let m = DaemonMetrics::new(2, 1 << 30);
+        let m = DaemonMetrics::new(2, 1 << 30, NO_BUDGET);
 
         let labels: Vec<Arc<str>> = ["a", "b", "c", "a"]
             .iter()
@@ -661,7 +803,7 @@ mod tests {
 
     #[test]
     fn a_vm_literally_named_other_is_counted_as_other() {
-        let m = DaemonMetrics::new(4, 1 << 30);
+        let m = DaemonMetrics::new(4, 1 << 30, NO_BUDGET);
 
         assert_eq!(&*m.acquire_label(OTHER_VM), OTHER_VM);
     }
@@ -676,7 +818,7 @@ mod tests {
 
     #[test]
     fn observed_faults_appear_under_their_labels() {
-        let m = DaemonMetrics::new(4, 1 << 30);
+        let m = DaemonMetrics::new(4, 1 << 30, NO_BUDGET);
         let label = m.acquire_label("vm1");
         let s = m.session(&label);
 
@@ -694,7 +836,7 @@ mod tests {
 
     #[test]
     fn in_flight_contribution_is_taken_back_when_the_session_ends() {
-        let m = DaemonMetrics::new(4, 1 << 30);
+        let m = DaemonMetrics::new(4, 1 << 30, NO_BUDGET);
         let gauge = m.in_flight.with_label_values(&["x", "vcpu"]);
         let mut a = InFlight::new(gauge.clone());
         let mut b = InFlight::new(gauge.clone());
