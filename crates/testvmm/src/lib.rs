@@ -780,7 +780,7 @@ fn rom_image(code: &[u8], ram_end: u64) -> Vec<u8> {
     };
     let addr = |offset: usize| ROM_GPA + offset as u64;
     // One PDPT covers 512 GiB, RAM and ROM alike.
-    const { assert!(ROM_GPA < 512 * GIB && ROM_GPA % (2 << 20) == 0) };
+    const { assert!(ROM_GPA < 512 * GIB && ROM_GPA.is_multiple_of(2 << 20)) };
     entry(PML4_OFFSET, 0, addr(PDPT_OFFSET) | TABLE);
     for gib in 0..ram_gib {
         let pd = RAM_PD_OFFSET + gib * 0x1000;
