@@ -439,16 +439,16 @@ impl Target {
 
     /// `target <what> <= <limit>x <of>: <value>x MET|MISSED   (per round: ...; median ...)`
     pub fn line(&self) -> String {
-        let rounds: Vec<String> = self.per_round.iter().map(|r| format!("{r:.2}")).collect();
+        let rounds: Vec<String> = self.per_round.iter().map(|&r| ratio_text(r)).collect();
         format!(
-            "target {} <= {:.2}x {}: {:.2}x {}   (per round: {}; median {:.2})",
+            "target {} <= {}x {}: {}x {}   (per round: {}; median {})",
             self.what,
-            self.limit,
+            ratio_text(self.limit),
             self.of,
-            self.value,
+            ratio_text(self.value),
             if self.met() { "MET" } else { "MISSED" },
             rounds.join(" "),
-            median(&self.per_round)
+            ratio_text(median(&self.per_round))
         )
     }
 
@@ -457,7 +457,12 @@ impl Target {
         [
             (
                 "target",
-                Value::from(format!("{} <= {:.2}x {}", self.what, self.limit, self.of)),
+                Value::from(format!(
+                    "{} <= {}x {}",
+                    self.what,
+                    ratio_text(self.limit),
+                    self.of
+                )),
             ),
             ("limit", Value::from(self.limit)),
             ("value", Value::from(self.value)),
@@ -467,6 +472,16 @@ impl Target {
         ]
         .into_iter()
         .collect()
+    }
+}
+
+/// A ratio as a target line shows it: two decimals, or (below 0.01, e.g. a target of 1/1000)
+/// three significant digits in exponent form, which two decimals would print as 0.00.
+fn ratio_text(x: f64) -> String {
+    if x == 0.0 || x.abs() >= 0.01 || !x.is_finite() {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.2e}")
     }
 }
 

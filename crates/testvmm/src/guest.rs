@@ -28,14 +28,17 @@
 //!
 //! # Port interface (all `out imm8, eax`, 4 bytes)
 //!
-//! [`PORT_PROGRESS`] every `r8 + 1` page visits, [`PORT_TOUCH`] after each
+//! [`PORT_START`] as the first instruction of every workload, before any RAM
+//! access; [`PORT_PROGRESS`] every `r8 + 1` page visits, [`PORT_TOUCH`] after each
 //! TouchSequential read, then once at the end [`PORT_PAGES`],
-//! [`PORT_MISMATCHES`], [`PORT_FIRST_MISMATCH`] and finally [`PORT_DONE`],
+//! [`PORT_MISMATCHES`], [`PORT_FIRST_MISMATCH`], [`PORT_FIRST_MISMATCH_HIGH`] and finally [`PORT_DONE`],
 //! after which the VMM does not resume the vCPU (`hlt` would #GP at CPL3).
 
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
+/// The workload's first instruction ran (the data is meaningless).
+pub(crate) const PORT_START: u16 = 0x0f;
 /// Page visits done so far (`u32`).
 pub(crate) const PORT_PROGRESS: u16 = 0x10;
 /// A TouchSequential read completed; the data is the touch index.
@@ -44,8 +47,10 @@ pub(crate) const PORT_TOUCH: u16 = 0x11;
 pub(crate) const PORT_PAGES: u16 = 0x12;
 /// Result: mismatching dwords (saturated at `u32::MAX`).
 pub(crate) const PORT_MISMATCHES: u16 = 0x13;
-/// Result: gpa of the first mismatching dword, `u32::MAX` if none (RAM ends below 2 GiB).
+/// Result: low half of the gpa of the first mismatching dword (`u64::MAX` if none).
 pub(crate) const PORT_FIRST_MISMATCH: u16 = 0x14;
+/// Result: high half of that gpa, sent right after the low half.
+pub(crate) const PORT_FIRST_MISMATCH_HIGH: u16 = 0x16;
 /// The workload is complete.
 pub(crate) const PORT_DONE: u16 = 0x15;
 
@@ -119,16 +124,24 @@ pub(crate) fn assemble(base: u64) -> Result<Program, IcedError> {
     let mut touch_sequential = a.create_label();
     let mut report = a.create_label();
 
-    // WriteVerify: the write pass falls through into the verify pass.
+    // Every entry point starts with an `out` to PORT_START, so the VMM sees the
+    // guest's first instruction run before it touches any RAM.
+    let mut verify_pass = a.create_label();
+    // WriteVerify: the write pass, then the verify pass.
     a.set_label(&mut write_verify)?;
+    a.out(u32::from(PORT_START), eax)?;
     emit_pass(&mut a, Pass::Write)?;
+    a.jmp(verify_pass)?;
     a.set_label(&mut verify)?;
+    a.out(u32::from(PORT_START), eax)?;
+    a.set_label(&mut verify_pass)?;
     emit_pass(&mut a, Pass::Verify)?;
     a.jmp(report)?;
 
     // TouchSequential: read one dword per page, `out` after each read so the
     // VMM timestamps every fault round trip.
     a.set_label(&mut touch_sequential)?;
+    a.out(u32::from(PORT_START), eax)?;
     let mut touch_loop = a.create_label();
     a.test(r9, r9)?;
     a.jz(report)?;
@@ -151,6 +164,9 @@ pub(crate) fn assemble(base: u64) -> Result<Program, IcedError> {
     a.out(u32::from(PORT_MISMATCHES), eax)?;
     a.mov(eax, ebp)?;
     a.out(u32::from(PORT_FIRST_MISMATCH), eax)?;
+    a.mov(rax, rbp)?;
+    a.shr(rax, 32)?;
+    a.out(u32::from(PORT_FIRST_MISMATCH_HIGH), eax)?;
     a.out(u32::from(PORT_DONE), eax)?;
     a.ud2()?;
 
@@ -275,8 +291,9 @@ mod tests {
 
     #[test]
     fn program_assembles() {
-        let p = assemble(0xC000_5000).unwrap();
-        assert_eq!(p.write_verify, 0xC000_5000);
+        let base = crate::ROM_GPA + crate::CODE_OFFSET as u64;
+        let p = assemble(base).unwrap();
+        assert_eq!(p.write_verify, base);
         assert!(p.verify > p.write_verify && p.touch_sequential > p.verify);
         assert!(p.code.len() < 4096);
     }

@@ -36,21 +36,30 @@
 //!
 //! # Guest physical memory map
 //!
-//! | gpa                         | what                                         |
-//! |-----------------------------|----------------------------------------------|
-//! | `0 .. 2 GiB` ([`RAM_LIMIT`])| caller's [`RamSlot`]s (holes allowed)         |
-//! | `0xC000_0000` ([`ROM_GPA`]) | ROM slot, [`ROM_SIZE`], owned by the VMM:     |
-//! | `  +0x0000`                 | PML4                                         |
-//! | `  +0x1000`                 | PDPT                                         |
-//! | `  +0x2000, +0x3000`        | page directories for 0..1 GiB and 1..2 GiB    |
-//! | `  +0x4000`                 | page directory for 3..4 GiB (the ROM)         |
-//! | `  +0x5000` ([`CODE_OFFSET`]) | the guest program                          |
+//! | gpa                           | what                                        |
+//! |-------------------------------|---------------------------------------------|
+//! | `0 .. 256 GiB` ([`RAM_LIMIT`])| caller's [`RamSlot`]s (holes allowed)        |
+//! | `256 GiB` ([`ROM_GPA`])       | ROM slot, owned by the VMM:                 |
+//! | `  +0x0000`                   | PML4                                        |
+//! | `  +0x1000`                   | PDPT                                        |
+//! | `  +0x2000`                   | page directory of the ROM's GiB             |
+//! | `  +0x3000` ([`CODE_OFFSET`]) | the guest program (under 4 KiB)             |
+//! | `  +0x4000 + g * 0x1000`      | page directory of RAM's GiB `g`, one for each GiB up to the end of the highest slot |
 //!
-//! Virtual = physical. `0..2 GiB` is mapped with 2 MiB user read-write pages,
-//! the ROM with one 2 MiB user read-only page (so the guest cannot overwrite
-//! its program or page tables); accessed/dirty bits are preset so the MMU has
-//! no reason to write the ROM. A RAM access outside every slot is an MMIO
-//! exit, reported as an error.
+//! Virtual = physical. RAM is mapped with 2 MiB user read-write pages, up to the end of the
+//! highest RAM slot rounded up to a GiB; the ROM with one 2 MiB user read-only page (so the
+//! guest cannot overwrite its program or page tables); accessed/dirty bits are preset so the
+//! MMU has no reason to write the ROM. A RAM access outside every slot is an MMIO exit,
+//! reported as an error. The ROM is `0x4000` bytes plus 4 KiB per GiB of RAM (260 KiB for a
+//! 64 GiB guest); nothing in guest RAM is written by the VMM.
+//!
+//! Why 256 GiB and what it takes: the page tables need one page directory per GiB, and the ROM
+//! must stay within the one 2 MiB page that maps it (508 directories at most); 256 GiB keeps
+//! the ROM below 1.1 MiB. A guest physical address at or above 64 GiB needs a guest
+//! MAXPHYADDR above 36 bits, which is what KVM assumes for a vCPU without CPUID (a page table
+//! entry pointing above it is a reserved-bit fault, a triple fault here), so every vCPU gets
+//! KVM's supported CPUID, whose physical address width is the host's ([`Vm::new`] refuses RAM
+//! beyond it). KVM's own limit on one memory slot (2^31 - 1 pages, 8 TiB) is far above.
 
 use std::os::raw::c_void;
 use std::ptr::NonNull;
@@ -70,14 +79,12 @@ pub use guest::{
     dword_offsets, page_sequence, pattern, DWORDS_PER_PAGE, LCG_ADD, LCG_MUL, PATTERN_MUL,
 };
 
-/// RAM must lie below this guest physical address.
-pub const RAM_LIMIT: u64 = 2 << 30;
-/// Guest physical address of the VMM-owned ROM slot.
-pub const ROM_GPA: u64 = 0xC000_0000;
-/// Size of the ROM slot.
-pub const ROM_SIZE: usize = 64 << 10;
+/// RAM must lie below this guest physical address (256 GiB).
+pub const RAM_LIMIT: u64 = 256 << 30;
+/// Guest physical address of the VMM-owned ROM slot: right above the highest RAM.
+pub const ROM_GPA: u64 = RAM_LIMIT;
 /// Offset of the guest program within the ROM slot.
-pub const CODE_OFFSET: usize = 0x5000;
+pub const CODE_OFFSET: usize = 0x3000;
 /// Most vCPUs one [`Vm::run`] accepts.
 pub const MAX_VCPUS: usize = 8;
 const PAGE: u64 = 4096;
@@ -133,9 +140,12 @@ pub struct VcpuReport {
     /// From the first `KVM_RUN` to the final `out`.
     pub elapsed: Duration,
     /// TouchSequential only: for each touch, the time since the previous touch's
-    /// `out` (the first: since the first `KVM_RUN`). Includes one I/O exit
-    /// round trip (~27 µs under PVM) besides the fault.
+    /// `out` (the first: since the workload's first instruction, [`VcpuReport::started_at`]).
+    /// Includes one I/O exit round trip (~27 µs under PVM) besides the fault.
     pub touch_times: Vec<Duration>,
+    /// When the workload's first instruction (an `out`, before any RAM access) exited to
+    /// the VMM: the moment the guest is known to run.
+    pub started_at: Option<Instant>,
 }
 
 /// Errors, named for the operation that failed.
@@ -145,6 +155,18 @@ pub enum VmError {
     OpenKvm(#[source] kvm_ioctls::Error),
     #[error("create KVM VM")]
     CreateVm(#[source] kvm_ioctls::Error),
+    #[error("KVM_GET_SUPPORTED_CPUID")]
+    GetCpuid(#[source] kvm_ioctls::Error),
+    #[error(
+        "the vCPU's physical address width is {bits} bits, too few for the ROM at {ROM_GPA:#x}"
+    )]
+    PhysAddrWidth { bits: u32 },
+    #[error("set CPUID of vCPU {vcpu}")]
+    SetCpuid {
+        vcpu: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("invalid RAM slot {index}: {reason}")]
     InvalidRam { index: usize, reason: &'static str },
     #[error("mmap the ROM slot")]
@@ -218,6 +240,8 @@ pub struct Vm {
     // Field order is drop order: vCPUs and the VM go before the ROM they map.
     vcpus: Vec<VcpuFd>,
     vm: VmFd,
+    /// KVM's supported CPUID, given to every vCPU (for its physical address width).
+    cpuid: kvm_bindings::CpuId,
     _rom: Rom,
     program: guest::Program,
     /// `(gpa, size)` of each RAM slot, in the caller's order.
@@ -231,15 +255,24 @@ impl Vm {
     /// The caller keeps `ram` mapped for the `Vm`'s lifetime.
     pub fn new(ram: Vec<RamSlot>) -> Result<Vm, VmError> {
         validate_ram(&ram)?;
+        let ram_end = ram.iter().map(|r| r.gpa + r.size).max().unwrap_or(0);
         let program = guest::assemble(ROM_GPA + CODE_OFFSET as u64).map_err(VmError::Assemble)?;
-        let rom = Rom::new(&program.code)?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::GetCpuid)?;
+        // The ROM (above all RAM) is the highest guest physical address the page tables hold.
+        let bits = phys_addr_bits(&cpuid);
+        if (ROM_GPA + ROM_MAX as u64) > 1u64 << bits {
+            return Err(VmError::PhysAddrWidth { bits });
+        }
+        let rom = Rom::new(&program.code, ram_end)?;
         let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
 
         let regions = ram
             .iter()
             .map(|r| (r.gpa, r.size, r.host.as_ptr() as u64))
-            .chain([(ROM_GPA, ROM_SIZE as u64, rom.ptr.as_ptr() as u64)]);
+            .chain([(ROM_GPA, rom.len as u64, rom.ptr.as_ptr() as u64)]);
         for (slot, (gpa, size, host)) in (0u32..).zip(regions) {
             let region = kvm_userspace_memory_region {
                 slot,
@@ -265,6 +298,7 @@ impl Vm {
         Ok(Vm {
             vcpus: Vec::new(),
             vm,
+            cpuid,
             _rom: rom,
             program,
             ram: ram.iter().map(|r| (r.gpa, r.size)).collect(),
@@ -312,6 +346,9 @@ impl Vm {
                 .vm
                 .create_vcpu(vcpu as u64)
                 .map_err(|source| VmError::CreateVcpu { vcpu, source })?;
+            // Once, before the vCPU first runs: KVM refuses a CPUID change after that.
+            fd.set_cpuid2(&self.cpuid)
+                .map_err(|source| VmError::SetCpuid { vcpu, source })?;
             self.vcpus.push(fd);
         }
         for (i, regs) in starts.iter().enumerate() {
@@ -498,6 +535,7 @@ fn run_vcpu(i: usize, vcpu: &mut VcpuFd, ctx: &RunCtx) -> VcpuResult {
     let mut reported = 0;
     let start = Instant::now();
     let mut last_touch = start;
+    let mut first_mismatch_low = 0;
     loop {
         if ctx.stop.load(Ordering::SeqCst) {
             return Err(if ctx.timed_out.load(Ordering::SeqCst) {
@@ -533,6 +571,11 @@ fn run_vcpu(i: usize, vcpu: &mut VcpuFd, ctx: &RunCtx) -> VcpuResult {
             }
         };
         match port {
+            guest::PORT_START => {
+                let now = Instant::now();
+                report.started_at.get_or_insert(now);
+                last_touch = now;
+            }
             guest::PORT_PROGRESS => {
                 reported = value;
                 (ctx.progress)(i, value);
@@ -548,8 +591,10 @@ fn run_vcpu(i: usize, vcpu: &mut VcpuFd, ctx: &RunCtx) -> VcpuResult {
             }
             guest::PORT_PAGES => report.pages = value,
             guest::PORT_MISMATCHES => report.mismatches = value,
-            guest::PORT_FIRST_MISMATCH => {
-                report.first_mismatch_gpa = (value != u32::MAX).then_some(value.into());
+            guest::PORT_FIRST_MISMATCH => first_mismatch_low = value,
+            guest::PORT_FIRST_MISMATCH_HIGH => {
+                let gpa = u64::from(value) << 32 | u64::from(first_mismatch_low);
+                report.first_mismatch_gpa = (gpa != u64::MAX).then_some(gpa);
             }
             guest::PORT_DONE => {
                 report.elapsed = start.elapsed();
@@ -616,6 +661,16 @@ fn init_vcpu(i: usize, vcpu: &VcpuFd, regs: &kvm_regs) -> Result<(), VmError> {
         .map_err(|source| VmError::SetRegs { vcpu: i, source })
 }
 
+/// The physical address width in `cpuid` (leaf 0x8000_0008, EAX bits 7:0); 36 without that
+/// leaf, as KVM assumes then.
+fn phys_addr_bits(cpuid: &kvm_bindings::CpuId) -> u32 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(36, |e| e.eax & 0xff)
+}
+
 fn validate_ram(ram: &[RamSlot]) -> Result<(), VmError> {
     if ram.is_empty() {
         return Err(VmError::InvalidRam {
@@ -629,7 +684,7 @@ fn validate_ram(ram: &[RamSlot]) -> Result<(), VmError> {
             return invalid("gpa, size and host must be 4 KiB aligned");
         }
         if r.size == 0 || r.gpa.checked_add(r.size).is_none_or(|end| end > RAM_LIMIT) {
-            return invalid("must be non-empty and end at or below RAM_LIMIT (2 GiB)");
+            return invalid("must be non-empty and end at or below RAM_LIMIT (256 GiB)");
         }
         if ram[..index]
             .iter()
@@ -643,13 +698,19 @@ fn validate_ram(ram: &[RamSlot]) -> Result<(), VmError> {
 
 const PML4_OFFSET: usize = 0;
 const PDPT_OFFSET: usize = 0x1000;
-/// Page directories for 0..1 GiB, 1..2 GiB, and (third) 3..4 GiB.
-const PD_OFFSETS: [usize; 3] = [0x2000, 0x3000, 0x4000];
+/// The page directory of the GiB the ROM lies in.
+const ROM_PD_OFFSET: usize = 0x2000;
+/// The page directory of RAM's GiB `g` is at `RAM_PD_OFFSET + g * 0x1000`.
+const RAM_PD_OFFSET: usize = 0x4000;
+/// The ROM is mapped by one 2 MiB page, so it must fit in one.
+const ROM_MAX: usize = 2 << 20;
+const GIB: u64 = 1 << 30;
 
 /// The VMM-owned ROM slot: page tables and the program, in an anonymous mapping.
 #[derive(Debug)]
 struct Rom {
     ptr: NonNull<c_void>,
+    len: usize,
 }
 
 // SAFETY: Rom only owns an anonymous mapping; after `new` nothing in this
@@ -660,35 +721,38 @@ unsafe impl Send for Rom {}
 unsafe impl Sync for Rom {}
 
 impl Rom {
-    fn new(code: &[u8]) -> Result<Rom, VmError> {
-        let image = rom_image(code);
+    /// The ROM for `code`, with page tables mapping RAM up to `ram_end` (at most [`RAM_LIMIT`]).
+    fn new(code: &[u8], ram_end: u64) -> Result<Rom, VmError> {
+        let image = rom_image(code, ram_end);
+        let len = image.len();
         // SAFETY: a fresh anonymous private mapping aliases no existing memory.
         let ptr = unsafe {
             nix::sys::mman::mmap_anonymous(
                 None,
-                ROM_SIZE.try_into().unwrap(),
+                len.try_into().expect("the ROM is never empty"),
                 nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
                 nix::sys::mman::MapFlags::MAP_PRIVATE,
             )
         }
         .map_err(VmError::MapRom)?;
-        // SAFETY: `ptr` is a fresh, writable, ROM_SIZE-byte mapping that nothing
-        // else references yet, and `image` is ROM_SIZE bytes.
-        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), ptr.as_ptr().cast(), ROM_SIZE) };
-        Ok(Rom { ptr })
+        // SAFETY: `ptr` is a fresh, writable, `len`-byte mapping that nothing
+        // else references yet, and `image` is `len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), ptr.as_ptr().cast(), len) };
+        Ok(Rom { ptr, len })
     }
 }
 
 impl Drop for Rom {
     fn drop(&mut self) {
-        // SAFETY: `ptr` is our ROM_SIZE-byte mapping, unmapped only here, and
+        // SAFETY: `ptr` is our `len`-byte mapping, unmapped only here, and
         // no Rust reference into it exists.
-        let _ = unsafe { nix::sys::mman::munmap(self.ptr, ROM_SIZE) };
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
     }
 }
 
-/// Builds the ROM contents: identity-mapping page tables, then the code.
-fn rom_image(code: &[u8]) -> Vec<u8> {
+/// Builds the ROM contents: identity-mapping page tables for `0..ram_end` (rounded up to a
+/// GiB) and for the ROM itself, then the code. Its length is a multiple of 4 KiB.
+fn rom_image(code: &[u8], ram_end: u64) -> Vec<u8> {
     const P: u64 = 1; // present
     const RW: u64 = 2;
     const US: u64 = 4; // user (CPL3) access
@@ -697,29 +761,39 @@ fn rom_image(code: &[u8]) -> Vec<u8> {
     const PS: u64 = 0x80; // 2 MiB page
     const TABLE: u64 = P | RW | US | A;
 
-    // The program is fixed (~1 KiB); not fitting is a bug here, not a runtime condition.
+    // The program is fixed (~1 KiB) and RAM is checked against RAM_LIMIT before this:
+    // not fitting is a bug here, not a runtime condition.
     assert!(
-        CODE_OFFSET + code.len() <= ROM_SIZE,
+        CODE_OFFSET + code.len() <= RAM_PD_OFFSET,
         "guest program too large"
     );
-    let mut rom = vec![0u8; ROM_SIZE];
+    let ram_gib = ram_end.div_ceil(GIB) as usize;
+    let len = RAM_PD_OFFSET + ram_gib * 0x1000;
+    assert!(
+        ram_end <= RAM_LIMIT && len <= ROM_MAX,
+        "RAM beyond RAM_LIMIT"
+    );
+    let mut rom = vec![0u8; len];
     let mut entry = |table: usize, index: usize, value: u64| {
         let at = table + index * 8;
         rom[at..at + 8].copy_from_slice(&value.to_le_bytes());
     };
     let addr = |offset: usize| ROM_GPA + offset as u64;
+    // One PDPT covers 512 GiB, RAM and ROM alike.
+    const { assert!(ROM_GPA < 512 * GIB && ROM_GPA.is_multiple_of(2 << 20)) };
     entry(PML4_OFFSET, 0, addr(PDPT_OFFSET) | TABLE);
-    // PDPT entries 0 and 1 (RAM) and 3 (the ROM); the PDs map 2 MiB pages.
-    for (gib, pd) in [0, 1, 3].into_iter().zip(PD_OFFSETS) {
+    for gib in 0..ram_gib {
+        let pd = RAM_PD_OFFSET + gib * 0x1000;
         entry(PDPT_OFFSET, gib, addr(pd) | TABLE);
-    }
-    for (gib, &pd) in PD_OFFSETS[..2].iter().enumerate() {
         for i in 0..512 {
             let gpa = ((gib as u64) << 30) | ((i as u64) << 21);
             entry(pd, i, gpa | P | RW | US | A | D | PS);
         }
     }
-    entry(PD_OFFSETS[2], 0, ROM_GPA | P | US | A | PS); // read-only
+    let rom_gib = (ROM_GPA / GIB) as usize;
+    let rom_pde = ((ROM_GPA % GIB) >> 21) as usize;
+    entry(PDPT_OFFSET, rom_gib, addr(ROM_PD_OFFSET) | TABLE);
+    entry(ROM_PD_OFFSET, rom_pde, ROM_GPA | P | US | A | PS); // read-only
     rom[CODE_OFFSET..CODE_OFFSET + code.len()].copy_from_slice(code);
     rom
 }

@@ -492,3 +492,30 @@ fn speed() {
     touch("memfd+uffd, first read", &mut vm);
     touch("memfd+uffd, resident", &mut vm);
 }
+
+#[test]
+fn a_mismatch_above_4_gib_is_reported_at_its_full_address() {
+    // 8 GiB of sparse anonymous RAM: only the pages the guest touches become resident.
+    let ram = Ram::anonymous(8 << 30);
+    let mut vm = Vm::new(vec![ram.slot()]).unwrap();
+    vm.set_timeout(Some(TIMEOUT));
+    let (seed, first, count) = (0x600d, ((5u64 << 30) / PAGE) as u32, 64);
+    let written = run(&mut vm, &[write_verify(seed, 32, first, count)]).unwrap();
+    assert_clean(&written, &[write_verify(seed, 32, first, count)]);
+    let bad = run(
+        &mut vm,
+        &[Workload::Verify {
+            seed: seed ^ 1,
+            touches: 32,
+            first_page: first,
+            page_count: count,
+        }],
+    )
+    .unwrap();
+    let first_page = page_sequence(seed ^ 1, 1, first, count)[0];
+    assert!(u64::from(first_page) * PAGE >= 5 << 30);
+    assert_eq!(
+        bad[0].first_mismatch_gpa,
+        Some(u64::from(first_page) * PAGE)
+    );
+}
