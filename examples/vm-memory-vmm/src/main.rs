@@ -12,10 +12,10 @@
 //!    vm-memory, as any VMM would) and ends the session with `finish`.
 //! 3. Restore: new guest memory of the same shape, registered lazily restored from that
 //!    snapshot, kept registered by the client's `Supervisor`. The guest verifies its pages;
-//!    in the middle the VMM evicts pages to faultd's store and faultd is killed (SIGKILL) and
-//!    started again: the Supervisor registers the VM again (`resume`) and the guest, whose
-//!    faults waited meanwhile, reads every page back, the evicted ones from the restarted
-//!    faultd's store.
+//!    then the VMM evicts half of each region to faultd's store and faultd is killed
+//!    (SIGKILL) and started again: the Supervisor registers the VM again (`resume`) and the
+//!    guest, whose faults waited meanwhile, verifies every page it wrote again, the evicted
+//!    ones served from the restarted faultd's store.
 //! 4. Teardown: `finish` (faultd fills whatever only it could still provide), the session
 //!    ends, the uffd is closed, and every page of guest memory is compared with the
 //!    snapshot, which is itself checked page by page against what the guest wrote.
@@ -152,15 +152,22 @@ fn run() -> anyhow::Result<()> {
     let mut vm = Vm::new(ram_slots(&memory)?)?;
     vm.set_timeout(Some(Duration::from_secs(120)));
 
-    let reports = vm.run(vec![workload(PARTS[0], false)], &|_, _| {})?;
+    let reports = vm.run(PARTS.map(|p| workload(p, false)).to_vec(), &|_, _| {})?;
     guest_verified("restore, before the restart", &reports)?;
-    let (evicted, zero, failed) = supervisor
-        .with_session(|s| s.evict(PARTS[0].gpa, PARTS[0].size, None))
-        .context("no session to evict with")??;
-    ensure!(
-        evicted > 0 && failed == 0,
-        "evicting the low region: {evicted} evicted, {failed} failed"
-    );
+    // Half of each region to faultd's store: the pages above the hole are saved from, and
+    // punched out of, the memfd at that region's offset.
+    let (mut evicted, mut zero) = (0, 0);
+    for p in PARTS {
+        let (e, z, failed) = supervisor
+            .with_session(|s| s.evict(p.gpa, p.size / 2, None))
+            .context("no session to evict with")??;
+        ensure!(
+            e > 0 && failed == 0,
+            "evicting half the region at {:#x}: {e} evicted, {failed} failed",
+            p.gpa
+        );
+        (evicted, zero) = (evicted + e, zero + z);
+    }
     faultd.crash()?;
     let restarted = Instant::now();
     faultd.start_again()?;
@@ -178,9 +185,11 @@ fn run() -> anyhow::Result<()> {
         .context("no session after the restart")??;
     ensure!(
         st.store_fills == evicted - zero,
-        "the restarted faultd filled {} pages from its store; {} were evicted with data",
+        "the restarted faultd filled {} pages from its store; {} were evicted with data \
+         (its counters: {st:?}); faultd's log:\n{}",
         st.store_fills,
-        evicted - zero
+        evicted - zero,
+        faultd.log_lines(&["resum", "WARN", "ERROR"])
     );
     println!(
         "restart: {evicted} pages evicted to faultd's store, faultd killed (SIGKILL) and \
@@ -494,6 +503,16 @@ impl Faultd {
             ensure!(Instant::now() < deadline, "faultd did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The lines of faultd's log that contain one of `words`.
+    fn log_lines(&self, words: &[&str]) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| words.iter().any(|w| l.contains(w)))
+            .collect();
+        lines.join("\n")
     }
 
     fn log(&self) -> String {
