@@ -156,6 +156,7 @@ fn run() -> anyhow::Result<()> {
     guest_verified("restore, before the restart", &reports)?;
     // Half of each region to faultd's store: the pages above the hole are saved from, and
     // punched out of, the memfd at that region's offset.
+    let allocated_before = allocated_bytes(&memory)?;
     let (mut evicted, mut zero) = (0, 0);
     for p in PARTS {
         let (e, z, failed) = supervisor
@@ -168,6 +169,15 @@ fn run() -> anyhow::Result<()> {
         );
         (evicted, zero) = (evicted + e, zero + z);
     }
+    // Each evicted page was punched out of the memfd, none other: an eviction at the wrong
+    // offset of the memfd would have punched another region's page (or a hole) instead.
+    let punched = allocated_before - allocated_bytes(&memory)?;
+    ensure!(
+        punched == evicted * PAGE,
+        "eviction freed {punched} bytes of the memfd; {evicted} pages were evicted"
+    );
+    // Only pages the guest wrote are resident, so none of them reads zero.
+    ensure!(zero == 0, "{zero} evicted pages read all zero");
     faultd.crash()?;
     let restarted = Instant::now();
     faultd.start_again()?;
@@ -265,6 +275,14 @@ fn guest_memory(name: &str) -> anyhow::Result<GuestMemoryMmap> {
         .collect::<Result<Vec<_>, _>>()
         .context("mapping guest memory")?;
     Ok(GuestMemoryMmap::from_regions(regions).context("guest memory")?)
+}
+
+/// Bytes of the memfd under `memory` that hold pages (`fstat`'s blocks).
+fn allocated_bytes(memory: &GuestMemoryMmap) -> anyhow::Result<u64> {
+    let region = memory.iter().next().context("no guest memory")?;
+    let file = region.file_offset().context("anonymous guest memory")?;
+    let st = nix::sys::stat::fstat(file.file().as_fd()).context("fstat of the memfd")?;
+    Ok(st.st_blocks as u64 * 512)
 }
 
 /// KVM memory slots for `memory`'s regions (the guest program's ROM is testvmm's).
