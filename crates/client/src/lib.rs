@@ -758,7 +758,7 @@ impl Session {
     }
 
     /// The connection as raw packets (for tests that misbehave after registering). Dropping it
-    /// ends the session as dropping the `Session` would.
+    /// ends the session as dropping the [`Session`] would.
     pub fn into_raw(self) -> RawConnection {
         self.raw
     }

@@ -274,7 +274,7 @@ fn guest_memory(name: &str) -> anyhow::Result<GuestMemoryMmap> {
         })
         .collect::<Result<Vec<_>, _>>()
         .context("mapping guest memory")?;
-    Ok(GuestMemoryMmap::from_regions(regions).context("guest memory")?)
+    GuestMemoryMmap::from_regions(regions).context("guest memory")
 }
 
 /// Bytes of the memfd under `memory` that hold pages (`fstat`'s blocks).
