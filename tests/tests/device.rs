@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec};
-use faultd_proto::BackingDesc;
 use faultd_tests::{
     read_with_timeout, resident_settled, settled_stats, write_with_timeout, Faultd, Ram,
 };
@@ -374,12 +373,7 @@ fn requests_outside_ram_and_writes_to_read_only_are_invalid_and_touch_nothing() 
             &uffd,
             &[
                 RegionSpec::zero(0, &ram),
-                RegionSpec {
-                    gpa: RO_GPA,
-                    ram: &rom,
-                    backing: BackingDesc::Zero,
-                    read_only: true,
-                },
+                RegionSpec::zero(RO_GPA, &rom).read_only(),
             ],
             None,
         )

@@ -1,18 +1,47 @@
 //! The VMM side of faultd: what a VMM embeds to hand its guest RAM faults to faultd.
 //!
-//! Owns: creating guest RAM the way faultd can serve it (a memfd or hugetlbfs memfd mapped
-//! `MAP_SHARED`), creating and registering the userfaultfd, and the blocking client of the
-//! control protocol ([`faultd_proto`]). Refuses: serving faults (faultd does that) and anything
-//! KVM (the VMM does that with the mapping this crate hands it).
+//! Owns: describing guest RAM the way faultd can serve it (a memfd or hugetlbfs file mapped
+//! `MAP_SHARED`, whole or at offsets: [`GuestRam`], [`SharedMemory`], and a vm-memory
+//! `GuestMemoryMmap` through [`vm_memory_regions`]), creating and registering the
+//! userfaultfd ([`create_uffd`]), the blocking client of the control protocol ([`Client`],
+//! [`Session`]) and keeping a session across faultd restarts ([`Supervisor`]). Refuses:
+//! serving faults (faultd does that) and anything KVM (the VMM does that with the mapping it
+//! already has). The protocol's types that this API takes or returns are re-exported here
+//! (and the whole protocol crate as [`proto`]); `docs/embedding.md` walks through a complete
+//! VMM.
+//!
+//! A VMM that lets this crate make its guest RAM:
 //!
 //! ```no_run
-//! # use faultd_client::*;
+//! use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec};
+//!
 //! let ram = GuestRam::new("vm0-ram", 1 << 30, RamPageSize::Size4K)?;
 //! let uffd = create_uffd()?;
 //! ram.register(&uffd)?;
-//! let session = Client::connect(faultd_proto::DEFAULT_SOCKET_PATH)?
+//! let mut session = Client::connect(faultd_client::DEFAULT_SOCKET_PATH)?
 //!     .register("vm0", &uffd, &[RegionSpec::zero(0, &ram)], None)?;
 //! // ... give ram.host_addr() to KVM as guest memory and run the guest ...
+//! let stats: faultd_client::SessionStats = session.stats()?;
+//! println!("{} faults served", stats.vcpu_faults);
+//! // Before closing the uffd: faultd fills whatever only it could still provide.
+//! assert_eq!(session.finish()?.remaining, 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! A VMM that already has its memory: one memfd split around a hole in the guest's address
+//! space, both parts registered at their offsets in it (the memfd is sent once):
+//!
+//! ```no_run
+//! use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec};
+//!
+//! let ram = GuestRam::new("vm0-ram", 3 << 30, RamPageSize::Size4K)?;
+//! let (low, high) = (ram.slice(0, 2 << 30)?, ram.slice(2 << 30, 1 << 30)?);
+//! let uffd = create_uffd()?;
+//! low.register(&uffd)?;
+//! high.register(&uffd)?;
+//! let regions = [RegionSpec::zero(0, low), RegionSpec::zero(4 << 30, high)];
+//! let session = Client::connect(faultd_client::DEFAULT_SOCKET_PATH)?
+//!     .register("vm0", &uffd, &regions, None)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -23,13 +52,20 @@ use std::ptr::NonNull;
 
 mod supervise;
 
+#[cfg(feature = "vm-memory")]
+mod vmm;
+
+/// The control protocol, for what this crate does not re-export.
+pub use faultd_proto as proto;
 use faultd_proto::{
-    AddDevice, BackingDesc, ErrorCode, FdIndex, IommuDesc, QueueDesc, RegionDesc, Register,
-    Request, Response, SessionStats, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    AddDevice, FdIndex, IommuDesc, QueueDesc, RegionDesc, Register, Request, MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
 };
+/// The protocol's types that this crate's API takes or returns.
 pub use faultd_proto::{
-    DaemonStatus, EvictAmount, FirecrackerListen, SessionDetail, SessionEvicted, SessionRef,
-    SessionRow,
+    BackingDesc, BudgetStatus, CodecError, DaemonStatus, DeviceStats, ErrorCode, EvictAmount,
+    FirecrackerListen, LatencySummary, ListenerStatus, Response, SessionDetail, SessionEvicted,
+    SessionKind, SessionRef, SessionRow, SessionStats, DEFAULT_SOCKET_PATH,
 };
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{
@@ -38,6 +74,8 @@ use nix::sys::socket::{
 };
 pub use supervise::{Reattach, Supervisor, SupervisorStats};
 pub use userfaultfd::Uffd;
+#[cfg(feature = "vm-memory")]
+pub use vmm::vm_memory_regions;
 
 /// Failure of a client operation, named for the operation.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +103,30 @@ pub enum ClientError {
         size: u64,
         #[source]
         source: nix::Error,
+    },
+    /// A range of memory that is not page aligned, wraps around, or is not inside the memory
+    /// it was carved from.
+    #[error(
+        "memory range of {size:#x} bytes at offset {offset:#x} (host {host:#x}) is not page \
+         aligned ({page_size}) or not inside its memory"
+    )]
+    BadRange {
+        /// Host address of the memory (or of the range).
+        host: u64,
+        /// Offset in the memory fd.
+        offset: u64,
+        /// Size.
+        size: u64,
+        /// Page size.
+        page_size: u64,
+    },
+    /// A region of a vm-memory `GuestMemoryMmap` that faultd cannot serve.
+    #[error("guest memory region at gpa {gpa:#x}: {reason}")]
+    UnsharedRegion {
+        /// The region's guest physical base.
+        gpa: u64,
+        /// Why.
+        reason: &'static str,
     },
     /// A size that is zero or not a multiple of the page size.
     #[error("guest RAM size {size} is not a non-zero multiple of the page size {page_size}")]
@@ -216,18 +278,27 @@ impl GuestRam {
     /// Registers the whole mapping with `uffd` in MISSING and write-protect modes (faultd
     /// write-protects a page while it evicts it, so no write is lost).
     pub fn register(&self, uffd: &Uffd) -> Result<(), ClientError> {
-        use userfaultfd::RegisterMode;
-        uffd.register_with_mode(
-            self.host.as_ptr().cast(),
-            self.size as usize,
-            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
-        )
-        .map_err(|source| ClientError::RegisterUffd {
-            addr: self.host_addr(),
-            size: self.size,
-            source,
-        })?;
-        Ok(())
+        SharedMemory::from(self).register(uffd)
+    }
+
+    /// `size` bytes of this RAM from byte `offset` on, as one region's memory: several
+    /// regions can be carved from one `GuestRam` (e.g. RAM below and above a hole in the
+    /// guest's address space).
+    pub fn slice(&self, offset: u64, size: u64) -> Result<SharedMemory<'_>, ClientError> {
+        let page = self.page_size.bytes();
+        let end = offset.checked_add(size);
+        if end.is_none_or(|e| e > self.size) {
+            return Err(ClientError::BadRange {
+                host: self.host_addr(),
+                offset,
+                size,
+                page_size: page,
+            });
+        }
+        // `offset <= self.size`: inside the mapping or one past its end, so not null.
+        let host = NonNull::new(self.host.as_ptr().wrapping_add(offset as usize))
+            .expect("inside a mapping, so not null");
+        SharedMemory::new(self.memfd(), offset, host, size, self.page_size)
     }
 
     /// Start of the mapping in this process (what KVM's memory slot points at).
@@ -291,13 +362,137 @@ pub fn create_uffd() -> Result<Uffd, ClientError> {
         .map_err(ClientError::CreateUffd)
 }
 
-/// One region to register: where it is in the guest, and what backs it.
+/// A range of guest RAM that this process maps `MAP_SHARED` from a memory fd (a memfd, or a
+/// hugetlbfs file): what one region hands faultd. The VMM keeps owning the memory; this only
+/// names it.
+///
+/// Several regions may be carved from one memfd (say guest RAM below and above a PCI hole,
+/// at two offsets of one file): each names the same fd at its own offset, and
+/// [`Client::register`] sends that fd to faultd once.
+///
+/// Made from a [`GuestRam`] (`(&ram).into()`, [`GuestRam::slice`]), from a vm-memory
+/// `GuestMemoryMmap` ([`vm_memory_regions`]), or from any mapping with [`SharedMemory::new`].
+#[derive(Debug, Clone, Copy)]
+pub struct SharedMemory<'a> {
+    memfd: BorrowedFd<'a>,
+    offset: u64,
+    host: NonNull<u8>,
+    size: u64,
+    page_size: RamPageSize,
+}
+
+impl<'a> SharedMemory<'a> {
+    /// Names `size` bytes of `memfd` from `offset` on, which this process maps shared at
+    /// `host`. Only the arithmetic is checked here (page-aligned offset, address and size, no
+    /// wrap-around); faultd checks, in this process's `/proc/<pid>/maps`, that `host` really
+    /// maps `memfd` at `offset`, and refuses the registration otherwise. The mapping must stay
+    /// in place for as long as a session serves it.
+    pub fn new(
+        memfd: BorrowedFd<'a>,
+        offset: u64,
+        host: NonNull<u8>,
+        size: u64,
+        page_size: RamPageSize,
+    ) -> Result<Self, ClientError> {
+        let page = page_size.bytes();
+        let addr = host.as_ptr() as u64;
+        if size == 0 || !size.is_multiple_of(page) {
+            return Err(ClientError::BadSize {
+                size,
+                page_size: page,
+            });
+        }
+        if !offset.is_multiple_of(page)
+            || !addr.is_multiple_of(page)
+            || offset.checked_add(size).is_none()
+            || addr.checked_add(size).is_none()
+        {
+            return Err(ClientError::BadRange {
+                host: addr,
+                offset,
+                size,
+                page_size: page,
+            });
+        }
+        Ok(SharedMemory {
+            memfd,
+            offset,
+            host,
+            size,
+            page_size,
+        })
+    }
+
+    /// Registers the range with `uffd` in MISSING and write-protect modes (faultd
+    /// write-protects a page while it evicts it, so no write is lost). Every region must be
+    /// registered before [`Client::register`].
+    pub fn register(&self, uffd: &Uffd) -> Result<(), ClientError> {
+        use userfaultfd::RegisterMode;
+        uffd.register_with_mode(
+            self.host.as_ptr().cast(),
+            self.size as usize,
+            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+        )
+        .map_err(|source| ClientError::RegisterUffd {
+            addr: self.host_addr(),
+            size: self.size,
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// The memory fd.
+    pub fn memfd(&self) -> BorrowedFd<'a> {
+        self.memfd
+    }
+
+    /// Offset of the range's first byte in the memory fd.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Start of the range in this process.
+    pub fn host_ptr(&self) -> NonNull<u8> {
+        self.host
+    }
+
+    /// Start of the range in this process, as a number for the protocol.
+    pub fn host_addr(&self) -> u64 {
+        self.host.as_ptr() as u64
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Page size.
+    pub fn page_size(&self) -> RamPageSize {
+        self.page_size
+    }
+}
+
+impl<'a> From<&'a GuestRam> for SharedMemory<'a> {
+    /// All of `ram`: its memfd from offset 0.
+    fn from(ram: &'a GuestRam) -> SharedMemory<'a> {
+        SharedMemory {
+            memfd: ram.memfd(),
+            offset: 0,
+            host: ram.host_ptr(),
+            size: ram.size(),
+            page_size: ram.page_size(),
+        }
+    }
+}
+
+/// One region to register: where it is in the guest, which memory holds it, and what fills
+/// a page that was never there.
 #[derive(Debug, Clone, Copy)]
 pub struct RegionSpec<'a> {
     /// Guest physical base.
     pub gpa: u64,
-    /// The RAM (the whole mapping is the region).
-    pub ram: &'a GuestRam,
+    /// The memory (the whole range is the region).
+    pub memory: SharedMemory<'a>,
     /// Where never-resident pages come from.
     pub backing: BackingDesc,
     /// Guest may not write it.
@@ -305,23 +500,40 @@ pub struct RegionSpec<'a> {
 }
 
 impl<'a> RegionSpec<'a> {
-    /// A zero-filled region at `gpa`.
-    pub fn zero(gpa: u64, ram: &'a GuestRam) -> Self {
+    /// A zero-filled region at `gpa` held by `memory` (a [`SharedMemory`] or a `&GuestRam`).
+    pub fn zero(gpa: u64, memory: impl Into<SharedMemory<'a>>) -> Self {
         RegionSpec {
             gpa,
-            ram,
+            memory: memory.into(),
             backing: BackingDesc::Zero,
             read_only: false,
         }
     }
 
-    /// A region restored lazily from the snapshot file at `offset`.
-    pub fn snapshot(gpa: u64, ram: &'a GuestRam, offset: u64) -> Self {
+    /// A region at `gpa` held by `memory`, restored lazily from the snapshot file, whose byte
+    /// `offset` is the region's first byte.
+    pub fn snapshot(gpa: u64, memory: impl Into<SharedMemory<'a>>, offset: u64) -> Self {
         RegionSpec {
             gpa,
-            ram,
+            memory: memory.into(),
             backing: BackingDesc::Snapshot { offset },
             read_only: false,
+        }
+    }
+
+    /// The same region, restored lazily from the snapshot file at `offset` instead.
+    pub fn from_snapshot(self, offset: u64) -> Self {
+        RegionSpec {
+            backing: BackingDesc::Snapshot { offset },
+            ..self
+        }
+    }
+
+    /// The same region, which the guest may not write.
+    pub fn read_only(self) -> Self {
+        RegionSpec {
+            read_only: true,
+            ..self
         }
     }
 }
@@ -387,20 +599,7 @@ impl Client {
         resume: bool,
     ) -> Result<Session, ClientError> {
         let mut fds: Vec<BorrowedFd<'_>> = vec![uffd.as_fd()];
-        let mut descs = Vec::with_capacity(regions.len());
-        for r in regions {
-            descs.push(RegionDesc {
-                gpa: r.gpa,
-                size: r.ram.size(),
-                page_size: r.ram.page_size().bytes(),
-                hva: r.ram.host_addr(),
-                mem: FdIndex(fds.len() as u32),
-                mem_offset: 0,
-                backing: r.backing,
-                read_only: r.read_only,
-            });
-            fds.push(r.ram.memfd());
-        }
+        let descs = describe(regions, &mut fds);
         let snapshot = snapshot.map(|fd| {
             fds.push(fd);
             FdIndex(fds.len() as u32 - 1)
@@ -508,6 +707,36 @@ impl Client {
     }
 }
 
+/// The protocol's descriptions of `regions`, with their memory fds appended to `fds`: once
+/// each, so regions carved from one memfd name one fd entry and faultd takes the file once.
+fn describe<'a>(regions: &[RegionSpec<'a>], fds: &mut Vec<BorrowedFd<'a>>) -> Vec<RegionDesc> {
+    let first = fds.len();
+    regions
+        .iter()
+        .map(|r| {
+            let m = &r.memory;
+            let raw = m.memfd().as_raw_fd();
+            let mem = match fds[first..].iter().position(|f| f.as_raw_fd() == raw) {
+                Some(i) => first + i,
+                None => {
+                    fds.push(m.memfd());
+                    fds.len() - 1
+                }
+            };
+            RegionDesc {
+                gpa: r.gpa,
+                size: m.size(),
+                page_size: m.page_size().bytes(),
+                hva: m.host_addr(),
+                mem: FdIndex(mem as u32),
+                mem_offset: m.offset(),
+                backing: r.backing,
+                read_only: r.read_only,
+            }
+        })
+        .collect()
+}
+
 fn refusal(resp: Response) -> ClientError {
     match resp {
         Response::Error { code, message } => ClientError::Refused { code, message },
@@ -529,7 +758,7 @@ impl Session {
     }
 
     /// The connection as raw packets (for tests that misbehave after registering). Dropping it
-    /// ends the session as dropping the `Session` would.
+    /// ends the session as dropping the [`Session`] would.
     pub fn into_raw(self) -> RawConnection {
         self.raw
     }
@@ -712,5 +941,95 @@ impl RawConnection {
     pub fn recv_response(&mut self) -> Result<Response, ClientError> {
         let bytes = self.recv()?.ok_or(ClientError::Closed)?;
         Ok(faultd_proto::decode(&bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_of_one_memfd_name_one_fd_entry_at_their_offsets() {
+        let ram = GuestRam::new("t", 16 * 4096, RamPageSize::Size4K).unwrap();
+        let other = GuestRam::new("u", 4096, RamPageSize::Size4K).unwrap();
+        let uffd = create_uffd().unwrap();
+        let regions = [
+            RegionSpec::zero(0, ram.slice(0, 4 * 4096).unwrap()),
+            RegionSpec::zero(1 << 20, &other),
+            RegionSpec::snapshot(2 << 20, ram.slice(8 * 4096, 8 * 4096).unwrap(), 4096),
+        ];
+        let mut fds = vec![uffd.as_fd()];
+        let descs = describe(&regions, &mut fds);
+        assert_eq!(fds.len(), 3, "the uffd, ram's memfd once, other's memfd");
+        assert_eq!(
+            descs
+                .iter()
+                .map(|d| (d.gpa, d.mem.0, d.mem_offset, d.size, d.hva))
+                .collect::<Vec<_>>(),
+            [
+                (0, 1, 0, 4 * 4096, ram.host_addr()),
+                (1 << 20, 2, 0, 4096, other.host_addr()),
+                (2 << 20, 1, 8 * 4096, 8 * 4096, ram.host_addr() + 8 * 4096),
+            ]
+        );
+        assert_eq!(descs[2].backing, BackingDesc::Snapshot { offset: 4096 });
+    }
+
+    #[test]
+    fn a_slice_must_be_page_aligned_and_inside_the_ram() {
+        let ram = GuestRam::new("t", 4 * 4096, RamPageSize::Size4K).unwrap();
+        assert!(ram.slice(4096, 3 * 4096).is_ok());
+        assert!(matches!(
+            ram.slice(4096, 4 * 4096),
+            Err(ClientError::BadRange { .. })
+        ));
+        assert!(matches!(
+            ram.slice(100, 4096),
+            Err(ClientError::BadRange { .. })
+        ));
+        assert!(matches!(
+            ram.slice(u64::MAX - 4095, 4096),
+            Err(ClientError::BadRange { .. })
+        ));
+        assert!(matches!(ram.slice(0, 0), Err(ClientError::BadSize { .. })));
+    }
+
+    #[cfg(feature = "vm-memory")]
+    #[test]
+    fn a_vm_memory_guest_split_around_a_hole_becomes_regions_at_their_memfd_offsets() {
+        use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+        let memfd = std::fs::File::from(
+            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+        );
+        memfd.set_len(12 * 4096).unwrap();
+        let memory: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files([
+            (
+                GuestAddress(0),
+                4 * 4096,
+                Some(FileOffset::new(memfd.try_clone().unwrap(), 8 * 4096)),
+            ),
+            (
+                GuestAddress(1 << 20),
+                8 * 4096,
+                Some(FileOffset::new(memfd.try_clone().unwrap(), 0)),
+            ),
+        ])
+        .unwrap();
+        let regions = vm_memory_regions(&memory).unwrap();
+        let got: Vec<_> = regions
+            .iter()
+            .map(|r| (r.gpa, r.memory.offset(), r.memory.size()))
+            .collect();
+        assert_eq!(got, [(0, 8 * 4096, 4 * 4096), (1 << 20, 0, 8 * 4096)]);
+        assert!(regions
+            .iter()
+            .all(|r| r.memory.page_size() == RamPageSize::Size4K));
+
+        let anonymous: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
+        assert!(matches!(
+            vm_memory_regions(&anonymous),
+            Err(ClientError::UnsharedRegion { gpa: 0, .. })
+        ));
     }
 }

@@ -5,7 +5,7 @@
 //! What survives a faultd restart, and why this is enough: the VMM keeps its guest RAM, its
 //! userfaultfd and the registrations on it, so faults raised meanwhile just wait in the uffd;
 //! the new faultd takes evicted pages from its store, and wakes every thread the old one had
-//! left blocked (see `Client::resume`). Devices are the VMM's business: their page requests
+//! left blocked (see [`Client::resume`]). Devices are the VMM's business: their page requests
 //! in flight are lost with the old faultd, which is what [`Reattach::lost`] is for.
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -52,6 +52,35 @@ struct Shared {
 }
 
 /// Watches a session and brings it back after faultd restarts. See the module documentation.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use faultd_client::*;
+///
+/// /// What it takes to register the VM again: the same memory and uffd.
+/// struct Hooks {
+///     ram: Arc<GuestRam>,
+///     uffd: Arc<Uffd>,
+/// }
+///
+/// impl Reattach for Hooks {
+///     fn resume(&mut self, client: Client) -> Result<Session, ClientError> {
+///         client.resume("vm0", &self.uffd, &[RegionSpec::zero(0, &*self.ram)], None)
+///     }
+/// }
+///
+/// let ram = Arc::new(GuestRam::new("vm0-ram", 1 << 30, RamPageSize::Size4K)?);
+/// let uffd = Arc::new(create_uffd()?);
+/// ram.register(&uffd)?;
+/// let session = Client::connect(DEFAULT_SOCKET_PATH)?
+///     .register("vm0", &uffd, &[RegionSpec::zero(0, &*ram)], None)?;
+/// let supervisor = Supervisor::spawn(DEFAULT_SOCKET_PATH, session, Hooks { ram, uffd })?;
+/// // ... run the guest; faultd may restart meanwhile ...
+/// let finished = supervisor.with_session(|s| s.finish()).expect("served now")?;
+/// assert_eq!(finished.remaining, 0);
+/// drop(supervisor.stop()); // ends the session
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Supervisor {
     shared: Arc<Shared>,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use faultd_client::{
     create_uffd, Client, DeviceIommu, DeviceQueue, GuestRam, RamPageSize, RegionSpec, Session, Uffd,
 };
-use faultd_proto::{BackingDesc, SessionStats};
+use faultd_proto::SessionStats;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -149,12 +149,7 @@ impl Test {
             .map_err(|e| format!("uffd register: {e}"))?;
         let regions = [
             RegionSpec::zero(RAM_GPA, &ram),
-            RegionSpec {
-                gpa: ROM_GPA,
-                ram: &rom,
-                backing: BackingDesc::Zero,
-                read_only: true,
-            },
+            RegionSpec::zero(ROM_GPA, &rom).read_only(),
         ];
         let mut session = Client::connect(socket)
             .and_then(|c| c.register("iommufd-check", &uffd, &regions, None))

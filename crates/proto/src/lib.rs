@@ -780,6 +780,36 @@ mod tests {
         })
     }
 
+    /// The `register` example of docs/protocol.md is one faultd would accept as far as the
+    /// message alone tells: it decodes, and its regions overlap neither in the guest, nor in
+    /// the VMM, nor in a memory file, and are aligned to their page sizes.
+    #[test]
+    fn the_documented_register_example_is_a_consistent_layout() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let start = doc
+            .find("## `register` (VMM -> faultd)\n```json\n")
+            .expect("the register section")
+            + "## `register` (VMM -> faultd)\n```json\n".len();
+        let json = &doc[start..start + doc[start..].find("```").expect("end of the example")];
+        let Request::Register(reg) = decode::<Request>(json.as_bytes()).unwrap() else {
+            panic!("not a register: {json}");
+        };
+        let overlap = |a: (u64, u64), b: (u64, u64)| a.0 < b.0 + b.1 && b.0 < a.0 + a.1;
+        for (i, a) in reg.regions.iter().enumerate() {
+            for x in [a.gpa, a.hva, a.mem_offset, a.size] {
+                assert_eq!(x % a.page_size, 0, "regions[{i}] is not aligned");
+            }
+            for (j, b) in reg.regions.iter().enumerate().skip(i + 1) {
+                assert!(!overlap((a.gpa, a.size), (b.gpa, b.size)), "gpa {i} {j}");
+                assert!(!overlap((a.hva, a.size), (b.hva, b.size)), "hva {i} {j}");
+                assert!(
+                    a.mem != b.mem || !overlap((a.mem_offset, a.size), (b.mem_offset, b.size)),
+                    "memory file range {i} {j}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn register_round_trips_through_json() {
         let bytes = encode(&sample()).unwrap();

@@ -53,6 +53,9 @@ struct Memory {
     session: Arc<Session>,
     store_dir: std::path::PathBuf,
     log: Log,
+    /// Where VMM addresses are in the memfd, as `(hva, len, memfd offset)`, as the VMM mapped
+    /// it; an address outside every entry is at its distance from the registered start.
+    placement: Vec<(u64, u64, u64)>,
 }
 
 /// When a racing write comes, relative to the eviction's write-protect.
@@ -97,9 +100,16 @@ impl FakeUffd {
         self
     }
 
-    /// Offset of `addr` in the memfd (which starts at the registered start).
+    /// Offset of `addr` in the memfd: by the placement the VMM mapped it with, else its
+    /// distance from the registered start.
     fn offset(&self, addr: u64) -> u64 {
-        addr - self.registered.0
+        let placed = self.memory.as_ref().and_then(|m| {
+            m.placement
+                .iter()
+                .find(|&&(hva, len, _)| (hva..hva + len).contains(&addr))
+                .map(|&(hva, _, off)| off + (addr - hva))
+        });
+        placed.unwrap_or(addr - self.registered.0)
     }
 
     fn is_present(&self, addr: u64) -> bool {
@@ -737,6 +747,7 @@ impl Dev {
                 session: session.clone(),
                 store_dir: dir.path().to_owned(),
                 log: log.clone(),
+                placement: Vec::new(),
             });
         }
         let mut srv = FaultServer::new(session.clone(), fake, 8, limits);
@@ -1274,4 +1285,112 @@ fn resume_keeps_present_pages_and_takes_the_journals_last_word_for_absent_ones()
     );
     let st = session.stats();
     assert_eq!((st.store_fills, st.zero_fills), (2, 1));
+}
+
+// ---- regions at offsets of one memfd (a VMM's own memory, split around a hole) ----
+
+/// Guest RAM of one memfd of 8 pages split around a hole, its halves the other way round in
+/// the memfd than in the VMM: region 0 (at GPA, mapped at HVA) is memfd pages 4..8, region 1
+/// (1 MiB higher in the guest, mapped at HVA + 4 pages) is memfd pages 0..4. Every page the
+/// engine reads, punches, installs through or finds present in the memfd must be found by the
+/// region's offset: by its distance from the first region it would be the other region's.
+fn split_around_a_hole() -> (
+    FaultServer<FakeUffd>,
+    Arc<Session>,
+    Arc<OwnedFd>,
+    tempfile::TempDir,
+) {
+    const HALF: u64 = 4 * PAGE;
+    let memfd = Arc::new(
+        nix::sys::memfd::memfd_create("guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+    );
+    nix::unistd::ftruncate(&memfd, (2 * HALF) as i64).unwrap();
+    let region = |gpa: u64| RegionSpec {
+        gpa: Gpa(gpa),
+        size: HALF,
+        page_size: PageSize::Size4K,
+        backing: Backing::Zero,
+        read_only: false,
+    };
+    let layout = Layout::new(vec![region(GPA), region(GPA + (1 << 20))]).unwrap();
+    let served = |hva: u64, offset: u64| ServedRegion {
+        hva: Hva(hva),
+        memory: RegionMemory::Shared {
+            fd: memfd.clone(),
+            offset,
+        },
+    };
+    let regions = vec![served(HVA, HALF), served(HVA + HALF, 0)];
+    let session = Arc::new(Session::new(1, "t".into(), layout, regions, None));
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeUffd::new(HVA, 2 * HALF).with_memory(Memory {
+        fd: memfd.clone(),
+        session: session.clone(),
+        store_dir: dir.path().to_owned(),
+        log: Log::default(),
+        placement: vec![(HVA, HALF, HALF), (HVA + HALF, HALF, 0)],
+    });
+    let srv = FaultServer::new(session.clone(), fake, 8, LIMITS).with_store_dir(dir.path().into());
+    (srv, session, memfd, dir)
+}
+
+/// Every byte `0x10 + i`: the page at HVA + i pages, as the test writes it.
+fn page_byte(i: u64) -> Vec<u8> {
+    vec![0x10 + i as u8; PAGE as usize]
+}
+
+#[test]
+fn a_region_at_an_offset_of_its_memfd_is_evicted_restored_and_found_present_at_that_offset() {
+    let (mut srv, s, memfd, _dir) = split_around_a_hole();
+    for i in 0..8 {
+        srv.ops().touch(HVA + i * PAGE);
+    }
+    srv.serve_ready().unwrap();
+    for i in 0..8 {
+        srv.ops().put(HVA + i * PAGE, page_byte(i));
+    }
+    // The VMM's page 0 is memfd page 4 (the fake maps as the VMM did).
+    let mut raw = vec![0; PAGE as usize];
+    nix::sys::uio::pread(memfd.as_fd(), &mut raw, (4 * PAGE) as i64).unwrap();
+    assert_eq!(raw, page_byte(0));
+    let page = |i: u64| s.locate(Hva(HVA + i * PAGE)).unwrap().page;
+    // What the device path maps and the eviction path reads and punches.
+    assert_eq!(s.mem_location(page(1)).unwrap().1, 5 * PAGE);
+    assert_eq!(s.mem_location(page(5)).unwrap().1, PAGE);
+    let granule = s2map::Granule {
+        first: page(6),
+        pages: 1,
+    };
+    assert_eq!(s.map_target(granule).unwrap().1 .2, 2 * PAGE);
+
+    // Evict the first two pages of region 0.
+    for i in 0..2 {
+        assert!(srv.evict_page(page(i)).unwrap(), "page {i} stored");
+    }
+
+    // Region 1 is untouched: an eviction by the wrong offset would have punched its pages.
+    for i in 4..8 {
+        assert_eq!(
+            uniform(srv.ops().page(HVA + i * PAGE)),
+            Some(0x10 + i as u8),
+            "page {i}"
+        );
+    }
+    assert_eq!(srv.ops().page(HVA), None, "evicted");
+    // What a restarted faultd would find present in the memfd, region by region.
+    assert_eq!(srv.present_pages(0, None).unwrap(), [2, 3]);
+    assert_eq!(srv.present_pages(1, None).unwrap(), [0, 1, 2, 3]);
+    // Faulted back in, the evicted pages hold what was saved from them (not region 1's bytes).
+    for i in 0..2 {
+        srv.ops().touch(HVA + i * PAGE);
+    }
+    srv.serve_ready().unwrap();
+    for i in 0..8 {
+        assert_eq!(
+            uniform(srv.ops().page(HVA + i * PAGE)),
+            Some(0x10 + i as u8),
+            "page {i}"
+        );
+    }
+    assert_eq!(s.stats().store_fills, 2);
 }

@@ -192,6 +192,22 @@ pub fn validate(
         ));
     }
     check_hva_overlap(reg)?;
+    let held: Vec<(FileId, u64, u64)> = reg
+        .regions
+        .iter()
+        .zip(&mem_is)
+        .enumerate()
+        .map(|(n, (r, &mi))| {
+            let st = nix::sys::stat::fstat(fds[mi].as_fd())
+                .map_err(|e| refuse(ErrorCode::BadFd, format!("regions[{n}].mem: fstat: {e}")))?;
+            let file = FileId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            };
+            Ok((file, r.mem_offset, r.size))
+        })
+        .collect::<Result<_, Refusal>>()?;
+    check_file_overlap(&held)?;
 
     if let Some(pid) = peer_pid {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| {
@@ -448,6 +464,30 @@ fn check_hva_overlap(reg: &Register) -> Result<(), Refusal> {
                     w[0].2, w[1].2
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses two regions that name the same bytes of one memory file: `held[n]` is region `n`'s
+/// file (by identity, so two fds of one memfd are one file), offset and size. Such regions
+/// alias: a page filled for one would be present in the other without s2map knowing, and an
+/// eviction of one would punch the other's page. Regions carved from one file at disjoint
+/// offsets (RAM split around a hole) are fine.
+fn check_file_overlap(held: &[(FileId, u64, u64)]) -> Result<(), Refusal> {
+    for (a, &(file_a, off_a, size_a)) in held.iter().enumerate() {
+        for (b, &(file_b, off_b, size_b)) in held.iter().enumerate().skip(a + 1) {
+            // Sizes and offsets were checked not to wrap (check_mem).
+            if file_a == file_b && off_a < off_b + size_b && off_b < off_a + size_a {
+                return Err(refuse(
+                    ErrorCode::BadLayout,
+                    format!(
+                        "regions[{a}] ({off_a:#x}+{size_a:#x}) and regions[{b}] \
+                         ({off_b:#x}+{size_b:#x}) overlap in their memory file: one page of \
+                         guest RAM would be two guest pages"
+                    ),
+                ));
+            }
         }
     }
     Ok(())
@@ -783,6 +823,68 @@ VmFlags: rd wr sh mr mw me ms
     fn range_running_into_an_unregistered_mapping_is_refused() {
         let e = check_registered(SMAPS, 0x7f00_0010_0000, 0x20_0000).unwrap_err();
         assert!(e.starts_with("0x7f0000200000 is not registered"), "{e}");
+    }
+
+    #[test]
+    fn regions_of_one_file_may_not_overlap_in_it() {
+        let (a, b) = (FileId { dev: 1, ino: 7 }, FileId { dev: 1, ino: 8 });
+        const MIB: u64 = 1 << 20;
+        // Split around a hole: disjoint ranges of one file, in any order.
+        assert!(check_file_overlap(&[(a, 2 * MIB, MIB), (a, 0, 2 * MIB), (b, 0, MIB)]).is_ok());
+        // One byte shared.
+        let e = check_file_overlap(&[(a, 0, 2 * MIB), (b, 0, MIB), (a, 2 * MIB - 4096, MIB)])
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadLayout);
+        assert!(
+            e.message
+                .starts_with("regions[0] (0x0+0x200000) and regions[2]"),
+            "{}",
+            e.message
+        );
+        // Nested.
+        assert!(check_file_overlap(&[(a, MIB, 4096), (a, 0, 4 * MIB)]).is_err());
+        // The same range of different files.
+        assert!(check_file_overlap(&[(a, 0, MIB), (b, 0, MIB)]).is_ok());
+    }
+
+    #[test]
+    fn a_memory_file_of_several_regions_is_claimed_once() {
+        let memfd =
+            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let uffd =
+            nix::sys::memfd::memfd_create("u", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let dup = memfd.try_clone().unwrap();
+        let region = |gpa: u64, mem: u32, mem_offset: u64| faultd_proto::RegionDesc {
+            gpa,
+            size: 4096,
+            page_size: 4096,
+            hva: 0x7f00_0000_0000 + gpa,
+            mem: FdIndex(mem),
+            mem_offset,
+            backing: BackingDesc::Zero,
+            read_only: false,
+        };
+        // Two regions on fd 1, a third on fd 2, a duplicate of the same memfd.
+        let reg = Register {
+            version: faultd_proto::PROTOCOL_VERSION,
+            vm: "t".into(),
+            uffd: FdIndex(0),
+            regions: vec![
+                region(0, 1, 0),
+                region(1 << 20, 1, 4096),
+                region(2 << 20, 2, 8192),
+            ],
+            snapshot: None,
+            resume: false,
+        };
+        let files = handed_files(&reg, &[uffd, memfd, dup]);
+        assert_eq!(
+            files
+                .iter()
+                .map(|(_, what)| what.as_str())
+                .collect::<Vec<_>>(),
+            ["uffd (fd 0)", "regions[0].mem (fd 1)"]
+        );
     }
 
     #[test]
