@@ -136,6 +136,12 @@ pub enum CtlCommand {
         #[arg(long)]
         pid: Option<i32>,
     },
+    /// Stop serving a Firecracker listener: faultd removes its socket (restores already
+    /// served go on until their VMs are gone) and no longer listens on it after a restart.
+    FirecrackerUnlisten {
+        /// The listener's name (its --vm).
+        name: String,
+    },
     /// Daemon-wide figures: version, uptime, sessions, resident memory against the global
     /// budget, the store, devices, Firecracker listeners.
     Status,
@@ -492,6 +498,18 @@ pub fn run(control: &Path, args: CtlArgs) -> Result<String, CtlError> {
             show(output, &answer, || {
                 format!(
                     "faultd listens for Firecracker VM {vm} on {}",
+                    socket.display()
+                )
+            })
+        }
+        CtlCommand::FirecrackerUnlisten { name } => {
+            let answer = conn.ask(&Request::FirecrackerUnlisten { vm: name })?;
+            let Response::Unlistened { vm, socket } = &answer else {
+                return Err(conn.unexpected(answer));
+            };
+            show(output, &answer, || {
+                format!(
+                    "faultd no longer listens for Firecracker VM {vm} on {}",
                     socket.display()
                 )
             })

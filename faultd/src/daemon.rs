@@ -19,7 +19,7 @@ use crate::engine::session::{ServedRegion, Session};
 use crate::engine::store::{Store, StoreError};
 use crate::engine::{Commander, DeviceLimits, FaultServer, FaultThread, Resume};
 use crate::kernel::uffd::KernelUffd;
-use crate::ops::config::{Config, Limit, Limits};
+use crate::ops::config::{Config, Limit, Limits, ListenSpec};
 use crate::ops::metrics::DaemonMetrics;
 
 /// A refused request: the protocol error class and a message naming field and value.
@@ -74,10 +74,33 @@ impl Drop for Claims {
     }
 }
 
-/// The sockets faultd listens on for Firecracker: socket path -> VM name.
+/// One socket faultd listens on for Firecracker, as the registry knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Listener {
+    /// The listener's name (its restores' sessions are named `NAME-N`).
+    pub(crate) vm: String,
+    /// The uid whose request added it (None: the config file).
+    pub(crate) added_by: Option<u32>,
+    /// What faultd's state directory keeps of it, to listen again after a restart (None: a
+    /// config entry, which the config names again).
+    pub(crate) kept: Option<ListenSpec>,
+    /// Fired to stop listening (`firecracker_unlisten`, or shutdown).
+    pub(crate) stop: CancellationToken,
+    /// Fired once the socket is removed and the name released.
+    pub(crate) stopped: CancellationToken,
+}
+
+/// The sockets faultd listens on for Firecracker (by socket path), the restores each serves,
+/// and the session names that sessions kept across a restart hold.
 #[derive(Debug, Default)]
 pub struct Listeners {
-    by_socket: Mutex<HashMap<PathBuf, String>>,
+    by_socket: Mutex<HashMap<PathBuf, Listener>>,
+    /// Restores being served (and connections not yet past their message), by listener name.
+    restores: Arc<Mutex<HashMap<String, usize>>>,
+    /// Session names of kept sessions being served again: never given to a new restore.
+    reserved: Mutex<std::collections::HashSet<String>>,
+    /// Serializes writes of the listeners kept in the state directory.
+    pub(crate) state_write: Mutex<()>,
 }
 
 /// Why a Firecracker socket cannot be reserved.
@@ -89,21 +112,40 @@ pub enum Taken {
     Vm(PathBuf),
 }
 
+/// A restore's place under its listener's `restores_per_listener`, given back on drop.
+#[derive(Debug)]
+pub(crate) struct RestoreSlot {
+    restores: Arc<Mutex<HashMap<String, usize>>>,
+    listener: String,
+}
+
+impl Drop for RestoreSlot {
+    fn drop(&mut self) {
+        let mut map = self.restores.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.listener) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.listener);
+            }
+        }
+    }
+}
+
 impl Listeners {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Listener>> {
         self.by_socket.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserves `socket` for `vm`, or says which of the two is taken.
-    pub(crate) fn reserve(&self, socket: &Path, vm: &str) -> Result<(), Taken> {
+    /// Reserves `socket` for `listener`, or says which of the two is taken.
+    pub(crate) fn reserve(&self, socket: &Path, listener: Listener) -> Result<(), Taken> {
         let mut map = self.lock();
         if let Some(held) = map.get(socket) {
-            return Err(Taken::Socket(held.clone()));
+            return Err(Taken::Socket(held.vm.clone()));
         }
-        if let Some((held, _)) = map.iter().find(|(_, v)| v.as_str() == vm) {
+        if let Some((held, _)) = map.iter().find(|(_, l)| l.vm == listener.vm) {
             return Err(Taken::Vm(held.clone()));
         }
-        map.insert(socket.to_path_buf(), vm.to_owned());
+        map.insert(socket.to_path_buf(), listener);
         Ok(())
     }
 
@@ -112,15 +154,85 @@ impl Listeners {
         let mut all: Vec<(PathBuf, String)> = self
             .lock()
             .iter()
-            .map(|(socket, vm)| (socket.clone(), vm.clone()))
+            .map(|(socket, l)| (socket.clone(), l.vm.clone()))
             .collect();
         all.sort();
         all
     }
 
+    /// The listener named `vm` and its socket.
+    pub(crate) fn named(&self, vm: &str) -> Option<(PathBuf, Listener)> {
+        self.lock()
+            .iter()
+            .find(|(_, l)| l.vm == vm)
+            .map(|(s, l)| (s.clone(), l.clone()))
+    }
+
+    /// What the state directory keeps: the listeners added at run time, by socket path.
+    pub(crate) fn kept(&self) -> Vec<(ListenSpec, Option<u32>)> {
+        let mut all: Vec<(ListenSpec, Option<u32>)> = self
+            .lock()
+            .values()
+            .filter_map(|l| l.kept.clone().map(|k| (k, l.added_by)))
+            .collect();
+        all.sort_by(|a, b| a.0.socket.cmp(&b.0.socket));
+        all
+    }
+
+    /// Records what the state directory keeps of the listener on `socket`.
+    pub(crate) fn set_kept(&self, socket: &Path, kept: ListenSpec) {
+        if let Some(l) = self.lock().get_mut(socket) {
+            l.kept = Some(kept);
+        }
+    }
+
     /// Frees `socket`.
     pub(crate) fn release(&self, socket: &Path) {
         self.lock().remove(socket);
+    }
+
+    /// A place for one more restore of `listener`, or the restores it serves now when it has
+    /// `limit` already.
+    pub(crate) fn enter(&self, listener: &str, limit: usize) -> Result<RestoreSlot, usize> {
+        let mut map = self.restores.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(listener.to_owned()).or_insert(0);
+        if *n >= limit {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(RestoreSlot {
+            restores: self.restores.clone(),
+            listener: listener.to_owned(),
+        })
+    }
+
+    /// A place for a restore kept across a restart (never refused: its VM is running).
+    pub(crate) fn enter_kept(&self, listener: &str) -> RestoreSlot {
+        let mut map = self.restores.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(listener.to_owned()).or_insert(0) += 1;
+        RestoreSlot {
+            restores: self.restores.clone(),
+            listener: listener.to_owned(),
+        }
+    }
+
+    /// Holds session name `name` for a kept session (until [`Listeners::unreserve_name`]).
+    pub(crate) fn reserve_name(&self, name: &str) {
+        self.reserved_names().insert(name.to_owned());
+    }
+
+    /// Gives back a name [`Listeners::reserve_name`] held.
+    pub(crate) fn unreserve_name(&self, name: &str) {
+        self.reserved_names().remove(name);
+    }
+
+    /// Whether a kept session holds `name`.
+    pub(crate) fn name_reserved(&self, name: &str) -> bool {
+        self.reserved_names().contains(name)
+    }
+
+    fn reserved_names(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -514,6 +626,26 @@ impl Daemon {
             uid,
             guest: 0,
         })
+    }
+
+    /// Counts a session faultd kept across its restart (a Firecracker restore) against its
+    /// owner's sessions and the guest total, without refusing it: its VM is running, and
+    /// refusing would leave it with nobody to serve its faults.
+    pub(crate) fn admit_kept(&self, uid: u32, guest: u64) -> Admission {
+        let mut q = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        let burst = f64::from(self.config.limits.registrations_burst);
+        let u = q.by_uid.entry(uid).or_insert(UidUse {
+            sessions: 0,
+            tokens: burst,
+            refilled: std::time::Instant::now(),
+        });
+        u.sessions += 1;
+        q.guest = q.guest.saturating_add(guest);
+        Admission {
+            quotas: self.quotas.clone(),
+            uid,
+            guest,
+        }
     }
 
     /// Adds `bytes` of guest RAM to `admission`, within the per-session and total limits, or

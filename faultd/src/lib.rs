@@ -205,6 +205,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
         // deadline; joining and flushing get a little more.
         let shutdown_bound = config.device_deadline + SHUTDOWN_SLACK;
         let daemon = daemon::Daemon::new(config, cancel.clone());
+        // Firecracker sessions a previous faultd kept in the service manager's fd store: their
+        // names are held before any listener could give one to a new restore.
+        if !stored.is_empty() {
+            firecracker::resume_kept(&daemon, stored);
+        }
         for spec in static_listens {
             let vm = spec.vm.clone();
             if let Err(source) = firecracker::listen(&daemon, spec).await {
@@ -217,10 +222,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
                 return Err(RunError::FirecrackerListen { vm, source });
             }
         }
-        // Firecracker sessions a previous faultd kept in the service manager's fd store.
-        if !stored.is_empty() {
-            firecracker::resume_kept(&daemon, stored);
-        }
+        // Listeners added at run time before a restart (after the config's, which win).
+        firecracker::relisten_kept(&daemon).await;
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(control::serve(listener, daemon.clone()));
         if let Some(listener) = metrics_listener {

@@ -185,8 +185,9 @@ impl<'a> Server<'a> {
                 None
             }
             Server::Faultd { faultd, vm } => {
-                let st = faultd
-                    .settled_vm_stats(&vm, |s| s.first().is_some_and(|s| s.file_fills >= faults));
+                let st = faultd.settled_vm_stats(&format!("{vm}-1"), |s| {
+                    s.first().is_some_and(|s| s.file_fills >= faults)
+                });
                 assert_eq!(st.len(), 1, "{}: one session", h.name());
                 assert_eq!(st[0].file_fills, faults, "{}: pages filled", h.name());
                 assert_eq!(st[0].errors, 0, "{}: errors", h.name());

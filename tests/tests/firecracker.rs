@@ -91,6 +91,17 @@ impl Setup {
     }
 }
 
+/// Whether any live session is a restore of listener `listener` (named `listener-N`).
+fn any_session_of(faultd: &Faultd, listener: &str) -> bool {
+    let prefix = format!("{listener}-");
+    Client::connect(faultd.socket())
+        .unwrap()
+        .sessions()
+        .unwrap()
+        .iter()
+        .any(|r| r.vm.starts_with(&prefix))
+}
+
 fn only_session(stats: Vec<SessionStats>) -> SessionStats {
     assert_eq!(stats.len(), 1, "{stats:?}");
     stats.into_iter().next().unwrap()
@@ -196,7 +207,7 @@ fn firecracker_restore_serves_its_load_thread_and_a_kvm_guest_the_snapshot_and_b
         .union(&load.iter().copied().collect())
         .copied()
         .collect();
-    let stats = only_session(faultd.settled_vm_stats("fc-a", |s| {
+    let stats = only_session(faultd.settled_vm_stats("fc-a-1", |s| {
         s.first()
             .is_some_and(|s| s.file_fills >= touched.len() as u64)
     }));
@@ -235,7 +246,7 @@ fn firecracker_restore_serves_its_load_thread_and_a_kvm_guest_the_snapshot_and_b
             );
         }
     }
-    let stats = only_session(faultd.settled_vm_stats("fc-a", |s| {
+    let stats = only_session(faultd.settled_vm_stats("fc-a-1", |s| {
         s.first().is_some_and(|s| s.zero_fills >= MIB / PAGE)
     }));
     assert_eq!(stats.discarded_pages, resident_in_balloon);
@@ -268,7 +279,9 @@ fn firecracker_restore_serves_its_load_thread_and_a_kvm_guest_the_snapshot_and_b
     drop(vm);
     restore.hang_up();
     assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
-    assert!(faultd.settled_vm_stats("fc-a", |s| s.is_empty()).is_empty());
+    assert!(faultd
+        .settled_vm_stats("fc-a-1", |s| s.is_empty())
+        .is_empty());
 }
 
 #[test]
@@ -316,7 +329,7 @@ fn firecracker_restore_on_2mib_hugetlb_memory_gets_whole_huge_pages_from_the_sna
     let first = *huge.iter().next().unwrap() * HUGE;
     let page = copy_with_timeout(vec![restore.addr(0, first)], HUGE as usize, T);
     assert!(page[0] == setup.file_bytes(0, first, HUGE as usize));
-    let stats = only_session(faultd.settled_vm_stats("fc-huge", |s| {
+    let stats = only_session(faultd.settled_vm_stats("fc-huge-1", |s| {
         s.first().is_some_and(|s| s.file_fills >= huge.len() as u64)
     }));
     assert_eq!(stats.file_fills, huge.len() as u64);
@@ -328,7 +341,7 @@ fn firecracker_restore_on_2mib_hugetlb_memory_gets_whole_huge_pages_from_the_sna
     let out = std::process::Command::new(faultd_tests::faultd_bin())
         .arg("--socket")
         .arg(faultd.socket())
-        .args(["ctl", "evict", "--vm", "fc-huge", "--pages", "1"])
+        .args(["ctl", "evict", "--vm", "fc-huge-1", "--pages", "1"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -337,7 +350,7 @@ fn firecracker_restore_on_2mib_hugetlb_memory_gets_whole_huge_pages_from_the_sna
         err.contains("hugetlb memory, which the kernel does not page out"),
         "{err}"
     );
-    let after = only_session(faultd.vm_stats("fc-huge"));
+    let after = only_session(faultd.vm_stats("fc-huge-1"));
     assert_eq!(
         (after.resident_bytes, after.evictions),
         (stats.resident_bytes, 0)
@@ -469,7 +482,7 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
             faultd.log()
         );
         assert!(
-            faultd.vm_stats("fc-bad").is_empty(),
+            !any_session_of(&faultd, "fc-bad"),
             "{what}: a session was opened"
         );
         check_live(what);
@@ -481,15 +494,20 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
     assert!(faultd.wait_for_log("hung up after", T), "{}", faultd.log());
     check_live("a hang-up mid-message");
 
-    // A second connection to a socket whose restore is live.
+    // The live restore's own uffd, sent again on another socket: one uffd serves one session.
     assert!(refused_at_once(
-        &live_socket,
+        &bad_socket,
         good_json.as_bytes(),
-        &[uffd],
+        &[live.uffd.as_fd()],
         T
     ));
-    assert!(faultd.wait_for_log("has a live session on this socket already", T));
-    check_live("a second connection");
+    assert!(
+        faultd.wait_for_log("the userfaultfd is held by another live session", T),
+        "{}",
+        faultd.log()
+    );
+    assert!(!any_session_of(&faultd, "fc-bad"));
+    check_live("the live restore's uffd sent again");
 
     // Peers that are not the expected process: another uid, another pid.
     let uid_socket = setup.socket("uid.sock");
@@ -545,7 +563,7 @@ fn bad_firecracker_connections_are_refused_with_the_reason_logged_and_a_live_res
         (4242, 0o600)
     );
 
-    let stats = only_session(faultd.settled_vm_stats("fc-live", |s| {
+    let stats = only_session(faultd.settled_vm_stats("fc-live-1", |s| {
         s.first().is_some_and(|s| s.file_fills >= checks.get())
     }));
     assert_eq!(stats.errors, 0);
@@ -736,9 +754,9 @@ fn cli_listens_and_reports_stats_and_a_config_entry_listens_from_the_start() {
         }
         restores.push(r);
     }
-    faultd.settled_vm_stats("fc-cli", |s| s.first().is_some_and(|s| s.file_fills >= 10));
+    faultd.settled_vm_stats("fc-cli-1", |s| s.first().is_some_and(|s| s.file_fills >= 10));
     // `--json` prints faultd's answer object whole.
-    let printed = match serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli", "--json"])).unwrap()
+    let printed = match serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli-1", "--json"])).unwrap()
     {
         faultd_proto::Response::SessionDetail { sessions, .. } => sessions,
         other => panic!("not a session_detail answer: {other:?}"),
@@ -854,7 +872,7 @@ fn an_older_firecracker_that_closes_its_socket_is_served_until_its_process_exits
     // The child has exited: its session ends.
     assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
     assert!(faultd
-        .settled_vm_stats("fc-old", |s| s.is_empty())
+        .settled_vm_stats("fc-old-1", |s| s.is_empty())
         .is_empty());
 }
 
@@ -920,7 +938,7 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
         // present (read above); a volatile write creates no reference.
         unsafe { std::ptr::write_volatile(a as *mut u64, mark(i)) };
     }
-    let before = only_session(faultd.settled_vm_stats("fc-swap", |s| {
+    let before = only_session(faultd.settled_vm_stats("fc-swap-1", |s| {
         s.first().is_some_and(|s| s.file_fills >= TOUCHED)
     }));
     assert_eq!(before.resident_bytes, TOUCHED * PAGE);
@@ -942,7 +960,7 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
     // The 600 oldest pages.
     let done = evicted_answer(&ctl(
         &faultd,
-        &["evict", "--vm", "fc-swap", "--pages", "600", "--json"],
+        &["evict", "--vm", "fc-swap-1", "--pages", "600", "--json"],
     ));
     println!("--pages 600: {done:?}");
     assert_eq!((done.evicted + done.failed, done.zero), (600, 0));
@@ -963,7 +981,7 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
     let range = format!("{:#x}:{:#x}", offs[600], offs[800] - offs[600]);
     let done = evicted_answer(&ctl(
         &faultd,
-        &["evict", "--vm", "fc-swap", "--range", &range, "--json"],
+        &["evict", "--vm", "fc-swap-1", "--range", &range, "--json"],
     ));
     println!("--range {range}: {done:?}");
     // Pages of the range already in swap are not asked for again (none here: the range is
@@ -990,7 +1008,7 @@ fn firecracker_memory_is_paged_out_to_swap_by_ctl_evict_and_keeps_every_write() 
             "offset {o:#x} differs from the snapshot"
         );
     }
-    let after = only_session(faultd.settled_vm_stats("fc-swap", |s| {
+    let after = only_session(faultd.settled_vm_stats("fc-swap-1", |s| {
         s.first()
             .is_some_and(|s| s.resident_bytes == TOUCHED * PAGE)
     }));
@@ -1041,7 +1059,7 @@ fn a_firecracker_restore_under_a_budget_is_paged_out_to_stay_within_it_even_afte
         }
     };
     check("restore");
-    let st = only_session(faultd.settled_vm_stats("fc-budget", |s| {
+    let st = only_session(faultd.settled_vm_stats("fc-budget-1", |s| {
         s.first()
             .is_some_and(|s| s.file_fills >= TOUCHED && s.resident_bytes <= LIMIT)
     }));
@@ -1059,7 +1077,7 @@ fn a_firecracker_restore_under_a_budget_is_paged_out_to_stay_within_it_even_afte
     // The VM reads everything again: the kernel swaps pages back in, which faultd is not told
     // of; its idle check finds the VM over its budget and pages out again.
     check("after swap-ins");
-    let st2 = only_session(faultd.settled_vm_stats("fc-budget", |s| {
+    let st2 = only_session(faultd.settled_vm_stats("fc-budget-1", |s| {
         s.first()
             .is_some_and(|s| s.resident_bytes <= LIMIT && s.evictions > st.evictions)
     }));
@@ -1132,7 +1150,7 @@ fn a_kvm_guest_on_a_firecracker_restore_under_a_budget_reads_the_snapshot_and_ke
     );
     assert_eq!(written, (0, None), "the guest lost a write while paged out");
     // 3. Once more after the budget pushed most of it out again.
-    let st = only_session(faultd.settled_vm_stats("fc-kvm", |s| {
+    let st = only_session(faultd.settled_vm_stats("fc-kvm-1", |s| {
         s.first().is_some_and(|s| s.resident_bytes <= LIMIT)
     }));
     let again = run(
@@ -1150,7 +1168,7 @@ fn a_kvm_guest_on_a_firecracker_restore_under_a_budget_reads_the_snapshot_and_ke
         .into_iter()
         .chain(page_sequence(seed, touches, 0, pages))
         .collect();
-    let end = only_session(faultd.settled_vm_stats("fc-kvm", |s| {
+    let end = only_session(faultd.settled_vm_stats("fc-kvm-1", |s| {
         s.first().is_some_and(|s| s.resident_bytes <= LIMIT)
     }));
     println!(
@@ -1208,13 +1226,14 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
     let balloon = 8 * MIB;
     copy_with_timeout(vec![restore.addr(0, balloon)], PAGE as usize, T);
     balloon_discard(restore.addr(0, balloon), MIB, T);
-    faultd.settled_vm_stats("fc-kept", |s| {
+    faultd.settled_vm_stats("fc-kept-1", |s| {
         s.first().is_some_and(|s| s.discarded_pages == 1)
     });
-    let name = "faultd-fc-fc-kept";
+    // The snapshot the listener opened is kept beside the session.
+    let (snap, name) = ("faultd-fcsnap-fc-kept-1", "faultd-fc-fc-kept-1");
     assert_eq!(
-        manager.wait_for_store(&[name, name, name], T),
-        [name, name, name],
+        manager.wait_for_store(&[snap, name, name, name], T),
+        [snap, name, name, name],
         "the session was not put in the fd store:\n{}",
         faultd.log()
     );
@@ -1277,7 +1296,7 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
         log.contains("serving a Firecracker restore again after a faultd restart"),
         "{log}"
     );
-    let st = only_session(faultd.settled_vm_stats("fc-kept", |s| {
+    let st = only_session(faultd.settled_vm_stats("fc-kept-1", |s| {
         s.first()
             .is_some_and(|s| s.file_fills + s.zero_fills >= waiting.len() as u64)
     }));
@@ -1291,11 +1310,11 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
     let balloon2 = 12 * MIB;
     copy_with_timeout(vec![restore.addr(0, balloon2)], PAGE as usize, T);
     balloon_discard(restore.addr(0, balloon2), MIB, T);
-    faultd.settled_vm_stats("fc-kept", |s| {
+    faultd.settled_vm_stats("fc-kept-1", |s| {
         s.first().is_some_and(|s| s.discarded_pages == 1)
     });
     assert!(faultd.terminate().success(), "{}", faultd.log());
-    assert_eq!(manager.stored_names(), [name, name, name]);
+    assert_eq!(manager.stored_names(), [snap, name, name, name]);
     faultd.restart();
     let after_stop = copy_with_timeout(
         vec![restore.addr(0, balloon2), restore.addr(0, 14 * MIB)],
@@ -1318,11 +1337,11 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
     copy_with_timeout(vec![restore2.addr(0, 0)], PAGE as usize, T);
     balloon_discard(restore2.addr(0, 0), MIB, T); // so its store has a journal
                                                   // Counted after the journal record is written.
-    faultd.settled_vm_stats("fc-gone", |s| {
+    faultd.settled_vm_stats("fc-gone-1", |s| {
         s.first().is_some_and(|s| s.discarded_pages == 1)
     });
-    let name2 = "faultd-fc-fc-gone";
-    let both = [name, name, name, name2, name2, name2];
+    let (snap2, name2) = ("faultd-fcsnap-fc-gone-1", "faultd-fc-fc-gone-1");
+    let both = [snap, name, name, name, snap2, name2, name2, name2];
     assert_eq!(manager.wait_for_store(&both, T), both);
     // A socket without a uid rule is the operator's: its VMs' stores are root's.
     let store_dir = faultd.store_dir().join("0");
@@ -1332,14 +1351,14 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
             .filter(|ext| store_dir.join(format!("{vm}.{ext}")).exists())
             .count()
     };
-    assert!(files("fc-gone") > 0, "fc-gone has no store to clean up");
+    assert!(files("fc-gone-1") > 0, "fc-gone has no store to clean up");
 
     // The first Firecracker exits: its session ends and leaves the fd store.
     restore.hang_up();
     assert!(faultd.wait_for_log("session ended", T), "{}", faultd.log());
     assert_eq!(
-        manager.wait_for_store(&[name2, name2, name2], T),
-        [name2; 3]
+        manager.wait_for_store(&[snap2, name2, name2, name2], T),
+        [snap2, name2, name2, name2]
     );
 
     // The second exits while faultd is down: the next faultd drops it, fd store and store.
@@ -1352,6 +1371,357 @@ fn a_firecracker_restore_is_served_again_after_faultd_is_killed_and_started_agai
         faultd.log()
     );
     assert!(manager.wait_for_store(&[], T).is_empty());
-    assert_eq!(files("fc-gone"), 0, "the gone VM's store was left behind");
-    assert!(faultd.vm_stats("fc-gone").is_empty());
+    assert_eq!(files("fc-gone-1"), 0, "the gone VM's store was left behind");
+    assert!(faultd.vm_stats("fc-gone-1").is_empty());
+}
+
+/// Reads every 4 KiB page of every region of `r` (from helper threads, failing after `T` if
+/// one is not served) and checks it against the snapshot file, page by page.
+fn verify_every_page(setup: &Setup, r: &FcRestore, who: &str) {
+    for (n, region) in setup.regions.iter().enumerate() {
+        let offs: Vec<u64> = (0..region.size / PAGE).map(|p| p * PAGE).collect();
+        let got = copy_with_timeout(
+            offs.iter().map(|&o| r.addr(n, o)).collect(),
+            PAGE as usize,
+            T,
+        );
+        for (&o, page) in offs.iter().zip(&got) {
+            assert!(
+                *page == setup.file_bytes(n, o, PAGE as usize),
+                "{who}: region {n} offset {o:#x} differs from the snapshot"
+            );
+        }
+    }
+}
+
+fn ctl_output(faultd: &Faultd, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(faultd.socket())
+        .arg("ctl")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn four_restores_of_one_snapshot_at_once_through_one_listener_are_each_served_every_page() {
+    let regions = [
+        Region {
+            gpa: 0,
+            size: 12 * MIB,
+            offset: 0,
+        },
+        Region {
+            gpa: 64 * MIB,
+            size: 4 * MIB,
+            offset: 12 * MIB,
+        },
+    ];
+    let setup = Setup::new(&regions, 0x4444);
+    let faultd = Faultd::start(&[]);
+    let socket = setup.socket("fleet.sock");
+    faultd
+        .listen_firecracker("fc-four", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+
+    // Four Firecrackers connect at once, then all four touch every page at once.
+    let mut restores: Vec<FcRestore> = (0..4).map(|_| setup.restore(RamPageSize::Size4K)).collect();
+    std::thread::scope(|s| {
+        for r in restores.iter_mut() {
+            s.spawn(|| r.send(&socket, WireForm::Current).unwrap());
+        }
+    });
+    std::thread::scope(|s| {
+        for (i, r) in restores.iter().enumerate() {
+            let setup = &setup;
+            s.spawn(move || verify_every_page(setup, r, &format!("restore {i}")));
+        }
+    });
+
+    // Each is its own session, named from the listener, in `ctl sessions` and the metrics.
+    let rows = Client::connect(faultd.socket())
+        .unwrap()
+        .sessions()
+        .unwrap();
+    let names: BTreeSet<String> = rows.iter().map(|r| r.vm.clone()).collect();
+    let want: BTreeSet<String> = (1..=4).map(|n| format!("fc-four-{n}")).collect();
+    assert_eq!(names, want, "{rows:?}");
+    assert!(rows
+        .iter()
+        .all(|r| r.kind == faultd_proto::SessionKind::Firecracker));
+    let pages = 16 * MIB / PAGE;
+    for n in 1..=4 {
+        let st = only_session(faultd.settled_vm_stats(&format!("fc-four-{n}"), |s| {
+            s.first().is_some_and(|s| s.file_fills >= pages)
+        }));
+        assert_eq!(
+            (st.file_fills, st.errors),
+            (pages, 0),
+            "fc-four-{n}: {st:?}"
+        );
+    }
+    let table = String::from_utf8(ctl_output(&faultd, &["sessions"]).stdout).unwrap();
+    let (_, metrics) = faultd_tests::http_get(&faultd.metrics_addr(), "/metrics");
+    for n in 1..=4 {
+        assert!(table.contains(&format!("fc-four-{n}")), "{table}");
+        assert!(
+            metrics.contains(&format!("vm=\"fc-four-{n}\"")),
+            "fc-four-{n} not in metrics"
+        );
+    }
+
+    // Each ends on its own hang-up; the others go on being served.
+    restores.remove(0).hang_up();
+    let deadline = std::time::Instant::now() + T;
+    while Client::connect(faultd.socket())
+        .unwrap()
+        .sessions()
+        .unwrap()
+        .len()
+        != 3
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", faultd.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in &restores {
+        let got = copy_with_timeout(vec![r.addr(0, PAGE)], PAGE as usize, T);
+        assert!(got[0] == setup.file_bytes(0, PAGE, PAGE as usize));
+    }
+}
+
+#[test]
+fn unlisten_removes_the_socket_refuses_new_restores_and_leaves_running_ones_served() {
+    let regions = [Region {
+        gpa: 0,
+        size: 8 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0x0FF);
+    let faultd = Faultd::start(&[]);
+    let socket = setup.socket("un.sock");
+    faultd
+        .listen_firecracker("fc-un", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut running = setup.restore(RamPageSize::Size4K);
+    running.send(&socket, WireForm::Current).unwrap();
+    let first = copy_with_timeout(vec![running.addr(0, 0)], PAGE as usize, T);
+    assert!(first[0] == setup.file_bytes(0, 0, PAGE as usize));
+
+    // Only the uid that added it, or the operator: user nobody is refused, nothing changes.
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let open = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+    open(faultd.socket().parent().unwrap(), 0o755).unwrap();
+    open(faultd.socket(), 0o666).unwrap();
+    let nobody = std::process::Command::new(faultd_tests::faultd_bin())
+        .arg("--socket")
+        .arg(faultd.socket())
+        .args(["ctl", "firecracker-unlisten", "fc-un"])
+        .uid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert_eq!(nobody.status.code(), Some(4), "{err}");
+    assert!(err.contains("only that uid or the operator"), "{err}");
+    assert!(socket.exists());
+
+    let out = ctl_output(&faultd, &["firecracker-unlisten", "fc-un"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("no longer listens for Firecracker VM fc-un"),
+        "{said}"
+    );
+
+    // The socket is gone when the answer comes, and a new Firecracker cannot connect.
+    assert!(!socket.exists(), "the socket is still there");
+    let e = std::os::unix::net::UnixStream::connect(&socket).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+    let st = Client::connect(faultd.socket()).unwrap().status().unwrap();
+    assert!(st.firecracker.iter().all(|l| l.vm != "fc-un"), "{st:?}");
+
+    // The running restore is still served, every page.
+    verify_every_page(&setup, &running, "the running restore");
+    assert_eq!(only_session(faultd.vm_stats("fc-un-1")).errors, 0);
+
+    // A second unlisten names what is wrong; the name can be listened on again.
+    let again = ctl_output(&faultd, &["firecracker-unlisten", "fc-un"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no Firecracker listener named"));
+    faultd
+        .listen_firecracker("fc-un", &socket, &setup.snapshot_path(), None, None)
+        .unwrap();
+    let mut next = setup.restore(RamPageSize::Size4K);
+    next.send(&socket, WireForm::Current).unwrap();
+    let got = copy_with_timeout(vec![next.addr(0, 5 * PAGE)], PAGE as usize, T);
+    assert!(got[0] == setup.file_bytes(0, 5 * PAGE, PAGE as usize));
+}
+
+#[test]
+fn a_listener_added_at_run_time_is_listened_on_again_after_a_restart_with_its_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let regions = [Region {
+        gpa: 0,
+        size: 4 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0x2E57);
+    // User nobody may reach the snapshot, so that a listener may admit it.
+    std::fs::set_permissions(setup.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        setup.snapshot_path(),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let mut faultd = Faultd::start(&[]);
+    let (kept, owned, gone) = (
+        setup.socket("kept.sock"),
+        setup.socket("owned.sock"),
+        setup.socket("gone.sock"),
+    );
+    let snapshot = setup.snapshot_path();
+    faultd
+        .listen_firecracker("fc-kept", &kept, &snapshot, None, None)
+        .unwrap();
+    faultd
+        .listen_firecracker("fc-owned", &owned, &snapshot, Some(65534), None)
+        .unwrap();
+    faultd
+        .listen_firecracker("fc-gone", &gone, &snapshot, None, None)
+        .unwrap();
+    let out = ctl_output(&faultd, &["firecracker-unlisten", "fc-gone"]);
+    assert!(out.status.success());
+
+    let state = faultd.store_dir().join("firecracker-listeners.json");
+    let meta = std::fs::metadata(&state).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+
+    assert!(faultd.terminate().success(), "{}", faultd.log());
+    assert!(
+        !kept.exists() && !owned.exists(),
+        "sockets left after the stop"
+    );
+    faultd.restart();
+
+    // Both are listened on again, each socket as it was made the first time; the removed
+    // one is not.
+    let st = Client::connect(faultd.socket()).unwrap().status().unwrap();
+    let listening: BTreeSet<String> = st.firecracker.iter().map(|l| l.vm.clone()).collect();
+    assert_eq!(
+        listening,
+        ["fc-kept", "fc-owned"]
+            .map(String::from)
+            .into_iter()
+            .collect(),
+        "{}",
+        faultd.log()
+    );
+    assert!(!gone.exists());
+    let m = std::fs::symlink_metadata(&owned).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (65534, 0o600));
+    let m = std::fs::symlink_metadata(&kept).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o600));
+    let mut r = setup.restore(RamPageSize::Size4K);
+    r.send(&kept, WireForm::Current).unwrap();
+    verify_every_page(&setup, &r, "a restore after the restart");
+}
+
+#[test]
+fn firecracker_restores_past_the_listener_uid_and_guest_size_limits_are_refused_naming_them() {
+    let regions = [Region {
+        gpa: 0,
+        size: 4 * MIB,
+        offset: 0,
+    }];
+    let setup = Setup::new(&regions, 0x11);
+    let faultd = Faultd::start_with_config(
+        "[limits]\nrestores_per_listener = 2\nsessions_per_uid = 3\nsession_guest_gib = 1\n",
+    );
+    let (a, b) = (setup.socket("a.sock"), setup.socket("b.sock"));
+    for (vm, s) in [("fc-la", &a), ("fc-lb", &b)] {
+        faultd
+            .listen_firecracker(vm, s, &setup.snapshot_path(), None, None)
+            .unwrap();
+    }
+    let served = |r: &FcRestore| {
+        let got = copy_with_timeout(vec![r.addr(0, PAGE)], PAGE as usize, T);
+        assert!(got[0] == setup.file_bytes(0, PAGE, PAGE as usize));
+    };
+    let mut live = Vec::new();
+    for _ in 0..2 {
+        let mut r = setup.restore(RamPageSize::Size4K);
+        r.send(&a, WireForm::Current).unwrap();
+        served(&r);
+        live.push(r);
+    }
+
+    // A third restore on listener a: refused, closed, logged.
+    let third = setup.restore(RamPageSize::Size4K);
+    assert!(refused_at_once(
+        &a,
+        third.message(WireForm::Current).as_bytes(),
+        &[third.uffd.as_fd()],
+        T
+    ));
+    assert!(
+        faultd.wait_for_log("limit restores_per_listener = 2 reached", T),
+        "{}",
+        faultd.log()
+    );
+    drop(third);
+
+    // Listener b: its first restore makes root's third session; a second is past the uid's.
+    let mut on_b = setup.restore(RamPageSize::Size4K);
+    on_b.send(&b, WireForm::Current).unwrap();
+    served(&on_b);
+    let fourth = setup.restore(RamPageSize::Size4K);
+    assert!(refused_at_once(
+        &b,
+        fourth.message(WireForm::Current).as_bytes(),
+        &[fourth.uffd.as_fd()],
+        T
+    ));
+    assert!(
+        faultd.wait_for_log("limit sessions_per_uid = 3 reached", T),
+        "{}",
+        faultd.log()
+    );
+    drop(fourth);
+
+    // With room again, a guest over session_guest_gib is refused before anything is built.
+    live.remove(0).hang_up();
+    assert!(faultd.wait_for_log("session ended", T));
+    let big = FcRestore::new(&[(2 << 30, 0)], RamPageSize::Size4K).unwrap();
+    assert!(refused_at_once(
+        &b,
+        big.message(WireForm::Current).as_bytes(),
+        &[big.uffd.as_fd()],
+        T
+    ));
+    assert!(
+        faultd.wait_for_log("limit session_guest_gib = 1 reached", T),
+        "{}",
+        faultd.log()
+    );
+    drop(big);
+
+    let (_, metrics) = faultd_tests::http_get(&faultd.metrics_addr(), "/metrics");
+    for limit in [
+        "restores_per_listener",
+        "sessions_per_uid",
+        "session_guest_gib",
+    ] {
+        assert!(
+            metrics.contains(&format!("faultd_refusals_total{{limit=\"{limit}\"}} 1")),
+            "{limit} not counted:\n{metrics}"
+        );
+    }
+    // The restores admitted are served throughout.
+    served(&live[0]);
+    served(&on_b);
 }

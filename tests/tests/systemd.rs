@@ -609,7 +609,7 @@ fn firecracker_flow(sandbox: &Sandbox) -> FlowEnd {
         let out = Command::new(faultd_bin())
             .arg("--socket")
             .arg(faultd.socket())
-            .args(["ctl", "evict", "--vm", "fc-unit", "--pages"])
+            .args(["ctl", "evict", "--vm", "fc-unit-1", "--pages"])
             .arg(FC_EVICT.to_string())
             .arg("--json")
             .output()

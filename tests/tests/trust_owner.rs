@@ -327,14 +327,14 @@ fn a_firecracker_restore_belongs_to_the_uid_its_socket_admits() {
         .unwrap();
     let mut restore = FcRestore::new(&[(4 << 20, 0)], RamPageSize::Size4K).unwrap();
     on_a_thread_as(VICTIM, || restore.send(&socket, WireForm::Current)).unwrap();
-    let shown = faultd.settled_vm_stats("fc-own", |s| s.len() == 1);
+    let shown = faultd.settled_vm_stats("fc-own-1", |s| s.len() == 1);
     assert_eq!(shown.len(), 1, "{}", faultd.log());
     let mut owner = Vmm::start(&faultd, VICTIM);
     let mut other = Vmm::start(&faultd, ATTACKER);
 
-    let by_owner = owner.ask("vm_stats fc-own");
-    let by_other = other.ask("vm_stats fc-own");
-    let by_other_named = other.ask(&format!("vm_stats {VICTIM}/fc-own"));
+    let by_owner = owner.ask("vm_stats fc-own-1");
+    let by_other = other.ask("vm_stats fc-own-1");
+    let by_other_named = other.ask(&format!("vm_stats {VICTIM}/fc-own-1"));
 
     assert_eq!(by_owner, "ok 1");
     assert!(by_other.starts_with("refused forbidden "), "{by_other}");

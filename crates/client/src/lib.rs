@@ -635,6 +635,15 @@ impl Client {
         }
     }
 
+    /// Tells faultd to stop listening on the socket of the Firecracker listener named `vm`
+    /// (only the uid that added it, or root / faultd's uid). Returns the socket, removed.
+    pub fn firecracker_unlisten(self, vm: &str) -> Result<std::path::PathBuf, ClientError> {
+        match self.admin(&Request::FirecrackerUnlisten { vm: vm.to_owned() })? {
+            Response::Unlistened { socket, .. } => Ok(socket),
+            other => Err(refusal(other)),
+        }
+    }
+
     /// The counters of every live session named `vm` (none: empty).
     pub fn vm_stats(self, vm: &str) -> Result<Vec<SessionStats>, ClientError> {
         match self.admin(&Request::VmStats { vm: vm.to_owned() })? {

@@ -99,6 +99,14 @@ pub enum Request {
         /// What to evict.
         amount: EvictAmount,
     },
+    /// Not a VMM session: stops listening on the socket of the Firecracker listener named
+    /// `vm` (a `firecracker_listen`'s or a config entry's). The socket is removed before the
+    /// answer, [`Response::Unlistened`]; restores already served go on until their VMs are
+    /// gone. Only the uid that added the listener, or root / faultd's uid. Takes no fds.
+    FirecrackerUnlisten {
+        /// The listener's name (its `vm`).
+        vm: String,
+    },
 }
 
 /// Most rows in one [`Response::Sessions`]: 64 rows of at most ~700 bytes each stay well within
@@ -366,6 +374,13 @@ pub enum Response {
         code: ErrorCode,
         /// What was wrong, naming the field and the value.
         message: String,
+    },
+    /// faultd no longer listens on `socket` (the answer to [`Request::FirecrackerUnlisten`]).
+    Unlistened {
+        /// The listener's name.
+        vm: String,
+        /// The socket, now removed.
+        socket: std::path::PathBuf,
     },
 }
 

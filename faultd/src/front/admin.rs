@@ -51,6 +51,15 @@ impl Caller {
         }
     }
 
+    /// Whether the caller may remove a Firecracker listener that uid `added_by` added (None:
+    /// the config file): that uid, or the operator.
+    pub(crate) fn may_unlisten(self, added_by: Option<u32>) -> bool {
+        match self {
+            Caller::Operator => true,
+            Caller::User(uid) => uid.is_some() && uid == added_by,
+        }
+    }
+
     fn describe(self) -> String {
         match self {
             Caller::Operator => "the operator".into(),

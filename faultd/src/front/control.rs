@@ -342,14 +342,15 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             Ok(Request::Sessions { after }) => Admin::Sessions(after),
             Ok(Request::SessionDetail { target }) => Admin::Detail(target),
             Ok(Request::EvictSession { target, amount }) => Admin::Evict(target, amount),
+            Ok(Request::FirecrackerUnlisten { vm }) => Admin::Unlisten(vm),
             Ok(_) => {
                 return refuse(
                     &daemon,
                     &conn,
                     ErrorCode::UnexpectedMessage,
                     "the first message must be register (or, from a client that is not a VMM, \
-                     firecracker_listen, vm_stats, status, sessions, session_detail or \
-                     evict_session)"
+                     firecracker_listen, vm_stats, status, sessions, session_detail, \
+                     evict_session or firecracker_unlisten)"
                         .into(),
                 )
                 .await
@@ -379,6 +380,9 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             Admin::Detail(target) => crate::front::admin::detail(&daemon, &target, caller),
             Admin::Evict(target, amount) => {
                 crate::front::admin::evict(&daemon, &target, amount, cred.as_ref()).await
+            }
+            Admin::Unlisten(vm) => {
+                crate::front::firecracker::unlisten_request(&daemon, vm, caller).await
             }
         };
         match answer {
@@ -447,6 +451,7 @@ enum Admin {
     Sessions(Option<u64>),
     Detail(SessionRef),
     Evict(SessionRef, EvictAmount),
+    Unlisten(String),
 }
 
 /// The next packet of a connection; None when it is closed, failed, or was refused (answered).
@@ -748,7 +753,8 @@ async fn session_loop(
                 | Request::Status {}
                 | Request::Sessions { .. }
                 | Request::SessionDetail { .. }
-                | Request::EvictSession { .. },
+                | Request::EvictSession { .. }
+                | Request::FirecrackerUnlisten { .. },
             ) => {
                 return refuse_session(
                     daemon,

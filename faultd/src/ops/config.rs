@@ -103,6 +103,7 @@ struct RawLimits {
     session_guest_gib: Option<u64>,
     total_guest_gib: Option<u64>,
     device_malformed_run: Option<u64>,
+    restores_per_listener: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -227,6 +228,8 @@ pub struct Limits {
     /// Malformed device records in a row (no valid group between) before the device is
     /// quarantined.
     pub device_malformed_run: u64,
+    /// Firecracker restores one listener serves at once (connections being read count too).
+    pub restores_per_listener: usize,
 }
 
 /// One of the [`Limits`], as refusals, logs and the `limit` metrics label name it (its key in
@@ -249,11 +252,13 @@ pub enum Limit {
     TotalGuest,
     /// A VM name has one live session at a time (not configurable).
     LiveName,
+    /// [`Limits::restores_per_listener`].
+    RestoresPerListener,
 }
 
 impl Limit {
     /// Every limit, for the metrics (each label is exported from the start, at 0).
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 9] = [
         Limit::Connections,
         Limit::ConnectionsPerUid,
         Limit::Handshake,
@@ -262,6 +267,7 @@ impl Limit {
         Limit::SessionGuest,
         Limit::TotalGuest,
         Limit::LiveName,
+        Limit::RestoresPerListener,
     ];
 
     /// The `limit` label and the key in `[limits]`.
@@ -275,6 +281,7 @@ impl Limit {
             Limit::SessionGuest => "session_guest_gib",
             Limit::TotalGuest => "total_guest_gib",
             Limit::LiveName => "live_name",
+            Limit::RestoresPerListener => "restores_per_listener",
         }
     }
 }
@@ -397,6 +404,7 @@ impl From<&Config> for RawConfig {
                 session_guest_gib: Some(c.limits.session_guest >> 30),
                 total_guest_gib: Some(c.limits.total_guest >> 30),
                 device_malformed_run: Some(c.limits.device_malformed_run),
+                restores_per_listener: Some(c.limits.restores_per_listener),
             },
             // A pid is never in a file (see RawFirecracker): it has none to write.
             firecracker: c
@@ -448,6 +456,7 @@ impl RawConfig {
         l.session_guest_gib = o.session_guest_gib.or(l.session_guest_gib);
         l.total_guest_gib = o.total_guest_gib.or(l.total_guest_gib);
         l.device_malformed_run = o.device_malformed_run.or(l.device_malformed_run);
+        l.restores_per_listener = o.restores_per_listener.or(l.restores_per_listener);
         // Entries are a list, not keys: a file that lists any replaces the default's (none).
         if !over.firecracker.is_empty() {
             self.firecracker = over.firecracker;
@@ -704,6 +713,12 @@ fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
             1..=1 << 30,
             "must be 1..=1073741824",
         )?,
+        restores_per_listener: within(
+            raw.restores_per_listener,
+            "limits.restores_per_listener",
+            1..=MAX_SESSIONS,
+            "must be 1..=4096",
+        )?,
     })
 }
 
@@ -763,6 +778,10 @@ const MAX_SOCKET_PATH: usize = 107;
 
 /// Longest VM name.
 pub const MAX_VM_NAME: usize = 64;
+
+/// Longest Firecracker listener name: each restore's session is named `NAME-N` (N up to 10
+/// digits), a VM name of at most [`MAX_VM_NAME`] bytes.
+pub const MAX_LISTENER_NAME: usize = MAX_VM_NAME - 11;
 
 /// Whether `vm` is a VM name faultd takes: 1..=[`MAX_VM_NAME`] bytes of `[A-Za-z0-9._-]` (it
 /// names store files and metric labels).
@@ -844,11 +863,12 @@ impl ListenSpec {
         snapshot: PathBuf,
         peer: PeerRule,
     ) -> Result<ListenSpec, SpecError> {
-        if !valid_vm_name(&vm) {
+        if !valid_vm_name(&vm) || vm.len() > MAX_LISTENER_NAME {
             return Err(SpecError {
                 field: "vm",
                 value: vm,
-                why: "must be 1..=64 bytes of [A-Za-z0-9._-]",
+                why: "must be 1..=53 bytes of [A-Za-z0-9._-] (a restore's session is named \
+                      NAME-N, which must fit a VM name's 64)",
             });
         }
         if !socket.is_absolute() {

@@ -3,11 +3,17 @@
 //! Firecracker sends its one message once and never connects again, so what faultd needs to
 //! serve the VM after a restart is kept by the service manager in its fd store
 //! (`FDSTORE=1`, systemd's `FileDescriptorStoreMax=`), under one name per VM
-//! (`faultd-fc-<vm>`), as three fds:
-//! - a memfd holding [`Kept`]: the VM, its snapshot path and Firecracker's regions as sent;
+//! (`faultd-fc-<vm>`, `vm` the session's name), as three fds:
+//! - a memfd holding [`Kept`]: the VM, its owner and listener, its snapshot path and
+//!   Firecracker's regions as sent;
 //! - the userfaultfd;
 //! - faultd's end of Firecracker's connection: its hang-up still ends the session, and its
-//!   `SO_PEERPIDFD` still names Firecracker.
+//!   `SO_PEERPIDFD` still names Firecracker;
+//!
+//! and, under `faultd-fcsnap-<vm>`, the snapshot file as the listener opened it (after the
+//! checks of `paths.rs`): the restarted faultd serves that very file, whatever is at its path
+//! by then. A session kept by an older faultd, without it, has its snapshot reopened by path
+//! with the same checks, as the kept connection's peer uid.
 //!
 //! They are stored once the session serves and removed when the VM is gone. At the next
 //! start the service manager passes them back (`LISTEN_FDS`, `LISTEN_FDNAMES`), and each VM
@@ -44,6 +50,10 @@ pub(super) struct Kept {
     pub snapshot: PathBuf,
     /// Firecracker's regions, as it sent them.
     pub regions: Vec<Mapping>,
+    /// The listener whose restore it is (its `restores_per_listener` counts it; None in what
+    /// an older faultd kept).
+    #[serde(default)]
+    pub listener: Option<String>,
 }
 
 /// The fd store name of `vm`'s kept session.
@@ -51,11 +61,42 @@ fn name_of(vm: &str) -> String {
     format!("{}fc-{vm}", systemd::STORED_PREFIX)
 }
 
+/// The fd store name of `vm`'s kept snapshot file.
+fn snapshot_name_of(vm: &str) -> String {
+    format!("{}fcsnap-{vm}", systemd::STORED_PREFIX)
+}
+
+/// The session's name in a kept session's fd store name.
+fn vm_of(name: &str) -> Option<&str> {
+    name.strip_prefix(systemd::STORED_PREFIX)?
+        .strip_prefix("fc-")
+}
+
+/// The session's name in a kept snapshot's fd store name.
+fn snapshot_vm_of(name: &str) -> Option<&str> {
+    name.strip_prefix(systemd::STORED_PREFIX)?
+        .strip_prefix("fcsnap-")
+}
+
 /// Puts a session that has just started serving in the fd store, if a service manager is
 /// there to keep it. Returns the name it is kept under (for [`forget`]); failures are logged:
 /// the VM is served, only not across a restart.
-pub(super) fn keep(kept: &Kept, uffd: &OwnedFd, conn: &UnixStream) -> Option<String> {
+pub(super) fn keep(
+    kept: &Kept,
+    uffd: &OwnedFd,
+    conn: &UnixStream,
+    snapshot: &File,
+) -> Option<String> {
     let name = name_of(&kept.vm);
+    // The snapshot first: a session is resumed only once its own entry is there, and then
+    // finds its snapshot beside it.
+    if let Err(e) = systemd::store_fds(&snapshot_name_of(&kept.vm), &[snapshot.as_fd()]) {
+        tracing::warn!(
+            vm = kept.vm,
+            "the snapshot fd cannot be kept (fd store: {e}); after a restart it is reopened by \
+             path"
+        );
+    }
     let stored = (|| -> io::Result<()> {
         let fd =
             nix::sys::memfd::memfd_create(c"faultd-fc", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
@@ -82,10 +123,19 @@ pub(super) fn keep(kept: &Kept, uffd: &OwnedFd, conn: &UnixStream) -> Option<Str
     }
 }
 
-/// Takes a session out of the fd store: its VM is gone.
+/// Takes a session (and its snapshot) out of the fd store: its VM is gone.
 pub(super) fn forget(name: &str) {
     if let Err(e) = systemd::remove_stored(name) {
         tracing::warn!(name, "removing a session from the fd store: {e}");
+    }
+    if let Some(vm) = vm_of(name) {
+        forget_snapshot(&snapshot_name_of(vm));
+    }
+}
+
+fn forget_snapshot(name: &str) {
+    if let Err(e) = systemd::remove_stored(name) {
+        tracing::warn!(name, "removing a snapshot from the fd store: {e}");
     }
 }
 
@@ -106,19 +156,38 @@ pub(super) async fn end(daemon: &Daemon, live: Live, kept_as: Option<String>) {
 }
 
 /// Serves again every session the service manager passed back, each on its own task.
+/// Their session names are held at once (before this returns), so that no new restore is
+/// given one of them.
 pub fn resume_all(daemon: &Arc<Daemon>, stored: Vec<(String, OwnedFd)>) {
     let mut by_name: Vec<(String, Vec<OwnedFd>)> = Vec::new();
+    let mut snapshots: Vec<(String, Vec<OwnedFd>)> = Vec::new();
     for (name, fd) in stored {
-        match by_name.iter_mut().find(|(n, _)| *n == name) {
+        let into = match snapshot_vm_of(&name) {
+            Some(vm) => (&mut snapshots, vm.to_owned()),
+            None => (&mut by_name, name),
+        };
+        match into.0.iter_mut().find(|(n, _)| *n == into.1) {
             Some((_, fds)) => fds.push(fd),
-            None => by_name.push((name, vec![fd])),
+            None => into.0.push((into.1, vec![fd])),
         }
     }
     for (name, fds) in by_name {
+        let snapshot = vm_of(&name).and_then(|vm| {
+            let at = snapshots.iter().position(|(v, _)| v == vm)?;
+            Some(snapshots.swap_remove(at).1)
+        });
+        if let Some(vm) = vm_of(&name) {
+            daemon.firecracker.reserve_name(vm);
+        }
         let d = daemon.clone();
         daemon
             .tracker
-            .spawn(async move { resume(d, name, fds).await });
+            .spawn(async move { resume(d, name, fds, snapshot).await });
+    }
+    // A snapshot whose session is not there (it was never stored, or its VM ended between
+    // the two removals) serves nothing.
+    for (vm, _) in snapshots {
+        forget_snapshot(&snapshot_name_of(&vm));
     }
 }
 
@@ -153,14 +222,32 @@ fn sort_out(fds: Vec<OwnedFd>) -> Result<Parts, String> {
     }
 }
 
-/// Serves one kept session again, until its VM is gone.
-async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
+/// Serves one kept session again, until its VM is gone; then gives back its name.
+async fn resume(
+    daemon: Arc<Daemon>,
+    name: String,
+    fds: Vec<OwnedFd>,
+    snapshot: Option<Vec<OwnedFd>>,
+) {
+    resume_one(&daemon, &name, fds, snapshot).await;
+    if let Some(vm) = vm_of(&name) {
+        daemon.firecracker.unreserve_name(vm);
+    }
+}
+
+async fn resume_one(
+    daemon: &Arc<Daemon>,
+    name: &str,
+    fds: Vec<OwnedFd>,
+    snapshot: Option<Vec<OwnedFd>>,
+) {
+    let name = name.to_owned();
     // Opening the store and starting the thread block: not on the reactor.
     let d = daemon.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare(&d, fds))
+    let prepared = tokio::task::spawn_blocking(move || prepare(&d, fds, snapshot))
         .await
         .unwrap_or_else(|e| Err(format!("preparing it panicked: {e}").into()));
-    let (live, conn, end, vm) = match prepared {
+    let (live, conn, end, vm, held) = match prepared {
         Ok(p) => p,
         Err(NotResumed::Gone(vm, owner)) => {
             // Firecracker exited while faultd was down: its pages have nobody to come back
@@ -192,10 +279,18 @@ async fn resume(daemon: Arc<Daemon>, name: String, fds: Vec<OwnedFd>) {
         "serving a Firecracker restore again after a faultd restart"
     );
     end.wait(conn, &daemon.cancel, &vm).await;
-    self::end(&daemon, live, Some(name)).await;
+    self::end(daemon, live, Some(name)).await;
+    drop(held);
 }
 
-type Resumed = (Live, UnixStream, SessionEnd, String);
+/// What a kept session holds of faultd's limits and files while it is served.
+struct Held {
+    _slot: Option<crate::daemon::RestoreSlot>,
+    _admission: crate::daemon::Admission,
+    _claims: crate::daemon::Claims,
+}
+
+type Resumed = (Live, UnixStream, SessionEnd, String, Held);
 
 /// Why a kept session is not served again.
 enum NotResumed {
@@ -234,7 +329,30 @@ fn peer_gone(
     }
 }
 
-fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResumed> {
+/// The snapshot fd kept beside a session: one regular file.
+fn kept_snapshot(fds: Vec<OwnedFd>) -> Result<(File, u64), String> {
+    let n = fds.len();
+    let mut fds = fds.into_iter();
+    match (fds.next(), n) {
+        (Some(fd), 1) => {
+            let file = File::from(fd);
+            let meta = file
+                .metadata()
+                .map_err(|e| format!("the kept snapshot fd: {e}"))?;
+            if !meta.is_file() {
+                return Err("the kept snapshot fd is not a regular file".into());
+            }
+            Ok((file, meta.len()))
+        }
+        _ => Err(format!("{n} snapshot fds kept, not one")),
+    }
+}
+
+fn prepare(
+    daemon: &Arc<Daemon>,
+    fds: Vec<OwnedFd>,
+    snapshot: Option<Vec<OwnedFd>>,
+) -> Result<Resumed, NotResumed> {
     let Parts {
         mut desc,
         uffd,
@@ -247,14 +365,26 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
     let kept: Kept =
         serde_json::from_slice(&json).map_err(|e| format!("the kept description: {e}"))?;
     let uffd = check_fds(vec![uffd])?;
-    // Reopened by path (the fd store keeps no snapshot fd): as the user Firecracker runs as,
-    // who was admitted when it connected, so whatever is at the path now is served only if
-    // that user could read it itself.
-    let reader = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| format!("the kept connection's peer: {e}"))?
-        .uid();
-    let (snapshot, len) =
-        open_snapshot(&kept.snapshot, reader).map_err(|e| crate::front::validate::chain(&e))?;
+    let (snapshot, len) = match snapshot {
+        // The file the listener opened, checked then: whatever is at its path now is not
+        // looked at.
+        Some(fds) => kept_snapshot(fds)?,
+        // Kept by an older faultd, without the fd: reopened by path as the user Firecracker
+        // runs as, who was admitted when it connected, so whatever is at the path now is
+        // served only if that user could read it itself.
+        None => {
+            let reader =
+                nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+                    .map_err(|e| format!("the kept connection's peer: {e}"))?
+                    .uid();
+            tracing::info!(
+                vm = kept.vm,
+                snapshot = %kept.snapshot.display(),
+                "no snapshot fd kept: reopening the snapshot by path"
+            );
+            open_snapshot(&kept.snapshot, reader).map_err(|e| crate::front::validate::chain(&e))?
+        }
+    };
     let regions = check_regions(&kept.regions, len)?;
     // Firecracker's pidfd: to tell whether it is gone, then to reach its memory.
     let pidfd = peer_pidfd(&conn);
@@ -276,6 +406,21 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
             peer_pidfd(&conn).map_err(|e| format!("watching Firecracker's process: {e}"))?,
         ),
     };
+    // One uffd serves one live session; the kept session counts against its owner's limits
+    // (never refused by them: its VM runs) and its listener's restores.
+    let claims = daemon
+        .claim(&super::uffd_file(std::slice::from_ref(&uffd)))
+        .map_err(|r| NotResumed::Failed(r.message))?;
+    let admission = daemon.admit_kept(kept.owner, regions.layout.total_bytes());
+    let slot = kept
+        .listener
+        .as_deref()
+        .map(|l| daemon.firecracker.enter_kept(l));
+    let held = Held {
+        _slot: slot,
+        _admission: admission,
+        _claims: claims,
+    };
     let validated = crate::front::validate::Validated {
         vm: kept.vm.clone(),
         layout: regions.layout,
@@ -292,7 +437,7 @@ fn prepare(daemon: &Arc<Daemon>, fds: Vec<OwnedFd>) -> Result<Resumed, NotResume
         pid,
         faultd_proto::SessionKind::Firecracker,
     );
-    Ok((live, conn, end, kept.vm))
+    Ok((live, conn, end, kept.vm, held))
 }
 
 #[cfg(test)]
@@ -329,6 +474,7 @@ mod tests {
             vm: "fc0".into(),
             owner: 1000,
             snapshot: "/srv/fc0/mem".into(),
+            listener: Some("fc".into()),
             regions: vec![Mapping {
                 base_host_virt_addr: 0x7f00_0000_0000,
                 size: 1 << 30,
@@ -342,5 +488,17 @@ mod tests {
         assert_eq!(back.owner, kept.owner);
         assert_eq!(back.snapshot, kept.snapshot);
         assert_eq!(back.regions, kept.regions);
+        assert_eq!(back.listener, kept.listener);
+        // What an older faultd kept has no listener.
+        let old = br#"{"vm":"fc0","owner":0,"snapshot":"/m","regions":[]}"#;
+        assert_eq!(serde_json::from_slice::<Kept>(old).unwrap().listener, None);
+    }
+
+    #[test]
+    fn fd_store_names_tell_a_session_from_its_snapshot() {
+        assert_eq!(vm_of(&name_of("fc-3")), Some("fc-3"));
+        assert_eq!(snapshot_vm_of(&snapshot_name_of("fc-3")), Some("fc-3"));
+        assert_eq!(vm_of(&snapshot_name_of("fc-3")), None);
+        assert_eq!(snapshot_vm_of(&name_of("snap-3")), None);
     }
 }

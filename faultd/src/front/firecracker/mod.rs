@@ -51,7 +51,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,12 +60,14 @@ use s2map::{Backing, Gpa, Layout, PageSize, RegionSpec};
 use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::daemon::{Daemon, Live};
 use crate::engine::session::{Hva, RegionMemory, ServedRegion, Session};
 use crate::engine::{FaultServer, StandbyThread};
 use crate::front::validate::Refusal;
 use crate::kernel::uffd::KernelUffd;
+use crate::ops::config::Limit;
 pub use crate::ops::config::{ListenSpec, PeerRule, SpecError};
 
 /// How long a connected peer has to send its message. Firecracker sends it right after
@@ -183,12 +185,32 @@ pub enum ListenError {
     },
 }
 
-/// Starts listening for `spec` on the daemon's runtime; the socket is served (and removed at
-/// shutdown) by a task of the daemon. Must be called within the runtime.
+/// Starts listening for `spec` (a `[[firecracker]]` config entry) on the daemon's runtime;
+/// the socket is served (and removed at shutdown) by a task of the daemon. Must be called
+/// within the runtime.
 pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), ListenError> {
+    listen_as(daemon, spec, None).await
+}
+
+/// Starts listening for `spec`: for a request of uid `added_by` (kept in faultd's state
+/// directory, so a restarted faultd listens again), or, with None, for the config file.
+pub(crate) async fn listen_as(
+    daemon: &Arc<Daemon>,
+    spec: ListenSpec,
+    added_by: Option<u32>,
+) -> Result<(), ListenError> {
+    let stop = daemon.cancel.child_token();
+    let stopped = CancellationToken::new();
+    let entry = crate::daemon::Listener {
+        vm: spec.vm.clone(),
+        added_by,
+        kept: None,
+        stop: stop.clone(),
+        stopped: stopped.clone(),
+    };
     daemon
         .firecracker
-        .reserve(&spec.socket, &spec.vm)
+        .reserve(&spec.socket, entry)
         .map_err(|taken| match taken {
             crate::daemon::Taken::Socket(vm) => ListenError::AlreadyListening {
                 socket: spec.socket.display().to_string(),
@@ -218,9 +240,9 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
         Ok((b, standby)) => (Ok(b), standby),
         Err(e) => (Err(e), None),
     };
-    let (listener, placed, snapshot) =
+    let (listener, placed, snapshot, admitted) =
         match bound.and_then(|b| match UnixListener::from_std(b.listener) {
-            Ok(l) => Ok((l, b.placed, b.snapshot)),
+            Ok(l) => Ok((l, b.placed, b.snapshot, b.admitted)),
             Err(source) => {
                 b.placed.remove();
                 Err(ListenError::Bind {
@@ -235,6 +257,15 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
                 return Err(e);
             }
         };
+    if added_by.is_some() {
+        // Kept with the uid it admits now pinned: after a restart a `pid` rule's pid may be
+        // another process, which must not get the socket for its own uid.
+        let mut kept = (*spec).clone();
+        if kept.peer.uid.is_some() || kept.peer.pid.is_some() {
+            kept.peer.uid = Some(admitted);
+        }
+        daemon.firecracker.set_kept(&spec.socket, kept);
+    }
     tracing::info!(
         vm = spec.vm,
         socket = %spec.socket.display(),
@@ -247,12 +278,12 @@ pub async fn listen(daemon: &Arc<Daemon>, spec: ListenSpec) -> Result<(), Listen
         spec: Arc::unwrap_or_clone(spec),
         snapshot,
         placed,
-        busy: AtomicBool::new(false),
+        next: AtomicU64::new(1),
         standby: Mutex::new(standby),
     });
     daemon
         .tracker
-        .spawn(accept_loop(daemon.clone(), listener, socket));
+        .spawn(accept_loop(daemon.clone(), listener, socket, stop, stopped));
     Ok(())
 }
 
@@ -266,8 +297,8 @@ fn new_standby(spec: &ListenSpec, spin: Duration) -> Option<StandbyThread<Kernel
         .ok()
 }
 
-/// A socket faultd listens on: its order, its one session slot, and the fault thread that is
-/// ready for its next restore.
+/// A socket faultd listens on: its order, the number its next restore's name takes, and the
+/// fault thread that is ready for its next restore.
 #[derive(Debug)]
 struct Socket {
     spec: ListenSpec,
@@ -275,8 +306,8 @@ struct Socket {
     snapshot: File,
     /// The socket file, to remove at the end.
     placed: paths::PlacedSocket,
-    /// Whether a connection is being served (one at a time).
-    busy: AtomicBool,
+    /// The suffix the next restore's session name tries (`vm-N`).
+    next: AtomicU64,
     standby: Mutex<Option<StandbyThread<KernelUffd>>>,
 }
 
@@ -341,8 +372,12 @@ pub(crate) async fn listen_request(
         message: e.to_string(),
     })?;
     let (vm, socket) = (spec.vm.clone(), spec.socket.clone());
-    match listen(daemon, spec).await {
-        Ok(()) => Ok(Response::Listening { vm, socket }),
+    let added_by = cred.map_or(me, |c| c.uid());
+    match listen_as(daemon, spec, Some(added_by)).await {
+        Ok(()) => {
+            state::save(daemon).await;
+            Ok(Response::Listening { vm, socket })
+        }
         Err(e) => Err(Refusal {
             code: ErrorCode::BadPath,
             message: crate::front::validate::chain(&e),
@@ -350,11 +385,46 @@ pub(crate) async fn listen_request(
     }
 }
 
-/// What [`bind`] makes: the listening socket, in place, and the snapshot it serves.
+/// Answers a `firecracker_unlisten` control request: stops listening on the socket of listener
+/// `vm` (removed before the answer; restores it serves go on until their VMs are gone) and
+/// forgets it in the state directory. Only the uid that added the listener, or the operator.
+pub(crate) async fn unlisten_request(
+    daemon: &Arc<Daemon>,
+    vm: String,
+    caller: crate::front::admin::Caller,
+) -> Result<Response, Refusal> {
+    let Some((socket, listener)) = daemon.firecracker.named(&vm) else {
+        return Err(Refusal {
+            code: ErrorCode::UnknownSession,
+            message: format!("faultd has no Firecracker listener named {vm:?}"),
+        });
+    };
+    if !caller.may_unlisten(listener.added_by) {
+        return Err(Refusal {
+            code: ErrorCode::Forbidden,
+            message: format!(
+                "the Firecracker listener {vm:?} was added by {}; only that uid or the \
+                 operator (root, faultd's uid) may remove it",
+                listener
+                    .added_by
+                    .map_or_else(|| "the config file".into(), |u| format!("uid {u}"))
+            ),
+        });
+    }
+    listener.stop.cancel();
+    listener.stopped.cancelled().await;
+    state::save(daemon).await;
+    tracing::info!(vm, socket = %socket.display(), "stopped listening for Firecracker");
+    Ok(Response::Unlistened { vm, socket })
+}
+
+/// What [`bind`] makes: the listening socket, in place, the snapshot it serves, and the uid
+/// it admits.
 struct Bound {
     listener: std::os::unix::net::UnixListener,
     placed: paths::PlacedSocket,
     snapshot: File,
+    admitted: u32,
 }
 
 /// Opens the snapshot as the admitted user may, and makes the socket, restricted to that user.
@@ -366,6 +436,7 @@ fn bind(spec: &ListenSpec) -> Result<Bound, ListenError> {
         listener,
         placed,
         snapshot,
+        admitted,
     })
 }
 
@@ -390,13 +461,20 @@ fn snapshot_len(snapshot: &File, path: &Path) -> Result<u64, String> {
         .map_err(|e| format!("the snapshot file {}: {e}", path.display()))
 }
 
-/// Accepts Firecracker connections on `listener` until shutdown, then removes the socket.
-async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, socket: Arc<Socket>) {
-    let cancel = daemon.cancel.clone();
+/// Accepts Firecracker connections on `listener` until `stop` fires (unlisten, or shutdown),
+/// then removes the socket and releases its name; `stopped` fires once that is done.
+/// Connections accepted before are served on their own tasks until their VMs are gone.
+async fn accept_loop(
+    daemon: Arc<Daemon>,
+    listener: UnixListener,
+    socket: Arc<Socket>,
+    stop: CancellationToken,
+    stopped: CancellationToken,
+) {
     let spec = &socket.spec;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (daemon2, socket2) = (daemon.clone(), socket.clone());
@@ -412,29 +490,27 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, socket: Arc<So
             }
         }
     }
+    // Closed first: a Firecracker connecting from here on is refused by the kernel (and once
+    // the name is gone, finds no socket), never left queued in a backlog nobody reads.
     drop(listener);
     socket.placed.remove();
     daemon.firecracker.release(&spec.socket);
+    stopped.cancel();
 }
 
-/// Marks the socket's one session slot taken while it lives.
-struct Slot(Arc<Socket>);
-
-impl Slot {
-    fn take(socket: &Arc<Socket>) -> Option<Slot> {
-        (!socket.busy.swap(true, Ordering::AcqRel)).then(|| Slot(socket.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.busy.store(false, Ordering::Release);
-    }
+/// What a restore holds of faultd's limits and files until its session has ended.
+struct Held {
+    _slot: crate::daemon::RestoreSlot,
+    _admission: crate::daemon::Admission,
+    _claims: crate::daemon::Claims,
 }
 
 /// Serves one Firecracker connection: check, receive, validate, serve until the VM is gone.
+/// Every refusal closes the connection, with the reason logged (Firecracker has no way to
+/// hear it: see the README).
 async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>) {
     let spec = &socket.spec;
+    let limits = &daemon.config.limits;
     let (uid, pid) = match stream.peer_cred() {
         Ok(c) => (c.uid(), c.pid()),
         Err(e) => return refused(spec, None, &format!("reading peer credentials: {e}")),
@@ -442,16 +518,36 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
     if let Err(why) = spec.peer.admits(uid, pid) {
         return refused(spec, pid, &why);
     }
-    let Some(slot) = Slot::take(&socket) else {
-        return refused(
-            spec,
-            pid,
-            &format!("VM {} has a live session on this socket already", spec.vm),
-        );
+    // The limits first, before the message is read: a flood of connections is refused here,
+    // cheaply, and what it took is given back when the connection goes.
+    let slot = match daemon
+        .firecracker
+        .enter(&spec.vm, limits.restores_per_listener)
+    {
+        Ok(slot) => slot,
+        Err(n) => {
+            let r = daemon.limit_reached(
+                Limit::RestoresPerListener,
+                limits.restores_per_listener,
+                format!("listener {} serves {n} restores", spec.vm),
+            );
+            return refused(spec, pid, &r.message);
+        }
     };
     if let Some(why) = daemon.session_limit_reached() {
         return refused(spec, pid, &why);
     }
+    // The VM and its store are the uid's the socket admits (its rule's uid, or the uid of its
+    // rule's process), or the operator's (0) on a socket of faultd's own.
+    let owner = match (spec.peer.uid, spec.peer.pid) {
+        (Some(rule_uid), _) => rule_uid,
+        (None, Some(_)) => uid,
+        (None, None) => 0,
+    };
+    let mut admission = match daemon.admit_uid(owner) {
+        Ok(a) => a,
+        Err(r) => return refused(spec, pid, &r.message),
+    };
     let received = tokio::select! {
         _ = daemon.cancel.cancelled() => return,
         r = tokio::time::timeout(MESSAGE_TIMEOUT, receive_message(&stream)) => r,
@@ -470,26 +566,79 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
             )
         }
     };
-    // The slot is given back before the connection closes: a peer that sees it closed and
-    // connects again must find the socket free.
-    // The VM and its store are the uid's the socket admits (its rule's uid, or the uid of its
-    // rule's process), or the operator's (0) on a socket of faultd's own.
-    let owner = match (spec.peer.uid, spec.peer.pid) {
-        (Some(rule_uid), _) => rule_uid,
-        (None, Some(_)) => uid,
-        (None, None) => 0,
+    // Guest size is known from the message alone: refused before anything is built for it.
+    let guest = message
+        .regions
+        .iter()
+        .try_fold(0u64, |sum, r| sum.checked_add(r.size))
+        .unwrap_or(u64::MAX);
+    if let Err(r) = daemon.admit_guest(&mut admission, guest) {
+        return refused(spec, pid, &r.message);
+    }
+    // One uffd serves one live session, whichever door it came through.
+    let claims = match daemon.claim(&uffd_file(&message.fds)) {
+        Ok(c) => c,
+        Err(r) => return refused(spec, pid, &r.message),
     };
-    serve_restore(&daemon, &socket, stream, message, pid, owner, slot).await;
-    // The next restore may connect as soon as this one is over (it makes its own thread if
-    // it comes before the refill below is done).
-    if !daemon.cancel.is_cancelled() {
-        socket.refill(daemon.config.spin).await;
+    let name = match session_name(&daemon, &socket, owner) {
+        Ok(n) => n,
+        Err(why) => return refused(spec, pid, &why),
+    };
+    let held = Held {
+        _slot: slot,
+        _admission: admission,
+        _claims: claims,
+    };
+    serve_restore(&daemon, &socket, stream, message, pid, owner, name, held).await;
+}
+
+/// The uffd a message carries, by identity, for [`Daemon::claim`] (none if the message has
+/// not exactly one fd, or it cannot be inspected: `prepare` refuses those).
+fn uffd_file(fds: &[OwnedFd]) -> Vec<(crate::daemon::FileId, String)> {
+    match fds {
+        [fd] => nix::sys::stat::fstat(fd.as_fd())
+            .map(|st| {
+                vec![(
+                    crate::daemon::FileId {
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                    },
+                    "the userfaultfd".to_owned(),
+                )]
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// The session name of a new restore on `socket`: the listener's name and the next number
+/// that names no live or ending session of `owner` and no session kept across a restart.
+fn session_name(daemon: &Daemon, socket: &Socket, owner: u32) -> Result<String, String> {
+    loop {
+        let n = socket.next.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{n}", socket.spec.vm);
+        if name.len() > crate::ops::config::MAX_VM_NAME {
+            return Err(format!(
+                "listener {} has used up its restore numbers",
+                socket.spec.vm
+            ));
+        }
+        if daemon.firecracker.name_reserved(&name) {
+            continue;
+        }
+        if matches!(
+            daemon.name_state(owner, &name),
+            crate::daemon::NameState::Free
+        ) {
+            return Ok(name);
+        }
     }
 }
 
 /// Hands `message` to the socket's standby fault thread, which validates it (opening the
 /// snapshot and stat()ing fds: cheap, but blocking, so not on the reactor) and serves the VM at
 /// once; then waits for the VM to be gone and ends the session.
+#[allow(clippy::too_many_arguments)]
 async fn serve_restore(
     daemon: &Arc<Daemon>,
     socket: &Arc<Socket>,
@@ -497,34 +646,42 @@ async fn serve_restore(
     message: Message,
     pid: Option<i32>,
     owner: u32,
-    slot: Slot,
+    name: String,
+    held: Held,
 ) {
     let spec = &socket.spec;
-    // Refused: the socket is free again before the connection closes (when `stream` drops).
-    let refuse = |slot: Slot, why: &str| {
-        drop(slot);
+    // Refused: what the restore held is given back before the connection closes (when
+    // `stream` drops).
+    let refuse = |held: Held, why: &str| {
+        drop(held);
         refused(spec, pid, why);
     };
     let standby = match socket.take_standby() {
-        Some(t) => Ok(t),
+        Some(t) => {
+            // The next restore, maybe already connecting, finds a thread ready too.
+            let (s, spin) = (socket.clone(), daemon.config.spin);
+            daemon.tracker.spawn(async move { s.refill(spin).await });
+            Ok(t)
+        }
         None => StandbyThread::new("faultd-fc".into(), daemon.config.spin),
     };
     let standby = match standby {
         Ok(t) => t,
-        Err(e) => return refuse(slot, &format!("starting a fault thread: {e}")),
+        Err(e) => return refuse(held, &format!("starting a fault thread: {e}")),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, s) = (daemon.clone(), socket.clone());
     // What the fd store keeps of the session (see kept), if a service manager is there.
     let keeping = crate::ops::systemd::has_manager();
     let kept = keeping.then(|| kept::Kept {
-        vm: spec.vm.clone(),
+        vm: name.clone(),
         owner,
         snapshot: spec.snapshot.clone(),
         regions: message.regions.clone(),
+        listener: Some(spec.vm.clone()),
     });
     let thread = standby.start(Box::new(move || {
-        match prepare(&d, &s, message, pid, owner) {
+        match prepare(&d, &s, message, pid, owner, name) {
             Ok((session, server, end)) => {
                 // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
                 let uffd = keeping.then(|| uffd_dup(&server)).flatten();
@@ -547,7 +704,7 @@ async fn serve_restore(
                 Ok(Err(why)) => why,
                 _ => "the fault thread ended before its session started".into(),
             };
-            return refuse(slot, &why);
+            return refuse(held, &why);
         }
     };
     // Off the restore's path: what paging the VM's memory out needs (see crate::kernel::remote).
@@ -569,19 +726,20 @@ async fn serve_restore(
     );
     tracing::info!(
         session = session.id(),
-        vm = spec.vm,
+        vm = session.vm(),
+        listener = spec.vm,
         peer_pid = pid,
         ends_on = end.describe(),
         "serving a Firecracker restore"
     );
     let kept_as = match (&kept, &uffd) {
-        (Some(k), Some(uffd)) => kept::keep(k, uffd, &stream),
+        (Some(k), Some(uffd)) => kept::keep(k, uffd, &stream, &socket.snapshot),
         _ => None,
     };
     drop(uffd);
-    end.wait(stream, &daemon.cancel, &spec.vm).await;
+    end.wait(stream, &daemon.cancel, session.vm()).await;
     kept::end(daemon, Live { session, thread }, kept_as).await;
-    drop(slot);
+    drop(held);
 }
 
 /// A duplicate of `server`'s userfaultfd, to keep in the fd store.
@@ -598,6 +756,10 @@ pub use kept::resume_all as resume_kept;
 
 mod kept;
 mod paths;
+mod state;
+
+/// Listens again on the sockets added at run time before faultd's restart (see `state.rs`).
+pub use state::relisten as relisten_kept;
 
 /// The peer's pidfd (SO_PEERPIDFD: the very process that connected, whatever happened to its
 /// pid since).
@@ -970,6 +1132,7 @@ fn prepare(
     message: Message,
     pid: Option<i32>,
     owner: u32,
+    name: String,
 ) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
     let spec = &socket.spec;
     let uffd = check_fds(message.fds)?;
@@ -1007,7 +1170,7 @@ fn prepare(
     };
     let (session, server) = daemon
         .new_server(
-            spec.vm.clone(),
+            name,
             owner,
             regions.layout,
             regions.served,
