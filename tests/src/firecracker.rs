@@ -313,7 +313,17 @@ pub fn copy_with_timeout(addrs: Vec<u64>, len: usize, timeout: Duration) -> Vec<
         let _ = tx.send(pages);
     });
     rx.recv_timeout(timeout)
-        .expect("guest RAM access was not served in time")
+        .unwrap_or_else(|_| stuck("guest RAM access was not served in time", timeout))
+}
+
+/// Fails a test whose helper thread is stuck on a fault nobody serves. The panic unwinds
+/// through the restore, which unmaps guest RAM under that thread, so the process dies of
+/// SIGSEGV before the harness prints the captured panic: the reason goes to fd 2 first.
+fn stuck(what: &str, timeout: Duration) -> ! {
+    use std::io::Write;
+    let msg = format!("{what} ({timeout:?}): the fault is not being served\n");
+    let _ = std::io::stderr().write_all(msg.as_bytes());
+    panic!("{msg}");
 }
 
 /// Discards `[addr, addr + len)` with MADV_DONTNEED, as Firecracker's balloon does, from a
@@ -332,7 +342,7 @@ pub fn balloon_discard(addr: u64, len: u64, timeout: Duration) {
         });
     });
     rx.recv_timeout(timeout)
-        .expect("MADV_DONTNEED did not return in time")
+        .unwrap_or_else(|_| stuck("MADV_DONTNEED did not return in time", timeout))
         .expect("MADV_DONTNEED");
 }
 

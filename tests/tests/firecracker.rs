@@ -754,13 +754,15 @@ fn cli_listens_and_reports_stats_and_a_config_entry_listens_from_the_start() {
         }
         restores.push(r);
     }
-    faultd.settled_vm_stats("fc-cli-1", |s| s.first().is_some_and(|s| s.file_fills >= 10));
+    faultd.settled_vm_stats("fc-cli-1", |s| {
+        s.first().is_some_and(|s| s.file_fills >= 10)
+    });
     // `--json` prints faultd's answer object whole.
-    let printed = match serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli-1", "--json"])).unwrap()
-    {
-        faultd_proto::Response::SessionDetail { sessions, .. } => sessions,
-        other => panic!("not a session_detail answer: {other:?}"),
-    };
+    let printed =
+        match serde_json::from_str(&ctl(&["stats", "--vm", "fc-cli-1", "--json"])).unwrap() {
+            faultd_proto::Response::SessionDetail { sessions, .. } => sessions,
+            other => panic!("not a session_detail answer: {other:?}"),
+        };
     assert_eq!(printed.len(), 1);
     assert_eq!(printed[0].kind, faultd_proto::SessionKind::Firecracker);
     assert_eq!(printed[0].stats.file_fills, 10);
