@@ -3,6 +3,7 @@
 //!
 //! Layouts are those of Linux 6.12's `include/uapi/linux/iommufd.h` and
 //! `drivers/iommu/iommufd/iommufd_test.h`; the sizes and offsets used are asserted below. The
+//! same calls pass on Linux 7.3 (`tests/kernel/run --kernel 7.3`). The
 //! fault queue and the fault-capable HWPT are allocated with faultd's own helpers
 //! (`iopf::iommufd`), so those are proven against the kernel too.
 
