@@ -813,6 +813,9 @@ impl Reading {
                 discarded_bytes: self.discarded_bytes,
                 evictions: st.evictions,
                 evicted_bytes: self.evicted_bytes,
+                around_vcpu_pages: st.around.vcpu_pages,
+                around_device_granules: st.around.device_granules,
+                around_stopped: st.around.stopped,
             },
             levels: Levels {
                 guest_bytes: st.guest_bytes,
