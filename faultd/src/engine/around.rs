@@ -350,7 +350,10 @@ impl<O: UffdOps> FaultServer<O> {
                 }
                 Ok(())
             }
-            Err(OpError::Exists) => {
+            // EAGAIN on a run can be a partial fill (the kernel stopped at a present page
+            // after filling some: it reports that as EAGAIN, not EEXIST), so it is settled
+            // page by page as well; a genuinely pending layout event fails the first page.
+            Err(OpError::Exists | OpError::Retry) => {
                 // Some page is present already (or the run cannot be one copy): page by page,
                 // which settles each as installed or already present.
                 for &page in pages {
@@ -374,17 +377,11 @@ impl<O: UffdOps> FaultServer<O> {
                 for &page in pages {
                     let _ = self.session.map().abort(page);
                 }
-                if e == OpError::Retry {
-                    // A layout event is unread (say a REMOVE): it is read before anything more
-                    // is installed.
-                    Counters::bump(&self.session.counters.retries);
-                } else {
-                    self.error(format_args!(
-                        "fault-around: filling {} pages at {:#x}: {e}",
-                        pages.len(),
-                        first.hva.0
-                    ));
-                }
+                self.error(format_args!(
+                    "fault-around: filling {} pages at {:#x}: {e}",
+                    pages.len(),
+                    first.hva.0
+                ));
                 Err(Stop)
             }
         }
