@@ -211,7 +211,8 @@ pub struct Counters {
     pub device_respond_errors: AtomicU64,
     /// Devices no longer served because their VMM made faultd's notification block.
     pub device_quarantined: AtomicU64,
-    /// Fault-around (see [`crate::engine::around`]): look-ahead rounds after vCPU faults.
+    /// Fault-around (engine/around.rs, docs/fault-around.md): look-ahead rounds after vCPU
+    /// faults.
     pub around_vcpu_rounds: AtomicU64,
     /// ... pages they installed.
     pub around_vcpu_pages: AtomicU64,

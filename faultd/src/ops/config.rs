@@ -216,7 +216,7 @@ pub struct Config {
     pub around: Around,
 }
 
-/// Fault-around settings (the `[around]` section; see [`crate::engine::around`]).
+/// Fault-around settings (the `[around]` section; see docs/fault-around.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Around {
     /// Whether sequential streams are served ahead at all.
