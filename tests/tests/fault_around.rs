@@ -347,6 +347,14 @@ fn a_discarded_range_in_the_look_ahead_window_reads_zero_afterwards() {
     check(&r, 512, "guest");
     let st2 = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
     let ahead_past_second = st2.resident_bytes / PAGE - st.resident_bytes / PAGE - 256;
+    // Pages served ahead from the snapshot (runs copied in one ioctl) hold the file's contents.
+    let ahead = host_dwords(&ram.ram, 1280..1280 + ahead_past_second);
+    let want: Vec<u32> = (1280..1280 + ahead_past_second)
+        .flat_map(|p| testvmm::dword_offsets().map(move |o| pattern(p * PAGE + o, FILE_SEED)))
+        .collect();
+    assert!(ahead == want, "a page served ahead differs from the snapshot");
+    let unfaulted = settled_stats(&mut session, |_| true);
+    assert_eq!(unfaulted.vcpu_faults, st2.vcpu_faults, "reading them faulted");
     discard(&ram.ram, 1280, 256);
 
     println!(
