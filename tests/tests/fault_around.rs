@@ -352,9 +352,15 @@ fn a_discarded_range_in_the_look_ahead_window_reads_zero_afterwards() {
     let want: Vec<u32> = (1280..1280 + ahead_past_second)
         .flat_map(|p| testvmm::dword_offsets().map(move |o| pattern(p * PAGE + o, FILE_SEED)))
         .collect();
-    assert!(ahead == want, "a page served ahead differs from the snapshot");
+    assert!(
+        ahead == want,
+        "a page served ahead differs from the snapshot"
+    );
     let unfaulted = settled_stats(&mut session, |_| true);
-    assert_eq!(unfaulted.vcpu_faults, st2.vcpu_faults, "reading them faulted");
+    assert_eq!(
+        unfaulted.vcpu_faults, st2.vcpu_faults,
+        "reading them faulted"
+    );
     discard(&ram.ram, 1280, 256);
 
     println!(
