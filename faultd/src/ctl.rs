@@ -1031,6 +1031,18 @@ fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
                 ),
             ),
             (
+                "fault-around",
+                format!(
+                    "vcpu {} pages in {} look-aheads, device {} granules in {} look-aheads, \
+                     {} cut short",
+                    s.around.vcpu_pages,
+                    s.around.vcpu_rounds,
+                    s.around.device_granules,
+                    s.around.device_rounds,
+                    s.around.stopped
+                ),
+            ),
+            (
                 "devices",
                 format!(
                     "{} attached: {} groups ({} pages), {} success, {} invalid (outside {}, \

@@ -765,6 +765,7 @@ impl Daemon {
         )
         .with_store_dir(self.store_dir_of(owner))
         .with_budget(config.budget, self.resident.clone())
+        .with_around(config.around)
         .with_metrics(self.metrics.session(&label));
         Ok((session, server))
     }

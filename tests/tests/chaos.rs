@@ -188,3 +188,185 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
     );
     assert_eq!(ram.ram.allocated_bytes().unwrap(), st.resident_bytes);
 }
+
+/// Fault-around in the chaos: a guest streaming through its third of RAM (served ahead), the
+/// device streaming DMA through the last third (mapped ahead), a balloon discarding stretches of
+/// the middle third that a host thread wrote and streams through (so look-aheads run into
+/// pending and past discards), and seeded evictions everywhere, under a global budget.
+///
+/// Checked besides the invariants above: a discarded stretch reads zero afterwards, even where
+/// its pages had been evicted to the store (a look-ahead must not bring old contents back).
+/// Quick by default (20,000 driver evictions); `FAULTD_CHAOS_AROUND_EVICTIONS` for more.
+#[test]
+fn chaos_fault_around_with_evictions_discards_and_device_dma_loses_nothing() {
+    let target: u64 = std::env::var("FAULTD_CHAOS_AROUND_EVICTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let seed = faultd_tests::seed();
+    println!("chaos (fault-around) target {target} evictions, seed {seed}");
+    let faultd = Faultd::start_with_config(&format!(
+        "[budget]\nglobal_mib = {BUDGET_MIB}\n[around]\nenabled = true\nmax_kib = 512\n"
+    ));
+    let ram = Ram::new("chaos-around", RAM);
+    let mut session = ram.serve(&faultd, "chaos-around");
+    // SAFETY: `ram` outlives the device (declared before it), and this test holds no Rust
+    // reference into guest RAM.
+    let device = unsafe { PriDevice::new(ram.ram.host_ptr(), 0, RAM, DeviceConfig::default()) }
+        .expect("device");
+    let granule = device.attach(&mut session).expect("attach device");
+    let pages = (RAM / PAGE) as u32;
+    let third = pages / 3;
+    let mut vm = Vm::new(vec![RamSlot {
+        gpa: 0,
+        host: ram.ram.host_ptr(),
+        size: RAM,
+    }])
+    .unwrap();
+    vm.set_timeout(Some(Duration::from_secs(60)));
+    let timeout = Duration::from_secs(60);
+
+    let stop = AtomicBool::new(false);
+    let evictions = AtomicU64::new(0);
+    let started = Instant::now();
+    let (guest_rounds, device_rounds, balloon_rounds) = std::thread::scope(|s| {
+        // The guest: write then verify 8 MiB of its third in ascending order, a new seed and
+        // a new place each round.
+        let guest = s.spawn(|| {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                let count = 2048;
+                let first = (rounds * 512) % (third - count);
+                let w = Workload::WriteVerifySequential {
+                    seed: 7000 + rounds,
+                    first_page: first,
+                    page_count: count,
+                };
+                let r = vm.run(vec![w], &|_, _| {}).expect("guest run");
+                assert_eq!(
+                    r[0].mismatches, 0,
+                    "guest round {rounds}: lost write or stale read at {:?} (seed {seed})",
+                    r[0].first_mismatch_gpa
+                );
+                rounds += 1;
+            }
+            rounds
+        });
+        // The device: DMA-writes 4 MiB of the last third in ascending 256 KiB transfers, then
+        // reads it back.
+        let dev = s.spawn(|| {
+            let mut rounds = 0u32;
+            let base = u64::from(2 * third) * PAGE;
+            let span = 4 * MIB;
+            let room = RAM - base - span;
+            while !stop.load(Ordering::Acquire) {
+                let at = base + (u64::from(rounds) * MIB) % room / granule * granule;
+                let s = 0xA000 + rounds;
+                let data: Vec<u8> = (0..span / PAGE)
+                    .flat_map(|p| faultd_tests::pattern_page(at + p * PAGE, s))
+                    .collect();
+                for (i, c) in data.chunks(256 * 1024).enumerate() {
+                    let gpa = at + (i * 256 * 1024) as u64;
+                    device
+                        .dma_write(0, gpa, c)
+                        .unwrap_or_else(|e| panic!("DMA write {gpa:#x}: {e} (seed {seed})"));
+                }
+                let mut back = vec![0u8; span as usize];
+                for (i, c) in back.chunks_mut(256 * 1024).enumerate() {
+                    let gpa = at + (i * 256 * 1024) as u64;
+                    device
+                        .dma_read(0, gpa, c)
+                        .unwrap_or_else(|e| panic!("DMA read {gpa:#x}: {e} (seed {seed})"));
+                }
+                assert!(
+                    back == data,
+                    "device round {rounds}: lost DMA write (seed {seed})"
+                );
+                rounds += 1;
+            }
+            rounds
+        });
+        // The balloon: writes a stretch of the middle third (the host thread faults it in,
+        // sequentially), lets the driver evict some of it, discards it, then streams through it
+        // reading: every byte must be zero.
+        let balloon = s.spawn(|| {
+            let mut rounds = 0u32;
+            let stretch = 512u64;
+            while !stop.load(Ordering::Acquire) {
+                let first =
+                    u64::from(third) + (u64::from(rounds) * 97) % (u64::from(third) - stretch);
+                let writes: Vec<(u64, u8)> = (0..stretch)
+                    .map(|p| ((first + p) * PAGE + p % 4096, 0x5A))
+                    .collect();
+                faultd_tests::write_with_timeout(&ram.ram, writes, timeout);
+                std::thread::sleep(Duration::from_millis(2));
+                let (addr, len) = (ram.ram.host_addr() + first * PAGE, stretch * PAGE);
+                // SAFETY: the stretch lies inside the live shared mapping of guest RAM, in the
+                // middle third nobody else touches; no Rust reference points into guest RAM.
+                let rc = unsafe { libc::madvise(addr as *mut _, len as usize, libc::MADV_REMOVE) };
+                assert_eq!(rc, 0, "MADV_REMOVE: {}", std::io::Error::last_os_error());
+                let offs: Vec<u64> = (0..stretch)
+                    .map(|p| (first + p) * PAGE + p % 4096)
+                    .collect();
+                let back = faultd_tests::read_with_timeout(&ram.ram, offs, timeout);
+                assert!(
+                    back.iter().all(|&b| b == 0),
+                    "balloon round {rounds}: a discarded page came back non-zero (seed {seed})"
+                );
+                rounds += 1;
+            }
+            rounds
+        });
+        let mut rng = seed | 1;
+        while evictions.load(Ordering::Relaxed) < target {
+            let n = 1 + xorshift(&mut rng) % 64;
+            let gpa = xorshift(&mut rng) % u64::from(pages) * PAGE;
+            let len = (n * PAGE).min(RAM - gpa);
+            let (e, _, failed) = session.evict(gpa, len, None).expect("evict request");
+            assert_eq!(
+                failed,
+                0,
+                "faultd failed an eviction (seed {seed}):\n{}",
+                faultd.log()
+            );
+            evictions.fetch_add(e, Ordering::Relaxed);
+        }
+        stop.store(true, Ordering::Release);
+        (
+            guest.join().expect("guest thread"),
+            dev.join().expect("device thread"),
+            balloon.join().expect("balloon thread"),
+        )
+    });
+
+    let st = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
+    let ds = device.stats();
+    println!(
+        "{:.1} s: driver evictions {}, faultd evictions {}, store fills {}, vCPU faults {}, \
+         pages ahead {} ({} look-aheads, {} cut short), device groups {}, granules ahead {}, \
+         discarded {}, rounds guest {guest_rounds} device {device_rounds} balloon \
+         {balloon_rounds}",
+        started.elapsed().as_secs_f64(),
+        evictions.load(Ordering::Relaxed),
+        st.evictions,
+        st.store_fills,
+        st.vcpu_faults,
+        st.around.vcpu_pages,
+        st.around.vcpu_rounds,
+        st.around.stopped,
+        st.device.groups,
+        st.around.device_granules,
+        st.discarded_pages,
+    );
+    assert!(guest_rounds >= 1 && device_rounds >= 1 && balloon_rounds >= 1);
+    assert!(st.around.vcpu_pages > 0 && st.around.device_granules > 0);
+    assert!(st.discarded_pages > 0 && st.store_fills > 0);
+    assert_eq!((st.device.invalid, st.device.deadline), (0, 0), "{st:?}");
+    assert_eq!(
+        (ds.invalid, ds.timeouts, ds.failed_transfers),
+        (0, 0, 0),
+        "{ds:?}"
+    );
+    assert_eq!(st.errors, 0, "{}", faultd.log());
+    assert_eq!(ram.ram.allocated_bytes().unwrap(), st.resident_bytes);
+}

@@ -505,6 +505,9 @@ fn promtool_check_metrics_finds_nothing_wrong_with_faultds_output() {
         "faultd_evicted_bytes_total{vm=\"vm-lint\"} 0",
         "faultd_discarded_bytes_total{vm=\"vm-lint\"} 0",
         "faultd_stored_bytes{vm=\"vm-lint\"} 0",
+        "# TYPE faultd_fault_around_pages_total counter",
+        "# TYPE faultd_fault_around_granules_total counter",
+        "# TYPE faultd_fault_around_stopped_total counter",
         // No [budget] configured: 0, none.
         "faultd_budget_per_vm_bytes 0",
         "faultd_budget_global_bytes 0",

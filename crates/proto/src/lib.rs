@@ -561,6 +561,28 @@ pub struct SessionStats {
     pub device_latency_us: LatencySummary,
     /// Service time percentiles (event read to page installed), microseconds.
     pub latency_us: LatencySummary,
+    /// Fault-around: pages and granules served ahead of sequential fault streams.
+    #[serde(default)]
+    pub around: AroundStats,
+}
+
+/// Fault-around counters of one session: what was served ahead of sequential streams of faults
+/// (config `[around]`). Pages installed ahead are not vCPU faults; they are counted here only
+/// (and in the fill counters, as every install is).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AroundStats {
+    /// Look-ahead rounds after a sequential vCPU fault.
+    pub vcpu_rounds: u64,
+    /// Pages installed ahead of vCPU fault streams.
+    pub vcpu_pages: u64,
+    /// Look-ahead rounds after a sequential device page-request group.
+    pub device_rounds: u64,
+    /// Granules mapped ahead for devices (made resident first where needed).
+    pub device_granules: u64,
+    /// Look-aheads cut short: budget watermark, pin room, deadline, a page being evicted or a
+    /// pending layout event (EAGAIN).
+    pub stopped: u64,
 }
 
 /// Device page-request counters of one session (all devices).

@@ -14,7 +14,7 @@
 //! |----------|----------------------------------------------|----------------------------|
 //! | `rbx`    | scratch: gpa of the current page             | gpa of the first page      |
 //! | `rcx`    | page visits done (0 at start)                | touches done (0 at start)  |
-//! | `rsi`    | LCG state (reset from `r13` by each pass)    | -                          |
+//! | `rsi`    | LCG state (reset from `r13` by each pass; ascending: pages of the pass) | - |
 //! | `rdi`    | mismatching dwords (0 at start)              | 0                          |
 //! | `rbp`    | gpa of the first mismatch (`!0` = none)      | `!0`                       |
 //! | `r8`     | progress mask: report when `rcx & r8 == 0`   | -                          |
@@ -108,6 +108,16 @@ pub(crate) struct Program {
     pub write_verify: u64,
     pub verify: u64,
     pub touch_sequential: u64,
+    pub write_verify_sequential: u64,
+}
+
+/// The order a pass visits pages in.
+#[derive(Clone, Copy, PartialEq)]
+enum Order {
+    /// [`page_sequence`]'s pseudo-random order.
+    Lcg,
+    /// `first_page, first_page + 1, ...`: `rsi` counts the pages of the pass.
+    Ascending,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -123,6 +133,7 @@ pub(crate) fn assemble(base: u64) -> Result<Program, IcedError> {
     let mut verify = a.create_label();
     let mut touch_sequential = a.create_label();
     let mut report = a.create_label();
+    let mut write_verify_sequential = a.create_label();
 
     // Every entry point starts with an `out` to PORT_START, so the VMM sees the
     // guest's first instruction run before it touches any RAM.
@@ -130,12 +141,19 @@ pub(crate) fn assemble(base: u64) -> Result<Program, IcedError> {
     // WriteVerify: the write pass, then the verify pass.
     a.set_label(&mut write_verify)?;
     a.out(u32::from(PORT_START), eax)?;
-    emit_pass(&mut a, Pass::Write)?;
+    emit_pass(&mut a, Pass::Write, Order::Lcg)?;
     a.jmp(verify_pass)?;
     a.set_label(&mut verify)?;
     a.out(u32::from(PORT_START), eax)?;
     a.set_label(&mut verify_pass)?;
-    emit_pass(&mut a, Pass::Verify)?;
+    emit_pass(&mut a, Pass::Verify, Order::Lcg)?;
+    a.jmp(report)?;
+
+    // WriteVerifySequential: both passes in ascending page order.
+    a.set_label(&mut write_verify_sequential)?;
+    a.out(u32::from(PORT_START), eax)?;
+    emit_pass(&mut a, Pass::Write, Order::Ascending)?;
+    emit_pass(&mut a, Pass::Verify, Order::Ascending)?;
     a.jmp(report)?;
 
     // TouchSequential: read one dword per page, `out` after each read so the
@@ -175,13 +193,14 @@ pub(crate) fn assemble(base: u64) -> Result<Program, IcedError> {
         write_verify: result.label_ip(&write_verify)?,
         verify: result.label_ip(&verify)?,
         touch_sequential: result.label_ip(&touch_sequential)?,
+        write_verify_sequential: result.label_ip(&write_verify_sequential)?,
         code: result.inner.code_buffer,
     })
 }
 
 /// One pass over the page sequence: `r9` visits, writing or verifying
 /// `pattern()` at each of the page's `dword_offsets()`.
-fn emit_pass(a: &mut CodeAssembler, pass: Pass) -> Result<(), IcedError> {
+fn emit_pass(a: &mut CodeAssembler, pass: Pass, order: Order) -> Result<(), IcedError> {
     let mut page_loop = a.create_label();
     let mut dword_loop = a.create_label();
     let mut next_dword = a.create_label();
@@ -190,18 +209,31 @@ fn emit_pass(a: &mut CodeAssembler, pass: Pass) -> Result<(), IcedError> {
     let mut end = a.create_label();
 
     a.lea(r15, qword_ptr(rcx + r9))?; // pass ends when rcx reaches r15
-    a.mov(rsi, r13)?;
-    a.shr(rsi, 32)?; // LCG state = seed
+    match order {
+        Order::Lcg => {
+            a.mov(rsi, r13)?;
+            a.shr(rsi, 32)?; // LCG state = seed
+        }
+        Order::Ascending => a.xor(esi, esi)?, // pages of the pass so far
+    }
     a.cmp(rcx, r15)?;
     a.je(end)?;
 
     a.set_label(&mut page_loop)?;
     // Next page: state = state * LCG_MUL + LCG_ADD; page = first + (state * count) >> 32.
-    a.imul_3(esi, esi, LCG_MUL)?;
-    a.add(esi, LCG_ADD)?;
-    a.mov(eax, esi)?;
-    a.imul_2(rax, r11)?;
-    a.shr(rax, 32)?;
+    match order {
+        Order::Lcg => {
+            a.imul_3(esi, esi, LCG_MUL)?;
+            a.add(esi, LCG_ADD)?;
+            a.mov(eax, esi)?;
+            a.imul_2(rax, r11)?;
+            a.shr(rax, 32)?;
+        }
+        Order::Ascending => {
+            a.mov(rax, rsi)?;
+            a.inc(rsi)?;
+        }
+    }
     a.add(rax, r10)?;
     a.shl(rax, 12)?;
     a.mov(rbx, rax)?;

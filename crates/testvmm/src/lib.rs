@@ -124,6 +124,13 @@ pub enum Workload {
     /// Read one dword (offset 0) of pages `first_page..first_page + count` in
     /// order, with an `out` after each read so the VMM timestamps each touch.
     TouchSequential { first_page: u32, count: u32 },
+    /// `WriteVerify` over every page of `first_page..first_page + page_count` in ascending
+    /// order (both passes): a guest streaming through memory.
+    WriteVerifySequential {
+        seed: u32,
+        first_page: u32,
+        page_count: u32,
+    },
 }
 
 /// The outcome of one vCPU's workload.
@@ -428,6 +435,22 @@ impl Vm {
                 regs.r13 = u64::from(seed) << 32;
                 regs.r14 = PATTERN_MUL;
                 (touches, first_page, page_count)
+            }
+            Workload::WriteVerifySequential {
+                seed,
+                first_page,
+                page_count,
+            } => {
+                if page_count > u32::MAX / 2 {
+                    return Err(invalid(format!("{page_count} pages is too many")));
+                }
+                regs.rip = self.program.write_verify_sequential;
+                regs.r9 = page_count.into();
+                regs.r10 = base_page + u64::from(first_page);
+                regs.r11 = page_count.into();
+                regs.r13 = u64::from(seed) << 32;
+                regs.r14 = PATTERN_MUL;
+                (page_count, first_page, page_count)
             }
             Workload::TouchSequential { first_page, count } => {
                 regs.rip = self.program.touch_sequential;

@@ -198,7 +198,7 @@ fn params(w: &Workload) -> (u32, u32, u32, u32) {
             first_page,
             page_count,
         } => (seed, touches, first_page, page_count),
-        Workload::TouchSequential { .. } => unreachable!(),
+        Workload::TouchSequential { .. } | Workload::WriteVerifySequential { .. } => unreachable!(),
     }
 }
 

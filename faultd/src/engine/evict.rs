@@ -130,6 +130,11 @@ impl<O: UffdOps> FaultServer<O> {
                 report.zero += u64::from(!stored);
                 size
             }
+            // A layout event is unread (a discard): the page stays resident, nothing failed.
+            Err(EvictError::WriteProtect {
+                source: OpError::Retry,
+                ..
+            }) => 0,
             Err(e) => {
                 report.failed += 1;
                 let why = match quota {
@@ -157,6 +162,11 @@ impl<O: UffdOps> FaultServer<O> {
                     report.evicted += 1;
                     report.zero += u64::from(!stored);
                 }
+                // A layout event is unread (a discard): the page stays resident, nothing failed.
+                Err(EvictError::WriteProtect {
+                    source: OpError::Retry,
+                    ..
+                }) => {}
                 Err(e) => {
                     report.failed += 1;
                     self.error(format_args!("evicting {page}: {e}"));
@@ -237,12 +247,18 @@ impl<O: UffdOps> FaultServer<O> {
         }
         // 7.
         if let Err(e) = self.ops.unprotect(at.hva, at.size) {
-            // The page is gone and stored; writers stay blocked until the VMM's next
-            // write-protect change. Say so loudly.
-            self.error(format_args!(
-                "clearing write-protect at {:#x}: {e}",
-                at.hva.0
-            ));
+            // EAGAIN here is a discard's REMOVE event not read yet. A writer blocked in the WP
+            // fault would stay blocked (faultd ignores WP fault events): wake it instead (no
+            // EAGAIN for a wake). It re-faults MISSING on the absent page and is served from
+            // the store like any other fault. The chaos test with discards hung without this.
+            if e == OpError::Retry && self.ops.wake(at.hva, at.size).is_ok() {
+                Counters::bump(&self.session.counters.retries);
+            } else {
+                self.error(format_args!(
+                    "clearing write-protect at {:#x}: {e}",
+                    at.hva.0
+                ));
+            }
         }
         Counters::bump(&self.session.counters.evictions);
         self.session

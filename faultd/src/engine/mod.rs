@@ -97,6 +97,8 @@ pub struct FaultServer<O> {
     /// what that order loses sets it.
     #[cfg(test)]
     save_before_protect: bool,
+    /// Fault-around: stream heads and settings ([`around`]).
+    pub(crate) around: around::AroundState,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -144,6 +146,7 @@ impl<O: UffdOps> FaultServer<O> {
             filled: FaultOutcome::Present,
             #[cfg(test)]
             save_before_protect: false,
+            around: around::AroundState::off(),
         }
     }
 
@@ -421,6 +424,7 @@ pub(crate) fn outcome_of(fill: Fill) -> FaultOutcome {
     }
 }
 
+mod around;
 mod budget;
 mod evict;
 mod finish;

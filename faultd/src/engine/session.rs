@@ -211,6 +211,17 @@ pub struct Counters {
     pub device_respond_errors: AtomicU64,
     /// Devices no longer served because their VMM made faultd's notification block.
     pub device_quarantined: AtomicU64,
+    /// Fault-around (engine/around.rs, docs/fault-around.md): look-ahead rounds after vCPU
+    /// faults.
+    pub around_vcpu_rounds: AtomicU64,
+    /// ... pages they installed.
+    pub around_vcpu_pages: AtomicU64,
+    /// ... look-ahead rounds after device groups.
+    pub around_device_rounds: AtomicU64,
+    /// ... granules they mapped.
+    pub around_device_granules: AtomicU64,
+    /// ... look-aheads cut short.
+    pub around_stopped: AtomicU64,
 }
 
 impl Counters {
@@ -763,6 +774,13 @@ impl Session {
                 latency_us: LatencySummary::default(),
                 device,
                 device_latency_us: LatencySummary::default(),
+                around: faultd_proto::AroundStats {
+                    vcpu_rounds: get(&c.around_vcpu_rounds),
+                    vcpu_pages: get(&c.around_vcpu_pages),
+                    device_rounds: get(&c.around_device_rounds),
+                    device_granules: get(&c.around_device_granules),
+                    stopped: get(&c.around_stopped),
+                },
             },
             evicted_bytes: get(&c.evicted_bytes),
             discarded_bytes: get(&c.discarded_bytes),
@@ -796,6 +814,9 @@ impl Reading {
                 discarded_bytes: self.discarded_bytes,
                 evictions: st.evictions,
                 evicted_bytes: self.evicted_bytes,
+                around_vcpu_pages: st.around.vcpu_pages,
+                around_device_granules: st.around.device_granules,
+                around_stopped: st.around.stopped,
             },
             levels: Levels {
                 guest_bytes: st.guest_bytes,

@@ -144,6 +144,8 @@ impl<O: UffdOps> FaultServer<O> {
                     self.session
                         .record_latency(took.as_nanos().min(u64::MAX as u128) as u64);
                     self.metrics.observe(Source::Vcpu, outcome_of(fill), took);
+                    // The faulting thread is running already (the install woke it).
+                    self.around_vcpu(at.page);
                 }
                 Err(InstallFail::Retry) => self.retries.push(at.hva),
                 // Stale: the page was discarded meanwhile; the thread re-faults if it still

@@ -89,6 +89,16 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     firecracker: Vec<RawFirecracker>,
+    #[serde(default)]
+    around: RawAround,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawAround {
+    enabled: Option<bool>,
+    max_kib: Option<u64>,
+    streams: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -202,6 +212,19 @@ pub struct Config {
     pub firecracker: Vec<ListenSpec>,
     /// What a client may make faultd spend.
     pub limits: Limits,
+    /// Fault-around: serving sequential fault streams ahead (the `[around]` section).
+    pub around: Around,
+}
+
+/// Fault-around settings (the `[around]` section; see docs/fault-around.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Around {
+    /// Whether sequential streams are served ahead at all.
+    pub enabled: bool,
+    /// The farthest a look-ahead reaches past the fault, bytes (a multiple of 4 KiB).
+    pub max_bytes: u64,
+    /// Streams tracked at once per source (the vCPU path, each device).
+    pub streams: usize,
 }
 
 /// Bounds on what clients may make faultd spend (the `[limits]` section). Each is refused,
@@ -417,6 +440,11 @@ impl From<&Config> for RawConfig {
                     uid: l.peer.uid,
                 })
                 .collect(),
+            around: RawAround {
+                enabled: Some(c.around.enabled),
+                max_kib: Some(c.around.max_bytes >> 10),
+                streams: Some(c.around.streams),
+            },
         }
     }
 }
@@ -461,6 +489,10 @@ impl RawConfig {
         if !over.firecracker.is_empty() {
             self.firecracker = over.firecracker;
         }
+        let (a, o) = (&mut self.around, over.around);
+        a.enabled = o.enabled.or(a.enabled);
+        a.max_kib = o.max_kib.or(a.max_kib);
+        a.streams = o.streams.or(a.streams);
     }
 }
 
@@ -618,7 +650,9 @@ impl TryFrom<RawConfig> for Config {
         }
         let firecracker = firecracker_entries(raw.firecracker, &socket)?;
         let limits = limits(raw.limits)?;
+        let around = around(raw.around)?;
         Ok(Config {
+            around,
             firecracker,
             limits,
             socket,
@@ -636,6 +670,34 @@ impl TryFrom<RawConfig> for Config {
             metrics_vm_labels,
         })
     }
+}
+
+/// Validates `[around]`.
+fn around(raw: RawAround) -> Result<Around, ConfigError> {
+    let enabled = required(raw.enabled, "around.enabled")?;
+    let max_kib = required(raw.max_kib, "around.max_kib")?;
+    // Up to 64 MiB: one look-ahead is one burst of the fault thread's work, and every other
+    // source of the VM waits behind it.
+    if !(4..=65_536).contains(&max_kib) || max_kib % 4 != 0 {
+        return Err(ConfigError::Invalid {
+            field: "around.max_kib",
+            value: max_kib.to_string(),
+            why: "must be a multiple of 4, 4..=65536",
+        });
+    }
+    let streams = required(raw.streams, "around.streams")?;
+    if !(1..=64).contains(&streams) {
+        return Err(ConfigError::Invalid {
+            field: "around.streams",
+            value: streams.to_string(),
+            why: "must be 1..=64",
+        });
+    }
+    Ok(Around {
+        enabled,
+        max_bytes: max_kib << 10,
+        streams,
+    })
 }
 
 /// Validates `[limits]`: every bound set and within its range.
@@ -1133,6 +1195,7 @@ mod tests {
              [limits]\nconnections = 17\nconnections_per_uid = 4\nhandshake_ms = 19\n\
              registrations_per_sec = 23\nregistrations_burst = 29\nsessions_per_uid = 2\n\
              session_guest_gib = 31\ntotal_guest_gib = 37\ndevice_malformed_run = 41\n\
+             [around]\nenabled = false\nmax_kib = 12\nstreams = 5\n\
              [[firecracker]]\nvm = \"fc0\"\nsocket = \"/run/fc0.sock\"\n\
              snapshot = \"/srv/fc0.mem\"\nuid = 1000\n\
              [[firecracker]]\nvm = \"fc1\"\nsocket = \"/run/fc1.sock\"\nsnapshot = \"/srv/fc1.mem\"\n";

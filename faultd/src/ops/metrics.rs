@@ -271,6 +271,9 @@ pub struct Totals {
     pub discarded_bytes: u64,
     pub evictions: u64,
     pub evicted_bytes: u64,
+    pub around_vcpu_pages: u64,
+    pub around_device_granules: u64,
+    pub around_stopped: u64,
 }
 
 /// What a scrape reads of one live session: plain numbers, so metrics need not know sessions.
@@ -294,6 +297,9 @@ impl Totals {
         self.discarded_bytes += o.discarded_bytes;
         self.evictions += o.evictions;
         self.evicted_bytes += o.evicted_bytes;
+        self.around_vcpu_pages += o.around_vcpu_pages;
+        self.around_device_granules += o.around_device_granules;
+        self.around_stopped += o.around_stopped;
     }
 }
 
@@ -626,8 +632,34 @@ fn scrape_families(
         "Bytes of the pages evicted (to the swap store, or paged out for anonymous memory).",
         &["vm"],
     );
+    let around_pages = counter(
+        "faultd_fault_around_pages_total",
+        "Pages installed ahead of sequential vCPU fault streams (fault-around, [around]); \
+         not vCPU faults.",
+        &["vm"],
+    );
+    let around_granules = counter(
+        "faultd_fault_around_granules_total",
+        "Granules mapped ahead of sequential device page-request streams (fault-around).",
+        &["vm"],
+    );
+    let around_stopped = counter(
+        "faultd_fault_around_stopped_total",
+        "Look-aheads cut short (budget watermark, pin room, deadline, eviction, pending \
+         layout event).",
+        &["vm"],
+    );
     for (label, t) in totals {
         let vm = label.as_str();
+        around_pages
+            .with_label_values(&[vm])
+            .inc_by(t.around_vcpu_pages);
+        around_granules
+            .with_label_values(&[vm])
+            .inc_by(t.around_device_granules);
+        around_stopped
+            .with_label_values(&[vm])
+            .inc_by(t.around_stopped);
         vcpu_faults.with_label_values(&[vm]).inc_by(t.vcpu_faults);
         groups
             .with_label_values(&[vm, "success"])
@@ -706,6 +738,9 @@ fn scrape_families(
         discarded_bytes,
         evicted,
         evicted_bytes,
+        around_pages,
+        around_granules,
+        around_stopped,
     ]
     .iter()
     .flat_map(|c| c.collect())
