@@ -271,6 +271,8 @@ pub struct Daemon {
     connections: Arc<tokio::sync::Semaphore>,
     /// Control-socket connections open, by uid.
     uid_connections: Arc<Mutex<HashMap<u32, usize>>>,
+    /// Snapshot files' analyses, shared by their sessions.
+    pub(crate) snapshots: crate::engine::snapshots::Catalog,
 }
 
 /// A control-socket connection's place under the connection limits, given back on drop.
@@ -420,7 +422,18 @@ impl Daemon {
     pub fn new(config: Config, cancel: CancellationToken) -> Arc<Daemon> {
         let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit, config.budget);
         let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.connections));
+        let ws = config.working_set;
+        let snapshots = crate::engine::snapshots::Catalog::new(
+            ws.zero_pages || ws.record || ws.replay,
+            ws.zero_pages,
+            ws.scan_max,
+        )
+        .unwrap_or_else(|e| {
+            tracing::warn!("no snapshot analysis: starting its thread: {e}");
+            crate::engine::snapshots::Catalog::off()
+        });
         Arc::new(Daemon {
+            snapshots,
             config,
             resident: Arc::new(AtomicU64::new(0)),
             metrics,
@@ -743,6 +756,9 @@ impl Daemon {
     ) -> std::io::Result<(Arc<Session>, FaultServer<KernelUffd>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(id, vm, layout, regions, snapshot).owned_by(owner));
+        if let Some(info) = session.snapshot().and_then(|f| self.snapshots.info_for(f)) {
+            session.set_snapshot_info(info);
+        }
         let config = &self.config;
         // The systemd watchdog looks at the uffd through a duplicate (to see faults waiting);
         // without one it judges the thread by its progress alone.

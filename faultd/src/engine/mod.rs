@@ -284,7 +284,9 @@ impl<O: UffdOps> FaultServer<O> {
     /// the vCPU and device paths: the page comes from its backing into the VMM's memfd by a uffd
     /// operation on the VMM's address, which also wakes every thread blocked on it.
     pub(crate) fn install(&mut self, at: Located, fill: Fill) -> Result<(), InstallFail> {
-        let result = match fill {
+        // A snapshot page known to be all zero is installed as a zero page (see `snapshots`).
+        let zeroed = snapshots::served_as_zero(&self.session, fill, at.size);
+        let result = match if zeroed { Fill::Zero } else { fill } {
             Fill::Zero if at.size == 4096 => self.ops.zeropage(at.hva, at.size),
             Fill::Zero => self.ops.copy(&self.zero_buf[..at.size as usize], at.hva),
             Fill::Store { slot } => {
@@ -349,6 +351,9 @@ impl<O: UffdOps> FaultServer<O> {
                     if let Some(slot) = c.freed_slot {
                         store.free(slot);
                     }
+                }
+                if zeroed && result.is_ok() {
+                    Counters::bump(&counters.snapshot_zero_pages);
                 }
                 if completed.as_ref().is_ok_and(|c| c.resident) {
                     self.installed(at.page);
@@ -432,7 +437,9 @@ mod vcpu;
 
 pub mod device;
 pub mod session;
+pub mod snapshots;
 pub mod store;
+pub mod working_set;
 
 use budget::BudgetState;
 use evict::Quota;

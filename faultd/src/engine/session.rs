@@ -211,6 +211,10 @@ pub struct Counters {
     pub device_respond_errors: AtomicU64,
     /// Devices no longer served because their VMM made faultd's notification block.
     pub device_quarantined: AtomicU64,
+    /// Snapshot pages served as zero pages (all zero in the file: no copy from it).
+    pub snapshot_zero_pages: AtomicU64,
+    /// Working-set recording and replay (see `engine::working_set`).
+    pub ws: crate::engine::working_set::WsCounters,
 }
 
 impl Counters {
@@ -384,6 +388,9 @@ pub struct Session {
     /// The VMM's memory as reached from outside, for anonymous regions (set once the peer is
     /// known; see [`crate::kernel::remote`]).
     remote: std::sync::OnceLock<RemoteMm>,
+    /// The snapshot file's analysis, shared with the other sessions of that file (set once,
+    /// at the start; see [`crate::engine::snapshots`]).
+    snapshot_info: std::sync::OnceLock<Arc<crate::engine::snapshots::SnapshotInfo>>,
 }
 
 impl Session {
@@ -434,7 +441,25 @@ impl Session {
             device_latency: Mutex::new(histogram()),
             device_ids: Mutex::new(Vec::new()),
             remote: std::sync::OnceLock::new(),
+            snapshot_info: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the session its snapshot file's analysis (once; a second call is ignored).
+    pub fn set_snapshot_info(&self, info: Arc<crate::engine::snapshots::SnapshotInfo>) {
+        let _ = self.snapshot_info.set(info);
+    }
+
+    /// The snapshot file's analysis, if the session has one (ready or not).
+    pub fn snapshot_info(&self) -> Option<&Arc<crate::engine::snapshots::SnapshotInfo>> {
+        self.snapshot_info.get()
+    }
+
+    /// Whether the snapshot's bytes `[offset, offset + len)` are known to be all zero.
+    pub fn snapshot_is_zero(&self, offset: u64, len: u64) -> bool {
+        self.snapshot_info
+            .get()
+            .is_some_and(|i| i.is_zero(offset, len))
     }
 
     /// The session as owned by `uid` (see [`Session::owner`]).
@@ -763,6 +788,7 @@ impl Session {
                 latency_us: LatencySummary::default(),
                 device,
                 device_latency_us: LatencySummary::default(),
+                working_set: c.ws.read(get(&c.snapshot_zero_pages)),
             },
             evicted_bytes: get(&c.evicted_bytes),
             discarded_bytes: get(&c.discarded_bytes),
@@ -796,6 +822,11 @@ impl Reading {
                 discarded_bytes: self.discarded_bytes,
                 evictions: st.evictions,
                 evicted_bytes: self.evicted_bytes,
+                snapshot_zero_pages: st.working_set.zero_pages,
+                ws_recorded: st.working_set.recorded,
+                ws_prefetched: st.working_set.prefetched,
+                ws_late: st.working_set.late,
+                ws_misses: st.working_set.misses,
             },
             levels: Levels {
                 guest_bytes: st.guest_bytes,
