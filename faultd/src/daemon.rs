@@ -273,6 +273,8 @@ pub struct Daemon {
     uid_connections: Arc<Mutex<HashMap<u32, usize>>>,
     /// Snapshot files' analyses, shared by their sessions.
     pub(crate) snapshots: crate::engine::snapshots::Catalog,
+    /// Working-set recordings.
+    pub(crate) working_sets: Arc<crate::engine::ws_library::Library>,
 }
 
 /// A control-socket connection's place under the connection limits, given back on drop.
@@ -432,7 +434,10 @@ impl Daemon {
             tracing::warn!("no snapshot analysis: starting its thread: {e}");
             crate::engine::snapshots::Catalog::off()
         });
+        let working_sets =
+            crate::engine::ws_library::Library::new(&config.store_dir, ws.max_recordings);
         Arc::new(Daemon {
+            working_sets,
             snapshots,
             config,
             resident: Arc::new(AtomicU64::new(0)),
@@ -782,6 +787,18 @@ impl Daemon {
         .with_store_dir(self.store_dir_of(owner))
         .with_budget(config.budget, self.resident.clone())
         .with_metrics(self.metrics.session(&label));
+        let ws = config.working_set;
+        let server = if ws.record || ws.replay {
+            server.with_working_set(crate::engine::working_set::WsConfig {
+                record: ws.record,
+                record_pages: ws.record_pages,
+                record_for: ws.record_for,
+                replay: ws.replay,
+                library: self.working_sets.clone(),
+            })
+        } else {
+            server
+        };
         Ok((session, server))
     }
 

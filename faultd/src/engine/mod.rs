@@ -97,6 +97,8 @@ pub struct FaultServer<O> {
     /// what that order loses sets it.
     #[cfg(test)]
     save_before_protect: bool,
+    /// Working-set recording and replay ([`working_set`]).
+    pub(crate) ws: working_set::WsState,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -144,6 +146,7 @@ impl<O: UffdOps> FaultServer<O> {
             filled: FaultOutcome::Present,
             #[cfg(test)]
             save_before_protect: false,
+            ws: working_set::WsState::default(),
         }
     }
 
@@ -355,6 +358,9 @@ impl<O: UffdOps> FaultServer<O> {
                 if zeroed && result.is_ok() {
                     Counters::bump(&counters.snapshot_zero_pages);
                 }
+                if let (Ok(()), Fill::File { offset }) = (result, fill) {
+                    self.ws_filled(offset);
+                }
                 if completed.as_ref().is_ok_and(|c| c.resident) {
                     self.installed(at.page);
                 }
@@ -440,6 +446,7 @@ pub mod session;
 pub mod snapshots;
 pub mod store;
 pub mod working_set;
+pub mod ws_library;
 
 use budget::BudgetState;
 use evict::Quota;

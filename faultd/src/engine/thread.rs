@@ -262,6 +262,10 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                     reads.record(false);
                 }
                 in_burst = false;
+                // Nothing pending: a slice of working-set replay, then the sources again.
+                if server.prefetch_slice() {
+                    continue;
+                }
             }
             Ok(_) => {
                 if std::mem::take(&mut reading_first) {
@@ -355,6 +359,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             break;
         }
     }
+    server.ws_save();
     let handover = *ctl.handover.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(drain) = handover {
         server.drain(drain);
