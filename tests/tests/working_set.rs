@@ -176,3 +176,176 @@ fn snapshot_zero_pages_read_zero_take_no_ram_until_written_and_are_counted() {
     assert_eq!(back[0], vec![0x5A]);
     assert_eq!(rss_of(restore.addr(0, 0)), (data.len() as u64 + 1) * PAGE);
 }
+
+/// faultd recording and replaying working sets (recordings in its store dir).
+fn recording_faultd() -> Faultd {
+    Faultd::start_with_config(
+        "[working_set]\nrecord = true\nreplay = true\nrecord_ms = 60000\nrecord_pages = 65536\n",
+    )
+}
+
+/// The working set the guest touches: 1024 pages from 1 MiB on in order, then 1024 pages
+/// scattered over the rest (a fixed pseudo-random order).
+fn working_set() -> Vec<u64> {
+    let mut w: Vec<u64> = (256..1280).map(|p| p * PAGE).collect();
+    let pages = RAM / PAGE;
+    let mut x = 12345u64;
+    while w.len() < 2048 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let p = 1280 + (x >> 33) % (pages - 1280);
+        if !w.contains(&(p * PAGE)) {
+            w.push(p * PAGE);
+        }
+    }
+    w
+}
+
+/// Restores `snap` through `socket` as the listener's `n`th restore, touches `offs` in order
+/// and checks every page against the snapshot; returns the restore (still live) and its stats.
+fn restore_and_touch(
+    faultd: &Faultd,
+    socket: &std::path::Path,
+    vm: &str,
+    snap: &Snapshot,
+    offs: &[u64],
+    before: impl Fn(&FcRestore),
+) -> (FcRestore, SessionStats) {
+    let mut restore = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
+    restore.send(socket, WireForm::Current).unwrap();
+    before(&restore);
+    let got = copy_with_timeout(
+        offs.iter().map(|&o| restore.addr(0, o)).collect(),
+        PAGE as usize,
+        T,
+    );
+    for (&off, page) in offs.iter().zip(&got) {
+        assert!(
+            *page == snap.page(off),
+            "{vm}: offset {off:#x} differs from the snapshot"
+        );
+    }
+    let stats = only(
+        faultd
+            .settled_vm_stats(vm, |_| false)
+            .into_iter()
+            .take(1)
+            .collect(),
+    );
+    (restore, stats)
+}
+
+#[test]
+fn a_recorded_working_set_is_replayed_on_the_next_restore_with_far_fewer_faults() {
+    let snap = Snapshot::new(0x3E51);
+    let faultd = recording_faultd();
+    let socket = listen(&faultd, "fcw", &snap);
+    let w = working_set();
+
+    // First restore: every page of the working set is a demand fault, recorded in order.
+    let (mut first, s1) = restore_and_touch(&faultd, &socket, "fcw-1", &snap, &w, |_| {});
+    assert_eq!(s1.vcpu_faults, w.len() as u64);
+    assert_eq!(s1.working_set.recorded, w.len() as u64);
+    first.hang_up();
+    assert!(
+        faultd.wait_for_log("working set recorded", T),
+        "{}",
+        faultd.log()
+    );
+
+    // Second restore: replay installs the working set ahead of the guest; once it is done,
+    // the guest's touches fault on none of it.
+    let (_second, s2) = restore_and_touch(&faultd, &socket, "fcw-2", &snap, &w, |_| {
+        let done = faultd.settled_vm_stats("fcw-2", |s| {
+            s.first()
+                .is_some_and(|s| !s.working_set.replay_stop.is_empty())
+        });
+        assert_eq!(only(done).working_set.replay_stop, "done");
+    });
+    let ws = &s2.working_set;
+    assert_eq!(ws.replay_pages, w.len() as u64);
+    assert_eq!(ws.prefetched + ws.skipped, w.len() as u64);
+    assert!(ws.prefetched >= w.len() as u64 * 9 / 10, "{ws:?}");
+    assert!(
+        s2.vcpu_faults * 20 <= s1.vcpu_faults,
+        "{} faults, demand-only {}",
+        s2.vcpu_faults,
+        s1.vcpu_faults
+    );
+    assert_eq!((ws.misses, s2.errors), (0, 0));
+    assert!(ws.replay_us > 0);
+}
+
+#[test]
+fn demand_faults_outside_a_replayed_recording_are_counted_as_misses() {
+    let snap = Snapshot::new(0x3E52);
+    let faultd = recording_faultd();
+    let socket = listen(&faultd, "fcm", &snap);
+    let w = working_set();
+    let (mut first, _) = restore_and_touch(&faultd, &socket, "fcm-1", &snap, &w[..512], |_| {});
+    first.hang_up();
+    assert!(
+        faultd.wait_for_log("working set recorded", T),
+        "{}",
+        faultd.log()
+    );
+
+    // The next guest touches other pages: all misses (data pages only: zero pages too are
+    // snapshot pages, so every page counts).
+    let other: Vec<u64> = (2048..2048 + 256).map(|p| p * PAGE).collect();
+    let (_second, s2) = restore_and_touch(&faultd, &socket, "fcm-2", &snap, &other, |_| {});
+
+    assert_eq!(s2.working_set.misses, other.len() as u64);
+    assert_eq!(s2.working_set.replay_pages, 512);
+}
+
+#[test]
+fn a_range_discarded_during_replay_reads_zero_afterwards() {
+    let snap = Snapshot::new(0x3E53);
+    let faultd = recording_faultd();
+    let socket = listen(&faultd, "fcd", &snap);
+    // The whole of RAM, page by page in reverse (no runs: replay takes longest).
+    let all: Vec<u64> = (0..RAM / PAGE).rev().map(|p| p * PAGE).collect();
+    let (mut first, _) = restore_and_touch(&faultd, &socket, "fcd-1", &snap, &all, |_| {});
+    first.hang_up();
+    assert!(
+        faultd.wait_for_log("working set recorded", T),
+        "{}",
+        faultd.log()
+    );
+
+    // While replay runs, the balloon takes 4 MiB in the middle.
+    let balloon = 6 * MIB..10 * MIB;
+    let probe: Vec<u64> = (4 * MIB / PAGE..12 * MIB / PAGE)
+        .map(|p| p * PAGE)
+        .collect();
+    let mut second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
+    second.send(&socket, WireForm::Current).unwrap();
+    faultd_tests::firecracker::balloon_discard(second.addr(0, balloon.start), 4 * MIB, T);
+    let done = faultd.settled_vm_stats("fcd-2", |s| {
+        s.first()
+            .is_some_and(|s| !s.working_set.replay_stop.is_empty())
+    });
+    let got = copy_with_timeout(
+        probe.iter().map(|&o| second.addr(0, o)).collect(),
+        PAGE as usize,
+        T,
+    );
+
+    for (&off, page) in probe.iter().zip(&got) {
+        if balloon.contains(&off) {
+            assert!(
+                page.iter().all(|&b| b == 0),
+                "ballooned offset {off:#x} is not zero"
+            );
+        } else {
+            assert!(
+                *page == snap.page(off),
+                "offset {off:#x} differs from the snapshot"
+            );
+        }
+    }
+    let ws = only(done).working_set;
+    assert_eq!(ws.replay_stop, "done");
+}

@@ -1468,9 +1468,15 @@ fn replay_installs_recorded_pages_in_runs_and_later_faults_find_them_present() {
     srv.serve_ready().unwrap();
 
     for p in [2u64, 4, 5, 11, 20] {
-        assert_eq!(srv.ops().page(HVA + p * PAGE), Some(vec![p as u8 + 1; PAGE as usize]));
+        assert_eq!(
+            srv.ops().page(HVA + p * PAGE),
+            Some(vec![p as u8 + 1; PAGE as usize])
+        );
     }
-    assert_eq!((*srv.ops().runs.borrow(), *srv.ops().run_pages.borrow()), (1, 8));
+    assert_eq!(
+        (*srv.ops().runs.borrow(), *srv.ops().run_pages.borrow()),
+        (1, 8)
+    );
     let w = s.stats().working_set;
     assert_eq!((w.replay_pages, w.prefetched, w.skipped), (10, 10, 0));
     assert_eq!((w.late, w.misses, w.replay_stop.as_str()), (0, 1, "done"));

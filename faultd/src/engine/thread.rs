@@ -241,6 +241,9 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             "resumed: page state rebuilt from guest memory and the store journal, waiters woken"
         );
     }
+    // A recording to replay is found before the first fault, so every demand fault is judged
+    // against it.
+    server.ws_start();
     let mut policy = SpinPolicy::new(spin);
     let mut last_work = Instant::now();
     let mut window = policy.window();

@@ -455,13 +455,25 @@ impl<O: UffdOps> FaultServer<O> {
         more
     }
 
+    /// Looks for a recording to replay now (when the snapshot's digest is already known; else
+    /// the first replay slices look again).
+    pub fn ws_start(&mut self) {
+        if self.ws.cfg.is_some() && !self.ws.looked_up {
+            self.ws_look_up();
+        }
+    }
+
     /// Looks for a recording of this session's snapshot, once its digest is known.
     fn ws_look_up(&mut self) {
         let Some(cfg) = &self.ws.cfg else { return };
         let Some(scan) = self.session.snapshot_info().and_then(|i| i.scan()) else {
             // Not scanned (yet): nothing to replay before it is; give up once recording time
             // is over (the guest's start is then past).
-            if self.ws.started.is_some_and(|t| t.elapsed() > cfg.record_for) {
+            if self
+                .ws
+                .started
+                .is_some_and(|t| t.elapsed() > cfg.record_for)
+            {
                 self.ws.looked_up = true;
             }
             return;
@@ -502,7 +514,9 @@ impl<O: UffdOps> FaultServer<O> {
         }
         if let Some(b) = &self.budget {
             let room = |budget: u64, used: u64| {
-                budget == 0 || used + RUN_PAGES as u64 * PAGE <= super::budget::share(budget, b.limits.low_pct)
+                budget == 0
+                    || used + RUN_PAGES as u64 * PAGE
+                        <= super::budget::share(budget, b.limits.low_pct)
             };
             let own = self.own_resident();
             let global = b.global.load(Ordering::Relaxed);
@@ -651,8 +665,7 @@ impl<O: UffdOps> FaultServer<O> {
         r.next = start + n;
         let c = &self.session.counters.ws;
         c.prefetched.fetch_add(installed, Ordering::Relaxed);
-        c.skipped
-            .fetch_add(n as u64 - installed, Ordering::Relaxed);
+        c.skipped.fetch_add(n as u64 - installed, Ordering::Relaxed);
     }
 
     /// Installs the pages of `run` (contiguous, absent, snapshot-backed from `offset`) in one
@@ -661,7 +674,11 @@ impl<O: UffdOps> FaultServer<O> {
         {
             let mut map = self.session.map();
             for (k, at) in run.iter().enumerate() {
-                if map.begin_fault(at.page, None) != Begin::Resolve(Fill::File { offset: offset + k as u64 * PAGE }) {
+                if map.begin_fault(at.page, None)
+                    != Begin::Resolve(Fill::File {
+                        offset: offset + k as u64 * PAGE,
+                    })
+                {
                     // Checked just before under the same thread: only this thread resolves.
                     for done in &run[..=k] {
                         let _ = map.abort(done.page);

@@ -54,7 +54,11 @@ fn hex(d: &[u8; 32]) -> String {
 /// The digest of a `<64 hex>.ws` name.
 fn parse_name(name: &str) -> Option<[u8; 32]> {
     let h = name.strip_suffix(".ws")?;
-    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if h.len() != 64
+        || !h
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return None;
     }
     let mut d = [0u8; 32];
@@ -138,7 +142,9 @@ impl Library {
             )));
         }
         let mut bytes = Vec::with_capacity(m.len() as usize);
-        Read::by_ref(&mut f).take(MAX_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+        Read::by_ref(&mut f)
+            .take(MAX_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)?;
         Recording::decode(&bytes).map_err(io::Error::other)
     }
 
@@ -182,7 +188,11 @@ impl Library {
             renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), name.as_str()).map_err(Into::into)
         });
         if let Err(e) = renamed {
-            let _ = nix::unistd::unlinkat(dir.as_fd(), tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+            let _ = nix::unistd::unlinkat(
+                dir.as_fd(),
+                tmp.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
             return Err(e);
         }
         self.prune(&dir);
