@@ -349,3 +349,54 @@ fn a_range_discarded_during_replay_reads_zero_afterwards() {
     let ws = only(done).working_set;
     assert_eq!(ws.replay_stop, "done");
 }
+
+#[test]
+fn a_recording_copied_into_another_faultds_imported_directory_is_replayed_there() {
+    let snap = Snapshot::new(0x3E54);
+    let w = working_set();
+    let recorder = recording_faultd();
+    let socket = listen(&recorder, "fca", &snap);
+    let (mut first, _) = restore_and_touch(&recorder, &socket, "fca-1", &snap, &w, |_| {});
+    first.hang_up();
+    assert!(
+        recorder.wait_for_log("working set recorded", T),
+        "{}",
+        recorder.log()
+    );
+    // Recorded under the owner's uid (root: this test), named by the snapshot's digest.
+    let owned = recorder.store_dir().join("working-sets/0");
+    let files: Vec<_> = std::fs::read_dir(&owned)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    // Another host: a faultd with another store dir, the operator's copy in `imported`.
+    let other = recording_faultd();
+    let imported = other.store_dir().join("working-sets/imported");
+    std::fs::create_dir_all(&imported).unwrap();
+    std::fs::copy(&files[0], imported.join(files[0].file_name().unwrap())).unwrap();
+    let socket = snap.dir.path().join("other.sock");
+    other
+        .listen_firecracker("fcb", &socket, &snap.path(), None, None)
+        .unwrap();
+    assert!(
+        other.wait_for_log("snapshot file scanned", T),
+        "{}",
+        other.log()
+    );
+    let (_second, s2) = restore_and_touch(&other, &socket, "fcb-1", &snap, &w, |_| {
+        other.settled_vm_stats("fcb-1", |s| {
+            s.first()
+                .is_some_and(|s| !s.working_set.replay_stop.is_empty())
+        });
+    });
+
+    assert_eq!(s2.working_set.replay_pages, w.len() as u64);
+    assert_eq!(s2.working_set.replay_stop, "done");
+    assert!(
+        s2.vcpu_faults * 20 <= w.len() as u64,
+        "{} faults",
+        s2.vcpu_faults
+    );
+}

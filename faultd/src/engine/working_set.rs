@@ -751,3 +751,95 @@ enum One {
     /// A layout event is unread: try it again after reading it.
     Retry,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Recording {
+        Recording {
+            snapshot_size: 64 * PAGE,
+            digest: [7; 32],
+            offsets: vec![3 * PAGE, 0, 63 * PAGE],
+        }
+    }
+
+    #[test]
+    fn a_recording_reads_back_as_written() {
+        assert_eq!(Recording::decode(&sample().encode()), Ok(sample()));
+    }
+
+    #[test]
+    fn damaged_or_foreign_bytes_are_refused_by_name() {
+        let good = sample().encode();
+        let with = |i: usize, b: u8| {
+            let mut v = good.clone();
+            v[i] ^= b;
+            v
+        };
+        let resum = |mut v: Vec<u8>| {
+            let body = v.len() - TRAILER;
+            let sum: [u8; 32] = Sha256::digest(&v[..body]).into();
+            v[body..].copy_from_slice(&sum);
+            v
+        };
+
+        assert_eq!(Recording::decode(&good[..10]), Err(DecodeError::Size(10)));
+        assert_eq!(Recording::decode(&with(0, 1)), Err(DecodeError::Magic));
+        assert_eq!(Recording::decode(&with(8, 1)), Err(DecodeError::Version(0)));
+        assert_eq!(Recording::decode(&with(70, 1)), Err(DecodeError::Checksum));
+        assert!(matches!(
+            Recording::decode(&good[..good.len() - 8]),
+            Err(DecodeError::Count { count: 3, .. })
+        ));
+        // Checksummed but wrong: an unaligned offset, one beyond the snapshot, a repeat.
+        let mut r = sample();
+        r.offsets[1] = 5;
+        assert!(matches!(
+            Recording::decode(&r.encode()),
+            Err(DecodeError::Offset {
+                index: 1,
+                why: "not page aligned",
+                ..
+            })
+        ));
+        r.offsets[1] = 64 * PAGE;
+        assert!(matches!(
+            Recording::decode(&r.encode()),
+            Err(DecodeError::Offset {
+                why: "beyond the snapshot",
+                ..
+            })
+        ));
+        r.offsets[1] = 3 * PAGE;
+        assert!(matches!(
+            Recording::decode(&r.encode()),
+            Err(DecodeError::Offset {
+                why: "repeated",
+                ..
+            })
+        ));
+        // A count that claims more than the bound, checksummed.
+        let mut big = good.clone();
+        big[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            Recording::decode(&resum(big)),
+            Err(DecodeError::Count { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Recording::decode(&bytes);
+        }
+
+        #[test]
+        fn a_flipped_byte_is_always_refused(i in 0usize..(HEADER + 24 + TRAILER), bit in 0u8..8) {
+            let mut v = sample().encode();
+            v[i] ^= 1 << bit;
+            prop_assert!(Recording::decode(&v).is_err());
+        }
+    }
+}
