@@ -5,7 +5,7 @@
 //! **Record.** From the session's start, every page filled from the snapshot for a demand fault
 //! (a vCPU fault or a device page request; never a page replay installs) appends its file
 //! offset, until `working_set.record_pages` pages or `working_set.record_ms` have passed. The
-//! recording is then written (off the fault thread) to the [`Library`], keyed by the session
+//! recording is then written (off the fault thread) to the [`Library`](super::ws_library::Library), keyed by the session
 //! owner's uid and the snapshot's SHA-256 digest ([`crate::engine::snapshots`]). A session that
 //! replays a recording records nothing.
 //!
@@ -222,7 +222,8 @@ impl Recording {
         }
         let count = u64_at(56);
         let room = ((bytes.len() - HEADER - TRAILER) / 8) as u64;
-        if count != room || (bytes.len() - HEADER - TRAILER) % 8 != 0 || count > MAX_PAGES {
+        if count != room || !(bytes.len() - HEADER - TRAILER).is_multiple_of(8) || count > MAX_PAGES
+        {
             return Err(DecodeError::Count { count, room });
         }
         let body = bytes.len() - TRAILER;
@@ -237,7 +238,7 @@ impl Recording {
         let mut offsets = Vec::with_capacity(count as usize);
         for index in 0..count as usize {
             let offset = u64_at(HEADER + 8 * index);
-            let why = if offset % PAGE != 0 {
+            let why = if !offset.is_multiple_of(PAGE) {
                 Some("not page aligned")
             } else if offset >= snapshot_size {
                 Some("beyond the snapshot")
@@ -569,7 +570,9 @@ impl<O: UffdOps> FaultServer<O> {
                         page: s2map::PageIdx((offset - base) / ps),
                     };
                     // Only the first 4 KiB of a huge page is recorded for it.
-                    ((offset - base) % ps == 0).then(|| self.session.located(page))
+                    (offset - base)
+                        .is_multiple_of(ps)
+                        .then(|| self.session.located(page))
                 }
                 _ => None,
             })
