@@ -342,7 +342,8 @@ impl<O: UffdOps> FaultServer<O> {
     /// Called by [`FaultServer::install`] for every page it filled from the snapshot at
     /// `offset`: a demand fill unless replay is installing.
     pub(crate) fn ws_filled(&mut self, offset: u64) {
-        if self.ws.prefetching {
+        // Replay's own installs, and `finish` filling every page, are not the guest's touches.
+        if self.ws.prefetching || self.finished {
             return;
         }
         let c = &self.session.counters.ws;
