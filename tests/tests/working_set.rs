@@ -264,6 +264,10 @@ fn a_recorded_working_set_is_replayed_on_the_next_restore_with_far_fewer_faults(
         assert_eq!(only(done).working_set.replay_stop, "done");
     });
     let ws = &s2.working_set;
+    eprintln!(
+        "demand-only restore: {} vCPU faults; replayed restore: {} vCPU faults, {ws:?}",
+        s1.vcpu_faults, s2.vcpu_faults
+    );
     assert_eq!(ws.replay_pages, w.len() as u64);
     assert_eq!(ws.prefetched + ws.skipped, w.len() as u64);
     assert!(ws.prefetched >= w.len() as u64 * 9 / 10, "{ws:?}");
