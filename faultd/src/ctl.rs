@@ -1063,6 +1063,7 @@ fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
                     dev.quarantined
                 ),
             ),
+            ("working set", working_set_line(&s.working_set)),
         ]);
         let mut lat = Table::new(&[
             ("LATENCY", false),
@@ -1102,6 +1103,29 @@ fn evicted_table(e: &SessionEvicted) -> String {
         human_bytes(e.resident_bytes),
     ]);
     t.render()
+}
+
+/// The `working set` line of `ctl stats`: zero pages, recording, and replay (with why it
+/// stopped and when).
+fn working_set_line(w: &faultd_proto::WorkingSetStats) -> String {
+    let mut line = format!(
+        "{} snapshot zero pages, {} pages recorded",
+        w.zero_pages, w.recorded
+    );
+    if w.replay_pages > 0 {
+        line.push_str(&format!(
+            "; replay of {} pages: {} prefetched, {} skipped, {} late faults, {} misses",
+            w.replay_pages, w.prefetched, w.skipped, w.late, w.misses
+        ));
+        if !w.replay_stop.is_empty() {
+            line.push_str(&format!(
+                ", stopped ({}) {:.1} ms after start",
+                w.replay_stop,
+                w.replay_us as f64 / 1000.0
+            ));
+        }
+    }
+    line
 }
 
 #[cfg(test)]

@@ -271,6 +271,10 @@ pub struct Daemon {
     connections: Arc<tokio::sync::Semaphore>,
     /// Control-socket connections open, by uid.
     uid_connections: Arc<Mutex<HashMap<u32, usize>>>,
+    /// Snapshot files' analyses, shared by their sessions.
+    pub(crate) snapshots: crate::engine::snapshots::Catalog,
+    /// Working-set recordings.
+    pub(crate) working_sets: Arc<crate::engine::ws_library::Library>,
 }
 
 /// A control-socket connection's place under the connection limits, given back on drop.
@@ -420,7 +424,21 @@ impl Daemon {
     pub fn new(config: Config, cancel: CancellationToken) -> Arc<Daemon> {
         let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit, config.budget);
         let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.connections));
+        let ws = config.working_set;
+        let snapshots = crate::engine::snapshots::Catalog::new(
+            ws.zero_pages || ws.record || ws.replay,
+            ws.zero_pages,
+            ws.scan_max,
+        )
+        .unwrap_or_else(|e| {
+            tracing::warn!("no snapshot analysis: starting its thread: {e}");
+            crate::engine::snapshots::Catalog::off()
+        });
+        let working_sets =
+            crate::engine::ws_library::Library::new(&config.store_dir, ws.max_recordings);
         Arc::new(Daemon {
+            working_sets,
+            snapshots,
             config,
             resident: Arc::new(AtomicU64::new(0)),
             metrics,
@@ -743,6 +761,9 @@ impl Daemon {
     ) -> std::io::Result<(Arc<Session>, FaultServer<KernelUffd>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session::new(id, vm, layout, regions, snapshot).owned_by(owner));
+        if let Some(info) = session.snapshot().and_then(|f| self.snapshots.info_for(f)) {
+            session.set_snapshot_info(info);
+        }
         let config = &self.config;
         // The systemd watchdog looks at the uffd through a duplicate (to see faults waiting);
         // without one it judges the thread by its progress alone.
@@ -767,6 +788,18 @@ impl Daemon {
         .with_budget(config.budget, self.resident.clone())
         .with_around(config.around)
         .with_metrics(self.metrics.session(&label));
+        let ws = config.working_set;
+        let server = if ws.record || ws.replay {
+            server.with_working_set(crate::engine::working_set::WsConfig {
+                record: ws.record,
+                record_pages: ws.record_pages,
+                record_for: ws.record_for,
+                replay: ws.replay,
+                library: self.working_sets.clone(),
+            })
+        } else {
+            server
+        };
         Ok((session, server))
     }
 

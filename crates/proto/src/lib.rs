@@ -564,6 +564,9 @@ pub struct SessionStats {
     /// Fault-around: pages and granules served ahead of sequential fault streams.
     #[serde(default)]
     pub around: AroundStats,
+    /// Snapshot zero pages, working-set recording and replay.
+    #[serde(default)]
+    pub working_set: WorkingSetStats,
 }
 
 /// Fault-around counters of one session: what was served ahead of sequential streams of faults
@@ -583,6 +586,43 @@ pub struct AroundStats {
     /// Look-aheads cut short: budget watermark, pin room, deadline, a page being evicted or a
     /// pending layout event (EAGAIN).
     pub stopped: u64,
+}
+
+/// A session's snapshot zero pages and working-set recording and replay. faultd cannot see a
+/// guest touch a page it installed ahead of it (no accessed bits here), so there is no "hits"
+/// figure: what it sees is which demand faults came on pages of the recording it had not
+/// installed yet (`late`) and outside the recording (`misses`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetStats {
+    /// Snapshot pages served as zero pages (all zero in the file: not copied from it).
+    #[serde(default)]
+    pub zero_pages: u64,
+    /// Pages recorded so far by this session (first demand faults on snapshot pages).
+    #[serde(default)]
+    pub recorded: u64,
+    /// Pages of the recording being replayed (0: none replayed).
+    #[serde(default)]
+    pub replay_pages: u64,
+    /// Pages installed ahead of the guest from the recording.
+    #[serde(default)]
+    pub prefetched: u64,
+    /// Recorded pages skipped: already present, discarded by the VMM, or not snapshot pages.
+    #[serde(default)]
+    pub skipped: u64,
+    /// Demand faults on pages of the recording not installed yet.
+    #[serde(default)]
+    pub late: u64,
+    /// Demand faults on snapshot pages outside the recording.
+    #[serde(default)]
+    pub misses: u64,
+    /// Why replay stopped ("" while it runs or when there was none): "done", "wrong"
+    /// (demand faults mostly outside the recording), "budget", "finished", "error".
+    #[serde(default)]
+    pub replay_stop: String,
+    /// Microseconds from the session's start to the end of replay (0: not ended).
+    #[serde(default)]
+    pub replay_us: u64,
 }
 
 /// Device page-request counters of one session (all devices).

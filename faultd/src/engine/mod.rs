@@ -99,6 +99,8 @@ pub struct FaultServer<O> {
     save_before_protect: bool,
     /// Fault-around: stream heads and settings ([`around`]).
     pub(crate) around: around::AroundState,
+    /// Working-set recording and replay ([`working_set`]).
+    pub(crate) ws: working_set::WsState,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -147,6 +149,7 @@ impl<O: UffdOps> FaultServer<O> {
             #[cfg(test)]
             save_before_protect: false,
             around: around::AroundState::off(),
+            ws: working_set::WsState::default(),
         }
     }
 
@@ -287,7 +290,9 @@ impl<O: UffdOps> FaultServer<O> {
     /// the vCPU and device paths: the page comes from its backing into the VMM's memfd by a uffd
     /// operation on the VMM's address, which also wakes every thread blocked on it.
     pub(crate) fn install(&mut self, at: Located, fill: Fill) -> Result<(), InstallFail> {
-        let result = match fill {
+        // A snapshot page known to be all zero is installed as a zero page (see `snapshots`).
+        let zeroed = snapshots::served_as_zero(&self.session, fill, at.size);
+        let result = match if zeroed { Fill::Zero } else { fill } {
             Fill::Zero if at.size == 4096 => self.ops.zeropage(at.hva, at.size),
             Fill::Zero => self.ops.copy(&self.zero_buf[..at.size as usize], at.hva),
             Fill::Store { slot } => {
@@ -352,6 +357,12 @@ impl<O: UffdOps> FaultServer<O> {
                     if let Some(slot) = c.freed_slot {
                         store.free(slot);
                     }
+                }
+                if zeroed && result.is_ok() {
+                    Counters::bump(&counters.snapshot_zero_pages);
+                }
+                if let (Ok(()), Fill::File { offset }) = (result, fill) {
+                    self.ws_filled(offset);
                 }
                 if completed.as_ref().is_ok_and(|c| c.resident) {
                     self.installed(at.page);
@@ -436,7 +447,10 @@ mod vcpu;
 
 pub mod device;
 pub mod session;
+pub mod snapshots;
 pub mod store;
+pub mod working_set;
+pub mod ws_library;
 
 use budget::BudgetState;
 use evict::Quota;

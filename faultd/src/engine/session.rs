@@ -222,6 +222,10 @@ pub struct Counters {
     pub around_device_granules: AtomicU64,
     /// ... look-aheads cut short.
     pub around_stopped: AtomicU64,
+    /// Snapshot pages served as zero pages (all zero in the file: no copy from it).
+    pub snapshot_zero_pages: AtomicU64,
+    /// Working-set recording and replay (see `engine::working_set`).
+    pub ws: crate::engine::working_set::WsCounters,
 }
 
 impl Counters {
@@ -395,6 +399,9 @@ pub struct Session {
     /// The VMM's memory as reached from outside, for anonymous regions (set once the peer is
     /// known; see [`crate::kernel::remote`]).
     remote: std::sync::OnceLock<RemoteMm>,
+    /// The snapshot file's analysis, shared with the other sessions of that file (set once,
+    /// at the start; see [`crate::engine::snapshots`]).
+    snapshot_info: std::sync::OnceLock<Arc<crate::engine::snapshots::SnapshotInfo>>,
 }
 
 impl Session {
@@ -445,7 +452,25 @@ impl Session {
             device_latency: Mutex::new(histogram()),
             device_ids: Mutex::new(Vec::new()),
             remote: std::sync::OnceLock::new(),
+            snapshot_info: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the session its snapshot file's analysis (once; a second call is ignored).
+    pub fn set_snapshot_info(&self, info: Arc<crate::engine::snapshots::SnapshotInfo>) {
+        let _ = self.snapshot_info.set(info);
+    }
+
+    /// The snapshot file's analysis, if the session has one (ready or not).
+    pub fn snapshot_info(&self) -> Option<&Arc<crate::engine::snapshots::SnapshotInfo>> {
+        self.snapshot_info.get()
+    }
+
+    /// Whether the snapshot's bytes `[offset, offset + len)` are known to be all zero.
+    pub fn snapshot_is_zero(&self, offset: u64, len: u64) -> bool {
+        self.snapshot_info
+            .get()
+            .is_some_and(|i| i.is_zero(offset, len))
     }
 
     /// The session as owned by `uid` (see [`Session::owner`]).
@@ -781,6 +806,7 @@ impl Session {
                     device_granules: get(&c.around_device_granules),
                     stopped: get(&c.around_stopped),
                 },
+                working_set: c.ws.read(get(&c.snapshot_zero_pages)),
             },
             evicted_bytes: get(&c.evicted_bytes),
             discarded_bytes: get(&c.discarded_bytes),
@@ -817,6 +843,11 @@ impl Reading {
                 around_vcpu_pages: st.around.vcpu_pages,
                 around_device_granules: st.around.device_granules,
                 around_stopped: st.around.stopped,
+                snapshot_zero_pages: st.working_set.zero_pages,
+                ws_recorded: st.working_set.recorded,
+                ws_prefetched: st.working_set.prefetched,
+                ws_late: st.working_set.late,
+                ws_misses: st.working_set.misses,
             },
             levels: Levels {
                 guest_bytes: st.guest_bytes,

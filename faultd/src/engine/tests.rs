@@ -41,6 +41,9 @@ struct FakeUffd {
     /// A VMM thread that writes a page while it is being evicted.
     racer: RefCell<Option<Racer>>,
     fd: EventFd,
+    /// Multi-page copies done whole, and pages installed by multi-page copies.
+    runs: RefCell<u32>,
+    run_pages: RefCell<u32>,
 }
 
 /// Guest memory in a memfd, as a VMM's shared guest RAM is: installs write into it, and an
@@ -92,6 +95,8 @@ impl FakeUffd {
             protected: RefCell::default(),
             racer: RefCell::default(),
             fd: EventFd::new().unwrap(),
+            runs: RefCell::new(0),
+            run_pages: RefCell::new(0),
         }
     }
 
@@ -278,6 +283,24 @@ impl UffdOps for FakeUffd {
         // their snapshot files. Test code may read it; faultd itself never does.
         let bytes = unsafe { std::slice::from_raw_parts(src.addr as *const u8, src.len as usize) };
         self.install(at, bytes.to_vec())
+    }
+
+    fn copy_run(&self, src: MappedSource, at: Hva) -> Result<u64, OpError> {
+        // As the kernel: page by page, stopping at the first page it cannot install; an
+        // error only if that is the first.
+        for i in 0..src.len / PAGE {
+            let page = MappedSource {
+                addr: src.addr + i * PAGE,
+                len: PAGE,
+            };
+            match self.copy_mapped(page, Hva(at.0 + i * PAGE)) {
+                Ok(()) => *self.run_pages.borrow_mut() += 1,
+                Err(e) if i == 0 => return Err(e),
+                Err(_) => return Ok(i * PAGE),
+            }
+        }
+        *self.runs.borrow_mut() += 1;
+        Ok(src.len)
     }
 
     fn wake(&self, at: Hva, _len: u64) -> Result<(), OpError> {
@@ -1393,4 +1416,139 @@ fn a_region_at_an_offset_of_its_memfd_is_evicted_restored_and_found_present_at_t
         );
     }
     assert_eq!(s.stats().store_fills, 2);
+}
+
+// Working-set replay (see `working_set`), against the fake uffd.
+
+/// A server of `s` (a snapshot-backed session owned by uid 0) replaying `offsets` from a
+/// library in `dir`, the snapshot analysed (no zero pages: `snapshot()` has none).
+fn replaying(
+    s: &Arc<Session>,
+    pages: u64,
+    offsets: &[u64],
+    dir: &std::path::Path,
+) -> FaultServer<FakeUffd> {
+    use crate::engine::snapshots::SnapshotInfo;
+    use crate::engine::working_set::{Recording, WsConfig};
+    let file = s.snapshot().unwrap();
+    let scan = crate::kernel::scan::scan(file, u64::MAX, || true).unwrap();
+    let library = crate::engine::ws_library::Library::new(dir, 4);
+    library
+        .save(
+            Some(0),
+            &Recording {
+                snapshot_size: scan.key.size,
+                digest: scan.digest,
+                offsets: offsets.to_vec(),
+            },
+        )
+        .unwrap();
+    s.set_snapshot_info(Arc::new(SnapshotInfo::ready(scan)));
+    server(s, pages).with_working_set(WsConfig {
+        record: false,
+        record_pages: 1,
+        record_for: std::time::Duration::from_secs(10),
+        replay: true,
+        library,
+    })
+}
+
+#[test]
+fn replay_installs_recorded_pages_in_runs_and_later_faults_find_them_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = session(32, Backing::File { offset: 0 }, Some(snapshot(32)));
+    // Pages 4..12 in order (one run), then 20, then 2.
+    let mut offsets: Vec<u64> = (4..12).map(|p| p * PAGE).collect();
+    offsets.extend([20 * PAGE, 2 * PAGE]);
+    let mut srv = replaying(&s, 32, &offsets, dir.path());
+
+    while srv.prefetch_slice() {}
+    srv.ops().touch(HVA + 5 * PAGE);
+    srv.ops().touch(HVA + 30 * PAGE);
+    srv.serve_ready().unwrap();
+
+    for p in [2u64, 4, 5, 11, 20] {
+        assert_eq!(
+            srv.ops().page(HVA + p * PAGE),
+            Some(vec![p as u8 + 1; PAGE as usize])
+        );
+    }
+    assert_eq!(
+        (*srv.ops().runs.borrow(), *srv.ops().run_pages.borrow()),
+        (1, 8)
+    );
+    let w = s.stats().working_set;
+    assert_eq!((w.replay_pages, w.prefetched, w.skipped), (10, 10, 0));
+    assert_eq!((w.late, w.misses, w.replay_stop.as_str()), (0, 1, "done"));
+    // The fault on page 5 found it present: 11 installs in all (10 + page 30).
+    assert_eq!(*srv.ops().installs.borrow(), 11);
+}
+
+#[test]
+fn replay_never_fills_a_range_the_vmm_discarded_even_with_the_remove_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = session(16, Backing::File { offset: 0 }, Some(snapshot(16)));
+    let offsets: Vec<u64> = (0..16).map(|p| p * PAGE).collect();
+    let mut srv = replaying(&s, 16, &offsets, dir.path());
+    // The VMM discards pages 8..16 (balloon) before replay reaches them; the REMOVE is unread.
+    srv.ops().remove(HVA + 8 * PAGE, HVA + 16 * PAGE);
+
+    // Replay's copy fails EAGAIN; it yields, the events are read, and replay goes on.
+    while srv.prefetch_slice() {
+        srv.serve_ready().unwrap();
+    }
+    srv.ops().touch(HVA + 9 * PAGE);
+    srv.serve_ready().unwrap();
+
+    // (First bytes compared: a whole page in a failure message is 4096 numbers.)
+    let first = |p: u64| {
+        srv.ops()
+            .page(HVA + p * PAGE)
+            .map(|b| (b[0], b == vec![b[0]; PAGE as usize]))
+    };
+    assert_eq!(first(7), Some((8, true)));
+    assert_eq!(first(9), Some((0, true)));
+    assert_eq!(first(10), None);
+    let w = s.stats().working_set;
+    assert_eq!((w.prefetched, w.skipped), (8, 8));
+}
+
+#[test]
+fn replay_judged_wrong_stops_when_demand_faults_miss_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = session(256, Backing::File { offset: 0 }, Some(snapshot(256)));
+    let offsets: Vec<u64> = (0..128).map(|p| p * PAGE).collect();
+    let mut srv = replaying(&s, 256, &offsets, dir.path());
+    assert!(srv.prefetch_slice()); // one slice: 64 pages, more to come
+    for p in 128..128 + crate::engine::working_set::JUDGE_AFTER {
+        srv.ops().touch(HVA + p * PAGE);
+    }
+    while srv.serve_ready().unwrap() > 0 {}
+
+    assert!(!srv.prefetch_slice());
+
+    let w = s.stats().working_set;
+    assert_eq!(w.misses, crate::engine::working_set::JUDGE_AFTER);
+    assert_eq!((w.prefetched, w.replay_stop.as_str()), (64, "wrong"));
+}
+
+#[test]
+fn recording_keeps_demand_fills_only_not_finish_filling_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = session(8, Backing::File { offset: 0 }, Some(snapshot(8)));
+    let library = crate::engine::ws_library::Library::new(dir.path(), 4);
+    let mut srv = server(&s, 8).with_working_set(crate::engine::working_set::WsConfig {
+        record: true,
+        record_pages: 100,
+        record_for: std::time::Duration::from_secs(60),
+        replay: false,
+        library,
+    });
+    srv.ops().touch(HVA + 5 * PAGE);
+    srv.ops().touch(HVA + 2 * PAGE);
+    srv.serve_ready().unwrap();
+
+    srv.finish();
+
+    assert_eq!(s.stats().working_set.recorded, 2);
 }

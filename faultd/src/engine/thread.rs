@@ -241,6 +241,9 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             "resumed: page state rebuilt from guest memory and the store journal, waiters woken"
         );
     }
+    // A recording to replay is found before the first fault, so every demand fault is judged
+    // against it.
+    server.ws_start();
     let mut policy = SpinPolicy::new(spin);
     let mut last_work = Instant::now();
     let mut window = policy.window();
@@ -262,6 +265,10 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                     reads.record(false);
                 }
                 in_burst = false;
+                // Nothing pending: a slice of working-set replay, then the sources again.
+                if server.prefetch_slice() {
+                    continue;
+                }
             }
             Ok(_) => {
                 if std::mem::take(&mut reading_first) {
@@ -355,6 +362,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             break;
         }
     }
+    server.ws_save();
     let handover = *ctl.handover.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(drain) = handover {
         server.drain(drain);

@@ -4,6 +4,7 @@
 
 pub mod remote;
 pub mod residency;
+pub mod scan;
 pub mod uffd;
 
 pub use uffd::Hva;

@@ -104,6 +104,11 @@ pub trait UffdOps {
     fn copy(&self, src: &[u8], at: Hva) -> Result<(), OpError>;
     /// Installs the page at `src` (a mapping faultd never reads) at `at`, waking waiters.
     fn copy_mapped(&self, src: MappedSource, at: Hva) -> Result<(), OpError>;
+    /// Installs the pages at `src` (several, contiguous; a mapping faultd never reads) at `at`
+    /// in one UFFDIO_COPY, waking waiters. Returns the bytes installed: fewer than `src.len`
+    /// when the kernel stopped at a page (already present, or a layout event came); an error
+    /// only when not even the first page was installed.
+    fn copy_run(&self, src: MappedSource, at: Hva) -> Result<u64, OpError>;
     /// Wakes threads blocked on `[at, at+len)` without installing anything.
     fn wake(&self, at: Hva, len: u64) -> Result<(), OpError>;
     /// Write-protects `[at, at+len)` in the VMM: writers block (a WP fault) until unprotected.
@@ -230,6 +235,27 @@ impl UffdOps for KernelUffd {
         }
         .map(drop)
         .map_err(lift)
+    }
+
+    fn copy_run(&self, src: MappedSource, at: Hva) -> Result<u64, OpError> {
+        // SAFETY: as in `copy_mapped`: `src` is a range of faultd's read-only snapshot mapping
+        // that only the kernel reads; the destination is checked by the kernel.
+        let done = unsafe {
+            self.uffd.copy(
+                src.addr as *const std::ffi::c_void,
+                at.0 as *mut _,
+                src.len as usize,
+                true,
+            )
+        };
+        match done {
+            Ok(n) => Ok(n as u64),
+            // The kernel stopped after `n` bytes (EAGAIN with a positive count: a page was
+            // present, or a layout event came); a negative count is its errno.
+            Err(userfaultfd::Error::PartiallyCopied(n)) if (n as i64) > 0 => Ok(n as u64),
+            Err(userfaultfd::Error::PartiallyCopied(_)) => Err(OpError::Retry),
+            Err(e) => Err(lift(e)),
+        }
     }
 
     fn wake(&self, at: Hva, len: u64) -> Result<(), OpError> {

@@ -91,6 +91,8 @@ struct RawConfig {
     firecracker: Vec<RawFirecracker>,
     #[serde(default)]
     around: RawAround,
+    #[serde(default)]
+    working_set: RawWorkingSet,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -99,6 +101,18 @@ struct RawAround {
     enabled: Option<bool>,
     max_kib: Option<u64>,
     streams: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkingSet {
+    zero_pages: Option<bool>,
+    scan_max_gib: Option<u64>,
+    record: Option<bool>,
+    record_pages: Option<u64>,
+    record_ms: Option<u64>,
+    replay: Option<bool>,
+    max_recordings: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -214,6 +228,8 @@ pub struct Config {
     pub limits: Limits,
     /// Fault-around: serving sequential fault streams ahead (the `[around]` section).
     pub around: Around,
+    /// Snapshot analysis, working-set recording and replay (`[working_set]`).
+    pub working_set: WorkingSet,
 }
 
 /// Fault-around settings (the `[around]` section; see docs/fault-around.md).
@@ -226,6 +242,29 @@ pub struct Around {
     /// Streams tracked at once per source (the vCPU path, each device).
     pub streams: usize,
 }
+
+/// Snapshot analysis (zero pages, digest), working-set recording and replay (the
+/// `[working_set]` section; see `engine::snapshots` and `engine::working_set`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// Serve a snapshot's all-zero pages as zero pages (each snapshot file is scanned once).
+    pub zero_pages: bool,
+    /// Snapshot files larger than this are not scanned (bytes).
+    pub scan_max: u64,
+    /// Record the order of a restore's first demand faults on snapshot pages.
+    pub record: bool,
+    /// Pages one recording holds at most.
+    pub record_pages: u64,
+    /// How long after a session's start its first faults are recorded.
+    pub record_for: Duration,
+    /// Install a recording's pages ahead of the guest on a restore of its snapshot.
+    pub replay: bool,
+    /// Recordings kept in the store directory at most (the oldest are removed first).
+    pub max_recordings: usize,
+}
+
+/// Most pages a recording may hold (`working_set.record_pages`): 1M pages, 8 MiB of offsets.
+pub const MAX_RECORD_PAGES: u64 = 1 << 20;
 
 /// Bounds on what clients may make faultd spend (the `[limits]` section). Each is refused,
 /// named and counted when reached (see [`Limit`]).
@@ -429,6 +468,15 @@ impl From<&Config> for RawConfig {
                 device_malformed_run: Some(c.limits.device_malformed_run),
                 restores_per_listener: Some(c.limits.restores_per_listener),
             },
+            working_set: RawWorkingSet {
+                zero_pages: Some(c.working_set.zero_pages),
+                scan_max_gib: Some(c.working_set.scan_max >> 30),
+                record: Some(c.working_set.record),
+                record_pages: Some(c.working_set.record_pages),
+                record_ms: ms(c.working_set.record_for),
+                replay: Some(c.working_set.replay),
+                max_recordings: Some(c.working_set.max_recordings),
+            },
             // A pid is never in a file (see RawFirecracker): it has none to write.
             firecracker: c
                 .firecracker
@@ -485,6 +533,14 @@ impl RawConfig {
         l.total_guest_gib = o.total_guest_gib.or(l.total_guest_gib);
         l.device_malformed_run = o.device_malformed_run.or(l.device_malformed_run);
         l.restores_per_listener = o.restores_per_listener.or(l.restores_per_listener);
+        let (w, o) = (&mut self.working_set, over.working_set);
+        w.zero_pages = o.zero_pages.or(w.zero_pages);
+        w.scan_max_gib = o.scan_max_gib.or(w.scan_max_gib);
+        w.record = o.record.or(w.record);
+        w.record_pages = o.record_pages.or(w.record_pages);
+        w.record_ms = o.record_ms.or(w.record_ms);
+        w.replay = o.replay.or(w.replay);
+        w.max_recordings = o.max_recordings.or(w.max_recordings);
         // Entries are a list, not keys: a file that lists any replaces the default's (none).
         if !over.firecracker.is_empty() {
             self.firecracker = over.firecracker;
@@ -651,8 +707,10 @@ impl TryFrom<RawConfig> for Config {
         let firecracker = firecracker_entries(raw.firecracker, &socket)?;
         let limits = limits(raw.limits)?;
         let around = around(raw.around)?;
+        let working_set = working_set(raw.working_set)?;
         Ok(Config {
             around,
+            working_set,
             firecracker,
             limits,
             socket,
@@ -697,6 +755,51 @@ fn around(raw: RawAround) -> Result<Around, ConfigError> {
         enabled,
         max_bytes: max_kib << 10,
         streams,
+    })
+}
+
+/// Validates `[working_set]`.
+fn working_set(raw: RawWorkingSet) -> Result<WorkingSet, ConfigError> {
+    let scan_max_gib = required(raw.scan_max_gib, "working_set.scan_max_gib")?;
+    if !(1..=1 << 20).contains(&scan_max_gib) {
+        return Err(ConfigError::Invalid {
+            field: "working_set.scan_max_gib",
+            value: scan_max_gib.to_string(),
+            why: "must be 1..=1048576",
+        });
+    }
+    let record_pages = required(raw.record_pages, "working_set.record_pages")?;
+    if !(1..=MAX_RECORD_PAGES).contains(&record_pages) {
+        return Err(ConfigError::Invalid {
+            field: "working_set.record_pages",
+            value: record_pages.to_string(),
+            why: "must be 1..=1048576",
+        });
+    }
+    let record_ms = required(raw.record_ms, "working_set.record_ms")?;
+    if !(1..=3_600_000).contains(&record_ms) {
+        return Err(ConfigError::Invalid {
+            field: "working_set.record_ms",
+            value: record_ms.to_string(),
+            why: "must be 1..=3600000",
+        });
+    }
+    let max_recordings = required(raw.max_recordings, "working_set.max_recordings")?;
+    if !(1..=4096).contains(&max_recordings) {
+        return Err(ConfigError::Invalid {
+            field: "working_set.max_recordings",
+            value: max_recordings.to_string(),
+            why: "must be 1..=4096",
+        });
+    }
+    Ok(WorkingSet {
+        zero_pages: required(raw.zero_pages, "working_set.zero_pages")?,
+        scan_max: scan_max_gib << 30,
+        record: required(raw.record, "working_set.record")?,
+        record_pages,
+        record_for: Duration::from_millis(record_ms),
+        replay: required(raw.replay, "working_set.replay")?,
+        max_recordings,
     })
 }
 

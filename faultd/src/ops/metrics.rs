@@ -274,6 +274,11 @@ pub struct Totals {
     pub around_vcpu_pages: u64,
     pub around_device_granules: u64,
     pub around_stopped: u64,
+    pub snapshot_zero_pages: u64,
+    pub ws_recorded: u64,
+    pub ws_prefetched: u64,
+    pub ws_late: u64,
+    pub ws_misses: u64,
 }
 
 /// What a scrape reads of one live session: plain numbers, so metrics need not know sessions.
@@ -300,6 +305,11 @@ impl Totals {
         self.around_vcpu_pages += o.around_vcpu_pages;
         self.around_device_granules += o.around_device_granules;
         self.around_stopped += o.around_stopped;
+        self.snapshot_zero_pages += o.snapshot_zero_pages;
+        self.ws_recorded += o.ws_recorded;
+        self.ws_prefetched += o.ws_prefetched;
+        self.ws_late += o.ws_late;
+        self.ws_misses += o.ws_misses;
     }
 }
 
@@ -649,6 +659,7 @@ fn scrape_families(
          layout event).",
         &["vm"],
     );
+    let ws = working_set_families(totals);
     for (label, t) in totals {
         let vm = label.as_str();
         around_pages
@@ -743,6 +754,7 @@ fn scrape_families(
         around_stopped,
     ]
     .iter()
+    .chain(ws.iter())
     .flat_map(|c| c.collect())
     .chain(
         [guest, resident, mapped, stored, stored_bytes, devices, live]
@@ -750,6 +762,46 @@ fn scrape_families(
             .flat_map(|g| g.collect()),
     )
     .collect()
+}
+
+/// The snapshot zero-page and working-set counters.
+fn working_set_families(totals: &HashMap<String, Totals>) -> [IntCounterVec; 5] {
+    let families = [
+        (
+            "faultd_snapshot_zero_pages_total",
+            "Snapshot pages served as zero pages (all zero in the snapshot file: not copied).",
+        ),
+        (
+            "faultd_working_set_recorded_pages_total",
+            "Snapshot pages recorded into working-set recordings (first demand faults).",
+        ),
+        (
+            "faultd_prefetched_pages_total",
+            "Pages installed ahead of the guest from a working-set recording.",
+        ),
+        (
+            "faultd_prefetch_late_faults_total",
+            "Demand faults on recorded pages that replay had not installed yet.",
+        ),
+        (
+            "faultd_prefetch_missed_faults_total",
+            "Demand faults on snapshot pages outside the recording being replayed.",
+        ),
+    ]
+    .map(|(name, help)| counter(name, help, &["vm"]));
+    for (label, t) in totals {
+        let values = [
+            t.snapshot_zero_pages,
+            t.ws_recorded,
+            t.ws_prefetched,
+            t.ws_late,
+            t.ws_misses,
+        ];
+        for (family, v) in families.iter().zip(values) {
+            family.with_label_values(&[label.as_str()]).inc_by(v);
+        }
+    }
+    families
 }
 
 /// Serves `GET /metrics` on `listener` until `cancel` fires.

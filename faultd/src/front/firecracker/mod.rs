@@ -274,7 +274,10 @@ pub(crate) async fn listen_as(
         pid = spec.peer.pid,
         "listening for Firecracker"
     );
+    // The snapshot is analysed now, once for every restore this socket will serve.
+    let analysis = daemon.snapshots.info_for(&snapshot);
     let socket = Arc::new(Socket {
+        analysis,
         spec: Arc::unwrap_or_clone(spec),
         snapshot,
         placed,
@@ -309,6 +312,9 @@ struct Socket {
     /// The suffix the next restore's session name tries (`vm-N`).
     next: AtomicU64,
     standby: Mutex<Option<StandbyThread<KernelUffd>>>,
+    /// The snapshot's analysis, started at listen (kept so the catalog does not forget it).
+    #[allow(dead_code)] // Held, not read: its sessions find it in the catalog.
+    analysis: Option<Arc<crate::engine::snapshots::SnapshotInfo>>,
 }
 
 impl Socket {
