@@ -103,6 +103,11 @@ impl<O: UffdOps> FaultServer<O> {
             let Some(page) = device_mapped.pop_front() else {
                 break;
             };
+            // Evictions above may have read a discard (REMOVE) that took this page since it
+            // was passed over: it is absent now, which is no failure.
+            if self.session.map().state(page) != s2map::PageState::Resident {
+                continue;
+            }
             freed += self.evict_counted(page, quota, &mut report);
         }
         // Device-mapped pages that were passed over keep their place at the old end.
