@@ -4,8 +4,9 @@
 //! tests/kernel/run). Two kernels: 6.12, the oldest supported (with the fault-capable paging
 //! HWPT backport, tests/kernel/*.patch), and 7.3 as Debian ships it (trixie-backports, no patch).
 //!
-//! The first run on a machine builds each guest kernel (about 5 minutes each on 2 cores; the two
-//! tests build at the same time) into a cache outside the checkout; later runs reuse them and
+//! CI runs 7.3; 6.12 is `#[ignore]`d (see there) and runs with `-- --ignored`. The first run on a
+//! machine builds each guest kernel it needs (about 5 minutes each on 2 cores) into a cache
+//! outside the checkout; later runs reuse them and
 //! take well under a minute each plus the static build of faultd. Needs root for apt-get when a
 //! package is missing (and, for 7.3, to add the pinned trixie-backports apt source). It never
 //! skips itself: to leave it out, filter it out (`cargo test -- --skip iommufd`), which cargo
@@ -42,7 +43,12 @@ fn proof(args: &[&str]) {
     );
 }
 
+// Not in CI: a second kernel build costs about 5 minutes of both cores on a fresh machine; with
+// both, a fresh-clone CI took 24.8 of its 30 minutes here with every download already done. 7.3 (below) is the kernel users run, unpatched;
+// this one is 6.12 with our own backport, which no user runs, over the same iommufd uAPI.
+// Run it with `cargo test --release -p faultd-tests --test iommufd_kernel -- --ignored`.
 #[test]
+#[ignore = "a second guest kernel build does not fit CI's 30 minutes; run with --ignored"]
 fn faultd_serves_page_requests_from_a_real_iommufd_fault_queue_on_linux_6_12_with_the_backport() {
     proof(&[]);
 }
