@@ -201,17 +201,9 @@ impl Library {
 
     /// `(name, mtime)` of each recording in `dir`.
     fn entries(dir: &OwnedFd) -> Vec<(String, i64)> {
-        let Ok(d) = dir
-            .try_clone()
-            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
-            .and_then(nix::dir::Dir::from_fd)
-        else {
-            return Vec::new();
-        };
-        d.into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_str().ok()?.to_owned();
+        Self::names(dir)
+            .into_iter()
+            .filter_map(|name| {
                 parse_name(&name)?;
                 let st = nix::sys::stat::fstatat(
                     dir.as_fd(),
