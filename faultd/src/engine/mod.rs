@@ -291,7 +291,7 @@ impl<O: UffdOps> FaultServer<O> {
     /// operation on the VMM's address, which also wakes every thread blocked on it.
     pub(crate) fn install(&mut self, at: Located, fill: Fill) -> Result<(), InstallFail> {
         // A snapshot page known to be all zero is installed as a zero page (see `snapshots`).
-        let zeroed = snapshots::served_as_zero(&self.session, fill, at.size);
+        let zeroed = self.session.serves_as_zero(fill, at.size);
         let result = match if zeroed { Fill::Zero } else { fill } {
             Fill::Zero if at.size == 4096 => self.ops.zeropage(at.hva, at.size),
             Fill::Zero => self.ops.copy(&self.zero_buf[..at.size as usize], at.hva),
@@ -446,11 +446,13 @@ mod thread;
 mod vcpu;
 
 pub mod device;
+pub mod recording;
 pub mod session;
 pub mod snapshots;
 pub mod store;
 pub mod working_set;
 pub mod ws_library;
+pub mod ws_stats;
 
 use budget::BudgetState;
 use evict::Quota;

@@ -225,7 +225,7 @@ pub struct Counters {
     /// Snapshot pages served as zero pages (all zero in the file: no copy from it).
     pub snapshot_zero_pages: AtomicU64,
     /// Working-set recording and replay (see `engine::working_set`).
-    pub ws: crate::engine::working_set::WsCounters,
+    pub ws: crate::engine::ws_stats::WsCounters,
 }
 
 impl Counters {
@@ -471,6 +471,12 @@ impl Session {
         self.snapshot_info
             .get()
             .is_some_and(|i| i.is_zero(offset, len))
+    }
+
+    /// Whether `fill` of a page of `size` bytes is served as a zero page: a snapshot page the
+    /// session's analysis knows to be all zero.
+    pub(crate) fn serves_as_zero(&self, fill: s2map::Fill, size: u64) -> bool {
+        matches!(fill, s2map::Fill::File { offset } if self.snapshot_is_zero(offset, size))
     }
 
     /// The session as owned by `uid` (see [`Session::owner`]).

@@ -60,16 +60,6 @@ impl SnapshotInfo {
     }
 }
 
-/// Whether `fill` of a page of `size` bytes is served as a zero page: a snapshot page the
-/// session's analysis knows to be all zero.
-pub(crate) fn served_as_zero(
-    session: &crate::engine::session::Session,
-    fill: s2map::Fill,
-    size: u64,
-) -> bool {
-    matches!(fill, s2map::Fill::File { offset } if session.snapshot_is_zero(offset, size))
-}
-
 /// The snapshot files faultd serves, each analysed once ([`SnapshotInfo`]).
 #[derive(Debug)]
 pub struct Catalog {

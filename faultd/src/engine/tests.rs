@@ -1428,8 +1428,9 @@ fn replaying(
     offsets: &[u64],
     dir: &std::path::Path,
 ) -> FaultServer<FakeUffd> {
+    use crate::engine::recording::Recording;
     use crate::engine::snapshots::SnapshotInfo;
-    use crate::engine::working_set::{Recording, WsConfig};
+    use crate::engine::working_set::WsConfig;
     let file = s.snapshot().unwrap();
     let scan = crate::kernel::scan::scan(file, u64::MAX, || true).unwrap();
     let library = crate::engine::ws_library::Library::new(dir, 4);

@@ -5,13 +5,13 @@
 //! reached from one directory fd with `openat(O_NOFOLLOW)`: no link is ever followed, and a
 //! directory faultd does not own is refused. Each directory holds at most `max` recordings
 //! (the least recently written are removed first), each at most
-//! [`super::working_set::MAX_BYTES`].
+//! [`super::recording::MAX_BYTES`].
 //!
 //! Trust: a recording reveals the access pattern of the guest it was recorded from, so an
 //! owner's recordings are replayed only for that owner's sessions; only the operator (root or
 //! faultd's uid) lists, exports, imports or removes recordings, over the control socket.
 
-use super::working_set::{Recording, MAX_BYTES};
+use super::recording::{Recording, MAX_BYTES};
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fstat, mkdirat, Mode};
 use std::fs::File;
