@@ -5,6 +5,12 @@
 //! The check reads the source: every `crate::<module>` path outside comments, and every
 //! `super::` path that climbs out of a layer. It also refuses a module file that belongs to no
 //! layer, so a new top-level module must be placed in the order before it builds.
+//!
+//! Within a layer, modules must not import each other in a circle either: the check builds the
+//! graph of which module file names which (`crate::` and `super::` paths, test modules left
+//! out) and refuses every strongly connected set of two or more. A module's use of its own
+//! children is left out of that graph: a `mod.rs` holds its parts (the engine's `FaultServer`
+//! keeps a `device::Device`), and its children reach back for the type they extend.
 
 use std::path::{Path, PathBuf};
 
@@ -93,6 +99,197 @@ fn violations(src: &Path) -> Vec<String> {
     found
 }
 
+/// The module path of a file under `src`: `engine/session.rs` is `engine::session`,
+/// `engine/mod.rs` is `engine`, `lib.rs` and `main.rs` are the crate root (`""`).
+fn module_path(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).expect("file under src");
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_owned()
+        })
+        .collect();
+    if parts
+        .last()
+        .is_some_and(|l| l == "mod" || l == "lib" || l == "main")
+    {
+        parts.pop();
+    }
+    parts.join("::")
+}
+
+/// The longest module of `known` that `path` (a `::` path) starts with.
+fn resolve<'a>(known: &'a [String], path: &[&str]) -> Option<&'a String> {
+    (1..=path.len())
+        .rev()
+        .find_map(|n| known.iter().find(|k| **k == path[..n].join("::")))
+}
+
+/// The path segments of `rest` (after `crate::` or `super::`): `a::b::C` -> `["a", "b", "C"]`.
+fn segments(rest: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut s = rest;
+    loop {
+        let end = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        if end == 0 {
+            break;
+        }
+        out.push(&s[..end]);
+        match s[end..].strip_prefix("::") {
+            Some(next) => s = next,
+            None => break,
+        }
+    }
+    out
+}
+
+/// Which module names which: for every module file, the other modules its code (outside
+/// comments and outside its `#[cfg(test)]` part) reaches by a `crate::` or `super::` path,
+/// except its own descendants.
+fn module_graph(src: &Path) -> Vec<(String, Vec<String>)> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    files.sort();
+    let known: Vec<String> = files.iter().map(|f| module_path(src, f)).collect();
+    let mut graph = Vec::new();
+    for (file, me) in files.iter().zip(&known) {
+        let text = std::fs::read_to_string(file).expect("readable source");
+        let parent: Vec<&str> = me.split("::").filter(|s| !s.is_empty()).collect();
+        let parent = &parent[..parent.len().saturating_sub(1)];
+        let mut uses: Vec<String> = Vec::new();
+        for line in text.lines() {
+            if line.trim_start().starts_with("#[cfg(test)]") {
+                // Test modules sit at the end of a file; what they use is not the module's.
+                break;
+            }
+            let code = code(line);
+            for (prefix, base) in [("crate::", &[][..]), ("super::", parent)] {
+                let mut rest = code;
+                while let Some(i) = rest.find(prefix) {
+                    // `crate::` inside a longer name (`foo_crate::`) is not the crate root.
+                    let boundary = rest[..i]
+                        .chars()
+                        .last()
+                        .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+                    rest = &rest[i + prefix.len()..];
+                    if !boundary {
+                        continue;
+                    }
+                    let mut path: Vec<&str> = base.to_vec();
+                    path.extend(segments(rest));
+                    let Some(used) = resolve(&known, &path) else {
+                        continue;
+                    };
+                    let descendant = me.is_empty() || used.starts_with(&format!("{me}::"));
+                    if used != me && !descendant && !uses.contains(used) {
+                        uses.push(used.clone());
+                    }
+                }
+            }
+        }
+        graph.push((me.clone(), uses));
+    }
+    graph
+}
+
+/// Every circle of imports: the strongly connected sets of two or more modules, each as
+/// "a -> b -> ... -> a" along edges of the graph.
+fn circles(src: &Path) -> Vec<String> {
+    let graph = module_graph(src);
+    let index = |m: &str| graph.iter().position(|(n, _)| n == m);
+    let edges: Vec<Vec<usize>> = graph
+        .iter()
+        .map(|(_, uses)| uses.iter().filter_map(|u| index(u)).collect())
+        .collect();
+    // Tarjan's strongly connected components, iteratively over an explicit stack.
+    let n = edges.len();
+    let (mut idx, mut low) = (vec![usize::MAX; n], vec![0; n]);
+    let (mut on, mut stack, mut comps) = (vec![false; n], Vec::new(), Vec::new());
+    let mut next = 0;
+    for root in 0..n {
+        if idx[root] != usize::MAX {
+            continue;
+        }
+        let mut work = vec![(root, 0usize)];
+        while let Some(&mut (v, ref mut e)) = work.last_mut() {
+            if *e == 0 {
+                idx[v] = next;
+                low[v] = next;
+                next += 1;
+                stack.push(v);
+                on[v] = true;
+            }
+            if let Some(&w) = edges[v].get(*e) {
+                *e += 1;
+                if idx[w] == usize::MAX {
+                    work.push((w, 0));
+                } else if on[w] {
+                    low[v] = low[v].min(idx[w]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(u, _)) = work.last() {
+                low[u] = low[u].min(low[v]);
+            }
+            if low[v] == idx[v] {
+                let mut comp = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on[w] = false;
+                    comp.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                if comp.len() > 1 {
+                    comps.push(comp);
+                }
+            }
+        }
+    }
+    comps
+        .into_iter()
+        .map(|comp| {
+            // The shortest circle through the set's first member (breadth first inside it).
+            let start = *comp.iter().min().expect("non-empty");
+            let mut from = vec![usize::MAX; n];
+            let mut queue = std::collections::VecDeque::from([start]);
+            'search: while let Some(v) = queue.pop_front() {
+                for &w in &edges[v] {
+                    if !comp.contains(&w) {
+                        continue;
+                    }
+                    if w == start {
+                        from[start] = v;
+                        break 'search;
+                    }
+                    if from[w] == usize::MAX {
+                        from[w] = v;
+                        queue.push_back(w);
+                    }
+                }
+            }
+            let mut walk = vec![start];
+            let mut at = from[start];
+            while at != start {
+                walk.push(at);
+                at = from[at];
+            }
+            walk.push(start);
+            walk.reverse();
+            let names: Vec<&str> = walk.iter().map(|&i| graph[i].0.as_str()).collect();
+            let mut members: Vec<&str> = comp.iter().map(|&i| graph[i].0.as_str()).collect();
+            members.sort();
+            format!("{{{}}}: {}", members.join(", "), names.join(" -> "))
+        })
+        .collect()
+}
+
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -116,6 +313,28 @@ fn an_upward_import_is_caught() {
     let found = violations(&copy);
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].contains("`ops` uses `crate::engine`"), "{found:?}");
+}
+
+#[test]
+fn no_modules_import_each_other_in_a_circle() {
+    let found = circles(&src_dir());
+    assert!(found.is_empty(), "import circles:\n{}", found.join("\n"));
+}
+
+#[test]
+fn an_import_circle_is_caught() {
+    // A copy of the tree where the swap store names the eviction that writes to it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("src");
+    copy_tree(&src_dir(), &copy);
+    let store = copy.join("engine").join("store.rs");
+    let mut text = std::fs::read_to_string(&store).expect("store.rs");
+    text.insert_str(0, "#[allow(unused_imports)]\nuse super::evict;\n");
+    std::fs::write(&store, text).expect("write store.rs");
+    let planted = |c: &String| c.contains("engine::evict") && c.contains("engine::store");
+    assert!(!circles(&src_dir()).iter().any(planted));
+    let found = circles(&copy);
+    assert!(found.iter().any(planted), "{found:?}");
 }
 
 #[test]
