@@ -970,7 +970,9 @@ fn main() {
                   handler CPU per round (faultd: whole process; minimal: its thread or \
                   process), per fault and per working-set page; prefetched / late / replay \
                   stop = faultd's working-set counters; wasted = resident pages outside the \
-                  working set (mincore); ahead = pages (vCPU) or granules (device) served ahead",
+                  working set (mincore); ahead = pages (vCPU) or granules (device) served \
+                  ahead; every ratio is taken per round, then its median and interquartile \
+                  range over the rounds",
         kvm: true,
     });
     let div = run.div() as u64;
