@@ -681,6 +681,10 @@ struct AroundSample {
     ahead: u64,
     /// Per-touch times, ns (random scenarios).
     touches: Vec<u64>,
+    /// faultd's own service time (event read to answered), p99 and largest, µs: a slow
+    /// touch with a fast service waited outside faultd's work (wake-up, run queue).
+    svc_p99_us: f64,
+    svc_max_us: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -747,6 +751,7 @@ fn around_round(env: &Env, sc: AroundScenario, a: Around, div: u64, data: &[u8])
             assert_eq!(st.errors, 0, "{}", a.name());
             s.faults = st.vcpu_faults;
             s.ahead = st.around.vcpu_pages;
+            (s.svc_p99_us, s.svc_max_us) = (st.latency_us.p99, st.latency_us.max);
             if sc == AroundScenario::VcpuRandom {
                 let t = times.into_inner().unwrap();
                 // The write pass: visits 1..=touches (the first's gap includes the start).
@@ -804,6 +809,7 @@ fn around_round(env: &Env, sc: AroundScenario, a: Around, div: u64, data: &[u8])
             assert_eq!(ds.invalid, 0, "{}", a.name());
             s.faults = ds.groups;
             s.ahead = st.around.device_granules;
+            (s.svc_p99_us, s.svc_max_us) = (st.device_latency_us.p99, st.device_latency_us.max);
         }
     }
     s
@@ -871,8 +877,16 @@ fn around_part(
         let random = matches!(sc, AroundScenario::VcpuRandom | AroundScenario::DmaRandom);
         let _ = writeln!(
             out,
-            "  {:<11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>11} {:>13}",
-            "faultd", "time ms", unit, "p50 µs", "p99 µs", "CPU ms", "CPU/fault µs", "ahead"
+            "  {:<11} {:>9} {:>8} {:>9} {:>9} {:>8} {:>11} {:>13} {:>20}",
+            "faultd",
+            "time ms",
+            unit,
+            "p50 µs",
+            "p99 µs",
+            "CPU ms",
+            "CPU/fault µs",
+            "ahead",
+            "svc p99/max µs"
         );
         let mut handlers = serde_json::Map::new();
         for a in AROUND {
@@ -887,7 +901,7 @@ fn around_part(
             let cpu_fault = m(&|x| x.cpu_ns as f64 / 1e3 / x.faults.max(1) as f64);
             let _ = writeln!(
                 out,
-                "  {:<11} {:>9.1} {:>8.0} {:>9} {:>9} {:>8.1} {:>11.2} {:>13.0}",
+                "  {:<11} {:>9.1} {:>8.0} {:>9} {:>9} {:>8.1} {:>11.2} {:>13.0} {:>20}",
                 a.name(),
                 m(&|x| x.ns as f64 / 1e6),
                 m(&|x| x.faults as f64),
@@ -904,6 +918,7 @@ fn around_part(
                 m(&|x| x.cpu_ns as f64 / 1e6),
                 cpu_fault,
                 m(&|x| x.ahead as f64),
+                format!("{:.0} / {:.0}", m(&|x| x.svc_p99_us), m(&|x| x.svc_max_us)),
             );
             handlers.insert(
                 a.name().into(),
@@ -913,6 +928,8 @@ fn around_part(
                     "cpu_ms_per_round": s.iter().map(|x| x.cpu_ns as f64 / 1e6).collect::<Vec<_>>(),
                     "cpu_per_fault_us_median": cpu_fault,
                     "ahead_per_round": s.iter().map(|x| x.ahead).collect::<Vec<_>>(),
+                    "faultd_service_p99_us_per_round": s.iter().map(|x| x.svc_p99_us).collect::<Vec<_>>(),
+                    "faultd_service_max_us_per_round": s.iter().map(|x| x.svc_max_us).collect::<Vec<_>>(),
                     "pooled_p50_us": if random { Some(p50) } else { None },
                     "pooled_p99_us": if random { Some(p99) } else { None },
                 }),
@@ -971,7 +988,8 @@ fn main() {
                   process), per fault and per working-set page; prefetched / late / replay \
                   stop = faultd's working-set counters; wasted = resident pages outside the \
                   working set (mincore); ahead = pages (vCPU) or granules (device) served \
-                  ahead; every ratio is taken per round, then its median and interquartile \
+                  ahead; svc = faultd's own service time (event read to answered), median over \
+                  rounds of each round's p99 and largest; every ratio is taken per round, then its median and interquartile \
                   range over the rounds",
         kvm: true,
     });
