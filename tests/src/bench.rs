@@ -1,17 +1,22 @@
-//! What the round-trip benchmarks (`benches/fault_roundtrip.rs`, `benches/device_roundtrip.rs`)
-//! and their raw baseline handlers ([`crate::raw`], [`crate::raw_ring`]) share:
+//! What the benchmarks (`benches/fault_roundtrip.rs`, `benches/device_roundtrip.rs`,
+//! `benches/firecracker_restore.rs`, `benches/prefetch.rs`) and their raw baseline handlers
+//! ([`crate::raw`], [`crate::raw_ring`]) share:
 //!
 //! - CPU accounting from `/proc/.../schedstat`: per thread, per process, and snapshots of a
 //!   handler's CPU time taken around a measurement ([`CpuSnap`]);
 //! - the plumbing of a raw handler's serving thread: spawned knowing its tid, told to stop by a
 //!   [`Stop`], joined for what it did ([`ServingThread`]);
-//! - the thread a benchmark measures from ([`on_fresh_thread`]) and the two faultd daemons it
-//!   measures ([`Daemons`]);
+//! - the thread a benchmark measures from ([`on_fresh_thread`]), the two faultd daemons it
+//!   measures ([`Daemons`]), a KVM guest over one RAM slot ([`one_slot_vm`]), a file read into
+//!   the page cache for every handler alike ([`warm_page_cache`]) and which pages of guest RAM
+//!   are resident ([`resident_pages`]);
 //! - the statistics: nearest-rank quantiles, samples pooled over rounds and kept per round
 //!   ([`Pooled`]), rounds that run every handler in a rotated order ([`interleaved`]), and
-//!   targets held as ratios of two handlers' quantiles ([`Target`]);
-//! - the report: the header a run prints, the machine it ran on, the target summary, and the
-//!   JSON file it writes ([`Run`]).
+//!   targets held as ratios of two handlers' figures ([`Target`]): pooled quantiles
+//!   ([`Target::ratio`]) or the median of per-round ratios with its interquartile range, met,
+//!   missed or unclear ([`Target::rounds`], [`Verdict`]);
+//! - the report: the header a run prints, the machine it ran on and its load average at the
+//!   start and the end, the target summary, and the JSON file it writes ([`Run`]).
 //!
 //! This library does not depend on serde_json (only the benchmarks do), so the parts of a report
 //! shaped here are `serde_json::Value`s.
