@@ -39,13 +39,13 @@ use std::time::{Duration, Instant};
 
 use faultd_client::{GuestRam, Session};
 use faultd_tests::bench::{
-    interleaved, on_fresh_thread, pct, per_unit_us, process_cpu_ns, write_idle, write_ratios,
-    Bench, CpuSnap, Daemons, Pooled, Run, Schedstat, Target,
+    interleaved, on_fresh_thread, one_slot_vm, pct, per_unit_us, process_cpu_ns, write_idle,
+    write_ratios, Bench, CpuSnap, Daemons, Pooled, Run, Schedstat, Target,
 };
 use faultd_tests::raw::{RawHandler, RawKind, PAGE};
 use faultd_tests::Ram;
 use serde_json::{json, Value};
-use testvmm::{RamSlot, Vm, Workload};
+use testvmm::{Vm, Workload};
 
 /// Rounds per scenario (each runs every handler once).
 const ROUNDS: usize = 16;
@@ -208,14 +208,7 @@ fn vcpu_touches(vm: &mut Vm, pages: usize) -> Vec<u64> {
 }
 
 fn new_vm(ram: &GuestRam) -> Vm {
-    let mut vm = Vm::new(vec![RamSlot {
-        gpa: 0,
-        host: ram.host_ptr(),
-        size: ram.size(),
-    }])
-    .expect("VM");
-    vm.set_timeout(Some(TIMEOUT));
-    vm
+    one_slot_vm(ram.host_ptr(), ram.size(), TIMEOUT)
 }
 
 /// One handler's figures in one scenario, pooled over rounds.

@@ -40,13 +40,14 @@ use std::time::{Duration, Instant};
 
 use faultd_client::RamPageSize;
 use faultd_tests::bench::{
-    interleaved, on_fresh_thread, process_cpu_ns, Bench, CpuSnap, Daemons, Pooled, Run, Target,
+    interleaved, on_fresh_thread, one_slot_vm, process_cpu_ns, warm_page_cache, Bench, CpuSnap,
+    Daemons, Pooled, Run, Target,
 };
 use faultd_tests::fc_example::{ExampleHandler, ExampleProcess};
 use faultd_tests::firecracker::{copy_with_timeout, pattern_snapshot, FcRestore, WireForm, PAGE};
 use faultd_tests::Faultd;
 use serde_json::{json, Value};
-use testvmm::{page_sequence, RamSlot, Vm, Workload};
+use testvmm::{page_sequence, Workload};
 
 /// Rounds per scenario (each runs every handler once).
 const ROUNDS: usize = 16;
@@ -244,13 +245,11 @@ fn round(env: &Env, sc: Scenario, h: Handler, round: usize) -> RoundResult {
     let cpu = server.cpu();
     let (ns, first_ns, faults, restore) = match sc {
         Scenario::Vcpu => {
-            let mut vm = Vm::new(vec![RamSlot {
-                gpa: 0,
-                host: restore.regions[0].ram.host_ptr(),
-                size: pages as u64 * PAGE,
-            }])
-            .expect("VM");
-            vm.set_timeout(Some(TIMEOUT));
+            let mut vm = one_slot_vm(
+                restore.regions[0].ram.host_ptr(),
+                pages as u64 * PAGE,
+                TIMEOUT,
+            );
             let t0 = Instant::now();
             restore.send(&socket, WireForm::Current).expect("send");
             let reports = vm
@@ -432,13 +431,7 @@ fn main() {
     let snapshot = dir.path().join("mem");
     let file = pattern_snapshot(&snapshot, &[(0, pages as u64 * PAGE, 0)], SEED);
     // Into the page cache, for every handler alike.
-    {
-        use std::io::Read;
-        let mut sink = Vec::new();
-        std::fs::File::open(&snapshot)
-            .and_then(|mut f| f.read_to_end(&mut sink))
-            .expect("reading the snapshot");
-    }
+    warm_page_cache(&snapshot);
     drop(file);
     let env = Env {
         daemons: Daemons::start(),

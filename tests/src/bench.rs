@@ -1,17 +1,22 @@
-//! What the round-trip benchmarks (`benches/fault_roundtrip.rs`, `benches/device_roundtrip.rs`)
-//! and their raw baseline handlers ([`crate::raw`], [`crate::raw_ring`]) share:
+//! What the benchmarks (`benches/fault_roundtrip.rs`, `benches/device_roundtrip.rs`,
+//! `benches/firecracker_restore.rs`, `benches/prefetch.rs`) and their raw baseline handlers
+//! ([`crate::raw`], [`crate::raw_ring`]) share:
 //!
 //! - CPU accounting from `/proc/.../schedstat`: per thread, per process, and snapshots of a
 //!   handler's CPU time taken around a measurement ([`CpuSnap`]);
 //! - the plumbing of a raw handler's serving thread: spawned knowing its tid, told to stop by a
 //!   [`Stop`], joined for what it did ([`ServingThread`]);
-//! - the thread a benchmark measures from ([`on_fresh_thread`]) and the two faultd daemons it
-//!   measures ([`Daemons`]);
+//! - the thread a benchmark measures from ([`on_fresh_thread`]), the two faultd daemons it
+//!   measures ([`Daemons`]), a KVM guest over one RAM slot ([`one_slot_vm`]), a file read into
+//!   the page cache for every handler alike ([`warm_page_cache`]) and which pages of guest RAM
+//!   are resident ([`resident_pages`]);
 //! - the statistics: nearest-rank quantiles, samples pooled over rounds and kept per round
 //!   ([`Pooled`]), rounds that run every handler in a rotated order ([`interleaved`]), and
-//!   targets held as ratios of two handlers' quantiles ([`Target`]);
-//! - the report: the header a run prints, the machine it ran on, the target summary, and the
-//!   JSON file it writes ([`Run`]).
+//!   targets held as ratios of two handlers' figures ([`Target`]): pooled quantiles
+//!   ([`Target::ratio`]) or the median of per-round ratios with its interquartile range, met,
+//!   missed or unclear ([`Target::rounds`], [`Verdict`]);
+//! - the report: the header a run prints, the machine it ran on and its load average at the
+//!   start and the end, the target summary, and the JSON file it writes ([`Run`]).
 //!
 //! This library does not depend on serde_json (only the benchmarks do), so the parts of a report
 //! shaped here are `serde_json::Value`s.
@@ -300,6 +305,46 @@ where
     rx.recv_timeout(timeout).expect(late)
 }
 
+/// A KVM VM ([`testvmm`]) whose RAM is the one slot `size` bytes at `host`, at guest address
+/// 0, failing a run after `timeout` (a fault nobody serves must fail the benchmark, not hang
+/// it). The caller keeps the RAM mapped for the VM's life.
+pub fn one_slot_vm(host: std::ptr::NonNull<u8>, size: u64, timeout: Duration) -> testvmm::Vm {
+    let mut vm = testvmm::Vm::new(vec![testvmm::RamSlot { gpa: 0, host, size }]).expect("VM");
+    vm.set_timeout(Some(timeout));
+    vm
+}
+
+/// Reads all of `path` once, so every handler finds it in the page cache alike.
+pub fn warm_page_cache(path: &std::path::Path) {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).expect("opening a file to warm");
+    let mut buf = vec![0u8; 1 << 20];
+    while file.read(&mut buf).expect("reading a file to warm") > 0 {}
+}
+
+/// Which of the `len / 4096` pages at `addr` (page aligned, mapped in this process) are
+/// resident, by mincore(2): a page a handler installed, whether or not anyone touched it.
+pub fn resident_pages(addr: u64, len: u64) -> Vec<bool> {
+    let mut vec = vec![0u8; len.div_ceil(4096) as usize];
+    // SAFETY: mincore only reads the page tables of `[addr, addr + len)`, a mapping of this
+    // process the caller keeps alive, and writes one byte per page into `vec`, which is that
+    // long.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
+    vec.into_iter().map(|b| b & 1 == 1).collect()
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`'s first three fields): on a shared
+/// machine, what the figures of a run competed with.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The two daemons a benchmark holds against the raw handlers, started once and kept for the
 /// whole run (each attach is a new session): default config, and `--spin-us 0`.
 #[derive(Debug)]
@@ -402,7 +447,68 @@ pub fn interleaved<H: Copy>(rounds: usize, handlers: &[H], mut f: impl FnMut(H, 
     }
 }
 
-/// A target on the ratio of two handlers' latency quantiles: its line and its JSON.
+/// The first quartile, the median and the third quartile of `v` (each the median of its half,
+/// the middle value left out of both halves when `v` has an odd length; NaN if empty).
+pub fn quartiles(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_unstable_by(f64::total_cmp);
+    let half = v.len() / 2;
+    let upper = v.len() - half;
+    match v.len() {
+        0 => (f64::NAN, f64::NAN, f64::NAN),
+        1 => (v[0], v[0], v[0]),
+        _ => (median(&v[..half]), median(&v), median(&v[upper..])),
+    }
+}
+
+/// What a target's figure says against its limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Within the limit (for a per-round target: the whole interquartile range is).
+    Met,
+    /// Beyond it (the whole interquartile range is).
+    Missed,
+    /// The interquartile range straddles the limit: at the noise edge, neither.
+    Unclear,
+}
+
+impl Verdict {
+    /// "MET", "MISSED", "UNCLEAR".
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Met => "MET",
+            Verdict::Missed => "MISSED",
+            Verdict::Unclear => "UNCLEAR",
+        }
+    }
+
+    /// The verdict on per-round ratios held to at most `limit`: met if the third quartile is
+    /// within it, missed if the first quartile is beyond it, else unclear. Rounds with no
+    /// ratio (NaN: nothing to divide by) make it unclear.
+    pub fn of_rounds(per_round: &[f64], limit: f64) -> Verdict {
+        let (q1, _, q3) = quartiles(per_round);
+        if per_round.is_empty() || per_round.iter().any(|r| r.is_nan()) {
+            Verdict::Unclear
+        } else if q3 <= limit {
+            Verdict::Met
+        } else if q1 > limit {
+            Verdict::Missed
+        } else {
+            Verdict::Unclear
+        }
+    }
+}
+
+/// How a [`Target`] is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    /// On the ratio of quantiles pooled over rounds ([`Target::ratio`]).
+    Pooled,
+    /// On the median of per-round ratios and its interquartile range ([`Target::rounds`]).
+    Rounds,
+}
+
+/// A target on the ratio of two handlers' figures: its line and its JSON.
 #[derive(Debug)]
 pub struct Target {
     /// "faultd p50"
@@ -412,6 +518,7 @@ pub struct Target {
     limit: f64,
     value: f64,
     per_round: Vec<f64>,
+    judged: Judged,
 }
 
 impl Target {
@@ -429,24 +536,65 @@ impl Target {
                 .zip(&b.rounds)
                 .map(|(x, y)| pct(x, q) / pct(y, q))
                 .collect(),
+            judged: Judged::Pooled,
         }
     }
 
-    /// Whether the pooled ratio is within the limit.
-    pub fn met(&self) -> bool {
-        self.value <= self.limit
+    /// A ratio measured once per round (`per_round[i]`: round i's figure of `what` over the
+    /// same round's figure of `of`), held to at most `limit`: judged on the median of the
+    /// rounds and its interquartile range ([`Verdict::of_rounds`]).
+    pub fn rounds(what: &str, limit: f64, of: &str, per_round: Vec<f64>) -> Target {
+        Target {
+            what: what.to_owned(),
+            of: of.to_owned(),
+            limit,
+            value: median(&per_round),
+            per_round,
+            judged: Judged::Rounds,
+        }
     }
 
-    /// `target <what> <= <limit>x <of>: <value>x MET|MISSED   (per round: ...; median ...)`
+    /// What the figure says: for a pooled target, met or missed by the pooled ratio; for a
+    /// per-round one, [`Verdict::of_rounds`].
+    pub fn verdict(&self) -> Verdict {
+        match self.judged {
+            Judged::Pooled if self.value <= self.limit => Verdict::Met,
+            Judged::Pooled => Verdict::Missed,
+            Judged::Rounds => Verdict::of_rounds(&self.per_round, self.limit),
+        }
+    }
+
+    /// Whether the target is met (an unclear one is not).
+    pub fn met(&self) -> bool {
+        self.verdict() == Verdict::Met
+    }
+
+    /// `target <what> <= <limit>x <of>: <value>x MET|MISSED   (per round: ...; median ...)`;
+    /// per-round targets: `... : median <m>x, IQR <q1>x..<q3>x MET|MISSED|UNCLEAR   (per round:
+    /// ...)`.
     pub fn line(&self) -> String {
         let rounds: Vec<String> = self.per_round.iter().map(|&r| ratio_text(r)).collect();
+        if self.judged == Judged::Rounds {
+            let (q1, m, q3) = quartiles(&self.per_round);
+            return format!(
+                "target {} <= {}x {}: median {}x, IQR {}x..{}x {}   (per round: {})",
+                self.what,
+                ratio_text(self.limit),
+                self.of,
+                ratio_text(m),
+                ratio_text(q1),
+                ratio_text(q3),
+                self.verdict().name(),
+                rounds.join(" ")
+            );
+        }
         format!(
             "target {} <= {}x {}: {}x {}   (per round: {}; median {})",
             self.what,
             ratio_text(self.limit),
             self.of,
             ratio_text(self.value),
-            if self.met() { "MET" } else { "MISSED" },
+            self.verdict().name(),
             rounds.join(" "),
             ratio_text(median(&self.per_round))
         )
@@ -467,8 +615,16 @@ impl Target {
             ("limit", Value::from(self.limit)),
             ("value", Value::from(self.value)),
             ("met", Value::from(self.met())),
+            ("verdict", Value::from(self.verdict().name())),
             ("per_round", Value::from(self.per_round.clone())),
             ("per_round_median", Value::from(median(&self.per_round))),
+            (
+                "per_round_iqr",
+                Value::from({
+                    let (q1, _, q3) = quartiles(&self.per_round);
+                    vec![q1, q3]
+                }),
+            ),
         ]
         .into_iter()
         .collect()
@@ -477,7 +633,7 @@ impl Target {
 
 /// A ratio as a target line shows it: two decimals, or (below 0.01, e.g. a target of 1/1000)
 /// three significant digits in exponent form, which two decimals would print as 0.00.
-fn ratio_text(x: f64) -> String {
+pub fn ratio_text(x: f64) -> String {
     if x == 0.0 || x.abs() >= 0.01 || !x.is_finite() {
         format!("{x:.2}")
     } else {
@@ -625,6 +781,7 @@ impl Run {
         };
         println!("{}", bench.title);
         println!("{}", run.machine.line());
+        println!("load average at start: {}", load_average());
         println!(
             "{} rounds per scenario; every round runs every handler on fresh {}, order rotated \
              each round; samples pooled over rounds{}",
@@ -665,8 +822,9 @@ impl Run {
         }
         let _ = writeln!(
             out,
-            "total time {:.1} s",
-            self.started.elapsed().as_secs_f64()
+            "total time {:.1} s; load average at end: {}",
+            self.started.elapsed().as_secs_f64(),
+            load_average()
         );
         print!("{out}");
 
@@ -697,4 +855,61 @@ fn json_path(file: &str) -> PathBuf {
         .nth(3)
         .expect("bench binary is under target/<profile>/deps")
         .join(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quartiles_are_the_medians_of_each_half() {
+        assert_eq!(quartiles(&[4.0, 1.0, 3.0, 2.0]), (1.5, 2.5, 3.5));
+        // Odd length: the middle value is in neither half.
+        assert_eq!(quartiles(&[5.0, 1.0, 3.0, 2.0, 4.0]), (1.5, 3.0, 4.5));
+        assert_eq!(quartiles(&[7.0]), (7.0, 7.0, 7.0));
+        assert!(quartiles(&[]).1.is_nan());
+    }
+
+    #[test]
+    fn a_per_round_target_is_met_missed_or_unclear_by_its_interquartile_range() {
+        // All of the IQR within the limit; all of it beyond; straddling it.
+        assert_eq!(
+            Verdict::of_rounds(&[0.1, 0.2, 0.25, 0.28], 0.3),
+            Verdict::Met
+        );
+        assert_eq!(
+            Verdict::of_rounds(&[0.32, 0.35, 0.4, 0.5], 0.3),
+            Verdict::Missed
+        );
+        assert_eq!(
+            Verdict::of_rounds(&[0.2, 0.25, 0.35, 0.4], 0.3),
+            Verdict::Unclear
+        );
+        // The median alone would say met; the spread says it is at the noise edge.
+        assert_eq!(
+            Verdict::of_rounds(&[0.1, 0.2, 0.28, 0.31, 0.9, 1.0], 0.3),
+            Verdict::Unclear
+        );
+        // A round with nothing to divide by says nothing either way.
+        assert_eq!(Verdict::of_rounds(&[0.1, f64::NAN], 0.3), Verdict::Unclear);
+        assert_eq!(Verdict::of_rounds(&[], 0.3), Verdict::Unclear);
+    }
+
+    #[test]
+    fn a_per_round_target_line_names_its_median_spread_and_verdict() {
+        let t = Target::rounds("time", 0.3, "demand", vec![0.2, 0.1, 0.26, 0.04]);
+        assert_eq!(t.verdict(), Verdict::Met);
+        assert!(t.met());
+        assert_eq!(
+            t.line(),
+            "target time <= 0.30x demand: median 0.15x, IQR 0.07x..0.23x MET   \
+             (per round: 0.20 0.10 0.26 0.04)"
+        );
+        let j = t.json();
+        assert_eq!(j["verdict"], "MET");
+        assert!((j["per_round_median"].as_f64().unwrap() - 0.15).abs() < 1e-9);
+        let missed = Target::rounds("faults", 0.05, "demand", vec![0.5, 0.6]);
+        assert!(!missed.met());
+        assert!(missed.line().contains("MISSED"));
+    }
 }
