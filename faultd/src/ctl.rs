@@ -776,7 +776,10 @@ fn working_set(conn: &mut Connection, output: Output, ws: WsCommand) -> Result<S
 }
 
 fn whose(uid: Option<u32>) -> String {
-    uid.map_or_else(|| "as imported (every uid)".into(), |u| format!("of uid {u}"))
+    uid.map_or_else(
+        || "as imported (every uid)".into(),
+        |u| format!("of uid {u}"),
+    )
 }
 
 fn ws_table(rows: &[faultd_proto::WorkingSetRow], omitted: u64) -> String {

@@ -24,18 +24,18 @@
 //! when the next one starts ([`Library::sweep`]).
 
 use super::working_set::{DecodeError, Recording, MAX_BYTES};
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fstat, mkdirat, Mode};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 
 /// The directory of imported recordings.
 pub const IMPORTED: &str = "imported";
@@ -130,7 +130,10 @@ pub fn parse_digest(text: &str) -> Result<[u8; 32], LibraryError> {
 }
 
 fn whose(owner: Option<u32>) -> String {
-    owner.map_or_else(|| "among the imported ones".into(), |u| format!("of uid {u}"))
+    owner.map_or_else(
+        || "among the imported ones".into(),
+        |u| format!("of uid {u}"),
+    )
 }
 
 /// A recording opened for export: the file, its size and SHA-256, read once when opened.
@@ -628,7 +631,9 @@ impl Library {
         self.stage(requester, total)?;
         // From here on a failure gives the bytes back (the Upload's drop, or here).
         let made = (|| {
-            let dir = self.dir(owner, true).map_err(io_err("opening the library"))?;
+            let dir = self
+                .dir(owner, true)
+                .map_err(io_err("opening the library"))?;
             let tmp = format!(
                 ".upload-{}-{}",
                 std::process::id(),

@@ -496,7 +496,10 @@ pub(crate) fn working_set(
 ) -> Result<Response, Refusal> {
     let library = &daemon.working_sets;
     match request {
-        Request::WorkingSetList { uid: asked, imported } => {
+        Request::WorkingSetList {
+            uid: asked,
+            imported,
+        } => {
             let only = match (caller, asked, imported) {
                 // The operator without a choice: every directory.
                 (Caller::Operator, None, false) => None,
@@ -592,9 +595,10 @@ pub(crate) fn working_set(
             if !upload.complete() {
                 return Ok(Response::WorkingSetReceived { received, total });
             }
-            let upload = transfer.upload.take().ok_or_else(|| {
-                refusal(ErrorCode::Internal, "the import vanished".into())
-            })?;
+            let upload = transfer
+                .upload
+                .take()
+                .ok_or_else(|| refusal(ErrorCode::Internal, "the import vanished".into()))?;
             let listed = upload.finish().map_err(ws_refusal)?;
             tracing::info!(
                 uid = ?listed.owner,
