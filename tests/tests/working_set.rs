@@ -835,3 +835,138 @@ fn an_abandoned_upload_is_removed_and_staged_uploads_are_bounded() {
     let mut e = connect();
     assert_eq!(start_upload(&mut e, 5), received);
 }
+
+// ---- Replay stops: a wrong recording, the VM's budget ----
+
+/// Records, through `faultd`'s listener `socket` as restore `vm`, a guest touching `offs`.
+fn record(faultd: &Faultd, socket: &std::path::Path, vm: &str, snap: &Snapshot, offs: &[u64]) {
+    let (mut first, s1) = restore_and_touch(faultd, socket, vm, snap, offs, |_| {});
+    assert_eq!(s1.working_set.recorded, offs.len() as u64);
+    first.hang_up();
+    assert!(
+        faultd.wait_for_log("working set recorded", T),
+        "{}",
+        faultd.log()
+    );
+}
+
+#[test]
+fn a_recording_of_another_working_set_is_judged_wrong_and_what_it_installed_is_the_waste() {
+    let snap = Snapshot::new(0x3E56);
+    let faultd = recording_faultd();
+    let socket = listen(&faultd, "fcx", &snap);
+    // Recorded: the first 12 MiB page by page in reverse (no runs: replay takes long).
+    let recorded: Vec<u64> = (0..12 * MIB / PAGE).rev().map(|p| p * PAGE).collect();
+    record(&faultd, &socket, "fcx-1", &snap, &recorded);
+
+    // The next guest touches only the last 4 MiB, from 16 vCPUs that are already faulting
+    // when faultd takes the restore (so demand faults keep coming from replay's start on).
+    let other: Vec<u64> = (12 * MIB / PAGE..RAM / PAGE).map(|p| p * PAGE).collect();
+    let mut second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
+    let parts: Vec<Vec<u64>> = other
+        .chunks(other.len() / 16)
+        .map(|part| part.iter().map(|&o| second.addr(0, o)).collect())
+        .collect();
+    let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let threads: Vec<_> = parts
+            .into_iter()
+            .map(|addrs| s.spawn(move || copy_with_timeout(addrs, PAGE as usize, T)))
+            .collect();
+        second.send(&socket, WireForm::Current).unwrap();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    let stats = only(faultd.settled_vm_stats("fcx-2", |s| {
+        s.first()
+            .is_some_and(|s| !s.working_set.replay_stop.is_empty() && s.vcpu_faults >= 1024)
+    }));
+
+    for (&off, page) in other.iter().zip(&got) {
+        assert!(*page == snap.page(off), "offset {off:#x} differs");
+    }
+    let ws = &stats.working_set;
+    eprintln!("wrong recording: {ws:?}, {} vCPU faults", stats.vcpu_faults);
+    assert_eq!(
+        ws.replay_stop,
+        "wrong",
+        "{ws:?}\n{}",
+        faultd
+            .log()
+            .lines()
+            .filter(|l| l.contains("session=2") || l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Every demand fault is outside the recording: a miss, or (before the recording had
+    // loaded, while faults were served) recorded as this guest's own.
+    assert_eq!(ws.misses + ws.recorded, other.len() as u64, "{ws:?}");
+    assert!(ws.misses >= 32 && ws.late == 0, "{ws:?}");
+    assert!(ws.prefetched > 0 && ws.prefetched + ws.skipped < recorded.len() as u64);
+    // The waste, as the guest's own memory shows it: resident are the guest's data pages and
+    // exactly the pages replay installed, none of which the guest touched.
+    // (Replay installs a zero page of the snapshot as the shared zero page: no RAM.)
+    let zero = other.iter().filter(|&&o| snap.is_zero(o)).count() as u64;
+    let data = other.len() as u64 - zero;
+    let replayed_zero = ws.zero_pages - zero;
+    let rss = rss_of(second.addr(0, 0));
+    eprintln!(
+        "rss {} pages: guest data {data}, prefetched {} ({replayed_zero} zero)",
+        rss / PAGE,
+        ws.prefetched
+    );
+    assert_eq!(rss, (data + ws.prefetched - replayed_zero) * PAGE);
+}
+
+#[test]
+fn replay_stops_at_the_vms_budget_and_never_exceeds_it() {
+    let snap = Snapshot::new(0x3E57);
+    let faultd = Faultd::start_with_config(
+        "[working_set]\nrecord = true\nreplay = true\nrecord_ms = 60000\nrecord_pages = 65536\n\
+         [budget]\nsession_mib = 4\n",
+    );
+    let socket = listen(&faultd, "fcg", &snap);
+    // Recorded with no budget in the way: a first guest touching 2 MiB (within 4 MiB).
+    // Then the recording is replaced by one of all 16 MiB (an operator's import).
+    let first: Vec<u64> = (0..2 * MIB / PAGE).map(|p| p * PAGE).collect();
+    record(&faultd, &socket, "fcg-1", &snap, &first);
+    let rows = listed(&faultd, None, &[]);
+    let mut rec = faultd::engine::working_set::Recording::decode(
+        &std::fs::read(
+            faultd
+                .store_dir()
+                .join(format!("working-sets/0/{}.ws", rows[0].digest)),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    rec.offsets = (0..RAM / PAGE).map(|p| p * PAGE).collect();
+    let file = snap.dir.path().join("all.ws");
+    std::fs::write(&file, rec.encode()).unwrap();
+    ctl_ok(
+        &faultd,
+        None,
+        &["working-set", "import", file.to_str().unwrap()],
+    );
+
+    let second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
+    let mut second = second;
+    second.send(&socket, WireForm::Current).unwrap();
+    let stats = only(faultd.settled_vm_stats("fcg-2", |s| {
+        s.first()
+            .is_some_and(|s| !s.working_set.replay_stop.is_empty())
+    }));
+
+    let ws = &stats.working_set;
+    eprintln!("budget stop: {ws:?}, resident {}", stats.resident_bytes);
+    let budget = 4 * MIB;
+    let low = budget * 85 / 100;
+    assert_eq!(ws.replay_stop, "budget", "{ws:?}");
+    assert!(ws.prefetched * PAGE <= low, "{ws:?}");
+    assert!(ws.prefetched * PAGE > low - 16 * PAGE, "{ws:?}");
+    assert!(stats.resident_bytes <= low, "{}", stats.resident_bytes);
+    assert_eq!(stats.evictions, 0);
+    assert_eq!(rss_of(second.addr(0, 0)), ws.prefetched * PAGE);
+    second.hang_up();
+}

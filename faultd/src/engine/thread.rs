@@ -296,6 +296,11 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Arc<Control
                 // No spin after this burst: read again first only where that finds work (see
                 // ReadFirst), else sleep in poll(2) at once.
                 in_burst = false;
+                // But never with replay left to do: it runs only in a pass that finds nothing
+                // pending, and a guest done faulting would leave it asleep halfway for good.
+                if server.ws_replaying() {
+                    continue;
+                }
                 if reads.read_first() {
                     reading_first = true;
                     continue;

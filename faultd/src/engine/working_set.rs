@@ -132,7 +132,8 @@ pub const PAGE: u64 = 4096;
 pub const MAX_PAGES: u64 = crate::ops::config::MAX_RECORD_PAGES;
 /// Most bytes of an encoded recording.
 pub const MAX_BYTES: usize = HEADER + 8 * MAX_PAGES as usize + TRAILER;
-/// Pages one replay slice installs at most before the sources are looked at again.
+/// Pages one replay slice installs at most before the sources are looked at again (fewer
+/// when the VM's budget has less room below its low watermark).
 pub const SLICE_PAGES: usize = 64;
 /// Pages one UFFDIO_COPY of a run installs at most.
 pub const RUN_PAGES: usize = 16;
@@ -507,6 +508,11 @@ impl<O: UffdOps> FaultServer<O> {
         }
     }
 
+    /// Whether replay has pages left to install.
+    pub fn ws_replaying(&self) -> bool {
+        self.ws.replay.is_some()
+    }
+
     /// Whether a recording is still loading.
     pub fn ws_loading(&self) -> bool {
         self.ws.loading.is_some()
@@ -613,19 +619,28 @@ impl<O: UffdOps> FaultServer<O> {
         if r.demand >= JUDGE_AFTER && r.misses * 4 > r.demand * 3 {
             return Some(ReplayStop::Wrong);
         }
-        if let Some(b) = &self.budget {
-            let room = |budget: u64, used: u64| {
-                budget == 0
-                    || used + RUN_PAGES as u64 * PAGE
-                        <= super::budget::share(budget, b.limits.low_pct)
-            };
-            let own = self.own_resident();
-            let global = b.global.load(Ordering::Relaxed);
-            if !room(b.limits.session, own) || !room(b.limits.global, global) {
-                return Some(ReplayStop::Budget);
-            }
+        if self.ws_room() < RUN_PAGES {
+            return Some(ReplayStop::Budget);
         }
         None
+    }
+
+    /// Pages replay may still install below the low watermarks of the VM's and the global
+    /// budget (all of a slice when there is no budget).
+    fn ws_room(&self) -> usize {
+        let Some(b) = &self.budget else {
+            return SLICE_PAGES;
+        };
+        let room = |budget: u64, used: u64| {
+            if budget == 0 {
+                SLICE_PAGES as u64
+            } else {
+                super::budget::share(budget, b.limits.low_pct).saturating_sub(used) / PAGE
+            }
+        };
+        let own = room(b.limits.session, self.own_resident());
+        let global = room(b.limits.global, b.global.load(Ordering::Relaxed));
+        own.min(global).min(SLICE_PAGES as u64) as usize
     }
 
     fn ws_stop(&mut self, why: ReplayStop) {
@@ -688,7 +703,8 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// Installs up to [`SLICE_PAGES`] recorded pages. Returns whether the recording has more.
     fn ws_install_slice(&mut self) -> bool {
-        let mut budget = SLICE_PAGES;
+        // A slice never takes the VM past its budget's low watermark.
+        let mut budget = self.ws_room();
         while budget > 0 {
             let Some(r) = &self.ws.replay else {
                 return false;
