@@ -27,6 +27,7 @@ use nix::sys::socket::{
     connect, recv, send, setsockopt, sockopt, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use nix::sys::time::TimeVal;
+use sha2::Digest as _;
 
 /// Exit status: the request was answered and the answer printed.
 pub const EXIT_DONE: u8 = 0;
@@ -161,6 +162,60 @@ pub enum CtlCommand {
         #[command(flatten)]
         amount: Amount,
     },
+    /// Working-set recordings (what faultd replays on a restore of the same snapshot): list,
+    /// export to a file, import from one (another host's export), remove. A uid reaches its
+    /// own recordings; root any uid's (--uid) and the imported ones every uid replays
+    /// (--imported).
+    #[command(subcommand)]
+    WorkingSet(WsCommand),
+}
+
+/// A `faultd ctl working-set` command.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum WsCommand {
+    /// One line per recording: uid (or "imported"), snapshot digest, pages, sizes.
+    List {
+        #[command(flatten)]
+        owner: WsOwner,
+    },
+    /// Write one recording to FILE (the versioned format of docs/protocol.md), checked against
+    /// the SHA-256 faultd gives.
+    Export {
+        /// The snapshot's SHA-256 (as `list` shows it).
+        digest: String,
+        /// Where to write it.
+        #[arg(long, short)]
+        output: PathBuf,
+        #[command(flatten)]
+        owner: WsOwner,
+    },
+    /// Import a recording FILE (another faultd's export); faultd checks it whole before it
+    /// replaces any recording of the same snapshot.
+    Import {
+        /// The recording file.
+        file: PathBuf,
+        #[command(flatten)]
+        owner: WsOwner,
+    },
+    /// Remove one recording.
+    Remove {
+        /// The snapshot's SHA-256.
+        digest: String,
+        #[command(flatten)]
+        owner: WsOwner,
+    },
+}
+
+/// Whose recordings a `working-set` command is about (none given: your own uid's).
+#[derive(Debug, Clone, Copy, clap::Args)]
+#[group(required = false, multiple = false)]
+pub struct WsOwner {
+    /// This uid's recordings (root only, for a uid not your own).
+    #[arg(long)]
+    uid: Option<u32>,
+    /// The imported recordings every uid's sessions replay (root only).
+    #[arg(long)]
+    imported: bool,
 }
 
 /// Which session(s) a command is about.
@@ -440,6 +495,22 @@ pub enum CtlError {
         /// What came.
         answer: Box<Response>,
     },
+    /// Writing an exported recording failed, or what came does not hash as announced.
+    #[error("exporting to {path}")]
+    Export {
+        /// The output file.
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a recording to import failed, or it is not one.
+    #[error("importing {path}")]
+    Import {
+        /// The file.
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// An answer could not be printed as JSON.
     #[error("printing the answer as JSON")]
     Json(#[source] serde_json::Error),
@@ -551,7 +622,188 @@ pub fn run(control: &Path, args: CtlArgs) -> Result<String, CtlError> {
             };
             show(output, &answer, || evicted_table(e))
         }
+        CtlCommand::WorkingSet(ws) => working_set(&mut conn, output, ws),
     }
+}
+
+/// Runs a `working-set` command on `conn`.
+fn working_set(conn: &mut Connection, output: Output, ws: WsCommand) -> Result<String, CtlError> {
+    match ws {
+        WsCommand::List { owner } => {
+            let answer = conn.ask(&Request::WorkingSetList {
+                uid: owner.uid,
+                imported: owner.imported,
+            })?;
+            let Response::WorkingSets {
+                recordings,
+                omitted,
+            } = &answer
+            else {
+                return Err(conn.unexpected(answer));
+            };
+            show(output, &answer, || ws_table(recordings, *omitted))
+        }
+        WsCommand::Remove { digest, owner } => {
+            let answer = conn.ask(&Request::WorkingSetRemove {
+                uid: owner.uid,
+                imported: owner.imported,
+                digest,
+            })?;
+            let Response::WorkingSetRemoved { uid, digest } = &answer else {
+                return Err(conn.unexpected(answer));
+            };
+            show(output, &answer, || {
+                format!("removed the recording of snapshot {digest} {}", whose(*uid))
+            })
+        }
+        WsCommand::Export {
+            digest,
+            output: path,
+            owner,
+        } => {
+            let mut bytes: Vec<u8> = Vec::new();
+            let mut first: Option<(String, u64)> = None;
+            loop {
+                let answer = conn.ask(&Request::WorkingSetExport {
+                    uid: owner.uid,
+                    imported: owner.imported,
+                    digest: digest.clone(),
+                    offset: bytes.len() as u64,
+                })?;
+                let Response::WorkingSetChunk {
+                    sha256,
+                    total,
+                    offset,
+                    data,
+                    ..
+                } = &answer
+                else {
+                    return Err(conn.unexpected(answer));
+                };
+                let chunk = faultd_proto::hex_decode(data);
+                let (sha, size) = first.get_or_insert_with(|| (sha256.clone(), *total));
+                let fits = *offset == bytes.len() as u64
+                    && (sha.as_str(), *size) == (sha256.as_str(), *total)
+                    && *total <= faultd_proto::WS_MAX_RECORDING_BYTES;
+                let Some(chunk) = chunk.filter(|c| {
+                    fits && (!c.is_empty() || bytes.len() as u64 == *total)
+                        && bytes.len() as u64 + c.len() as u64 <= *total
+                }) else {
+                    return Err(conn.unexpected(answer));
+                };
+                bytes.extend_from_slice(&chunk);
+                if bytes.len() as u64 == *total {
+                    break;
+                }
+            }
+            let (sha, total) = first.unwrap_or_default();
+            let got = faultd_proto::hex_encode(&sha2::Sha256::digest(&bytes));
+            if got != sha {
+                return Err(CtlError::Export {
+                    path: path.display().to_string(),
+                    source: std::io::Error::other(format!(
+                        "the bytes received hash to {got}, faultd announced {sha}"
+                    )),
+                });
+            }
+            std::fs::write(&path, &bytes).map_err(|source| CtlError::Export {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(format!(
+                "exported the recording of snapshot {digest} ({total} bytes, sha256 {sha}) to {}",
+                path.display()
+            ))
+        }
+        WsCommand::Import { file, owner } => {
+            let read_failed = |source| CtlError::Import {
+                path: file.display().to_string(),
+                source,
+            };
+            let meta = std::fs::metadata(&file).map_err(read_failed)?;
+            if meta.len() > faultd_proto::WS_MAX_RECORDING_BYTES {
+                return Err(read_failed(std::io::Error::other(format!(
+                    "{} bytes: a recording is at most {}",
+                    meta.len(),
+                    faultd_proto::WS_MAX_RECORDING_BYTES
+                ))));
+            }
+            let bytes = std::fs::read(&file).map_err(read_failed)?;
+            // The snapshot digest from the header (faultd checks the file whole).
+            let digest = match bytes.get(24..56) {
+                Some(d) if bytes.starts_with(b"FAULTDWS") => faultd_proto::hex_encode(d),
+                _ => {
+                    return Err(read_failed(std::io::Error::other(
+                        "not a faultd working-set recording (no FAULTDWS header)",
+                    )))
+                }
+            };
+            let sha256 = faultd_proto::hex_encode(&sha2::Sha256::digest(&bytes));
+            let mut offset = 0usize;
+            loop {
+                let end = (offset + faultd_proto::WS_CHUNK_BYTES).min(bytes.len());
+                let answer = conn.ask(&Request::WorkingSetImport {
+                    uid: owner.uid,
+                    imported: owner.imported,
+                    digest: digest.clone(),
+                    sha256: sha256.clone(),
+                    total: bytes.len() as u64,
+                    offset: offset as u64,
+                    data: faultd_proto::hex_encode(&bytes[offset..end]),
+                })?;
+                match &answer {
+                    Response::WorkingSetReceived { received, .. }
+                        if *received == end as u64 && end < bytes.len() =>
+                    {
+                        offset = end;
+                    }
+                    Response::WorkingSetImported(row) => {
+                        let row = row.clone();
+                        return show(output, &answer, || {
+                            format!(
+                                "imported the recording of snapshot {} ({} pages) {}",
+                                row.digest,
+                                row.pages,
+                                whose(row.uid)
+                            )
+                        });
+                    }
+                    _ => return Err(conn.unexpected(answer)),
+                }
+            }
+        }
+    }
+}
+
+fn whose(uid: Option<u32>) -> String {
+    uid.map_or_else(
+        || "as imported (every uid)".into(),
+        |u| format!("of uid {u}"),
+    )
+}
+
+fn ws_table(rows: &[faultd_proto::WorkingSetRow], omitted: u64) -> String {
+    let mut t = Table::new(&[
+        ("UID", false),
+        ("SNAPSHOT DIGEST", false),
+        ("PAGES", true),
+        ("SNAPSHOT", true),
+        ("FILE", true),
+    ]);
+    for r in rows {
+        t.row(vec![
+            r.uid.map_or_else(|| "imported".into(), |u| u.to_string()),
+            r.digest.clone(),
+            r.pages.to_string(),
+            human_bytes(r.snapshot_size),
+            human_bytes(r.bytes),
+        ]);
+    }
+    let mut out = t.render();
+    if omitted > 0 {
+        let _ = write!(out, "\n({omitted} more not shown)");
+    }
+    out
 }
 
 /// The answer as `output` asks: the protocol's object whole, or `table` made from it.

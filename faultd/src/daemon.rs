@@ -436,6 +436,8 @@ impl Daemon {
         });
         let working_sets =
             crate::engine::ws_library::Library::new(&config.store_dir, ws.max_recordings);
+        // Imports and saves a faultd that died left half-written: nobody finishes them now.
+        working_sets.sweep();
         Arc::new(Daemon {
             working_sets,
             snapshots,

@@ -404,3 +404,573 @@ fn a_recording_copied_into_another_faultds_imported_directory_is_replayed_there(
         s2.vcpu_faults
     );
 }
+
+// ---- `faultd ctl working-set`: export, import, who reaches what ----
+
+/// `faultd ctl --json ARGS` against `faultd`, as `uid` (None: this test's, root): exit code,
+/// stdout, stderr.
+fn ctl_as(faultd: &Faultd, uid: Option<u32>, args: &[&str]) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(faultd_tests::faultd_bin());
+    cmd.arg("--socket")
+        .arg(faultd.socket())
+        .arg("ctl")
+        .args(args);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ctl_as`, which must succeed: its stdout.
+fn ctl_ok(faultd: &Faultd, uid: Option<u32>, args: &[&str]) -> String {
+    let (code, out, err) = ctl_as(faultd, uid, args);
+    assert_eq!(code, 0, "ctl {args:?} as {uid:?}: {err}");
+    out
+}
+
+/// The rows of `ctl --json working-set list ARGS` as `uid`.
+fn listed(faultd: &Faultd, uid: Option<u32>, args: &[&str]) -> Vec<faultd_proto::WorkingSetRow> {
+    let mut all = vec!["--json", "working-set", "list"];
+    all.extend_from_slice(args);
+    match serde_json::from_str(&ctl_ok(faultd, uid, &all)).unwrap() {
+        faultd_proto::Response::WorkingSets { recordings, .. } => recordings,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Every file under `dir` (recursively), relative names.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A recording of `pages` pages of a snapshot of digest `[d; 32]`, in the file format.
+fn recording_bytes(d: u8, pages: u64) -> Vec<u8> {
+    faultd::engine::working_set::Recording {
+        snapshot_size: RAM,
+        digest: [d; 32],
+        offsets: (0..pages).map(|p| p * PAGE).collect(),
+    }
+    .encode()
+}
+
+/// Lets every uid connect to the control socket (the test stands in for the socket's group).
+fn open_socket(faultd: &Faultd) {
+    use std::os::unix::fs::PermissionsExt;
+    let open = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(faultd.socket().parent().unwrap(), 0o755);
+    open(faultd.socket(), 0o666);
+}
+
+#[test]
+fn a_recording_exported_with_ctl_and_imported_into_another_faultd_replays_there_with_no_demand_faults(
+) {
+    let snap = Snapshot::new(0x3E55);
+    // Data pages only: a zero page is served by faultd without the recording's help.
+    let w: Vec<u64> = working_set()
+        .into_iter()
+        .filter(|&o| !snap.is_zero(o))
+        .collect();
+    let host_a = recording_faultd();
+    let socket = listen(&host_a, "fce", &snap);
+    let (mut first, _) = restore_and_touch(&host_a, &socket, "fce-1", &snap, &w, |_| {});
+    first.hang_up();
+    assert!(
+        host_a.wait_for_log("working set recorded", T),
+        "{}",
+        host_a.log()
+    );
+    let rows = listed(&host_a, None, &[]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].uid, rows[0].pages), (Some(0), w.len() as u64));
+    let digest = rows[0].digest.clone();
+    let on_disk = std::fs::read(
+        host_a
+            .store_dir()
+            .join(format!("working-sets/0/{digest}.ws")),
+    )
+    .unwrap();
+    assert_eq!(rows[0].bytes, on_disk.len() as u64);
+
+    // Exported in chunks (a recording of 2 k pages is ~16 KiB; this one is several chunks
+    // only if large: the chunking is shown by the abandoned-upload test's 8 MiB one).
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("fce.ws");
+    ctl_ok(
+        &host_a,
+        None,
+        &[
+            "working-set",
+            "export",
+            &digest,
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&file).unwrap() == on_disk);
+
+    // Host B: imported with ctl, it lands under the importer's uid and is replayed there.
+    let host_b = recording_faultd();
+    let said = ctl_ok(
+        &host_b,
+        None,
+        &["working-set", "import", file.to_str().unwrap()],
+    );
+    assert!(
+        said.contains(&digest) && said.contains("of uid 0"),
+        "{said}"
+    );
+    assert_eq!(
+        files_under(&host_b.store_dir().join("working-sets")),
+        vec![format!("0/{digest}.ws")]
+    );
+    let socket = snap.dir.path().join("b.sock");
+    host_b
+        .listen_firecracker("fcf", &socket, &snap.path(), None, None)
+        .unwrap();
+    assert!(
+        host_b.wait_for_log("snapshot file scanned", T),
+        "{}",
+        host_b.log()
+    );
+    let (_second, s2) = restore_and_touch(&host_b, &socket, "fcf-1", &snap, &w, |_| {
+        host_b.settled_vm_stats("fcf-1", |s| {
+            s.first()
+                .is_some_and(|s| !s.working_set.replay_stop.is_empty())
+        });
+    });
+
+    let ws = &s2.working_set;
+    assert_eq!(ws.replay_stop, "done", "{ws:?}");
+    assert_eq!(
+        (ws.replay_pages, ws.prefetched),
+        (w.len() as u64, w.len() as u64)
+    );
+    assert_eq!((s2.vcpu_faults, ws.late, ws.misses), (0, 0, 0), "{ws:?}");
+}
+
+#[test]
+fn a_tenant_lists_exports_and_removes_only_its_own_recordings_and_an_import_lands_under_its_uid() {
+    const OWNER: u32 = 61011;
+    const OTHER: u32 = 61012;
+    let faultd = Faultd::start(&[]);
+    open_socket(&faultd);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let rec = dir.path().join("rec.ws");
+    std::fs::write(&rec, recording_bytes(0xAB, 40)).unwrap();
+    let digest = "ab".repeat(32);
+    let uid = OWNER.to_string();
+    // Root imports it for OWNER.
+    ctl_ok(
+        &faultd,
+        None,
+        &[
+            "working-set",
+            "import",
+            rec.to_str().unwrap(),
+            "--uid",
+            &uid,
+        ],
+    );
+
+    // OTHER sees none of it, and every way of naming it is refused or finds nothing.
+    assert_eq!(listed(&faultd, Some(OTHER), &[]), vec![]);
+    let out = dir.path().join("stolen.ws");
+    let out = out.to_str().unwrap();
+    let forbidden = [
+        vec!["working-set", "list", "--uid", &uid],
+        vec!["working-set", "list", "--imported"],
+        vec!["working-set", "export", &digest, "-o", out, "--uid", &uid],
+        vec!["working-set", "remove", &digest, "--uid", &uid],
+        vec!["working-set", "remove", &digest, "--imported"],
+    ];
+    for args in &forbidden {
+        let (code, _, err) = ctl_as(&faultd, Some(OTHER), args);
+        assert_eq!(code, 4, "{args:?}: {err}");
+        assert!(err.contains("Forbidden"), "{args:?}: {err}");
+    }
+    let (code, _, err) = ctl_as(
+        &faultd,
+        Some(OTHER),
+        &["working-set", "export", &digest, "-o", out],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("of uid {OTHER}")), "{err}");
+    // A digest that is a path is refused before any path is made of it.
+    let (code, _, err) = ctl_as(
+        &faultd,
+        Some(OTHER),
+        &["working-set", "remove", &format!("../{OWNER}/{digest}")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is not a snapshot digest"), "{err}");
+    assert!(!std::path::Path::new(out).exists());
+
+    // OTHER imports a recording of the same snapshot: it lands under OTHER only.
+    std::fs::write(&rec, recording_bytes(0xAB, 7)).unwrap();
+    ctl_ok(
+        &faultd,
+        Some(OTHER),
+        &["working-set", "import", rec.to_str().unwrap()],
+    );
+    let all: Vec<(Option<u32>, u64)> = listed(&faultd, None, &[])
+        .iter()
+        .map(|r| (r.uid, r.pages))
+        .collect();
+    assert_eq!(all, vec![(Some(OWNER), 40), (Some(OTHER), 7)]);
+
+    // OWNER lists, exports and removes its own.
+    let mine = listed(&faultd, Some(OWNER), &[]);
+    assert_eq!((mine.len(), mine[0].pages), (1, 40));
+    let back = dir.path().join("back.ws");
+    ctl_ok(
+        &faultd,
+        Some(OWNER),
+        &[
+            "working-set",
+            "export",
+            &digest,
+            "-o",
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&back).unwrap() == recording_bytes(0xAB, 40));
+    ctl_ok(&faultd, Some(OWNER), &["working-set", "remove", &digest]);
+    let all: Vec<Option<u32>> = listed(&faultd, None, &[]).iter().map(|r| r.uid).collect();
+    assert_eq!(all, vec![Some(OTHER)]);
+}
+
+#[test]
+fn a_corrupt_truncated_or_misnamed_import_is_refused_with_its_reason_and_leaves_nothing() {
+    let faultd = Faultd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let good = recording_bytes(0xCD, 5000);
+    let mut flipped = good.clone();
+    flipped[64 + 8 * 100] ^= 0x10;
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "corrupt",
+            flipped,
+            "checksum mismatch: the recording is damaged",
+        ),
+        (
+            "truncated",
+            good[..good.len() - 1000].to_vec(),
+            "the header counts 5000 pages but the recording has room for",
+        ),
+        (
+            "short",
+            good[..80].to_vec(),
+            "a recording of 80 bytes: a recording is 96 to",
+        ),
+    ];
+    for (what, bytes, why) in cases {
+        let file = dir.path().join(what);
+        std::fs::write(&file, &bytes).unwrap();
+
+        let (code, _, err) = ctl_as(
+            &faultd,
+            None,
+            &["working-set", "import", file.to_str().unwrap()],
+        );
+
+        assert_eq!(code, 1, "{what}: {err}");
+        assert!(err.contains(why), "{what}: {err}");
+        assert_eq!(
+            files_under(&faultd.store_dir().join("working-sets")),
+            Vec::<String>::new(),
+            "{what}"
+        );
+    }
+
+    // Sent raw: bytes that do not hash to the announced SHA-256 (damaged in transit), and a
+    // valid recording named as another snapshot's.
+    let digest = "cd".repeat(32);
+    let small = recording_bytes(0xCD, 3);
+    let sha = |b: &[u8]| faultd_proto::hex_encode(&<sha2::Sha256 as sha2::Digest>::digest(b));
+    let (real_sha, wrong_sha) = (sha(&small), sha(b"something else"));
+    let import = |digest: &str, sha256: &str| faultd_proto::Request::WorkingSetImport {
+        uid: None,
+        imported: false,
+        digest: digest.to_owned(),
+        sha256: sha256.to_owned(),
+        total: small.len() as u64,
+        offset: 0,
+        data: faultd_proto::hex_encode(&small),
+    };
+    let refusals = [
+        (
+            import(&digest, &wrong_sha),
+            "damaged or truncated in transit",
+        ),
+        (
+            import(&"ce".repeat(32), &real_sha),
+            "the recording is of snapshot cdcd",
+        ),
+    ];
+    for (request, why) in refusals {
+        let (code, message) =
+            faultd_tests::refused_raw(&faultd, &faultd_proto::encode(&request).unwrap(), &[]);
+
+        assert_eq!(code, faultd_proto::ErrorCode::BadRequest, "{message}");
+        assert!(message.contains(why), "{message}");
+        assert_eq!(
+            files_under(&faultd.store_dir().join("working-sets")),
+            Vec::<String>::new(),
+        );
+    }
+}
+
+/// The first chunk of an import of an 8 MiB recording on `conn`, and faultd's answer.
+fn start_upload(conn: &mut faultd_client::RawConnection, digest: u8) -> faultd_proto::Response {
+    let total = faultd_proto::WS_MAX_RECORDING_BYTES;
+    let request = faultd_proto::Request::WorkingSetImport {
+        uid: None,
+        imported: false,
+        digest: faultd_proto::hex_encode(&[digest; 32]),
+        sha256: faultd_proto::hex_encode(&[0; 32]),
+        total,
+        offset: 0,
+        data: faultd_proto::hex_encode(&[0xEE; faultd_proto::WS_CHUNK_BYTES]),
+    };
+    conn.send(&faultd_proto::encode(&request).unwrap(), &[])
+        .unwrap();
+    conn.recv_response().unwrap()
+}
+
+/// The staging files under faultd's library.
+fn staged(faultd: &Faultd) -> Vec<String> {
+    files_under(&faultd.store_dir().join("working-sets"))
+        .into_iter()
+        .filter(|f| f.contains(".upload-"))
+        .collect()
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + T;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_abandoned_upload_is_removed_and_staged_uploads_are_bounded() {
+    let faultd = Faultd::start_with_config("[limits]\nhandshake_ms = 3000\n");
+    let connect = || {
+        faultd_client::Client::connect(faultd.socket())
+            .unwrap()
+            .into_raw()
+    };
+    let chunk = faultd_proto::WS_CHUNK_BYTES as u64;
+    let total = faultd_proto::WS_MAX_RECORDING_BYTES;
+
+    // One uid stages two full-size uploads at most (MAX_STAGED_PER_UID).
+    let mut a = connect();
+    let mut b = connect();
+    let mut c = connect();
+    let received = faultd_proto::Response::WorkingSetReceived {
+        received: chunk,
+        total,
+    };
+    assert_eq!(start_upload(&mut a, 1), received);
+    assert_eq!(start_upload(&mut b, 2), received);
+    assert_eq!(staged(&faultd).len(), 2);
+    match start_upload(&mut c, 3) {
+        faultd_proto::Response::Error { code, message } => {
+            assert_eq!(code, faultd_proto::ErrorCode::Busy, "{message}");
+            assert!(
+                message.contains("uid 0's imports staged now hold"),
+                "{message}"
+            );
+        }
+        other => panic!("a third upload was taken: {other:?}"),
+    }
+
+    // A closed connection's upload is removed at once, and its bytes given back.
+    drop(a);
+    wait_until("the closed connection's upload was not removed", || {
+        staged(&faultd).len() == 1
+    });
+    let mut d = connect();
+    assert_eq!(start_upload(&mut d, 4), received);
+    assert_eq!(staged(&faultd).len(), 2);
+
+    // An upload left idle is closed at the handshake deadline, and removed with it.
+    wait_until("idle uploads were not removed at the deadline", || {
+        staged(&faultd).is_empty()
+    });
+    match b.recv_response().unwrap() {
+        faultd_proto::Response::Error { message, .. } => {
+            assert!(message.contains("no request came in time"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut e = connect();
+    assert_eq!(start_upload(&mut e, 5), received);
+}
+
+// ---- Replay stops: a wrong recording, the VM's budget ----
+
+/// Records, through `faultd`'s listener `socket` as restore `vm`, a guest touching `offs`.
+fn record(faultd: &Faultd, socket: &std::path::Path, vm: &str, snap: &Snapshot, offs: &[u64]) {
+    let (mut first, s1) = restore_and_touch(faultd, socket, vm, snap, offs, |_| {});
+    assert_eq!(s1.working_set.recorded, offs.len() as u64);
+    first.hang_up();
+    assert!(
+        faultd.wait_for_log("working set recorded", T),
+        "{}",
+        faultd.log()
+    );
+}
+
+#[test]
+fn a_recording_of_another_working_set_is_judged_wrong_and_what_it_installed_is_the_waste() {
+    let snap = Snapshot::new(0x3E56);
+    let faultd = recording_faultd();
+    let socket = listen(&faultd, "fcx", &snap);
+    // Recorded: the first 12 MiB page by page in reverse (no runs: replay takes long).
+    let recorded: Vec<u64> = (0..12 * MIB / PAGE).rev().map(|p| p * PAGE).collect();
+    record(&faultd, &socket, "fcx-1", &snap, &recorded);
+
+    // The next guest touches only the last 4 MiB, from 16 vCPUs that are already faulting
+    // when faultd takes the restore (so demand faults keep coming from replay's start on).
+    let other: Vec<u64> = (12 * MIB / PAGE..RAM / PAGE).map(|p| p * PAGE).collect();
+    let mut second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
+    let parts: Vec<Vec<u64>> = other
+        .chunks(other.len() / 16)
+        .map(|part| part.iter().map(|&o| second.addr(0, o)).collect())
+        .collect();
+    let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let threads: Vec<_> = parts
+            .into_iter()
+            .map(|addrs| s.spawn(move || copy_with_timeout(addrs, PAGE as usize, T)))
+            .collect();
+        second.send(&socket, WireForm::Current).unwrap();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    let stats = only(faultd.settled_vm_stats("fcx-2", |s| {
+        s.first()
+            .is_some_and(|s| !s.working_set.replay_stop.is_empty() && s.vcpu_faults >= 1024)
+    }));
+
+    for (&off, page) in other.iter().zip(&got) {
+        assert!(*page == snap.page(off), "offset {off:#x} differs");
+    }
+    let ws = &stats.working_set;
+    eprintln!("wrong recording: {ws:?}, {} vCPU faults", stats.vcpu_faults);
+    assert_eq!(
+        ws.replay_stop,
+        "wrong",
+        "{ws:?}\n{}",
+        faultd
+            .log()
+            .lines()
+            .filter(|l| l.contains("session=2") || l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Every demand fault is outside the recording: a miss, or (before the recording had
+    // loaded, while faults were served) recorded as this guest's own.
+    assert_eq!(ws.misses + ws.recorded, other.len() as u64, "{ws:?}");
+    assert!(ws.misses >= 32 && ws.late == 0, "{ws:?}");
+    assert!(ws.prefetched > 0 && ws.prefetched + ws.skipped < recorded.len() as u64);
+    // The waste, as the guest's own memory shows it: resident are the guest's data pages and
+    // exactly the pages replay installed, none of which the guest touched.
+    // (Replay installs a zero page of the snapshot as the shared zero page: no RAM.)
+    let zero = other.iter().filter(|&&o| snap.is_zero(o)).count() as u64;
+    let data = other.len() as u64 - zero;
+    let replayed_zero = ws.zero_pages - zero;
+    let rss = rss_of(second.addr(0, 0));
+    eprintln!(
+        "rss {} pages: guest data {data}, prefetched {} ({replayed_zero} zero)",
+        rss / PAGE,
+        ws.prefetched
+    );
+    assert_eq!(rss, (data + ws.prefetched - replayed_zero) * PAGE);
+}
+
+#[test]
+fn replay_stops_at_the_vms_budget_and_never_exceeds_it() {
+    let snap = Snapshot::new(0x3E57);
+    let faultd = Faultd::start_with_config(
+        "[working_set]\nrecord = true\nreplay = true\nrecord_ms = 60000\nrecord_pages = 65536\n\
+         [budget]\nsession_mib = 4\n",
+    );
+    let socket = listen(&faultd, "fcg", &snap);
+    // Recorded with no budget in the way: a first guest touching 2 MiB (within 4 MiB).
+    // Then the recording is replaced by one of all 16 MiB (an operator's import).
+    let first: Vec<u64> = (0..2 * MIB / PAGE).map(|p| p * PAGE).collect();
+    record(&faultd, &socket, "fcg-1", &snap, &first);
+    let rows = listed(&faultd, None, &[]);
+    let mut rec = faultd::engine::working_set::Recording::decode(
+        &std::fs::read(
+            faultd
+                .store_dir()
+                .join(format!("working-sets/0/{}.ws", rows[0].digest)),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    rec.offsets = (0..RAM / PAGE).map(|p| p * PAGE).collect();
+    let file = snap.dir.path().join("all.ws");
+    std::fs::write(&file, rec.encode()).unwrap();
+    ctl_ok(
+        &faultd,
+        None,
+        &["working-set", "import", file.to_str().unwrap()],
+    );
+
+    let second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
+    let mut second = second;
+    second.send(&socket, WireForm::Current).unwrap();
+    let stats = only(faultd.settled_vm_stats("fcg-2", |s| {
+        s.first()
+            .is_some_and(|s| !s.working_set.replay_stop.is_empty())
+    }));
+
+    let ws = &stats.working_set;
+    eprintln!("budget stop: {ws:?}, resident {}", stats.resident_bytes);
+    let budget = 4 * MIB;
+    let low = budget * 85 / 100;
+    assert_eq!(ws.replay_stop, "budget", "{ws:?}");
+    assert!(ws.prefetched * PAGE <= low, "{ws:?}");
+    assert!(ws.prefetched * PAGE > low - 16 * PAGE, "{ws:?}");
+    assert!(stats.resident_bytes <= low, "{}", stats.resident_bytes);
+    assert_eq!(stats.evictions, 0);
+    // In RAM: what replay installed but the snapshot's zero pages (the shared zero page).
+    assert_eq!(
+        rss_of(second.addr(0, 0)),
+        (ws.prefetched - ws.zero_pages) * PAGE
+    );
+    second.hang_up();
+}

@@ -107,6 +107,99 @@ pub enum Request {
         /// The listener's name (its `vm`).
         vm: String,
     },
+    /// Not a VMM session: the working-set recordings the caller may see (its own uid's; the
+    /// operator's: every uid's and the imported ones, or those `uid` / `imported` name).
+    /// Answered [`Response::WorkingSets`]. Takes no fds.
+    WorkingSetList {
+        /// Only this uid's (the operator only, or the caller's own uid).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        /// Only the imported ones (the operator only).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        imported: bool,
+    },
+    /// Not a VMM session: one chunk of a recording's file, from `offset`, at most
+    /// [`WS_CHUNK_BYTES`]. A transfer starts at offset 0, which opens the file for this
+    /// connection; later chunks are read from that same file, so a recording replaced meanwhile
+    /// never mixes into one export. Answered [`Response::WorkingSetChunk`]. Takes no fds.
+    WorkingSetExport {
+        /// Whose recording: this uid's (none: the caller's own; only the operator names
+        /// another uid).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        /// The operator's imports, which every uid's sessions replay (the operator only).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        imported: bool,
+        /// The snapshot's SHA-256, 64 lowercase hex digits.
+        digest: String,
+        /// Byte offset in the recording's file.
+        offset: u64,
+    },
+    /// Not a VMM session: one chunk of a recording to import, in order from offset 0. faultd
+    /// stages it in a temporary file of the library (one upload per connection, bounded in
+    /// total bytes), and only when the last chunk has come, the whole file has SHA-256
+    /// `sha256` and decodes as a recording of snapshot `digest`, renames it into place. An
+    /// upload abandoned (connection closed, or a refusal) is removed. Answered
+    /// [`Response::WorkingSetReceived`], the last chunk [`Response::WorkingSetImported`].
+    /// Takes no fds.
+    WorkingSetImport {
+        /// Whose recording it becomes: this uid's (none: the caller's own; only the operator names
+        /// another uid).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        /// The operator's imports, which every uid's sessions replay (the operator only).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        imported: bool,
+        /// The snapshot's SHA-256, 64 lowercase hex digits (as in the recording's header).
+        digest: String,
+        /// The SHA-256 of the recording's whole file, 64 lowercase hex digits.
+        sha256: String,
+        /// The recording's size in bytes (at most [`WS_MAX_RECORDING_BYTES`]).
+        total: u64,
+        /// Where this chunk goes: the bytes received so far.
+        offset: u64,
+        /// The chunk, lowercase hex, at most [`WS_CHUNK_BYTES`] bytes.
+        data: String,
+    },
+    /// Not a VMM session: removes a recording. Answered [`Response::WorkingSetRemoved`].
+    /// Takes no fds.
+    WorkingSetRemove {
+        /// Whose recording: this uid's (none: the caller's own; only the operator names
+        /// another uid).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uid: Option<u32>,
+        /// The operator's imports, which every uid's sessions replay (the operator only).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        imported: bool,
+        /// The snapshot's SHA-256, 64 lowercase hex digits.
+        digest: String,
+    },
+}
+
+/// Most bytes of a working-set recording file (a header, 1 Mi offsets, a checksum).
+pub const WS_MAX_RECORDING_BYTES: u64 = 64 + 8 * (1 << 20) + 32;
+
+/// Most recording bytes in one [`Request::WorkingSetImport`] or [`Response::WorkingSetChunk`]:
+/// hex doubles them, and the rest of the message stays well within [`MAX_MESSAGE_BYTES`].
+pub const WS_CHUNK_BYTES: usize = 24 * 1024;
+
+/// Most rows in one [`Response::WorkingSets`] (each ~200 bytes of JSON).
+pub const MAX_WS_ROWS: usize = 256;
+
+/// One working-set recording as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetRow {
+    /// The uid whose sessions replay it; none: imported (every uid's).
+    pub uid: Option<u32>,
+    /// The snapshot's SHA-256, hex.
+    pub digest: String,
+    /// Pages recorded.
+    pub pages: u64,
+    /// The snapshot file's size, bytes.
+    pub snapshot_size: u64,
+    /// The recording file's size, bytes.
+    pub bytes: u64,
 }
 
 /// Most rows in one [`Response::Sessions`]: 64 rows of at most ~700 bytes each stay well within
@@ -381,6 +474,43 @@ pub enum Response {
         vm: String,
         /// The socket, now removed.
         socket: std::path::PathBuf,
+    },
+    /// The recordings a [`Request::WorkingSetList`] asked for, by uid then digest.
+    WorkingSets {
+        /// At most [`MAX_WS_ROWS`] of them.
+        recordings: Vec<WorkingSetRow>,
+        /// How many more there are, left out.
+        omitted: u64,
+    },
+    /// A chunk of a recording's file (the answer to [`Request::WorkingSetExport`]).
+    WorkingSetChunk {
+        /// The snapshot's SHA-256, hex.
+        digest: String,
+        /// The SHA-256 of the whole file, hex: the exporter checks what it put together.
+        sha256: String,
+        /// The file's size.
+        total: u64,
+        /// Where `data` starts.
+        offset: u64,
+        /// The bytes, lowercase hex (none at or past the end).
+        data: String,
+    },
+    /// A chunk of an import was staged (the answer to each [`Request::WorkingSetImport`] but
+    /// the last).
+    WorkingSetReceived {
+        /// Bytes staged so far.
+        received: u64,
+        /// Of the recording's size.
+        total: u64,
+    },
+    /// The import is complete, checked and in place (the answer to the last chunk).
+    WorkingSetImported(WorkingSetRow),
+    /// The recording is removed (the answer to [`Request::WorkingSetRemove`]).
+    WorkingSetRemoved {
+        /// Whose it was (none: imported).
+        uid: Option<u32>,
+        /// The snapshot's SHA-256, hex.
+        digest: String,
     },
 }
 
@@ -717,6 +847,33 @@ pub enum ErrorCode {
     Forbidden,
 }
 
+/// Bytes as lowercase hex (how recording chunks and digests travel in JSON).
+pub fn hex_encode(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}
+
+/// Lowercase hex as bytes; None if `text` is not an even number of lowercase hex digits.
+pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let t = text.as_bytes();
+    if !t.len().is_multiple_of(2) {
+        return None;
+    }
+    t.chunks_exact(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
+
 /// Failure to encode or decode a message.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -816,6 +973,37 @@ fn record_not_an_object(message: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_round_trips_and_refuses_odd_lengths_and_other_digits() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex_decode(&hex_encode(&bytes)), Some(bytes));
+        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(hex_decode("AB"), None);
+        assert_eq!(hex_decode("0g"), None);
+    }
+
+    #[test]
+    fn a_full_working_set_chunk_fits_one_message() {
+        let chunk = Response::WorkingSetChunk {
+            digest: "f".repeat(64),
+            sha256: "f".repeat(64),
+            total: WS_MAX_RECORDING_BYTES,
+            offset: WS_MAX_RECORDING_BYTES,
+            data: hex_encode(&[0xff; WS_CHUNK_BYTES]),
+        };
+        let import = Request::WorkingSetImport {
+            uid: Some(u32::MAX),
+            imported: true,
+            digest: "f".repeat(64),
+            sha256: "f".repeat(64),
+            total: WS_MAX_RECORDING_BYTES,
+            offset: WS_MAX_RECORDING_BYTES,
+            data: hex_encode(&[0xff; WS_CHUNK_BYTES]),
+        };
+        assert!(encode(&chunk).is_ok());
+        assert!(encode(&import).is_ok());
+    }
 
     #[test]
     fn a_variant_tag_spelled_as_its_index_is_malformed() {

@@ -33,6 +33,35 @@ pub const PAGE: u64 = 4096;
 pub const MAX_PAGES: u64 = crate::ops::config::MAX_RECORD_PAGES;
 /// Most bytes of an encoded recording.
 pub const MAX_BYTES: usize = HEADER + 8 * MAX_PAGES as usize + TRAILER;
+/// Bytes of a recording's header, all [`Header::read`] needs.
+pub const HEADER_BYTES: usize = HEADER;
+
+/// What a recording's header says, read without the rest of the file (a listing reads no
+/// more; the checksum and the offsets are checked only by [`Recording::decode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Pages recorded.
+    pub pages: u64,
+    /// The snapshot file's size.
+    pub snapshot_size: u64,
+}
+
+impl Header {
+    /// The header of a recording file of `len` bytes: None unless the magic, version and page
+    /// size are this format's and the count is within the bound and fits `len` exactly.
+    pub fn read(head: &[u8; HEADER], len: u64) -> Option<Header> {
+        let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap_or_default());
+        let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap_or_default());
+        let pages = u64_at(56);
+        let fits = pages <= MAX_PAGES && (HEADER + TRAILER) as u64 + 8 * pages == len;
+        (head[..8] == MAGIC && u32_at(8) == VERSION && u64::from(u32_at(12)) == PAGE && fits)
+            .then_some(Header {
+                pages,
+                snapshot_size: u64_at(16),
+            })
+    }
+}
+
 /// A working-set recording: the snapshot it is of, and its pages in first-touch order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recording {
@@ -231,6 +260,26 @@ mod tests {
             Recording::decode(&resum(big)),
             Err(DecodeError::Count { .. })
         ));
+    }
+
+    #[test]
+    fn a_header_is_read_alone_and_only_at_its_length() {
+        let bytes = sample().encode();
+        let head: &[u8; HEADER] = bytes[..HEADER].try_into().unwrap();
+        let len = bytes.len() as u64;
+        let want = Header {
+            pages: 3,
+            snapshot_size: 64 * PAGE,
+        };
+        assert_eq!(Header::read(head, len), Some(want));
+        assert_eq!(Header::read(head, len - 8), None);
+        // A count beyond the bound is refused without arithmetic overflow.
+        let mut big = *head;
+        big[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(Header::read(&big, len), None);
+        let mut foreign = *head;
+        foreign[0] ^= 1;
+        assert_eq!(Header::read(&foreign, len), None);
     }
 
     proptest! {

@@ -1445,13 +1445,63 @@ fn replaying(
         )
         .unwrap();
     s.set_snapshot_info(Arc::new(SnapshotInfo::ready(scan)));
-    server(s, pages).with_working_set(WsConfig {
+    let mut srv = server(s, pages).with_working_set(WsConfig {
         record: false,
         record_pages: 1,
         record_for: std::time::Duration::from_secs(10),
         replay: true,
         library,
-    })
+    });
+    // The recording loads on a thread of its own: here, before the test's faults.
+    srv.ws_start();
+    srv.ws_wait_loaded();
+    srv
+}
+
+#[test]
+fn the_first_fault_is_served_while_a_large_recording_is_still_loading() {
+    use crate::engine::recording::{Recording, MAX_PAGES};
+    use crate::engine::snapshots::SnapshotInfo;
+    use crate::engine::working_set::WsConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session(8, Backing::File { offset: 0 }, Some(snapshot(8)));
+    // A snapshot said to be 4 GiB (digest and size are what the recording is matched on),
+    // and a recording of the largest size for it: 1 Mi pages, 8 MiB to read, check and index.
+    let mut scan = crate::kernel::scan::scan(s.snapshot().unwrap(), u64::MAX, || true).unwrap();
+    scan.key.size = MAX_PAGES * PAGE;
+    scan.digest = [0x5A; 32];
+    let library = crate::engine::ws_library::Library::new(dir.path(), 4);
+    let rec = Recording {
+        snapshot_size: scan.key.size,
+        digest: scan.digest,
+        offsets: (0..MAX_PAGES).rev().map(|p| p * PAGE).collect(),
+    };
+    library.save(Some(0), &rec).unwrap();
+    s.set_snapshot_info(Arc::new(SnapshotInfo::ready(scan)));
+    let mut srv = server(&s, 8).with_working_set(WsConfig {
+        record: false,
+        record_pages: 1,
+        record_for: std::time::Duration::from_secs(10),
+        replay: true,
+        library,
+    });
+
+    // The fault thread's start: the lookup begins, and the guest's first fault comes.
+    srv.ws_start();
+    srv.ops().touch(HVA + 3 * PAGE);
+    let served = srv.serve_ready().unwrap();
+    let still_loading = srv.ws_loading();
+
+    assert_eq!(served, 1);
+    assert_eq!(srv.ops().page(HVA + 3 * PAGE), Some(vec![4; PAGE as usize]));
+    assert!(
+        still_loading,
+        "the recording was loaded before the first fault was served"
+    );
+    // Then it arrives, and replay starts in the next slice.
+    srv.ws_wait_loaded();
+    assert!(srv.prefetch_slice() || !s.stats().working_set.replay_stop.is_empty());
+    assert_eq!(s.stats().working_set.replay_pages, MAX_PAGES);
 }
 
 #[test]

@@ -226,7 +226,7 @@ fn preemptions() -> i64 {
 
 /// The adaptive polling loop: serve while work comes, spin for the [`SpinPolicy`] window after
 /// the last of it, then sleep in poll(2) on the uffd, the device queues and the control eventfd.
-fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
+fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Arc<Control>) {
     server.session.watch.register_current_thread();
     let t0 = Instant::now();
     if let Some(r) = server.resume() {
@@ -241,8 +241,12 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             "resumed: page state rebuilt from guest memory and the store journal, waiters woken"
         );
     }
-    // A recording to replay is found before the first fault, so every demand fault is judged
-    // against it.
+    // A recording to replay is looked for at once, on a loader thread that wakes this one when
+    // it has it; faults are served meanwhile.
+    let wake = ctl.clone();
+    server.ws.waker = Some(Arc::new(move || {
+        let _ = wake.event.write(1);
+    }));
     server.ws_start();
     let mut policy = SpinPolicy::new(spin);
     let mut last_work = Instant::now();
@@ -292,6 +296,11 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
                 // No spin after this burst: read again first only where that finds work (see
                 // ReadFirst), else sleep in poll(2) at once.
                 in_burst = false;
+                // But never with replay left to do: it runs only in a pass that finds nothing
+                // pending, and a guest done faulting would leave it asleep halfway for good.
+                if server.ws_replaying() {
+                    continue;
+                }
                 if reads.read_first() {
                     reading_first = true;
                     continue;
@@ -362,7 +371,7 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Control) {
             break;
         }
     }
-    server.ws_save();
+    server.ws_end();
     let handover = *ctl.handover.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(drain) = handover {
         server.drain(drain);

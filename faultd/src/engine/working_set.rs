@@ -6,13 +6,17 @@
 //! (a vCPU fault or a device page request; never a page replay installs) appends its file
 //! offset, until `working_set.record_pages` pages or `working_set.record_ms` have passed. The
 //! recording ([`super::recording`] has the file format) is then written (off the fault thread)
-//! to the [`Library`](super::ws_library::Library), keyed by the session owner's uid and the snapshot's SHA-256 digest ([`crate::engine::snapshots`]). A session that
-//! replays a recording records nothing.
+//! to the [`Library`](super::ws_library::Library), keyed by the session owner's uid and the
+//! snapshot's SHA-256 digest ([`crate::engine::snapshots`]). A session that replays a recording
+//! records nothing.
 //!
-//! **Replay.** When the fault thread has nothing pending, it installs the next few recorded
-//! pages ([`SLICE_PAGES`] at most, then it looks at its sources again: a ready fault never
-//! waits for more than one slice), contiguous runs in one `UFFDIO_COPY`. A page is installed
-//! only if s2map has it absent and to be filled from the snapshot: a page the VM has, a page
+//! **Replay.** The recording of the snapshot is looked for as soon as its digest is known, on
+//! a loader thread (reading, checking and indexing up to [`MAX_BYTES`](super::recording::MAX_BYTES) takes milliseconds),
+//! which wakes the fault thread when it is ready: the guest's first faults are served
+//! meanwhile, and replay starts in the next slice after it arrives. When the fault thread has
+//! nothing pending, it installs the next few recorded pages ([`SLICE_PAGES`] at most, then it
+//! looks at its sources again: a ready fault never waits for more than one slice), contiguous
+//! runs in one `UFFDIO_COPY`. A page is installed only if s2map has it absent and to be filled from the snapshot: a page the VM has, a page
 //! it discarded (s2map then fills it with zeros) or one in the store is skipped. A copy that
 //! fails with EAGAIN (a layout event unread) is aborted and the page tried again after the
 //! events are read, so a discarded range is never filled again. Replay stops when the
@@ -30,7 +34,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Pages one replay slice installs at most before the sources are looked at again.
+/// Pages one replay slice installs at most before the sources are looked at again (fewer
+/// when the VM's budget has less room below its low watermark).
 pub const SLICE_PAGES: usize = 64;
 /// Pages one UFFDIO_COPY of a run installs at most.
 pub const RUN_PAGES: usize = 16;
@@ -77,8 +82,23 @@ struct Replay {
     failures: u32,
 }
 
+impl Replay {
+    /// The replay of `rec` from its start.
+    fn new(rec: Arc<Recording>) -> Replay {
+        Replay {
+            pending: rec.offsets.iter().copied().collect(),
+            all: rec.offsets.iter().copied().collect(),
+            rec,
+            next: 0,
+            demand: 0,
+            misses: 0,
+            failures: 0,
+        }
+    }
+}
+
 /// A server's working-set state (none unless configured: [`FaultServer::with_working_set`]).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct WsState {
     cfg: Option<WsConfig>,
     started: Option<Instant>,
@@ -86,11 +106,28 @@ pub(crate) struct WsState {
     replay: Option<Replay>,
     /// Whether the library was asked for a recording (once the digest is known).
     looked_up: bool,
+    /// The lookup in flight: a loader thread reads, checks and indexes the recording (up to
+    /// [`MAX_BYTES`](super::recording::MAX_BYTES)) off the fault thread, and sends it here (None: there is none).
+    loading: Option<std::sync::mpsc::Receiver<Option<Replay>>>,
+    /// Wakes the fault thread from poll(2) when the loader is done (none: nobody sleeps, as
+    /// in unit tests).
+    pub(crate) waker: Option<Arc<dyn Fn() + Send + Sync>>,
     /// Set while replay installs: [`FaultServer::install`] is then not a demand fill.
     pub(crate) prefetching: bool,
     /// The pages of the recording replay ended with: demand fills outside them are still
     /// counted as misses.
     replayed: Option<HashSet<u64>>,
+}
+
+impl std::fmt::Debug for WsState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsState")
+            .field("recording", &self.recorder.is_some())
+            .field("replaying", &self.replay.is_some())
+            .field("looked_up", &self.looked_up)
+            .field("loading", &self.loading.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 use super::{FaultServer, InstallFail};
@@ -156,6 +193,11 @@ impl<O: UffdOps> FaultServer<O> {
     /// Ends the recording and hands it to a thread that writes it (nothing is written without
     /// pages, or before the snapshot's digest is known).
     pub(crate) fn ws_save(&mut self) {
+        // A recording may be on its way: saving now would replace it with this session's
+        // partial one. Not known yet: ask again at the next fill (or at the end).
+        if !self.ws_poll_loader(false) {
+            return;
+        }
         let Some(rec) = self.ws.recorder.as_mut().filter(|r| !r.done) else {
             return;
         };
@@ -213,6 +255,7 @@ impl<O: UffdOps> FaultServer<O> {
         if !self.ws.looked_up {
             self.ws_look_up();
         }
+        self.ws_poll_loader(false);
         if self.ws.replay.is_none() {
             return false;
         }
@@ -234,12 +277,59 @@ impl<O: UffdOps> FaultServer<O> {
         more
     }
 
-    /// Looks for a recording to replay now (when the snapshot's digest is already known; else
-    /// the first replay slices look again).
+    /// Starts looking for a recording to replay (when the snapshot's digest is already known;
+    /// else the first replay slices look again). It loads on a thread of its own; faults are
+    /// served meanwhile, and replay starts in the first slice after it arrives.
     pub fn ws_start(&mut self) {
         if self.ws.cfg.is_some() && !self.ws.looked_up {
             self.ws_look_up();
         }
+    }
+
+    /// Whether replay has pages left to install.
+    pub fn ws_replaying(&self) -> bool {
+        self.ws.replay.is_some()
+    }
+
+    /// Whether a recording is still loading.
+    pub fn ws_loading(&self) -> bool {
+        self.ws.loading.is_some()
+    }
+
+    /// Waits for the recording being loaded, if any, and starts replaying it.
+    pub fn ws_wait_loaded(&mut self) {
+        self.ws_poll_loader(true);
+    }
+
+    /// At the session's end: the lookup in flight is waited for (a recording found means this
+    /// session's touches are not saved over it), then what was recorded is saved.
+    pub(crate) fn ws_end(&mut self) {
+        self.ws_poll_loader(true);
+        self.ws_save();
+    }
+
+    /// Takes the loader's answer if it has come (`block`: waits for it) and starts replaying
+    /// what it found. Returns whether no lookup is in flight any more.
+    fn ws_poll_loader(&mut self, block: bool) -> bool {
+        let Some(rx) = &self.ws.loading else {
+            return true;
+        };
+        let got = if block {
+            rx.recv()
+                .map_err(|_| std::sync::mpsc::TryRecvError::Disconnected)
+        } else {
+            rx.try_recv()
+        };
+        let found = match got {
+            Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            Ok(found) => found,
+        };
+        self.ws.loading = None;
+        if let Some(replay) = found {
+            self.ws_begin_replay(replay);
+        }
+        true
     }
 
     /// Looks for a recording of this session's snapshot, once its digest is known.
@@ -261,26 +351,42 @@ impl<O: UffdOps> FaultServer<O> {
         if !cfg.replay {
             return;
         }
-        let Some(rec) = cfg.library.find(self.session.owner(), &scan.digest) else {
-            return;
-        };
-        if rec.snapshot_size != scan.key.size {
-            return;
+        // Reading, checking and indexing a recording of up to MAX_BYTES takes milliseconds: on
+        // a thread of its own, so the guest's first faults never wait for it.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let library = cfg.library.clone();
+        let owner = self.session.owner();
+        let (digest, size) = (scan.digest, scan.key.size);
+        let waker = self.ws.waker.clone();
+        let spawned = std::thread::Builder::new()
+            .name("faultd-ws-load".into())
+            .spawn(move || {
+                let found = library
+                    .find(owner, &digest)
+                    .filter(|r| r.snapshot_size == size)
+                    .map(Replay::new);
+                let _ = tx.send(found);
+                if let Some(wake) = waker {
+                    wake();
+                }
+            });
+        match spawned {
+            Ok(_) => self.ws.loading = Some(rx),
+            Err(e) => tracing::warn!(
+                session = self.session.id(),
+                "no working-set replay: starting its loader: {e}"
+            ),
         }
+    }
+
+    /// Starts `replay` (loaded and prepared by [`FaultServer::ws_look_up`]'s thread).
+    fn ws_begin_replay(&mut self, replay: Replay) {
         let c = &self.session.counters.ws;
         c.replay_pages
-            .store(rec.offsets.len() as u64, Ordering::Relaxed);
+            .store(replay.rec.offsets.len() as u64, Ordering::Relaxed);
         // A recording exists: this session's own demand faults are not a new one.
         self.ws.recorder = None;
-        self.ws.replay = Some(Replay {
-            pending: rec.offsets.iter().copied().collect(),
-            all: rec.offsets.iter().copied().collect(),
-            rec,
-            next: 0,
-            demand: 0,
-            misses: 0,
-            failures: 0,
-        });
+        self.ws.replay = Some(replay);
     }
 
     fn ws_should_stop(&mut self) -> Option<ReplayStop> {
@@ -291,19 +397,28 @@ impl<O: UffdOps> FaultServer<O> {
         if r.demand >= JUDGE_AFTER && r.misses * 4 > r.demand * 3 {
             return Some(ReplayStop::Wrong);
         }
-        if let Some(b) = &self.budget {
-            let room = |budget: u64, used: u64| {
-                budget == 0
-                    || used + RUN_PAGES as u64 * PAGE
-                        <= super::budget::share(budget, b.limits.low_pct)
-            };
-            let own = self.own_resident();
-            let global = b.global.load(Ordering::Relaxed);
-            if !room(b.limits.session, own) || !room(b.limits.global, global) {
-                return Some(ReplayStop::Budget);
-            }
+        if self.ws_room() < RUN_PAGES {
+            return Some(ReplayStop::Budget);
         }
         None
+    }
+
+    /// Pages replay may still install below the low watermarks of the VM's and the global
+    /// budget (all of a slice when there is no budget).
+    fn ws_room(&self) -> usize {
+        let Some(b) = &self.budget else {
+            return SLICE_PAGES;
+        };
+        let room = |budget: u64, used: u64| {
+            if budget == 0 {
+                SLICE_PAGES as u64
+            } else {
+                super::budget::share(budget, b.limits.low_pct).saturating_sub(used) / PAGE
+            }
+        };
+        let own = room(b.limits.session, self.own_resident());
+        let global = room(b.limits.global, b.global.load(Ordering::Relaxed));
+        own.min(global).min(SLICE_PAGES as u64) as usize
     }
 
     fn ws_stop(&mut self, why: ReplayStop) {
@@ -366,7 +481,8 @@ impl<O: UffdOps> FaultServer<O> {
 
     /// Installs up to [`SLICE_PAGES`] recorded pages. Returns whether the recording has more.
     fn ws_install_slice(&mut self) -> bool {
-        let mut budget = SLICE_PAGES;
+        // A slice never takes the VM past its budget's low watermark.
+        let mut budget = self.ws_room();
         while budget > 0 {
             let Some(r) = &self.ws.replay else {
                 return false;

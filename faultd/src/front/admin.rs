@@ -1,5 +1,5 @@
-//! Operator requests on the control socket: `status`, `sessions`, `session_detail` and
-//! `evict_session` (what `faultd ctl` sends). They come from a connection that has not
+//! Operator requests on the control socket: `status`, `sessions`, `session_detail`,
+//! `evict_session` and the `working_set_*` requests (what `faultd ctl` sends). They come from a connection that has not
 //! registered, and address sessions that other connections own.
 //!
 //! Owns: answering them from the daemon's live sessions, deciding who may reach which session
@@ -8,13 +8,14 @@
 //! channel, as for the VMM's own `evict`).
 
 use faultd_proto::{
-    BudgetStatus, DaemonStatus, ErrorCode, EvictAmount, ListenerStatus, Response, SessionDetail,
-    SessionEvicted, SessionRef, SessionRow, MAX_DETAIL_SESSIONS, MAX_SESSION_ROWS,
-    MAX_STATUS_LISTENERS,
+    BudgetStatus, DaemonStatus, ErrorCode, EvictAmount, ListenerStatus, Request, Response,
+    SessionDetail, SessionEvicted, SessionRef, SessionRow, WorkingSetRow, MAX_DETAIL_SESSIONS,
+    MAX_SESSION_ROWS, MAX_STATUS_LISTENERS, MAX_WS_ROWS, WS_CHUNK_BYTES,
 };
 use s2map::{Gpa, Layout};
 
 use crate::daemon::{Daemon, Served};
+use crate::engine::ws_library::{ExportFile, LibraryError, Listed, Upload};
 use crate::engine::{Command, EvictReport};
 use crate::front::validate::Refusal;
 
@@ -410,6 +411,218 @@ fn describe(layout: &Layout) -> String {
         parts.push(format!("and {} more", layout.regions().len() - SHOWN));
     }
     format!("guest RAM is {}", parts.join(", "))
+}
+
+/// A connection's working-set transfers in progress: at most one export and one import (a
+/// new one replaces the last). Dropped with the connection, which removes a staged import.
+#[derive(Debug, Default)]
+pub(crate) struct WsTransfer {
+    export: Option<(Option<u32>, ExportFile)>,
+    upload: Option<Upload>,
+}
+
+/// The directory of recordings a working-set request names (None: the imported ones), if
+/// `caller` (of uid `uid`) may reach it: a uid its own; the operator any uid's, and the
+/// imported ones; by default the caller's own uid's.
+fn ws_owner(
+    caller: Caller,
+    uid: Option<u32>,
+    asked: Option<u32>,
+    imported: bool,
+) -> Result<Option<u32>, Refusal> {
+    let whose = if imported {
+        "the imported working-set recordings".to_owned()
+    } else {
+        format!(
+            "the working-set recordings of uid {}",
+            asked.or(uid).unwrap_or(u32::MAX)
+        )
+    };
+    let forbid = || {
+        refusal(
+            ErrorCode::Forbidden,
+            format!(
+                "{whose} are not {}'s: a uid reaches its own recordings only, root every uid's",
+                caller.describe()
+            ),
+        )
+    };
+    match (caller, asked, imported) {
+        (_, Some(_), true) => Err(refusal(
+            ErrorCode::BadRequest,
+            "name a uid or the imported recordings, not both".into(),
+        )),
+        (Caller::Operator, _, true) => Ok(None),
+        (Caller::Operator, Some(u), false) => Ok(Some(u)),
+        (Caller::Operator, None, false) => Ok(Some(uid.unwrap_or(0))),
+        (Caller::User(Some(me)), None, false) => Ok(Some(me)),
+        (Caller::User(Some(me)), Some(u), false) if u == me => Ok(Some(me)),
+        _ => Err(forbid()),
+    }
+}
+
+fn ws_refusal(e: LibraryError) -> Refusal {
+    let code = match e {
+        LibraryError::Busy(_) => ErrorCode::Busy,
+        LibraryError::Io { .. } => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    };
+    let message = match std::error::Error::source(&e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    };
+    refusal(code, message)
+}
+
+fn row(l: Listed) -> WorkingSetRow {
+    WorkingSetRow {
+        uid: l.owner,
+        digest: l.digest,
+        pages: l.pages,
+        snapshot_size: l.snapshot_size,
+        bytes: l.bytes,
+    }
+}
+
+/// Answers a working-set request (`working_set_list`, `_export`, `_import`, `_remove`) of a
+/// caller of uid `uid`, with the connection's transfers in `transfer`. Blocking (file I/O):
+/// run off the reactor.
+pub(crate) fn working_set(
+    daemon: &Daemon,
+    request: Request,
+    caller: Caller,
+    uid: Option<u32>,
+    transfer: &mut WsTransfer,
+) -> Result<Response, Refusal> {
+    let library = &daemon.working_sets;
+    match request {
+        Request::WorkingSetList {
+            uid: asked,
+            imported,
+        } => {
+            let only = match (caller, asked, imported) {
+                // The operator without a choice: every directory.
+                (Caller::Operator, None, false) => None,
+                _ => Some(ws_owner(caller, uid, asked, imported)?),
+            };
+            let all = library.list(|o| only.is_none_or(|w| w == o));
+            let omitted = all.len().saturating_sub(MAX_WS_ROWS) as u64;
+            let recordings = all.into_iter().take(MAX_WS_ROWS).map(row).collect();
+            Ok(Response::WorkingSets {
+                recordings,
+                omitted,
+            })
+        }
+        Request::WorkingSetExport {
+            uid: asked,
+            imported,
+            digest,
+            offset,
+        } => {
+            let owner = ws_owner(caller, uid, asked, imported)?;
+            if offset == 0 {
+                transfer.export = None;
+                let file = library.open_export(owner, &digest).map_err(ws_refusal)?;
+                transfer.export = Some((owner, file));
+            }
+            let Some((_, file)) = transfer
+                .export
+                .as_ref()
+                .filter(|(o, f)| *o == owner && f.digest == digest)
+            else {
+                return Err(refusal(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "no export of {digest:?} in progress on this connection: an export                          starts at offset 0"
+                    ),
+                ));
+            };
+            if offset > file.total {
+                return Err(refusal(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "offset {offset} is past the recording's end ({} bytes)",
+                        file.total
+                    ),
+                ));
+            }
+            let data = file.chunk(offset, WS_CHUNK_BYTES).map_err(ws_refusal)?;
+            Ok(Response::WorkingSetChunk {
+                digest: file.digest.clone(),
+                sha256: file.sha256.clone(),
+                total: file.total,
+                offset,
+                data: faultd_proto::hex_encode(&data),
+            })
+        }
+        Request::WorkingSetImport {
+            uid: asked,
+            imported,
+            digest,
+            sha256,
+            total,
+            offset,
+            data,
+        } => {
+            let owner = ws_owner(caller, uid, asked, imported)?;
+            let bytes = faultd_proto::hex_decode(&data).ok_or_else(|| {
+                refusal(
+                    ErrorCode::BadRequest,
+                    "data is not lowercase hex of whole bytes".into(),
+                )
+            })?;
+            if offset == 0 {
+                // A new upload replaces this connection's last one (whose file goes).
+                transfer.upload = None;
+                let requester = uid.unwrap_or(u32::MAX);
+                transfer.upload = Some(
+                    library
+                        .begin_upload(owner, requester, &digest, &sha256, total)
+                        .map_err(ws_refusal)?,
+                );
+            }
+            let Some(upload) = transfer.upload.as_mut().filter(|u| {
+                u.owner == owner && u.digest == digest && u.sha256 == sha256 && u.total == total
+            }) else {
+                return Err(refusal(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "no import of {digest:?} with that size and SHA-256 in progress on this                          connection: an import starts at offset 0"
+                    ),
+                ));
+            };
+            let received = upload.write(offset, &bytes).map_err(ws_refusal)?;
+            if !upload.complete() {
+                return Ok(Response::WorkingSetReceived { received, total });
+            }
+            let upload = transfer
+                .upload
+                .take()
+                .ok_or_else(|| refusal(ErrorCode::Internal, "the import vanished".into()))?;
+            let listed = upload.finish().map_err(ws_refusal)?;
+            tracing::info!(
+                uid = ?listed.owner,
+                digest = listed.digest,
+                pages = listed.pages,
+                by = caller.describe(),
+                "working-set recording imported"
+            );
+            Ok(Response::WorkingSetImported(row(listed)))
+        }
+        Request::WorkingSetRemove {
+            uid: asked,
+            imported,
+            digest,
+        } => {
+            let owner = ws_owner(caller, uid, asked, imported)?;
+            library.remove(owner, &digest).map_err(ws_refusal)?;
+            Ok(Response::WorkingSetRemoved { uid: owner, digest })
+        }
+        _ => Err(refusal(
+            ErrorCode::Internal,
+            "not a working-set request".into(),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -319,6 +319,9 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
         Some(p) => p,
         None => return,
     };
+    // This connection's working-set export and import, if any: dropped (a staged import
+    // removed) whenever the connection ends, however it ends.
+    let mut transfer = crate::front::admin::WsTransfer::default();
     // A client that is not a VMM sends any number of admin requests, each answered, until it
     // hangs up (or one is refused).
     loop {
@@ -343,6 +346,12 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             Ok(Request::SessionDetail { target }) => Admin::Detail(target),
             Ok(Request::EvictSession { target, amount }) => Admin::Evict(target, amount),
             Ok(Request::FirecrackerUnlisten { vm }) => Admin::Unlisten(vm),
+            Ok(
+                r @ (Request::WorkingSetList { .. }
+                | Request::WorkingSetExport { .. }
+                | Request::WorkingSetImport { .. }
+                | Request::WorkingSetRemove { .. }),
+            ) => Admin::WorkingSet(r),
             Ok(_) => {
                 return refuse(
                     &daemon,
@@ -350,7 +359,7 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
                     ErrorCode::UnexpectedMessage,
                     "the first message must be register (or, from a client that is not a VMM, \
                      firecracker_listen, vm_stats, status, sessions, session_detail, \
-                     evict_session or firecracker_unlisten)"
+                     evict_session, firecracker_unlisten or working_set_*)"
                         .into(),
                 )
                 .await
@@ -383,6 +392,27 @@ async fn connection(conn: UnixSeqpacket, daemon: Arc<Daemon>, cancel: Cancellati
             }
             Admin::Unlisten(vm) => {
                 crate::front::firecracker::unlisten_request(&daemon, vm, caller).await
+            }
+            Admin::WorkingSet(request) => {
+                // File reads, hashing and decoding up to a recording's size: off the reactor.
+                let d = daemon.clone();
+                let uid = cred.as_ref().map(|c| c.uid());
+                let mut t = std::mem::take(&mut transfer);
+                match tokio::task::spawn_blocking(move || {
+                    let answer = crate::front::admin::working_set(&d, request, caller, uid, &mut t);
+                    (answer, t)
+                })
+                .await
+                {
+                    Ok((answer, t)) => {
+                        transfer = t;
+                        answer
+                    }
+                    Err(e) => Err(Refusal {
+                        code: ErrorCode::Internal,
+                        message: format!("serving a working-set request: {e}"),
+                    }),
+                }
             }
         };
         match answer {
@@ -452,6 +482,7 @@ enum Admin {
     Detail(SessionRef),
     Evict(SessionRef, EvictAmount),
     Unlisten(String),
+    WorkingSet(Request),
 }
 
 /// The next packet of a connection; None when it is closed, failed, or was refused (answered).
@@ -754,7 +785,11 @@ async fn session_loop(
                 | Request::Sessions { .. }
                 | Request::SessionDetail { .. }
                 | Request::EvictSession { .. }
-                | Request::FirecrackerUnlisten { .. },
+                | Request::FirecrackerUnlisten { .. }
+                | Request::WorkingSetList { .. }
+                | Request::WorkingSetExport { .. }
+                | Request::WorkingSetImport { .. }
+                | Request::WorkingSetRemove { .. },
             ) => {
                 return refuse_session(
                     daemon,
