@@ -466,7 +466,7 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
 
 /// A recording of `pages` pages of a snapshot of digest `[d; 32]`, in the file format.
 fn recording_bytes(d: u8, pages: u64) -> Vec<u8> {
-    faultd::engine::working_set::Recording {
+    faultd::engine::recording::Recording {
         snapshot_size: RAM,
         digest: [d; 32],
         offsets: (0..pages).map(|p| p * PAGE).collect(),
@@ -932,7 +932,7 @@ fn replay_stops_at_the_vms_budget_and_never_exceeds_it() {
     let first: Vec<u64> = (0..2 * MIB / PAGE).map(|p| p * PAGE).collect();
     record(&faultd, &socket, "fcg-1", &snap, &first);
     let rows = listed(&faultd, None, &[]);
-    let mut rec = faultd::engine::working_set::Recording::decode(
+    let mut rec = faultd::engine::recording::Recording::decode(
         &std::fs::read(
             faultd
                 .store_dir()
