@@ -899,11 +899,11 @@ fn a_recording_of_another_working_set_is_judged_wrong_and_what_it_installed_is_t
             .collect::<Vec<_>>()
             .join("\n")
     );
-    // Every demand fault is outside the recording: a miss, or (before the recording had
-    // loaded, while faults were served) recorded as this guest's own.
-    assert_eq!(ws.misses + ws.recorded, other.len() as u64, "{ws:?}");
-    assert!(ws.misses >= 32 && ws.late == 0, "{ws:?}");
-    assert!(ws.prefetched > 0 && ws.prefetched + ws.skipped < recorded.len() as u64);
+    // Every demand fault is outside the recording, those served while it loaded too.
+    assert_eq!((ws.misses, ws.late), (other.len() as u64, 0), "{ws:?}");
+    // Stopped early (possibly before its first slice: the faults served while it loaded
+    // already prove it wrong).
+    assert!(ws.prefetched + ws.skipped < recorded.len() as u64, "{ws:?}");
     // The waste, as the guest's own memory shows it: resident are the guest's data pages and
     // exactly the pages replay installed, none of which the guest touched.
     // (Replay installs a zero page of the snapshot as the shared zero page: no RAM.)

@@ -380,12 +380,24 @@ impl<O: UffdOps> FaultServer<O> {
     }
 
     /// Starts `replay` (loaded and prepared by [`FaultServer::ws_look_up`]'s thread).
-    fn ws_begin_replay(&mut self, replay: Replay) {
+    fn ws_begin_replay(&mut self, mut replay: Replay) {
         let c = &self.session.counters.ws;
         c.replay_pages
             .store(replay.rec.offsets.len() as u64, Ordering::Relaxed);
-        // A recording exists: this session's own demand faults are not a new one.
-        self.ws.recorder = None;
+        // A recording exists: this session's own demand faults are not a new one. Those
+        // served while it loaded are judged against it now, as if it had been there: late
+        // (recorded, not installed in time) or misses (outside it).
+        if let Some(rec) = self.ws.recorder.take() {
+            for o in &rec.offsets {
+                replay.demand += 1;
+                if replay.all.contains(o) {
+                    Counters::bump(&c.late);
+                } else {
+                    replay.misses += 1;
+                    Counters::bump(&c.misses);
+                }
+            }
+        }
         self.ws.replay = Some(replay);
     }
 
