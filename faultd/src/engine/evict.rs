@@ -62,6 +62,9 @@ pub enum EvictError {
     /// Punching the page out of the memfd failed.
     #[error("dropping the page from guest memory")]
     Drop(#[source] nix::Error),
+    /// A pinned device maps the page: it stays resident while that device is attached.
+    #[error("the page is pinned for a device")]
+    Pinned,
     /// The session has no memory fd for the page (not memfd-backed).
     #[error("the page has no memory fd")]
     NoMemory,
@@ -82,6 +85,8 @@ impl<O: UffdOps> FaultServer<O> {
         let mut report = EvictReport::default();
         let mut freed = 0;
         let mut device_mapped = VecDeque::new();
+        // Pages a pinned device maps: passed over, they keep their place.
+        let mut pinned = VecDeque::new();
         while !quota.met(freed, report.evicted) {
             let Some(page) = self.install_order.pop_front() else {
                 break;
@@ -92,6 +97,10 @@ impl<O: UffdOps> FaultServer<O> {
             };
             if state != s2map::PageState::Resident {
                 continue; // evicted or discarded since it was installed
+            }
+            if mapped && self.is_pinned(page) {
+                pinned.push_back(page);
+                continue;
             }
             if mapped {
                 device_mapped.push_back(page);
@@ -112,6 +121,9 @@ impl<O: UffdOps> FaultServer<O> {
         }
         // Device-mapped pages that were passed over keep their place at the old end.
         while let Some(page) = device_mapped.pop_back() {
+            self.install_order.push_front(page);
+        }
+        while let Some(page) = pinned.pop_back() {
             self.install_order.push_front(page);
         }
         report
@@ -139,7 +151,8 @@ impl<O: UffdOps> FaultServer<O> {
             Err(EvictError::WriteProtect {
                 source: OpError::Retry,
                 ..
-            }) => 0,
+            })
+            | Err(EvictError::Pinned) => 0,
             Err(e) => {
                 report.failed += 1;
                 let why = match quota {
@@ -172,6 +185,8 @@ impl<O: UffdOps> FaultServer<O> {
                     source: OpError::Retry,
                     ..
                 }) => {}
+                // Pinned for a device: passed over, not a failure.
+                Err(EvictError::Pinned) => {}
                 Err(e) => {
                     report.failed += 1;
                     self.error(format_args!("evicting {page}: {e}"));
@@ -209,6 +224,10 @@ impl<O: UffdOps> FaultServer<O> {
             .layout()
             .region(page.region)
             .page_gpa(page.page);
+        // 0. A pinned device's page stays (its device cannot fault it back in).
+        if self.is_pinned(page) {
+            return Err(EvictError::Pinned);
+        }
         // 1.
         self.unmap_devices_in(gpa, at.size);
         // 2.
