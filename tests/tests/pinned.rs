@@ -207,9 +207,10 @@ fn pinned_attach_fills_from_the_snapshot_and_maps_before_device_added() {
 
 #[test]
 fn eviction_and_budget_enforcement_pass_over_pinned_pages() {
-    // high 90 % of 48 MiB = 43.2 MiB: the pinned 32 MiB fit, a guest touching most of the
-    // other half does not.
-    let faultd = Faultd::start_with_config("[budget]\nsession_mib = 48\n");
+    // High watermark 90 % of 40 MiB = 36 MiB: the pinned 32 MiB fit, a guest touching most
+    // of the other half does not; the low watermark (70 %: 28 MiB) is below the pinned
+    // bytes, so enforcement would take pinned pages too if it did not pass over them.
+    let faultd = Faultd::start_with_config("[budget]\nsession_mib = 40\n");
     let mut s = setup(&faultd, "vm-pin-evict");
     pin(&mut s, &[HALF]).expect("pinned add_device");
     let pinned_pages = (PINNED / PAGE) as u32;
@@ -229,6 +230,7 @@ fn eviction_and_budget_enforcement_pass_over_pinned_pages() {
     let st = s.session.stats().unwrap();
     assert!(st.evictions > 0, "the budget was enforced: {st:?}");
     assert_eq!(st.device.mapped_bytes, PINNED, "{st:?}");
+    assert!(st.resident_bytes >= PINNED, "{st:?}");
 
     // An eviction request over all RAM evicts what is not pinned, and nothing pinned.
     let (evicted, _, failed) = s.session.evict(0, SIZE, None).expect("evict");

@@ -85,8 +85,6 @@ impl<O: UffdOps> FaultServer<O> {
         let mut report = EvictReport::default();
         let mut freed = 0;
         let mut device_mapped = VecDeque::new();
-        // Pages a pinned device maps: passed over, they keep their place.
-        let mut pinned = VecDeque::new();
         while !quota.met(freed, report.evicted) {
             let Some(page) = self.install_order.pop_front() else {
                 break;
@@ -99,7 +97,9 @@ impl<O: UffdOps> FaultServer<O> {
                 continue; // evicted or discarded since it was installed
             }
             if mapped && self.is_pinned(page) {
-                pinned.push_back(page);
+                // Dropped from the eviction order while pinned (scanning it again at every
+                // enforcement would cost each fault batch the whole pinned range); the detach
+                // puts its pages back ([`FaultServer::remove_device`]).
                 continue;
             }
             if mapped {
@@ -121,9 +121,6 @@ impl<O: UffdOps> FaultServer<O> {
         }
         // Device-mapped pages that were passed over keep their place at the old end.
         while let Some(page) = device_mapped.pop_back() {
-            self.install_order.push_front(page);
-        }
-        while let Some(page) = pinned.pop_back() {
             self.install_order.push_front(page);
         }
         report

@@ -292,11 +292,23 @@ impl<O: UffdOps> FaultServer<O> {
         self.shutdown_device(d);
         let dev = self.devices[d].idx;
         let mut unmapped = 0;
+        let pinned = self.devices[d].pinned;
         let granules = self.session.map().granules_of(dev);
         for g in granules {
             let bytes = self.session.granule_bytes(g);
             if self.unmap_granule(dev, g) {
                 unmapped += bytes;
+                if pinned {
+                    // Evictable again: back at the old end of the eviction order (eviction
+                    // drops pinned pages from it; a page still listed is skipped when stale).
+                    for p in (0..g.pages).rev() {
+                        let page = PageRef {
+                            region: g.first.region,
+                            page: s2map::PageIdx(g.first.page.0 + p),
+                        };
+                        self.install_order.push_front(page);
+                    }
+                }
             }
         }
         let device = self.devices.remove(d);
