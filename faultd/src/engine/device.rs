@@ -643,11 +643,7 @@ impl<O: UffdOps> FaultServer<O> {
     /// At the end of the session: answer every pending group INVALID (a device must never be
     /// left waiting), and unmap every granule (unpinning its pages).
     pub(crate) fn shutdown_devices(&mut self) {
-        if let Some(p) = self.pinning.take() {
-            let _ = p
-                .reply
-                .send(Err(crate::engine::pinned::PinError::Abandoned));
-        }
+        self.abandon_pinning();
         for d in 0..self.devices.len() {
             self.shutdown_device(d);
             let dev = self.devices[d].idx;

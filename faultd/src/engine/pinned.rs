@@ -5,7 +5,7 @@
 //! per pass of the serving loop: each pass first serves the uffd events and device groups that
 //! are waiting, then one slice. A large attach therefore delays this VM's other faults by one
 //! slice at most, and other VMs (other threads) not at all. Each granule is filled by the path
-//! a device fault takes ([`FaultServer::make_resident`]: the snapshot, faultd's store or zeros,
+//! a device fault takes (`FaultServer::make_resident`: the snapshot, faultd's store or zeros,
 //! installed by uffd into the VMM's memory) and then mapped in the device's IOMMU and recorded
 //! in s2map as device-mapped. Only when every granule is mapped is the attach reported done.
 //!
@@ -91,7 +91,7 @@ pub(crate) struct Pinning {
     granule: u64,
     mapped: u64,
     started: Instant,
-    pub(crate) reply: Sender<Result<u64, PinError>>,
+    reply: Sender<Result<u64, PinError>>,
 }
 
 impl<O: UffdOps> FaultServer<O> {
@@ -258,6 +258,12 @@ impl<O: UffdOps> FaultServer<O> {
             }
         }
         1
+    }
+
+    /// The session ends: a pinned attach in progress is reported abandoned (its mappings go
+    /// with every other device's).
+    pub(crate) fn abandon_pinning(&mut self) {
+        self.end_pinning(Err(PinError::Abandoned));
     }
 
     fn end_pinning(&mut self, result: Result<u64, PinError>) {
