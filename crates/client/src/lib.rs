@@ -794,6 +794,9 @@ impl Session {
             DeviceQueue::Iommufd { fault_fd } => QueueDesc::Iommufd {
                 fault_fd: idx(fault_fd),
             },
+            DeviceQueue::Pinned { ranges } => QueueDesc::Pinned {
+                ranges: ranges.map(<[_]>::to_vec),
+            },
         };
         let iommu = match iommu {
             DeviceIommu::Emulated { table } => IommuDesc::Emulated { table: idx(table) },
@@ -810,6 +813,17 @@ impl Session {
         self.raw.send(&faultd_proto::encode(&req)?, &fds)?;
         match self.raw.recv_response()? {
             Response::DeviceAdded { granule, .. } => Ok(granule),
+            other => Err(refusal(other)),
+        }
+    }
+
+    /// Detaches device `dev_id`: faultd unmaps everything it mapped for it (unpinning a
+    /// pinned device's RAM). Returns the bytes unmapped.
+    pub fn remove_device(&mut self, dev_id: u32) -> Result<u64, ClientError> {
+        let req = Request::RemoveDevice { dev_id };
+        self.raw.send(&faultd_proto::encode(&req)?, &[])?;
+        match self.raw.recv_response()? {
+            Response::DeviceRemoved { unmapped_bytes, .. } => Ok(unmapped_bytes),
             other => Err(refusal(other)),
         }
     }
@@ -887,6 +901,14 @@ pub enum DeviceQueue<'a> {
     Iommufd {
         /// Fault fd from IOMMU_FAULT_QUEUE_ALLOC.
         fault_fd: BorrowedFd<'a>,
+    },
+    /// No page requests (a device without PRI): faultd makes `ranges` (all guest RAM when
+    /// None) resident and maps them before `add_device` returns, and keeps them pinned until
+    /// [`Session::remove_device`] or the session's end.
+    Pinned {
+        /// The DMA-able guest ranges (granule aligned, inside guest RAM, at most
+        /// [`faultd_proto::MAX_DMA_RANGES`]).
+        ranges: Option<&'a [faultd_proto::DmaRange]>,
     },
 }
 

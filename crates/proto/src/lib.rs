@@ -48,6 +48,13 @@ pub enum Request {
     Stats {},
     /// Attaches a device whose page faults faultd serves (after `register`), with its fds.
     AddDevice(AddDevice),
+    /// Detaches device `dev_id` (after `add_device`): its mappings are removed from its IOMMU
+    /// and its pages unpinned; groups it left pending are answered INVALID. Answered
+    /// [`Response::DeviceRemoved`]. Takes no fds.
+    RemoveDevice {
+        /// The device id given to `add_device`.
+        dev_id: u32,
+    },
     /// Evicts resident pages of `[gpa, gpa+len)` to faultd's store (at most `max_pages`).
     Evict {
         /// Start (guest physical).
@@ -275,8 +282,21 @@ pub struct AddDevice {
     pub iommu: IommuDesc,
 }
 
-/// The transport of a device's page requests.
+/// Most ranges a pinned device may name (see [`QueueDesc::Pinned`]).
+pub const MAX_DMA_RANGES: usize = 64;
+
+/// A guest-physical range a pinned device may reach by DMA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmaRange {
+    /// Guest physical start (aligned to the device's granule).
+    pub gpa: u64,
+    /// Bytes (a non-zero multiple of the device's granule).
+    pub size: u64,
+}
+
+/// The transport of a device's page requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum QueueDesc {
     /// The eventfd ring (docs/device-faults.md): its memfd and both eventfds.
@@ -292,6 +312,16 @@ pub enum QueueDesc {
     Iommufd {
         /// The fault fd.
         fault_fd: FdIndex,
+    },
+    /// No page requests at all: the device cannot fault (no PRI). Before answering
+    /// [`Response::DeviceAdded`] faultd makes every page of `ranges` resident, maps it in the
+    /// device's IOMMU and keeps it pinned (never evicted) until the device is removed or the
+    /// session ends. Takes no fd.
+    Pinned {
+        /// The DMA-able guest ranges, at most [`MAX_DMA_RANGES`], inside guest RAM and not
+        /// overlapping; absent: all guest RAM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ranges: Option<Vec<DmaRange>>,
     },
 }
 
@@ -427,6 +457,13 @@ pub enum Response {
         dev_id: u32,
         /// Bytes per IOMMU mapping granule for this device.
         granule: u64,
+    },
+    /// The device was detached (the answer to [`Request::RemoveDevice`]).
+    DeviceRemoved {
+        /// The device id.
+        dev_id: u32,
+        /// Bytes of guest RAM its IOMMU mapped until now (all unmapped and unpinned).
+        unmapped_bytes: u64,
     },
     /// faultd listens for Firecracker on `socket` (the answer to
     /// [`Request::FirecrackerListen`]).
@@ -828,6 +865,8 @@ pub enum ErrorCode {
     Busy,
     /// A device with this dev_id is attached already.
     DuplicateDevice,
+    /// A pinned device would pin more than the pin limit or the memory budget allows.
+    PinLimit,
     /// A socket or snapshot path of `firecracker_listen` is unusable (relative, too long,
     /// taken, missing, not a regular file).
     BadPath,

@@ -178,6 +178,13 @@ impl AroundState {
         }
     }
 
+    /// Device `d` was detached: the devices after it move down one position.
+    pub(crate) fn forget_device(&mut self, d: usize) {
+        if d < self.devices.len() {
+            self.devices.remove(d);
+        }
+    }
+
     /// Off (the state before [`FaultServer::with_around`]).
     pub(crate) fn off() -> AroundState {
         AroundState::new(Around {

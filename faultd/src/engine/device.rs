@@ -30,8 +30,8 @@ pub struct Device {
     pub idx: DeviceIdx,
     /// The device id its page requests carry.
     pub dev_id: DevId,
-    /// Where its page requests arrive.
-    pub queue: Box<dyn FaultQueue>,
+    /// Where its page requests arrive; none for a pinned device (it cannot fault).
+    pub queue: Option<Box<dyn FaultQueue>>,
     /// Where its mappings go.
     pub mapper: Box<dyn Mapper>,
     /// Groups read but not answered yet, oldest first, with the time they were read and the
@@ -42,6 +42,9 @@ pub struct Device {
     pub(crate) quarantined: bool,
     /// Malformed entries read since the last valid group (see `DeviceLimits::malformed_run`).
     malformed_run: u64,
+    /// Pinned mode (see [`crate::engine::pinned`]): its granules are mapped at attach, never
+    /// evicted nor unmapped for the pin limit while it is attached.
+    pub(crate) pinned: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -66,11 +69,26 @@ impl Device {
         Device {
             idx,
             dev_id,
-            queue,
+            queue: Some(queue),
             mapper,
             pending: VecDeque::new(),
             quarantined: false,
             malformed_run: 0,
+            pinned: false,
+        }
+    }
+
+    /// A device in pinned mode: no page requests; faultd maps its DMA-able RAM up front.
+    pub fn pinned(idx: DeviceIdx, dev_id: DevId, mapper: Box<dyn Mapper>) -> Device {
+        Device {
+            idx,
+            dev_id,
+            queue: None,
+            mapper,
+            pending: VecDeque::new(),
+            quarantined: false,
+            malformed_run: 0,
+            pinned: true,
         }
     }
 }
@@ -108,14 +126,17 @@ impl<O: UffdOps> FaultServer<O> {
     pub(crate) fn serve_devices(&mut self) -> usize {
         let mut work = 0;
         for d in 0..self.devices.len() {
-            if self.devices[d].quarantined {
+            if self.devices[d].quarantined || self.devices[d].queue.is_none() {
                 continue;
             }
             work += self.retry_pending(d);
             self.incoming.clear();
             // Guarded: reading may flush held-back answers and ring the device's doorbell.
             self.session.watch.enter();
-            let read = self.devices[d].queue.read(&mut self.incoming);
+            let read = match self.devices[d].queue.as_mut() {
+                Some(q) => q.read(&mut self.incoming),
+                None => Ok(()),
+            };
             self.session.watch.exit();
             if let Err(e) = read {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -259,9 +280,12 @@ impl<O: UffdOps> FaultServer<O> {
         if self.devices[d].quarantined {
             return;
         }
+        let Some(queue) = self.devices[d].queue.as_mut() else {
+            return; // a pinned device: no groups, nothing to answer
+        };
         // Guarded: answering rings the device's doorbell, which its VMM can make block.
         self.session.watch.enter();
-        let answered = self.devices[d].queue.respond(cookie, code);
+        let answered = queue.respond(cookie, code);
         self.session.watch.exit();
         match answered {
             Ok(()) => {}
@@ -483,6 +507,26 @@ impl<O: UffdOps> FaultServer<O> {
             ));
             return Some(Outcome::Invalid(Refuse::Failed));
         }
+        if let Some(out) = self.map_granule_in(d, g, writable) {
+            return Some(out);
+        }
+        let dev = self.devices[d].idx;
+        if !self.devices[d].pinned {
+            // Only granules of faulting devices may be taken back for the pin limit.
+            self.lru.push_back((dev, g, self.next_gen));
+        }
+        None
+    }
+
+    /// Maps resident granule `g` in device `d`'s IOMMU and records it in s2map, without
+    /// making room under the pin limit. None on success.
+    pub(crate) fn map_granule_in(
+        &mut self,
+        d: usize,
+        g: Granule,
+        writable: bool,
+    ) -> Option<Outcome> {
+        let bytes = self.session.granule_bytes(g);
         let Some((iova, target)) = self.session.map_target(g) else {
             // Devices are refused at attach for such memory; never reached.
             self.error(format_args!(
@@ -522,7 +566,9 @@ impl<O: UffdOps> FaultServer<O> {
         }
         self.next_gen += 1;
         self.mapping_gen.insert((dev, g), self.next_gen);
-        self.lru.push_back((dev, g, self.next_gen));
+        if self.devices[d].pinned {
+            self.pinned_bytes += bytes;
+        }
         None
     }
 
@@ -568,6 +614,9 @@ impl<O: UffdOps> FaultServer<O> {
         }
         let _ = self.session.map().unmap_granule(dev, g);
         self.mapping_gen.remove(&(dev, g));
+        if self.devices[d].pinned {
+            self.pinned_bytes -= bytes;
+        }
         true
     }
 
@@ -579,17 +628,24 @@ impl<O: UffdOps> FaultServer<O> {
         }
     }
 
+    /// Answers every group device `d` left pending INVALID (a device must never be left
+    /// waiting).
+    pub(crate) fn shutdown_device(&mut self, d: usize) {
+        while let Some((group, received, filled)) = self.devices[d].pending.pop_front() {
+            if self.devices[d].quarantined {
+                break;
+            }
+            let failed = Outcome::Invalid(Refuse::Failed);
+            self.answer(d, &group, failed, received, filled);
+        }
+    }
+
     /// At the end of the session: answer every pending group INVALID (a device must never be
     /// left waiting), and unmap every granule (unpinning its pages).
     pub(crate) fn shutdown_devices(&mut self) {
+        self.abandon_pinning();
         for d in 0..self.devices.len() {
-            while let Some((group, received, filled)) = self.devices[d].pending.pop_front() {
-                if self.devices[d].quarantined {
-                    break;
-                }
-                let failed = Outcome::Invalid(Refuse::Failed);
-                self.answer(d, &group, failed, received, filled);
-            }
+            self.shutdown_device(d);
             let dev = self.devices[d].idx;
             let granules = self.session.map().granules_of(dev);
             for g in granules {

@@ -62,6 +62,9 @@ pub enum EvictError {
     /// Punching the page out of the memfd failed.
     #[error("dropping the page from guest memory")]
     Drop(#[source] nix::Error),
+    /// A pinned device maps the page: it stays resident while that device is attached.
+    #[error("the page is pinned for a device")]
+    Pinned,
     /// The session has no memory fd for the page (not memfd-backed).
     #[error("the page has no memory fd")]
     NoMemory,
@@ -92,6 +95,12 @@ impl<O: UffdOps> FaultServer<O> {
             };
             if state != s2map::PageState::Resident {
                 continue; // evicted or discarded since it was installed
+            }
+            if mapped && self.is_pinned(page) {
+                // Dropped from the eviction order while pinned (scanning it again at every
+                // enforcement would cost each fault batch the whole pinned range); the detach
+                // puts its pages back ([`FaultServer::remove_device`]).
+                continue;
             }
             if mapped {
                 device_mapped.push_back(page);
@@ -139,7 +148,8 @@ impl<O: UffdOps> FaultServer<O> {
             Err(EvictError::WriteProtect {
                 source: OpError::Retry,
                 ..
-            }) => 0,
+            })
+            | Err(EvictError::Pinned) => 0,
             Err(e) => {
                 report.failed += 1;
                 let why = match quota {
@@ -172,6 +182,8 @@ impl<O: UffdOps> FaultServer<O> {
                     source: OpError::Retry,
                     ..
                 }) => {}
+                // Pinned for a device: passed over, not a failure.
+                Err(EvictError::Pinned) => {}
                 Err(e) => {
                     report.failed += 1;
                     self.error(format_args!("evicting {page}: {e}"));
@@ -209,6 +221,10 @@ impl<O: UffdOps> FaultServer<O> {
             .layout()
             .region(page.region)
             .page_gpa(page.page);
+        // 0. A pinned device's page stays (its device cannot fault it back in).
+        if self.is_pinned(page) {
+            return Err(EvictError::Pinned);
+        }
         // 1.
         self.unmap_devices_in(gpa, at.size);
         // 2.

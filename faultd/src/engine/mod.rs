@@ -71,6 +71,10 @@ pub struct FaultServer<O> {
     /// Current generation of each live device mapping (see `lru`).
     pub(crate) mapping_gen: std::collections::HashMap<(DeviceIdx, Granule), u64>,
     pub(crate) next_gen: u64,
+    /// Bytes mapped by pinned devices (a granule two pinned devices map counts twice).
+    pub(crate) pinned_bytes: u64,
+    /// A pinned attach in progress ([`pinned`]).
+    pub(crate) pinning: Option<pinned::Pinning>,
     pub(crate) limits: DeviceLimits,
     new_devices: Option<Receiver<Command>>,
     /// Where fault latencies and faults in flight are recorded (handles resolved once).
@@ -135,6 +139,8 @@ impl<O: UffdOps> FaultServer<O> {
             lru: VecDeque::new(),
             mapping_gen: std::collections::HashMap::new(),
             next_gen: 0,
+            pinned_bytes: 0,
+            pinning: None,
             limits,
             new_devices: None,
             store: None,
@@ -215,6 +221,14 @@ impl<O: UffdOps> FaultServer<O> {
         for c in commands {
             match c {
                 Command::AddDevice(d) => self.add_device(d),
+                Command::PinDevice {
+                    device,
+                    ranges,
+                    reply,
+                } => self.start_pinning(device, ranges, reply),
+                Command::RemoveDevice { dev_id, reply } => {
+                    let _ = reply.send(self.remove_device(dev_id));
+                }
                 // After finish, nothing goes back to where only faultd has it.
                 Command::Evict { reply, .. } | Command::EvictOldest { reply, .. }
                     if self.finished =>
@@ -249,6 +263,8 @@ impl<O: UffdOps> FaultServer<O> {
         if !self.devices.is_empty() {
             work += self.serve_devices();
         }
+        // One bounded slice of a pinned attach per pass, after the faults that were waiting.
+        work += self.pin_slice();
         if work > 0 {
             self.enforce_budget();
         }
@@ -440,6 +456,7 @@ mod budget;
 mod evict;
 mod finish;
 mod pageout;
+pub mod pinned;
 mod resume;
 mod spin;
 mod thread;

@@ -394,8 +394,8 @@ pub struct Session {
     pub watch: Watch,
     latency: Mutex<Histogram<u64>>,
     device_latency: Mutex<Histogram<u64>>,
-    /// dev_ids attached so far (their position is their s2map DeviceIdx).
-    pub(crate) device_ids: Mutex<Vec<u32>>,
+    /// dev_ids attached now, with their s2map device index.
+    pub(crate) device_ids: Mutex<Vec<(u32, s2map::DeviceIdx)>>,
     /// The VMM's memory as reached from outside, for anonymous regions (set once the peer is
     /// known; see [`crate::kernel::remote`]).
     remote: std::sync::OnceLock<RemoteMm>,
@@ -536,6 +536,14 @@ impl Session {
                     * r.page_size().bytes()
             })
             .sum()
+    }
+
+    /// Frees `dev_id`'s slot (and its s2map device index) once it is detached.
+    pub(crate) fn release_device(&self, dev_id: u32) {
+        self.device_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&(id, _)| id != dev_id);
     }
 
     /// Whether a device has been attached to this VM.

@@ -19,6 +19,24 @@ use std::time::{Duration, Instant};
 pub enum Command {
     /// Attach a device.
     AddDevice(Device),
+    /// Attach a device in pinned mode: make `ranges` resident and map them first, in slices
+    /// between faults, then report (see [`crate::engine::pinned`]).
+    PinDevice {
+        /// The device (built with [`Device::pinned`]).
+        device: Device,
+        /// The DMA-able ranges, validated against the layout and aligned to its granule.
+        ranges: Vec<(s2map::Gpa, u64)>,
+        /// Where the outcome goes: the bytes mapped, or why nothing was.
+        reply: std::sync::mpsc::Sender<Result<u64, super::pinned::PinError>>,
+    },
+    /// Detach device `dev_id`: answer its pending groups INVALID, unmap and unpin everything
+    /// it maps, and report the bytes unmapped (None: no such device).
+    RemoveDevice {
+        /// The device id.
+        dev_id: u32,
+        /// Where the report goes.
+        reply: std::sync::mpsc::Sender<Option<u64>>,
+    },
     /// Evict the resident pages of `[gpa, gpa+len)` (at most `max` of them), and report.
     Evict {
         /// Start of the range.
@@ -332,7 +350,8 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Arc<Control
                 .devices
                 .iter()
                 .filter(|d| !d.quarantined)
-                .map(|d| PollFd::new(d.queue.fd(), PollFlags::POLLIN)),
+                .filter_map(|d| d.queue.as_ref())
+                .map(|q| PollFd::new(q.fd(), PollFlags::POLLIN)),
         );
         server.session.watch.idle(passes);
         let timeout = if server.needs_idle_check() {

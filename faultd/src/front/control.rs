@@ -644,9 +644,12 @@ async fn session_loop(
             }
         };
         match faultd_proto::decode::<Request>(&packet.bytes) {
-            Ok(Request::Stats {} | Request::Evict { .. } | Request::Finish {})
-                if !packet.fds.is_empty() =>
-            {
+            Ok(
+                Request::Stats {}
+                | Request::Evict { .. }
+                | Request::Finish {}
+                | Request::RemoveDevice { .. },
+            ) if !packet.fds.is_empty() => {
                 return refuse_session(
                     daemon,
                     session,
@@ -664,7 +667,7 @@ async fn session_loop(
                     crate::front::validate::device(&s, &add, fds, granule, max)
                 })
                 .await;
-                let device = match built {
+                let crate::front::validate::Built { device, pin } = match built {
                     Ok(Ok(d)) => d,
                     Ok(Err(Refusal { code, message })) => {
                         return refuse_session(daemon, session, conn, code, message).await;
@@ -681,7 +684,47 @@ async fn session_loop(
                     }
                 };
                 let (dev_id, granule) = (device.dev_id.0, device.mapper.granule());
-                if let Err(ending) =
+                if let Some(ranges) = pin {
+                    // Pinned: the thread fills and maps every range first, between faults.
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let cmd = Command::PinDevice {
+                        device,
+                        ranges,
+                        reply: tx,
+                    };
+                    if let Err(ending) = command(daemon, session, conn, thread, cmd).await {
+                        return ending;
+                    }
+                    let pinned = tokio::task::spawn_blocking(move || rx.recv()).await;
+                    match pinned {
+                        Ok(Ok(Ok(bytes))) => {
+                            tracing::info!(session = session.id(), dev_id, bytes, "pinned device")
+                        }
+                        Ok(Ok(Err(e))) => {
+                            // Nothing is left mapped: the session goes on without the device.
+                            let code = match e {
+                                crate::engine::pinned::PinError::PinLimit { .. }
+                                | crate::engine::pinned::PinError::Budget { .. } => {
+                                    ErrorCode::PinLimit
+                                }
+                                _ => ErrorCode::Internal,
+                            };
+                            refuse(daemon, conn, code, format!("pinned device {dev_id}: {e}"))
+                                .await;
+                            continue;
+                        }
+                        _ => {
+                            return refuse_session(
+                                daemon,
+                                session,
+                                conn,
+                                ErrorCode::Internal,
+                                "the session's fault service has stopped".into(),
+                            )
+                            .await;
+                        }
+                    }
+                } else if let Err(ending) =
                     command(daemon, session, conn, thread, Command::AddDevice(device)).await
                 {
                     return ending;
@@ -689,6 +732,45 @@ async fn session_loop(
                 tracing::info!(session = session.id(), dev_id, granule, "device attached");
                 daemon.device_attached.notify_one();
                 send(conn, &Response::DeviceAdded { dev_id, granule }).await;
+            }
+            Ok(Request::RemoveDevice { dev_id }) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let cmd = Command::RemoveDevice { dev_id, reply: tx };
+                if let Err(ending) = command(daemon, session, conn, thread, cmd).await {
+                    return ending;
+                }
+                match tokio::task::spawn_blocking(move || rx.recv()).await {
+                    Ok(Ok(Some(unmapped_bytes))) => {
+                        tracing::info!(
+                            session = session.id(),
+                            dev_id,
+                            unmapped_bytes,
+                            "device removed"
+                        );
+                        send(
+                            conn,
+                            &Response::DeviceRemoved {
+                                dev_id,
+                                unmapped_bytes,
+                            },
+                        )
+                        .await
+                    }
+                    Ok(Ok(None)) => {
+                        let m = format!("remove_device: no device {dev_id} is attached");
+                        refuse(daemon, conn, ErrorCode::BadRequest, m).await;
+                    }
+                    _ => {
+                        return refuse_session(
+                            daemon,
+                            session,
+                            conn,
+                            ErrorCode::Internal,
+                            "the session's fault service stopped during remove_device".into(),
+                        )
+                        .await;
+                    }
+                }
             }
             Ok(Request::Register(_)) => {
                 return refuse_session(
@@ -796,7 +878,8 @@ async fn session_loop(
                     session,
                     conn,
                     ErrorCode::UnexpectedMessage,
-                    "a VMM session takes register, stats, add_device, evict and finish only".into(),
+                    "a VMM session takes register, stats, add_device, remove_device, evict and finish \
+                     only".into(),
                 )
                 .await;
             }

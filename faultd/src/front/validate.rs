@@ -615,6 +615,72 @@ fn parse_maps_line(line: &str) -> Option<MapsLine> {
     })
 }
 
+/// A device built from an `add_device` request.
+#[derive(Debug)]
+pub struct Built {
+    /// The device.
+    pub device: Device,
+    /// Pinned mode: the DMA-able ranges to map before answering (granule aligned, each
+    /// inside one region, sorted, not overlapping).
+    pub pin: Option<Vec<(s2map::Gpa, u64)>>,
+}
+
+/// Checks a pinned device's DMA ranges against the layout and its `granule`; none: all RAM.
+fn pin_ranges(
+    session: &Session,
+    ranges: Option<&[faultd_proto::DmaRange]>,
+    granule: u64,
+) -> Result<Vec<(s2map::Gpa, u64)>, Refusal> {
+    let layout = session.layout();
+    let Some(ranges) = ranges else {
+        return Ok(layout
+            .regions()
+            .iter()
+            .map(|r| (r.gpa(), r.size()))
+            .collect());
+    };
+    let bad = |m: String| refuse(ErrorCode::BadLayout, format!("queue.ranges: {m}"));
+    if ranges.is_empty() || ranges.len() > faultd_proto::MAX_DMA_RANGES {
+        return Err(bad(format!(
+            "{} ranges; 1..={} are allowed (leave it out for all guest RAM)",
+            ranges.len(),
+            faultd_proto::MAX_DMA_RANGES
+        )));
+    }
+    let mut out: Vec<(s2map::Gpa, u64)> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        if r.size == 0 || r.gpa % granule != 0 || r.size % granule != 0 {
+            return Err(bad(format!(
+                "range {:#x}+{:#x} is empty or not aligned to the device's granule {granule:#x}",
+                r.gpa, r.size
+            )));
+        }
+        let inside = layout.regions().iter().any(|reg| {
+            r.gpa >= reg.gpa().0
+                && r.gpa
+                    .checked_add(r.size)
+                    .is_some_and(|end| end <= reg.end().0)
+        });
+        if !inside {
+            return Err(bad(format!(
+                "range {:#x}+{:#x} is not inside one guest RAM region",
+                r.gpa, r.size
+            )));
+        }
+        out.push((s2map::Gpa(r.gpa), r.size));
+    }
+    out.sort_unstable_by_key(|r| r.0 .0);
+    for w in out.windows(2) {
+        if w[0].0 .0 + w[0].1 > w[1].0 .0 {
+            return Err(bad(format!(
+                "ranges at {:#x} and {:#x} overlap",
+                w[0].0 .0, w[1].0 .0
+            )));
+        }
+    }
+    Ok(out)
+}
+
 /// Checks an `add_device` request against `session` and builds the device from its fds.
 /// `granule` and `max_devices` come from config.
 pub fn device(
@@ -623,7 +689,7 @@ pub fn device(
     fds: Vec<OwnedFd>,
     granule: u64,
     max_devices: usize,
-) -> Result<Device, Refusal> {
+) -> Result<Built, Refusal> {
     if !session.memory_is_mappable() {
         return Err(refuse(
             ErrorCode::BadLayout,
@@ -648,25 +714,26 @@ pub fn device(
             })
     };
     let dev_id = DevId(add.dev_id);
-    let queue: Box<dyn FaultQueue> = match add.queue {
-        QueueDesc::Ring { ring, kick, notify } => {
+    let queue: Option<Box<dyn FaultQueue>> = match &add.queue {
+        &QueueDesc::Ring { ring, kick, notify } => {
             let (ring, kick, notify) = (
                 take(ring, "queue.ring")?,
                 take(kick, "queue.kick")?,
                 take(notify, "queue.notify")?,
             );
-            Box::new(
+            Some(Box::new(
                 RingConsumer::new(ring, kick, notify, dev_id)
                     .map_err(|e| refuse(ErrorCode::BadFd, format!("queue: {}", chain(&e))))?,
-            )
+            ))
         }
-        QueueDesc::Iommufd { fault_fd } => {
+        QueueDesc::Pinned { .. } => None,
+        &QueueDesc::Iommufd { fault_fd } => {
             let fault_fd = take(fault_fd, "queue.fault_fd")?;
             let bad = |e: std::io::Error| refuse(ErrorCode::BadFd, format!("queue.fault_fd: {e}"));
             // Only the kernel's queue: anything else would be read as garbage, or as nothing,
             // as fast as the session thread can poll it.
             iopf::iommufd::check_fault_fd(fault_fd.as_fd()).map_err(bad)?;
-            Box::new(IommufdQueue::new(fault_fd).map_err(bad)?)
+            Some(Box::new(IommufdQueue::new(fault_fd).map_err(bad)?))
         }
     };
     let layout = session.layout();
@@ -729,7 +796,13 @@ pub fn device(
         ));
     }
     let mut ids = session.device_ids.lock().unwrap_or_else(|p| p.into_inner());
-    if ids.contains(&add.dev_id) {
+    let pin = match &add.queue {
+        QueueDesc::Pinned { ranges } => {
+            Some(pin_ranges(session, ranges.as_deref(), mapper.granule())?)
+        }
+        _ => None,
+    };
+    if ids.iter().any(|&(id, _)| id == add.dev_id) {
         return Err(refuse(
             ErrorCode::DuplicateDevice,
             format!("dev_id {} is attached already", add.dev_id),
@@ -741,9 +814,17 @@ pub fn device(
             format!("the VM has its limit of {max_devices} devices"),
         ));
     }
-    let idx = DeviceIdx(ids.len() as u8);
-    ids.push(add.dev_id);
-    Ok(Device::new(idx, dev_id, queue, mapper))
+    // The lowest index no attached device holds (a detached device's is reused).
+    let idx = (0..=u8::MAX)
+        .map(DeviceIdx)
+        .find(|i| ids.iter().all(|&(_, x)| x != *i))
+        .expect("max_devices is at most s2map::MAX_DEVICES");
+    ids.push((add.dev_id, idx));
+    let device = match queue {
+        Some(queue) => Device::new(idx, dev_id, queue, mapper),
+        None => Device::pinned(idx, dev_id, mapper),
+    };
+    Ok(Built { device, pin })
 }
 
 pub(crate) use crate::ops::logging::chain;
