@@ -7,6 +7,7 @@ pub mod fc_example;
 pub mod firecracker;
 pub mod raw;
 pub mod raw_ring;
+pub mod rgw;
 pub mod service_manager;
 
 use std::ffi::OsStr;
