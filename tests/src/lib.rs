@@ -466,6 +466,7 @@ pub fn zero_register(vm: &str, ram: &GuestRam) -> faultd_proto::Register {
             read_only: false,
         }],
         snapshot: None,
+        object: None,
         resume: false,
     }
 }

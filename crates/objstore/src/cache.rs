@@ -151,12 +151,17 @@ fn how(flags: OFlag, mode: Mode) -> OpenHow {
 }
 
 impl ChunkCache {
-    /// Opens (creating it 0700 if missing) the cache directory `dir`, bounded to `bound` bytes.
+    /// Opens (creating it and missing parents 0700) the cache directory `dir`, bounded to
+    /// `bound` bytes.
     /// Chunks a previous run left are kept (oldest written first to go); temporary files and
     /// chunk files without a valid trailer are removed; files of other names are left alone
     /// and not counted.
     pub fn open(dir: &Path, bound: u64) -> io::Result<ChunkCache> {
-        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        match std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
