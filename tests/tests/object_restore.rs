@@ -10,7 +10,7 @@ use std::time::Duration;
 use faultd_client::{Client, ClientError, RegionSpec};
 use faultd_proto::ErrorCode;
 use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
-use faultd_tests::{http_get, resident_settled, Faultd, Ram};
+use faultd_tests::{http_get, read_with_timeout, resident_settled, Faultd, Ram};
 use testvmm::{page_sequence, pattern, RamSlot, VcpuReport, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
@@ -288,4 +288,68 @@ prefix = "tenants/{uid}/"
     let (code, message) = try_key("elsewhere", "tenants/0/vm/mem");
     assert_eq!(code, ErrorCode::BadRequest, "{message}");
     assert!(message.contains("no object store is named"), "{message}");
+}
+
+#[test]
+fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_version() {
+    const SIZE: u64 = 4 * MIB;
+    let rgw = Rgw::start();
+    let old = put_snapshot(&rgw, "tenants/0/swap/mem", SIZE);
+    let faultd = Faultd::start_with_config(&config(&rgw));
+    let ram = Ram::new("vm-swap", SIZE);
+    let session = Client::connect(faultd.socket())
+        .unwrap()
+        .register_object(
+            "vm-swap",
+            &ram.uffd,
+            &[RegionSpec::snapshot(0, &ram.ram, 0)],
+            "rgw",
+            "tenants/0/swap/mem",
+        )
+        .unwrap();
+    let first = read_with_timeout(&ram.ram, vec![100], Duration::from_secs(20));
+    assert_eq!(first[0], old[100]);
+    // Another version under the same key: every byte differs from the old one.
+    let new: Vec<u8> = old.iter().map(|b| !b).collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mem"), &new).unwrap();
+    assert_eq!(
+        rgw.put(BUCKET, "tenants/0/swap/mem", &dir.path().join("mem")),
+        "200"
+    );
+
+    // A page of a chunk not fetched yet: its fault must never be served.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = ram.ram.host_addr() as usize + 3 * CHUNK as usize + 4096;
+    std::thread::spawn(move || {
+        // SAFETY: inside the live shared mapping of the RAM (3.5 of its 4 MiB), which this
+        // test never unmaps (the RAM is leaked below); a volatile byte read makes no reference.
+        let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
+        let _ = tx.send(b);
+    });
+
+    // faultd ends the session and says why, unasked, on the session's connection.
+    let mut conn = session.into_raw();
+    let (told, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = told.send(conn.recv_response());
+    });
+    let said = heard
+        .recv_timeout(Duration::from_secs(30))
+        .expect("faultd said nothing on the session");
+    match said.unwrap() {
+        faultd_proto::Response::Error { code, message } => {
+            assert_eq!(code, ErrorCode::BackingFailed, "{message}");
+            assert!(message.contains("changed"), "{message}");
+            println!("{message}");
+        }
+        other => panic!("not an error: {other:?}"),
+    }
+    assert!(
+        rx.recv_timeout(Duration::from_secs(2)).is_err(),
+        "the faulting thread was served after the object changed"
+    );
+    assert_eq!(metric(&faultd, "faultd_object_changed_total"), 1);
+    // The blocked thread holds a fault on this RAM until the process exits.
+    std::mem::forget(ram);
 }
