@@ -323,10 +323,13 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
     let addr = ram.ram.host_addr() as usize + 3 * CHUNK as usize + 4096;
     std::thread::spawn(move || {
         // SAFETY: inside the live shared mapping of the RAM (3.5 of its 4 MiB), which this
-        // test never unmaps (the RAM is leaked below); a volatile byte read makes no reference.
+        // test never unmaps (the RAM is leaked); a volatile byte read makes no reference.
         let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
         let _ = tx.send(b);
     });
+    // The blocked thread holds a fault on this RAM until the process exits: the RAM is never
+    // unmapped (not even when an assertion below fails).
+    std::mem::forget(ram);
 
     // faultd ends the session and says why, unasked, on the session's connection.
     let mut conn = session.into_raw();
@@ -350,6 +353,4 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
         "the faulting thread was served after the object changed"
     );
     assert_eq!(metric(&faultd, "faultd_object_changed_total"), 1);
-    // The blocked thread holds a fault on this RAM until the process exits.
-    std::mem::forget(ram);
 }
