@@ -4,7 +4,7 @@
 //! killed and removed on drop.
 //!
 //! Following `shared/reference/ceph-rgw-local.md` (its pitfalls are the comments in
-//! [`ceph_conf`]). Every step runs under a deadline: a radosgw that cannot authenticate hangs
+//! `ceph_conf`). Every step runs under a deadline: a radosgw that cannot authenticate hangs
 //! forever instead of failing.
 //!
 //! Why memstore: it is ready in about a second (bluestore on a sparse file takes about five),
