@@ -43,8 +43,10 @@ pub struct Validated {
     pub regions: Vec<ServedRegion>,
     /// The VMM's userfaultfd.
     pub uffd: OwnedFd,
-    /// Snapshot file, if any region is snapshot-backed.
+    /// Snapshot file, if any region is snapshot-backed (and no object backs them).
     pub snapshot: Option<File>,
+    /// Snapshot object, when the registration named one instead of a file.
+    pub object: Option<Arc<objstore::ObjectVersion>>,
 }
 
 /// A file by identity: `fstat`'s device and inode. Every userfaultfd has an inode of its own
@@ -275,6 +277,9 @@ pub struct Daemon {
     pub(crate) snapshots: crate::engine::snapshots::Catalog,
     /// Working-set recordings.
     pub(crate) working_sets: Arc<crate::engine::ws_library::Library>,
+    /// Object stores snapshots are served from, with the shared chunk fetcher and cache
+    /// (None: none configured, or the cache could not be opened).
+    pub(crate) objects: Option<Arc<crate::engine::objects::ObjectService>>,
 }
 
 /// A control-socket connection's place under the connection limits, given back on drop.
@@ -438,9 +443,23 @@ impl Daemon {
             crate::engine::ws_library::Library::new(&config.store_dir, ws.max_recordings);
         // Imports and saves a faultd that died left half-written: nobody finishes them now.
         working_sets.sweep();
+        let cache_dir = config.store_dir.join("object-cache");
+        let objects =
+            match crate::engine::objects::ObjectService::new(&config.object_store, &cache_dir) {
+                Ok(o) => o.map(Arc::new),
+                Err(e) => {
+                    tracing::error!(
+                        "object stores unusable (registrations naming an object are refused): \
+                     opening the chunk cache {}: {e}",
+                        cache_dir.display()
+                    );
+                    None
+                }
+            };
         Arc::new(Daemon {
             working_sets,
             snapshots,
+            objects,
             config,
             resident: Arc::new(AtomicU64::new(0)),
             metrics,
@@ -555,10 +574,14 @@ impl Daemon {
         let sessions = self.sessions();
         let labels = self.labels();
         let other: Arc<str> = Arc::from("other");
-        self.metrics.render(sessions.iter().map(|(id, s)| {
-            let label = labels.get(id).unwrap_or(&other);
-            (&**label, s.sample())
-        }))
+        let objects = self.objects.as_ref().map(|o| object_sample(o.fetcher()));
+        self.metrics.render_with_objects(
+            sessions.iter().map(|(id, s)| {
+                let label = labels.get(id).unwrap_or(&other);
+                (&**label, s.sample())
+            }),
+            objects,
+        )
     }
 
     /// Why a new session cannot be opened now, if it cannot.
@@ -931,6 +954,7 @@ impl Daemon {
             code: ErrorCode::Internal,
             message: format!("starting fault service: {e}"),
         };
+        let object = v.object;
         let (session, server) = self
             .new_server(v.vm, owner, v.layout, v.regions, v.snapshot, v.uffd)
             .map_err(internal)?;
@@ -939,7 +963,16 @@ impl Daemon {
             session.set_remote(mm);
         }
         let resume = resume.then_some(Resume { records, vmm_pid });
-        let server = server.with_store(store, resume);
+        let mut server = server.with_store(store, resume);
+        if let Some(version) = object {
+            let service = self.objects.clone().ok_or_else(|| Refusal {
+                code: ErrorCode::BackingFailed,
+                message: "no object store is configured".into(),
+            })?;
+            let fill =
+                crate::engine::objects::ObjectFill::new(service, version).map_err(internal)?;
+            server = server.with_object(fill);
+        }
         let thread = FaultThread::spawn(server, self.config.spin).map_err(internal)?;
         self.register_session(&session);
         Ok(Live { session, thread })
@@ -993,6 +1026,23 @@ impl Daemon {
             errors = stats.errors,
             "session ended"
         );
+    }
+}
+
+/// The fetcher's and cache's counters as the metrics read them.
+pub(crate) fn object_sample(f: &objstore::Fetcher) -> crate::ops::metrics::ObjectSample {
+    let (c, cache) = (f.counters(), f.cache());
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    crate::ops::metrics::ObjectSample {
+        hits: get(&c.hits),
+        misses: get(&c.misses),
+        gets: get(&c.gets),
+        get_errors: get(&c.get_errors),
+        bytes_fetched: get(&c.bytes_fetched),
+        changed: get(&c.changed),
+        cache_bytes: cache.bytes(),
+        cache_chunks: cache.len() as u64,
+        evicted: get(&cache.counters.evicted),
     }
 }
 

@@ -606,6 +606,14 @@ fn check_config(got: &Result<Config, ConfigError>) -> Result<(), TestCaseError> 
                 value
             );
         }
+        Err(ConfigError::ObjectStore { field, value, .. }) => {
+            prop_assert!(
+                field.starts_with("object_store.stores."),
+                "{:?} ({})",
+                got,
+                value
+            );
+        }
         Err(ConfigError::Parse { .. }) => {}
         Err(e @ ConfigError::Read { .. }) => {
             prop_assert!(false, "text cannot fail to be read: {:?}", e);

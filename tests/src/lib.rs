@@ -7,6 +7,7 @@ pub mod fc_example;
 pub mod firecracker;
 pub mod raw;
 pub mod raw_ring;
+pub mod rgw;
 pub mod service_manager;
 
 use std::ffi::OsStr;
@@ -465,6 +466,7 @@ pub fn zero_register(vm: &str, ram: &GuestRam) -> faultd_proto::Register {
             read_only: false,
         }],
         snapshot: None,
+        object: None,
         resume: false,
     }
 }

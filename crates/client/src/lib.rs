@@ -574,7 +574,26 @@ impl Client {
         regions: &[RegionSpec<'_>],
         snapshot: Option<BorrowedFd<'_>>,
     ) -> Result<Session, ClientError> {
-        self.register_as(vm, uffd, regions, snapshot, false)
+        self.register_as(vm, uffd, regions, snapshot, None, false)
+    }
+
+    /// Opens a session whose snapshot is object `key` of the object store faultd's config
+    /// names `store` (regions with [`RegionSpec::snapshot`] backing read from it, the offsets
+    /// being offsets in the object): faultd fetches it with its own credentials, so the config
+    /// must let this process's uid read that key.
+    pub fn register_object(
+        self,
+        vm: &str,
+        uffd: &Uffd,
+        regions: &[RegionSpec<'_>],
+        store: &str,
+        key: &str,
+    ) -> Result<Session, ClientError> {
+        let object = faultd_proto::ObjectName {
+            store: store.to_owned(),
+            key: key.to_owned(),
+        };
+        self.register_as(vm, uffd, regions, None, Some(object), false)
     }
 
     /// Registers a VM faultd served before, after faultd restarted or closed the session: the
@@ -587,7 +606,7 @@ impl Client {
         regions: &[RegionSpec<'_>],
         snapshot: Option<BorrowedFd<'_>>,
     ) -> Result<Session, ClientError> {
-        self.register_as(vm, uffd, regions, snapshot, true)
+        self.register_as(vm, uffd, regions, snapshot, None, true)
     }
 
     fn register_as(
@@ -596,6 +615,7 @@ impl Client {
         uffd: &Uffd,
         regions: &[RegionSpec<'_>],
         snapshot: Option<BorrowedFd<'_>>,
+        object: Option<faultd_proto::ObjectName>,
         resume: bool,
     ) -> Result<Session, ClientError> {
         let mut fds: Vec<BorrowedFd<'_>> = vec![uffd.as_fd()];
@@ -610,6 +630,7 @@ impl Client {
             uffd: FdIndex(0),
             regions: descs,
             snapshot,
+            object,
             resume,
         });
         let mut raw = RawConnection { sock: self.sock };

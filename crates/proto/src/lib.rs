@@ -355,14 +355,31 @@ pub struct Register {
     pub uffd: FdIndex,
     /// Guest RAM regions.
     pub regions: Vec<RegionDesc>,
-    /// A snapshot file, required when a region has [`BackingDesc::Snapshot`].
+    /// A snapshot file, required when a region has [`BackingDesc::Snapshot`] (unless
+    /// `object` is given instead).
     #[serde(default)]
     pub snapshot: Option<FdIndex>,
+    /// Instead of a snapshot fd: the snapshot is an object in one of the object stores
+    /// faultd's config names, read with faultd's credentials, so only a key the config lets
+    /// this peer's uid read is accepted. [`BackingDesc::Snapshot`] offsets are then offsets in
+    /// the object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjectName>,
     /// The VM was served before (by a faultd that restarted or closed the session) and goes
     /// on: faultd takes the pages it evicted from its store for `vm`, and the rest of guest
     /// memory as it is now. False: a new VM; any store left under `vm` is discarded.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume: bool,
+}
+
+/// A snapshot object: a store faultd's config names, and a key in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectName {
+    /// The store's name in faultd's config (`[[object_store.stores]] name`).
+    pub store: String,
+    /// The object's key in that store's bucket.
+    pub key: String,
 }
 
 /// One guest RAM region: where it is in the guest, in the VMM, and in its memory fd.
@@ -882,8 +899,14 @@ pub enum ErrorCode {
     /// faultd failed for a reason of its own.
     Internal,
     /// The VM (its session or its store) belongs to another user: a VM and its store are the
-    /// uid's that created them (SO_PEERCRED), and only it, or root, may reach them.
+    /// uid's that created them (SO_PEERCRED), and only it, or root, may reach them. Also: an
+    /// object the config does not let this uid read.
     Forbidden,
+    /// The session's snapshot object could not be read (it changed or was deleted since the
+    /// restore started, or the store did not answer before the deadline), or could not be
+    /// opened at `register`. A live session is over: the faults waiting for it were never
+    /// served.
+    BackingFailed,
 }
 
 /// Bytes as lowercase hex (how recording chunks and digests travel in JSON).
@@ -1080,6 +1103,7 @@ mod tests {
                 read_only: false,
             }],
             snapshot: Some(FdIndex(2)),
+            object: None,
             resume: false,
         })
     }

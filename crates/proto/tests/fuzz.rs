@@ -96,6 +96,7 @@ fn register() -> impl Strategy<Value = Register> {
             uffd,
             regions,
             snapshot,
+            object: None,
             resume,
         })
 }
@@ -525,6 +526,7 @@ fn expectations() -> Vec<(&'static str, Expect)> {
                 read_only: false,
             }],
             snapshot: None,
+            object: None,
             resume: false,
         }))
     };

@@ -321,7 +321,12 @@ impl<O: UffdOps> FaultServer<O> {
             _ if pages.len() == 1 => {
                 return match self.install(first, fill) {
                     Ok(()) => Ok(()),
-                    Err(InstallFail::Retry | InstallFail::Stale | InstallFail::Failed) => Err(Stop),
+                    Err(
+                        InstallFail::Retry
+                        | InstallFail::Stale
+                        | InstallFail::Failed
+                        | InstallFail::Deferred { .. },
+                    ) => Err(Stop),
                 };
             }
             Fill::Zero => self.ops.zeropage(first.hva, len),

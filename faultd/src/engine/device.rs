@@ -414,9 +414,11 @@ impl<O: UffdOps> FaultServer<O> {
                 Begin::Resolve(fill) => {
                     match self.install(self.session.located(page_at(p)), fill) {
                         Ok(()) => {}
-                        Err(InstallFail::Retry | InstallFail::Stale) => {
-                            return Some(Outcome::Retry)
-                        }
+                        // Deferred: the page's object chunk is being fetched; the group is tried
+                        // again (and answered INVALID at its deadline if it never lands).
+                        Err(
+                            InstallFail::Retry | InstallFail::Stale | InstallFail::Deferred { .. },
+                        ) => return Some(Outcome::Retry),
                         Err(InstallFail::Failed) => return Some(Outcome::Invalid(Refuse::Failed)),
                     }
                     p += 1;

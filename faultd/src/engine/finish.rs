@@ -89,6 +89,9 @@ impl<O: UffdOps> FaultServer<O> {
                 // Discarded meanwhile: it reads zero now, which needs nobody.
                 Err(InstallFail::Stale) => return false,
                 Err(InstallFail::Failed) => return false,
+                // An object chunk not fetched yet: finish does not wait on the network (the
+                // VMM is told the page was not filled).
+                Err(InstallFail::Deferred { .. }) => return false,
             }
         }
         false

@@ -49,6 +49,12 @@ pub(crate) enum InstallFail {
     Stale,
     /// The page could not be installed (logged and counted).
     Failed,
+    /// The page's snapshot object chunk is not cached; it is being fetched (see [`objects`]).
+    /// The page is absent again.
+    Deferred {
+        /// The chunk waited for.
+        chunk: u64,
+    },
 }
 
 /// Serves one session's fault sources. Driver-agnostic: [`FaultThread`] drives it from a thread.
@@ -105,6 +111,8 @@ pub struct FaultServer<O> {
     pub(crate) around: around::AroundState,
     /// Working-set recording and replay ([`working_set`]).
     pub(crate) ws: working_set::WsState,
+    /// The snapshot object, when the session's snapshot is one ([`objects`]).
+    pub(crate) object: Option<objects::ObjectFill>,
 }
 
 /// Most error log lines one session emits; the counters keep counting after that.
@@ -156,7 +164,16 @@ impl<O: UffdOps> FaultServer<O> {
             save_before_protect: false,
             around: around::AroundState::off(),
             ws: working_set::WsState::default(),
+            object: None,
         }
+    }
+
+    /// Fills snapshot-backed pages from `object` instead of a snapshot file. Fault-around is
+    /// off for such a session: its runs copy from a file mapping.
+    pub fn with_object(mut self, object: objects::ObjectFill) -> Self {
+        self.object = Some(object);
+        self.around = around::AroundState::off();
+        self
     }
 
     /// Enforces `limits` for this VM, with `global` shared by all VMs of the daemon.
@@ -259,7 +276,8 @@ impl<O: UffdOps> FaultServer<O> {
             // next fault.
             self.report_resident();
         }
-        let mut work = self.serve_uffd()?;
+        let mut work = self.serve_landed();
+        work += self.serve_uffd()?;
         if !self.devices.is_empty() {
             work += self.serve_devices();
         }
@@ -273,6 +291,36 @@ impl<O: UffdOps> FaultServer<O> {
 }
 
 impl<O: UffdOps> FaultServer<O> {
+    /// Serves the faults deferred on object chunks that landed since the last pass; a chunk
+    /// that failed fails the session (see [`objects`]). Returns the faults served again.
+    fn serve_landed(&mut self) -> usize {
+        let Some(object) = &mut self.object else {
+            return 0;
+        };
+        let (again, failure) = object.take_landed();
+        if let Some(e) = failure {
+            if object.failed.is_none() {
+                let why = format!(
+                    "snapshot object {}: {e}; faults waiting on it are not served",
+                    object.version().label()
+                );
+                tracing::error!(session = self.session.id(), vm = self.session.vm(), "{why}");
+                object.failed = Some(why.clone());
+                Counters::bump(&self.session.counters.errors);
+                self.session.fail(why);
+            }
+        }
+        let n = again.len();
+        let t0 = Instant::now();
+        for hva in again {
+            self.handle_fault(hva, t0);
+        }
+        if let Some(object) = &mut self.object {
+            object.clear_landed();
+        }
+        n
+    }
+
     /// Records that `page` was just installed (the young end of the eviction order).
     pub(crate) fn installed(&mut self, page: s2map::PageRef) {
         self.install_order.push_back(page);
@@ -323,6 +371,28 @@ impl<O: UffdOps> FaultServer<O> {
                         self.abort(at);
                         self.error(format_args!(
                             "reading store slot {slot} for {:#x}: {e}",
+                            at.hva.0
+                        ));
+                        return Err(InstallFail::Failed);
+                    }
+                }
+            }
+            Fill::File { offset } if self.object.is_some() => {
+                let buf = &mut self.page_buf[..at.size as usize];
+                let read = match &mut self.object {
+                    Some(o) => o.read(offset, buf),
+                    None => Err(io::Error::other("no snapshot object")),
+                };
+                match read {
+                    Ok(objects::ObjectRead::Read) => self.ops.copy(buf, at.hva),
+                    Ok(objects::ObjectRead::Pending { chunk }) => {
+                        self.abort(at);
+                        return Err(InstallFail::Deferred { chunk });
+                    }
+                    Err(e) => {
+                        self.abort(at);
+                        self.error(format_args!(
+                            "reading snapshot object offset {offset:#x} for {:#x}: {e}",
                             at.hva.0
                         ));
                         return Err(InstallFail::Failed);
@@ -463,6 +533,7 @@ mod thread;
 mod vcpu;
 
 pub mod device;
+pub mod objects;
 pub mod recording;
 pub mod session;
 pub mod snapshots;

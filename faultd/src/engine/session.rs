@@ -402,6 +402,10 @@ pub struct Session {
     /// The snapshot file's analysis, shared with the other sessions of that file (set once,
     /// at the start; see [`crate::engine::snapshots`]).
     snapshot_info: std::sync::OnceLock<Arc<crate::engine::snapshots::SnapshotInfo>>,
+    /// Why the session failed (its snapshot object could not be read), once it has.
+    failure: std::sync::OnceLock<String>,
+    /// Notified once when `failure` is set: the control connection tells the VMM.
+    pub failed: tokio::sync::Notify,
 }
 
 impl Session {
@@ -453,7 +457,22 @@ impl Session {
             device_ids: Mutex::new(Vec::new()),
             remote: std::sync::OnceLock::new(),
             snapshot_info: std::sync::OnceLock::new(),
+            failure: std::sync::OnceLock::new(),
+            failed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Fails the session for `why` (the first reason is kept): its control connection tells
+    /// the VMM and ends it.
+    pub fn fail(&self, why: String) {
+        if self.failure.set(why).is_ok() {
+            self.failed.notify_one();
+        }
+    }
+
+    /// Why the session failed, if it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 
     /// Gives the session its snapshot file's analysis (once; a second call is ignored).

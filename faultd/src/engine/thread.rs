@@ -345,6 +345,10 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Arc<Control
         let mut fds = Vec::with_capacity(2 + server.devices.len());
         fds.push(PollFd::new(server.fd(), PollFlags::POLLIN));
         fds.push(PollFd::new(ctl.event.as_fd(), PollFlags::POLLIN));
+        // An object chunk landing wakes the thread (the doorbell is drained in serve_ready).
+        if let Some(o) = &server.object {
+            fds.push(PollFd::new(o.fd(), PollFlags::POLLIN));
+        }
         fds.extend(
             server
                 .devices

@@ -148,6 +148,13 @@ impl<O: UffdOps> FaultServer<O> {
                     self.around_vcpu(at.page);
                 }
                 Err(InstallFail::Retry) => self.retries.push(at.hva),
+                // The page's object chunk is being fetched: the thread stays blocked, and is
+                // served again when the chunk lands (see `objects`).
+                Err(InstallFail::Deferred { chunk }) => {
+                    if let Some(o) = &mut self.object {
+                        o.defer(chunk, at.hva);
+                    }
+                }
                 // Stale: the page was discarded meanwhile; the thread re-faults if it still
                 // needs it.
                 Err(InstallFail::Stale) => {}

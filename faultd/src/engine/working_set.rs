@@ -642,7 +642,7 @@ impl<O: UffdOps> FaultServer<O> {
         match self.install(at, fill) {
             Ok(()) => One::Installed,
             Err(InstallFail::Retry) => One::Retry,
-            Err(InstallFail::Stale) => One::Skipped,
+            Err(InstallFail::Stale | InstallFail::Deferred { .. }) => One::Skipped,
             Err(InstallFail::Failed) => {
                 if let Some(r) = &mut self.ws.replay {
                     r.failures += 1;

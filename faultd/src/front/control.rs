@@ -548,20 +548,31 @@ async fn register(
     if let Err(Refusal { code, message }) = daemon.name_free(owner, &reg.vm).await {
         return refuse(&daemon, &conn, code, message).await;
     }
+    // A snapshot object: the config must let this uid read that key (faultd reads it with
+    // its own credentials), and a HEAD pins its version before anything else is done with it.
+    let object = match &reg.object {
+        Some(name) => match open_object(&daemon, name, &reg, peer.uid).await {
+            Ok(v) => Some(v),
+            Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
+        },
+        None => None,
+    };
+    let object_len = object.as_ref().map(|o| o.size());
     // Validation reads /proc and fstat()s fds: cheap, but blocking; keep it off the reactor.
     // The uffd and guest RAM files are claimed for this session until it has ended (the claims
     // drop after end_session), so no other live session can be handed them.
     let resume = reg.resume;
     let checked = tokio::task::spawn_blocking(move || {
         let files = handed_files(&reg, &fds);
-        let validated = validate(&reg, fds, peer_pid)?;
+        let validated = validate(&reg, fds, peer_pid, object_len)?;
         Ok::<_, Refusal>((validated, files))
     })
     .await;
-    let (validated, files) = match joined(checked, "validation failed") {
+    let (mut validated, files) = match joined(checked, "validation failed") {
         Ok(v) => v,
         Err(Refusal { code, message }) => return refuse(&daemon, &conn, code, message).await,
     };
+    validated.object = object;
     // The claims of a session that is just ending go a moment after its name does: a VMM
     // registering again with the same fds waits for them briefly, here on the reactor (a
     // sleep between tries, no thread held per waiter).
@@ -606,6 +617,52 @@ async fn register(
     drop(admission);
 }
 
+/// Opens the snapshot object a registration named, for a peer of uid `uid`: refused unless a
+/// store of that name is configured and lets `uid` read that key, and unless every
+/// snapshot-backed page lies within one chunk.
+async fn open_object(
+    daemon: &Daemon,
+    name: &faultd_proto::ObjectName,
+    reg: &faultd_proto::Register,
+    uid: u32,
+) -> Result<Arc<objstore::ObjectVersion>, Refusal> {
+    let Some(service) = daemon.objects.as_ref() else {
+        return Err(Refusal {
+            code: ErrorCode::BackingFailed,
+            message: "register named a snapshot object, but faultd has no object store \
+                      configured ([[object_store.stores]])"
+                .into(),
+        });
+    };
+    let chunk = daemon.config.object_store.chunk_bytes;
+    if let Some(n) = reg.regions.iter().position(|r| {
+        matches!(r.backing, faultd_proto::BackingDesc::Snapshot { .. }) && r.page_size > chunk
+    }) {
+        return Err(Refusal {
+            code: ErrorCode::BadLayout,
+            message: format!(
+                "regions[{n}]: pages of {} bytes are larger than the object chunk ({chunk} bytes)",
+                reg.regions[n].page_size
+            ),
+        });
+    }
+    use crate::engine::objects::ObjectRefusal;
+    service
+        .open_for(&name.store, &name.key, uid)
+        .await
+        .map_err(|e| {
+            let code = match e {
+                ObjectRefusal::UnknownStore(_) => ErrorCode::BadRequest,
+                ObjectRefusal::Forbidden(_) => ErrorCode::Forbidden,
+                ObjectRefusal::Open(_) => ErrorCode::BackingFailed,
+            };
+            Refusal {
+                code,
+                message: crate::ops::logging::chain(&e),
+            }
+        })
+}
+
 /// Serves requests on a registered connection until the VMM hangs up or sends something bad;
 /// says how the session ends.
 async fn session_loop(
@@ -619,6 +676,11 @@ async fn session_loop(
     loop {
         let packet = tokio::select! {
             _ = cancel.cancelled() => return Ending::Handover,
+            // The snapshot object could not be read: the VMM hears it now, unasked.
+            _ = session.failed.notified() => {
+                let why = session.failure().unwrap_or("the session failed").to_owned();
+                return refuse_session(daemon, session, conn, ErrorCode::BackingFailed, why).await;
+            }
             p = recv_packet(conn) => p,
         };
         let packet = match packet {

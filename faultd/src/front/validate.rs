@@ -48,10 +48,13 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
 }
 
 /// Checks `reg` with the fds that came with it. `peer_pid` is the VMM (from SO_PEERCRED).
+/// `object_len`: the size of the snapshot object the registration named (opened by the
+/// caller), which snapshot-backed regions must lie within; then no snapshot fd may be given.
 pub fn validate(
     reg: &Register,
     fds: Vec<OwnedFd>,
     peer_pid: Option<i32>,
+    object_len: Option<u64>,
 ) -> Result<Validated, Refusal> {
     if reg.version != faultd_proto::PROTOCOL_VERSION {
         return Err(refuse(
@@ -120,9 +123,15 @@ pub fn validate(
     }
 
     check_uffd(fds[uffd_i].as_fd())?;
-    let snapshot_len = match snap_i {
-        Some(i) => Some(check_snapshot(fds[i].as_fd())?),
-        None => None,
+    let snapshot_len = match (snap_i, object_len) {
+        (Some(_), Some(_)) => {
+            return Err(refuse(
+                ErrorCode::BadFd,
+                "a snapshot fd and a snapshot object were both given: one backs the snapshot",
+            ))
+        }
+        (Some(i), None) => Some(check_snapshot(fds[i].as_fd())?),
+        (None, len) => len,
     };
 
     let mut specs = Vec::with_capacity(reg.regions.len());
@@ -277,6 +286,7 @@ pub fn validate(
         regions: served,
         uffd,
         snapshot,
+        object: None,
     })
 }
 
@@ -956,6 +966,7 @@ VmFlags: rd wr sh mr mw me ms
                 region(2 << 20, 2, 8192),
             ],
             snapshot: None,
+            object: None,
             resume: false,
         };
         let files = handed_files(&reg, &[uffd, memfd, dup]);

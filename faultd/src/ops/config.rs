@@ -54,6 +54,18 @@ pub enum ConfigError {
         /// What the value must be.
         why: &'static str,
     },
+    /// An `[[object_store.stores]]` entry has a bad value.
+    #[error("config field {field}[{index}] = {value}: {why}")]
+    ObjectStore {
+        /// Position of the entry in the file.
+        index: usize,
+        /// The entry's field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What the value must be.
+        why: &'static str,
+    },
     /// A `[[firecracker]]` entry has a bad value.
     #[error("config field firecracker[{index}].{field} = {value}: {why}")]
     Firecracker {
@@ -93,6 +105,34 @@ struct RawConfig {
     around: RawAround,
     #[serde(default)]
     working_set: RawWorkingSet,
+    #[serde(default)]
+    object_store: RawObjectStore,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectStore {
+    cache_mib: Option<u64>,
+    chunk_kib: Option<u64>,
+    deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    stores: Vec<RawObjectStoreEntry>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectStoreEntry {
+    name: String,
+    endpoint: String,
+    region: String,
+    bucket: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_key: Option<String>,
+    prefix: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    uids: Vec<u32>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -230,6 +270,85 @@ pub struct Config {
     pub around: Around,
     /// Snapshot analysis, working-set recording and replay (`[working_set]`).
     pub working_set: WorkingSet,
+    /// Object stores snapshots may be served from (`[object_store]`).
+    pub object_store: ObjectStores,
+}
+
+/// Object stores snapshot memory may be served from (the `[object_store]` section; see
+/// `engine::objects` and docs/object-store.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStores {
+    /// Bytes the local chunk cache (`store.dir/object-cache`) may hold.
+    pub cache_bytes: u64,
+    /// Chunk size, bytes: a power of two from 512 KiB to 4 MiB.
+    pub chunk_bytes: u64,
+    /// From a chunk's first request to the failure of the sessions waiting on it.
+    pub deadline: Duration,
+    /// The stores a client may name.
+    pub stores: Vec<ObjectStoreSpec>,
+}
+
+/// One store a client may name in `register` (`[[object_store.stores]]`). faultd reads it
+/// with its own credentials, so the client names only this entry and a key, and the key must
+/// be under `prefix` as it reads for the client's uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStoreSpec {
+    /// What clients call it.
+    pub name: String,
+    /// `http://host:port` or `https://...` (path-style requests).
+    pub endpoint: String,
+    /// Region named in signatures.
+    pub region: String,
+    /// The bucket.
+    pub bucket: String,
+    /// Access key id and secret; None: the standard `AWS_*` environment of faultd.
+    pub credentials: Option<(String, String)>,
+    /// Keys a client may name start with this; `{uid}` stands for the client's uid.
+    pub prefix: String,
+    /// The uids that may use this store; empty: any uid (then `prefix` must hold `{uid}`, so
+    /// that each reads only its own keys).
+    pub uids: Vec<u32>,
+}
+
+impl ObjectStoreSpec {
+    /// Whether a client of uid `uid` may read `key` of this store; the refusal says why.
+    pub fn allows(&self, uid: u32, key: &str) -> Result<(), String> {
+        if !self.uids.is_empty() && !self.uids.contains(&uid) {
+            return Err(format!(
+                "uid {uid} may not use object store {:?} (config object_store.stores uids)",
+                self.name
+            ));
+        }
+        if !valid_object_key(key) {
+            return Err(format!(
+                "object key {key:?}: must be 1..={MAX_OBJECT_KEY} bytes of printable ASCII, \
+                 '/'-separated, without empty, '.' or '..' segments"
+            ));
+        }
+        let prefix = self.prefix.replace("{uid}", &uid.to_string());
+        if !key.starts_with(&prefix) {
+            return Err(format!(
+                "object key {key:?} is not under {prefix:?}, the prefix uid {uid} may read in \
+                 store {:?}",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Longest object key a client may name, bytes.
+pub const MAX_OBJECT_KEY: usize = 1024;
+
+/// A key with no way out of its prefix: printable ASCII, no empty, `.` or `..` segment, no
+/// leading `/`.
+pub fn valid_object_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_OBJECT_KEY
+        && key.bytes().all(|b| b.is_ascii_graphic())
+        && key
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..")
 }
 
 /// Fault-around settings (the `[around]` section; see docs/fault-around.md).
@@ -493,6 +612,27 @@ impl From<&Config> for RawConfig {
                 max_kib: Some(c.around.max_bytes >> 10),
                 streams: Some(c.around.streams),
             },
+            // Credentials are written too: the file must load back to this configuration.
+            object_store: RawObjectStore {
+                cache_mib: Some(c.object_store.cache_bytes >> 20),
+                chunk_kib: Some(c.object_store.chunk_bytes >> 10),
+                deadline_ms: ms(c.object_store.deadline),
+                stores: c
+                    .object_store
+                    .stores
+                    .iter()
+                    .map(|s| RawObjectStoreEntry {
+                        name: s.name.clone(),
+                        endpoint: s.endpoint.clone(),
+                        region: s.region.clone(),
+                        bucket: s.bucket.clone(),
+                        access_key: s.credentials.as_ref().map(|c| c.0.clone()),
+                        secret_key: s.credentials.as_ref().map(|c| c.1.clone()),
+                        prefix: s.prefix.clone(),
+                        uids: s.uids.clone(),
+                    })
+                    .collect(),
+            },
         }
     }
 }
@@ -549,6 +689,14 @@ impl RawConfig {
         a.enabled = o.enabled.or(a.enabled);
         a.max_kib = o.max_kib.or(a.max_kib);
         a.streams = o.streams.or(a.streams);
+        let (s, o) = (&mut self.object_store, over.object_store);
+        s.cache_mib = o.cache_mib.or(s.cache_mib);
+        s.chunk_kib = o.chunk_kib.or(s.chunk_kib);
+        s.deadline_ms = o.deadline_ms.or(s.deadline_ms);
+        // A list, as [[firecracker]]: a file that lists any replaces the default's (none).
+        if !o.stores.is_empty() {
+            s.stores = o.stores;
+        }
     }
 }
 
@@ -708,9 +856,11 @@ impl TryFrom<RawConfig> for Config {
         let limits = limits(raw.limits)?;
         let around = around(raw.around)?;
         let working_set = working_set(raw.working_set)?;
+        let object_store = object_store(raw.object_store)?;
         Ok(Config {
             around,
             working_set,
+            object_store,
             firecracker,
             limits,
             socket,
@@ -728,6 +878,121 @@ impl TryFrom<RawConfig> for Config {
             metrics_vm_labels,
         })
     }
+}
+
+/// Most `[[object_store.stores]]` entries.
+pub const MAX_OBJECT_STORES: usize = 16;
+
+/// Validates `[object_store]`.
+fn object_store(raw: RawObjectStore) -> Result<ObjectStores, ConfigError> {
+    let cache_mib = required(raw.cache_mib, "object_store.cache_mib")?;
+    let chunk_kib = required(raw.chunk_kib, "object_store.chunk_kib")?;
+    if !chunk_kib.is_power_of_two() || !(512..=4096).contains(&chunk_kib) {
+        return Err(ConfigError::Invalid {
+            field: "object_store.chunk_kib",
+            value: chunk_kib.to_string(),
+            why: "must be a power of two, 512..=4096",
+        });
+    }
+    // At least one whole chunk fits (with its file trailer).
+    if cache_mib == 0 || cache_mib << 10 <= chunk_kib {
+        return Err(ConfigError::Invalid {
+            field: "object_store.cache_mib",
+            value: cache_mib.to_string(),
+            why: "must be more than one chunk (object_store.chunk_kib)",
+        });
+    }
+    let deadline_ms = required(raw.deadline_ms, "object_store.deadline_ms")?;
+    if !(100..=600_000).contains(&deadline_ms) {
+        return Err(ConfigError::Invalid {
+            field: "object_store.deadline_ms",
+            value: deadline_ms.to_string(),
+            why: "must be 100..=600000",
+        });
+    }
+    if raw.stores.len() > MAX_OBJECT_STORES {
+        return Err(ConfigError::Invalid {
+            field: "object_store.stores",
+            value: raw.stores.len().to_string(),
+            why: "at most 16 entries",
+        });
+    }
+    let mut stores: Vec<ObjectStoreSpec> = Vec::with_capacity(raw.stores.len());
+    for (index, e) in raw.stores.into_iter().enumerate() {
+        let bad = |field: &'static str, value: &str, why: &'static str| ConfigError::ObjectStore {
+            index,
+            field,
+            value: value.to_owned(),
+            why,
+        };
+        if !valid_vm_name(&e.name) || stores.iter().any(|s| s.name == e.name) {
+            return Err(bad(
+                "object_store.stores.name",
+                &e.name,
+                "must be 1..=64 bytes of [A-Za-z0-9._-], unique",
+            ));
+        }
+        if !(e.endpoint.starts_with("http://") || e.endpoint.starts_with("https://")) {
+            return Err(bad(
+                "object_store.stores.endpoint",
+                &e.endpoint,
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if e.region.is_empty() {
+            return Err(bad("object_store.stores.region", "", "must be set"));
+        }
+        if e.bucket.is_empty() || e.bucket.contains('/') {
+            return Err(bad(
+                "object_store.stores.bucket",
+                &e.bucket,
+                "must be a bucket name (no '/')",
+            ));
+        }
+        let credentials =
+            match (e.access_key, e.secret_key) {
+                (Some(k), Some(s)) => Some((k, s)),
+                (None, None) => None,
+                _ => return Err(bad(
+                    "object_store.stores.access_key",
+                    "(one of access_key, secret_key)",
+                    "access_key and secret_key go together (neither: faultd's AWS_* environment)",
+                )),
+            };
+        // Without {uid} every allowed uid reads the same keys: only for a listed few.
+        if !e.prefix.contains("{uid}") && e.uids.is_empty() {
+            return Err(bad(
+                "object_store.stores.prefix",
+                &e.prefix,
+                "must contain {uid} unless uids lists who may use the store",
+            ));
+        }
+        // A prefix is a key's first segments, with or without the '/' that ends the last.
+        let sample = e.prefix.replace("{uid}", "0");
+        let segments = sample.strip_suffix('/').unwrap_or(&sample);
+        if e.prefix.starts_with('/') || (!sample.is_empty() && !valid_object_key(segments)) {
+            return Err(bad(
+                "object_store.stores.prefix",
+                &e.prefix,
+                "must be printable ASCII without a leading '/' or empty, '.' or '..' segments",
+            ));
+        }
+        stores.push(ObjectStoreSpec {
+            name: e.name,
+            endpoint: e.endpoint,
+            region: e.region,
+            bucket: e.bucket,
+            credentials,
+            prefix: e.prefix,
+            uids: e.uids,
+        });
+    }
+    Ok(ObjectStores {
+        cache_bytes: cache_mib << 20,
+        chunk_bytes: chunk_kib << 10,
+        deadline: Duration::from_millis(deadline_ms),
+        stores,
+    })
 }
 
 /// Validates `[around]`.

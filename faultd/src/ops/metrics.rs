@@ -552,6 +552,16 @@ impl DaemonMetrics {
     /// The text exposition of every metric, with `live` the sessions being served now and
     /// their labels. Call with the daemon's session table locked (see [`Self::release`]).
     pub fn render<'a>(&self, live: impl Iterator<Item = (&'a str, Sample)>) -> String {
+        self.render_with_objects(live, None)
+    }
+
+    /// [`DaemonMetrics::render`], with the object-store fetcher's and chunk cache's figures
+    /// when object stores are configured.
+    pub fn render_with_objects<'a>(
+        &self,
+        live: impl Iterator<Item = (&'a str, Sample)>,
+        objects: Option<ObjectSample>,
+    ) -> String {
         let mut totals: HashMap<String, Totals> = HashMap::new();
         let mut levels: HashMap<String, Levels> = HashMap::new();
         let mut sessions = 0i64;
@@ -568,6 +578,9 @@ impl DaemonMetrics {
         }
         let mut families = self.registry.gather();
         families.extend(scrape_families(&totals, &levels, sessions));
+        if let Some(o) = objects {
+            families.extend(object_families(&o));
+        }
         families.retain(|f| !f.get_metric().is_empty());
         families.sort_by(|a, b| a.name().cmp(b.name()));
         TextEncoder::new()
@@ -577,6 +590,102 @@ impl DaemonMetrics {
                 String::new()
             })
     }
+}
+
+/// The object-store fetcher's and chunk cache's figures at a scrape (plain numbers: ops knows
+/// nothing of the fetcher).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObjectSample {
+    /// Page reads served from the chunk cache.
+    pub hits: u64,
+    /// Page reads that waited for a GET (started or joined).
+    pub misses: u64,
+    /// GETs made (each attempt).
+    pub gets: u64,
+    /// GETs that failed.
+    pub get_errors: u64,
+    /// Bytes fetched.
+    pub bytes_fetched: u64,
+    /// Chunks refused because the object changed since its restore started.
+    pub changed: u64,
+    /// Bytes the chunk cache holds.
+    pub cache_bytes: u64,
+    /// Chunks the chunk cache holds.
+    pub cache_chunks: u64,
+    /// Chunks evicted from the cache to keep its bound.
+    pub evicted: u64,
+}
+
+fn object_families(o: &ObjectSample) -> Vec<MetricFamily> {
+    let mut out = Vec::new();
+    for (name, help, v, is_counter) in [
+        (
+            "faultd_object_cache_hits_total",
+            "Snapshot-object page reads served from the local chunk cache.",
+            o.hits,
+            true,
+        ),
+        (
+            "faultd_object_cache_misses_total",
+            "Snapshot-object page reads that waited for a chunk GET (started or joined).",
+            o.misses,
+            true,
+        ),
+        (
+            "faultd_object_gets_total",
+            "Range GETs made to object stores (every attempt).",
+            o.gets,
+            true,
+        ),
+        (
+            "faultd_object_get_errors_total",
+            "Range GETs that failed (retried, or given up at the deadline).",
+            o.get_errors,
+            true,
+        ),
+        (
+            "faultd_object_fetched_bytes_total",
+            "Bytes fetched from object stores.",
+            o.bytes_fetched,
+            true,
+        ),
+        (
+            "faultd_object_changed_total",
+            "Chunks refused because their object changed since the restore started.",
+            o.changed,
+            true,
+        ),
+        (
+            "faultd_object_cache_evicted_total",
+            "Chunks evicted from the local chunk cache to keep its bound.",
+            o.evicted,
+            true,
+        ),
+        (
+            "faultd_object_cache_bytes",
+            "Bytes the local chunk cache holds.",
+            o.cache_bytes,
+            false,
+        ),
+        (
+            "faultd_object_cache_chunks",
+            "Chunks the local chunk cache holds.",
+            o.cache_chunks,
+            false,
+        ),
+    ] {
+        let v = i64::try_from(v).unwrap_or(i64::MAX);
+        if is_counter {
+            let c = counter(name, help, &[]);
+            c.with_label_values(&[] as &[&str]).inc_by(v as u64);
+            out.extend(c.collect());
+        } else {
+            let g = gauge(name, help, &[]);
+            g.with_label_values(&[] as &[&str]).set(v);
+            out.extend(g.collect());
+        }
+    }
+    out
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {

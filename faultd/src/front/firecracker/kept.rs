@@ -427,6 +427,7 @@ fn prepare(
         regions: regions.served,
         uffd,
         snapshot: Some(snapshot),
+        object: None,
     };
     let live = daemon
         .start_session(validated, kept.owner, Opening::Kept, pid, Some(remote))

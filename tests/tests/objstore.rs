@@ -1,0 +1,289 @@
+//! The object-store chunk fetcher (`crates/objstore`) against a real radosgw started by each
+//! test (tests/src/rgw.rs): byte-exact chunks, single flight, version pinning, the cache bound,
+//! the cache kept across a reopen, retries across a gateway restart and the deadline.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
+use objstore::{
+    s3_store, Bytes, ChunkCache, ChunkSize, ChunkWaiter, CountingStore, FetchConfig, FetchError,
+    Fetcher, S3Spec, Served,
+};
+
+const KIB: u64 = 1024;
+
+/// Deterministic bytes that differ per `seed` and per offset (no two 4 KiB pages alike).
+fn pattern(len: u64, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            let x = (i / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD6E8_FEB8);
+            (x >> ((i % 8) * 8)) as u8
+        })
+        .collect()
+}
+
+fn put(rgw: &Rgw, key: &str, data: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body");
+    std::fs::write(&body, data).unwrap();
+    assert_eq!(rgw.put(BUCKET, key, &body), "200", "PUT {key}");
+}
+
+fn client(rgw: &Rgw) -> Arc<CountingStore> {
+    let spec = S3Spec {
+        endpoint: rgw.endpoint(),
+        region: REGION.into(),
+        bucket: BUCKET.into(),
+        credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
+    };
+    Arc::new(CountingStore::new(
+        s3_store(&spec, Duration::from_secs(5)).unwrap(),
+    ))
+}
+
+fn fetcher(dir: &Path, chunk: u64, bound: u64) -> Fetcher {
+    let mut config = FetchConfig::new(ChunkSize::new(chunk).unwrap());
+    config.deadline = Duration::from_secs(10);
+    Fetcher::new(ChunkCache::open(dir, bound).unwrap(), config).unwrap()
+}
+
+#[test]
+fn radosgw_starts_and_serves_a_put_object() {
+    let rgw = Rgw::start();
+    eprintln!("radosgw ready in {:?}", rgw.started_in());
+    put(&rgw, "k", b"hello");
+}
+
+#[test]
+fn every_chunk_read_is_byte_exact_including_the_short_last() {
+    let rgw = Rgw::start();
+    let data = pattern(3 * 512 * KIB + 100 * KIB + 3, 1);
+    put(&rgw, "obj", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let f = fetcher(cache.path(), 512 * KIB, 64 << 20);
+    let store = client(&rgw);
+    let obj = f
+        .open(store.clone(), &rgw.endpoint(), BUCKET, "obj")
+        .unwrap();
+    assert_eq!(obj.size(), data.len() as u64);
+    assert_eq!(obj.chunks(), 4);
+    for c in 0..obj.chunks() {
+        let r = obj.chunk_range(c);
+        let got = f.read_chunk_blocking(&obj, c).unwrap();
+        assert!(
+            got[..] == data[r.start as usize..r.end as usize],
+            "chunk {c} differs"
+        );
+    }
+    assert_eq!(store.gets(), 4);
+    assert!(matches!(
+        f.read_chunk_blocking(&obj, 4),
+        Err(FetchError::OutOfRange { .. })
+    ));
+}
+
+/// Collects what a waiter was told.
+#[derive(Default)]
+struct Collect(Mutex<Vec<(u64, Result<Bytes, FetchError>)>>);
+
+impl ChunkWaiter for Collect {
+    fn chunk_landed(&self, chunk: u64, result: Result<Bytes, FetchError>) {
+        self.0.lock().unwrap().push((chunk, result));
+    }
+}
+
+fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !done() {
+        assert!(Instant::now() < until, "{what} within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn concurrent_waiters_on_one_chunk_cause_exactly_one_get() {
+    let rgw = Rgw::start();
+    let data = pattern(2 * 4096 * KIB, 2);
+    put(&rgw, "big", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let f = Arc::new(fetcher(cache.path(), 4096 * KIB, 64 << 20));
+    let store = client(&rgw);
+    let obj = f
+        .open(store.clone(), &rgw.endpoint(), BUCKET, "big")
+        .unwrap();
+    let waiters: Vec<Arc<Collect>> = (0..16).map(|_| Arc::default()).collect();
+    // 16 readers of one 4 MiB chunk from 4 threads at once: all must find it in flight (a
+    // 4 MiB GET takes milliseconds; these reads take microseconds), none may start a GET.
+    std::thread::scope(|s| {
+        for group in waiters.chunks(4) {
+            let (f, obj) = (f.clone(), obj.clone());
+            s.spawn(move || {
+                for w in group {
+                    let w: Arc<dyn ChunkWaiter> = w.clone();
+                    let mut buf = [0u8; 4096];
+                    let served = f.read(&obj, 4096 * KIB + 8192, &mut buf, &w).unwrap();
+                    assert_eq!(served, Served::Pending);
+                }
+            });
+        }
+    });
+    wait_for("every waiter told", Duration::from_secs(10), || {
+        waiters.iter().all(|w| !w.0.lock().unwrap().is_empty())
+    });
+    assert_eq!(store.gets(), 1, "GETs for one chunk with 16 waiters");
+    for w in &waiters {
+        let told = w.0.lock().unwrap();
+        assert_eq!(told.len(), 1);
+        let (chunk, bytes) = &told[0];
+        assert_eq!(*chunk, 1);
+        assert!(bytes.as_ref().unwrap()[..] == data[4096 * KIB as usize..]);
+    }
+    let mut buf = [0u8; 4096];
+    let any: Arc<dyn ChunkWaiter> = waiters[0].clone();
+    assert_eq!(
+        f.read(&obj, 4096 * KIB + 8192, &mut buf, &any).unwrap(),
+        Served::Read
+    );
+    assert!(buf[..] == data[(4096 * KIB + 8192) as usize..][..4096]);
+    assert_eq!(store.gets(), 1, "a cached chunk is read without a GET");
+}
+
+#[test]
+fn object_replaced_midway_fails_with_object_changed_and_never_mixes() {
+    let rgw = Rgw::start();
+    let old = pattern(4 * 512 * KIB, 3);
+    put(&rgw, "obj", &old);
+    let cache = tempfile::tempdir().unwrap();
+    let f = fetcher(cache.path(), 512 * KIB, 64 << 20);
+    let obj = f
+        .open(client(&rgw), &rgw.endpoint(), BUCKET, "obj")
+        .unwrap();
+    let first = f.read_chunk_blocking(&obj, 0).unwrap();
+    assert!(first[..] == old[..512 * KIB as usize]);
+    put(&rgw, "obj", &pattern(4 * 512 * KIB, 4));
+    let err = f.read_chunk_blocking(&obj, 1).unwrap_err();
+    assert!(
+        matches!(err, FetchError::ObjectChanged { .. }),
+        "replaced object gave {err}"
+    );
+    eprintln!("{err}");
+    assert_eq!(
+        f.counters()
+            .changed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn cache_bound_holds_when_more_chunks_are_read_than_fit() {
+    let rgw = Rgw::start();
+    let data = pattern(10 * 512 * KIB, 5);
+    put(&rgw, "obj", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let bound = 3 * (512 * KIB + objstore::TRAILER_LEN);
+    let f = fetcher(cache.path(), 512 * KIB, bound);
+    let obj = f
+        .open(client(&rgw), &rgw.endpoint(), BUCKET, "obj")
+        .unwrap();
+    for c in 0..obj.chunks() {
+        let got = f.read_chunk_blocking(&obj, c).unwrap();
+        let r = obj.chunk_range(c);
+        assert!(got[..] == data[r.start as usize..r.end as usize]);
+        let on_disk: u64 = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(on_disk <= bound, "{on_disk} bytes on disk > bound {bound}");
+        assert!(f.cache().bytes() <= bound);
+    }
+    assert_eq!(f.cache().len(), 3);
+    let evicted = f
+        .cache()
+        .counters
+        .evicted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(evicted, 7);
+}
+
+#[test]
+fn cache_reopened_after_drop_serves_every_chunk_without_a_get() {
+    let rgw = Rgw::start();
+    let data = pattern(5 * 512 * KIB, 6);
+    put(&rgw, "obj", &data);
+    let cache = tempfile::tempdir().unwrap();
+    {
+        let f = fetcher(cache.path(), 512 * KIB, 64 << 20);
+        let obj = f
+            .open(client(&rgw), &rgw.endpoint(), BUCKET, "obj")
+            .unwrap();
+        for c in 0..obj.chunks() {
+            f.read_chunk_blocking(&obj, c).unwrap();
+        }
+    }
+    let f = fetcher(cache.path(), 512 * KIB, 64 << 20);
+    let store = client(&rgw);
+    let obj = f
+        .open(store.clone(), &rgw.endpoint(), BUCKET, "obj")
+        .unwrap();
+    for c in 0..obj.chunks() {
+        let got = f.read_chunk_blocking(&obj, c).unwrap();
+        let r = obj.chunk_range(c);
+        assert!(got[..] == data[r.start as usize..r.end as usize]);
+    }
+    assert_eq!(store.gets(), 0, "GETs after the cache was reopened");
+    assert_eq!(store.heads(), 1, "the version is still checked once");
+}
+
+#[test]
+fn gateway_killed_and_restarted_within_the_deadline_is_retried_to_success() {
+    let mut rgw = Rgw::start();
+    let data = pattern(2 * 512 * KIB, 7);
+    put(&rgw, "obj", &data);
+    let cache = tempfile::tempdir().unwrap();
+    let f = Arc::new(fetcher(cache.path(), 512 * KIB, 64 << 20));
+    let store = client(&rgw);
+    let obj = f
+        .open(store.clone(), &rgw.endpoint(), BUCKET, "obj")
+        .unwrap();
+    rgw.kill_gateway();
+    let reader = {
+        let (f, obj) = (f.clone(), obj.clone());
+        std::thread::spawn(move || f.read_chunk_blocking(&obj, 1))
+    };
+    wait_for("GETs failing", Duration::from_secs(5), || store.gets() >= 2);
+    rgw.start_gateway();
+    let got = reader.join().unwrap().unwrap();
+    assert!(got[..] == data[512 * KIB as usize..]);
+    assert!(
+        f.counters()
+            .get_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[test]
+fn gateway_gone_past_the_deadline_gives_waiters_a_deadline_error() {
+    let mut rgw = Rgw::start();
+    put(&rgw, "obj", &pattern(512 * KIB, 8));
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = FetchConfig::new(ChunkSize::new(512 * KIB).unwrap());
+    config.deadline = Duration::from_secs(1);
+    let f = Fetcher::new(ChunkCache::open(cache.path(), 64 << 20).unwrap(), config).unwrap();
+    let obj = f
+        .open(client(&rgw), &rgw.endpoint(), BUCKET, "obj")
+        .unwrap();
+    rgw.kill_gateway();
+    let t0 = Instant::now();
+    let err = f.read_chunk_blocking(&obj, 0).unwrap_err();
+    let took = t0.elapsed();
+    assert!(matches!(err, FetchError::Deadline { .. }), "{err}");
+    assert!(
+        took < Duration::from_secs(3),
+        "deadline error after {took:?}"
+    );
+    eprintln!("{err} (after {took:?})");
+}
