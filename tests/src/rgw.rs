@@ -3,8 +3,8 @@
 //! of its own (parallel tests do not collide), with one user and one bucket. Everything is
 //! killed and removed on drop.
 //!
-//! Following `shared/reference/ceph-rgw-local.md` (its pitfalls are the comments in
-//! `ceph_conf`). Every step runs under a deadline: a radosgw that cannot authenticate hangs
+//! The settings that a single-node radosgw needs, each learnt from a failure, are the comments
+//! in `ceph_conf`. Every step runs under a deadline: a radosgw that cannot authenticate hangs
 //! forever instead of failing.
 //!
 //! Why memstore: it is ready in about a second (bluestore on a sparse file takes about five),
