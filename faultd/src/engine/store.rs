@@ -531,8 +531,7 @@ fn private_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(failed)?;
     let opened = File::open(dir).map_err(failed)?;
     let meta = opened.metadata().map_err(failed)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let faultd = unsafe { libc::geteuid() };
+    let faultd = nix::unistd::geteuid().as_raw();
     if meta.uid() != faultd {
         return Err(StoreError::DirOwner {
             path: dir.to_owned(),
