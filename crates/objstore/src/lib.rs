@@ -60,8 +60,9 @@ impl ChunkSize {
     }
 }
 
-/// Where an S3-compatible store is and how to sign for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where an S3-compatible store is and how to sign for it. Its `Debug` never shows the secret
+/// (a spec in a log or an error must not leak it).
+#[derive(Clone, PartialEq, Eq)]
 pub struct S3Spec {
     /// `http://host:port` or `https://...`; path-style requests are made to it.
     pub endpoint: String,
@@ -71,6 +72,20 @@ pub struct S3Spec {
     pub bucket: String,
     /// Access key id and secret; `None` takes the standard `AWS_*` environment variables.
     pub credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for S3Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Spec")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(key, _)| (key, "<secret>")),
+            )
+            .finish()
+    }
 }
 
 /// Builds the `object_store` client for `spec`. Its own retries are off (the fetcher retries

@@ -290,8 +290,8 @@ pub struct ObjectStores {
 
 /// One store a client may name in `register` (`[[object_store.stores]]`). faultd reads it
 /// with its own credentials, so the client names only this entry and a key, and the key must
-/// be under `prefix` as it reads for the client's uid.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// be under `prefix` as it reads for the client's uid. Its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ObjectStoreSpec {
     /// What clients call it.
     pub name: String,
@@ -308,6 +308,23 @@ pub struct ObjectStoreSpec {
     /// The uids that may use this store; empty: any uid (then `prefix` must hold `{uid}`, so
     /// that each reads only its own keys).
     pub uids: Vec<u32>,
+}
+
+impl std::fmt::Debug for ObjectStoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStoreSpec")
+            .field("name", &self.name)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(key, _)| (key, "<secret>")),
+            )
+            .field("prefix", &self.prefix)
+            .field("uids", &self.uids)
+            .finish()
+    }
 }
 
 impl ObjectStoreSpec {
@@ -1361,6 +1378,22 @@ fn plain_path(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_stores_secret_never_shows_in_debug() {
+        let spec = ObjectStoreSpec {
+            name: "s".into(),
+            endpoint: "http://127.0.0.1:1".into(),
+            region: "r".into(),
+            bucket: "b".into(),
+            credentials: Some(("AKIDEXAMPLE".into(), "wJalrXUtnFEMI-secret".into())),
+            prefix: "tenants/{uid}/".into(),
+            uids: vec![],
+        };
+        let shown = format!("{spec:?} {spec:#?}");
+        assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
+        assert!(!shown.contains("wJalrXUtnFEMI-secret"), "{shown}");
+    }
 
     #[test]
     fn socket_and_snapshot_paths_must_be_plain() {
