@@ -439,6 +439,12 @@ impl Ram {
         Ram { ram, uffd }
     }
 
+    /// A KVM VM with this RAM as its one memory slot at GPA 0. A run stops with an error after
+    /// `timeout`: a fault faultd never answers must fail the test, not hang it.
+    pub fn vm(&self, timeout: Duration) -> testvmm::Vm {
+        bench::one_slot_vm(self.ram.host_ptr(), self.ram.size(), timeout)
+    }
+
     /// Registers with faultd as a zero-filled region at GPA 0.
     pub fn serve(&self, faultd: &Faultd, vm: &str) -> Session {
         Client::connect(faultd.socket())

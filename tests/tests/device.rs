@@ -14,8 +14,8 @@ use faultd_tests::{
 };
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use testvmm::{
-    dword_offsets, page_sequence, pattern, DeviceConfig, DmaError, PriDevice, RamRange, RamSlot,
-    VcpuReport, Vm, Workload,
+    dword_offsets, page_sequence, pattern, DeviceConfig, DmaError, PriDevice, RamRange, VcpuReport,
+    Workload,
 };
 
 const KIB: u64 = 1 << 10;
@@ -85,17 +85,6 @@ fn device_on(ram: &GuestRam, cfg: DeviceConfig) -> PriDevice {
     unsafe { PriDevice::new(ram.host_ptr(), 0, ram.size(), cfg) }.expect("creating the device")
 }
 
-fn vm_on(ram: &Ram) -> Vm {
-    let mut vm = Vm::new(vec![RamSlot {
-        gpa: 0,
-        host: ram.ram.host_ptr(),
-        size: ram.ram.size(),
-    }])
-    .expect("creating the KVM VM");
-    vm.set_timeout(Some(GUEST_TIMEOUT));
-    vm
-}
-
 /// A page whose every dword holds `pattern(its gpa, seed)`.
 fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
     (0..PAGE / 4)
@@ -146,7 +135,7 @@ fn kvm_guest_and_emulated_device_share_unpinned_ram_through_one_faultd() {
     let b_seq = page_sequence(seed_b, touches_b, half, half);
     let a_pages: BTreeSet<u32> = a_seq.iter().copied().collect();
     let b_pages: BTreeSet<u32> = b_seq.iter().copied().collect();
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(GUEST_TIMEOUT);
 
     // Phase 1: the guest writes A while the device writes B.
     let t1 = Instant::now();

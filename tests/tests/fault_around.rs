@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use faultd_client::{Client, GuestRam, RegionSpec};
 use faultd_proto::SessionStats;
 use faultd_tests::{read_with_timeout, resident_settled, settled_stats, Faultd, Ram};
-use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, RamSlot, VcpuReport, Vm, Workload};
+use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, VcpuReport, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -19,18 +19,6 @@ const GRANULE: u64 = 64 * 1024;
 const ON: &str = "[around]\nenabled = true\n";
 const OFF: &str = "[around]\nenabled = false\n";
 const T: Duration = Duration::from_secs(20);
-
-fn vm_on(ram: &Ram) -> Vm {
-    let mut vm = Vm::new(vec![RamSlot {
-        gpa: 0,
-        host: ram.ram.host_ptr(),
-        size: ram.ram.size(),
-    }])
-    .expect("creating the KVM VM");
-    // A fault faultd never answers must fail the test, not hang it.
-    vm.set_timeout(Some(T));
-    vm
-}
 
 fn run(vm: &mut Vm, w: Workload) -> VcpuReport {
     let mut r = vm.run(vec![w], &|_, _| {}).expect("guest run");
@@ -65,7 +53,7 @@ fn sequential_guest(config: &str, vm_name: &str, pages: u32) -> (SessionStats, D
     let faultd = Faultd::start_with_config(config);
     let ram = Ram::new(vm_name, 2 * u64::from(pages) * PAGE);
     let mut session = ram.serve(&faultd, vm_name);
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(T);
     let seed = 0x5EC0;
     let t = Instant::now();
 
@@ -140,7 +128,7 @@ fn random_guest(config: &str, vm_name: &str) -> SessionStats {
     let faultd = Faultd::start_with_config(config);
     let ram = Ram::new(vm_name, u64::from(PAGES) * PAGE);
     let mut session = ram.serve(&faultd, vm_name);
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(T);
 
     let r = run(
         &mut vm,
@@ -317,7 +305,7 @@ fn a_discarded_range_in_the_look_ahead_window_reads_zero_afterwards() {
             Some(file.as_fd()),
         )
         .unwrap();
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(T);
     // Pages 256..512 are discarded before anyone touched them: they read zero from now on.
     discard(&ram.ram, 256, 256);
 
@@ -393,7 +381,7 @@ fn a_guest_streaming_under_a_budget_keeps_every_write_and_look_ahead_stops_at_th
     let faultd = Faultd::start_with_config(&config);
     let ram = Ram::new("vm-budget", u64::from(PAGES) * PAGE);
     let mut session = ram.serve(&faultd, "vm-budget");
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(T);
 
     let r = run(
         &mut vm,

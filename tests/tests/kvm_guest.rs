@@ -9,23 +9,13 @@ use std::time::Duration;
 
 use faultd_client::{Client, RegionSpec};
 use faultd_tests::{resident_settled, Faultd, Ram};
-use testvmm::{page_sequence, pattern, RamSlot, Vm, Workload};
+use testvmm::{page_sequence, pattern, Vm, Workload};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-fn vm_on(ram: &Ram) -> Vm {
-    let mut vm = Vm::new(vec![RamSlot {
-        gpa: 0,
-        host: ram.ram.host_ptr(),
-        size: ram.ram.size(),
-    }])
-    .expect("creating the KVM VM");
-    // A fault faultd never answers must fail the test, not hang it.
-    vm.set_timeout(Some(Duration::from_secs(120)));
-    vm
-}
+/// A guest run that takes longer fails (a fault faultd never answers must not hang the test).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn distinct_pages(w: &[(u32, u32, u32, u32)]) -> BTreeSet<u32> {
     w.iter()
@@ -50,7 +40,7 @@ fn one_gib_guest_touching_random_pages_is_served_and_only_those_pages_become_res
     let half = (GIB / PAGE / 2) as u32;
     // Two vCPUs, each over its half of the guest's RAM.
     let work = [(0x1234, 6000, 0, half), (0x9876, 6000, half, half)];
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(GUEST_TIMEOUT);
 
     let reports = vm
         .run(
@@ -149,7 +139,7 @@ fn guest_restored_lazily_from_a_snapshot_sees_exactly_the_files_contents() {
     let pages = (SIZE / PAGE) as u32;
     // (touches, first page, page count) per vCPU: each verifies random pages of its half.
     let work = [(3000, 0, pages / 2), (3000, pages / 2, pages / 2)];
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(GUEST_TIMEOUT);
     // The Verify workload's seed picks the pages and the expected pattern alike.
     let verify = |vm: &mut Vm, seed: u32| {
         vm.run(
@@ -219,7 +209,7 @@ fn one_faultd_serves_two_vms_at_once() {
             .enumerate()
             .map(|(i, r)| {
                 s.spawn(move || {
-                    vm_on(r)
+                    r.vm(GUEST_TIMEOUT)
                         .run(
                             vec![Workload::WriteVerify {
                                 seed: 100 + i as u32,

@@ -11,11 +11,13 @@ use faultd_client::{Client, ClientError, RegionSpec};
 use faultd_proto::ErrorCode;
 use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
 use faultd_tests::{http_get, read_with_timeout, resident_settled, Faultd, Ram};
-use testvmm::{page_sequence, pattern, RamSlot, VcpuReport, Vm, Workload};
+use testvmm::{page_sequence, pattern, VcpuReport, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 const CHUNK: u64 = 512 * 1024;
+/// A guest run that takes longer fails (a fault faultd never answers must not hang the test).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const SEED: u32 = 0x000B_1EC7;
 
 /// faultd's config: one store, `rgw`, whose keys under `tenants/<uid>/` each uid may read.
@@ -54,18 +56,6 @@ fn put_snapshot(rgw: &Rgw, key: &str, size: u64) -> Vec<u8> {
         .unwrap();
     assert_eq!(rgw.put(BUCKET, key, &body), "200", "PUT {key}");
     data
-}
-
-fn vm_on(ram: &Ram) -> Vm {
-    let mut vm = Vm::new(vec![RamSlot {
-        gpa: 0,
-        host: ram.ram.host_ptr(),
-        size: ram.ram.size(),
-    }])
-    .expect("creating the KVM VM");
-    // A fault faultd never answers must fail the test, not hang it.
-    vm.set_timeout(Some(Duration::from_secs(120)));
-    vm
 }
 
 /// Two vCPUs, each verifying `touches` random pages of its half against `seed`'s pattern.
@@ -132,7 +122,7 @@ fn guest_restored_from_an_object_reads_exactly_its_contents_one_get_per_chunk() 
         )
         .unwrap();
     let pages = (SIZE / PAGE) as u32;
-    let mut vm = vm_on(&ram);
+    let mut vm = ram.vm(GUEST_TIMEOUT);
 
     let reports = verify(&mut vm, pages, 60, SEED);
 
@@ -212,7 +202,7 @@ fn four_sessions_of_one_object_at_once_fetch_each_chunk_once() {
     let reports: Vec<Vec<VcpuReport>> = std::thread::scope(|s| {
         let handles: Vec<_> = rams
             .iter()
-            .map(|ram| s.spawn(move || verify(&mut vm_on(ram), pages, 800, SEED)))
+            .map(|ram| s.spawn(move || verify(&mut ram.vm(GUEST_TIMEOUT), pages, 800, SEED)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });

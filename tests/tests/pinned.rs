@@ -11,7 +11,7 @@ use std::time::Duration;
 use faultd_client::{Client, ClientError, DeviceQueue, RegionSpec, Session};
 use faultd_proto::{DmaRange, ErrorCode};
 use faultd_tests::{Faultd, Ram};
-use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, RamSlot, VcpuReport, Vm, Workload};
+use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, VcpuReport, Workload};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -19,6 +19,8 @@ const PAGE: u64 = 4096;
 const SIZE: u64 = 64 * MIB;
 const PINNED: u64 = SIZE / 2;
 const SEED: u32 = 0x5EED_0016;
+/// A guest run that takes longer fails (a fault faultd never answers must not hang the test).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const DEV_ID: u32 = 9;
 
 /// A snapshot file whose every dword at guest address `a` is `pattern(a, seed)`.
@@ -88,17 +90,6 @@ const HALF: DmaRange = DmaRange {
     gpa: 0,
     size: PINNED,
 };
-
-fn vm_on(ram: &Ram) -> Vm {
-    let mut vm = Vm::new(vec![RamSlot {
-        gpa: 0,
-        host: ram.ram.host_ptr(),
-        size: ram.ram.size(),
-    }])
-    .expect("creating the KVM VM");
-    vm.set_timeout(Some(Duration::from_secs(20)));
-    vm
-}
 
 fn check_guest(reports: &[VcpuReport], what: &str) {
     for (i, r) in reports.iter().enumerate() {
@@ -174,7 +165,7 @@ fn pinned_attach_fills_from_the_snapshot_and_maps_before_device_added() {
         (0, 0, 0),
         "{ds:?}"
     );
-    let mut vm = vm_on(&s.ram);
+    let mut vm = s.ram.vm(GUEST_TIMEOUT);
     let reports = vm
         .run(
             vec![
@@ -214,7 +205,7 @@ fn eviction_and_budget_enforcement_pass_over_pinned_pages() {
     let mut s = setup(&faultd, "vm-pin-evict");
     pin(&mut s, &[HALF]).expect("pinned add_device");
     let pinned_pages = (PINNED / PAGE) as u32;
-    let mut vm = vm_on(&s.ram);
+    let mut vm = s.ram.vm(GUEST_TIMEOUT);
     let reports = vm
         .run(
             vec![Workload::Verify {
