@@ -35,6 +35,8 @@ pub const MAX_PAGES: u64 = crate::ops::config::MAX_RECORD_PAGES;
 pub const MAX_BYTES: usize = HEADER + 8 * MAX_PAGES as usize + TRAILER;
 /// Bytes of a recording's header, all [`Header::read`] needs.
 pub const HEADER_BYTES: usize = HEADER;
+/// Fewest bytes of an encoded recording: a header and the checksum, no page.
+pub const MIN_BYTES: usize = HEADER + TRAILER;
 
 /// What a recording's header says, read without the rest of the file (a listing reads no
 /// more; the checksum and the offsets are checked only by [`Recording::decode`]).

@@ -23,7 +23,7 @@
 //! upload (abandoned, refused) removes its file; files a faultd that died left behind are removed
 //! when the next one starts ([`Library::sweep`]).
 
-use super::recording::{DecodeError, Header, Recording, HEADER_BYTES, MAX_BYTES};
+use super::recording::{DecodeError, Header, Recording, HEADER_BYTES, MAX_BYTES, MIN_BYTES};
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fstat, mkdirat, Mode};
 use sha2::{Digest, Sha256};
@@ -388,23 +388,34 @@ impl Library {
         })
     }
 
-    /// Writes `rec` as `owner`'s (None: imported), atomically, then removes the oldest
-    /// recordings beyond the bound.
-    pub fn save(&self, owner: Option<u32>, rec: &Recording) -> io::Result<()> {
-        let dir = self.dir(owner, true)?;
-        let name = format!("{}.ws", hex(&rec.digest));
+    /// A new file `<prefix>-<pid>-<n>` in `dir`, 0600, opened `access` (never an existing file
+    /// or a link): where a recording is written before it is renamed into place.
+    fn create_temp(
+        &self,
+        dir: &OwnedFd,
+        prefix: &str,
+        access: OFlag,
+    ) -> io::Result<(String, File)> {
         let tmp = format!(
-            ".tmp-{}-{}",
+            "{prefix}-{}-{}",
             std::process::id(),
             self.tmp.fetch_add(1, Ordering::Relaxed)
         );
         let fd = openat(
             dir.as_fd(),
             tmp.as_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            access | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )?;
-        let mut f = File::from(fd);
+        Ok((tmp, File::from(fd)))
+    }
+
+    /// Writes `rec` as `owner`'s (None: imported), atomically, then removes the oldest
+    /// recordings beyond the bound.
+    pub fn save(&self, owner: Option<u32>, rec: &Recording) -> io::Result<()> {
+        let dir = self.dir(owner, true)?;
+        let name = format!("{}.ws", hex(&rec.digest));
+        let (tmp, mut f) = self.create_temp(&dir, ".tmp", OFlag::O_WRONLY)?;
         let written = f.write_all(&rec.encode()).and_then(|()| f.sync_all());
         let renamed = written.and_then(|()| {
             renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), name.as_str()).map_err(Into::into)
@@ -618,9 +629,9 @@ impl Library {
                 "{sha256:?} is not a SHA-256: 64 lowercase hex digits"
             ))
         })?;
-        if total > MAX_BYTES as u64 || total < 96 {
+        if total > MAX_BYTES as u64 || total < MIN_BYTES as u64 {
             return Err(LibraryError::BadUpload(format!(
-                "a recording of {total} bytes: a recording is 96 to {MAX_BYTES} bytes"
+                "a recording of {total} bytes: a recording is {MIN_BYTES} to {MAX_BYTES} bytes"
             )));
         }
         self.stage(requester, total)?;
@@ -629,23 +640,10 @@ impl Library {
             let dir = self
                 .dir(owner, true)
                 .map_err(io_err("opening the library"))?;
-            let tmp = format!(
-                ".upload-{}-{}",
-                std::process::id(),
-                self.tmp.fetch_add(1, Ordering::Relaxed)
-            );
-            let fd = openat(
-                dir.as_fd(),
-                tmp.as_str(),
-                OFlag::O_RDWR
-                    | OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
-            )
-            .map_err(|e| io_err("creating the staging file")(e.into()))?;
-            Ok::<_, LibraryError>((dir, tmp, File::from(fd)))
+            let (tmp, file) = self
+                .create_temp(&dir, ".upload", OFlag::O_RDWR)
+                .map_err(io_err("creating the staging file"))?;
+            Ok::<_, LibraryError>((dir, tmp, file))
         })();
         let (dir, tmp, file) = match made {
             Ok(m) => m,
