@@ -162,23 +162,19 @@ impl<O: UffdOps> FaultServer<O> {
             }
         }
         let (own, global) = self.report_resident();
-        let high = super::budget::share(limits.session, limits.high_pct);
-        if limits.session > 0 && own + absent > high {
-            return Err(PinError::Budget {
-                which: "VM's",
-                absent,
-                resident: own,
-                high,
-            });
-        }
-        let high = super::budget::share(limits.global, limits.high_pct);
-        if limits.global > 0 && global + absent > high {
-            return Err(PinError::Budget {
-                which: "global",
-                absent,
-                resident: global,
-                high,
-            });
+        for (which, budget, resident) in [
+            ("VM's", limits.session, own),
+            ("global", limits.global, global),
+        ] {
+            let high = super::budget::share(budget, limits.high_pct);
+            if budget > 0 && resident + absent > high {
+                return Err(PinError::Budget {
+                    which,
+                    absent,
+                    resident,
+                    high,
+                });
+            }
         }
         Ok(())
     }
