@@ -36,7 +36,10 @@ fn client(rgw: &Rgw) -> Arc<CountingStore> {
         endpoint: rgw.endpoint(),
         region: REGION.into(),
         bucket: BUCKET.into(),
-        credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
+        credentials: Some(objstore::Credentials {
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+        }),
     };
     Arc::new(CountingStore::new(
         s3_store(&spec, Duration::from_secs(5)).unwrap(),

@@ -60,9 +60,27 @@ impl ChunkSize {
     }
 }
 
-/// Where an S3-compatible store is and how to sign for it. Its `Debug` never shows the secret
-/// (a spec in a log or an error must not leak it).
+/// An access key id and its secret. Its `Debug` shows the key id, never the secret: a spec in
+/// a log or an error must not leak it.
 #[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The access key id.
+    pub access_key: String,
+    /// The secret access key.
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<secret>")
+            .finish()
+    }
+}
+
+/// Where an S3-compatible store is and how to sign for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Spec {
     /// `http://host:port` or `https://...`; path-style requests are made to it.
     pub endpoint: String,
@@ -70,22 +88,8 @@ pub struct S3Spec {
     pub region: String,
     /// The bucket.
     pub bucket: String,
-    /// Access key id and secret; `None` takes the standard `AWS_*` environment variables.
-    pub credentials: Option<(String, String)>,
-}
-
-impl std::fmt::Debug for S3Spec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Spec")
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field(
-                "credentials",
-                &self.credentials.as_ref().map(|(key, _)| (key, "<secret>")),
-            )
-            .finish()
-    }
+    /// `None` takes the standard `AWS_*` environment variables.
+    pub credentials: Option<Credentials>,
 }
 
 /// Builds the `object_store` client for `spec`. Its own retries are off (the fetcher retries
@@ -111,8 +115,10 @@ pub fn s3_store(
                 .with_timeout(request_timeout)
                 .with_connect_timeout(request_timeout.min(Duration::from_secs(5))),
         );
-    if let Some((key, secret)) = &spec.credentials {
-        b = b.with_access_key_id(key).with_secret_access_key(secret);
+    if let Some(c) = &spec.credentials {
+        b = b
+            .with_access_key_id(&c.access_key)
+            .with_secret_access_key(&c.secret_key);
     }
     Ok(Arc::new(b.build()?))
 }

@@ -291,7 +291,7 @@ pub struct ObjectStores {
 /// One store a client may name in `register` (`[[object_store.stores]]`). faultd reads it
 /// with its own credentials, so the client names only this entry and a key, and the key must
 /// be under `prefix` as it reads for the client's uid. Its `Debug` never shows the secret.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectStoreSpec {
     /// What clients call it.
     pub name: String,
@@ -302,29 +302,12 @@ pub struct ObjectStoreSpec {
     /// The bucket.
     pub bucket: String,
     /// Access key id and secret; None: the standard `AWS_*` environment of faultd.
-    pub credentials: Option<(String, String)>,
+    pub credentials: Option<objstore::Credentials>,
     /// Keys a client may name start with this; `{uid}` stands for the client's uid.
     pub prefix: String,
     /// The uids that may use this store; empty: any uid (then `prefix` must hold `{uid}`, so
     /// that each reads only its own keys).
     pub uids: Vec<u32>,
-}
-
-impl std::fmt::Debug for ObjectStoreSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObjectStoreSpec")
-            .field("name", &self.name)
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field(
-                "credentials",
-                &self.credentials.as_ref().map(|(key, _)| (key, "<secret>")),
-            )
-            .field("prefix", &self.prefix)
-            .field("uids", &self.uids)
-            .finish()
-    }
 }
 
 impl ObjectStoreSpec {
@@ -643,8 +626,8 @@ impl From<&Config> for RawConfig {
                         endpoint: s.endpoint.clone(),
                         region: s.region.clone(),
                         bucket: s.bucket.clone(),
-                        access_key: s.credentials.as_ref().map(|c| c.0.clone()),
-                        secret_key: s.credentials.as_ref().map(|c| c.1.clone()),
+                        access_key: s.credentials.as_ref().map(|c| c.access_key.clone()),
+                        secret_key: s.credentials.as_ref().map(|c| c.secret_key.clone()),
                         prefix: s.prefix.clone(),
                         uids: s.uids.clone(),
                     })
@@ -968,7 +951,10 @@ fn object_store(raw: RawObjectStore) -> Result<ObjectStores, ConfigError> {
         }
         let credentials =
             match (e.access_key, e.secret_key) {
-                (Some(k), Some(s)) => Some((k, s)),
+                (Some(access_key), Some(secret_key)) => Some(objstore::Credentials {
+                    access_key,
+                    secret_key,
+                }),
                 (None, None) => None,
                 _ => return Err(bad(
                     "object_store.stores.access_key",
@@ -1386,7 +1372,10 @@ mod tests {
             endpoint: "http://127.0.0.1:1".into(),
             region: "r".into(),
             bucket: "b".into(),
-            credentials: Some(("AKIDEXAMPLE".into(), "wJalrXUtnFEMI-secret".into())),
+            credentials: Some(objstore::Credentials {
+                access_key: "AKIDEXAMPLE".into(),
+                secret_key: "wJalrXUtnFEMI-secret".into(),
+            }),
             prefix: "tenants/{uid}/".into(),
             uids: vec![],
         };
