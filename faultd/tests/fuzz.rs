@@ -615,8 +615,8 @@ fn check_config(got: &Result<Config, ConfigError>) -> Result<(), TestCaseError> 
             );
         }
         Err(ConfigError::Parse { .. }) => {}
-        Err(e @ ConfigError::Read { .. }) => {
-            prop_assert!(false, "text cannot fail to be read: {:?}", e);
+        Err(e @ (ConfigError::Read { .. } | ConfigError::Unsafe { .. })) => {
+            prop_assert!(false, "text is neither read nor a file: {:?}", e);
         }
     }
     Ok(())

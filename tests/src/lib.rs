@@ -86,7 +86,7 @@ impl Faultd {
     pub fn start_with_config(toml: &str) -> Faultd {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("faultd.toml");
-        std::fs::write(&config, toml).expect("writing faultd.toml");
+        write_config(&config, toml);
         let extra = vec!["--config".into(), config.into_os_string()];
         let mut f = Faultd::spawn_in(dir, extra, &[], &[], None);
         f.wait_accepting();
@@ -811,4 +811,13 @@ pub fn device_round(
             "page {gpa:#x} lost a DMA write ({context})"
         );
     }
+}
+
+/// Writes a faultd configuration file as an operator should: mode 0600, whatever the umask
+/// (faultd refuses a file others may write, or read when it holds a secret key).
+pub fn write_config(path: &Path, toml: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, toml).expect("writing the faultd config");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600 the faultd config");
 }

@@ -66,6 +66,15 @@ pub enum ConfigError {
         /// What the value must be.
         why: &'static str,
     },
+    /// The file is one faultd must not trust: another user may write it, or it holds a
+    /// secret others may read.
+    #[error("config file {path}: {why}")]
+    Unsafe {
+        /// File path.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        why: String,
+    },
     /// A `[[firecracker]]` entry has a bad value.
     #[error("config field firecracker[{index}].{field} = {value}: {why}")]
     Firecracker {
@@ -507,11 +516,10 @@ impl Config {
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut raw = parse(DEFAULT_TOML, "embedded default")?;
         if let Some(path) = path {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            raw.merge(parse(&text, &path.display().to_string())?);
+            let (text, meta) = read_file(path)?;
+            let file = parse(&text, &path.display().to_string())?;
+            trust_file(path, &meta, &file)?;
+            raw.merge(file);
         }
         raw.control.socket = overrides.socket.clone().or(raw.control.socket);
         raw.fault.spin_us = overrides.spin_us.or(raw.fault.spin_us);
@@ -635,6 +643,62 @@ impl From<&Config> for RawConfig {
             },
         }
     }
+}
+
+/// Reads `path` and stats the file it read (the same open file, so a rename between the two
+/// cannot show a different file's owner and mode).
+fn read_file(path: &Path) -> Result<(String, std::fs::Metadata), ConfigError> {
+    use std::io::Read;
+    let read = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(read)?;
+    let meta = f.metadata().map_err(read)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(read)?;
+    Ok((text, meta))
+}
+
+/// Refuses a config file faultd must not trust. faultd runs as root and the file decides
+/// which uid may read which object store prefix, so a file another user may write is a way to
+/// another tenant's data: it must belong to root or to faultd's own user and be writable by
+/// no one else. A file that holds an object store's secret key must also be unreadable by
+/// others and by any group but root's (`--check-config` prints it, as the file already is).
+fn trust_file(path: &Path, meta: &std::fs::Metadata, file: &RawConfig) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| ConfigError::Unsafe {
+        path: path.to_owned(),
+        why,
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(refuse(format!(
+            "owned by uid {}, not by root or faultd's uid {euid}: that user could change which \
+             clients reach which memory and stores (chown root it)",
+            meta.uid()
+        )));
+    }
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "mode {mode:04o} lets its group or others write it (chmod go-w it)"
+        )));
+    }
+    let secret = file
+        .object_store
+        .stores
+        .iter()
+        .any(|s| s.secret_key.is_some());
+    let readable = mode & 0o004 != 0 || (mode & 0o040 != 0 && meta.gid() != 0);
+    if secret && readable {
+        return Err(refuse(format!(
+            "mode {mode:04o} (group {}) lets others read the object store secret_key it \
+             holds (chmod 600 it, or give the credentials in faultd's AWS_* environment)",
+            meta.gid()
+        )));
+    }
+    Ok(())
 }
 
 fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
@@ -1382,6 +1446,54 @@ mod tests {
         let shown = format!("{spec:?} {spec:#?}");
         assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
         assert!(!shown.contains("wJalrXUtnFEMI-secret"), "{shown}");
+    }
+
+    /// Writes `text` to a file of mode `mode` owned by `uid` and loads it.
+    fn load_file(text: &str, mode: u32, uid: u32) -> Result<Config, ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("faultd.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let uid = nix::unistd::Uid::from_raw(uid);
+        nix::unistd::chown(&path, Some(uid), None).unwrap();
+        Config::load(Some(&path), &Overrides::default())
+    }
+
+    #[test]
+    fn a_config_file_others_may_change_or_read_secrets_from_is_refused() {
+        let me = nix::unistd::geteuid().as_raw();
+        let secret = r#"
+[[object_store.stores]]
+name = "s"
+endpoint = "http://127.0.0.1:7480"
+region = "r"
+bucket = "b"
+access_key = "k"
+secret_key = "s3cr3t"
+prefix = "tenants/{uid}/"
+"#;
+        let unsafe_why = |r: Result<Config, ConfigError>| match r {
+            Err(ConfigError::Unsafe { why, .. }) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // A secret only the owner reads, and a file without one that others read: fine.
+        assert!(load_file(secret, 0o600, me).is_ok());
+        assert!(load_file("", 0o644, me).is_ok());
+        // Others may read the secret.
+        let why = unsafe_why(load_file(secret, 0o644, me));
+        assert!(why.contains("secret_key") && why.contains("0644"), "{why}");
+        assert!(!why.contains("s3cr3t"), "{why}");
+        // Others may change it, with or without a secret.
+        for mode in [0o664, 0o646, 0o666] {
+            let why = unsafe_why(load_file("", mode, me));
+            assert!(why.contains("write"), "{mode:o}: {why}");
+        }
+        // Another user owns it (only root can hand a file to another uid).
+        if me == 0 {
+            let why = unsafe_why(load_file("", 0o644, 4242));
+            assert!(why.contains("uid 4242"), "{why}");
+        }
     }
 
     #[test]
