@@ -1034,6 +1034,20 @@ fn object_store(raw: RawObjectStore) -> Result<ObjectStores, ConfigError> {
                 "must contain {uid} unless uids lists who may use the store",
             ));
         }
+        // Each uid's prefix must be no other uid's prefix's start: "tenants/{uid}" would give
+        // uid 1 the keys of uids 10, 11, 100, ... A '/' right after each {uid} ends the number.
+        if e.prefix
+            .split("{uid}")
+            .skip(1)
+            .any(|rest| !rest.starts_with('/'))
+        {
+            return Err(bad(
+                "object_store.stores.prefix",
+                &e.prefix,
+                "{uid} must be followed by '/' (\"tenants/{uid}/\"), or uid 1 would reach the \
+                 keys of uid 10, 11, 100, ...",
+            ));
+        }
         // A prefix is a key's first segments, with or without the '/' that ends the last.
         let sample = e.prefix.replace("{uid}", "0");
         let segments = sample.strip_suffix('/').unwrap_or(&sample);
@@ -1446,6 +1460,38 @@ mod tests {
         let shown = format!("{spec:?} {spec:#?}");
         assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
         assert!(!shown.contains("wJalrXUtnFEMI-secret"), "{shown}");
+    }
+
+    #[test]
+    fn an_object_store_prefix_where_one_uid_reaches_anothers_keys_is_refused() {
+        let store = |prefix: &str| {
+            format!(
+                "[[object_store.stores]]\nname = \"s\"\nendpoint = \"http://127.0.0.1:1\"\n\
+                 region = \"r\"\nbucket = \"b\"\nprefix = \"{prefix}\"\n"
+            )
+        };
+        for prefix in ["tenants/{uid}", "snap-{uid}", "t/{uid}-x/", "{uid}/a/{uid}"] {
+            match Config::from_toml(&store(prefix)) {
+                Err(ConfigError::ObjectStore { field, why, .. }) => {
+                    assert_eq!(field, "object_store.stores.prefix");
+                    assert!(why.contains("followed by '/'"), "{prefix}: {why}");
+                }
+                other => panic!("{prefix}: expected a refusal, got {other:?}"),
+            }
+        }
+        for prefix in ["tenants/{uid}/", "{uid}/", "a/{uid}/b/", "snap-{uid}/"] {
+            let c = Config::from_toml(&store(prefix)).unwrap();
+            let s = &c.object_store.stores[0];
+            assert!(s
+                .allows(1, &format!("{}k", prefix.replace("{uid}", "1")))
+                .is_ok());
+            // No uid's keys are another's: 1 never reaches 10's.
+            let tens = format!("{}k", prefix.replace("{uid}", "10"));
+            assert!(
+                s.allows(1, &tens).is_err(),
+                "{prefix}: uid 1 reaches {tens}"
+            );
+        }
     }
 
     /// Writes `text` to a file of mode `mode` owned by `uid` and loads it.
