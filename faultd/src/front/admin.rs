@@ -533,7 +533,8 @@ pub(crate) fn working_set(
                 return Err(refusal(
                     ErrorCode::BadRequest,
                     format!(
-                        "no export of {digest:?} in progress on this connection: an export                          starts at offset 0"
+                        "no export of {digest:?} in progress on this connection: an \
+                         export starts at offset 0"
                     ),
                 ));
             };
@@ -587,7 +588,8 @@ pub(crate) fn working_set(
                 return Err(refusal(
                     ErrorCode::BadRequest,
                     format!(
-                        "no import of {digest:?} with that size and SHA-256 in progress on this                          connection: an import starts at offset 0"
+                        "no import of {digest:?} with that size and SHA-256 in progress on \
+                         this connection: an import starts at offset 0"
                     ),
                 ));
             };
