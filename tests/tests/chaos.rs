@@ -19,6 +19,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use faultd_client::Session;
+use faultd_proto::SessionStats;
 use faultd_tests::firecracker::{copy_with_timeout, pattern_snapshot};
 use faultd_tests::{device_round, resident_settled, settled_stats, Faultd, Ram};
 use testvmm::{DeviceConfig, PriDevice, RamSlot, Vm, Workload};
@@ -27,6 +29,48 @@ const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 const RAM: u64 = 48 * MIB;
 const BUDGET_MIB: u64 = 24;
+
+/// The driver of the fault-around and replay scenarios: evicts 1 to 64 pages at seeded random
+/// places of `ram_bytes` of RAM (from `rng`) until `done(pages evicted so far)`, failing on any
+/// eviction faultd fails (naming `seed`). Returns the pages evicted.
+fn evict_randomly(
+    session: &mut Session,
+    faultd: &Faultd,
+    ram_bytes: u64,
+    seed: u64,
+    mut rng: u64,
+    done: impl Fn(u64) -> bool,
+) -> u64 {
+    let mut evicted = 0;
+    while !done(evicted) {
+        let n = 1 + xorshift(&mut rng) % 64;
+        let gpa = xorshift(&mut rng) % (ram_bytes / PAGE) * PAGE;
+        let len = (n * PAGE).min(ram_bytes - gpa);
+        let (e, _, failed) = session.evict(gpa, len, None).expect("evict request");
+        assert_eq!(
+            failed,
+            0,
+            "faultd failed an eviction (seed {seed}):\n{}",
+            faultd.log()
+        );
+        evicted += e;
+    }
+    evicted
+}
+
+/// How every scenario must end: each device group answered in time and each transfer done, no
+/// fault faultd failed, and faultd's count of resident bytes equal to what the memfd holds.
+fn assert_served_cleanly(st: &SessionStats, device: &PriDevice, faultd: &Faultd, ram: &Ram) {
+    let ds = device.stats();
+    assert_eq!((st.device.invalid, st.device.deadline), (0, 0), "{st:?}");
+    assert_eq!(
+        (ds.invalid, ds.timeouts, ds.failed_transfers),
+        (0, 0, 0),
+        "{ds:?}"
+    );
+    assert_eq!(st.errors, 0, "{}", faultd.log());
+    assert_eq!(ram.ram.allocated_bytes().unwrap(), st.resident_bytes);
+}
 
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x >> 12;
@@ -155,7 +199,6 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
     });
 
     let st = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
-    let ds = device.stats();
     println!(
         "{:.1} s: driver evictions {} ({:?} singles/ranges/granules/bursts), faultd evictions {} \
          (budget ones included), served from the store {}, vCPU faults {}, device groups {} \
@@ -176,13 +219,6 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
         "no round completed"
     );
     assert!(st.store_fills > 0, "nothing was ever served from the store");
-    assert_eq!((st.device.invalid, st.device.deadline), (0, 0), "{st:?}");
-    assert_eq!(
-        (ds.invalid, ds.timeouts, ds.failed_transfers),
-        (0, 0, 0),
-        "{ds:?}"
-    );
-    assert_eq!(st.errors, 0, "{}", faultd.log());
     // Device mappings pin pages outside the budget's reach only while mapped; the device's
     // last round leaves at most its working set mapped.
     assert!(
@@ -190,7 +226,7 @@ fn chaos_evictions_under_guest_and_device_load_lose_nothing() {
         "resident {} over the budget",
         st.resident_bytes
     );
-    assert_eq!(ram.ram.allocated_bytes().unwrap(), st.resident_bytes);
+    assert_served_cleanly(&st, &device, &faultd, &ram);
 }
 
 /// Fault-around in the chaos: a guest streaming through its third of RAM (served ahead), the
@@ -231,9 +267,8 @@ fn chaos_fault_around_with_evictions_discards_and_device_dma_loses_nothing() {
     let timeout = Duration::from_secs(60);
 
     let stop = AtomicBool::new(false);
-    let evictions = AtomicU64::new(0);
     let started = Instant::now();
-    let (guest_rounds, device_rounds, balloon_rounds) = std::thread::scope(|s| {
+    let (guest_rounds, device_rounds, balloon_rounds, evicted) = std::thread::scope(|s| {
         // The guest: write then verify 8 MiB of its third in ascending order, a new seed and
         // a new place each round.
         let guest = s.spawn(|| {
@@ -321,37 +356,24 @@ fn chaos_fault_around_with_evictions_discards_and_device_dma_loses_nothing() {
             }
             rounds
         });
-        let mut rng = seed | 1;
-        while evictions.load(Ordering::Relaxed) < target {
-            let n = 1 + xorshift(&mut rng) % 64;
-            let gpa = xorshift(&mut rng) % u64::from(pages) * PAGE;
-            let len = (n * PAGE).min(RAM - gpa);
-            let (e, _, failed) = session.evict(gpa, len, None).expect("evict request");
-            assert_eq!(
-                failed,
-                0,
-                "faultd failed an eviction (seed {seed}):\n{}",
-                faultd.log()
-            );
-            evictions.fetch_add(e, Ordering::Relaxed);
-        }
+        let evicted = evict_randomly(&mut session, &faultd, RAM, seed, seed | 1, |e| e >= target);
         stop.store(true, Ordering::Release);
         (
             guest.join().expect("guest thread"),
             dev.join().expect("device thread"),
             balloon.join().expect("balloon thread"),
+            evicted,
         )
     });
 
     let st = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
-    let ds = device.stats();
     println!(
         "{:.1} s: driver evictions {}, faultd evictions {}, store fills {}, vCPU faults {}, \
          pages ahead {} ({} look-aheads, {} cut short), device groups {}, granules ahead {}, \
          discarded {}, rounds guest {guest_rounds} device {device_rounds} balloon \
          {balloon_rounds}",
         started.elapsed().as_secs_f64(),
-        evictions.load(Ordering::Relaxed),
+        evicted,
         st.evictions,
         st.store_fills,
         st.vcpu_faults,
@@ -365,14 +387,7 @@ fn chaos_fault_around_with_evictions_discards_and_device_dma_loses_nothing() {
     assert!(guest_rounds >= 1 && device_rounds >= 1 && balloon_rounds >= 1);
     assert!(st.around.vcpu_pages > 0 && st.around.device_granules > 0);
     assert!(st.discarded_pages > 0 && st.store_fills > 0);
-    assert_eq!((st.device.invalid, st.device.deadline), (0, 0), "{st:?}");
-    assert_eq!(
-        (ds.invalid, ds.timeouts, ds.failed_transfers),
-        (0, 0, 0),
-        "{ds:?}"
-    );
-    assert_eq!(st.errors, 0, "{}", faultd.log());
-    assert_eq!(ram.ram.allocated_bytes().unwrap(), st.resident_bytes);
+    assert_served_cleanly(&st, &device, &faultd, &ram);
 }
 
 /// What a page of the replay scenario must hold.
@@ -537,10 +552,9 @@ fn chaos_replay_with_evictions_discards_and_device_dma_loses_nothing_and_discard
     );
 
     let stop = AtomicBool::new(false);
-    let evictions = AtomicU64::new(0);
     let guest_rounds = AtomicU64::new(0);
     let chaos_from = Instant::now();
-    let (guest, dev, balloon) = std::thread::scope(|s| {
+    let (guest, dev, balloon, evicted) = std::thread::scope(|s| {
         // The balloon first (its first discard should meet replay early): discard a stretch
         // of the third quarter, read it back (all zero), write every other page of it.
         let balloon = s.spawn(|| {
@@ -672,26 +686,20 @@ fn chaos_replay_with_evictions_discards_and_device_dma_loses_nothing_and_discard
             }
             (expect, rounds)
         });
-        let mut rng = (seed ^ 0xE000_0000) | 1;
-        while evictions.load(Ordering::Relaxed) < target || guest_rounds.load(Ordering::Relaxed) < 3
-        {
-            let n = 1 + xorshift(&mut rng) % 64;
-            let gpa = xorshift(&mut rng) % pages * PAGE;
-            let len = (n * PAGE).min(RRAM - gpa);
-            let (e, _, failed) = session.evict(gpa, len, None).expect("evict request");
-            assert_eq!(
-                failed,
-                0,
-                "faultd failed an eviction (seed {seed}):\n{}",
-                faultd.log()
-            );
-            evictions.fetch_add(e, Ordering::Relaxed);
-        }
+        let evicted = evict_randomly(
+            &mut session,
+            &faultd,
+            RRAM,
+            seed,
+            (seed ^ 0xE000_0000) | 1,
+            |e| e >= target && guest_rounds.load(Ordering::Relaxed) >= 3,
+        );
         stop.store(true, Ordering::Release);
         (
             guest.join().expect("guest thread"),
             dev.join().expect("device thread"),
             balloon.join().expect("balloon thread"),
+            evicted,
         )
     });
     let chaos_took = chaos_from.elapsed();
@@ -720,7 +728,6 @@ fn chaos_replay_with_evictions_discards_and_device_dma_loses_nothing_and_discard
     }
 
     let st = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
-    let ds = device.stats();
     let ws = &st.working_set;
     println!(
         "recorded in {:.1} s; chaos {:.1} s: driver evictions {}, faultd evictions {}, store \
@@ -729,7 +736,7 @@ fn chaos_replay_with_evictions_discards_and_device_dma_loses_nothing_and_discard
          the chaos's start {at_start:?}, at the end {ws:?}",
         recorded_at.as_secs_f64(),
         chaos_took.as_secs_f64(),
-        evictions.load(Ordering::Relaxed),
+        evicted,
         st.evictions,
         st.store_fills,
         st.file_fills,
@@ -750,12 +757,5 @@ fn chaos_replay_with_evictions_discards_and_device_dma_loses_nothing_and_discard
         "no discard finished while replay ran: {ws:?}"
     );
     assert!(st.discarded_pages > 0 && st.store_fills > 0, "{st:?}");
-    assert_eq!((st.device.invalid, st.device.deadline), (0, 0), "{st:?}");
-    assert_eq!(
-        (ds.invalid, ds.timeouts, ds.failed_transfers),
-        (0, 0, 0),
-        "{ds:?}"
-    );
-    assert_eq!(st.errors, 0, "{}", faultd.log());
-    assert_eq!(ram.ram.allocated_bytes().unwrap(), st.resident_bytes);
+    assert_served_cleanly(&st, &device, &faultd, &ram);
 }
