@@ -727,6 +727,9 @@ fn chaos_replay_with_evictions_discards_and_device_dma_loses_nothing_and_discard
         }
     }
 
+    // Replay may still be going through the rest of its recording (skipping what the final
+    // check faulted in) on a slow machine: its end is waited for, not raced.
+    settled_stats(&mut session, |s| !s.working_set.replay_stop.is_empty());
     let st = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
     let ws = &st.working_set;
     println!(
