@@ -1366,8 +1366,9 @@ fn working_set_line(w: &faultd_proto::WorkingSetStats) -> String {
     );
     if w.replay_pages > 0 {
         line.push_str(&format!(
-            "; replay of {} pages: {} prefetched, {} skipped, {} late faults, {} misses",
-            w.replay_pages, w.prefetched, w.skipped, w.late, w.misses
+            "; replay of {} pages: {} prefetched, {} zero pages mapped, {} skipped, {} late \
+             faults, {} misses",
+            w.replay_pages, w.prefetched, w.prefetched_zero, w.skipped, w.late, w.misses
         ));
         if !w.replay_stop.is_empty() {
             line.push_str(&format!(

@@ -42,12 +42,11 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use faultd_client::{Client, RamPageSize, RegionSpec, Session};
+use faultd_client::{RamPageSize, Session};
 use faultd_proto::SessionStats;
 use faultd_tests::bench::{
     interleaved, load_average, one_slot_vm, pct, process_cpu_ns, quartiles, ratio_text,
@@ -246,15 +245,7 @@ impl Env {
 /// offset 0).
 fn register_snapshot(faultd: &Faultd, vm: &str, ram: &Ram, snapshot: &Path) -> Session {
     let file = std::fs::File::open(snapshot).expect("opening the snapshot");
-    Client::connect(faultd.socket())
-        .expect("connect")
-        .register(
-            vm,
-            &ram.uffd,
-            &[RegionSpec::snapshot(0, &ram.ram, 0)],
-            Some(file.as_fd()),
-        )
-        .expect("register")
+    ram.serve_snapshot(faultd, vm, &file)
 }
 
 /// Makes `faultd` scan the snapshot (a session that touches nothing) and, with `record`,

@@ -452,6 +452,21 @@ impl Ram {
             .register(vm, &self.uffd, &[RegionSpec::zero(0, &self.ram)], None)
             .expect("register")
     }
+
+    /// Registers with faultd as a VMM restoring `snapshot` lazily: one region at GPA 0, filled
+    /// from file offset 0.
+    pub fn serve_snapshot(&self, faultd: &Faultd, vm: &str, snapshot: &std::fs::File) -> Session {
+        use std::os::fd::AsFd;
+        Client::connect(faultd.socket())
+            .expect("connect")
+            .register(
+                vm,
+                &self.uffd,
+                &[RegionSpec::snapshot(0, &self.ram, 0)],
+                Some(snapshot.as_fd()),
+            )
+            .expect("register")
+    }
 }
 
 /// A raw `register` of all of `ram` as one zero-filled region at GPA 0, naming the uffd as fd 0

@@ -5,10 +5,9 @@
 //! fail with a timeout. Every DMA here must therefore find its mapping already in place.
 
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::time::Duration;
 
-use faultd_client::{Client, ClientError, DeviceQueue, RegionSpec, Session};
+use faultd_client::{ClientError, DeviceQueue, Session};
 use faultd_proto::{DmaRange, ErrorCode};
 use faultd_tests::{Faultd, Ram};
 use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, VcpuReport, Workload};
@@ -49,15 +48,7 @@ struct Setup {
 fn setup(faultd: &Faultd, vm: &str) -> Setup {
     let ram = Ram::new(vm, SIZE);
     let snapshot = snapshot_file(SIZE, SEED);
-    let session = Client::connect(faultd.socket())
-        .expect("connect")
-        .register(
-            vm,
-            &ram.uffd,
-            &[RegionSpec::snapshot(0, &ram.ram, 0)],
-            Some(snapshot.as_fd()),
-        )
-        .expect("register");
+    let session = ram.serve_snapshot(faultd, vm, &snapshot);
     let cfg = DeviceConfig {
         dev_id: DEV_ID,
         // No one answers page requests: a miss must fail fast, not hang the test.

@@ -108,6 +108,14 @@ fn only(stats: Vec<SessionStats>) -> SessionStats {
     stats.into_iter().next().unwrap()
 }
 
+/// The stats of `vm`'s one session once its replay has ended (or after 5 s).
+fn replay_ended(faultd: &Faultd, vm: &str) -> SessionStats {
+    only(faultd.settled_vm_stats(vm, |s| {
+        s.first()
+            .is_some_and(|s| !s.working_set.replay_stop.is_empty())
+    }))
+}
+
 /// Listens for restores of `snap` as `vm` and waits until faultd has scanned the snapshot.
 fn listen(faultd: &Faultd, vm: &str, snap: &Snapshot) -> PathBuf {
     let socket = snap.dir.path().join(format!("{vm}.sock"));
@@ -236,6 +244,26 @@ fn restore_and_touch(
     (restore, stats)
 }
 
+/// Records, through `faultd`'s listener `socket` as restore `vm`, a guest touching `offs`
+/// (every page recorded, and the recording saved); the restore's stats.
+fn record(
+    faultd: &Faultd,
+    socket: &std::path::Path,
+    vm: &str,
+    snap: &Snapshot,
+    offs: &[u64],
+) -> SessionStats {
+    let (mut first, s1) = restore_and_touch(faultd, socket, vm, snap, offs, |_| {});
+    assert_eq!(s1.working_set.recorded, offs.len() as u64);
+    first.hang_up();
+    assert!(
+        faultd.wait_for_log("working set recorded", T),
+        "{}",
+        faultd.log()
+    );
+    s1
+}
+
 #[test]
 fn a_recorded_working_set_is_replayed_on_the_next_restore_with_far_fewer_faults() {
     let snap = Snapshot::new(0x3E51);
@@ -244,24 +272,14 @@ fn a_recorded_working_set_is_replayed_on_the_next_restore_with_far_fewer_faults(
     let w = working_set();
 
     // First restore: every page of the working set is a demand fault, recorded in order.
-    let (mut first, s1) = restore_and_touch(&faultd, &socket, "fcw-1", &snap, &w, |_| {});
+    let s1 = record(&faultd, &socket, "fcw-1", &snap, &w);
     assert_eq!(s1.vcpu_faults, w.len() as u64);
-    assert_eq!(s1.working_set.recorded, w.len() as u64);
-    first.hang_up();
-    assert!(
-        faultd.wait_for_log("working set recorded", T),
-        "{}",
-        faultd.log()
-    );
 
     // Second restore: replay installs the working set ahead of the guest; once it is done,
     // the guest's touches fault on none of it.
     let (_second, s2) = restore_and_touch(&faultd, &socket, "fcw-2", &snap, &w, |_| {
-        let done = faultd.settled_vm_stats("fcw-2", |s| {
-            s.first()
-                .is_some_and(|s| !s.working_set.replay_stop.is_empty())
-        });
-        assert_eq!(only(done).working_set.replay_stop, "done");
+        let done = replay_ended(&faultd, "fcw-2");
+        assert_eq!(done.working_set.replay_stop, "done");
     });
     let ws = &s2.working_set;
     eprintln!(
@@ -269,8 +287,14 @@ fn a_recorded_working_set_is_replayed_on_the_next_restore_with_far_fewer_faults(
         s1.vcpu_faults, s2.vcpu_faults
     );
     assert_eq!(ws.replay_pages, w.len() as u64);
-    assert_eq!(ws.prefetched + ws.skipped, w.len() as u64);
-    assert!(ws.prefetched >= w.len() as u64 * 9 / 10, "{ws:?}");
+    assert_eq!(
+        ws.prefetched + ws.prefetched_zero + ws.skipped,
+        w.len() as u64
+    );
+    assert!(
+        ws.prefetched + ws.prefetched_zero >= w.len() as u64 * 9 / 10,
+        "{ws:?}"
+    );
     assert!(
         s2.vcpu_faults * 20 <= s1.vcpu_faults,
         "{} faults, demand-only {}",
@@ -287,13 +311,7 @@ fn demand_faults_outside_a_replayed_recording_are_counted_as_misses() {
     let faultd = recording_faultd();
     let socket = listen(&faultd, "fcm", &snap);
     let w = working_set();
-    let (mut first, _) = restore_and_touch(&faultd, &socket, "fcm-1", &snap, &w[..512], |_| {});
-    first.hang_up();
-    assert!(
-        faultd.wait_for_log("working set recorded", T),
-        "{}",
-        faultd.log()
-    );
+    record(&faultd, &socket, "fcm-1", &snap, &w[..512]);
 
     // The next guest touches other pages: all misses (data pages only: zero pages too are
     // snapshot pages, so every page counts).
@@ -311,13 +329,7 @@ fn a_range_discarded_during_replay_reads_zero_afterwards() {
     let socket = listen(&faultd, "fcd", &snap);
     // The whole of RAM, page by page in reverse (no runs: replay takes longest).
     let all: Vec<u64> = (0..RAM / PAGE).rev().map(|p| p * PAGE).collect();
-    let (mut first, _) = restore_and_touch(&faultd, &socket, "fcd-1", &snap, &all, |_| {});
-    first.hang_up();
-    assert!(
-        faultd.wait_for_log("working set recorded", T),
-        "{}",
-        faultd.log()
-    );
+    record(&faultd, &socket, "fcd-1", &snap, &all);
 
     // While replay runs, the balloon takes 4 MiB in the middle.
     let balloon = 6 * MIB..10 * MIB;
@@ -327,10 +339,7 @@ fn a_range_discarded_during_replay_reads_zero_afterwards() {
     let mut second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
     second.send(&socket, WireForm::Current).unwrap();
     faultd_tests::firecracker::balloon_discard(second.addr(0, balloon.start), 4 * MIB, T);
-    let done = faultd.settled_vm_stats("fcd-2", |s| {
-        s.first()
-            .is_some_and(|s| !s.working_set.replay_stop.is_empty())
-    });
+    let done = replay_ended(&faultd, "fcd-2");
     let got = copy_with_timeout(
         probe.iter().map(|&o| second.addr(0, o)).collect(),
         PAGE as usize,
@@ -350,7 +359,7 @@ fn a_range_discarded_during_replay_reads_zero_afterwards() {
             );
         }
     }
-    let ws = only(done).working_set;
+    let ws = done.working_set;
     assert_eq!(ws.replay_stop, "done");
 }
 
@@ -360,13 +369,7 @@ fn a_recording_copied_into_another_faultds_imported_directory_is_replayed_there(
     let w = working_set();
     let recorder = recording_faultd();
     let socket = listen(&recorder, "fca", &snap);
-    let (mut first, _) = restore_and_touch(&recorder, &socket, "fca-1", &snap, &w, |_| {});
-    first.hang_up();
-    assert!(
-        recorder.wait_for_log("working set recorded", T),
-        "{}",
-        recorder.log()
-    );
+    record(&recorder, &socket, "fca-1", &snap, &w);
     // Recorded under the owner's uid (root: this test), named by the snapshot's digest.
     let owned = recorder.store_dir().join("working-sets/0");
     let files: Vec<_> = std::fs::read_dir(&owned)
@@ -390,10 +393,7 @@ fn a_recording_copied_into_another_faultds_imported_directory_is_replayed_there(
         other.log()
     );
     let (_second, s2) = restore_and_touch(&other, &socket, "fcb-1", &snap, &w, |_| {
-        other.settled_vm_stats("fcb-1", |s| {
-            s.first()
-                .is_some_and(|s| !s.working_set.replay_stop.is_empty())
-        });
+        replay_ended(&other, "fcb-1");
     });
 
     assert_eq!(s2.working_set.replay_pages, w.len() as u64);
@@ -484,6 +484,9 @@ fn open_socket(faultd: &Faultd) {
     open(faultd.socket(), 0o666);
 }
 
+/// An import staged under another uid's directory fails here (and in the tenant test below).
+/// The SHA-256 check cannot be reached through ctl, which hashes what it sends: the raw
+/// requests of the corrupt-import test below exercise it.
 #[test]
 fn a_recording_exported_with_ctl_and_imported_into_another_faultd_replays_there_with_no_demand_faults(
 ) {
@@ -495,13 +498,7 @@ fn a_recording_exported_with_ctl_and_imported_into_another_faultd_replays_there_
         .collect();
     let host_a = recording_faultd();
     let socket = listen(&host_a, "fce", &snap);
-    let (mut first, _) = restore_and_touch(&host_a, &socket, "fce-1", &snap, &w, |_| {});
-    first.hang_up();
-    assert!(
-        host_a.wait_for_log("working set recorded", T),
-        "{}",
-        host_a.log()
-    );
+    record(&host_a, &socket, "fce-1", &snap, &w);
     let rows = listed(&host_a, None, &[]);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0].uid, rows[0].pages), (Some(0), w.len() as u64));
@@ -556,10 +553,7 @@ fn a_recording_exported_with_ctl_and_imported_into_another_faultd_replays_there_
         host_b.log()
     );
     let (_second, s2) = restore_and_touch(&host_b, &socket, "fcf-1", &snap, &w, |_| {
-        host_b.settled_vm_stats("fcf-1", |s| {
-            s.first()
-                .is_some_and(|s| !s.working_set.replay_stop.is_empty())
-        });
+        replay_ended(&host_b, "fcf-1");
     });
 
     let ws = &s2.working_set;
@@ -838,18 +832,6 @@ fn an_abandoned_upload_is_removed_and_staged_uploads_are_bounded() {
 
 // ---- Replay stops: a wrong recording, the VM's budget ----
 
-/// Records, through `faultd`'s listener `socket` as restore `vm`, a guest touching `offs`.
-fn record(faultd: &Faultd, socket: &std::path::Path, vm: &str, snap: &Snapshot, offs: &[u64]) {
-    let (mut first, s1) = restore_and_touch(faultd, socket, vm, snap, offs, |_| {});
-    assert_eq!(s1.working_set.recorded, offs.len() as u64);
-    first.hang_up();
-    assert!(
-        faultd.wait_for_log("working set recorded", T),
-        "{}",
-        faultd.log()
-    );
-}
-
 #[test]
 fn a_recording_of_another_working_set_is_judged_wrong_and_what_it_installed_is_the_waste() {
     let snap = Snapshot::new(0x3E56);
@@ -903,20 +885,25 @@ fn a_recording_of_another_working_set_is_judged_wrong_and_what_it_installed_is_t
     assert_eq!((ws.misses, ws.late), (other.len() as u64, 0), "{ws:?}");
     // Stopped early (possibly before its first slice: the faults served while it loaded
     // already prove it wrong).
-    assert!(ws.prefetched + ws.skipped < recorded.len() as u64, "{ws:?}");
+    assert!(
+        ws.prefetched + ws.prefetched_zero + ws.skipped < recorded.len() as u64,
+        "{ws:?}"
+    );
     // The waste, as the guest's own memory shows it: resident are the guest's data pages and
     // exactly the pages replay installed, none of which the guest touched.
-    // (Replay installs a zero page of the snapshot as the shared zero page: no RAM.)
+    // (Replay maps a zero page of the snapshot as the shared zero page: no RAM, and counted
+    // apart from the copies.)
     let zero = other.iter().filter(|&&o| snap.is_zero(o)).count() as u64;
     let data = other.len() as u64 - zero;
-    let replayed_zero = ws.zero_pages - zero;
+    assert_eq!(ws.prefetched_zero, ws.zero_pages - zero, "{ws:?}");
     let rss = rss_of(second.addr(0, 0));
     eprintln!(
-        "rss {} pages: guest data {data}, prefetched {} ({replayed_zero} zero)",
+        "rss {} pages: guest data {data}, prefetched {} (and {} zero pages)",
         rss / PAGE,
-        ws.prefetched
+        ws.prefetched,
+        ws.prefetched_zero
     );
-    assert_eq!(rss, (data + ws.prefetched - replayed_zero) * PAGE);
+    assert_eq!(rss, (data + ws.prefetched) * PAGE);
 }
 
 #[test]
@@ -953,24 +940,63 @@ fn replay_stops_at_the_vms_budget_and_never_exceeds_it() {
     let second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
     let mut second = second;
     second.send(&socket, WireForm::Current).unwrap();
-    let stats = only(faultd.settled_vm_stats("fcg-2", |s| {
-        s.first()
-            .is_some_and(|s| !s.working_set.replay_stop.is_empty())
-    }));
+    let stats = replay_ended(&faultd, "fcg-2");
 
     let ws = &stats.working_set;
     eprintln!("budget stop: {ws:?}, resident {}", stats.resident_bytes);
     let budget = 4 * MIB;
     let low = budget * 85 / 100;
     assert_eq!(ws.replay_stop, "budget", "{ws:?}");
-    assert!(ws.prefetched * PAGE <= low, "{ws:?}");
-    assert!(ws.prefetched * PAGE > low - 16 * PAGE, "{ws:?}");
+    // faultd counts a zero page mapped as resident (the budget's view), though it takes no
+    // RAM in an anonymous mapping.
+    let ahead = ws.prefetched + ws.prefetched_zero;
+    assert!(ahead * PAGE <= low, "{ws:?}");
+    assert!(ahead * PAGE > low - 16 * PAGE, "{ws:?}");
     assert!(stats.resident_bytes <= low, "{}", stats.resident_bytes);
     assert_eq!(stats.evictions, 0);
-    // In RAM: what replay installed but the snapshot's zero pages (the shared zero page).
+    // In RAM: what replay copied; the snapshot's zero pages map the shared zero page.
+    assert_eq!(ws.prefetched_zero, ws.zero_pages, "{ws:?}");
+    assert_eq!(rss_of(second.addr(0, 0)), ws.prefetched * PAGE);
+    second.hang_up();
+}
+
+#[test]
+fn replay_counts_the_snapshots_zero_pages_apart_from_the_pages_it_copies_ahead() {
+    let snap = Snapshot::new(0x3E58);
+    let faultd = recording_faultd();
+    let socket = listen(&faultd, "fcq", &snap);
+    // The working set: zero pages (zeroed chunks and the hole) and data pages.
+    let w = working_set();
+    record(&faultd, &socket, "fcq-1", &snap, &w);
+    let zero = w.iter().filter(|&&o| snap.is_zero(o)).count() as u64;
+    let data = w.len() as u64 - zero;
+    assert!(zero >= 256 && data >= 256, "{zero} zero, {data} data pages");
+
+    // Replayed with no guest running: every recorded page is installed ahead.
+    let mut second = FcRestore::new(&[(RAM, 0)], RamPageSize::Size4K).unwrap();
+    second.send(&socket, WireForm::Current).unwrap();
+    let stats = replay_ended(&faultd, "fcq-2");
+
+    let ws = &stats.working_set;
+    eprintln!("{zero} zero and {data} data pages recorded; replay: {ws:?}");
+    assert_eq!(ws.replay_stop, "done", "{ws:?}");
+    // `prefetched` counts the pages copied ahead; the zero pages mapped are counted apart.
     assert_eq!(
-        rss_of(second.addr(0, 0)),
-        (ws.prefetched - ws.zero_pages) * PAGE
+        (ws.prefetched, ws.prefetched_zero, ws.skipped),
+        (data, zero, 0),
+        "{ws:?}"
     );
+    assert_eq!(ws.zero_pages, zero, "{ws:?}");
+    assert_eq!(stats.vcpu_faults, 0);
+    // What the guest's memory shows: the copies take RAM, the zero pages none.
+    assert_eq!(rss_of(second.addr(0, 0)), data * PAGE);
+    let got = copy_with_timeout(
+        w.iter().map(|&o| second.addr(0, o)).collect(),
+        PAGE as usize,
+        T,
+    );
+    for (&off, page) in w.iter().zip(&got) {
+        assert!(*page == snap.page(off), "offset {off:#x} differs");
+    }
     second.hang_up();
 }

@@ -788,9 +788,13 @@ pub struct WorkingSetStats {
     /// Pages of the recording being replayed (0: none replayed).
     #[serde(default)]
     pub replay_pages: u64,
-    /// Pages installed ahead of the guest from the recording.
+    /// Pages copied ahead of the guest from the recording (snapshot data; not its zero pages).
     #[serde(default)]
     pub prefetched: u64,
+    /// Recorded snapshot pages that are all zero, mapped ahead of the guest as zero pages
+    /// (nothing copied; also in `zero_pages`). Not in `prefetched`.
+    #[serde(default)]
+    pub prefetched_zero: u64,
     /// Recorded pages skipped: already present, discarded by the VMM, or not snapshot pages.
     #[serde(default)]
     pub skipped: u64,

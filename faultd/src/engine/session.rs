@@ -879,6 +879,7 @@ impl Reading {
                 snapshot_zero_pages: st.working_set.zero_pages,
                 ws_recorded: st.working_set.recorded,
                 ws_prefetched: st.working_set.prefetched,
+                ws_prefetched_zero: st.working_set.prefetched_zero,
                 ws_late: st.working_set.late,
                 ws_misses: st.working_set.misses,
             },

@@ -451,6 +451,7 @@ impl<O: UffdOps> FaultServer<O> {
             stop = ReplayStop::name(why as u64),
             left,
             prefetched = c.prefetched.load(Ordering::Relaxed),
+            prefetched_zero = c.prefetched_zero.load(Ordering::Relaxed),
             late = c.late.load(Ordering::Relaxed),
             misses = c.misses.load(Ordering::Relaxed),
             took_us = us,
@@ -505,7 +506,7 @@ impl<O: UffdOps> FaultServer<O> {
             let rec = r.rec.clone();
             let start = r.next;
             let Some(at) = self.ws_page_of(offset) else {
-                self.ws_done(start, 1, 0);
+                self.ws_done(start, 1, 0, 0);
                 budget -= 1;
                 continue;
             };
@@ -541,7 +542,7 @@ impl<O: UffdOps> FaultServer<O> {
                 0
             };
             if installed == n {
-                self.ws_done(start, n, n as u64);
+                self.ws_done(start, n, n as u64, 0);
                 budget -= n;
                 continue;
             }
@@ -551,11 +552,12 @@ impl<O: UffdOps> FaultServer<O> {
             let done = self.ws_one(at, o);
             match done {
                 One::Retry => {
-                    self.ws_done(start, i, i as u64);
+                    self.ws_done(start, i, i as u64, 0);
                     return true;
                 }
-                One::Installed => self.ws_done(start, i + 1, i as u64 + 1),
-                One::Skipped => self.ws_done(start, i + 1, i as u64),
+                One::Installed => self.ws_done(start, i + 1, i as u64 + 1, 0),
+                One::Zero => self.ws_done(start, i + 1, i as u64, 1),
+                One::Skipped => self.ws_done(start, i + 1, i as u64, 0),
             }
             budget -= (i + 1).min(budget);
         }
@@ -565,8 +567,9 @@ impl<O: UffdOps> FaultServer<O> {
             .is_some_and(|r| r.next < r.rec.offsets.len())
     }
 
-    /// Marks `n` recorded pages from `start` processed, `installed` of them installed.
-    fn ws_done(&mut self, start: usize, n: usize, installed: u64) {
+    /// Marks `n` recorded pages from `start` processed: `installed` of them copied, `zero`
+    /// mapped as zero pages, the rest skipped.
+    fn ws_done(&mut self, start: usize, n: usize, installed: u64, zero: u64) {
         let Some(r) = &mut self.ws.replay else { return };
         for o in &r.rec.offsets[start..start + n] {
             r.pending.remove(o);
@@ -574,7 +577,9 @@ impl<O: UffdOps> FaultServer<O> {
         r.next = start + n;
         let c = &self.session.counters.ws;
         c.prefetched.fetch_add(installed, Ordering::Relaxed);
-        c.skipped.fetch_add(n as u64 - installed, Ordering::Relaxed);
+        c.prefetched_zero.fetch_add(zero, Ordering::Relaxed);
+        c.skipped
+            .fetch_add(n as u64 - installed - zero, Ordering::Relaxed);
     }
 
     /// Installs the pages of `run` (contiguous, absent, snapshot-backed from `offset`) in one
@@ -625,7 +630,8 @@ impl<O: UffdOps> FaultServer<O> {
         Ok(copied)
     }
 
-    /// Installs one recorded page if it is wanted.
+    /// Installs one recorded page if it is wanted (a zero page of the snapshot as a zero
+    /// page: [`One::Zero`], counted apart from the copies).
     fn ws_one(&mut self, at: Located, offset: u64) -> One {
         let fill = {
             let mut map = self.session.map();
@@ -639,7 +645,9 @@ impl<O: UffdOps> FaultServer<O> {
                 _ => return One::Skipped,
             }
         };
+        let zero = self.session.serves_as_zero(fill, at.size);
         match self.install(at, fill) {
+            Ok(()) if zero => One::Zero,
             Ok(()) => One::Installed,
             Err(InstallFail::Retry) => One::Retry,
             Err(InstallFail::Stale | InstallFail::Deferred { .. }) => One::Skipped,
@@ -655,7 +663,10 @@ impl<O: UffdOps> FaultServer<O> {
 
 /// What became of one recorded page.
 enum One {
+    /// Copied from the snapshot.
     Installed,
+    /// A zero page of the snapshot, mapped as a zero page (nothing copied).
+    Zero,
     Skipped,
     /// A layout event is unread: try it again after reading it.
     Retry,

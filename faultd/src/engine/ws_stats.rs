@@ -43,8 +43,10 @@ pub struct WsCounters {
     pub recorded: AtomicU64,
     /// Pages in the recording replayed.
     pub replay_pages: AtomicU64,
-    /// Pages installed from the recording.
+    /// Pages copied ahead from the recording (not its zero pages).
     pub prefetched: AtomicU64,
+    /// Recorded zero pages mapped ahead as zero pages.
+    pub prefetched_zero: AtomicU64,
     /// Recorded pages skipped.
     pub skipped: AtomicU64,
     /// Demand faults on recorded pages not yet installed.
@@ -66,6 +68,7 @@ impl WsCounters {
             recorded: get(&self.recorded),
             replay_pages: get(&self.replay_pages),
             prefetched: get(&self.prefetched),
+            prefetched_zero: get(&self.prefetched_zero),
             skipped: get(&self.skipped),
             late: get(&self.late),
             misses: get(&self.misses),

@@ -277,6 +277,7 @@ pub struct Totals {
     pub snapshot_zero_pages: u64,
     pub ws_recorded: u64,
     pub ws_prefetched: u64,
+    pub ws_prefetched_zero: u64,
     pub ws_late: u64,
     pub ws_misses: u64,
 }
@@ -308,6 +309,7 @@ impl Totals {
         self.snapshot_zero_pages += o.snapshot_zero_pages;
         self.ws_recorded += o.ws_recorded;
         self.ws_prefetched += o.ws_prefetched;
+        self.ws_prefetched_zero += o.ws_prefetched_zero;
         self.ws_late += o.ws_late;
         self.ws_misses += o.ws_misses;
     }
@@ -874,7 +876,7 @@ fn scrape_families(
 }
 
 /// The snapshot zero-page and working-set counters.
-fn working_set_families(totals: &HashMap<String, Totals>) -> [IntCounterVec; 5] {
+fn working_set_families(totals: &HashMap<String, Totals>) -> [IntCounterVec; 6] {
     let families = [
         (
             "faultd_snapshot_zero_pages_total",
@@ -886,7 +888,11 @@ fn working_set_families(totals: &HashMap<String, Totals>) -> [IntCounterVec; 5] 
         ),
         (
             "faultd_prefetched_pages_total",
-            "Pages installed ahead of the guest from a working-set recording.",
+            "Pages copied ahead of the guest from a working-set recording (not its zero pages).",
+        ),
+        (
+            "faultd_prefetched_zero_pages_total",
+            "Snapshot zero pages of a working-set recording mapped ahead as zero pages.",
         ),
         (
             "faultd_prefetch_late_faults_total",
@@ -903,6 +909,7 @@ fn working_set_families(totals: &HashMap<String, Totals>) -> [IntCounterVec; 5] 
             t.snapshot_zero_pages,
             t.ws_recorded,
             t.ws_prefetched,
+            t.ws_prefetched_zero,
             t.ws_late,
             t.ws_misses,
         ];
