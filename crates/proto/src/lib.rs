@@ -251,7 +251,8 @@ pub enum EvictAmount {
 ///
 /// faultd listens on `socket` (`SOCK_STREAM`, the socket Firecracker's `backend_path` names)
 /// and serves each connection there as a session named `vm`, filling pages from `snapshot`
-/// (Firecracker's memory snapshot file).
+/// (Firecracker's memory snapshot file) or from `object` (the same bytes as an object in one
+/// of the object stores faultd's config names). Exactly one of the two is given.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirecrackerListen {
@@ -259,8 +260,14 @@ pub struct FirecrackerListen {
     pub vm: String,
     /// Absolute path of the socket faultd creates and listens on.
     pub socket: std::path::PathBuf,
-    /// Absolute path of the memory snapshot file; opened anew for every connection.
-    pub snapshot: std::path::PathBuf,
+    /// Absolute path of the memory snapshot file; opened once, when listening.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<std::path::PathBuf>,
+    /// Instead of `snapshot`: the memory snapshot is this object. faultd reads it with its
+    /// own credentials, so only a key the store's rules let the uid the socket admits read is
+    /// accepted; each restore pins the object's version (ETag) when it connects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjectName>,
     /// Only a process with this uid may connect; the socket is also owned by this uid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
@@ -1175,7 +1182,8 @@ mod tests {
         let r = Request::FirecrackerListen(FirecrackerListen {
             vm: "fc0".into(),
             socket: "/run/fc0/uffd.sock".into(),
-            snapshot: "/srv/fc0/mem".into(),
+            snapshot: Some("/srv/fc0/mem".into()),
+            object: None,
             uid: Some(1000),
             pid: None,
         });
