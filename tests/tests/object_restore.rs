@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use faultd_client::{Client, ClientError, RamPageSize, RegionSpec};
@@ -496,4 +497,113 @@ prefix = "tenants/{uid}/"
         )
         .unwrap();
     assert!(socket.exists());
+}
+
+#[test]
+fn radosgw_killed_mid_restore_and_started_again_the_guest_waits_then_reads_every_page_right() {
+    const SIZE: u64 = 64 * MIB;
+    let rgw = std::sync::Mutex::new(Rgw::start());
+    let data = {
+        let rgw = rgw.lock().unwrap();
+        put_snapshot(&rgw, "tenants/0/kill/mem", SIZE)
+    };
+    // 20 s deadline: the outage (a SIGKILL and a restart, a few seconds) is shorter.
+    let faultd = Faultd::start_with_config(&config(&rgw.lock().unwrap()));
+    let ram = Ram::new("vm-kill", SIZE);
+    let mut session = Client::connect(faultd.socket())
+        .unwrap()
+        .register_object(
+            "vm-kill",
+            &ram.uffd,
+            &[RegionSpec::snapshot(0, &ram.ram, 0)],
+            "rgw",
+            "tenants/0/kill/mem",
+        )
+        .unwrap();
+    let pages = (SIZE / PAGE) as u32;
+    // A guest that fails the run if a fault is never served (the session failed).
+    let mut vm = ram.vm(Duration::from_secs(40));
+    vm.set_progress_interval(16);
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    let gets_at_kill = std::sync::atomic::AtomicU64::new(0);
+    let guest_done = std::sync::atomic::AtomicBool::new(false);
+
+    let (reports, outage) = std::thread::scope(|s| {
+        let guest = s.spawn(|| {
+            // vCPU 0, 16 pages into its walk: radosgw is killed (SIGKILL) from the guest's own
+            // progress report, so the guest is mid-restore, its other pages' chunks not fetched.
+            let r = vm.run(
+                [(0, pages / 2), (pages / 2, pages / 2)]
+                    .iter()
+                    .map(|&(first_page, page_count)| Workload::Verify {
+                        seed: SEED,
+                        touches: 200,
+                        first_page,
+                        page_count,
+                    })
+                    .collect(),
+                &|vcpu, done| {
+                    if vcpu == 0 && done >= 16 && !killed.swap(true, Ordering::SeqCst) {
+                        gets_at_kill.store(
+                            metric(&faultd, "faultd_object_gets_total"),
+                            Ordering::SeqCst,
+                        );
+                        rgw.lock().unwrap().kill_gateway();
+                    }
+                },
+            );
+            guest_done.store(true, Ordering::SeqCst);
+            r
+        });
+        // The guest waits: GETs fail while radosgw is gone.
+        let t0 = std::time::Instant::now();
+        while !(killed.load(Ordering::SeqCst)
+            && metric(&faultd, "faultd_object_get_errors_total") >= 2)
+        {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no GET failed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let down = std::time::Instant::now();
+        assert!(
+            !guest_done.load(Ordering::SeqCst),
+            "the guest finished without radosgw"
+        );
+        rgw.lock().unwrap().start_gateway();
+        let outage = down.elapsed();
+        (guest.join().unwrap().expect("guest run"), outage)
+    });
+
+    for r in &reports {
+        assert_eq!(
+            r.mismatches, 0,
+            "first mismatch at {:?}",
+            r.first_mismatch_gpa
+        );
+    }
+    let touched = touched(pages, 200);
+    for &p in &touched {
+        let at = p as usize * PAGE as usize;
+        assert!(
+            host_page(&ram, p) == data[at..at + PAGE as usize],
+            "page {p} differs from the object"
+        );
+    }
+    let chunks: BTreeSet<u64> = touched.iter().map(|&p| p as u64 * PAGE / CHUNK).collect();
+    let at_kill = gets_at_kill.load(Ordering::SeqCst);
+    let errors = metric(&faultd, "faultd_object_get_errors_total");
+    println!(
+        "killed after {at_kill} GETs of {} chunks; down {outage:?}; {errors} GETs failed; {} \
+         GETs in all",
+        chunks.len(),
+        metric(&faultd, "faultd_object_gets_total")
+    );
+    assert!(at_kill < chunks.len() as u64, "chunks were left to fetch");
+    // The session lives on, without an error, and served every page it was asked for.
+    let stats = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
+    assert_eq!(
+        (stats.file_fills, stats.errors),
+        (touched.len() as u64, 0),
+        "{stats:?}"
+    );
+    assert_eq!(metric(&faultd, "faultd_object_changed_total"), 0);
 }
