@@ -313,7 +313,8 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
 
     // A page of a chunk not fetched yet: its fault must never be served.
     let (tx, rx) = std::sync::mpsc::channel();
-    let addr = ram.ram.host_addr() as usize + 3 * CHUNK as usize + 4096;
+    let offset = 3 * CHUNK as usize + 4096;
+    let addr = ram.ram.host_addr() as usize + offset;
     std::thread::spawn(move || {
         // SAFETY: inside the live shared mapping of the RAM (3.5 of its 4 MiB), which this
         // test never unmaps (the RAM is leaked); a volatile byte read makes no reference.
@@ -324,6 +325,14 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
     // unmapped (not even when an assertion below fails).
     std::mem::forget(ram);
 
+    // Never served, neither the new version's byte nor any other.
+    if let Ok(b) = rx.recv_timeout(Duration::from_secs(2)) {
+        panic!(
+            "the faulting thread was served after the object changed: it read {b:#04x} (the \
+             old version has {:#04x}, the new one {:#04x})",
+            old[offset], new[offset]
+        );
+    }
     // faultd ends the session and says why, unasked, on the session's connection.
     let mut conn = session.into_raw();
     let (told, heard) = std::sync::mpsc::channel();
@@ -342,7 +351,7 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
         other => panic!("not an error: {other:?}"),
     }
     assert!(
-        rx.recv_timeout(Duration::from_secs(2)).is_err(),
+        rx.try_recv().is_err(),
         "the faulting thread was served after the object changed"
     );
     assert_eq!(metric(&faultd, "faultd_object_changed_total"), 1);
