@@ -1251,6 +1251,39 @@ fn latency_row(t: &mut Table, what: &str, l: &LatencySummary) {
     ]);
 }
 
+/// A session's snapshot object and the chunk cache's figures (shared by every session).
+fn object_lines(o: &faultd_proto::ObjectStatus) -> String {
+    let mut rows = vec![(
+        "object",
+        format!(
+            "{} (ETag {}, {}, chunks of {})",
+            o.object,
+            o.etag,
+            human_bytes(o.size),
+            human_bytes(o.chunk_bytes)
+        ),
+    )];
+    if let Some(why) = &o.failure {
+        rows.push(("object failed", why.clone()));
+    }
+    rows.push((
+        "object cache",
+        format!(
+            "all sessions: {} hits, {} misses, {} GETs ({} failed), {} fetched, {} in flight; \
+             cache {} in {} chunks",
+            o.cache_hits,
+            o.cache_misses,
+            o.gets,
+            o.get_errors,
+            human_bytes(o.bytes_fetched),
+            o.in_flight,
+            human_bytes(o.cache_bytes),
+            o.cache_chunks
+        ),
+    ));
+    pairs(&rows)
+}
+
 fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
     let mut out = Vec::new();
     for d in sessions {
@@ -1330,6 +1363,10 @@ fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
             ),
             ("working set", working_set_line(&s.working_set)),
         ]);
+        let body = match &d.object {
+            Some(o) => format!("{body}\n{}", object_lines(o)),
+            None => body,
+        };
         let mut lat = Table::new(&[
             ("LATENCY", false),
             ("COUNT", true),

@@ -168,10 +168,64 @@ fn guest_restored_from_an_object_reads_exactly_its_contents_one_get_per_chunk() 
         metric(&faultd, "faultd_object_fetched_bytes_total"),
         chunks.len() as u64 * CHUNK
     );
+    // `faultd ctl stats` shows the object and the cache's figures, as the metrics have them.
+    let o = ctl_stats_object(&faultd, "vm-obj");
+    assert_eq!(
+        o.object,
+        format!("{}/{BUCKET}/tenants/0/vm-obj/mem", rgw.endpoint())
+    );
+    assert_eq!((o.size, o.chunk_bytes, o.failure), (SIZE, CHUNK, None));
+    assert_eq!(
+        (o.gets, o.get_errors, o.bytes_fetched, o.in_flight),
+        (chunks.len() as u64, 0, chunks.len() as u64 * CHUNK, 0)
+    );
+    assert_eq!(
+        (o.cache_hits, o.cache_misses),
+        (
+            metric(&faultd, "faultd_object_cache_hits_total"),
+            metric(&faultd, "faultd_object_cache_misses_total")
+        )
+    );
+    // Each touched page read once through the fetcher: found cached, or waited for.
+    assert_eq!(o.cache_hits + o.cache_misses, touched.len() as u64);
+    assert!(o.cache_misses >= chunks.len() as u64);
+    assert_eq!(o.cache_chunks, chunks.len() as u64);
+    assert_eq!(o.cache_bytes, metric(&faultd, "faultd_object_cache_bytes"));
 
     // The check can fail: verified against another seed's pattern, the object mismatches.
     let wrong = verify(&mut vm, pages, 200, SEED + 1);
     assert!(wrong.iter().all(|r| r.mismatches > 0));
+}
+
+/// `faultd ctl stats --vm VM --json`'s object figures (the table form is printed and must
+/// show them too).
+fn ctl_stats_object(faultd: &Faultd, vm: &str) -> faultd_proto::ObjectStatus {
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(faultd_tests::faultd_bin());
+        cmd.arg("--socket")
+            .arg(faultd.socket())
+            .args(["ctl", "stats", "--vm", vm]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = run(false);
+    println!("$ faultd ctl stats --vm {vm}\n{table}");
+    assert!(table.contains("object cache"), "{table}");
+    match serde_json::from_str(&run(true)).unwrap() {
+        faultd_proto::Response::SessionDetail { mut sessions, .. } => sessions
+            .pop()
+            .and_then(|d| d.object)
+            .expect("the session's object figures"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -709,6 +709,44 @@ pub struct SessionDetail {
     pub pid: Option<i32>,
     /// Its counters (`stats.session` is its id).
     pub stats: SessionStats,
+    /// For a session whose snapshot is an object: the object and the chunk fetcher's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjectStatus>,
+}
+
+/// A session's snapshot object, and the figures of the chunk fetcher and cache that serve it.
+/// The fetcher and cache are shared by every session of the daemon: the counters are
+/// daemon-wide (the `faultd_object_*` metrics), not this session's alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStatus {
+    /// endpoint/bucket/key.
+    pub object: String,
+    /// The version (ETag) the session is pinned to.
+    pub etag: String,
+    /// Object size, bytes.
+    pub size: u64,
+    /// Chunk size, bytes.
+    pub chunk_bytes: u64,
+    /// Why the session's object backing failed, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Page reads served from the cache (all sessions).
+    pub cache_hits: u64,
+    /// Page reads that waited for a GET, started or joined (all sessions).
+    pub cache_misses: u64,
+    /// GETs made, every attempt (all sessions).
+    pub gets: u64,
+    /// GETs that failed (all sessions).
+    pub get_errors: u64,
+    /// Bytes fetched by successful GETs (all sessions).
+    pub bytes_fetched: u64,
+    /// Chunks being fetched now (all sessions).
+    pub in_flight: u64,
+    /// Bytes in the chunk cache now.
+    pub cache_bytes: u64,
+    /// Chunks in the chunk cache now.
+    pub cache_chunks: u64,
 }
 
 /// Counters of one session.
