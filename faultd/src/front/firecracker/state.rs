@@ -275,8 +275,16 @@ mod tests {
     fn the_file_is_written_whole_0600_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
+        let on_object = KeptListener {
+            snapshot: None,
+            object: Some(faultd_proto::ObjectName {
+                store: "rgw".into(),
+                key: "tenants/1000/c/mem".into(),
+            }),
+            ..listener("c")
+        };
         let state = StateFile {
-            listeners: vec![listener("a"), listener("b")],
+            listeners: vec![listener("a"), listener("b"), on_object],
         };
 
         write(&store, &serde_json::to_vec(&state).unwrap()).unwrap();
