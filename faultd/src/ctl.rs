@@ -118,7 +118,7 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Serve Firecracker snapshot restores of a VM: faultd creates the socket BACKEND_PATH (give
     /// Firecracker the same path as the Uffd mem_backend's backend_path) and fills pages from
-    /// SNAPSHOT.
+    /// SNAPSHOT, or from the object OBJECT_KEY of the object store OBJECT_STORE.
     FirecrackerListen {
         /// VM name for logs and stats.
         #[arg(long)]
@@ -128,8 +128,15 @@ pub enum CtlCommand {
         #[arg(long = "backend-path", value_name = "BACKEND_PATH")]
         socket: PathBuf,
         /// The memory snapshot file.
-        #[arg(long)]
-        snapshot: PathBuf,
+        #[arg(long, required_unless_present = "object_store")]
+        snapshot: Option<PathBuf>,
+        /// Instead of --snapshot: the object store (its name in faultd's config) holding the
+        /// memory snapshot.
+        #[arg(long, requires = "object_key", conflicts_with = "snapshot")]
+        object_store: Option<String>,
+        /// The memory snapshot's key in --object-store.
+        #[arg(long, requires = "object_store")]
+        object_key: Option<String>,
         /// Admit only processes of this uid (the socket is handed to it).
         #[arg(long)]
         uid: Option<u32>,
@@ -549,16 +556,22 @@ pub fn run(control: &Path, args: CtlArgs) -> Result<String, CtlError> {
             vm,
             socket,
             snapshot,
+            object_store,
+            object_key,
             uid,
             pid,
         } => {
             // faultd runs elsewhere: relative paths mean this command's directory.
             let socket = absolute(socket)?;
-            let snapshot = absolute(snapshot)?;
+            let snapshot = snapshot.map(absolute).transpose()?;
+            let object = object_store
+                .zip(object_key)
+                .map(|(store, key)| faultd_proto::ObjectName { store, key });
             let request = Request::FirecrackerListen(FirecrackerListen {
                 vm,
                 socket,
                 snapshot,
+                object,
                 uid,
                 pid,
             });
@@ -1238,6 +1251,39 @@ fn latency_row(t: &mut Table, what: &str, l: &LatencySummary) {
     ]);
 }
 
+/// A session's snapshot object and the chunk cache's figures (shared by every session).
+fn object_lines(o: &faultd_proto::ObjectStatus) -> String {
+    let mut rows = vec![(
+        "object",
+        format!(
+            "{} (ETag {}, {}, chunks of {})",
+            o.object,
+            o.etag,
+            human_bytes(o.size),
+            human_bytes(o.chunk_bytes)
+        ),
+    )];
+    if let Some(why) = &o.failure {
+        rows.push(("object failed", why.clone()));
+    }
+    rows.push((
+        "object cache",
+        format!(
+            "all sessions: {} hits, {} misses, {} GETs ({} failed), {} fetched, {} in flight; \
+             cache {} in {} chunks",
+            o.cache_hits,
+            o.cache_misses,
+            o.gets,
+            o.get_errors,
+            human_bytes(o.bytes_fetched),
+            o.in_flight,
+            human_bytes(o.cache_bytes),
+            o.cache_chunks
+        ),
+    ));
+    pairs(&rows)
+}
+
 fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
     let mut out = Vec::new();
     for d in sessions {
@@ -1317,6 +1363,10 @@ fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
             ),
             ("working set", working_set_line(&s.working_set)),
         ]);
+        let body = match &d.object {
+            Some(o) => format!("{body}\n{}", object_lines(o)),
+            None => body,
+        };
         let mut lat = Table::new(&[
             ("LATENCY", false),
             ("COUNT", true),

@@ -584,7 +584,11 @@ fn check_config(got: &Result<Config, ConfigError>) -> Result<(), TestCaseError> 
                         .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
                 prop_assert!(name_ok, "vm {:?}", f.vm);
                 prop_assert!(f.socket.is_absolute() && f.socket.as_os_str().len() < 108);
-                prop_assert!(f.snapshot.is_absolute() && f.socket != c.socket);
+                let source_ok = match &f.source {
+                    faultd::front::firecracker::ListenSource::File(p) => p.is_absolute(),
+                    faultd::front::firecracker::ListenSource::Object { .. } => true,
+                };
+                prop_assert!(source_ok && f.socket != c.socket);
                 prop_assert!(f.peer.pid.is_none());
                 for g in &c.firecracker[..i] {
                     prop_assert!(g.socket != f.socket && g.vm != f.vm);
@@ -826,7 +830,7 @@ const CONFIG_CORPUS: &[(&str, Cfg)] = &[
             c.firecracker = vec![faultd::front::firecracker::ListenSpec::new(
                 "fc0".into(),
                 "/run/fc0/uffd.sock".into(),
-                "/srv/fc0/mem".into(),
+                faultd::front::firecracker::ListenSource::File("/srv/fc0/mem".into()),
                 faultd::front::firecracker::PeerRule {
                     uid: Some(1000),
                     pid: None,

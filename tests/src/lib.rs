@@ -319,9 +319,33 @@ impl Faultd {
         Client::connect(&self.socket)?.firecracker_listen(faultd_client::FirecrackerListen {
             vm: vm.to_owned(),
             socket: socket.to_owned(),
-            snapshot: snapshot.to_owned(),
+            snapshot: Some(snapshot.to_owned()),
+            object: None,
             uid,
             pid,
+        })
+    }
+
+    /// Asks faultd to serve Firecracker restores of `vm` on `socket` from object `key` of
+    /// store `store`.
+    pub fn listen_firecracker_object(
+        &self,
+        vm: &str,
+        socket: &Path,
+        store: &str,
+        key: &str,
+        uid: Option<u32>,
+    ) -> Result<(), faultd_client::ClientError> {
+        Client::connect(&self.socket)?.firecracker_listen(faultd_client::FirecrackerListen {
+            vm: vm.to_owned(),
+            socket: socket.to_owned(),
+            snapshot: None,
+            object: Some(faultd_proto::ObjectName {
+                store: store.to_owned(),
+                key: key.to_owned(),
+            }),
+            uid,
+            pid: None,
         })
     }
 

@@ -592,7 +592,8 @@ fn firecracker_listen_requests_with_unusable_paths_are_refused_naming_them() {
     let listen = |vm: &str, socket: &Path, snap: &Path| FirecrackerListen {
         vm: vm.into(),
         socket: socket.into(),
-        snapshot: snap.into(),
+        snapshot: Some(snap.into()),
+        object: None,
         uid: None,
         pid: None,
     };
@@ -645,6 +646,37 @@ fn firecracker_listen_requests_with_unusable_paths_are_refused_naming_them() {
             },
             ErrorCode::BadPath,
             "looking up process",
+        ),
+        (
+            FirecrackerListen {
+                snapshot: None,
+                ..listen("fc1", &sock, &snapshot)
+            },
+            ErrorCode::BadRequest,
+            "names neither a snapshot file nor an object",
+        ),
+        (
+            FirecrackerListen {
+                object: Some(faultd_proto::ObjectName {
+                    store: "s".into(),
+                    key: "k".into(),
+                }),
+                ..listen("fc1", &sock, &snapshot)
+            },
+            ErrorCode::BadRequest,
+            "names both a snapshot file and an object",
+        ),
+        (
+            FirecrackerListen {
+                snapshot: None,
+                object: Some(faultd_proto::ObjectName {
+                    store: "s".into(),
+                    key: "k".into(),
+                }),
+                ..listen("fc1", &sock, &snapshot)
+            },
+            ErrorCode::BadRequest,
+            "no object store is configured",
         ),
     ];
     for (req, code, needle) in cases {

@@ -1,17 +1,20 @@
 //! Real KVM guests restored from a snapshot object in a real radosgw (started by each test,
 //! tests/src/rgw.rs): faultd fetches the object's chunks with range GETs, off the fault thread,
 //! into its chunk cache, and serves every page the guest touches from them. The GETs are
-//! counted by faultd's own metric (`faultd_object_gets_total`).
+//! counted by faultd's own metric (`faultd_object_gets_total`). The same through the
+//! Firecracker stand-in: a listener whose snapshot is an object.
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use faultd_client::{Client, ClientError, RegionSpec};
+use faultd_client::{Client, ClientError, RamPageSize, RegionSpec};
 use faultd_proto::ErrorCode;
+use faultd_tests::firecracker::{copy_with_timeout, FcRestore, WireForm};
 use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
 use faultd_tests::{http_get, read_with_timeout, resident_settled, Faultd, Ram};
-use testvmm::{page_sequence, pattern, VcpuReport, Vm, Workload};
+use testvmm::{page_sequence, pattern, RamSlot, VcpuReport, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -165,10 +168,64 @@ fn guest_restored_from_an_object_reads_exactly_its_contents_one_get_per_chunk() 
         metric(&faultd, "faultd_object_fetched_bytes_total"),
         chunks.len() as u64 * CHUNK
     );
+    // `faultd ctl stats` shows the object and the cache's figures, as the metrics have them.
+    let o = ctl_stats_object(&faultd, "vm-obj");
+    assert_eq!(
+        o.object,
+        format!("{}/{BUCKET}/tenants/0/vm-obj/mem", rgw.endpoint())
+    );
+    assert_eq!((o.size, o.chunk_bytes, o.failure), (SIZE, CHUNK, None));
+    assert_eq!(
+        (o.gets, o.get_errors, o.bytes_fetched, o.in_flight),
+        (chunks.len() as u64, 0, chunks.len() as u64 * CHUNK, 0)
+    );
+    assert_eq!(
+        (o.cache_hits, o.cache_misses),
+        (
+            metric(&faultd, "faultd_object_cache_hits_total"),
+            metric(&faultd, "faultd_object_cache_misses_total")
+        )
+    );
+    // Each touched page read once through the fetcher: found cached, or waited for.
+    assert_eq!(o.cache_hits + o.cache_misses, touched.len() as u64);
+    assert!(o.cache_misses >= chunks.len() as u64);
+    assert_eq!(o.cache_chunks, chunks.len() as u64);
+    assert_eq!(o.cache_bytes, metric(&faultd, "faultd_object_cache_bytes"));
 
     // The check can fail: verified against another seed's pattern, the object mismatches.
     let wrong = verify(&mut vm, pages, 200, SEED + 1);
     assert!(wrong.iter().all(|r| r.mismatches > 0));
+}
+
+/// `faultd ctl stats --vm VM --json`'s object figures (the table form is printed and must
+/// show them too).
+fn ctl_stats_object(faultd: &Faultd, vm: &str) -> faultd_proto::ObjectStatus {
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(faultd_tests::faultd_bin());
+        cmd.arg("--socket")
+            .arg(faultd.socket())
+            .args(["ctl", "stats", "--vm", vm]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = run(false);
+    println!("$ faultd ctl stats --vm {vm}\n{table}");
+    assert!(table.contains("object cache"), "{table}");
+    match serde_json::from_str(&run(true)).unwrap() {
+        faultd_proto::Response::SessionDetail { mut sessions, .. } => sessions
+            .pop()
+            .and_then(|d| d.object)
+            .expect("the session's object figures"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -310,7 +367,8 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
 
     // A page of a chunk not fetched yet: its fault must never be served.
     let (tx, rx) = std::sync::mpsc::channel();
-    let addr = ram.ram.host_addr() as usize + 3 * CHUNK as usize + 4096;
+    let offset = 3 * CHUNK as usize + 4096;
+    let addr = ram.ram.host_addr() as usize + offset;
     std::thread::spawn(move || {
         // SAFETY: inside the live shared mapping of the RAM (3.5 of its 4 MiB), which this
         // test never unmaps (the RAM is leaked); a volatile byte read makes no reference.
@@ -321,6 +379,14 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
     // unmapped (not even when an assertion below fails).
     std::mem::forget(ram);
 
+    // Never served, neither the new version's byte nor any other.
+    if let Ok(b) = rx.recv_timeout(Duration::from_secs(2)) {
+        panic!(
+            "the faulting thread was served after the object changed: it read {b:#04x} (the \
+             old version has {:#04x}, the new one {:#04x})",
+            old[offset], new[offset]
+        );
+    }
     // faultd ends the session and says why, unasked, on the session's connection.
     let mut conn = session.into_raw();
     let (told, heard) = std::sync::mpsc::channel();
@@ -339,8 +405,268 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
         other => panic!("not an error: {other:?}"),
     }
     assert!(
-        rx.recv_timeout(Duration::from_secs(2)).is_err(),
+        rx.try_recv().is_err(),
         "the faulting thread was served after the object changed"
     );
     assert_eq!(metric(&faultd, "faultd_object_changed_total"), 1);
+}
+
+/// A Firecracker restore (the stand-in, [`faultd_tests::firecracker`]) of one region of `size`
+/// bytes at guest physical 0, offset 0 of the snapshot, and a KVM guest on its memory.
+fn firecracker_restore(socket: &std::path::Path, size: u64) -> (FcRestore, Vm) {
+    let mut restore = FcRestore::new(&[(size, 0)], RamPageSize::Size4K).unwrap();
+    restore.send(socket, WireForm::Current).unwrap();
+    let mut vm = Vm::new(vec![RamSlot {
+        gpa: 0,
+        host: restore.regions[0].ram.host_ptr(),
+        size,
+    }])
+    .expect("creating the KVM VM");
+    vm.set_timeout(Some(GUEST_TIMEOUT));
+    (restore, vm)
+}
+
+#[test]
+fn firecracker_restore_from_an_object_serves_every_page_the_guest_touches_one_get_per_chunk() {
+    const SIZE: u64 = 32 * MIB;
+    let rgw = Rgw::start();
+    let data = put_snapshot(&rgw, "tenants/0/fc-obj/mem", SIZE);
+    let faultd = Faultd::start_with_config(&config(&rgw));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fc.sock");
+    faultd
+        .listen_firecracker_object("fc-obj", &socket, "rgw", "tenants/0/fc-obj/mem", None)
+        .unwrap();
+    let (restore, mut vm) = firecracker_restore(&socket, SIZE);
+    let pages = (SIZE / PAGE) as u32;
+
+    // Firecracker's own load thread touches the first page of every 8th chunk before the guest
+    // runs (as its load does), then the guest verifies random pages.
+    let early: Vec<u64> = (0..SIZE / CHUNK)
+        .step_by(8)
+        .map(|c| restore.addr(0, c * CHUNK))
+        .collect();
+    let loaded = copy_with_timeout(early.clone(), PAGE as usize, Duration::from_secs(20));
+    let reports = verify(&mut vm, pages, 60, SEED);
+
+    for (i, page) in loaded.iter().enumerate() {
+        let at = (early[i] - restore.addr(0, 0)) as usize;
+        assert!(
+            *page == data[at..at + PAGE as usize],
+            "load thread's page at {at:#x}"
+        );
+    }
+    for r in &reports {
+        assert_eq!(
+            r.mismatches, 0,
+            "first mismatch at {:?}",
+            r.first_mismatch_gpa
+        );
+    }
+    let mut touched = touched(pages, 60);
+    touched.extend(
+        early
+            .iter()
+            .map(|&a| ((a - restore.addr(0, 0)) / PAGE) as u32),
+    );
+    // Whole pages, not just the dwords the guest checked, equal the object.
+    let addrs: Vec<u64> = touched
+        .iter()
+        .map(|&p| restore.addr(0, p as u64 * PAGE))
+        .collect();
+    let now = copy_with_timeout(addrs, PAGE as usize, Duration::from_secs(20));
+    for (&p, page) in touched.iter().zip(&now) {
+        let at = p as usize * PAGE as usize;
+        assert!(
+            *page == data[at..at + PAGE as usize],
+            "page {p} differs from the object"
+        );
+    }
+    let stats = faultd.settled_vm_stats("fc-obj-1", |s| {
+        s.first()
+            .is_some_and(|s| s.file_fills == touched.len() as u64)
+    });
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(
+        (stats[0].file_fills, stats[0].errors),
+        (touched.len() as u64, 0)
+    );
+    let chunks: BTreeSet<u64> = touched.iter().map(|&p| p as u64 * PAGE / CHUNK).collect();
+    let gets = metric(&faultd, "faultd_object_gets_total");
+    println!(
+        "Firecracker restore: {} pages in {} of {} chunks: {gets} GETs, {} bytes fetched",
+        touched.len(),
+        chunks.len(),
+        SIZE / CHUNK,
+        metric(&faultd, "faultd_object_fetched_bytes_total"),
+    );
+    assert_eq!(gets, chunks.len() as u64, "one GET per chunk touched");
+    assert!(chunks.len() < (SIZE / CHUNK) as usize);
+
+    // The check can fail: verified against another seed's pattern, the object mismatches.
+    let wrong = verify(&mut vm, pages, 200, SEED + 1);
+    assert!(wrong.iter().all(|r| r.mismatches > 0));
+}
+
+#[test]
+fn a_firecracker_listener_on_an_object_outside_the_admitted_uids_prefix_is_refused() {
+    // No radosgw: refused before any request is made to a store.
+    let faultd = Faultd::start_with_config(
+        r#"[[object_store.stores]]
+name = "rgw"
+endpoint = "http://127.0.0.1:9"
+region = "us-east-1"
+bucket = "b"
+access_key = "k"
+secret_key = "s"
+prefix = "tenants/{uid}/"
+"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fc.sock");
+    let refused = |store: &str, key: &str, uid: Option<u32>| match faultd
+        .listen_firecracker_object("fc-trust", &socket, store, key, uid)
+    {
+        Err(ClientError::Refused { code, message }) => (code, message),
+        other => panic!("{store}:{key} for {uid:?}: not refused: {other:?}"),
+    };
+    // The socket admits uid 1000: its prefix, not the operator's, is what it may read.
+    for (key, uid) in [
+        ("tenants/0/vm/mem", Some(1000)),
+        ("tenants/1000/../0/vm/mem", Some(1000)),
+        ("tenants/1000/vm/mem", None),
+        ("other/mem", None),
+    ] {
+        let (code, message) = refused("rgw", key, uid);
+        println!("{key} for {uid:?}: {code:?} {message}");
+        assert_eq!(code, ErrorCode::Forbidden, "{key}: {message}");
+        assert!(
+            message.contains("not under") || message.contains("segments"),
+            "{key}: {message}"
+        );
+    }
+    let (code, message) = refused("elsewhere", "tenants/0/vm/mem", None);
+    assert_eq!(code, ErrorCode::BadRequest, "{message}");
+    assert!(message.contains("no object store is named"), "{message}");
+    assert!(!socket.exists(), "a refused listen left its socket");
+    // Its own prefix is accepted (the listen makes no request to the store).
+    faultd
+        .listen_firecracker_object(
+            "fc-trust",
+            &socket,
+            "rgw",
+            "tenants/1000/vm/mem",
+            Some(1000),
+        )
+        .unwrap();
+    assert!(socket.exists());
+}
+
+#[test]
+fn radosgw_killed_mid_restore_and_started_again_the_guest_waits_then_reads_every_page_right() {
+    const SIZE: u64 = 64 * MIB;
+    let rgw = std::sync::Mutex::new(Rgw::start());
+    let data = {
+        let rgw = rgw.lock().unwrap();
+        put_snapshot(&rgw, "tenants/0/kill/mem", SIZE)
+    };
+    // 20 s deadline: the outage (a SIGKILL and a restart, a few seconds) is shorter.
+    let faultd = Faultd::start_with_config(&config(&rgw.lock().unwrap()));
+    let ram = Ram::new("vm-kill", SIZE);
+    let mut session = Client::connect(faultd.socket())
+        .unwrap()
+        .register_object(
+            "vm-kill",
+            &ram.uffd,
+            &[RegionSpec::snapshot(0, &ram.ram, 0)],
+            "rgw",
+            "tenants/0/kill/mem",
+        )
+        .unwrap();
+    let pages = (SIZE / PAGE) as u32;
+    // A guest that fails the run if a fault is never served (the session failed).
+    let mut vm = ram.vm(Duration::from_secs(40));
+    vm.set_progress_interval(16);
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    let gets_at_kill = std::sync::atomic::AtomicU64::new(0);
+    let guest_done = std::sync::atomic::AtomicBool::new(false);
+
+    let (reports, outage) = std::thread::scope(|s| {
+        let guest = s.spawn(|| {
+            // vCPU 0, 16 pages into its walk: radosgw is killed (SIGKILL) from the guest's own
+            // progress report, so the guest is mid-restore, its other pages' chunks not fetched.
+            let r = vm.run(
+                [(0, pages / 2), (pages / 2, pages / 2)]
+                    .iter()
+                    .map(|&(first_page, page_count)| Workload::Verify {
+                        seed: SEED,
+                        touches: 200,
+                        first_page,
+                        page_count,
+                    })
+                    .collect(),
+                &|vcpu, done| {
+                    if vcpu == 0 && done >= 16 && !killed.swap(true, Ordering::SeqCst) {
+                        gets_at_kill.store(
+                            metric(&faultd, "faultd_object_gets_total"),
+                            Ordering::SeqCst,
+                        );
+                        rgw.lock().unwrap().kill_gateway();
+                    }
+                },
+            );
+            guest_done.store(true, Ordering::SeqCst);
+            r
+        });
+        // The guest waits: GETs fail while radosgw is gone.
+        let t0 = std::time::Instant::now();
+        while !(killed.load(Ordering::SeqCst)
+            && metric(&faultd, "faultd_object_get_errors_total") >= 2)
+        {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no GET failed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let down = std::time::Instant::now();
+        assert!(
+            !guest_done.load(Ordering::SeqCst),
+            "the guest finished without radosgw"
+        );
+        rgw.lock().unwrap().start_gateway();
+        let outage = down.elapsed();
+        (guest.join().unwrap().expect("guest run"), outage)
+    });
+
+    for r in &reports {
+        assert_eq!(
+            r.mismatches, 0,
+            "first mismatch at {:?}",
+            r.first_mismatch_gpa
+        );
+    }
+    let touched = touched(pages, 200);
+    for &p in &touched {
+        let at = p as usize * PAGE as usize;
+        assert!(
+            host_page(&ram, p) == data[at..at + PAGE as usize],
+            "page {p} differs from the object"
+        );
+    }
+    let chunks: BTreeSet<u64> = touched.iter().map(|&p| p as u64 * PAGE / CHUNK).collect();
+    let at_kill = gets_at_kill.load(Ordering::SeqCst);
+    let errors = metric(&faultd, "faultd_object_get_errors_total");
+    println!(
+        "killed after {at_kill} GETs of {} chunks; down {outage:?}; {errors} GETs failed; {} \
+         GETs in all",
+        chunks.len(),
+        metric(&faultd, "faultd_object_gets_total")
+    );
+    assert!(at_kill < chunks.len() as u64, "chunks were left to fetch");
+    // The session lives on, without an error, and served every page it was asked for.
+    let stats = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
+    assert_eq!(
+        (stats.file_fills, stats.errors),
+        (touched.len() as u64, 0),
+        "{stats:?}"
+    );
+    assert_eq!(metric(&faultd, "faultd_object_changed_total"), 0);
 }

@@ -76,7 +76,8 @@ fn listen_refused(faultd: &Faultd, vm: &str, socket: &Path, snapshot: &Path, uid
     let req = faultd_client::FirecrackerListen {
         vm: vm.into(),
         socket: socket.into(),
-        snapshot: snapshot.into(),
+        snapshot: Some(snapshot.into()),
+        object: None,
         uid: Some(uid),
         pid: None,
     };

@@ -454,6 +454,15 @@ impl Fetcher {
         }
     }
 
+    /// Chunks being fetched now (GETs in flight or waiting for a slot, and their retries).
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// The fetcher's counters.
     pub fn counters(&self) -> &FetchCounters {
         &self.shared.counters

@@ -251,7 +251,8 @@ pub enum EvictAmount {
 ///
 /// faultd listens on `socket` (`SOCK_STREAM`, the socket Firecracker's `backend_path` names)
 /// and serves each connection there as a session named `vm`, filling pages from `snapshot`
-/// (Firecracker's memory snapshot file).
+/// (Firecracker's memory snapshot file) or from `object` (the same bytes as an object in one
+/// of the object stores faultd's config names). Exactly one of the two is given.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirecrackerListen {
@@ -259,8 +260,14 @@ pub struct FirecrackerListen {
     pub vm: String,
     /// Absolute path of the socket faultd creates and listens on.
     pub socket: std::path::PathBuf,
-    /// Absolute path of the memory snapshot file; opened anew for every connection.
-    pub snapshot: std::path::PathBuf,
+    /// Absolute path of the memory snapshot file; opened once, when listening.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<std::path::PathBuf>,
+    /// Instead of `snapshot`: the memory snapshot is this object. faultd reads it with its
+    /// own credentials, so only a key the store's rules let the uid the socket admits read is
+    /// accepted; each restore pins the object's version (ETag) when it connects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjectName>,
     /// Only a process with this uid may connect; the socket is also owned by this uid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
@@ -702,6 +709,44 @@ pub struct SessionDetail {
     pub pid: Option<i32>,
     /// Its counters (`stats.session` is its id).
     pub stats: SessionStats,
+    /// For a session whose snapshot is an object: the object and the chunk fetcher's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjectStatus>,
+}
+
+/// A session's snapshot object, and the figures of the chunk fetcher and cache that serve it.
+/// The fetcher and cache are shared by every session of the daemon: the counters are
+/// daemon-wide (the `faultd_object_*` metrics), not this session's alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStatus {
+    /// endpoint/bucket/key.
+    pub object: String,
+    /// The version (ETag) the session is pinned to.
+    pub etag: String,
+    /// Object size, bytes.
+    pub size: u64,
+    /// Chunk size, bytes.
+    pub chunk_bytes: u64,
+    /// Why the session's object backing failed, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Page reads served from the cache (all sessions).
+    pub cache_hits: u64,
+    /// Page reads that waited for a GET, started or joined (all sessions).
+    pub cache_misses: u64,
+    /// GETs made, every attempt (all sessions).
+    pub gets: u64,
+    /// GETs that failed (all sessions).
+    pub get_errors: u64,
+    /// Bytes fetched by successful GETs (all sessions).
+    pub bytes_fetched: u64,
+    /// Chunks being fetched now (all sessions).
+    pub in_flight: u64,
+    /// Bytes in the chunk cache now.
+    pub cache_bytes: u64,
+    /// Chunks in the chunk cache now.
+    pub cache_chunks: u64,
 }
 
 /// Counters of one session.
@@ -1179,7 +1224,8 @@ mod tests {
         let r = Request::FirecrackerListen(FirecrackerListen {
             vm: "fc0".into(),
             socket: "/run/fc0/uffd.sock".into(),
-            snapshot: "/srv/fc0/mem".into(),
+            snapshot: Some("/srv/fc0/mem".into()),
+            object: None,
             uid: Some(1000),
             pid: None,
         });

@@ -139,7 +139,8 @@ fn request() -> impl Strategy<Value = Request> {
         .prop_map(|(vm, socket, snapshot, uid, pid)| FirecrackerListen {
             vm,
             socket,
-            snapshot,
+            snapshot: Some(snapshot),
+            object: None,
             uid,
             pid,
         });
@@ -590,7 +591,8 @@ fn expectations() -> Vec<(&'static str, Expect)> {
             Accepted(Request::FirecrackerListen(FirecrackerListen {
                 vm: "fc0".into(),
                 socket: "/run/fc0\u{0}/uffd.sock".into(),
-                snapshot: "/srv/fc0/mem".into(),
+                snapshot: Some("/srv/fc0/mem".into()),
+                object: None,
                 uid: None,
                 pid: None,
             })),

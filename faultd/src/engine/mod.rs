@@ -171,6 +171,7 @@ impl<O: UffdOps> FaultServer<O> {
     /// Fills snapshot-backed pages from `object` instead of a snapshot file. Fault-around is
     /// off for such a session: its runs copy from a file mapping.
     pub fn with_object(mut self, object: objects::ObjectFill) -> Self {
+        self.session.set_object(object.version().clone());
         self.object = Some(object);
         self.around = around::AroundState::off();
         self

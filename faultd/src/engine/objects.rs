@@ -83,6 +83,16 @@ impl ObjectService {
         Ok(Some(ObjectService { fetcher, stores }))
     }
 
+    /// Whether a peer of uid `uid` may read `key` of store `store` (no request is made).
+    pub fn allows(&self, store: &str, key: &str, uid: u32) -> Result<(), ObjectRefusal> {
+        let (spec, _) = self
+            .stores
+            .iter()
+            .find(|(s, _)| s.name == store)
+            .ok_or_else(|| ObjectRefusal::UnknownStore(store.to_owned()))?;
+        spec.allows(uid, key).map_err(ObjectRefusal::Forbidden)
+    }
+
     /// Opens `key` of store `store` for a peer of uid `uid`: refused unless the store's
     /// rules let that uid read that key; then a HEAD pins the version (off the caller's
     /// runtime: it runs on the fetcher's).
@@ -92,12 +102,12 @@ impl ObjectService {
         key: &str,
         uid: u32,
     ) -> Result<Arc<ObjectVersion>, ObjectRefusal> {
+        self.allows(store, key, uid)?;
         let (spec, client) = self
             .stores
             .iter()
             .find(|(s, _)| s.name == store)
             .ok_or_else(|| ObjectRefusal::UnknownStore(store.to_owned()))?;
-        spec.allows(uid, key).map_err(ObjectRefusal::Forbidden)?;
         self.fetcher
             .open_async(client.clone(), &spec.endpoint, &spec.bucket, key)
             .await

@@ -404,6 +404,8 @@ pub struct Session {
     snapshot_info: std::sync::OnceLock<Arc<crate::engine::snapshots::SnapshotInfo>>,
     /// Why the session failed (its snapshot object could not be read), once it has.
     failure: std::sync::OnceLock<String>,
+    /// The snapshot object's version, when the snapshot is an object (set once, at the start).
+    object: std::sync::OnceLock<Arc<objstore::ObjectVersion>>,
     /// Notified once when `failure` is set: the control connection tells the VMM.
     pub failed: tokio::sync::Notify,
 }
@@ -458,6 +460,7 @@ impl Session {
             remote: std::sync::OnceLock::new(),
             snapshot_info: std::sync::OnceLock::new(),
             failure: std::sync::OnceLock::new(),
+            object: std::sync::OnceLock::new(),
             failed: tokio::sync::Notify::new(),
         }
     }
@@ -473,6 +476,17 @@ impl Session {
     /// Why the session failed, if it has.
     pub fn failure(&self) -> Option<&str> {
         self.failure.get().map(String::as_str)
+    }
+
+    /// Records that the session's snapshot is `version` of an object (once; a second call is
+    /// ignored).
+    pub fn set_object(&self, version: Arc<objstore::ObjectVersion>) {
+        let _ = self.object.set(version);
+    }
+
+    /// The snapshot object's version, if the snapshot is an object.
+    pub fn object(&self) -> Option<&Arc<objstore::ObjectVersion>> {
+        self.object.get()
     }
 
     /// Gives the session its snapshot file's analysis (once; a second call is ignored).

@@ -233,6 +233,31 @@ fn find(daemon: &Daemon, target: &SessionRef, caller: Caller) -> Result<Vec<Serv
     Ok(served)
 }
 
+/// The snapshot object of `session` (if it has one) and the shared fetcher's figures.
+fn object_status(
+    daemon: &Daemon,
+    session: &crate::engine::session::Session,
+) -> Option<faultd_proto::ObjectStatus> {
+    let version = session.object()?;
+    let fetcher = daemon.objects.as_ref()?.fetcher();
+    let sample = crate::daemon::object_sample(fetcher);
+    Some(faultd_proto::ObjectStatus {
+        object: version.label().to_owned(),
+        etag: version.etag().to_owned(),
+        size: version.size(),
+        chunk_bytes: version.chunk_size().bytes(),
+        failure: session.failure().map(str::to_owned),
+        cache_hits: sample.hits,
+        cache_misses: sample.misses,
+        gets: sample.gets,
+        get_errors: sample.get_errors,
+        bytes_fetched: sample.bytes_fetched,
+        in_flight: fetcher.in_flight() as u64,
+        cache_bytes: sample.cache_bytes,
+        cache_chunks: sample.cache_chunks,
+    })
+}
+
 /// The counters of the sessions `target` names.
 pub(crate) fn detail(
     daemon: &Daemon,
@@ -249,6 +274,7 @@ pub(crate) fn detail(
             kind: s.kind,
             pid: s.pid,
             stats: s.session.stats(),
+            object: object_status(daemon, &s.session),
         })
         .collect();
     Ok(Response::SessionDetail { sessions, omitted })

@@ -208,9 +208,20 @@ struct RawStore {
 struct RawFirecracker {
     vm: String,
     socket: PathBuf,
-    snapshot: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    object: Option<RawObjectName>,
     #[serde(skip_serializing_if = "Option::is_none")]
     uid: Option<u32>,
+}
+
+/// `object = { store = "...", key = "..." }` of a `[[firecracker]]` entry.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectName {
+    store: String,
+    key: String,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -611,7 +622,17 @@ impl From<&Config> for RawConfig {
                 .map(|l| RawFirecracker {
                     vm: l.vm.clone(),
                     socket: l.socket.clone(),
-                    snapshot: l.snapshot.clone(),
+                    snapshot: match &l.source {
+                        ListenSource::File(path) => Some(path.clone()),
+                        ListenSource::Object { .. } => None,
+                    },
+                    object: match &l.source {
+                        ListenSource::File(_) => None,
+                        ListenSource::Object { store, key } => Some(RawObjectName {
+                            store: store.clone(),
+                            key: key.clone(),
+                        }),
+                    },
                     uid: l.peer.uid,
                 })
                 .collect(),
@@ -1241,10 +1262,17 @@ fn firecracker_entries(
 ) -> Result<Vec<ListenSpec>, ConfigError> {
     let mut out: Vec<ListenSpec> = Vec::with_capacity(raw.len());
     for (index, e) in raw.into_iter().enumerate() {
+        let source = ListenSource::from_parts(e.snapshot, e.object.map(|o| (o.store, o.key)))
+            .map_err(|why| ConfigError::Firecracker {
+                index,
+                field: "snapshot",
+                value: String::new(),
+                why,
+            })?;
         let spec = ListenSpec::new(
             e.vm,
             e.socket,
-            e.snapshot,
+            source,
             PeerRule {
                 uid: e.uid,
                 pid: None,
@@ -1341,15 +1369,53 @@ fn shown_pid(pid: Option<i32>) -> String {
     pid.map_or_else(|| "unknown".into(), |p| p.to_string())
 }
 
-/// A validated order to serve Firecracker restores of `vm` on `socket` from `snapshot`.
+/// What a Firecracker listener's restores read their memory from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenSource {
+    /// The memory snapshot file (an absolute path).
+    File(PathBuf),
+    /// An object in a configured store (`[[object_store.stores]]`), read with faultd's own
+    /// credentials: only a key the store's rules let the admitted uid read is served.
+    Object {
+        /// The store's name in the config.
+        store: String,
+        /// The object's key.
+        key: String,
+    },
+}
+
+impl ListenSource {
+    /// Exactly one of a snapshot path and an object (store, key), else why not.
+    pub fn from_parts(
+        snapshot: Option<PathBuf>,
+        object: Option<(String, String)>,
+    ) -> Result<ListenSource, &'static str> {
+        match (snapshot, object) {
+            (Some(path), None) => Ok(ListenSource::File(path)),
+            (None, Some((store, key))) => Ok(ListenSource::Object { store, key }),
+            (None, None) => Err("names neither a snapshot file nor an object: give one"),
+            (Some(_), Some(_)) => Err("names both a snapshot file and an object: give one"),
+        }
+    }
+
+    /// For logs: the path, or `store:key`.
+    pub fn describe(&self) -> String {
+        match self {
+            ListenSource::File(path) => path.display().to_string(),
+            ListenSource::Object { store, key } => format!("object {store}:{key}"),
+        }
+    }
+}
+
+/// A validated order to serve Firecracker restores of `vm` on `socket` from `source`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenSpec {
     /// VM name for logs and metrics.
     pub vm: String,
     /// The socket Firecracker's `backend_path` names.
     pub socket: PathBuf,
-    /// The memory snapshot file.
-    pub snapshot: PathBuf,
+    /// The memory snapshot: a file or an object.
+    pub source: ListenSource,
     /// Who may connect.
     pub peer: PeerRule,
 }
@@ -1371,7 +1437,7 @@ impl ListenSpec {
     pub fn new(
         vm: String,
         socket: PathBuf,
-        snapshot: PathBuf,
+        source: ListenSource,
         peer: PeerRule,
     ) -> Result<ListenSpec, SpecError> {
         if !valid_vm_name(&vm) || vm.len() > MAX_LISTENER_NAME {
@@ -1405,24 +1471,29 @@ impl ListenSpec {
                 why: "must be shorter than 108 bytes (unix socket path limit)",
             });
         }
-        if !snapshot.is_absolute() {
-            return Err(SpecError {
-                field: "snapshot",
-                value: snapshot.display().to_string(),
-                why: "must be an absolute path",
-            });
-        }
-        if !plain_path(&snapshot) {
-            return Err(SpecError {
-                field: "snapshot",
-                value: snapshot.display().to_string(),
-                why: "must have no `.` or `..` component",
-            });
+        match &source {
+            ListenSource::File(snapshot) if !snapshot.is_absolute() => {
+                return Err(SpecError {
+                    field: "snapshot",
+                    value: snapshot.display().to_string(),
+                    why: "must be an absolute path",
+                });
+            }
+            ListenSource::File(snapshot) if !plain_path(snapshot) => {
+                return Err(SpecError {
+                    field: "snapshot",
+                    value: snapshot.display().to_string(),
+                    why: "must have no `.` or `..` component",
+                });
+            }
+            // An object's key is checked, with the store's rules, when listening
+            // (ObjectStoreSpec::allows), as a registration's is.
+            ListenSource::File(_) | ListenSource::Object { .. } => {}
         }
         Ok(ListenSpec {
             vm,
             socket,
-            snapshot,
+            source,
             peer,
         })
     }
@@ -1548,7 +1619,7 @@ prefix = "tenants/{uid}/"
             ListenSpec::new(
                 "fc0".into(),
                 socket.into(),
-                snapshot.into(),
+                ListenSource::File(snapshot.into()),
                 PeerRule::default(),
             )
         };
@@ -1682,6 +1753,34 @@ prefix = "tenants/{uid}/"
         assert_eq!(c.firecracker.len(), 2);
         assert_eq!(c.firecracker[0].peer.uid, Some(1000));
         assert_eq!(c.firecracker[1].socket, PathBuf::from("/run/fc1.sock"));
+    }
+
+    #[test]
+    fn a_firecracker_entry_may_name_an_object_instead_of_a_file_and_round_trips() {
+        let c = Config::from_toml(
+            "[[firecracker]]\nvm = \"fc0\"\nsocket = \"/run/fc0.sock\"\nuid = 1000\n\
+             object = { store = \"rgw\", key = \"tenants/1000/fc0/mem\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.firecracker[0].source,
+            ListenSource::Object {
+                store: "rgw".into(),
+                key: "tenants/1000/fc0/mem".into()
+            }
+        );
+        assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+        for (body, why) in [
+            ("", "names neither"),
+            (
+                "snapshot = \"/s\"\nobject = { store = \"r\", key = \"k\" }\n",
+                "names both",
+            ),
+        ] {
+            let toml = format!("[[firecracker]]\nvm = \"a\"\nsocket = \"/r/a\"\n{body}");
+            let err = Config::from_toml(&toml).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]

@@ -63,12 +63,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::{Daemon, Live};
+use crate::engine::objects::{ObjectFill, ObjectRefusal, ObjectService};
 use crate::engine::session::{Hva, RegionMemory, ServedRegion, Session};
 use crate::engine::{FaultServer, StandbyThread};
 use crate::front::validate::Refusal;
 use crate::kernel::uffd::KernelUffd;
 use crate::ops::config::Limit;
-pub use crate::ops::config::{ListenSpec, PeerRule, SpecError};
+pub use crate::ops::config::{ListenSource, ListenSpec, PeerRule, SpecError};
 
 /// How long a connected peer has to send its message. Firecracker sends it right after
 /// connecting; a peer that does not is refused instead of holding the socket's one session.
@@ -183,6 +184,12 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
+    /// The snapshot object names no configured store, or faultd has none.
+    #[error("{0}")]
+    ObjectStore(String),
+    /// The uid the socket admits may not read that object.
+    #[error("{0}")]
+    ObjectForbidden(String),
 }
 
 /// Starts listening for `spec` (a `[[firecracker]]` config entry) on the daemon's runtime;
@@ -225,8 +232,9 @@ pub(crate) async fn listen_as(
     let s = spec.clone();
     // File system work (open, stat, bind, chown): off the reactor.
     let spin = daemon.config.spin;
+    let objects = daemon.objects.clone();
     let bound = tokio::task::spawn_blocking(move || {
-        let bound = bind(&s)?;
+        let bound = bind(&s, objects.as_deref())?;
         Ok((bound, new_standby(&s, spin)))
     })
     .await
@@ -269,13 +277,13 @@ pub(crate) async fn listen_as(
     tracing::info!(
         vm = spec.vm,
         socket = %spec.socket.display(),
-        snapshot = %spec.snapshot.display(),
+        snapshot = %spec.source.describe(),
         uid = spec.peer.uid,
         pid = spec.peer.pid,
         "listening for Firecracker"
     );
     // The snapshot is analysed now, once for every restore this socket will serve.
-    let analysis = daemon.snapshots.info_for(&snapshot);
+    let analysis = snapshot.as_ref().and_then(|f| daemon.snapshots.info_for(f));
     let socket = Arc::new(Socket {
         analysis,
         spec: Arc::unwrap_or_clone(spec),
@@ -305,8 +313,9 @@ fn new_standby(spec: &ListenSpec, spin: Duration) -> Option<StandbyThread<Kernel
 #[derive(Debug)]
 struct Socket {
     spec: ListenSpec,
-    /// The snapshot file, opened when listening.
-    snapshot: File,
+    /// The snapshot file, opened when listening (None: the snapshot is an object, pinned by
+    /// each restore when it connects).
+    snapshot: Option<File>,
     /// The socket file, to remove at the end.
     placed: paths::PlacedSocket,
     /// The suffix the next restore's session name tries (`vm-N`).
@@ -360,10 +369,15 @@ pub(crate) async fn listen_request(
             })
         }
     }
+    let source = ListenSource::from_parts(req.snapshot, req.object.map(|o| (o.store, o.key)))
+        .map_err(|why| Refusal {
+            code: ErrorCode::BadRequest,
+            message: format!("firecracker_listen {why}"),
+        })?;
     let spec = ListenSpec::new(
         req.vm,
         req.socket,
-        req.snapshot,
+        source,
         PeerRule {
             uid: req.uid,
             pid: req.pid,
@@ -385,7 +399,11 @@ pub(crate) async fn listen_request(
             Ok(Response::Listening { vm, socket })
         }
         Err(e) => Err(Refusal {
-            code: ErrorCode::BadPath,
+            code: match e {
+                ListenError::ObjectStore(_) => ErrorCode::BadRequest,
+                ListenError::ObjectForbidden(_) => ErrorCode::Forbidden,
+                _ => ErrorCode::BadPath,
+            },
             message: crate::front::validate::chain(&e),
         }),
     }
@@ -429,14 +447,32 @@ pub(crate) async fn unlisten_request(
 struct Bound {
     listener: std::os::unix::net::UnixListener,
     placed: paths::PlacedSocket,
-    snapshot: File,
+    snapshot: Option<File>,
     admitted: u32,
 }
 
-/// Opens the snapshot as the admitted user may, and makes the socket, restricted to that user.
-fn bind(spec: &ListenSpec) -> Result<Bound, ListenError> {
+/// Opens the snapshot as the admitted user may (a file: with that user's rights; an object:
+/// if the store's rules let that uid read its key), and makes the socket, restricted to that
+/// user.
+fn bind(spec: &ListenSpec, objects: Option<&ObjectService>) -> Result<Bound, ListenError> {
     let admitted = admitted_uid(spec)?;
-    let (snapshot, _) = paths::open_snapshot(&spec.snapshot, admitted)?;
+    let snapshot = match &spec.source {
+        ListenSource::File(path) => Some(paths::open_snapshot(path, admitted)?.0),
+        ListenSource::Object { store, key } => {
+            let service = objects.ok_or_else(|| {
+                ListenError::ObjectStore(
+                    "the snapshot is an object, but no object store is configured \
+                     ([[object_store.stores]])"
+                        .into(),
+                )
+            })?;
+            service.allows(store, key, admitted).map_err(|e| match e {
+                ObjectRefusal::Forbidden(why) => ListenError::ObjectForbidden(why),
+                other => ListenError::ObjectStore(other.to_string()),
+            })?;
+            None
+        }
+    };
     let (listener, placed) = paths::place_socket(&spec.socket, admitted)?;
     Ok(Bound {
         listener,
@@ -581,6 +617,15 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
     if let Err(r) = daemon.admit_guest(&mut admission, guest) {
         return refused(spec, pid, &r.message);
     }
+    // A snapshot object: this restore reads the version the store holds now (one HEAD pins
+    // its ETag), and only if the store's rules let the peer's uid read the key.
+    let object = match &spec.source {
+        ListenSource::File(_) => None,
+        ListenSource::Object { store, key } => match open_object(&daemon, store, key, uid).await {
+            Ok(v) => Some(v),
+            Err(why) => return refused(spec, pid, &why),
+        },
+    };
     // One uffd serves one live session, whichever door it came through.
     let claims = match daemon.claim(&uffd_file(&message.fds)) {
         Ok(c) => c,
@@ -595,7 +640,42 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
         _admission: admission,
         _claims: claims,
     };
-    serve_restore(&daemon, &socket, stream, message, pid, owner, name, held).await;
+    let restore = Restore {
+        message,
+        object,
+        pid,
+        owner,
+        name,
+    };
+    serve_restore(&daemon, &socket, stream, restore, held).await;
+}
+
+/// Pins the version of object `key` of store `store` for a restore by a peer of uid `uid`
+/// (the store's rules checked again: the config may have changed since the listen).
+async fn open_object(
+    daemon: &Daemon,
+    store: &str,
+    key: &str,
+    uid: u32,
+) -> Result<Arc<objstore::ObjectVersion>, String> {
+    let service = daemon
+        .objects
+        .as_ref()
+        .ok_or_else(|| "the snapshot is an object, but no object store is configured".to_owned())?;
+    service
+        .open_for(store, key, uid)
+        .await
+        .map_err(|e| crate::ops::logging::chain(&e))
+}
+
+/// What one restore brings: Firecracker's message, the snapshot object's version (None: the
+/// socket's file), the peer, and the session's owner and name.
+struct Restore {
+    message: Message,
+    object: Option<Arc<objstore::ObjectVersion>>,
+    pid: Option<i32>,
+    owner: u32,
+    name: String,
 }
 
 /// The uffd a message carries, by identity, for [`Daemon::claim`] (none if the message has
@@ -644,18 +724,15 @@ fn session_name(daemon: &Daemon, socket: &Socket, owner: u32) -> Result<String, 
 /// Hands `message` to the socket's standby fault thread, which validates it (opening the
 /// snapshot and stat()ing fds: cheap, but blocking, so not on the reactor) and serves the VM at
 /// once; then waits for the VM to be gone and ends the session.
-#[allow(clippy::too_many_arguments)]
 async fn serve_restore(
     daemon: &Arc<Daemon>,
     socket: &Arc<Socket>,
     stream: UnixStream,
-    message: Message,
-    pid: Option<i32>,
-    owner: u32,
-    name: String,
+    restore: Restore,
     held: Held,
 ) {
     let spec = &socket.spec;
+    let (pid, owner) = (restore.pid, restore.owner);
     // Refused: what the restore held is given back before the connection closes (when
     // `stream` drops).
     let refuse = |held: Held, why: &str| {
@@ -677,17 +754,23 @@ async fn serve_restore(
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, s) = (daemon.clone(), socket.clone());
-    // What the fd store keeps of the session (see kept), if a service manager is there.
+    // What the fd store keeps of the session (see kept), if a service manager is there. A
+    // restore from an object is not kept: a restarted faultd would have to pin the same
+    // version again, which kept.rs does not do yet.
     let keeping = crate::ops::systemd::has_manager();
-    let kept = keeping.then(|| kept::Kept {
-        vm: name.clone(),
-        owner,
-        snapshot: spec.snapshot.clone(),
-        regions: message.regions.clone(),
-        listener: Some(spec.vm.clone()),
-    });
+    let kept = match (&spec.source, keeping) {
+        (ListenSource::File(path), true) => Some(kept::Kept {
+            vm: restore.name.clone(),
+            owner,
+            snapshot: path.clone(),
+            regions: restore.message.regions.clone(),
+            listener: Some(spec.vm.clone()),
+        }),
+        _ => None,
+    };
+    let keeping = kept.is_some();
     let thread = standby.start(Box::new(move || {
-        match prepare(&d, &s, message, pid, owner, name) {
+        match prepare(&d, &s, restore) {
             Ok((session, server, end)) => {
                 // A duplicate of the uffd for the fd store: one dup(2), only under a manager.
                 let uffd = keeping.then(|| uffd_dup(&server)).flatten();
@@ -738,8 +821,8 @@ async fn serve_restore(
         ends_on = end.describe(),
         "serving a Firecracker restore"
     );
-    let kept_as = match (&kept, &uffd) {
-        (Some(k), Some(uffd)) => kept::keep(k, uffd, &stream, &socket.snapshot),
+    let kept_as = match (&kept, &uffd, &socket.snapshot) {
+        (Some(k), Some(uffd), Some(snapshot)) => kept::keep(k, uffd, &stream, snapshot),
         _ => None,
     };
     drop(uffd);
@@ -1135,19 +1218,44 @@ impl SessionEnd {
 fn prepare(
     daemon: &Daemon,
     socket: &Socket,
-    message: Message,
-    pid: Option<i32>,
-    owner: u32,
-    name: String,
+    restore: Restore,
 ) -> Result<(Arc<Session>, FaultServer<KernelUffd>, SessionEnd), String> {
-    let spec = &socket.spec;
+    let Restore {
+        message,
+        object,
+        pid,
+        owner,
+        name,
+    } = restore;
     let uffd = check_fds(message.fds)?;
-    let len = snapshot_len(&socket.snapshot, &spec.snapshot)?;
-    let snapshot = socket
-        .snapshot
-        .try_clone()
-        .map_err(|e| format!("duplicating the snapshot file's fd: {e}"))?;
+    let (len, snapshot) = match (&object, &socket.snapshot, &socket.spec.source) {
+        (Some(version), _, _) => (version.size(), None),
+        (None, Some(file), ListenSource::File(path)) => {
+            let len = snapshot_len(file, path)?;
+            let dup = file
+                .try_clone()
+                .map_err(|e| format!("duplicating the snapshot file's fd: {e}"))?;
+            (len, Some(dup))
+        }
+        _ => return Err("the restore has neither its snapshot file nor its object".into()),
+    };
     let regions = check_regions(&message.regions, len)?;
+    // Every page is read from one chunk of the object (chunks are powers of two, regions
+    // page-aligned): a page larger than a chunk cannot be.
+    if let Some(version) = &object {
+        let chunk = version.chunk_size().bytes();
+        if let Some(r) = regions
+            .layout
+            .regions()
+            .iter()
+            .find(|r| r.page_size().bytes() > chunk)
+        {
+            return Err(format!(
+                "pages of {} bytes are larger than the object chunk ({chunk} bytes)",
+                r.page_size().bytes()
+            ));
+        }
+    }
     // A uffd without UFFDIO_API fails every copy: the restore would hang at its first fault.
     let probe = regions.served.first().map(|r| r.hva).ok_or("no regions")?;
     match crate::kernel::uffd::api_handshake_done(uffd.as_fd(), probe) {
@@ -1174,16 +1282,20 @@ fn prepare(
             )
         }
     };
-    let (session, server) = daemon
-        .new_server(
-            name,
-            owner,
-            regions.layout,
-            regions.served,
-            Some(snapshot),
-            uffd,
-        )
+    let (session, mut server) = daemon
+        .new_server(name, owner, regions.layout, regions.served, snapshot, uffd)
         .map_err(|e| format!("starting fault service: {e}"))?;
+    // The same object path as a VMM session's (engine::objects): chunks fetched off this
+    // thread, faults on a chunk not yet here deferred until it lands.
+    if let Some(version) = object {
+        let service = daemon
+            .objects
+            .clone()
+            .ok_or("no object store is configured")?;
+        let fill = ObjectFill::new(service, version)
+            .map_err(|e| format!("starting the object backing: {e}"))?;
+        server = server.with_object(fill);
+    }
     Ok((session, server, end))
 }
 
@@ -1362,7 +1474,7 @@ mod tests {
             ListenSpec::new(
                 vm.into(),
                 socket.into(),
-                snapshot.into(),
+                ListenSource::File(snapshot.into()),
                 PeerRule::default(),
             )
         };

@@ -25,7 +25,7 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 
-use super::{listen_as, ListenSpec, PeerRule};
+use super::{listen_as, ListenSource, ListenSpec, PeerRule};
 use crate::daemon::Daemon;
 
 /// The file's name in `store.dir`.
@@ -48,7 +48,11 @@ struct StateFile {
 struct KeptListener {
     vm: String,
     socket: PathBuf,
-    snapshot: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<PathBuf>,
+    /// Instead of `snapshot`: the object the restores read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    object: Option<faultd_proto::ObjectName>,
     #[serde(default)]
     uid: Option<u32>,
     #[serde(default)]
@@ -72,13 +76,22 @@ pub(super) async fn save(daemon: &Arc<Daemon>) {
             .firecracker
             .kept()
             .into_iter()
-            .map(|(spec, added_by)| KeptListener {
-                vm: spec.vm,
-                socket: spec.socket,
-                snapshot: spec.snapshot,
-                uid: spec.peer.uid,
-                pid: spec.peer.pid,
-                added_by,
+            .map(|(spec, added_by)| {
+                let (snapshot, object) = match spec.source {
+                    ListenSource::File(path) => (Some(path), None),
+                    ListenSource::Object { store, key } => {
+                        (None, Some(faultd_proto::ObjectName { store, key }))
+                    }
+                };
+                KeptListener {
+                    vm: spec.vm,
+                    socket: spec.socket,
+                    snapshot,
+                    object,
+                    uid: spec.peer.uid,
+                    pid: spec.peer.pid,
+                    added_by,
+                }
             })
             .collect();
         let bytes =
@@ -116,20 +129,25 @@ pub async fn relisten(daemon: &Arc<Daemon>) {
     let mut dropped = 0;
     for k in state.listeners {
         let vm = k.vm.clone();
-        let spec = ListenSpec::new(
-            k.vm,
-            k.socket,
-            k.snapshot,
-            PeerRule {
-                uid: k.uid,
-                pid: k.pid,
-            },
-        );
+        let spec = ListenSource::from_parts(k.snapshot, k.object.map(|o| (o.store, o.key)))
+            .map_err(|why| why.to_owned())
+            .and_then(|source| {
+                ListenSpec::new(
+                    k.vm,
+                    k.socket,
+                    source,
+                    PeerRule {
+                        uid: k.uid,
+                        pid: k.pid,
+                    },
+                )
+                .map_err(|e| e.to_string())
+            });
         let listened = match spec {
             Ok(spec) => listen_as(daemon, spec, k.added_by)
                 .await
                 .map_err(|e| crate::front::validate::chain(&e)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         match listened {
             Ok(()) => tracing::info!(vm, "listening again on a listener added before the restart"),
@@ -245,7 +263,8 @@ mod tests {
         KeptListener {
             vm: vm.into(),
             socket: format!("/run/{vm}.sock").into(),
-            snapshot: "/srv/mem".into(),
+            snapshot: Some("/srv/mem".into()),
+            object: None,
             uid: Some(1000),
             pid: None,
             added_by: Some(0),
@@ -256,8 +275,16 @@ mod tests {
     fn the_file_is_written_whole_0600_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
+        let on_object = KeptListener {
+            snapshot: None,
+            object: Some(faultd_proto::ObjectName {
+                store: "rgw".into(),
+                key: "tenants/1000/c/mem".into(),
+            }),
+            ..listener("c")
+        };
         let state = StateFile {
-            listeners: vec![listener("a"), listener("b")],
+            listeners: vec![listener("a"), listener("b"), on_object],
         };
 
         write(&store, &serde_json::to_vec(&state).unwrap()).unwrap();
