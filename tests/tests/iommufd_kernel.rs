@@ -1,7 +1,9 @@
 //! The iommufd proof: `tests/kernel/run` boots a real Linux kernel (with iommufd's selftest mock
 //! IOMMU) under QEMU TCG, where faultd serves the mock device's page requests from the kernel's
 //! iommufd fault queue and `crates/iommufd-check` checks every mapping in the kernel (see
-//! tests/kernel/run). Two kernels: 6.12, the oldest supported (with the fault-capable paging
+//! tests/kernel/run). Before that, a real PCI device (QEMU's `edu`, no PRI) behind QEMU's
+//! emulated Intel IOMMU is bound to vfio-pci, refused a fault-capable attach, and DMAs through
+//! its IOAS into guest RAM that faultd pinned and mapped (`crates/iommufd-check/src/vfio.rs`). Two kernels: 6.12, the oldest supported (with the fault-capable paging
 //! HWPT backport, tests/kernel/*.patch), and 7.3 as Debian ships it (trixie-backports, no patch).
 //!
 //! CI runs 7.3; 6.12 is `#[ignore]`d (see there) and runs with `-- --ignored`. The first run on a
