@@ -199,6 +199,49 @@ pub fn run(socket: &Path, passed: usize) -> Res<usize> {
         other => return Err(format!("add_device with IOAS {bogus}: {other:?}")),
     }
 
+    // An IOVA of the range that the client had mapped itself (to memory of its own): faultd
+    // must not count it as its mapping of guest RAM.
+    let probe = vec![0x5au8; (GRANULE + PAGE) as usize];
+    let probe_va = (probe.as_ptr() as u64 + PAGE - 1) & !(PAGE - 1);
+    let taken = RAM_GPA + GRANULE;
+    mock::ioas_map_fixed(iommufd.as_fd(), dev.ioas_id(), taken, GRANULE, probe_va)
+        .map_err(|e| format!("mapping the VMM's own memory at {taken:#x}: {e}"))?;
+    let pre_mapped = session.add_device(
+        dev.dev_id(),
+        pinned(),
+        DeviceIommu::Iommufd {
+            iommufd: iommufd.as_fd(),
+            ioas_id: dev.ioas_id(),
+        },
+    );
+    mock::ioas_unmap(iommufd.as_fd(), dev.ioas_id(), taken, GRANULE)
+        .map_err(|e| format!("unmapping the VMM's own memory at {taken:#x}: {e}"))?;
+    match pre_mapped {
+        Err(ClientError::Refused { message, .. }) if message.contains("already mapped") => {
+            let mapped = session
+                .stats()
+                .map_err(|e| format!("stats: {e}"))?
+                .device
+                .mapped_bytes;
+            let first_free =
+                mock::iova_is_free(iommufd.as_fd(), dev.ioas_id(), RAM_GPA, GRANULE, probe_va)
+                    .map_err(|e| format!("probing IOAS at {RAM_GPA:#x}: {e}"))?;
+            if mapped != 0 || !first_free {
+                return Err(format!(
+                    "after the refused attach: {mapped} bytes counted mapped, IOAS free at {RAM_GPA:#x}: {first_free}"
+                ));
+            }
+            ok(format!(
+                "faultd refused a range whose IOVA {taken:#x} the client had mapped itself, and unmapped what it had mapped: {message}"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "add_device over an IOVA the client had mapped: {other:?}"
+            ))
+        }
+    }
+
     let t0 = Instant::now();
     let granule = session
         .add_device(
@@ -220,8 +263,6 @@ pub fn run(socket: &Path, passed: usize) -> Res<usize> {
             "pinned attach: granule {granule}, {mapped} bytes mapped; expected {GRANULE} and {DMA_SIZE}"
         ));
     }
-    let probe = vec![0x5au8; (GRANULE + PAGE) as usize];
-    let probe_va = (probe.as_ptr() as u64 + PAGE - 1) & !(PAGE - 1);
     for g in (RAM_GPA..RAM_GPA + DMA_SIZE).step_by(GRANULE as usize) {
         if mock::iova_is_free(iommufd.as_fd(), dev.ioas_id(), g, GRANULE, probe_va)
             .map_err(|e| format!("probing IOAS {} at {g:#x}: {e}", dev.ioas_id()))?
