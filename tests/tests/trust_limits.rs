@@ -429,6 +429,32 @@ fn dev_zero_or_a_regular_file_as_a_device_fault_fd_is_refused_at_add_device() {
     }
 }
 
+#[test]
+fn a_pinned_device_whose_iommufd_is_not_dev_iommu_is_refused_before_any_ioctl() {
+    // (A refused add_device ends the session, as for any bad fd.)
+    let (faultd, _cfg) = start("", &[]);
+    let ram = Ram::new("pin", 4 * MIB);
+    let mut session = ram.serve(&faultd, "pin");
+    // faultd would issue IOMMU_IOAS_MAP on it: on another driver's fd that number means
+    // whatever that driver makes of it.
+    let not_iommu = std::fs::File::open("/dev/null").unwrap();
+
+    let refused = session.add_device(
+        1,
+        DeviceQueue::Pinned { ranges: None },
+        DeviceIommu::Iommufd {
+            iommufd: not_iommu.as_fd(),
+            ioas_id: 1,
+        },
+    );
+
+    assert!(
+        matches!(&refused, Err(ClientError::Refused { code: ErrorCode::BadFd, message })
+            if message.contains("/dev/null") && message.contains("not an iommufd")),
+        "{refused:?}"
+    );
+}
+
 /// Ring layout v1 offsets (docs/device-faults.md).
 const OFF_REQ_PROD: u64 = 64;
 const OFF_REQ_CONS: u64 = 128;

@@ -51,6 +51,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 
 mod supervise;
+pub mod vfio;
 
 #[cfg(feature = "vm-memory")]
 mod vmm;

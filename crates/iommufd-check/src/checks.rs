@@ -42,10 +42,10 @@ const WAIT: Duration = Duration::from_secs(30);
 
 type Res<T> = Result<T, String>;
 
-/// Runs every check against the faultd listening on `socket` (process `faultd_pid`). Returns
-/// how many passed; the first failure ends the run.
-pub fn run(socket: &Path, faultd_pid: i32) -> Res<usize> {
-    let mut t = Test::setup(socket, Pid::from_raw(faultd_pid))?;
+/// Runs every check against the faultd listening on `socket` (process `faultd_pid`), numbering
+/// them on from `passed`. Returns how many passed in all; the first failure ends the run.
+pub fn run(socket: &Path, faultd_pid: i32, passed: usize) -> Res<usize> {
+    let mut t = Test::setup(socket, Pid::from_raw(faultd_pid), passed)?;
     t.good_cases()?;
     t.bad_addresses()?;
     t.replace_with_groups_queued_in_the_kernel()?;
@@ -122,7 +122,7 @@ impl Test {
         self.iommu.as_fd()
     }
 
-    fn setup(socket: &Path, faultd: Pid) -> Res<Test> {
+    fn setup(socket: &Path, faultd: Pid, passed: usize) -> Res<Test> {
         let iommu: OwnedFd = File::options()
             .read(true)
             .write(true)
@@ -183,7 +183,7 @@ impl Test {
             next_fresh: 8,
             grpid: 0,
             probe: vec![0x5a; (GRANULE + 4096) as usize],
-            passed: 0,
+            passed,
         };
         let session_id = t.session().id();
         t.ok(format!(

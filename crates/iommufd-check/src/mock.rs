@@ -168,6 +168,38 @@ pub fn iova_is_free(
     Ok(true)
 }
 
+/// `IOMMU_IOAS_MAP` (FIXED_IOVA, readable) of `len` bytes at `user_va` to `iova`, left mapped
+/// (undo with [`ioas_unmap`]).
+pub fn ioas_map_fixed(
+    iommufd: BorrowedFd<'_>,
+    ioas_id: u32,
+    iova: u64,
+    len: u64,
+    user_va: u64,
+) -> io::Result<()> {
+    let mut map = IoasMap {
+        size: size_of::<IoasMap>() as u32,
+        flags: 1 | 4, // FIXED_IOVA | READABLE
+        ioas_id,
+        user_va,
+        length: len,
+        iova,
+        ..IoasMap::default()
+    };
+    ioctl(iommufd, IOMMU_IOAS_MAP, &mut map)
+}
+
+/// `IOMMU_IOAS_UNMAP` of exactly `[iova, iova+len)`.
+pub fn ioas_unmap(iommufd: BorrowedFd<'_>, ioas_id: u32, iova: u64, len: u64) -> io::Result<()> {
+    let mut unmap = IoasUnmap {
+        size: size_of::<IoasUnmap>() as u32,
+        ioas_id,
+        iova,
+        length: len,
+    };
+    ioctl(iommufd, IOMMU_IOAS_UNMAP, &mut unmap)
+}
+
 /// A mock device bound to this iommufd.
 #[derive(Debug, Clone, Copy)]
 pub struct MockDev {

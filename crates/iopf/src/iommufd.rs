@@ -44,6 +44,48 @@ pub fn check_fault_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
     ))
 }
 
+/// Where the kernel publishes the device number of `/dev/iommu` (the misc device "iommu").
+/// A fixed path of faultd's own choosing, never one a client names.
+const IOMMU_DEV_SYSFS: &str = "/sys/class/misc/iommu/dev";
+
+/// Refuses an fd that is not an open `/dev/iommu` (an iommufd), naming what it is instead.
+/// faultd issues `IOMMU_IOAS_MAP`/`UNMAP` on the fd a client hands it as its device's IOMMU;
+/// on another device's fd those numbers mean whatever that driver makes of them.
+pub fn check_iommufd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let st = nix::sys::stat::fstat(fd)?;
+    let is_chr = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+    let rdev = (
+        nix::sys::stat::major(st.st_rdev),
+        nix::sys::stat::minor(st.st_rdev),
+    );
+    let iommu = std::fs::read_to_string(IOMMU_DEV_SYSFS)
+        .ok()
+        .and_then(|s| parse_dev(s.trim()));
+    if is_chr && iommu == Some(rdev) {
+        return Ok(());
+    }
+    let kind = crate::shm::fd_kind(fd)?;
+    let why = match iommu {
+        None => format!("this kernel has no /dev/iommu ({IOMMU_DEV_SYSFS} unreadable)"),
+        Some((ma, mi)) => format!("/dev/iommu is char device {ma}:{mi}"),
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "is {} (device {}:{}), not an iommufd: {why}",
+            kind.display(),
+            rdev.0,
+            rdev.1
+        ),
+    ))
+}
+
+/// "MAJOR:MINOR" as sysfs writes a device number.
+fn parse_dev(s: &str) -> Option<(u64, u64)> {
+    let (ma, mi) = s.split_once(':')?;
+    Some((ma.parse().ok()?, mi.parse().ok()?))
+}
+
 /// Page requests from the kernel's fault fd (`IOMMU_FAULT_QUEUE_ALLOC`).
 #[derive(Debug)]
 pub struct IommufdQueue {
@@ -531,6 +573,17 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::Unsupported);
         assert!(e.to_string().contains("Linux 6.13 or later"), "{e}");
         assert_eq!(other.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn dev_null_is_not_an_iommufd_and_the_refusal_names_it() {
+        let e = check_iommufd(dev_null().as_fd()).unwrap_err();
+
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("/dev/null"), "{e}");
+        assert!(e.to_string().contains("not an iommufd"), "{e}");
+        assert_eq!(parse_dev("10:124"), Some((10, 124)));
+        assert_eq!(parse_dev("10"), None);
     }
 
     #[test]

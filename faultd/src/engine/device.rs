@@ -528,33 +528,48 @@ impl<O: UffdOps> FaultServer<O> {
         g: Granule,
         writable: bool,
     ) -> Option<Outcome> {
+        match self.try_map_granule(d, g, writable) {
+            Ok(()) => None,
+            Err(why) => {
+                self.error(format_args!("device {}: {why}", self.devices[d].dev_id.0));
+                Some(Outcome::Invalid(Refuse::Failed))
+            }
+        }
+    }
+
+    /// [`Self::map_granule_in`] with the reason of a failure, for a caller that reports it
+    /// (a pinned attach refuses with it).
+    pub(crate) fn try_map_granule(
+        &mut self,
+        d: usize,
+        g: Granule,
+        writable: bool,
+    ) -> Result<(), String> {
         let bytes = self.session.granule_bytes(g);
         let Some((iova, target)) = self.session.map_target(g) else {
             // Devices are refused at attach for such memory; never reached.
-            self.error(format_args!(
-                "device {}: guest RAM has no fd to map",
-                self.devices[d].dev_id.0
-            ));
-            return Some(Outcome::Invalid(Refuse::Failed));
+            return Err("guest RAM has no fd to map".into());
         };
         let target = MapTarget {
             va: target.0,
             fd: target.1,
             offset: target.2,
         };
+        let pinned = self.devices[d].pinned;
         let mapped = self.devices[d]
             .mapper
             .map(Iova(iova), bytes, target, writable);
         match mapped {
-            // Exists: the IOMMU had it already (e.g. a mapping s2map lost track of after a
-            // discard race); it maps the same memory, so record it.
-            Ok(()) | Err(MapError::Exists) => {}
+            // Exists for a faulting device: the IOMMU had it already (e.g. a mapping s2map
+            // lost track of after a discard race); it maps the same memory, so record it.
+            Ok(()) => {}
+            Err(MapError::Exists) if !pinned => {}
+            // A pinned attach maps only granules s2map says are not mapped for the device: an
+            // IOVA already taken in its IOMMU holds whatever the client put there, not the
+            // guest RAM faultd would map, so it is not taken as done.
             Err(e) => {
-                self.error(format_args!(
-                    "device {}: mapping {iova:#x}+{bytes:#x}: {e}",
-                    self.devices[d].dev_id.0
-                ));
-                return Some(Outcome::Invalid(Refuse::Failed));
+                let e = crate::ops::logging::chain(&e);
+                return Err(format!("mapping {iova:#x}+{bytes:#x}: {e}"));
             }
         }
         let dev = self.devices[d].idx;
@@ -563,15 +578,14 @@ impl<O: UffdOps> FaultServer<O> {
             // Cannot happen (every page was made resident above, nothing ran between), but if
             // it did, the device must not keep a mapping s2map does not know: take it back.
             let _ = self.devices[d].mapper.unmap(Iova(iova), bytes);
-            self.error(format_args!("s2map refused a device mapping: {e}"));
-            return Some(Outcome::Invalid(Refuse::Failed));
+            return Err(format!("s2map refused a device mapping: {e}"));
         }
         self.next_gen += 1;
         self.mapping_gen.insert((dev, g), self.next_gen);
-        if self.devices[d].pinned {
+        if pinned {
             self.pinned_bytes += bytes;
         }
-        None
+        Ok(())
     }
 
     /// Unmaps least recently mapped granules until `bytes` more fit the pin limit.

@@ -237,8 +237,8 @@ impl<O: UffdOps> FaultServer<O> {
                     }
                 }
                 let writable = !self.session.layout().region(page.region).read_only();
-                if self.map_granule_in(d, g, writable).is_some() {
-                    let why = "mapping it in the device's IOMMU failed (see log)".into();
+                if let Err(e) = self.try_map_granule(d, g, writable) {
+                    let why = format!("mapping it in the device's IOMMU failed: {e}");
                     self.fail_pinning(d, gpa.0, why);
                     return 0;
                 }

@@ -793,8 +793,14 @@ pub fn device(
                     format!("mapping guest memory for the IOMMU: {e}"),
                 )
             })?;
+            let iommufd = take(iommufd, "iommu.iommufd")?;
+            // faultd's IOAS ioctls go to this fd: only /dev/iommu (the ioas_id is then the
+            // client's own object in its own iommufd; a wrong one fails the first map, which
+            // refuses the device).
+            iopf::iommufd::check_iommufd(iommufd.as_fd())
+                .map_err(|e| refuse(ErrorCode::BadFd, format!("iommu.iommufd: {e}")))?;
             Box::new(
-                IoasMapper::new(take(iommufd, "iommu.iommufd")?, ioas_id, g)
+                IoasMapper::new(iommufd, ioas_id, g)
                     .map_err(|e| refuse(ErrorCode::BadFd, format!("iommu: {}", chain(&e))))?,
             )
         }
