@@ -55,9 +55,6 @@ const fn vfio_io(nr: u32) -> libc::c_ulong {
 const VFIO_DEVICE_GET_REGION_INFO: libc::c_ulong = vfio_io(8);
 const VFIO_DEVICE_BIND_IOMMUFD: libc::c_ulong = vfio_io(18);
 const VFIO_DEVICE_ATTACH_IOMMUFD_PT: libc::c_ulong = vfio_io(19);
-/// `IOMMU_IOAS_ALLOC` and `IOMMU_DESTROY` (`_IO(';', nr)`).
-const IOMMU_DESTROY: libc::c_ulong = 0x3b80;
-const IOMMU_IOAS_ALLOC: libc::c_ulong = 0x3b81;
 
 // The numbers in include/uapi/linux/vfio.h (and vfio-ioctls' own asserts).
 const _: () = assert!(VFIO_DEVICE_BIND_IOMMUFD == 15222);
@@ -66,21 +63,6 @@ const _: () = assert!(VFIO_DEVICE_GET_REGION_INFO == 15212);
 const _: () = assert!(size_of::<vfio_device_bind_iommufd>() == 24);
 const _: () = assert!(size_of::<vfio_device_attach_iommufd_pt>() == 16);
 const _: () = assert!(size_of::<vfio_region_info>() == 32);
-
-#[repr(C)]
-#[derive(Debug, Default)]
-struct IoasAlloc {
-    size: u32,
-    flags: u32,
-    out_ioas_id: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Default)]
-struct Destroy {
-    size: u32,
-    id: u32,
-}
 
 /// Failure of a VFIO or iommufd step, named for the step.
 #[derive(Debug, thiserror::Error)]
@@ -161,29 +143,9 @@ unsafe fn ioctl<T>(fd: BorrowedFd<'_>, req: libc::c_ulong, arg: &mut T) -> std::
     Ok(())
 }
 
-/// `IOMMU_IOAS_ALLOC`: a new, empty IOAS in `iommufd`.
-pub fn alloc_ioas(iommufd: BorrowedFd<'_>) -> Result<u32, VfioError> {
-    let mut arg = IoasAlloc {
-        size: size_of::<IoasAlloc>() as u32,
-        ..Default::default()
-    };
-    // SAFETY: IoasAlloc is struct iommu_ioas_alloc (size-prefixed).
-    unsafe { ioctl(iommufd, IOMMU_IOAS_ALLOC, &mut arg) }.map_err(|source| VfioError::Ioctl {
-        op: "IOMMU_IOAS_ALLOC",
-        path: "/dev/iommu".into(),
-        source,
-    })?;
-    Ok(arg.out_ioas_id)
-}
-
 /// `IOMMU_DESTROY` of object `id`; a failure is ignored (the object goes with the iommufd).
 fn destroy(iommufd: BorrowedFd<'_>, id: u32) {
-    let mut arg = Destroy {
-        size: size_of::<Destroy>() as u32,
-        id,
-    };
-    // SAFETY: Destroy is struct iommu_destroy (size-prefixed).
-    let _ = unsafe { ioctl(iommufd, IOMMU_DESTROY, &mut arg) };
+    let _ = iopf::iommufd::destroy(iommufd, id);
 }
 
 /// A VFIO cdev bound to an iommufd, with an IOAS of its own.
@@ -254,7 +216,12 @@ impl VfioDevice {
                 source,
             }
         })?;
-        let ioas_id = alloc_ioas(iommufd.as_fd())?;
+        let ioas_id =
+            iopf::iommufd::alloc_ioas(iommufd.as_fd()).map_err(|source| VfioError::Ioctl {
+                op: "IOMMU_IOAS_ALLOC",
+                path: "/dev/iommu".into(),
+                source,
+            })?;
         Ok(VfioDevice {
             fd,
             path,

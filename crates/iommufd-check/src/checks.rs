@@ -129,7 +129,8 @@ impl Test {
             .open("/dev/iommu")
             .map_err(|e| format!("opening /dev/iommu (CONFIG_IOMMUFD): {e}"))?
             .into();
-        let ioas = mock::ioas_alloc(iommu.as_fd()).map_err(|e| format!("IOMMU_IOAS_ALLOC: {e}"))?;
+        let ioas = iopf::iommufd::alloc_ioas(iommu.as_fd())
+            .map_err(|e| format!("IOMMU_IOAS_ALLOC: {e}"))?;
         let dev = mock::mock_domain(iommu.as_fd(), ioas)
             .map_err(|e| format!("IOMMU_TEST_CMD MOCK_DOMAIN (needs CONFIG_IOMMUFD_TEST): {e}"))?;
         let (fault_id, fault_fd) = iopf::iommufd::alloc_fault_queue(iommu.as_fd())

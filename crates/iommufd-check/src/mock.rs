@@ -16,12 +16,11 @@ const fn iommufd_io(nr: u64) -> u64 {
     (b';' as u64) << 8 | nr
 }
 
-const IOMMU_IOAS_ALLOC: u64 = iommufd_io(0x81);
 const IOMMU_IOAS_MAP: u64 = iommufd_io(0x85);
 const IOMMU_IOAS_UNMAP: u64 = iommufd_io(0x86);
 const IOMMU_TEST_CMD: u64 = iommufd_io(0xa0);
 
-const _: () = assert!(IOMMU_IOAS_ALLOC == 0x3b81 && IOMMU_TEST_CMD == 0x3ba0);
+const _: () = assert!(IOMMU_TEST_CMD == 0x3ba0);
 
 /// `IOMMU_TEST_OP_*` (iommufd_test.h).
 const OP_MOCK_DOMAIN: u32 = 2;
@@ -31,14 +30,6 @@ const OP_TRIGGER_IOPF: u32 = 15;
 
 /// The mock IOMMU's aperture: IOVAs it can translate.
 pub const MOCK_APERTURE_START: u64 = 1 << 24;
-
-#[repr(C)]
-#[derive(Debug, Default)]
-struct IoasAlloc {
-    size: u32,
-    flags: u32,
-    out_ioas_id: u32,
-}
 
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -73,7 +64,6 @@ struct TestCmd {
     last: u32,
 }
 
-const _: () = assert!(size_of::<IoasAlloc>() == 12);
 const _: () = assert!(size_of::<IoasMap>() == 40 && offset_of!(IoasMap, iova) == 32);
 const _: () = assert!(size_of::<IoasUnmap>() == 24 && offset_of!(IoasUnmap, length) == 16);
 const _: () = assert!(offset_of!(TestCmd, body) == 16 && offset_of!(TestCmd, last) == 64);
@@ -122,16 +112,6 @@ fn ioctl<T>(fd: BorrowedFd<'_>, req: u64, arg: &mut T) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// `IOMMU_IOAS_ALLOC`: a new, empty IOAS.
-pub fn ioas_alloc(iommufd: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut arg = IoasAlloc {
-        size: size_of::<IoasAlloc>() as u32,
-        ..IoasAlloc::default()
-    };
-    ioctl(iommufd, IOMMU_IOAS_ALLOC, &mut arg)?;
-    Ok(arg.out_ioas_id)
 }
 
 /// Whether nothing is mapped in `[iova, iova+len)` of the IOAS: a FIXED_IOVA map of `len`

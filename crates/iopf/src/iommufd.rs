@@ -268,6 +268,25 @@ impl Mapper for IoasMapper {
     }
 }
 
+/// `IOMMU_IOAS_ALLOC`: a new, empty IOAS. Returns its id. VMM side.
+pub fn alloc_ioas(iommufd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut arg = sys::iommu_ioas_alloc {
+        size: size_of::<sys::iommu_ioas_alloc>() as u32,
+        ..Default::default()
+    };
+    iommufd_ioctl(iommufd, sys::IOMMU_IOAS_ALLOC, &mut arg)?;
+    Ok(arg.out_ioas_id)
+}
+
+/// `IOMMU_DESTROY` of object `id` (an IOAS, a HWPT, a fault object). VMM side.
+pub fn destroy(iommufd: BorrowedFd<'_>, id: u32) -> io::Result<()> {
+    let mut arg = sys::iommu_destroy {
+        size: size_of::<sys::iommu_destroy>() as u32,
+        id,
+    };
+    iommufd_ioctl(iommufd, sys::IOMMU_DESTROY, &mut arg)
+}
+
 /// `IOMMU_FAULT_QUEUE_ALLOC`: a new fault object. Returns its id (for [`alloc_fault_hwpt`])
 /// and its fault fd (for [`IommufdQueue`]). VMM side.
 pub fn alloc_fault_queue(iommufd: BorrowedFd<'_>) -> io::Result<(u32, OwnedFd)> {

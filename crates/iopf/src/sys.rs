@@ -18,8 +18,8 @@ use std::os::raw::c_ulong;
 
 use iommufd_bindings as b;
 pub use iommufd_bindings::{
-    iommu_fault_alloc, iommu_hwpt_alloc, iommu_hwpt_page_response, iommu_hwpt_pgfault,
-    iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
+    iommu_destroy, iommu_fault_alloc, iommu_hwpt_alloc, iommu_hwpt_page_response,
+    iommu_hwpt_pgfault, iommu_ioas_alloc, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap,
 };
 use vmm_sys_util::ioctl::ioctl_expr;
 
@@ -31,6 +31,10 @@ const fn iommufd_io(nr: u32) -> c_ulong {
     ioctl_expr(0, b::IOMMUFD_TYPE as u32, nr, 0)
 }
 
+/// `IOMMU_DESTROY`: destroy an iommufd object (an IOAS, a HWPT, a fault object).
+pub const IOMMU_DESTROY: c_ulong = iommufd_io(b::IOMMUFD_CMD_DESTROY);
+/// `IOMMU_IOAS_ALLOC`: allocate an empty IOAS.
+pub const IOMMU_IOAS_ALLOC: c_ulong = iommufd_io(b::IOMMUFD_CMD_IOAS_ALLOC);
 /// `IOMMU_IOAS_MAP`: map a user VA range into an IOAS.
 pub const IOMMU_IOAS_MAP: c_ulong = iommufd_io(b::IOMMUFD_CMD_IOAS_MAP);
 /// `IOMMU_IOAS_UNMAP`: unmap whole, previously mapped IOVA ranges.
@@ -42,6 +46,7 @@ pub const IOMMU_FAULT_QUEUE_ALLOC: c_ulong = iommufd_io(b::IOMMUFD_CMD_FAULT_QUE
 /// `IOMMU_IOAS_MAP_FILE`: map a memfd range into an IOAS.
 pub const IOMMU_IOAS_MAP_FILE: c_ulong = iommufd_io(b::IOMMUFD_CMD_IOAS_MAP_FILE);
 
+const _: () = assert!(IOMMU_DESTROY == 0x3B80 && IOMMU_IOAS_ALLOC == 0x3B81);
 const _: () = assert!(IOMMU_IOAS_MAP == 0x3B85);
 const _: () = assert!(IOMMU_IOAS_UNMAP == 0x3B86);
 const _: () = assert!(IOMMU_HWPT_ALLOC == 0x3B89);
@@ -108,6 +113,7 @@ const _: () = assert!(offset_of!(iommu_hwpt_page_response, cookie) == 0);
 const _: () = assert!(offset_of!(iommu_hwpt_page_response, code) == 4);
 
 const _: () = assert!(size_of::<iommu_fault_alloc>() == 16);
+const _: () = assert!(size_of::<iommu_destroy>() == 8 && size_of::<iommu_ioas_alloc>() == 12);
 const _: () = assert!(offset_of!(iommu_fault_alloc, size) == 0);
 const _: () = assert!(offset_of!(iommu_fault_alloc, flags) == 4);
 const _: () = assert!(offset_of!(iommu_fault_alloc, out_fault_id) == 8);
