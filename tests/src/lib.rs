@@ -819,6 +819,18 @@ pub fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
         .collect()
 }
 
+/// An unnamed snapshot file of `size` bytes (whole pages) whose every dword at guest address
+/// `a` is `pattern(a, seed)`.
+pub fn pattern_snapshot(size: u64, seed: u32) -> std::fs::File {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(tempfile::tempfile().expect("snapshot tempfile"));
+    for p in 0..size / 4096 {
+        f.write_all(&pattern_page(p * 4096, seed))
+            .expect("writing snapshot file");
+    }
+    f.into_inner().expect("flushing snapshot file")
+}
+
 /// One round of the device workload of the chaos and restart tests: DMA-writes
 /// [`pattern_page`]s to `touches` pseudo-random 4 KiB pages of `[first, first + count)`
 /// (alternating workers 0 and 1), then reads every page back (worker 0) and checks it holds

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use faultd_client::{create_uffd, Client, GuestRam, RamPageSize, RegionSpec};
 use faultd_tests::{
-    read_with_timeout, resident_settled, settled_stats, write_with_timeout, Faultd, Ram,
+    pattern_page, read_with_timeout, resident_settled, settled_stats, write_with_timeout, Faultd,
+    Ram,
 };
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use testvmm::{
@@ -83,13 +84,6 @@ fn device_on(ram: &GuestRam, cfg: DeviceConfig) -> PriDevice {
     // SAFETY: every test declares the RAM before the device, so the mapping outlives it, and
     // nothing in the tests holds a Rust reference into guest RAM.
     unsafe { PriDevice::new(ram.host_ptr(), 0, ram.size(), cfg) }.expect("creating the device")
-}
-
-/// A page whose every dword holds `pattern(its gpa, seed)`.
-fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
-    (0..PAGE / 4)
-        .flat_map(|i| pattern(gpa + 4 * i, seed).to_le_bytes())
-        .collect()
 }
 
 fn dword(buf: &[u8], off: u64) -> u32 {

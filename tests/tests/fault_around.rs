@@ -3,14 +3,13 @@
 //! Every check compares what the guest or device reads back with what it wrote (or the file /
 //! zero it must read), and the faults or page-request groups it took.
 
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use faultd_client::{Client, GuestRam, RegionSpec};
 use faultd_proto::SessionStats;
-use faultd_tests::{read_with_timeout, resident_settled, settled_stats, Faultd, Ram};
+use faultd_tests::{pattern_page, read_with_timeout, resident_settled, settled_stats, Faultd, Ram};
 use testvmm::{page_sequence, pattern, DeviceConfig, PriDevice, VcpuReport, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
@@ -165,13 +164,6 @@ fn a_guest_touching_random_pages_gets_no_look_ahead_and_the_same_faults() {
     assert_eq!(on.resident_bytes, off.resident_bytes);
 }
 
-/// A page whose every dword holds `pattern(its gpa, seed)`.
-fn pattern_page(gpa: u64, seed: u32) -> Vec<u8> {
-    (0..PAGE / 4)
-        .flat_map(|i| pattern(gpa + 4 * i, seed).to_le_bytes())
-        .collect()
-}
-
 /// The emulated PRI device DMA-writes `mib` MiB in 256 KiB transfers in ascending order, then
 /// reads it all back; under `config`. Returns faultd's stats and the device's group count.
 fn device_stream(config: &str, vm_name: &str, mib: u64) -> (SessionStats, u64) {
@@ -262,15 +254,6 @@ fn device_look_ahead_only_uses_free_pin_room_and_the_pin_limit_holds() {
     assert!(on.around.stopped > 0);
 }
 
-/// Writes a snapshot file whose every dword at guest address `a` is `pattern(a, seed)`.
-fn snapshot_file(size: u64, seed: u32) -> std::fs::File {
-    let mut f = tempfile::tempfile().unwrap();
-    for p in 0..size / PAGE {
-        f.write_all(&pattern_page(p * PAGE, seed)).unwrap();
-    }
-    f
-}
-
 /// MADV_REMOVE of `pages` pages from `first` (a balloon's discard). It returns once faultd has
 /// read the REMOVE event.
 fn discard(ram: &GuestRam, first: u64, pages: u64) {
@@ -295,7 +278,7 @@ fn a_discarded_range_in_the_look_ahead_window_reads_zero_afterwards() {
     const FILE_SEED: u32 = 0xF11E;
     let faultd = Faultd::start_with_config(ON);
     let ram = Ram::new("vm-discard", SIZE);
-    let file = snapshot_file(SIZE, FILE_SEED);
+    let file = faultd_tests::pattern_snapshot(SIZE, FILE_SEED);
     let mut session = Client::connect(faultd.socket())
         .unwrap()
         .register(

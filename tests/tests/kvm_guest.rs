@@ -3,7 +3,6 @@
 //! touches guest RAM, so every resident page was faulted in by the guest and filled by faultd.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -105,28 +104,13 @@ fn one_gib_guest_touching_random_pages_is_served_and_only_those_pages_become_res
     assert_eq!(stats.errors, 0);
 }
 
-/// Writes a snapshot file whose every dword at guest address `a` is `pattern(a, seed)`.
-fn snapshot_file(size: u64, seed: u32) -> std::fs::File {
-    let mut f = tempfile::tempfile().unwrap();
-    let mut buf = Vec::with_capacity(MIB as usize);
-    for chunk in 0..size / MIB {
-        buf.clear();
-        for i in 0..MIB / 4 {
-            let gpa = chunk * MIB + i * 4;
-            buf.extend_from_slice(&pattern(gpa, seed).to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-    f
-}
-
 #[test]
 fn guest_restored_lazily_from_a_snapshot_sees_exactly_the_files_contents() {
     const SIZE: u64 = 256 * MIB;
     const SEED: u32 = 0xC0FFEE;
     let faultd = Faultd::start(&[]);
     let ram = Ram::new("vm-snap", SIZE);
-    let file = snapshot_file(SIZE, SEED);
+    let file = faultd_tests::pattern_snapshot(SIZE, SEED);
     let mut session = Client::connect(faultd.socket())
         .unwrap()
         .register(

@@ -4,7 +4,6 @@
 //! handed to faultd: a DMA that missed a mapping would raise a request nobody answers and
 //! fail with a timeout. Every DMA here must therefore find its mapping already in place.
 
-use std::io::Write;
 use std::time::Duration;
 
 use faultd_client::{ClientError, DeviceQueue, Session};
@@ -22,20 +21,6 @@ const SEED: u32 = 0x5EED_0016;
 const GUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const DEV_ID: u32 = 9;
 
-/// A snapshot file whose every dword at guest address `a` is `pattern(a, seed)`.
-fn snapshot_file(size: u64, seed: u32) -> std::fs::File {
-    let mut f = tempfile::tempfile().unwrap();
-    let mut buf = Vec::with_capacity(MIB as usize);
-    for chunk in 0..size / MIB {
-        buf.clear();
-        for i in 0..MIB / 4 {
-            buf.extend_from_slice(&pattern(chunk * MIB + i * 4, seed).to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-    f
-}
-
 /// A VM restored lazily from a snapshot, served by `faultd`.
 struct Setup {
     // Drop order: the device before the session, the session before the RAM.
@@ -47,7 +32,7 @@ struct Setup {
 
 fn setup(faultd: &Faultd, vm: &str) -> Setup {
     let ram = Ram::new(vm, SIZE);
-    let snapshot = snapshot_file(SIZE, SEED);
+    let snapshot = faultd_tests::pattern_snapshot(SIZE, SEED);
     let session = ram.serve_snapshot(faultd, vm, &snapshot);
     let cfg = DeviceConfig {
         dev_id: DEV_ID,
