@@ -268,4 +268,19 @@ fn removing_a_pinned_device_unmaps_and_unpins() {
     // Removing it again is refused, and the session goes on.
     assert!(s.session.remove_device(DEV_ID).is_err());
     assert_eq!(s.session.stats().unwrap().resident_bytes, 0);
+
+    // The same device attached again in the same session is pinned and mapped again. This hung
+    // once: the second `add_device` was never answered.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = pin(&mut s, &[HALF]).map_err(|e| e.to_string());
+        let _ = tx.send((r, s));
+    });
+    let (r, mut s) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the second add_device of the same device got no answer in 60 s");
+    assert_eq!(r, Ok(64 * 1024), "re-add");
+    assert!(s.dev.translates(0, 0, PINNED, true).unwrap());
+    assert_eq!(s.session.stats().unwrap().device.mapped_bytes, PINNED);
+    assert_eq!(first_dma_mismatch(&s.dev, PINNED, SEED), None);
 }

@@ -91,6 +91,9 @@ pub(crate) struct Pinning {
     granule: u64,
     mapped: u64,
     started: Instant,
+    /// The last slice stopped on a fill in flight (an object chunk) or an unread layout event:
+    /// the thread may sleep until the chunk's doorbell or the uffd wakes it.
+    waiting: bool,
     reply: Sender<Result<u64, PinError>>,
 }
 
@@ -127,6 +130,7 @@ impl<O: UffdOps> FaultServer<O> {
             granule,
             mapped: 0,
             started: Instant::now(),
+            waiting: false,
             reply,
         });
     }
@@ -179,12 +183,20 @@ impl<O: UffdOps> FaultServer<O> {
         Ok(())
     }
 
+    /// Whether a pinned attach has slices left that nothing but the serving loop will run:
+    /// the loop must then come back at once instead of sleeping in poll(2), since no fd
+    /// becomes ready for them.
+    pub fn pin_pending(&self) -> bool {
+        self.pinning.as_ref().is_some_and(|p| !p.waiting)
+    }
+
     /// Runs one slice of the pinned attach in progress, if any. Returns 1 while it is not
-    /// done (so that the serving loop comes back without sleeping), else 0.
+    /// done, else 0.
     pub(crate) fn pin_slice(&mut self) -> usize {
-        let Some(p) = self.pinning.as_ref() else {
+        let Some(p) = self.pinning.as_mut() else {
             return 0;
         };
+        p.waiting = false;
         let (dev, granule) = (p.dev, p.granule);
         let Some(d) = self.devices.iter().position(|x| x.idx == dev) else {
             self.end_pinning(Err(PinError::Abandoned));
@@ -230,7 +242,12 @@ impl<O: UffdOps> FaultServer<O> {
                     None => {}
                     // A fill of ours is in flight, or a layout event is unread: the next pass
                     // serves it first.
-                    Some(Outcome::Retry) => return 1,
+                    Some(Outcome::Retry) => {
+                        if let Some(p) = self.pinning.as_mut() {
+                            p.waiting = true;
+                        }
+                        return 1;
+                    }
                     Some(_) => {
                         self.fail_pinning(d, gpa.0, "filling the page failed (see log)".into());
                         return 0;

@@ -319,6 +319,12 @@ fn run<O: UffdOps>(mut server: FaultServer<O>, spin: Duration, ctl: &Arc<Control
                 if server.ws_replaying() {
                     continue;
                 }
+                // Nor with a pinned attach half done: its slices run only in passes, and no fd
+                // wakes the thread for them (a VMM attaching a device after a quiet spell found
+                // the thread asleep after the first slice, its `add_device` never answered).
+                if server.pin_pending() {
+                    continue;
+                }
                 if reads.read_first() {
                     reading_first = true;
                     continue;
