@@ -254,6 +254,8 @@ pub struct Daemon {
     pub(crate) cancel: CancellationToken,
     /// Resident guest RAM of all sessions, bytes (for the global budget).
     resident: Arc<AtomicU64>,
+    /// Bytes all VMs' pinned devices map (`device.pin_total_mib`).
+    pin_pool: Arc<crate::engine::pinned::PinPool>,
     pub(crate) metrics: DaemonMetrics,
     /// Each session's `vm` metrics label, by session id (taken when its server is built,
     /// released when it ends).
@@ -429,6 +431,7 @@ impl Daemon {
     pub fn new(config: Config, cancel: CancellationToken) -> Arc<Daemon> {
         let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit, config.budget);
         let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.connections));
+        let pin_pool = Arc::new(crate::engine::pinned::PinPool::new(config.pin_total));
         let ws = config.working_set;
         let snapshots = crate::engine::snapshots::Catalog::new(
             ws.zero_pages || ws.record || ws.replay,
@@ -462,6 +465,7 @@ impl Daemon {
             objects,
             config,
             resident: Arc::new(AtomicU64::new(0)),
+            pin_pool,
             metrics,
             labels: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
@@ -811,6 +815,7 @@ impl Daemon {
         )
         .with_store_dir(self.store_dir_of(owner))
         .with_budget(config.budget, self.resident.clone())
+        .with_pin_pool(self.pin_pool.clone())
         .with_around(config.around)
         .with_metrics(self.metrics.session(&label));
         let ws = config.working_set;

@@ -250,6 +250,61 @@ fn a_pinned_attach_over_the_pin_limit_is_refused_with_nothing_mapped() {
 }
 
 #[test]
+fn all_vms_pinned_devices_together_are_held_to_pin_total() {
+    // 48 MiB for all VMs: one VM's 32 MiB fits, a second one's does not until the first gives
+    // its pages back (its device removed, or its session ended).
+    let faultd = Faultd::start_with_config("[device]\npin_total_mib = 48\n");
+    let mut a = setup(&faultd, "vm-pin-total-a");
+    let mut b = setup(&faultd, "vm-pin-total-b");
+    pin(&mut a, &[HALF]).expect("32 MiB of 48");
+
+    let refused = |r: Result<u64, ClientError>| match r {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::PinLimit, "{message}");
+            message
+        }
+        other => panic!("expected a pin_limit refusal, got {other:?}"),
+    };
+    let message = refused(pin(&mut b, &[HALF]));
+    assert!(
+        message.contains("device.pin_total_mib") && message.contains(&(48 * MIB).to_string()),
+        "{message}"
+    );
+    assert_eq!(b.session.stats().unwrap().device.mapped_bytes, 0);
+    // What fits beside it is accepted; what was refused held nothing.
+    let sixteen = DmaRange {
+        gpa: 0,
+        size: 16 * MIB,
+    };
+    pin(&mut b, &[sixteen]).expect("16 MiB fits beside 32");
+    b.session.remove_device(DEV_ID).expect("remove_device");
+
+    // Removing a device gives its bytes back.
+    a.session.remove_device(DEV_ID).expect("remove_device");
+    pin(&mut b, &[HALF]).expect("32 MiB once the first VM's device is gone");
+
+    // So does a VM that ends with its device attached.
+    let mut c = setup(&faultd, "vm-pin-total-c");
+    refused(pin(&mut c, &[HALF]));
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match pin(&mut c, &[HALF]) {
+            Ok(granule) => {
+                assert_eq!(granule, 64 * 1024);
+                assert_eq!(c.session.stats().unwrap().device.mapped_bytes, PINNED);
+                break;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                refused(Err(e));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("the ended VM's pinned bytes were never given back: {e:?}"),
+        }
+    }
+}
+
+#[test]
 fn removing_a_pinned_device_unmaps_and_unpins() {
     let faultd = Faultd::start(&[]);
     let mut s = setup(&faultd, "vm-pin-detach");

@@ -632,6 +632,9 @@ impl<O: UffdOps> FaultServer<O> {
         self.mapping_gen.remove(&(dev, g));
         if self.devices[d].pinned {
             self.pinned_bytes -= bytes;
+            if let Some(share) = self.pin_share.as_mut() {
+                share.release(bytes);
+            }
         }
         true
     }

@@ -79,6 +79,8 @@ pub struct FaultServer<O> {
     pub(crate) next_gen: u64,
     /// Bytes mapped by pinned devices (a granule two pinned devices map counts twice).
     pub(crate) pinned_bytes: u64,
+    /// This VM's part of the pin limit of all VMs together (None: no such limit).
+    pub(crate) pin_share: Option<pinned::PinShare>,
     /// A pinned attach in progress ([`pinned`]).
     pub(crate) pinning: Option<pinned::Pinning>,
     pub(crate) limits: DeviceLimits,
@@ -148,6 +150,7 @@ impl<O: UffdOps> FaultServer<O> {
             mapping_gen: std::collections::HashMap::new(),
             next_gen: 0,
             pinned_bytes: 0,
+            pin_share: None,
             pinning: None,
             limits,
             new_devices: None,
@@ -174,6 +177,12 @@ impl<O: UffdOps> FaultServer<O> {
         self.session.set_object(object.version().clone());
         self.object = Some(object);
         self.around = around::AroundState::off();
+        self
+    }
+
+    /// Holds this VM's pinned devices to `pool`, the pin limit of all VMs together.
+    pub fn with_pin_pool(mut self, pool: Arc<pinned::PinPool>) -> Self {
+        self.pin_share = Some(pinned::PinShare::new(pool));
         self
     }
 

@@ -19,7 +19,9 @@
 //! pin limit pass over them. A discard (REMOVE) of a pinned range unmaps it as for any device
 //! mapping (the VMM gave the memory up). Removing the device or ending the session unmaps all.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use s2map::{DeviceIdx, Gpa, PageRef};
@@ -52,6 +54,19 @@ pub enum PinError {
         /// The limit.
         limit: u64,
     },
+    /// Over `device.pin_total_mib`: all VMs' pinned devices together.
+    #[error(
+        "pinning {want} bytes would exceed the pin limit of all VMs together: pinned devices map \
+         {pinned} bytes already, the limit (device.pin_total_mib) is {limit} bytes"
+    )]
+    PinTotal {
+        /// Bytes the attach would map.
+        want: u64,
+        /// Bytes all VMs' pinned devices hold now.
+        pinned: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// Over a memory budget's high watermark.
     #[error(
         "pinning needs {absent} more resident bytes; with {resident} resident now that exceeds \
@@ -78,6 +93,74 @@ pub enum PinError {
     /// The session ended or the device was removed before the attach finished.
     #[error("the attach was abandoned: the device was removed or the session ended")]
     Abandoned,
+}
+
+/// The bytes all VMs' pinned devices may map together (`device.pin_total_mib`), shared by
+/// every fault thread. Pinned memory cannot be evicted, so without it a few tenants could pin
+/// what every other VM needs to fault into (each VM alone is held to `device.pin_limit_mib`).
+#[derive(Debug)]
+pub struct PinPool {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl PinPool {
+    /// A pool of `limit` bytes, none used.
+    pub fn new(limit: u64) -> PinPool {
+        PinPool {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes held now by all VMs.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` if they fit; else the bytes used now.
+    fn reserve(&self, bytes: u64) -> Result<(), u64> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(bytes).filter(|&n| n <= self.limit)
+            })
+            .map(|_| ())
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+}
+
+/// One VM's part of the [`PinPool`]: an attach takes what it asks for up front, gives back
+/// what it did not map when it ends, and each pinned granule unmapped gives its bytes back;
+/// whatever is left goes back when the VM's fault server is dropped.
+#[derive(Debug)]
+pub(crate) struct PinShare {
+    pool: Arc<PinPool>,
+    held: u64,
+}
+
+impl PinShare {
+    pub(crate) fn new(pool: Arc<PinPool>) -> PinShare {
+        PinShare { pool, held: 0 }
+    }
+
+    pub(crate) fn release(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        self.pool.release(bytes);
+    }
+}
+
+impl Drop for PinShare {
+    fn drop(&mut self) {
+        self.pool.release(self.held);
+    }
 }
 
 /// A pinned attach in progress.
@@ -118,6 +201,21 @@ impl<O: UffdOps> FaultServer<O> {
             self.session.release_device(dev_id);
             let _ = reply.send(Err(e));
             return;
+        }
+        // Last, so that nothing is held for an attach refused above.
+        if let Some(share) = self.pin_share.as_mut() {
+            let want: u64 = ranges.iter().map(|r| r.1).sum();
+            if let Err(pinned) = share.pool.reserve(want) {
+                let limit = share.pool.limit;
+                self.session.release_device(dev_id);
+                let _ = reply.send(Err(PinError::PinTotal {
+                    want,
+                    pinned,
+                    limit,
+                }));
+                return;
+            }
+            share.held += want;
         }
         let granule = device.mapper.granule();
         let dev = device.idx;
@@ -280,6 +378,10 @@ impl<O: UffdOps> FaultServer<O> {
     }
 
     fn end_pinning(&mut self, result: Result<u64, PinError>) {
+        // What the attach took and did not map (it failed, or was abandoned) goes back.
+        if let Some(share) = self.pin_share.as_mut() {
+            share.release(share.held.saturating_sub(self.pinned_bytes));
+        }
         if let Some(p) = self.pinning.take() {
             let _ = p.reply.send(result);
         }

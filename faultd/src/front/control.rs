@@ -766,6 +766,7 @@ async fn session_loop(
                             // Nothing is left mapped: the session goes on without the device.
                             let code = match e {
                                 crate::engine::pinned::PinError::PinLimit { .. }
+                                | crate::engine::pinned::PinError::PinTotal { .. }
                                 | crate::engine::pinned::PinError::Budget { .. } => {
                                     ErrorCode::PinLimit
                                 }

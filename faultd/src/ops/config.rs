@@ -229,6 +229,7 @@ struct RawObjectName {
 struct RawDevice {
     deadline_ms: Option<u64>,
     pin_limit_mib: Option<u64>,
+    pin_total_mib: Option<u64>,
     granule_kib: Option<u64>,
     max_devices: Option<usize>,
 }
@@ -268,6 +269,8 @@ pub struct Config {
     pub device_deadline: Duration,
     /// Bytes one VM's devices may pin.
     pub pin_limit: u64,
+    /// Bytes all VMs' pinned devices may map together.
+    pub pin_total: u64,
     /// iommufd mapping granule, bytes.
     pub granule: u64,
     /// Devices per VM.
@@ -575,6 +578,7 @@ impl From<&Config> for RawConfig {
             device: RawDevice {
                 deadline_ms: ms(c.device_deadline),
                 pin_limit_mib: Some(c.pin_limit >> 20),
+                pin_total_mib: Some(c.pin_total >> 20),
                 granule_kib: Some(c.granule >> 10),
                 max_devices: Some(c.max_devices),
             },
@@ -738,6 +742,7 @@ impl RawConfig {
         self.log.filter = over.log.filter.or(self.log.filter.take());
         self.device.deadline_ms = over.device.deadline_ms.or(self.device.deadline_ms);
         self.device.pin_limit_mib = over.device.pin_limit_mib.or(self.device.pin_limit_mib);
+        self.device.pin_total_mib = over.device.pin_total_mib.or(self.device.pin_total_mib);
         self.device.granule_kib = over.device.granule_kib.or(self.device.granule_kib);
         self.device.max_devices = over.device.max_devices.or(self.device.max_devices);
         self.store.dir = over.store.dir.or(self.store.dir.take());
@@ -853,6 +858,14 @@ impl TryFrom<RawConfig> for Config {
                 why: "must be 2..=1073741824 (at least one 2 MiB granule)",
             });
         }
+        let pin_total_mib = required(raw.device.pin_total_mib, "device.pin_total_mib")?;
+        if !(2..=1 << 30).contains(&pin_total_mib) {
+            return Err(ConfigError::Invalid {
+                field: "device.pin_total_mib",
+                value: pin_total_mib.to_string(),
+                why: "must be 2..=1073741824 (at least one 2 MiB granule)",
+            });
+        }
         let granule_kib = required(raw.device.granule_kib, "device.granule_kib")?;
         if !(4..=1 << 20).contains(&granule_kib) || !granule_kib.is_power_of_two() {
             return Err(ConfigError::Invalid {
@@ -954,6 +967,7 @@ impl TryFrom<RawConfig> for Config {
             batch,
             device_deadline: Duration::from_millis(deadline_ms),
             pin_limit: pin_limit_mib << 20,
+            pin_total: pin_total_mib << 20,
             granule: granule_kib << 10,
             max_devices,
             budget,
@@ -1835,7 +1849,7 @@ prefix = "tenants/{uid}/"
     fn a_config_with_every_key_changed_printed_as_toml_loads_back_the_same() {
         let text = "[control]\nsocket = \"/run/x/f.sock\"\nmax_sessions = 7\n\
              [fault]\nspin_us = 3\nbatch = 5\n\
-             [device]\ndeadline_ms = 9\npin_limit_mib = 6\ngranule_kib = 8\nmax_devices = 2\n\
+             [device]\ndeadline_ms = 9\npin_limit_mib = 6\npin_total_mib = 10\ngranule_kib = 8\nmax_devices = 2\n\
              [budget]\nsession_mib = 11\nglobal_mib = 13\nhigh_pct = 70\nlow_pct = 60\n\
              [store]\ndir = \"/srv/st\"\n[log]\nfilter = \"faultd=debug\"\n\
              [metrics]\nlisten = \"[::1]:0\"\nvm_labels = 3\n\
