@@ -974,8 +974,8 @@ impl Daemon {
                 code: ErrorCode::BackingFailed,
                 message: "no object store is configured".into(),
             })?;
-            let fill =
-                crate::engine::objects::ObjectFill::new(service, version).map_err(internal)?;
+            let fill = crate::engine::objects::ObjectFill::new(service, version, owner)
+                .map_err(internal)?;
             server = server.with_object(fill);
         }
         let thread = FaultThread::spawn(server, self.config.spin).map_err(internal)?;

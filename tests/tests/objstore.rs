@@ -9,10 +9,15 @@ use std::time::{Duration, Instant};
 use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
 use objstore::{
     s3_store, Bytes, ChunkCache, ChunkSize, ChunkWaiter, CountingStore, FetchConfig, FetchError,
-    Fetcher, S3Spec, Served,
+    Fetcher, Requester, S3Spec, Served, Tenant,
 };
 
 const KIB: u64 = 1024;
+/// The tenant the single-tenant tests fetch for.
+const ME: Requester = Requester {
+    tenant: Tenant(0),
+    class: objstore::Class::Demand,
+};
 
 /// Deterministic bytes that differ per `seed` and per offset (no two 4 KiB pages alike).
 fn pattern(len: u64, seed: u64) -> Vec<u8> {
@@ -32,6 +37,10 @@ fn put(rgw: &Rgw, key: &str, data: &[u8]) {
 }
 
 fn client(rgw: &Rgw) -> Arc<CountingStore> {
+    Arc::new(CountingStore::new(s3(rgw)))
+}
+
+fn s3(rgw: &Rgw) -> Arc<dyn objstore::object_store::ObjectStore> {
     let spec = S3Spec {
         endpoint: rgw.endpoint(),
         region: REGION.into(),
@@ -41,9 +50,7 @@ fn client(rgw: &Rgw) -> Arc<CountingStore> {
             secret_key: SECRET_KEY.into(),
         }),
     };
-    Arc::new(CountingStore::new(
-        s3_store(&spec, Duration::from_secs(5)).unwrap(),
-    ))
+    s3_store(&spec, Duration::from_secs(5)).unwrap()
 }
 
 fn fetcher(dir: &Path, chunk: u64, bound: u64) -> Fetcher {
@@ -74,7 +81,7 @@ fn every_chunk_read_is_byte_exact_including_the_short_last() {
     assert_eq!(obj.chunks(), 4);
     for c in 0..obj.chunks() {
         let r = obj.chunk_range(c);
-        let got = f.read_chunk_blocking(&obj, c).unwrap();
+        let got = f.read_chunk_blocking(&obj, c, ME).unwrap();
         assert!(
             got[..] == data[r.start as usize..r.end as usize],
             "chunk {c} differs"
@@ -82,7 +89,7 @@ fn every_chunk_read_is_byte_exact_including_the_short_last() {
     }
     assert_eq!(store.gets(), 4);
     assert!(matches!(
-        f.read_chunk_blocking(&obj, 4),
+        f.read_chunk_blocking(&obj, 4, ME),
         Err(FetchError::OutOfRange { .. })
     ));
 }
@@ -126,7 +133,7 @@ fn concurrent_waiters_on_one_chunk_cause_exactly_one_get() {
                 for w in group {
                     let w: Arc<dyn ChunkWaiter> = w.clone();
                     let mut buf = [0u8; 4096];
-                    let served = f.read(&obj, 4096 * KIB + 8192, &mut buf, &w).unwrap();
+                    let served = f.read(&obj, 4096 * KIB + 8192, &mut buf, &w, ME).unwrap();
                     assert_eq!(served, Served::Pending);
                 }
             });
@@ -146,7 +153,7 @@ fn concurrent_waiters_on_one_chunk_cause_exactly_one_get() {
     let mut buf = [0u8; 4096];
     let any: Arc<dyn ChunkWaiter> = waiters[0].clone();
     assert_eq!(
-        f.read(&obj, 4096 * KIB + 8192, &mut buf, &any).unwrap(),
+        f.read(&obj, 4096 * KIB + 8192, &mut buf, &any, ME).unwrap(),
         Served::Read
     );
     assert!(buf[..] == data[(4096 * KIB + 8192) as usize..][..4096]);
@@ -163,10 +170,10 @@ fn object_replaced_midway_fails_with_object_changed_and_never_mixes() {
     let obj = f
         .open(client(&rgw), &rgw.endpoint(), BUCKET, "obj")
         .unwrap();
-    let first = f.read_chunk_blocking(&obj, 0).unwrap();
+    let first = f.read_chunk_blocking(&obj, 0, ME).unwrap();
     assert!(first[..] == old[..512 * KIB as usize]);
     put(&rgw, "obj", &pattern(4 * 512 * KIB, 4));
-    let err = f.read_chunk_blocking(&obj, 1).unwrap_err();
+    let err = f.read_chunk_blocking(&obj, 1, ME).unwrap_err();
     assert!(
         matches!(err, FetchError::ObjectChanged { .. }),
         "replaced object gave {err}"
@@ -192,7 +199,7 @@ fn cache_bound_holds_when_more_chunks_are_read_than_fit() {
         .open(client(&rgw), &rgw.endpoint(), BUCKET, "obj")
         .unwrap();
     for c in 0..obj.chunks() {
-        let got = f.read_chunk_blocking(&obj, c).unwrap();
+        let got = f.read_chunk_blocking(&obj, c, ME).unwrap();
         let r = obj.chunk_range(c);
         assert!(got[..] == data[r.start as usize..r.end as usize]);
         let on_disk: u64 = std::fs::read_dir(cache.path())
@@ -223,7 +230,7 @@ fn cache_reopened_after_drop_serves_every_chunk_without_a_get() {
             .open(client(&rgw), &rgw.endpoint(), BUCKET, "obj")
             .unwrap();
         for c in 0..obj.chunks() {
-            f.read_chunk_blocking(&obj, c).unwrap();
+            f.read_chunk_blocking(&obj, c, ME).unwrap();
         }
     }
     let f = fetcher(cache.path(), 512 * KIB, 64 << 20);
@@ -232,7 +239,7 @@ fn cache_reopened_after_drop_serves_every_chunk_without_a_get() {
         .open(store.clone(), &rgw.endpoint(), BUCKET, "obj")
         .unwrap();
     for c in 0..obj.chunks() {
-        let got = f.read_chunk_blocking(&obj, c).unwrap();
+        let got = f.read_chunk_blocking(&obj, c, ME).unwrap();
         let r = obj.chunk_range(c);
         assert!(got[..] == data[r.start as usize..r.end as usize]);
     }
@@ -254,7 +261,7 @@ fn gateway_killed_and_restarted_within_the_deadline_is_retried_to_success() {
     rgw.kill_gateway();
     let reader = {
         let (f, obj) = (f.clone(), obj.clone());
-        std::thread::spawn(move || f.read_chunk_blocking(&obj, 1))
+        std::thread::spawn(move || f.read_chunk_blocking(&obj, 1, ME))
     };
     wait_for("GETs failing", Duration::from_secs(5), || store.gets() >= 2);
     rgw.start_gateway();
@@ -281,7 +288,7 @@ fn gateway_gone_past_the_deadline_gives_waiters_a_deadline_error() {
         .unwrap();
     rgw.kill_gateway();
     let t0 = Instant::now();
-    let err = f.read_chunk_blocking(&obj, 0).unwrap_err();
+    let err = f.read_chunk_blocking(&obj, 0, ME).unwrap_err();
     let took = t0.elapsed();
     assert!(matches!(err, FetchError::Deadline { .. }), "{err}");
     assert!(
@@ -289,4 +296,72 @@ fn gateway_gone_past_the_deadline_gives_waiters_a_deadline_error() {
         "deadline error after {took:?}"
     );
     eprintln!("{err} (after {took:?})");
+}
+
+#[test]
+fn one_tenants_flood_of_chunks_never_queues_another_tenants_fault_behind_it() {
+    // A slow store (every GET 20 ms longer) and 2 GET slots: tenant 1 asks for all 96
+    // chunks of its object at once, about a second of GETs. Tenant 2 then faults on one
+    // chunk of its own object: its GET must start as soon as a slot frees, not after tenant
+    // 1's queue (a FIFO of slots put it behind ~90 GETs).
+    let rgw = Rgw::start();
+    const CHUNKS: u64 = 96;
+    let chunk = 512 * KIB;
+    put(&rgw, "tenant-1/flood", &pattern(CHUNKS * chunk, 7));
+    put(&rgw, "tenant-2/one", &pattern(chunk, 8));
+    let store = Arc::new(CountingStore::new(s3(&rgw)).with_get_delay(Duration::from_millis(20)));
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = FetchConfig::new(ChunkSize::new(chunk).unwrap());
+    config.deadline = Duration::from_secs(30);
+    config.max_in_flight = 2;
+    config.per_tenant_in_flight = 2;
+    let f = Fetcher::new(ChunkCache::open(cache.path(), 256 << 20).unwrap(), config).unwrap();
+    let flood = f
+        .open(store.clone(), &rgw.endpoint(), BUCKET, "tenant-1/flood")
+        .unwrap();
+    let one = f
+        .open(store.clone(), &rgw.endpoint(), BUCKET, "tenant-2/one")
+        .unwrap();
+    let (t1, t2) = (Requester::demand(Tenant(1)), Requester::demand(Tenant(2)));
+    let w1 = Arc::new(Collect::default());
+    let w1d: Arc<dyn ChunkWaiter> = w1.clone();
+    let mut buf = [0u8; 4096];
+    for c in 0..CHUNKS {
+        let served = f.read(&flood, c * chunk, &mut buf, &w1d, t1).unwrap();
+        assert_eq!(served, Served::Pending);
+    }
+    // A few of tenant 1's GETs have run: its queue is long, the slots busy.
+    wait_for("tenant 1's GETs under way", Duration::from_secs(10), || {
+        store.gets() >= 4
+    });
+    let before = store.gets() as usize;
+    let w2 = Arc::new(Collect::default());
+    let w2d: Arc<dyn ChunkWaiter> = w2.clone();
+    assert_eq!(
+        f.read(&one, 0, &mut buf, &w2d, t2).unwrap(),
+        Served::Pending
+    );
+    wait_for("tenant 2's chunk", Duration::from_secs(30), || {
+        !w2.0.lock().unwrap().is_empty()
+    });
+    let started = store.started();
+    let at = started
+        .iter()
+        .position(|p| p.as_ref() == "tenant-2/one")
+        .expect("tenant 2's GET");
+    // Slots free one at a time; the next one handed out is tenant 2's (one more of tenant
+    // 1's may have been handed out just before tenant 2 asked, and start just after).
+    let ahead = at.saturating_sub(before);
+    assert!(
+        ahead <= 1,
+        "tenant 2's GET started after {ahead} more of tenant 1's GETs ({before} had started \
+         when it asked; tenant 1 queued {CHUNKS})"
+    );
+    let got = w2.0.lock().unwrap();
+    assert!(got[0].1.as_ref().unwrap()[..] == pattern(chunk, 8)[..]);
+    drop(got);
+    wait_for("tenant 1's chunks", Duration::from_secs(30), || {
+        w1.0.lock().unwrap().len() == CHUNKS as usize
+    });
+    assert_eq!(store.gets(), CHUNKS + 1, "one GET per chunk");
 }

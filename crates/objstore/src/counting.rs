@@ -1,10 +1,13 @@
 //! A store that counts the GETs and HEADs made through it, to prove single flight and cache
 //! hits from the outside (tests wrap the real client in it; faultd's GET metric is the
-//! fetcher's own count).
+//! fetcher's own count). It also logs which object each GET was for, in the order they
+//! started, and can hold every GET for a while (a slow store), to prove the order slots are
+//! handed out in.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,6 +24,8 @@ pub struct CountingStore {
     inner: Arc<dyn ObjectStore>,
     gets: AtomicU64,
     heads: AtomicU64,
+    started: Mutex<Vec<Path>>,
+    get_delay: Duration,
 }
 
 impl CountingStore {
@@ -30,7 +35,23 @@ impl CountingStore {
             inner,
             gets: AtomicU64::new(0),
             heads: AtomicU64::new(0),
+            started: Mutex::new(Vec::new()),
+            get_delay: Duration::ZERO,
         }
+    }
+
+    /// Every GET through it then takes `delay` longer (a slow store).
+    pub fn with_get_delay(mut self, delay: Duration) -> CountingStore {
+        self.get_delay = delay;
+        self
+    }
+
+    /// The object of every GET so far, in the order they started.
+    pub fn started(&self) -> Vec<Path> {
+        self.started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// GETs made so far (ranged or not).
@@ -75,6 +96,13 @@ impl ObjectStore for CountingStore {
             self.heads.fetch_add(1, Ordering::SeqCst);
         } else {
             self.gets.fetch_add(1, Ordering::SeqCst);
+            self.started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(location.clone());
+            if !self.get_delay.is_zero() {
+                tokio::time::sleep(self.get_delay).await;
+            }
         }
         self.inner.get_opts(location, options).await
     }

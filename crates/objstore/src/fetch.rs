@@ -13,10 +13,10 @@ use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
-use tokio::sync::Semaphore;
 use tokio::time::{sleep, timeout_at, Instant};
 
 use crate::cache::{ChunkCache, ChunkName};
+use crate::slots::{FairSlots, Requester, Slot, Ticket};
 use crate::ChunkSize;
 
 /// How chunks are fetched.
@@ -26,8 +26,12 @@ pub struct FetchConfig {
     pub chunk_size: ChunkSize,
     /// From a chunk's first request to the error its waiters get if it has not landed.
     pub deadline: Duration,
-    /// GETs in flight at once over all objects (the rest queue, their deadline running).
+    /// GETs in flight at once over all objects (the rest queue, their deadline running),
+    /// handed out in turn between tenants, demand before prefetch (see `slots`).
     pub max_in_flight: usize,
+    /// GETs one tenant may have in flight at once: the rest of `max_in_flight` stays free for
+    /// others when a store is slow.
+    pub per_tenant_in_flight: usize,
     /// First wait after a failed GET; doubled after each further failure.
     pub first_backoff: Duration,
     /// Longest wait between two GETs of one chunk.
@@ -37,13 +41,14 @@ pub struct FetchConfig {
 }
 
 impl FetchConfig {
-    /// Defaults for `chunk_size`: 30 s deadline, 16 GETs in flight, 50 ms..1 s backoff,
-    /// 2 threads.
+    /// Defaults for `chunk_size`: 30 s deadline, 16 GETs in flight (12 for one tenant),
+    /// 50 ms..1 s backoff, 2 threads.
     pub fn new(chunk_size: ChunkSize) -> FetchConfig {
         FetchConfig {
             chunk_size,
             deadline: Duration::from_secs(30),
             max_in_flight: 16,
+            per_tenant_in_flight: 12,
             first_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             threads: 2,
@@ -235,12 +240,19 @@ pub struct FetchCounters {
 
 type InflightKey = (Arc<str>, u64);
 
+/// A chunk being fetched: who waits for it, and its claim to a GET slot.
+#[derive(Debug)]
+struct Flight {
+    waiters: Vec<Arc<dyn ChunkWaiter>>,
+    ticket: Arc<Ticket>,
+}
+
 #[derive(Debug)]
 struct Shared {
     cache: ChunkCache,
     config: FetchConfig,
-    in_flight: Mutex<HashMap<InflightKey, Vec<Arc<dyn ChunkWaiter>>>>,
-    slots: Semaphore,
+    in_flight: Mutex<HashMap<InflightKey, Flight>>,
+    slots: FairSlots,
     counters: FetchCounters,
 }
 
@@ -269,7 +281,7 @@ impl Fetcher {
         Ok(Fetcher {
             runtime: Some(runtime),
             shared: Arc::new(Shared {
-                slots: Semaphore::new(config.max_in_flight.max(1)),
+                slots: FairSlots::new(config.max_in_flight, config.per_tenant_in_flight),
                 cache,
                 config,
                 in_flight: Mutex::new(HashMap::new()),
@@ -368,14 +380,17 @@ impl Fetcher {
 
     /// Reads `buf.len()` bytes at object offset `offset` (within one chunk) of `object` from
     /// the cache. When the chunk is not cached, starts its GET unless one is in flight, and
-    /// `waiter` is told when it lands ([`Served::Pending`]); nothing is read then. Never
-    /// blocks on the network: safe on a fault thread.
+    /// `waiter` is told when it lands ([`Served::Pending`]); nothing is read then. The GET
+    /// waits for a slot in `who`'s turn (or, when another requester's GET of the chunk is
+    /// queued already, in whichever of their turns comes first). Never blocks on the network:
+    /// safe on a fault thread.
     pub fn read(
         &self,
         object: &Arc<ObjectVersion>,
         offset: u64,
         buf: &mut [u8],
         waiter: &Arc<dyn ChunkWaiter>,
+        who: Requester,
     ) -> io::Result<Served> {
         let (chunk, within) = object.chunk_of(offset);
         let range = object.chunk_range(chunk);
@@ -402,9 +417,14 @@ impl Fetcher {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             let key = (object.hash.clone(), chunk);
-            if let Some(waiters) = in_flight.get_mut(&key) {
-                if !waiters.iter().any(|w| Arc::ptr_eq(w, waiter)) {
-                    waiters.push(waiter.clone());
+            if let Some(flight) = in_flight.get_mut(&key) {
+                if !flight.waiters.iter().any(|w| Arc::ptr_eq(w, waiter)) {
+                    flight.waiters.push(waiter.clone());
+                    // Still queued for a slot: in this requester's turn too, so that it never
+                    // waits behind the queue of whoever asked first.
+                    if flight.ticket.waiting() {
+                        self.shared.slots.enqueue(&flight.ticket, who);
+                    }
                 }
                 self.shared.counters.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(Served::Pending);
@@ -413,22 +433,34 @@ impl Fetcher {
             if self.shared.cache.contains(&name) {
                 continue;
             }
-            in_flight.insert(key, vec![waiter.clone()]);
+            let (ticket, slot) = Ticket::new();
+            in_flight.insert(
+                key,
+                Flight {
+                    waiters: vec![waiter.clone()],
+                    ticket: ticket.clone(),
+                },
+            );
             drop(in_flight);
             self.shared.counters.misses.fetch_add(1, Ordering::Relaxed);
+            // Queued before the task runs: turns follow the order of requests.
+            self.shared.slots.enqueue(&ticket, who);
             let shared = self.shared.clone();
             let object = object.clone();
-            self.runtime().spawn(fetch(shared, object, chunk));
+            self.runtime()
+                .spawn(fetch(shared, object, chunk, FirstSlot { slot, who }));
             return Ok(Served::Pending);
         }
     }
 
-    /// The whole of chunk `chunk`: from the cache, or fetched (blocking the calling thread
-    /// until it lands or fails). For tools and tests; a fault thread uses [`Fetcher::read`].
+    /// The whole of chunk `chunk`: from the cache, or fetched for `who` (blocking the calling
+    /// thread until it lands or fails). For tools and tests; a fault thread uses
+    /// [`Fetcher::read`].
     pub fn read_chunk_blocking(
         &self,
         object: &Arc<ObjectVersion>,
         chunk: u64,
+        who: Requester,
     ) -> Result<Bytes, FetchError> {
         if chunk >= object.chunks() {
             return Err(FetchError::OutOfRange {
@@ -441,7 +473,7 @@ impl Fetcher {
         let mut buf = vec![0u8; (range.end - range.start) as usize];
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter: Arc<dyn ChunkWaiter> = Arc::new(ChannelWaiter(Mutex::new(tx)));
-        match self.read(object, range.start, &mut buf, &waiter) {
+        match self.read(object, range.start, &mut buf, &waiter, who) {
             Ok(Served::Read) => Ok(buf.into()),
             Ok(Served::Pending) => rx.recv().map_err(|_| FetchError::Stopped)?,
             Err(e) => Err(FetchError::Deadline {
@@ -500,9 +532,16 @@ impl ChunkWaiter for ChannelWaiter {
     }
 }
 
+/// Where a fetch's first GET slot arrives, and who asked first (its retries queue again in
+/// that requester's turn).
+struct FirstSlot {
+    slot: tokio::sync::oneshot::Receiver<Slot>,
+    who: Requester,
+}
+
 /// Fetches one chunk (with retries, under the deadline), stores it, tells every waiter.
-async fn fetch(shared: Arc<Shared>, object: Arc<ObjectVersion>, chunk: u64) {
-    let result = get_with_retries(&shared, &object, chunk).await;
+async fn fetch(shared: Arc<Shared>, object: Arc<ObjectVersion>, chunk: u64, first: FirstSlot) {
+    let result = get_with_retries(&shared, &object, chunk, first).await;
     if let Ok(bytes) = &result {
         let (store_to, name, data) = (shared.clone(), object.name(chunk), bytes.clone());
         let stored = tokio::task::spawn_blocking(move || store_to.cache.store(&name, &data)).await;
@@ -517,6 +556,7 @@ async fn fetch(shared: Arc<Shared>, object: Arc<ObjectVersion>, chunk: u64) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&(object.hash.clone(), chunk))
+        .map(|f| f.waiters)
         .unwrap_or_default();
     for w in waiters {
         w.chunk_landed(chunk, result.clone());
@@ -527,6 +567,7 @@ async fn get_with_retries(
     shared: &Shared,
     object: &ObjectVersion,
     chunk: u64,
+    first: FirstSlot,
 ) -> Result<Bytes, FetchError> {
     let cfg = &shared.config;
     let deadline = Instant::now() + cfg.deadline;
@@ -540,13 +581,15 @@ async fn get_with_retries(
         attempts,
         last,
     };
-    let Ok(Ok(_slot)) = timeout_at(deadline, shared.slots.acquire()).await else {
-        return Err(too_late(attempts, last));
-    };
     let range = object.chunk_range(chunk);
     let want = range.end - range.start;
     let mut backoff = cfg.first_backoff;
+    let mut waiting = first.slot;
     loop {
+        // A slot per attempt: a chunk backing off after a failure holds none.
+        let Ok(Ok(slot)) = timeout_at(deadline, &mut waiting).await else {
+            return Err(too_late(attempts, last));
+        };
         attempts += 1;
         counters.gets.fetch_add(1, Ordering::Relaxed);
         let opts = GetOptions {
@@ -599,7 +642,20 @@ async fn get_with_retries(
         if Instant::now() + backoff >= deadline {
             return Err(too_late(attempts, last));
         }
+        drop(slot);
         sleep(backoff).await;
         backoff = (backoff * 2).min(cfg.max_backoff);
+        let (ticket, slot) = Ticket::new();
+        // Requesters who join from now on queue this claim in their turn too.
+        if let Some(flight) = shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&(object.hash.clone(), chunk))
+        {
+            flight.ticket = ticket.clone();
+        }
+        shared.slots.enqueue(&ticket, first.who);
+        waiting = slot;
     }
 }

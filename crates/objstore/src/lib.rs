@@ -15,6 +15,7 @@
 mod cache;
 mod counting;
 mod fetch;
+mod slots;
 
 pub use bytes::Bytes;
 pub use cache::{CacheCounters, ChunkCache, ChunkName, TRAILER_LEN};
@@ -23,6 +24,7 @@ pub use fetch::{
     ChunkWaiter, FetchConfig, FetchCounters, FetchError, Fetcher, ObjectVersion, OpenError, Served,
 };
 pub use object_store;
+pub use slots::{Class, Requester, Tenant};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -26,7 +26,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use objstore::object_store::ObjectStore;
 use objstore::{
     Bytes, ChunkCache, ChunkSize, ChunkWaiter, FetchConfig, FetchError, Fetcher, ObjectVersion,
-    S3Spec, Served,
+    Requester, S3Spec, Served, Tenant,
 };
 
 use crate::engine::session::Hva;
@@ -177,6 +177,9 @@ pub(crate) enum ObjectRead {
 pub struct ObjectFill {
     service: Arc<ObjectService>,
     version: Arc<ObjectVersion>,
+    /// Whose turn its GETs wait for in the shared fetcher (the session owner's uid): one
+    /// tenant's flood of chunks never queues another's faults behind it.
+    tenant: Tenant,
     doorbell: Arc<Doorbell>,
     /// Faults waiting per chunk (each chunk asked for once; bounded by the VM's vCPUs and
     /// pages, as the kernel's own queue of blocked faults is).
@@ -188,11 +191,16 @@ pub struct ObjectFill {
 }
 
 impl ObjectFill {
-    /// The backing of a session restoring `version` through `service`.
-    pub fn new(service: Arc<ObjectService>, version: Arc<ObjectVersion>) -> io::Result<Self> {
+    /// The backing of a session of uid `owner` restoring `version` through `service`.
+    pub fn new(
+        service: Arc<ObjectService>,
+        version: Arc<ObjectVersion>,
+        owner: u32,
+    ) -> io::Result<Self> {
         Ok(ObjectFill {
             service,
             version,
+            tenant: Tenant(owner),
             doorbell: Arc::new(Doorbell::new()?),
             deferred: HashMap::new(),
             landed: HashMap::new(),
@@ -220,11 +228,13 @@ impl ObjectFill {
             return Err(io::Error::other("the object backing failed"));
         }
         let waiter: Arc<dyn ChunkWaiter> = self.doorbell.clone();
-        match self
-            .service
-            .fetcher
-            .read(&self.version, offset, buf, &waiter)?
-        {
+        match self.service.fetcher.read(
+            &self.version,
+            offset,
+            buf,
+            &waiter,
+            Requester::demand(self.tenant),
+        )? {
             Served::Read => Ok(ObjectRead::Read),
             Served::Pending => Ok(ObjectRead::Pending { chunk }),
         }

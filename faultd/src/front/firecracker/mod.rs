@@ -1292,7 +1292,7 @@ fn prepare(
             .objects
             .clone()
             .ok_or("no object store is configured")?;
-        let fill = ObjectFill::new(service, version)
+        let fill = ObjectFill::new(service, version, owner)
             .map_err(|e| format!("starting the object backing: {e}"))?;
         server = server.with_object(fill);
     }
