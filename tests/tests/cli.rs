@@ -1247,3 +1247,92 @@ fn check_config_prints_toml_that_loads_back_as_the_same_config() {
         );
     }
 }
+
+#[test]
+fn ctl_firecracker_listen_on_an_object_checks_the_admitted_uids_prefix_and_lists_the_listener() {
+    // A store that is never reached: a listen makes no request to it.
+    let faultd = Faultd::start_with_config(
+        r#"[[object_store.stores]]
+name = "rgw"
+endpoint = "http://127.0.0.1:9"
+region = "us-east-1"
+bucket = "b"
+access_key = "k"
+secret_key = "s"
+prefix = "tenants/{uid}/"
+"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fc.sock");
+    let listen = |key: &str| {
+        [
+            "firecracker-listen",
+            "--vm",
+            "fc-obj",
+            "--backend-path",
+            socket.to_str().unwrap(),
+            "--object-store",
+            "rgw",
+            "--object-key",
+            key,
+            "--uid",
+            "1000",
+        ]
+        .map(str::to_owned)
+    };
+    fn args(a: &[String; 11]) -> Vec<&str> {
+        a.iter().map(String::as_str).collect()
+    }
+
+    // Another uid's key, for a socket that admits uid 1000: refused with the reason.
+    let (code, err) = ctl_fails(faultd.socket(), &args(&listen("tenants/0/vm/mem")));
+    assert_eq!(code, faultd::ctl::EXIT_FORBIDDEN as i32, "{err}");
+    assert!(
+        err.contains("not under") && err.contains("tenants/1000/"),
+        "{err}"
+    );
+    assert!(!socket.exists());
+    // --object-key without --object-store, or with --snapshot: usage errors.
+    let (code, err) = ctl_fails(
+        faultd.socket(),
+        &[
+            "firecracker-listen",
+            "--vm",
+            "x",
+            "--backend-path",
+            "/tmp/x.sock",
+            "--object-key",
+            "k",
+        ],
+    );
+    assert_eq!(code, faultd::ctl::EXIT_USAGE as i32, "{err}");
+    let (code, err) = ctl_fails(
+        faultd.socket(),
+        &[
+            "firecracker-listen",
+            "--vm",
+            "x",
+            "--backend-path",
+            "/tmp/x.sock",
+            "--snapshot",
+            "/tmp/mem",
+            "--object-store",
+            "rgw",
+            "--object-key",
+            "k",
+        ],
+    );
+    assert_eq!(code, faultd::ctl::EXIT_USAGE as i32, "{err}");
+
+    // Its own prefix: listening, the socket handed to uid 1000, listed in status.
+    let out = ctl(&faultd, &args(&listen("tenants/1000/vm/mem")));
+    assert!(out.contains("listens for Firecracker VM fc-obj"), "{out}");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 1000);
+    let st = status(answer(&faultd, &["status", "--json"]));
+    assert_eq!(st.firecracker_listeners, 1);
+    assert_eq!(
+        (st.firecracker[0].vm.as_str(), &st.firecracker[0].socket),
+        ("fc-obj", &socket)
+    );
+}
