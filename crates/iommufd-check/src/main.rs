@@ -15,6 +15,7 @@
 
 mod checks;
 mod mock;
+mod trace;
 mod vfio;
 
 use std::os::fd::AsRawFd;

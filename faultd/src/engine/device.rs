@@ -245,8 +245,7 @@ impl<O: UffdOps> FaultServer<O> {
         pending.retain(|(g, ..)| !newest.contains(&g.cookie));
         dropped += (held - pending.len()) as u64;
         if dropped > 0 {
-            c.device_stale_cookies
-                .fetch_add(dropped, Ordering::Relaxed);
+            c.device_stale_cookies.fetch_add(dropped, Ordering::Relaxed);
             tracing::debug!(
                 session = self.session.id(),
                 dev_id = self.devices[d].dev_id.0,

@@ -999,7 +999,9 @@ impl KernelState {
     /// The VMM replaces the device's HWPT: the kernel answers every group it holds INVALID.
     fn replace(&mut self) {
         let read = std::mem::take(&mut self.response).into_values();
-        let unread = std::mem::take(&mut self.deliver).into_iter().map(|(g, _)| g);
+        let unread = std::mem::take(&mut self.deliver)
+            .into_iter()
+            .map(|(g, _)| g);
         for g in read.chain(unread).collect::<Vec<_>>() {
             self.answers.push((g, ResponseCode::Invalid, "kernel"));
         }
@@ -1074,8 +1076,7 @@ fn kernel_dev() -> (Dev, Arc<Mutex<KernelState>>) {
 }
 
 #[test]
-fn a_held_group_whose_cookie_comes_again_is_dropped_and_the_new_group_answered_after_its_mapping(
-) {
+fn a_held_group_whose_cookie_comes_again_is_dropped_and_the_new_group_answered_after_its_mapping() {
     let (mut d, k) = kernel_dev();
     *d.srv.ops().force_retry.borrow_mut() = u32::MAX; // both groups wait (EAGAIN)
     k.lock().unwrap().deliver.push(("old", GPA));
