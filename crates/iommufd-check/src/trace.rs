@@ -137,6 +137,23 @@ impl Tracer {
         ))
     }
 
+    /// After the thread's process was killed: collects the traced thread's exit, which only
+    /// its tracer can (the process cannot be reaped before).
+    pub fn reap(mut self) -> Res<()> {
+        self.attached = false;
+        loop {
+            match waitpid(self.tid, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => return Ok(()),
+                Err(nix::errno::Errno::ECHILD) => return Ok(()),
+                Ok(_) => {
+                    // A stop on the way out: let it go on dying.
+                    let _ = ptrace::cont(self.tid, None);
+                }
+                Err(e) => return Err(format!("waitpid of thread {}: {e}", self.tid)),
+            }
+        }
+    }
+
     /// Lets the thread go.
     pub fn detach(mut self) -> Res<()> {
         self.attached = false;
