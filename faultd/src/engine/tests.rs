@@ -992,8 +992,11 @@ struct KernelState {
     /// Every answer: (group, code, by whom).
     answers: Vec<(&'static str, ResponseCode, &'static str)>,
     /// Run once after the first read(2) of the next read.
-    split: Option<Box<dyn FnOnce(&mut KernelState) + Send>>,
+    split: Option<Between>,
 }
+
+/// What happens between two read(2)s (see [`KernelState::split`]).
+type Between = Box<dyn FnOnce(&mut KernelState) + Send>;
 
 impl KernelState {
     /// The VMM replaces the device's HWPT: the kernel answers every group it holds INVALID.
