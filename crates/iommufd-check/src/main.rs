@@ -6,10 +6,12 @@
 //! QEMU's edu, behind QEMU's emulated Intel IOMMU, bound to vfio-pci and used through the VFIO
 //! cdev in faultd's pinned mode, with real device DMA) and [`checks::run`] (it plays the VMM:
 //! iommufd objects, a mock device with a fault-capable paging HWPT, guest RAM registered with
-//! faultd, page requests raised through the mock), prints one result line,
-//! `IOMMUFD-CHECK: PASS ...` or `IOMMUFD-CHECK: FAIL: ...`, and powers the guest off.
+//! faultd, page requests raised through the mock) and [`restart::run`] (the faultd it started is
+//! SIGKILLed with page requests waiting and a new one started; the client's supervisor brings
+//! the session and the device back), prints one result line, `IOMMUFD-CHECK: PASS ...` or
+//! `IOMMUFD-CHECK: FAIL: ...`, and powers the guest off.
 //!
-//! Not as PID 1 it runs the same checks against a faultd that is already running:
+//! Not as PID 1 it runs the same checks but the restart against a faultd that is already running:
 //! `iommufd-check --socket PATH --faultd-pid PID` (a kernel with CONFIG_IOMMUFD_TEST and an edu
 //! device behind an IOMMU needed).
 
