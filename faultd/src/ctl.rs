@@ -1345,7 +1345,7 @@ fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
                 format!(
                     "{} attached: {} groups ({} pages), {} success, {} invalid (outside {}, \
                      read-only {}, malformed {}, deadline {}, failed {}), pin evictions {}, \
-                     respond errors {}, quarantined {}",
+                     respond errors {}, quarantined {}, stale cookies dropped {}",
                     dev.devices,
                     dev.groups,
                     dev.pages,
@@ -1358,7 +1358,8 @@ fn stats_text(sessions: &[SessionDetail], omitted: u64) -> String {
                     dev.failed,
                     dev.pin_evictions,
                     dev.respond_errors,
-                    dev.quarantined
+                    dev.quarantined,
+                    dev.stale_cookies
                 ),
             ),
             ("working set", working_set_line(&s.working_set)),

@@ -4,6 +4,9 @@
 //! tests/kernel/run). On 7.3, before that, a real PCI device (QEMU's `edu`, no PRI) behind QEMU's
 //! emulated Intel IOMMU is bound to vfio-pci, refused a fault-capable attach, and DMAs through
 //! its IOAS into guest RAM that faultd pinned and mapped (`crates/iommufd-check/src/vfio.rs`).
+//! After the mock checks (among them the cookie guard against the kernel's reuse of a cookie
+//! after an HWPT replace), faultd is SIGKILLed with page requests waiting and a new faultd serves
+//! the device after the client's `Supervisor` requeued it (`crates/iommufd-check/src/restart.rs`).
 //! Two kernels: 6.12, the oldest supported (with the fault-capable paging HWPT backport,
 //! tests/kernel/*.patch; mock checks only), and 7.3 as Debian ships it (trixie-backports, no
 //! patch).

@@ -73,7 +73,7 @@ use nix::sys::socket::{
     connect, recv, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
     UnixAddr,
 };
-pub use supervise::{Reattach, Supervisor, SupervisorStats};
+pub use supervise::{requeue_iommufd, Reattach, Requeued, Supervisor, SupervisorStats};
 pub use userfaultfd::Uffd;
 #[cfg(feature = "vm-memory")]
 pub use vmm::vm_memory_regions;
@@ -177,6 +177,15 @@ pub enum ClientError {
         code: ErrorCode,
         /// faultd's explanation.
         message: String,
+    },
+    /// The VMM's own work for a device in [`Reattach::devices`] failed (e.g.
+    /// [`requeue_iommufd`]).
+    #[error("reattaching device {dev_id} failed")]
+    Reattach {
+        /// The device.
+        dev_id: u32,
+        #[source]
+        source: std::io::Error,
     },
     /// faultd answered with a message that does not fit the request.
     #[error("unexpected answer from faultd: {0:?}")]

@@ -6,9 +6,11 @@
 //! userfaultfd and the registrations on it, so faults raised meanwhile just wait in the uffd;
 //! the new faultd takes evicted pages from its store, and wakes every thread the old one had
 //! left blocked (see [`Client::resume`]). Devices are the VMM's business: their page requests
-//! in flight are lost with the old faultd, which is what [`Reattach::lost`] is for.
+//! in flight are lost with the old faultd, which is what [`Reattach::lost`] is for, and they
+//! are attached again by [`Reattach::devices`] (an iommufd device with a new fault queue:
+//! [`requeue_iommufd`]).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,8 +27,80 @@ pub trait Reattach: Send {
     /// request interface of emulated devices, whose unanswered groups died with faultd.
     fn lost(&mut self) {}
 
-    /// Registers the VM again on `client` (with [`Client::resume`]) and attaches its devices.
+    /// Registers the VM again on `client` (with [`Client::resume`]).
     fn resume(&mut self, client: Client) -> Result<Session, ClientError>;
+
+    /// Attaches the VM's devices to the session [`Self::resume`] just registered, before the
+    /// supervisor publishes it. An error drops that session and the supervisor tries again
+    /// (resume, then this) after a pause. For an iommufd device see [`requeue_iommufd`]: the
+    /// old faultd's read groups and mappings must not outlive it.
+    fn devices(&mut self, session: &mut Session) -> Result<(), ClientError> {
+        let _ = session;
+        Ok(())
+    }
+}
+
+/// An iommufd device's new fault queue and HWPT (see [`requeue_iommufd`]).
+#[derive(Debug)]
+pub struct Requeued {
+    /// The new fault object.
+    pub fault_id: u32,
+    /// Its fault fd, for the new faultd ([`crate::DeviceQueue::Iommufd`]).
+    pub fault_fd: OwnedFd,
+    /// The new fault-capable HWPT, which the device is attached to now.
+    pub hwpt_id: u32,
+}
+
+/// What a VMM does for a faulting iommufd device when faultd comes back after a restart
+/// (docs/device-faults.md, "faultd restarts with an iommufd device"), before handing the
+/// device to the new faultd:
+///
+/// 1. unmaps `ranges` (the guest layout, IOVA == GPA) from the device's IOAS `ioas_id`: what
+///    the old faultd mapped there no one can unmap any more (for the pin limit, nor before a
+///    discard, when the IOMMU would keep the discarded page); the new faultd maps again what
+///    the device asks for;
+/// 2. allocates a new fault queue and a fault-capable HWPT over the IOAS reporting to it;
+/// 3. calls `replace(hwpt)`, the VMM's replace of the device's HWPT by the new one
+///    (`VFIO_DEVICE_ATTACH_IOMMUFD_PT` on an attached VFIO cdev; the selftest mock's
+///    `MOCK_DOMAIN_REPLACE` in tests/kernel). The kernel answers INVALID every group of the
+///    old HWPT, those the old faultd read (their cookies died with it) and those it did not;
+///    the device retries them through the new HWPT.
+///
+/// The caller then hands `fault_fd` to the new faultd ([`crate::Session::add_device`]) and
+/// closes and destroys the old fault queue and HWPT. A new queue rather than the old one: no
+/// answer an old faultd still writes (one that hung rather than died) can reach a group of
+/// the new queue, whose cookies are its own. On error the new objects are destroyed and the
+/// device stays where it was.
+pub fn requeue_iommufd(
+    iommufd: BorrowedFd<'_>,
+    dev_id: u32,
+    ioas_id: u32,
+    ranges: &[(u64, u64)],
+    replace: impl FnOnce(u32) -> std::io::Result<()>,
+) -> std::io::Result<Requeued> {
+    for &(iova, len) in ranges {
+        iopf::iommufd::unmap_range(iommufd, ioas_id, iova, len)?;
+    }
+    let (fault_id, fault_fd) = iopf::iommufd::alloc_fault_queue(iommufd)?;
+    let hwpt_id = match iopf::iommufd::alloc_fault_hwpt(iommufd, dev_id, ioas_id, fault_id) {
+        Ok(h) => h,
+        Err(e) => {
+            drop(fault_fd);
+            let _ = iopf::iommufd::destroy(iommufd, fault_id);
+            return Err(e);
+        }
+    };
+    if let Err(e) = replace(hwpt_id) {
+        let _ = iopf::iommufd::destroy(iommufd, hwpt_id);
+        drop(fault_fd);
+        let _ = iopf::iommufd::destroy(iommufd, fault_id);
+        return Err(e);
+    }
+    Ok(Requeued {
+        fault_id,
+        fault_fd,
+        hwpt_id,
+    })
 }
 
 /// What the supervisor saw.
@@ -180,7 +254,10 @@ fn watch(path: &std::path::Path, shared: &Shared, mut hooks: impl Reattach) {
             if stopped() {
                 return;
             }
-            match Client::connect(path).and_then(|c| hooks.resume(c)) {
+            let resumed = Client::connect(path)
+                .and_then(|c| hooks.resume(c))
+                .and_then(|mut s| hooks.devices(&mut s).map(|()| s));
+            match resumed {
                 Ok(s) => break s,
                 Err(_) => {
                     lock(&shared.stats).attempts_failed += 1;

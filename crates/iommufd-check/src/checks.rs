@@ -21,6 +21,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::mock::{self, MockDev, MOCK_APERTURE_START};
+use crate::trace;
 
 /// Guest RAM: 16 MiB at the start of the mock IOMMU's aperture (IOVA == GPA).
 const RAM_GPA: u64 = MOCK_APERTURE_START;
@@ -50,6 +51,7 @@ pub fn run(socket: &Path, faultd_pid: i32, passed: usize) -> Res<usize> {
     t.bad_addresses()?;
     t.replace_with_groups_queued_in_the_kernel()?;
     t.replace_with_groups_held_by_faultd()?;
+    t.cookie_reuse()?;
     t.recovery_after_replace()?;
     t.eviction()?;
     t.discard()?;
@@ -585,6 +587,67 @@ impl Test {
         Err(format!(
             "could not provoke a stale-cookie answer in {ATTEMPTS} attempts"
         ))
+    }
+
+    /// The cookie guard against the real kernel. faultd's fault thread is stopped (ptrace) right
+    /// after a read(2) of its fault queue returned group "old", before it answers it; the VMM
+    /// replaces the HWPT (the kernel answers "old" and frees its cookie) and the device raises
+    /// group "new" through the new HWPT (same fault queue); faultd's next read(2) in the same
+    /// pass hands it "new" under the freed cookie (the kernel's lowest free one). Without the
+    /// guard faultd answers "old" SUCCESS first and the kernel takes it as the answer of "new",
+    /// whose page faultd has not mapped yet; "new"'s own answer then comes back EINVAL. With it
+    /// faultd drops "old" unanswered (counted in stale_cookies) and answers "new" once, after
+    /// mapping it.
+    fn cookie_reuse(&mut self) -> Res<()> {
+        let before = self.stats()?.device;
+        let name = format!("faultd-s{}", self.session().id());
+        let tid = trace::thread(self.faultd, &name)?;
+        let fd = trace::fd_of_kind(self.faultd, iopf::iommufd::FAULT_FD_KIND)?;
+        let mut tracer = trace::Tracer::seize(tid)?;
+        let old = self.fresh();
+        self.trigger(old, PERM_READ)?;
+        let read = tracer.run_to_read_exit(fd)?;
+        if read != 40 {
+            return Err(format!(
+                "faultd's first read(2) took {read} bytes, expected the one 40-byte record of \"old\""
+            ));
+        }
+        let old_hwpt = self.hwpt;
+        let new_hwpt = self.replace_hwpt()?;
+        let new = self.fresh();
+        self.trigger(new, PERM_READ)?;
+        tracer.detach()?;
+        self.settle("the groups around the replace", |s| {
+            s.device.groups >= before.groups + 2
+                && s.device.success + s.device.invalid > before.success + before.invalid
+        })?;
+        // A second answer, if faultd writes one, follows at once: give it time to show.
+        std::thread::sleep(Duration::from_millis(300));
+        let d = self.stats()?.device;
+        let (success, stale, refused) = (
+            d.success - before.success,
+            d.stale_cookies - before.stale_cookies,
+            d.respond_errors - before.respond_errors,
+        );
+        if d.groups != before.groups + 2 || success != 1 || stale != 1 || refused != 0 {
+            return Err(format!(
+                "cookie reuse: faultd read {} groups (\"old\" before the replace of HWPT {old_hwpt} by {new_hwpt}, \"new\" after it under the cookie the kernel freed) and answered {success} SUCCESS, {refused} refused by the kernel (EINVAL), {stale} dropped as stale; expected 2 read, 1 SUCCESS, 0 refused, 1 dropped: {}",
+                d.groups - before.groups,
+                if refused > 0 {
+                    "a late answer for \"old\" reached \"new\" (the kernel took it, then refused \"new\"'s own)"
+                } else {
+                    "see the counts"
+                }
+            ));
+        }
+        self.pins.never.push(old);
+        self.pins.map(new);
+        self.check_mapped(new)?;
+        self.check_unmapped(old)?;
+        self.ok(format!(
+            "cookie reuse: faultd held \"old\" (ptrace-stopped after its read(2)) while HWPT {old_hwpt} was replaced by {new_hwpt} and \"new\" came under the freed cookie: \"old\" dropped unanswered (stale_cookies +1), \"new\" answered once, SUCCESS, no answer refused; \"new\" mapped, \"old\" not"
+        ));
+        self.verify_pins("after the cookie reuse")
     }
 
     /// After two replaces, the device's requests reach faultd through the HWPT attached now,

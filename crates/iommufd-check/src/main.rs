@@ -6,15 +6,19 @@
 //! QEMU's edu, behind QEMU's emulated Intel IOMMU, bound to vfio-pci and used through the VFIO
 //! cdev in faultd's pinned mode, with real device DMA) and [`checks::run`] (it plays the VMM:
 //! iommufd objects, a mock device with a fault-capable paging HWPT, guest RAM registered with
-//! faultd, page requests raised through the mock), prints one result line,
-//! `IOMMUFD-CHECK: PASS ...` or `IOMMUFD-CHECK: FAIL: ...`, and powers the guest off.
+//! faultd, page requests raised through the mock) and [`restart::run`] (the faultd it started is
+//! SIGKILLed with page requests waiting and a new one started; the client's supervisor brings
+//! the session and the device back), prints one result line, `IOMMUFD-CHECK: PASS ...` or
+//! `IOMMUFD-CHECK: FAIL: ...`, and powers the guest off.
 //!
-//! Not as PID 1 it runs the same checks against a faultd that is already running:
+//! Not as PID 1 it runs the same checks but the restart against a faultd that is already running:
 //! `iommufd-check --socket PATH --faultd-pid PID` (a kernel with CONFIG_IOMMUFD_TEST and an edu
 //! device behind an IOMMU needed).
 
 mod checks;
 mod mock;
+mod restart;
+mod trace;
 mod vfio;
 
 use std::os::fd::AsRawFd;
@@ -39,21 +43,32 @@ fn main() -> ExitCode {
         eprintln!("--faultd-pid: not a number: {pid}");
         return ExitCode::from(2);
     };
-    report(all_checks(Path::new(&socket), pid))
+    report(all_checks(Path::new(&socket), pid, None))
 }
 
 /// The real-device checks (edu through vfio-pci, pinned mode), then the mock IOMMU's. With
 /// `faultd_vfio=off` on the kernel command line (tests/kernel/run sets it for Linux 6.12, whose
 /// selftest mock IOMMU refuses MOCK_DOMAIN with EINVAL when QEMU's Intel IOMMU is present) the
 /// mock's only, and the result line says so.
-fn all_checks(socket: &Path, faultd_pid: i32) -> Result<usize, String> {
+///
+/// Then, given the faultd it started (`faultd`, as PID 1), [`restart::run`]: that faultd is
+/// killed with page requests waiting and a new one started in its place (left in `faultd`).
+fn all_checks(socket: &Path, faultd_pid: i32, faultd: Option<&mut Child>) -> Result<usize, String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut n = 0;
     if cmdline.split_whitespace().any(|w| w == "faultd_vfio=off") {
         println!("iommufd-check: VFIO checks NOT run (faultd_vfio=off): mock IOMMU checks only");
-        return checks::run(socket, faultd_pid, 0);
+    } else {
+        n = vfio::run(socket, n)?;
     }
-    let n = vfio::run(socket, 0)?;
-    checks::run(socket, faultd_pid, n)
+    n = checks::run(socket, faultd_pid, n)?;
+    match faultd {
+        Some(faultd) => restart::run(socket, faultd, n),
+        None => {
+            println!("iommufd-check: restart checks NOT run (faultd not started by this process)");
+            Ok(n)
+        }
+    }
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -79,7 +94,7 @@ fn report(result: Result<usize, String>) -> ExitCode {
 fn init() -> ! {
     let result = setup().and_then(|mut faultd| {
         let pid = faultd.id() as i32;
-        let r = all_checks(Path::new(SOCKET), pid);
+        let r = all_checks(Path::new(SOCKET), pid, Some(&mut faultd));
         stop(&mut faultd);
         r
     });
@@ -117,18 +132,23 @@ fn setup() -> Result<Child, String> {
             unsafe { libc::dup2(console.as_raw_fd(), fd) };
         }
     }
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let log = cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("faultd_log="))
-        .unwrap_or("info")
-        .to_owned();
     println!(
         "iommufd-check: kernel {}",
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
     );
+    start_faultd()
+}
+
+/// Starts `/bin/faultd` on [`SOCKET`] and waits until it accepts there.
+pub fn start_faultd() -> Result<Child, String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let log = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("faultd_log="))
+        .unwrap_or("info")
+        .to_owned();
     let child = Command::new("/bin/faultd")
         .args(["--config", "/etc/faultd.toml", "--socket", SOCKET, "--log"])
         .arg(&log)

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `_IO(';', nr)`: iommufd ioctls carry no size or direction bits.
 const fn iommufd_io(nr: u64) -> u64 {
@@ -25,6 +25,8 @@ const _: () = assert!(IOMMU_TEST_CMD == 0x3ba0);
 /// `IOMMU_TEST_OP_*` (iommufd_test.h).
 const OP_MOCK_DOMAIN: u32 = 2;
 const OP_MD_CHECK_MAP: u32 = 3;
+const OP_CREATE_ACCESS: u32 = 5;
+const OP_ACCESS_RW: u32 = 8;
 const OP_MOCK_DOMAIN_REPLACE: u32 = 10;
 const OP_TRIGGER_IOPF: u32 = 15;
 
@@ -106,7 +108,8 @@ fn ioctl<T>(fd: BorrowedFd<'_>, req: u64, arg: &mut T) -> io::Result<()> {
     // SAFETY: every caller passes the argument struct of `req` (layouts asserted above), whose
     // `size` field bounds what the kernel reads and writes; `arg` is a live exclusive borrow
     // for the duration of the call. User pointers inside (IOAS_MAP's user_va, CHECK_MAP's
-    // uptr) are checked by the kernel, which never writes through them.
+    // uptr) are checked by the kernel, which never writes through them; ACCESS_RW's read
+    // writes through its uptr, which its caller makes a live exclusive buffer of that length.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), req as libc::c_ulong, arg as *mut T) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
@@ -242,6 +245,33 @@ pub fn md_check_map(
     cmd.body[0] = iova;
     cmd.body[1] = len;
     cmd.body[2] = uptr;
+    ioctl(iommufd, IOMMU_TEST_CMD, &mut cmd)
+}
+
+/// `IOMMU_TEST_OP_CREATE_ACCESS`: an emulated device ("access") reading and writing through
+/// IOAS `ioas_id`, as a device's DMA would through the IOAS's mappings. Its fd is its id.
+pub fn create_access(iommufd: BorrowedFd<'_>, ioas_id: u32) -> io::Result<OwnedFd> {
+    let mut cmd = TestCmd::new(OP_CREATE_ACCESS, ioas_id);
+    ioctl(iommufd, IOMMU_TEST_CMD, &mut cmd)?;
+    let raw = cmd.u32_at(0) as i32;
+    // SAFETY: on success the kernel installed a new fd for the access object in this process;
+    // nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `IOMMU_TEST_OP_ACCESS_RW` (read): the access reads `buf.len()` bytes at `iova` through the
+/// IOAS into `buf`. Fails (ENOENT/EINVAL) where the IOAS maps nothing.
+pub fn access_read(
+    iommufd: BorrowedFd<'_>,
+    access: BorrowedFd<'_>,
+    iova: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let mut cmd = TestCmd::new(OP_ACCESS_RW, access.as_raw_fd() as u32);
+    cmd.body[0] = iova;
+    cmd.body[1] = buf.len() as u64;
+    cmd.body[2] = buf.as_mut_ptr() as u64;
+    cmd.set_u32(6, 0); // flags: read, fast path
     ioctl(iommufd, IOMMU_TEST_CMD, &mut cmd)
 }
 

@@ -278,6 +278,23 @@ pub fn alloc_ioas(iommufd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(arg.out_ioas_id)
 }
 
+/// `IOMMU_IOAS_UNMAP` of every mapping inside `[iova, iova+len)` of IOAS `ioas_id` (a mapping
+/// that crosses either end is an error). Returns false when nothing was mapped there (ENOENT).
+/// VMM side: clearing what a faultd that is gone had mapped.
+pub fn unmap_range(iommufd: BorrowedFd<'_>, ioas_id: u32, iova: u64, len: u64) -> io::Result<bool> {
+    let mut arg = iommu_ioas_unmap {
+        size: size_of::<iommu_ioas_unmap>() as u32,
+        ioas_id,
+        iova,
+        length: len,
+    };
+    match iommufd_ioctl(iommufd, sys::IOMMU_IOAS_UNMAP, &mut arg) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// `IOMMU_DESTROY` of object `id` (an IOAS, a HWPT, a fault object). VMM side.
 pub fn destroy(iommufd: BorrowedFd<'_>, id: u32) -> io::Result<()> {
     let mut arg = sys::iommu_destroy {

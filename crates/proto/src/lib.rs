@@ -891,6 +891,11 @@ pub struct DeviceStats {
     /// Devices faultd stopped serving because their VMM made its notification block.
     #[serde(default)]
     pub quarantined: u64,
+    /// Groups read and dropped unanswered because a newer group came with the same cookie:
+    /// the kernel had answered the older one itself (an HWPT replace) and handed its cookie on
+    /// (the cookie guard, docs/device-faults.md).
+    #[serde(default)]
+    pub stale_cookies: u64,
 }
 
 /// Percentiles of a latency distribution, microseconds.

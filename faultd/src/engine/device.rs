@@ -149,7 +149,8 @@ impl<O: UffdOps> FaultServer<O> {
                 }
                 continue;
             }
-            let incoming = std::mem::take(&mut self.incoming);
+            let mut incoming = std::mem::take(&mut self.incoming);
+            self.drop_reused_cookies(d, &mut incoming);
             let now = Instant::now();
             work += incoming.len();
             let in_flight = self.pending_groups() + incoming.len();
@@ -196,6 +197,62 @@ impl<O: UffdOps> FaultServer<O> {
         let in_flight = self.pending_groups();
         self.metrics.device_in_flight.set(in_flight);
         work
+    }
+
+    /// The cookie guard. A cookie names one outstanding group of one queue: the kernel picks it
+    /// when faultd reads the group (the lowest free one) and frees it when the group is
+    /// answered, by faultd or by the kernel itself (it answers every group of the old HWPT
+    /// when the VMM replaces it). A cookie faultd reads again while it still holds a group
+    /// under it therefore means the held group was answered behind faultd's back and its
+    /// cookie handed on: answering it now would answer the new group instead (SUCCESS before
+    /// its pages are mapped, or INVALID). So the older group is dropped, unanswered and
+    /// counted, whether it waits in `pending` or earlier in this same read (the replace can
+    /// land between two read(2)s of one [`FaultQueue::read`]). Only faultd reads its queues
+    /// and it answers from the thread that reads them, so every reuse of a cookie is seen
+    /// here before any answer under it is written.
+    fn drop_reused_cookies(&mut self, d: usize, incoming: &mut Vec<Incoming>) {
+        let cookie_of = |item: &Incoming| match item {
+            Incoming::Group(g) => Some(g.cookie),
+            Incoming::Malformed { cookie, .. } => *cookie,
+        };
+        let mut newest = std::collections::HashSet::new();
+        let mut keep = vec![true; incoming.len()];
+        // Newest first: of two entries with one cookie, the later one is the live group.
+        for (i, item) in incoming.iter().enumerate().rev() {
+            if let Some(c) = cookie_of(item) {
+                keep[i] = newest.insert(c);
+            }
+        }
+        let mut dropped = 0u64;
+        let c = &self.session.counters;
+        let mut i = 0;
+        incoming.retain(|item| {
+            let kept = keep[i];
+            i += 1;
+            if !kept {
+                dropped += 1;
+                if let Incoming::Group(g) = item {
+                    // Read all the same: counted as read, never as answered.
+                    Counters::bump(&c.device_groups);
+                    c.device_pages
+                        .fetch_add(g.pages.len() as u64, Ordering::Relaxed);
+                }
+            }
+            kept
+        });
+        let pending = &mut self.devices[d].pending;
+        let held = pending.len();
+        pending.retain(|(g, ..)| !newest.contains(&g.cookie));
+        dropped += (held - pending.len()) as u64;
+        if dropped > 0 {
+            c.device_stale_cookies.fetch_add(dropped, Ordering::Relaxed);
+            tracing::debug!(
+                session = self.session.id(),
+                dev_id = self.devices[d].dev_id.0,
+                dropped,
+                "groups dropped unanswered: their cookies came again (the kernel answered them)"
+            );
+        }
     }
 
     /// Groups read and not answered yet, over every device.

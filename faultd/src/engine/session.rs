@@ -211,6 +211,8 @@ pub struct Counters {
     pub device_respond_errors: AtomicU64,
     /// Devices no longer served because their VMM made faultd's notification block.
     pub device_quarantined: AtomicU64,
+    /// Groups dropped unanswered: a newer group came with their cookie (the cookie guard).
+    pub device_stale_cookies: AtomicU64,
     /// Fault-around (engine/around.rs, docs/fault-around.md): look-ahead rounds after vCPU
     /// faults.
     pub around_vcpu_rounds: AtomicU64,
@@ -827,6 +829,7 @@ impl Session {
             pin_evictions: get(&c.device_pin_evictions),
             respond_errors: get(&c.device_respond_errors),
             quarantined: get(&c.device_quarantined),
+            stale_cookies: get(&c.device_stale_cookies),
         };
         Reading {
             stats: SessionStats {

@@ -978,6 +978,166 @@ fn group_blocked_by_eagain_is_answered_after_the_retry() {
     );
 }
 
+/// The kernel's iommufd fault queue as faultd meets it: a group gets its cookie when it is
+/// read (the lowest free one, as the kernel's xa_alloc hands them out), the cookie is freed when
+/// the group is answered, by faultd or, at an HWPT replace, by the kernel itself, and an answer
+/// under a cookie no group holds is refused (EINVAL). `split` models a replace landing between
+/// two read(2)s of one [`FaultQueue::read`].
+#[derive(Default)]
+struct KernelState {
+    /// Raised, not read yet: (group, page).
+    deliver: Vec<(&'static str, u64)>,
+    /// Read, not answered: cookie -> group.
+    response: BTreeMap<u32, &'static str>,
+    /// Every answer: (group, code, by whom).
+    answers: Vec<(&'static str, ResponseCode, &'static str)>,
+    /// Run once after the first read(2) of the next read.
+    split: Option<Between>,
+}
+
+/// What happens between two read(2)s (see [`KernelState::split`]).
+type Between = Box<dyn FnOnce(&mut KernelState) + Send>;
+
+impl KernelState {
+    /// The VMM replaces the device's HWPT: the kernel answers every group it holds INVALID.
+    fn replace(&mut self) {
+        let read = std::mem::take(&mut self.response).into_values();
+        let unread = std::mem::take(&mut self.deliver)
+            .into_iter()
+            .map(|(g, _)| g);
+        for g in read.chain(unread).collect::<Vec<_>>() {
+            self.answers.push((g, ResponseCode::Invalid, "kernel"));
+        }
+    }
+
+    fn read_once(&mut self, out: &mut Vec<Incoming>) {
+        for (name, gpa) in std::mem::take(&mut self.deliver) {
+            let cookie = (0..).find(|c| !self.response.contains_key(c)).unwrap();
+            self.response.insert(cookie, name);
+            out.push(Incoming::Group(Group {
+                cookie,
+                dev_id: DevId(2),
+                pasid: None,
+                grpid: 1,
+                pages: vec![(Iova(gpa), Perm::READ)],
+            }));
+        }
+    }
+}
+
+struct KernelQueue {
+    k: Arc<Mutex<KernelState>>,
+    log: Log,
+    fd: EventFd,
+}
+
+impl FaultQueue for KernelQueue {
+    fn read(&mut self, out: &mut Vec<Incoming>) -> io::Result<()> {
+        let mut k = self.k.lock().unwrap();
+        k.read_once(out);
+        if let Some(between) = k.split.take() {
+            between(&mut k);
+            k.read_once(out);
+        }
+        Ok(())
+    }
+    fn respond(&mut self, cookie: u32, code: ResponseCode) -> Result<(), iopf::RespondError> {
+        let mut k = self.k.lock().unwrap();
+        let Some(group) = k.response.remove(&cookie) else {
+            return Err(iopf::RespondError::UnknownCookie(cookie));
+        };
+        k.answers.push((group, code, "faultd"));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("answer {group} {code:?}"));
+        Ok(())
+    }
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// A [`Dev`] with a second device (dev_id 2) on a [`KernelQueue`].
+fn kernel_dev() -> (Dev, Arc<Mutex<KernelState>>) {
+    let mut d = Dev::new(16, PAGE, LIMITS);
+    let k: Arc<Mutex<KernelState>> = Default::default();
+    d.srv.add_device(crate::engine::device::Device::new(
+        s2map::DeviceIdx(1),
+        DevId(2),
+        Box::new(KernelQueue {
+            k: k.clone(),
+            log: d.log.clone(),
+            fd: EventFd::new().unwrap(),
+        }),
+        Box::new(FakeMapper {
+            granule: PAGE,
+            log: d.log.clone(),
+        }),
+    ));
+    (d, k)
+}
+
+#[test]
+fn a_held_group_whose_cookie_comes_again_is_dropped_and_the_new_group_answered_after_its_mapping() {
+    let (mut d, k) = kernel_dev();
+    *d.srv.ops().force_retry.borrow_mut() = u32::MAX; // both groups wait (EAGAIN)
+    k.lock().unwrap().deliver.push(("old", GPA));
+    d.srv.serve_ready().unwrap(); // "old" read under cookie 0, held
+
+    k.lock().unwrap().replace(); // the kernel answers "old", cookie 0 is free again
+    k.lock().unwrap().deliver.push(("new", GPA + 4 * PAGE));
+    d.srv.serve_ready().unwrap(); // "new" read under cookie 0
+    *d.srv.ops().force_retry.borrow_mut() = 0;
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(
+        d.log(),
+        vec!["map 0x104000+0x1000 w=true", "answer new Success"],
+        "the only answer faultd wrote must be the new group's, after its mapping"
+    );
+    assert_eq!(
+        k.lock().unwrap().answers,
+        vec![
+            ("old", ResponseCode::Invalid, "kernel"),
+            ("new", ResponseCode::Success, "faultd")
+        ]
+    );
+    let st = d.session.stats().device;
+    assert_eq!((st.stale_cookies, st.respond_errors), (1, 0));
+    assert!(!d.srv.has_retries());
+}
+
+#[test]
+fn a_cookie_read_twice_in_one_read_answers_only_the_later_group() {
+    let (mut d, k) = kernel_dev();
+    {
+        let mut k = k.lock().unwrap();
+        k.deliver.push(("old", GPA));
+        // The replace lands between two read(2)s of one read, then the device faults again.
+        k.split = Some(Box::new(|k: &mut KernelState| {
+            k.replace();
+            k.deliver.push(("new", GPA + 4 * PAGE));
+        }));
+    }
+
+    d.srv.serve_ready().unwrap();
+
+    assert_eq!(
+        d.log(),
+        vec!["map 0x104000+0x1000 w=true", "answer new Success"]
+    );
+    assert_eq!(
+        k.lock().unwrap().answers,
+        vec![
+            ("old", ResponseCode::Invalid, "kernel"),
+            ("new", ResponseCode::Success, "faultd")
+        ]
+    );
+    let st = d.session.stats().device;
+    assert_eq!((st.groups, st.stale_cookies, st.respond_errors), (2, 1, 0));
+}
+
 #[test]
 fn group_not_resolved_by_its_deadline_is_answered_invalid() {
     let limits = DeviceLimits {
