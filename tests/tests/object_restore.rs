@@ -670,3 +670,110 @@ fn radosgw_killed_mid_restore_and_started_again_the_guest_waits_then_reads_every
     );
     assert_eq!(metric(&faultd, "faultd_object_changed_total"), 0);
 }
+
+#[test]
+fn a_store_gone_for_good_fails_the_vcpu_session_at_the_deadline_and_answers_the_device_invalid() {
+    const SIZE: u64 = 4 * MIB;
+    const DEADLINE: Duration = Duration::from_millis(3000);
+    let mut rgw = Rgw::start();
+    let data = put_snapshot(&rgw, "tenants/0/gone/mem", SIZE);
+    let toml = config(&rgw).replace(
+        "deadline_ms = 20000",
+        &format!("deadline_ms = {}", DEADLINE.as_millis()),
+    );
+    assert!(toml.contains("deadline_ms = 3000"));
+    let faultd = Faultd::start_with_config(&toml);
+    let ram = Ram::new("vm-gone", SIZE);
+    let mut session = Client::connect(faultd.socket())
+        .unwrap()
+        .register_object(
+            "vm-gone",
+            &ram.uffd,
+            &[RegionSpec::snapshot(0, &ram.ram, 0)],
+            "rgw",
+            "tenants/0/gone/mem",
+        )
+        .unwrap();
+    // A faulting device (the emulated PRI device, its page requests on a ring to faultd).
+    let dev_cfg = testvmm::DeviceConfig {
+        response_timeout: Duration::from_secs(20),
+        ..testvmm::DeviceConfig::default()
+    };
+    // SAFETY: the RAM is leaked below (never unmapped) and the device is dropped before the
+    // end of the test; nothing holds a Rust reference into guest RAM.
+    let dev = unsafe { testvmm::PriDevice::new(ram.ram.host_ptr(), 0, SIZE, dev_cfg) }
+        .expect("creating the device");
+    dev.attach(&mut session).expect("add_device");
+    // Chunk 0 is fetched while the store is there.
+    let first = read_with_timeout(&ram.ram, vec![100], Duration::from_secs(20));
+    assert_eq!(first[0], data[100]);
+    rgw.kill_gateway();
+
+    // The device asks for a page of chunk 2: answered INVALID at the device deadline
+    // (device.deadline_ms), long before the object's; the DMA fails instead of hanging.
+    let mut buf = vec![0u8; 4096];
+    // The first fetch the dead store cannot answer starts here: its deadline runs from now.
+    let t = std::time::Instant::now();
+    let first_miss = t;
+    let dma = dev.dma_read(0, 2 * CHUNK + 8192, &mut buf);
+    assert!(
+        dma.is_err(),
+        "a DMA from a chunk nobody can fetch succeeded"
+    );
+    assert!(
+        t.elapsed() < DEADLINE,
+        "the device waited {:?}",
+        t.elapsed()
+    );
+    let st = session.stats().unwrap();
+    assert!(
+        st.device.invalid >= 1 && st.device.deadline >= 1,
+        "{:?}",
+        st.device
+    );
+    println!("device: {:?} after {:?}", dma.unwrap_err(), t.elapsed());
+
+    // A vCPU faults on chunk 3: never served; at the object deadline of the first fetch that
+    // failed (chunk 2's, which the device's request started) faultd ends the session and says
+    // why, unasked, on the session's connection.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = ram.ram.host_addr() as usize + 3 * CHUNK as usize + 4096;
+    std::thread::spawn(move || {
+        // SAFETY: inside the live shared mapping of the RAM, which this test never unmaps (the
+        // RAM is leaked below); a volatile byte read makes no reference.
+        let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
+        let _ = tx.send(b);
+    });
+    drop(dev);
+    // The blocked thread holds a fault on this RAM until the process exits.
+    std::mem::forget(ram);
+    let mut conn = session.into_raw();
+    let (told, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = told.send(conn.recv_response());
+    });
+    let said = heard
+        .recv_timeout(DEADLINE * 4)
+        .expect("faultd said nothing on the session");
+    let waited = first_miss.elapsed();
+    match said.unwrap() {
+        faultd_proto::Response::Error { code, message } => {
+            assert_eq!(code, ErrorCode::BackingFailed, "{message}");
+            assert!(
+                message.contains("tenants/0/gone/mem") && message.contains("not fetched within 3s"),
+                "{message}"
+            );
+            println!("after {waited:?}: {message}");
+        }
+        other => panic!("not an error: {other:?}"),
+    }
+    assert!(
+        waited + Duration::from_millis(200) >= DEADLINE,
+        "failed after {waited:?}, before the {DEADLINE:?} deadline"
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "the faulting thread was served though the store is gone"
+    );
+    assert!(metric(&faultd, "faultd_object_get_errors_total") >= 1);
+}

@@ -590,6 +590,9 @@ async fn get_with_retries(
         let Ok(Ok(slot)) = timeout_at(deadline, &mut waiting).await else {
             return Err(too_late(attempts, last));
         };
+        if Instant::now() >= deadline {
+            return Err(too_late(attempts, last));
+        }
         attempts += 1;
         counters.gets.fetch_add(1, Ordering::Relaxed);
         let opts = GetOptions {
@@ -639,11 +642,14 @@ async fn get_with_retries(
             Ok(Err(e)) => last = e.to_string(),
         }
         counters.get_errors.fetch_add(1, Ordering::Relaxed);
-        if Instant::now() + backoff >= deadline {
+        drop(slot);
+        // Retried until the deadline itself: giving up when the next backoff would pass it
+        // failed chunks up to a backoff (1 s) early, missing a store back just before it.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
             return Err(too_late(attempts, last));
         }
-        drop(slot);
-        sleep(backoff).await;
+        sleep(backoff.min(remaining)).await;
         backoff = (backoff * 2).min(cfg.max_backoff);
         let (ticket, slot) = Ticket::new();
         // Requesters who join from now on queue this claim in their turn too.
