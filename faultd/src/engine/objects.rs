@@ -63,6 +63,8 @@ impl ObjectService {
         let chunk = ChunkSize::new(config.chunk_bytes).map_err(io::Error::other)?;
         let mut fetch = FetchConfig::new(chunk);
         fetch.deadline = config.deadline;
+        fetch.max_in_flight = config.gets_in_flight;
+        fetch.per_tenant_in_flight = config.gets_per_uid;
         let cache = ChunkCache::open(cache_dir, config.cache_bytes)?;
         let fetcher = Fetcher::new(cache, fetch)?;
         let request_timeout = config.deadline.min(Duration::from_secs(10));

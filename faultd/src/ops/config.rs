@@ -124,6 +124,8 @@ struct RawObjectStore {
     cache_mib: Option<u64>,
     chunk_kib: Option<u64>,
     deadline_ms: Option<u64>,
+    gets_in_flight: Option<usize>,
+    gets_per_uid: Option<usize>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     stores: Vec<RawObjectStoreEntry>,
 }
@@ -307,6 +309,10 @@ pub struct ObjectStores {
     pub chunk_bytes: u64,
     /// From a chunk's first request to the failure of the sessions waiting on it.
     pub deadline: Duration,
+    /// GETs in flight at once over every object.
+    pub gets_in_flight: usize,
+    /// GETs of one uid's sessions in flight at once (the rest stays for other uids).
+    pub gets_per_uid: usize,
     /// The stores a client may name.
     pub stores: Vec<ObjectStoreSpec>,
 }
@@ -650,6 +656,8 @@ impl From<&Config> for RawConfig {
                 cache_mib: Some(c.object_store.cache_bytes >> 20),
                 chunk_kib: Some(c.object_store.chunk_bytes >> 10),
                 deadline_ms: ms(c.object_store.deadline),
+                gets_in_flight: Some(c.object_store.gets_in_flight),
+                gets_per_uid: Some(c.object_store.gets_per_uid),
                 stores: c
                     .object_store
                     .stores
@@ -783,6 +791,8 @@ impl RawConfig {
         s.cache_mib = o.cache_mib.or(s.cache_mib);
         s.chunk_kib = o.chunk_kib.or(s.chunk_kib);
         s.deadline_ms = o.deadline_ms.or(s.deadline_ms);
+        s.gets_in_flight = o.gets_in_flight.or(s.gets_in_flight);
+        s.gets_per_uid = o.gets_per_uid.or(s.gets_per_uid);
         // A list, as [[firecracker]]: a file that lists any replaces the default's (none).
         if !o.stores.is_empty() {
             s.stores = o.stores;
@@ -1009,6 +1019,22 @@ fn object_store(raw: RawObjectStore) -> Result<ObjectStores, ConfigError> {
             why: "must be 100..=600000",
         });
     }
+    let gets_in_flight = required(raw.gets_in_flight, "object_store.gets_in_flight")?;
+    if !(1..=256).contains(&gets_in_flight) {
+        return Err(ConfigError::Invalid {
+            field: "object_store.gets_in_flight",
+            value: gets_in_flight.to_string(),
+            why: "must be 1..=256",
+        });
+    }
+    let gets_per_uid = required(raw.gets_per_uid, "object_store.gets_per_uid")?;
+    if !(1..=gets_in_flight).contains(&gets_per_uid) {
+        return Err(ConfigError::Invalid {
+            field: "object_store.gets_per_uid",
+            value: gets_per_uid.to_string(),
+            why: "must be 1..=object_store.gets_in_flight",
+        });
+    }
     if raw.stores.len() > MAX_OBJECT_STORES {
         return Err(ConfigError::Invalid {
             field: "object_store.stores",
@@ -1107,6 +1133,8 @@ fn object_store(raw: RawObjectStore) -> Result<ObjectStores, ConfigError> {
         cache_bytes: cache_mib << 20,
         chunk_bytes: chunk_kib << 10,
         deadline: Duration::from_millis(deadline_ms),
+        gets_in_flight,
+        gets_per_uid,
         stores,
     })
 }
@@ -1692,6 +1720,30 @@ prefix = "tenants/{uid}/"
             err.to_string(),
             "config field fault.spin_us = 99999: must be 0..=10000"
         );
+    }
+
+    #[test]
+    fn object_store_get_slots_are_bounded_and_one_uids_share_is_at_most_all() {
+        let ok =
+            Config::from_toml("[object_store]\ngets_in_flight = 8\ngets_per_uid = 8\n").unwrap();
+        assert_eq!(
+            (ok.object_store.gets_in_flight, ok.object_store.gets_per_uid),
+            (8, 8)
+        );
+        let d = Config::from_toml("").unwrap().object_store;
+        assert_eq!((d.gets_in_flight, d.gets_per_uid), (16, 12));
+        for (toml, field) in [
+            ("gets_in_flight = 0", "object_store.gets_in_flight"),
+            ("gets_in_flight = 257", "object_store.gets_in_flight"),
+            ("gets_per_uid = 0", "object_store.gets_per_uid"),
+            ("gets_per_uid = 17", "object_store.gets_per_uid"),
+        ] {
+            let err = Config::from_toml(&format!("[object_store]\n{toml}\n")).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { field: f, .. } if f == field),
+                "{toml}: {err}"
+            );
+        }
     }
 
     #[test]
