@@ -429,7 +429,12 @@ pub(crate) struct Live {
 impl Daemon {
     /// New daemon state; `cancel` ends everything it runs.
     pub fn new(config: Config, cancel: CancellationToken) -> Arc<Daemon> {
-        let metrics = DaemonMetrics::new(config.metrics_vm_labels, config.pin_limit, config.budget);
+        let metrics = DaemonMetrics::new(
+            config.metrics_vm_labels,
+            config.pin_limit,
+            config.pin_total,
+            config.budget,
+        );
         let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.connections));
         let pin_pool = Arc::new(crate::engine::pinned::PinPool::new(config.pin_total));
         let ws = config.working_set;
@@ -579,6 +584,7 @@ impl Daemon {
         let labels = self.labels();
         let other: Arc<str> = Arc::from("other");
         let objects = self.objects.as_ref().map(|o| object_sample(o.fetcher()));
+        self.metrics.set_pinned(self.pin_pool.used());
         self.metrics.render_with_objects(
             sessions.iter().map(|(id, s)| {
                 let label = labels.get(id).unwrap_or(&other);

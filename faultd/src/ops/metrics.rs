@@ -354,15 +354,17 @@ pub struct DaemonMetrics {
     in_flight: IntGaugeVec,
     protocol_errors: IntCounterVec,
     refusals: IntCounterVec,
+    /// Bytes all VMs' pinned devices map now (set at each scrape).
+    pinned: IntGauge,
     labels: Mutex<Labels>,
     vm_labels: usize,
 }
 
 impl DaemonMetrics {
     /// Metrics with at most `vm_labels` VMs labelled by name; `pin_limit` (the per-VM pin
-    /// limit) and `budget` are exported as configured, for dashboards and alerts to compare
-    /// with.
-    pub fn new(vm_labels: usize, pin_limit: u64, budget: Budget) -> DaemonMetrics {
+    /// limit), `pin_total` (all VMs' pinned devices) and `budget` are exported as configured,
+    /// for dashboards and alerts to compare with.
+    pub fn new(vm_labels: usize, pin_limit: u64, pin_total: u64, budget: Budget) -> DaemonMetrics {
         let registry = Registry::new();
         let latency = HistogramVec::new(
             HistogramOpts::new(
@@ -407,6 +409,12 @@ impl DaemonMetrics {
         for limit in Limit::ALL {
             refusals.with_label_values(&[limit.name()]);
         }
+        let pinned = IntGauge::new(
+            "faultd_pinned_bytes",
+            "Bytes all VMs' pinned devices (no PRI) map now; bounded by \
+             faultd_device_pin_total_bytes.",
+        )
+        .expect("constant, valid gauge options");
         let configured = |name: &str, help: &str, value: u64| {
             let g = IntGauge::new(name, help).expect("constant, valid gauge options");
             g.set(i64::try_from(value).unwrap_or(i64::MAX));
@@ -417,12 +425,19 @@ impl DaemonMetrics {
             Box::new(in_flight.clone()),
             Box::new(protocol_errors.clone()),
             Box::new(refusals.clone()),
+            Box::new(pinned.clone()),
             Box::new(build_info()),
             Box::new(ProcessMetrics::new()),
             configured(
                 "faultd_device_pin_limit_bytes",
                 "Configured limit of device-mapped (pinned) bytes per VM (device.pin_limit_mib).",
                 pin_limit,
+            ),
+            configured(
+                "faultd_device_pin_total_bytes",
+                "Configured limit of the bytes all VMs' pinned devices may map together \
+                 (device.pin_total_mib).",
+                pin_total,
             ),
             configured(
                 "faultd_budget_per_vm_bytes",
@@ -447,6 +462,7 @@ impl DaemonMetrics {
             in_flight,
             protocol_errors,
             refusals,
+            pinned,
             labels: Mutex::new(Labels::default()),
             vm_labels,
         }
@@ -544,6 +560,11 @@ impl DaemonMetrics {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_else(|| format!("{code:?}"));
         self.protocol_errors.with_label_values(&[&label]).inc();
+    }
+
+    /// Sets the bytes all VMs' pinned devices map now (before a scrape renders).
+    pub fn set_pinned(&self, bytes: u64) {
+        self.pinned.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts a refusal because `limit` was reached.
@@ -993,7 +1014,7 @@ mod tests {
 
     #[test]
     fn vm_labels_are_bounded_and_the_rest_share_other() {
-        let m = DaemonMetrics::new(2, 1 << 30, NO_BUDGET);
+        let m = DaemonMetrics::new(2, 1 << 30, 8 << 30, NO_BUDGET);
 
         let labels: Vec<Arc<str>> = ["a", "b", "c", "a"]
             .iter()
@@ -1006,7 +1027,7 @@ mod tests {
 
     #[test]
     fn a_vm_literally_named_other_is_counted_as_other() {
-        let m = DaemonMetrics::new(4, 1 << 30, NO_BUDGET);
+        let m = DaemonMetrics::new(4, 1 << 30, 8 << 30, NO_BUDGET);
 
         assert_eq!(&*m.acquire_label(OTHER_VM), OTHER_VM);
     }
@@ -1021,7 +1042,7 @@ mod tests {
 
     #[test]
     fn observed_faults_appear_under_their_labels() {
-        let m = DaemonMetrics::new(4, 1 << 30, NO_BUDGET);
+        let m = DaemonMetrics::new(4, 1 << 30, 8 << 30, NO_BUDGET);
         let label = m.acquire_label("vm1");
         let s = m.session(&label);
 
@@ -1039,7 +1060,7 @@ mod tests {
 
     #[test]
     fn in_flight_contribution_is_taken_back_when_the_session_ends() {
-        let m = DaemonMetrics::new(4, 1 << 30, NO_BUDGET);
+        let m = DaemonMetrics::new(4, 1 << 30, 8 << 30, NO_BUDGET);
         let gauge = m.in_flight.with_label_values(&["x", "vcpu"]);
         let mut a = InFlight::new(gauge.clone());
         let mut b = InFlight::new(gauge.clone());
