@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
@@ -99,6 +101,72 @@ pub enum FetchError {
     #[error("the chunk fetcher stopped")]
     Stopped,
 }
+
+/// Why a fetch is made: a fault waits for it, or it runs ahead of the guest (a recording's
+/// replay). Carried with every chunk fetch so that the GET slots can tell them apart (demand
+/// first); today both take a slot the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchKind {
+    /// A fault (or a device request) waits for the chunk.
+    Demand,
+    /// Ahead of the guest: nobody waits yet.
+    Prefetch,
+}
+
+/// What [`Fetcher::prefetch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetched {
+    /// The chunk is cached already: nothing to fetch.
+    Cached,
+    /// A GET was started, or one in flight was joined: the waiter is told when it lands.
+    Pending,
+}
+
+/// Why a recording beside an object could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    /// The object's key is too long for a recording key beside it.
+    #[error("no recording key beside {object}: the key would pass {max} bytes")]
+    KeyTooLong {
+        /// endpoint/bucket/key.
+        object: String,
+        /// The longest key.
+        max: usize,
+    },
+    /// The recording is larger than the caller's bound: not read.
+    #[error("recording {key} is {size} bytes, more than the {max} a recording may have")]
+    TooLarge {
+        /// Its key.
+        key: String,
+        /// Its size.
+        size: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// The store failed.
+    #[error("recording {key}")]
+    Store {
+        /// Its key.
+        key: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// No answer within the fetcher's deadline.
+    #[error("recording {key}: no answer within {deadline:?}")]
+    Deadline {
+        /// Its key.
+        key: String,
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// The fetcher's runtime is gone.
+    #[error("the chunk fetcher stopped")]
+    Stopped,
+}
+
+/// Longest object key a recording key is made beside (S3's bound on keys).
+pub const MAX_KEY: usize = 1024;
 
 /// Why an object could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +264,23 @@ impl ObjectVersion {
     fn name(&self, chunk: u64) -> ChunkName {
         ChunkName::new(&self.hash, chunk)
     }
+
+    /// The key of this version's working-set recording, beside the object:
+    /// `KEY.faultd-ws/H`, H the hex of the first 16 bytes of SHA-256 of the ETag. Derived
+    /// here, never taken from anyone: it starts with the object's key (so whatever may name
+    /// the object covers it), and the ETag, whatever bytes a store puts in it, only ever
+    /// reaches the name as hex. None when it would pass [`MAX_KEY`] bytes.
+    pub fn recording_key(&self) -> Option<String> {
+        let digest = Sha256::digest(self.etag.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!("{}.faultd-ws/{hex}", self.path.as_ref());
+        (key.len() <= MAX_KEY).then_some(key)
+    }
+
+    /// Whether this version is read through `store` (the same client).
+    pub fn is_of(&self, store: &Arc<dyn ObjectStore>) -> bool {
+        Arc::ptr_eq(&self.store, store)
+    }
 }
 
 /// Tells a waiter that a chunk it asked for landed or failed. Called on the fetcher's runtime:
@@ -231,6 +316,13 @@ pub struct FetchCounters {
     pub changed: AtomicU64,
     /// Fetched chunks the cache could not store (they were still handed to their waiters).
     pub store_errors: AtomicU64,
+    /// Chunk fetches started ahead of the guest ([`Fetcher::prefetch`]; their GETs are in
+    /// `gets` too).
+    pub prefetch_gets: AtomicU64,
+    /// GETs of recordings beside objects.
+    pub recording_gets: AtomicU64,
+    /// PUTs of recordings beside objects.
+    pub recording_puts: AtomicU64,
 }
 
 type InflightKey = (Arc<str>, u64);
@@ -418,9 +510,155 @@ impl Fetcher {
             self.shared.counters.misses.fetch_add(1, Ordering::Relaxed);
             let shared = self.shared.clone();
             let object = object.clone();
-            self.runtime().spawn(fetch(shared, object, chunk));
+            self.runtime()
+                .spawn(fetch(shared, object, chunk, FetchKind::Demand));
             return Ok(Served::Pending);
         }
+    }
+
+    /// Asks for chunk `chunk` of `object` ahead of the guest: nothing when it is cached;
+    /// else its GET is started ([`FetchKind::Prefetch`]) unless one is in flight, and
+    /// `waiter` is told when it lands. Counts no hit or miss (no page was read). Never blocks
+    /// on the network.
+    pub fn prefetch(
+        &self,
+        object: &Arc<ObjectVersion>,
+        chunk: u64,
+        waiter: &Arc<dyn ChunkWaiter>,
+    ) -> Prefetched {
+        if chunk >= object.chunks() {
+            return Prefetched::Cached;
+        }
+        let name = object.name(chunk);
+        let mut in_flight = self
+            .shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (object.hash.clone(), chunk);
+        if let Some(waiters) = in_flight.get_mut(&key) {
+            if !waiters.iter().any(|w| Arc::ptr_eq(w, waiter)) {
+                waiters.push(waiter.clone());
+            }
+            return Prefetched::Pending;
+        }
+        // Under the in-flight lock: a GET that lands stores the chunk before it leaves the
+        // table, so a chunk neither in flight nor cached here is not being fetched.
+        if self.shared.cache.contains(&name) {
+            return Prefetched::Cached;
+        }
+        in_flight.insert(key, vec![waiter.clone()]);
+        drop(in_flight);
+        self.shared
+            .counters
+            .prefetch_gets
+            .fetch_add(1, Ordering::Relaxed);
+        let shared = self.shared.clone();
+        let object = object.clone();
+        self.runtime()
+            .spawn(fetch(shared, object, chunk, FetchKind::Prefetch));
+        Prefetched::Pending
+    }
+
+    /// Whether chunk `chunk` of `object` is in the cache now.
+    pub fn is_cached(&self, object: &ObjectVersion, chunk: u64) -> bool {
+        self.shared.cache.contains(&object.name(chunk))
+    }
+
+    /// Reads `object`'s recording (at [`ObjectVersion::recording_key`]) with one GET of at
+    /// most `max + 1` bytes: None when there is none; refused when the store says it is larger
+    /// than `max`. Blocks the calling thread (never a fault thread's work: a loader's).
+    pub fn get_recording(
+        &self,
+        object: &Arc<ObjectVersion>,
+        max: u64,
+    ) -> Result<Option<Bytes>, RecordingError> {
+        let key = object
+            .recording_key()
+            .ok_or_else(|| RecordingError::KeyTooLong {
+                object: object.label.clone(),
+                max: MAX_KEY,
+            })?;
+        let deadline = self.shared.config.deadline;
+        let store = object.store.clone();
+        let shared = self.shared.clone();
+        let job = self.runtime().spawn(async move {
+            let path = Path::from(key.as_str());
+            shared
+                .counters
+                .recording_gets
+                .fetch_add(1, Ordering::Relaxed);
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(0..max.saturating_add(1))),
+                ..GetOptions::default()
+            };
+            let got = tokio::time::timeout(deadline, async {
+                let got = match store.get_opts(&path, opts).await {
+                    Ok(got) => got,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                if got.meta.size > max {
+                    return Ok(Some(Err(got.meta.size)));
+                }
+                Ok(Some(Ok(got.bytes().await?)))
+            })
+            .await;
+            match got {
+                Err(_) => Err(RecordingError::Deadline { key, deadline }),
+                Ok(Err(source)) => Err(RecordingError::Store { key, source }),
+                Ok(Ok(None)) => Ok(None),
+                Ok(Ok(Some(Err(size)))) => Err(RecordingError::TooLarge { key, size, max }),
+                // The range bounds what was read even if the store ignored it.
+                Ok(Ok(Some(Ok(bytes)))) if bytes.len() as u64 > max => {
+                    Err(RecordingError::TooLarge {
+                        key,
+                        size: bytes.len() as u64,
+                        max,
+                    })
+                }
+                Ok(Ok(Some(Ok(bytes)))) => Ok(Some(bytes)),
+            }
+        });
+        futures::executor::block_on(job).map_err(|_| RecordingError::Stopped)?
+    }
+
+    /// Writes `object`'s recording (at [`ObjectVersion::recording_key`]) with
+    /// `If-None-Match: *`: the first writer wins. Returns whether this call wrote it (false:
+    /// one was there). Blocks the calling thread.
+    pub fn put_recording(
+        &self,
+        object: &Arc<ObjectVersion>,
+        bytes: Vec<u8>,
+    ) -> Result<bool, RecordingError> {
+        let key = object
+            .recording_key()
+            .ok_or_else(|| RecordingError::KeyTooLong {
+                object: object.label.clone(),
+                max: MAX_KEY,
+            })?;
+        let deadline = self.shared.config.deadline;
+        let store = object.store.clone();
+        let shared = self.shared.clone();
+        let job = self.runtime().spawn(async move {
+            let path = Path::from(key.as_str());
+            shared
+                .counters
+                .recording_puts
+                .fetch_add(1, Ordering::Relaxed);
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            let put = store.put_opts(&path, PutPayload::from(bytes), opts);
+            match tokio::time::timeout(deadline, put).await {
+                Err(_) => Err(RecordingError::Deadline { key, deadline }),
+                Ok(Ok(_)) => Ok(true),
+                Ok(Err(object_store::Error::AlreadyExists { .. })) => Ok(false),
+                Ok(Err(source)) => Err(RecordingError::Store { key, source }),
+            }
+        });
+        futures::executor::block_on(job).map_err(|_| RecordingError::Stopped)?
     }
 
     /// The whole of chunk `chunk`: from the cache, or fetched (blocking the calling thread
@@ -501,8 +739,8 @@ impl ChunkWaiter for ChannelWaiter {
 }
 
 /// Fetches one chunk (with retries, under the deadline), stores it, tells every waiter.
-async fn fetch(shared: Arc<Shared>, object: Arc<ObjectVersion>, chunk: u64) {
-    let result = get_with_retries(&shared, &object, chunk).await;
+async fn fetch(shared: Arc<Shared>, object: Arc<ObjectVersion>, chunk: u64, kind: FetchKind) {
+    let result = get_with_retries(&shared, &object, chunk, kind).await;
     if let Ok(bytes) = &result {
         let (store_to, name, data) = (shared.clone(), object.name(chunk), bytes.clone());
         let stored = tokio::task::spawn_blocking(move || store_to.cache.store(&name, &data)).await;
@@ -527,6 +765,7 @@ async fn get_with_retries(
     shared: &Shared,
     object: &ObjectVersion,
     chunk: u64,
+    kind: FetchKind,
 ) -> Result<Bytes, FetchError> {
     let cfg = &shared.config;
     let deadline = Instant::now() + cfg.deadline;
@@ -540,6 +779,8 @@ async fn get_with_retries(
         attempts,
         last,
     };
+    // `kind` is for the slot code (demand before prefetch); the slots are taken alike today.
+    tracing::trace!(object = %object.label, chunk, ?kind, "chunk fetch");
     let Ok(Ok(_slot)) = timeout_at(deadline, shared.slots.acquire()).await else {
         return Err(too_late(attempts, last));
     };

@@ -174,6 +174,8 @@ impl<O: UffdOps> FaultServer<O> {
         self.session.set_object(object.version().clone());
         self.object = Some(object);
         self.around = around::AroundState::off();
+        // Recorded too: its recording goes beside the object (see `working_set`).
+        self.ws_new_recorder();
         self
     }
 
