@@ -92,30 +92,44 @@ impl Bucket {
         }
     }
 
+    /// `op` tried up to 3 times: the client's retries are off, and radosgw may close a
+    /// pooled connection that sat idle.
+    fn retried<T>(&self, what: &str, op: impl Fn() -> Result<T, objstore::object_store::Error>) -> T {
+        let mut last = None;
+        for _ in 0..3 {
+            match op() {
+                Ok(v) => return v,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: {last:?}")
+    }
+
     /// Every key in the bucket.
     fn keys(&self) -> BTreeSet<String> {
-        self.rt.block_on(async {
-            self.store
-                .list(None)
-                .map_ok(|m| m.location.to_string())
-                .try_collect()
-                .await
-                .unwrap()
+        self.retried("listing", || {
+            self.rt.block_on(async {
+                self.store
+                    .list(None)
+                    .map_ok(|m| m.location.to_string())
+                    .try_collect()
+                    .await
+            })
         })
     }
 
     fn etag(&self, key: &str) -> String {
-        let meta = self
-            .rt
-            .block_on(self.store.head(&ObjPath::from(key)))
-            .unwrap();
+        let meta = self.retried("HEAD", || self.rt.block_on(self.store.head(&ObjPath::from(key))));
         meta.e_tag.unwrap()
     }
 
     fn get(&self, key: &str) -> Vec<u8> {
-        self.rt.block_on(async {
-            let got = self.store.get(&ObjPath::from(key)).await.unwrap();
-            got.bytes().await.unwrap().to_vec()
+        self.retried("GET", || {
+            self.rt.block_on(async {
+                let got = self.store.get(&ObjPath::from(key)).await?;
+                Ok(got.bytes().await?.to_vec())
+            })
         })
     }
 }
@@ -186,7 +200,7 @@ fn restore(
         )
         .unwrap();
     if replay_first {
-        wait_until("replay ended", Duration::from_secs(60), || {
+        wait_until("replay ended", Duration::from_secs(20), || {
             !session.stats().unwrap().working_set.replay_stop.is_empty()
         });
     }

@@ -168,6 +168,23 @@ pub enum RecordingError {
 /// Longest object key a recording key is made beside (S3's bound on keys).
 pub const MAX_KEY: usize = 1024;
 
+/// Further tries of a recording's GET or PUT after a failure that may pass.
+const RECORDING_TRIES: u32 = 3;
+
+/// Whether a store's answer is final (retrying cannot change it).
+fn is_final(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotModified { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::NotImplemented { .. }
+    )
+}
+
 /// Why an object could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -593,15 +610,29 @@ impl Fetcher {
                 ..GetOptions::default()
             };
             let got = tokio::time::timeout(deadline, async {
-                let got = match store.get_opts(&path, opts).await {
-                    Ok(got) => got,
-                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
-                if got.meta.size > max {
-                    return Ok(Some(Err(got.meta.size)));
+                let mut tries = 0;
+                loop {
+                    let attempt = async {
+                        let got = match store.get_opts(&path, opts.clone()).await {
+                            Ok(got) => got,
+                            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                            Err(e) => return Err(e),
+                        };
+                        if got.meta.size > max {
+                            return Ok(Some(Err(got.meta.size)));
+                        }
+                        Ok(Some(Ok(got.bytes().await?)))
+                    };
+                    match attempt.await {
+                        // A pooled connection the store closed fails once: try again, a few
+                        // times, under the deadline.
+                        Err(e) if tries < RECORDING_TRIES && !is_final(&e) => {
+                            tries += 1;
+                            sleep(shared.config.first_backoff * tries).await;
+                        }
+                        done => break done,
+                    }
                 }
-                Ok(Some(Ok(got.bytes().await?)))
             })
             .await;
             match got {
@@ -650,7 +681,21 @@ impl Fetcher {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            let put = store.put_opts(&path, PutPayload::from(bytes), opts);
+            let payload = PutPayload::from(bytes);
+            let put = async {
+                let mut tries = 0;
+                loop {
+                    match store.put_opts(&path, payload.clone(), opts.clone()).await {
+                        // Retried as a GET is; a PUT that was made but whose answer was lost
+                        // then finds its own recording: AlreadyExists.
+                        Err(e) if tries < RECORDING_TRIES && !is_final(&e) => {
+                            tries += 1;
+                            sleep(shared.config.first_backoff * tries).await;
+                        }
+                        done => break done,
+                    }
+                }
+            };
             match tokio::time::timeout(deadline, put).await {
                 Err(_) => Err(RecordingError::Deadline { key, deadline }),
                 Ok(Ok(_)) => Ok(true),
