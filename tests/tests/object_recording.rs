@@ -411,3 +411,107 @@ fn a_client_cannot_make_faultd_read_or_write_a_recording_outside_its_prefix_or_s
     assert!(new[0].starts_with("tenants/0/"));
     assert_eq!(bucket.get(&their_rec), b"not a recording");
 }
+
+#[test]
+fn zero_chunks_seen_on_a_first_restore_are_never_fetched_on_the_second() {
+    const DATA: u64 = 32 * MIB;
+    const ZERO_PAGES: u32 = 2048; // 8 MiB: 16 chunks of zeros
+    let rgw = Rgw::start();
+    let bucket = Bucket::new(&rgw);
+    let key = "tenants/0/vm-z/mem";
+    // The first half a pattern, the second half zeros.
+    let mut data: Vec<u8> = (0..DATA / 4)
+        .flat_map(|i| pattern(i * 4, SEED).to_le_bytes())
+        .collect();
+    data.resize(SIZE as usize, 0);
+    put_bytes(&rgw, key, &data);
+    let rec_key = recording_key(key, &bucket.etag(key));
+    let data_pages = (DATA / PAGE) as u32;
+    let verified: BTreeSet<u32> = page_sequence(SEED, TOUCHES, 0, data_pages).into_iter().collect();
+    let data_chunks = chunks_of(&verified);
+    let zero_chunks: Vec<u64> = (DATA / CHUNK..(DATA + ZERO_PAGES as u64 * PAGE) / CHUNK).collect();
+
+    // vCPU 0 verifies pages of the pattern; vCPU 1 reads the first 8 MiB of zeros in order.
+    let run = |faultd: &Faultd, replay_first: bool| {
+        let ram = Ram::new("vm-z", SIZE);
+        let mut session = Client::connect(faultd.socket())
+            .unwrap()
+            .register_object("vm-z", &ram.uffd, &[RegionSpec::snapshot(0, &ram.ram, 0)], "rgw", key)
+            .unwrap();
+        if replay_first {
+            wait_until("replay ended", Duration::from_secs(20), || {
+                !session.stats().unwrap().working_set.replay_stop.is_empty()
+            });
+        }
+        let mut vm: Vm = ram.vm(GUEST_TIMEOUT);
+        let reports = vm
+            .run(
+                vec![
+                    Workload::Verify {
+                        seed: SEED,
+                        touches: TOUCHES,
+                        first_page: 0,
+                        page_count: data_pages,
+                    },
+                    Workload::TouchSequential {
+                        first_page: data_pages,
+                        count: ZERO_PAGES,
+                    },
+                ],
+                &|_, _| {},
+            )
+            .expect("guest run");
+        assert_eq!(reports[0].mismatches, 0, "{:?}", reports[0].first_mismatch_gpa);
+        for p in (0..ZERO_PAGES).map(|i| data_pages + i).chain(verified.iter().copied()) {
+            let at = (p as u64 * PAGE) as usize;
+            let addr = ram.ram.host_addr() + p as u64 * PAGE;
+            // SAFETY: inside the live mapping of the guest's RAM; the page is resident (the
+            // guest touched it), so the read does not fault; copied out at once.
+            let host = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE as usize) };
+            assert!(host == &data[at..at + PAGE as usize], "page {p} differs");
+        }
+        let stats = resident_settled(&mut session, || ram.ram.allocated_bytes().unwrap());
+        drop(vm);
+        drop(session);
+        stats
+    };
+
+    // Host A fetches every chunk touched, the zero ones too, and sees they are zero: their
+    // pages are then zero pages, and the recording beside the object lists them.
+    let a = Faultd::start_with_config(&config(&rgw));
+    let s1 = run(&a, false);
+    assert_eq!(
+        metric(&a, "faultd_object_gets_total"),
+        (data_chunks.len() + zero_chunks.len()) as u64
+    );
+    assert!(s1.working_set.zero_pages >= ZERO_PAGES as u64 - zero_chunks.len() as u64);
+    wait_until("the recording written", Duration::from_secs(20), || {
+        bucket.keys().contains(&rec_key)
+    });
+    let rec = faultd::engine::recording::Recording::decode_object(&bucket.get(&rec_key)).unwrap();
+    let listed = rec.zero.expect("zero chunks in the recording");
+    assert_eq!((listed.chunk_bytes, &listed.chunks), (CHUNK, &zero_chunks));
+    drop(a);
+
+    // Host B (a cache of its own): the zero chunks are never fetched; their pages are zero
+    // pages, mapped ahead by the replay.
+    let b = Faultd::start_with_config(&config(&rgw));
+    let s2 = run(&b, true);
+    let gets = metric(&b, "faultd_object_gets_total");
+    println!(
+        "second restore: {gets} GETs for {} data chunks and {} zero chunks; zero pages {}, \
+         prefetched {} (+{} zero), late {}, misses {}",
+        data_chunks.len(),
+        zero_chunks.len(),
+        s2.working_set.zero_pages,
+        s2.working_set.prefetched,
+        s2.working_set.prefetched_zero,
+        s2.working_set.late,
+        s2.working_set.misses,
+    );
+    assert_eq!(gets, data_chunks.len() as u64, "a zero chunk was fetched");
+    assert_eq!(s2.working_set.zero_pages, ZERO_PAGES as u64);
+    assert_eq!(s2.working_set.prefetched_zero, ZERO_PAGES as u64);
+    assert_eq!(s2.working_set.prefetched, verified.len() as u64);
+    assert_eq!(s2.errors, 0);
+}

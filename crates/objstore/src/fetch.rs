@@ -1,7 +1,7 @@
 //! The fetcher: opens an object version (HEAD: its ETag and size), and fetches its chunks on a
 //! runtime of its own, one GET per chunk in flight, into the cache, telling every waiter.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +118,8 @@ pub enum FetchKind {
 pub enum Prefetched {
     /// The chunk is cached already: nothing to fetch.
     Cached,
+    /// The chunk is known to be all zero: never fetched.
+    Zero,
     /// A GET was started, or one in flight was joined: the waiter is told when it lands.
     Pending,
 }
@@ -237,6 +239,9 @@ pub struct ObjectVersion {
     hash: Arc<str>,
     /// endpoint/bucket/key, for messages.
     label: String,
+    /// Chunks known to be all zero: seen so when fetched, or learnt from a recording the
+    /// caller trusts ([`ObjectVersion::learn_zero`]). Bounded by the object's chunks.
+    zero: Mutex<BTreeSet<u64>>,
 }
 
 impl ObjectVersion {
@@ -292,6 +297,29 @@ impl ObjectVersion {
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         let key = format!("{}.faultd-ws/{hex}", self.path.as_ref());
         (key.len() <= MAX_KEY).then_some(key)
+    }
+
+    /// Whether chunk `chunk` is known to be all zero (it need not be fetched).
+    pub fn is_zero_chunk(&self, chunk: u64) -> bool {
+        self.zero
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&chunk)
+    }
+
+    /// The chunks known to be all zero, ascending.
+    pub fn zero_chunks(&self) -> Vec<u64> {
+        let zero = self.zero.lock().unwrap_or_else(|p| p.into_inner());
+        zero.iter().copied().collect()
+    }
+
+    /// Takes `chunks` (of this version's chunk size) as all zero: from then on they are never
+    /// fetched. A wrong claim serves zeros in place of data, so the caller passes only what
+    /// it trusts (bound to this ETag); indexes past the end are ignored.
+    pub fn learn_zero(&self, chunks: &[u64]) {
+        let n = self.chunks();
+        let mut zero = self.zero.lock().unwrap_or_else(|p| p.into_inner());
+        zero.extend(chunks.iter().copied().filter(|&c| c < n));
     }
 
     /// Whether this version is read through `store` (the same client).
@@ -471,6 +499,7 @@ impl Fetcher {
                 chunk_size,
                 hash: hash.into(),
                 label,
+                zero: Mutex::new(BTreeSet::new()),
             }))
         }))
     }
@@ -545,6 +574,9 @@ impl Fetcher {
     ) -> Prefetched {
         if chunk >= object.chunks() {
             return Prefetched::Cached;
+        }
+        if object.is_zero_chunk(chunk) {
+            return Prefetched::Zero;
         }
         let name = object.name(chunk);
         let mut in_flight = self
@@ -787,6 +819,14 @@ impl ChunkWaiter for ChannelWaiter {
 async fn fetch(shared: Arc<Shared>, object: Arc<ObjectVersion>, chunk: u64, kind: FetchKind) {
     let result = get_with_retries(&shared, &object, chunk, kind).await;
     if let Ok(bytes) = &result {
+        // Seen: a chunk of zeros is known as one (its pages are then served without a read).
+        if bytes.iter().all(|&b| b == 0) {
+            object
+                .zero
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(chunk);
+        }
         let (store_to, name, data) = (shared.clone(), object.name(chunk), bytes.clone());
         let stored = tokio::task::spawn_blocking(move || store_to.cache.store(&name, &data)).await;
         if !matches!(stored, Ok(Ok(()))) {

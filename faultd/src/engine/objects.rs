@@ -301,12 +301,18 @@ impl ObjectFill {
         }
         let waiter: Arc<dyn ChunkWaiter> = self.doorbell.clone();
         match self.service.fetcher.prefetch(&self.version, chunk, &waiter) {
-            Prefetched::Cached => false,
+            Prefetched::Cached | Prefetched::Zero => false,
             Prefetched::Pending => {
                 self.prefetching.insert(chunk);
                 true
             }
         }
+    }
+
+    /// Whether the page at object offset `offset` is in a chunk known to be all zero (served
+    /// as a zero page, never fetched).
+    pub(crate) fn is_zero(&self, offset: u64) -> bool {
+        self.version.is_zero_chunk(self.version.chunk_of(offset).0)
     }
 
     /// Chunks asked for ahead of the guest and not landed yet.

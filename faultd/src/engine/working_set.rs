@@ -132,7 +132,7 @@ fn object_recording(
 ) -> Option<Replay> {
     let bytes = match service
         .fetcher()
-        .get_recording(version, super::recording::MAX_BYTES as u64)
+        .get_recording(version, super::recording::MAX_OBJECT_BYTES as u64)
     {
         Ok(Some(b)) => b,
         Ok(None) => return None,
@@ -141,7 +141,7 @@ fn object_recording(
             return None;
         }
     };
-    let rec = match Recording::decode(&bytes) {
+    let rec = match Recording::decode_object(&bytes) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(session, object = version.label(), "no replay: the recording beside the object: {e}");
@@ -157,6 +157,20 @@ fn object_recording(
             "no replay: the recording beside the object is of another version of it"
         );
         return None;
+    }
+    // Its zero chunks serve zeros in place of data: taken only from a store whose recordings
+    // faultd writes (their keys are the operator's for faultd), at this chunk size.
+    match &rec.zero {
+        Some(z) if z.chunk_bytes != version.chunk_size().bytes() => tracing::info!(
+            session,
+            "the recording's zero chunks are of another chunk size: not used"
+        ),
+        Some(z) if service.writes_recordings(version) => version.learn_zero(&z.chunks),
+        Some(_) => tracing::info!(
+            session,
+            "the recording's zero chunks are not used: its store's write_recordings is off"
+        ),
+        None => {}
     }
     Some(Replay::of_object(
         Arc::new(rec),
@@ -305,6 +319,7 @@ impl<O: UffdOps> FaultServer<O> {
             snapshot_size: scan.key.size,
             digest: scan.digest,
             offsets,
+            zero: None,
         };
         let library = cfg.library.clone();
         let owner = self.session.owner();
@@ -338,10 +353,16 @@ impl<O: UffdOps> FaultServer<O> {
             );
             return;
         }
+        // The chunks faultd saw to be all zero (or learnt from a recording it trusts).
+        let zero = version.zero_chunks();
         let recording = Recording {
             snapshot_size: version.size(),
             digest: super::objects::recording_digest(&version),
             offsets,
+            zero: (!zero.is_empty()).then(|| super::recording::ZeroChunks {
+                chunk_bytes: version.chunk_size().bytes(),
+                chunks: zero,
+            }),
         };
         let pages = recording.offsets.len();
         let _ = std::thread::Builder::new()
@@ -831,7 +852,7 @@ impl<O: UffdOps> FaultServer<O> {
                 _ => return One::Skipped,
             }
         };
-        let zero = self.session.serves_as_zero(fill, at.size);
+        let zero = self.zero_fill(fill, at.size);
         match self.install(at, fill) {
             Ok(()) if zero => One::Zero,
             Ok(()) => One::Installed,
