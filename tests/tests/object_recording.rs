@@ -94,7 +94,11 @@ impl Bucket {
 
     /// `op` tried up to 3 times: the client's retries are off, and radosgw may close a
     /// pooled connection that sat idle.
-    fn retried<T>(&self, what: &str, op: impl Fn() -> Result<T, objstore::object_store::Error>) -> T {
+    fn retried<T>(
+        &self,
+        what: &str,
+        op: impl Fn() -> Result<T, objstore::object_store::Error>,
+    ) -> T {
         let mut last = None;
         for _ in 0..3 {
             match op() {
@@ -120,7 +124,9 @@ impl Bucket {
     }
 
     fn etag(&self, key: &str) -> String {
-        let meta = self.retried("HEAD", || self.rt.block_on(self.store.head(&ObjPath::from(key))));
+        let meta = self.retried("HEAD", || {
+            self.rt.block_on(self.store.head(&ObjPath::from(key)))
+        });
         meta.e_tag.unwrap()
     }
 
@@ -221,7 +227,11 @@ fn restore(
         )
         .expect("guest run");
     for r in &reports {
-        assert_eq!(r.mismatches, 0, "first mismatch at {:?}", r.first_mismatch_gpa);
+        assert_eq!(
+            r.mismatches, 0,
+            "first mismatch at {:?}",
+            r.first_mismatch_gpa
+        );
     }
     for &p in touched().iter().step_by(2) {
         let at = (p as u64 * PAGE) as usize;
@@ -246,7 +256,10 @@ fn a_second_restore_from_an_object_replays_the_recording_beside_it_as_prefetch()
     let rec_key = recording_key(key, &bucket.etag(key));
     let touched = touched();
     let chunks = chunks_of(&touched);
-    assert!(chunks.len() < (SIZE / CHUNK) as usize, "a subset, to mean anything");
+    assert!(
+        chunks.len() < (SIZE / CHUNK) as usize,
+        "a subset, to mean anything"
+    );
 
     // Host A: nothing recorded yet; the guest's first touches are recorded and, when the
     // session ends, written beside the object.
@@ -335,13 +348,19 @@ fn a_recording_of_another_etag_is_never_used() {
     // The old version's recording put at the new version's key (by anyone who may write the
     // bucket): read, and refused, as its digest binds the old ETag.
     // Host B wrote its own recording there when its session ended; replace it.
-    wait_until("host B's recording written", Duration::from_secs(20), || {
-        bucket.keys().contains(&new_rec)
-    });
+    wait_until(
+        "host B's recording written",
+        Duration::from_secs(20),
+        || bucket.keys().contains(&new_rec),
+    );
     put_bytes(&rgw, &new_rec, &recording);
     let c = Faultd::start_with_config(&config(&rgw));
     let s = restore(&c, "rgw", key, "vm-v", &new, SEED + 1, false);
-    assert_eq!(metric(&c, "faultd_object_recording_gets_total"), 1, "it was read");
+    assert_eq!(
+        metric(&c, "faultd_object_recording_gets_total"),
+        1,
+        "it was read"
+    );
     assert_eq!(
         (s.working_set.replay_pages, s.working_set.prefetched),
         (0, 0),
@@ -370,7 +389,11 @@ fn a_client_cannot_make_faultd_read_or_write_a_recording_outside_its_prefix_or_s
     let f = Faultd::start_with_config(&config(&rgw));
 
     // Naming another uid's key, or escaping the prefix: refused before any request.
-    for key in [theirs, "tenants/0/../1000/vm-p/mem", "tenants/1000/vm-p/mem.faultd-ws/x"] {
+    for key in [
+        theirs,
+        "tenants/0/../1000/vm-p/mem",
+        "tenants/1000/vm-p/mem.faultd-ws/x",
+    ] {
         let ram = Ram::new("vm-x", SIZE);
         let got = Client::connect(f.socket()).unwrap().register_object(
             "vm-x",
@@ -393,7 +416,11 @@ fn a_client_cannot_make_faultd_read_or_write_a_recording_outside_its_prefix_or_s
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(metric(&f, "faultd_object_recording_gets_total"), 1);
     assert_eq!(metric(&f, "faultd_object_recording_puts_total"), 0);
-    assert_eq!(bucket.keys(), before, "nothing written by a read-only store");
+    assert_eq!(
+        bucket.keys(),
+        before,
+        "nothing written by a read-only store"
+    );
 
     // The writing store: exactly one new key, the recording beside the client's own object.
     restore(&f, "rgw", mine, "vm-p", &data, SEED, false);
@@ -427,7 +454,9 @@ fn zero_chunks_seen_on_a_first_restore_are_never_fetched_on_the_second() {
     put_bytes(&rgw, key, &data);
     let rec_key = recording_key(key, &bucket.etag(key));
     let data_pages = (DATA / PAGE) as u32;
-    let verified: BTreeSet<u32> = page_sequence(SEED, TOUCHES, 0, data_pages).into_iter().collect();
+    let verified: BTreeSet<u32> = page_sequence(SEED, TOUCHES, 0, data_pages)
+        .into_iter()
+        .collect();
     let data_chunks = chunks_of(&verified);
     let zero_chunks: Vec<u64> = (DATA / CHUNK..(DATA + ZERO_PAGES as u64 * PAGE) / CHUNK).collect();
 
@@ -436,7 +465,13 @@ fn zero_chunks_seen_on_a_first_restore_are_never_fetched_on_the_second() {
         let ram = Ram::new("vm-z", SIZE);
         let mut session = Client::connect(faultd.socket())
             .unwrap()
-            .register_object("vm-z", &ram.uffd, &[RegionSpec::snapshot(0, &ram.ram, 0)], "rgw", key)
+            .register_object(
+                "vm-z",
+                &ram.uffd,
+                &[RegionSpec::snapshot(0, &ram.ram, 0)],
+                "rgw",
+                key,
+            )
             .unwrap();
         if replay_first {
             wait_until("replay ended", Duration::from_secs(20), || {
@@ -461,8 +496,15 @@ fn zero_chunks_seen_on_a_first_restore_are_never_fetched_on_the_second() {
                 &|_, _| {},
             )
             .expect("guest run");
-        assert_eq!(reports[0].mismatches, 0, "{:?}", reports[0].first_mismatch_gpa);
-        for p in (0..ZERO_PAGES).map(|i| data_pages + i).chain(verified.iter().copied()) {
+        assert_eq!(
+            reports[0].mismatches, 0,
+            "{:?}",
+            reports[0].first_mismatch_gpa
+        );
+        for p in (0..ZERO_PAGES)
+            .map(|i| data_pages + i)
+            .chain(verified.iter().copied())
+        {
             let at = (p as u64 * PAGE) as usize;
             let addr = ram.ram.host_addr() + p as u64 * PAGE;
             // SAFETY: inside the live mapping of the guest's RAM; the page is resident (the

@@ -324,7 +324,11 @@ fn a_recording_beside_an_object_is_written_once_and_read_back_only_within_its_bo
     // Larger than the caller's bound: refused, not read.
     assert!(matches!(
         f.get_recording(&obj, 4),
-        Err(objstore::RecordingError::TooLarge { size: 5, max: 4, .. })
+        Err(objstore::RecordingError::TooLarge {
+            size: 5,
+            max: 4,
+            ..
+        })
     ));
     assert_eq!(f.counters().recording_puts.load(Ordering::Relaxed), 2);
     assert_eq!(f.counters().recording_gets.load(Ordering::Relaxed), 3);
@@ -341,7 +345,9 @@ fn prefetch_starts_one_get_per_chunk_and_nothing_for_a_cached_one() {
     let cache = tempfile::tempdir().unwrap();
     let f = fetcher(cache.path(), 512 * KIB, 64 << 20);
     let store = client(&rgw);
-    let obj = f.open(store.clone(), &rgw.endpoint(), BUCKET, "pf").unwrap();
+    let obj = f
+        .open(store.clone(), &rgw.endpoint(), BUCKET, "pf")
+        .unwrap();
     let w = Arc::new(Collect::default());
     let waiter: Arc<dyn ChunkWaiter> = w.clone();
     assert_eq!(f.prefetch(&obj, 1, &waiter), objstore::Prefetched::Pending);

@@ -250,7 +250,9 @@ impl Recording {
             let chunk_bytes = u64_at(offsets_end);
             let m = u64_at(offsets_end + 8);
             if !(chunk_bytes.is_power_of_two() && (512 << 10..=4 << 20).contains(&chunk_bytes)) {
-                return Err(DecodeError::Zero("the chunk size is not a power of two from 512 KiB to 4 MiB"));
+                return Err(DecodeError::Zero(
+                    "the chunk size is not a power of two from 512 KiB to 4 MiB",
+                ));
             }
             if m > MAX_ZERO_CHUNKS || (offsets_end + 16) as u64 + 8 * m != body as u64 {
                 return Err(DecodeError::Zero("the count does not match the length"));

@@ -144,11 +144,16 @@ fn object_recording(
     let rec = match Recording::decode_object(&bytes) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(session, object = version.label(), "no replay: the recording beside the object: {e}");
+            tracing::warn!(
+                session,
+                object = version.label(),
+                "no replay: the recording beside the object: {e}"
+            );
             return None;
         }
     };
-    if rec.digest != super::objects::recording_digest(version) || rec.snapshot_size != version.size()
+    if rec.digest != super::objects::recording_digest(version)
+        || rec.snapshot_size != version.size()
     {
         tracing::warn!(
             session,
@@ -367,8 +372,11 @@ impl<O: UffdOps> FaultServer<O> {
         let pages = recording.offsets.len();
         let _ = std::thread::Builder::new()
             .name("faultd-ws-put".into())
-            .spawn(
-                move || match service.fetcher().put_recording(&version, recording.encode()) {
+            .spawn(move || {
+                match service
+                    .fetcher()
+                    .put_recording(&version, recording.encode())
+                {
                     Ok(true) => tracing::info!(
                         session = id,
                         object = version.label(),
@@ -385,8 +393,8 @@ impl<O: UffdOps> FaultServer<O> {
                         "writing the working set beside the object: {}",
                         crate::ops::logging::chain(&e)
                     ),
-                },
-            );
+                }
+            });
     }
 
     /// One slice of background work: recording's time limit, finding a recording, installing
@@ -513,7 +521,10 @@ impl<O: UffdOps> FaultServer<O> {
                 });
             match spawned {
                 Ok(_) => self.ws.loading = Some(rx),
-                Err(e) => tracing::warn!(session = id, "no working-set replay: starting its loader: {e}"),
+                Err(e) => tracing::warn!(
+                    session = id,
+                    "no working-set replay: starting its loader: {e}"
+                ),
             }
             return;
         }
