@@ -4,9 +4,11 @@
 //! `cargo bench -p faultd-tests --bench object_restore` (root, /dev/kvm, /dev/userfaultfd and
 //! Ceph's radosgw, which the benchmark starts on 127.0.0.1 as the tests do). A snapshot of
 //! `SIZE` bytes (1 GiB; every dword `testvmm::pattern(gpa, seed)`) is PUT to radosgw and
-//! written to a local file (its page cache warmed). A KVM guest (one vCPU) verifies a fixed
-//! pseudo-random sequence of pages over the whole snapshot, `WS` bytes of distinct pages
-//! (64 MiB). The clock runs from before the registration to the guest's last check.
+//! written to a local file (its page cache warmed). A KVM guest with two vCPUs verifies a
+//! working set of `WS` bytes (64 MiB): each vCPU every page of a window of `WS / 2` bytes
+//! (at 1/8 and at 5/8 of the snapshot, 2 MiB aligned) in a fixed pseudo-random order, so the
+//! chunks it needs are exactly `WS / chunk size` and a chunk's pages are wanted at scattered
+//! times. The clock runs from before the registration to the guest's last check.
 //!
 //! Handlers, each round in a rotated order, each on fresh guest RAM and a fresh faultd (so an
 //! object restore starts with a cold chunk cache): `local` (the file, demand only), and for
@@ -74,8 +76,14 @@ struct Sample {
     bytes: u64,
 }
 
-/// One restore: registers (file or object), runs the guest, returns the time and the GETs.
-fn restore(faultd: &Faultd, size: u64, touches: u32, file: Option<&std::fs::File>) -> Sample {
+/// One restore: registers (file or object), runs the guest (a `Verify` of each window),
+/// returns the time and the GETs.
+fn restore(
+    faultd: &Faultd,
+    size: u64,
+    windows: &[(u32, u32, u32)],
+    file: Option<&std::fs::File>,
+) -> Sample {
     let ram = Ram::new("bench", size);
     let t0 = Instant::now();
     let client = Client::connect(faultd.socket()).unwrap();
@@ -88,17 +96,23 @@ fn restore(faultd: &Faultd, size: u64, touches: u32, file: Option<&std::fs::File
     let mut vm = ram.vm(Duration::from_secs(600));
     let reports = vm
         .run(
-            vec![Workload::Verify {
-                seed: SEED,
-                touches,
-                first_page: 0,
-                page_count: (size / PAGE) as u32,
-            }],
+            windows
+                .iter()
+                .map(|&(first_page, page_count, touches)| Workload::Verify {
+                    seed: SEED,
+                    touches,
+                    first_page,
+                    page_count,
+                })
+                .collect(),
             &|_, _| {},
         )
         .expect("guest run");
     let secs = t0.elapsed().as_secs_f64();
-    assert_eq!(reports[0].mismatches, 0, "a page was wrong");
+    assert!(
+        reports.iter().all(|r| r.mismatches == 0),
+        "a page was wrong"
+    );
     let sample = Sample {
         secs,
         gets: metric(faultd, "faultd_object_gets_total"),
@@ -109,6 +123,20 @@ fn restore(faultd: &Faultd, size: u64, touches: u32, file: Option<&std::fs::File
     sample
 }
 
+/// Touches of a `Verify` over `count` pages from `first` that reach every one of them.
+fn covering(first: u32, count: u32) -> u32 {
+    let mut touches = count;
+    while page_sequence(SEED, touches, first, count)
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .len()
+        < count as usize
+    {
+        touches += count / 8;
+    }
+    touches
+}
+
 fn main() {
     let quick = std::env::var_os("FAULT_RT_QUICK").is_some();
     let (size, ws, rounds) = if quick {
@@ -117,23 +145,17 @@ fn main() {
         (1024 * MIB, 64 * MIB, 5)
     };
     let pages = (size / PAGE) as u32;
-    // Enough touches for WS bytes of distinct pages.
-    let want = (ws / PAGE) as usize;
-    let mut touches = want as u32;
-    while page_sequence(SEED, touches, 0, pages)
-        .into_iter()
-        .collect::<BTreeSet<_>>()
-        .len()
-        < want
-    {
-        touches += (want / 16) as u32;
-    }
-    let distinct: BTreeSet<u32> = page_sequence(SEED, touches, 0, pages).into_iter().collect();
+    let half = (ws / 2 / PAGE) as u32;
+    let windows: Vec<(u32, u32, u32)> = [pages / 8, pages / 8 * 5]
+        .iter()
+        .map(|&first| (first, half, covering(first, half)))
+        .collect();
+    let distinct = 2 * half as usize;
     println!(
-        "object_restore: snapshot {} MiB, working set {} pages ({} MiB, {touches} touches), {rounds} rounds; load {}",
+        "object_restore: snapshot {} MiB, working set {} MiB in 2 windows ({} touches), {rounds} rounds; load {}",
         size >> 20,
-        distinct.len(),
-        distinct.len() as u64 * PAGE >> 20,
+        ws >> 20,
+        windows.iter().map(|w| w.2).sum::<u32>(),
         load_average()
     );
 
@@ -153,7 +175,7 @@ fn main() {
     // The recording, once: a restore that records and writes it beside the object.
     {
         let f = Faultd::start_with_config(&config(&rgw, 512, true, false));
-        restore(&f, size, touches, None);
+        restore(&f, size, &windows, None);
         let until = Instant::now() + Duration::from_secs(60);
         while metric(&f, "faultd_object_recording_puts_total") == 0 {
             assert!(Instant::now() < until, "recording written");
@@ -187,11 +209,11 @@ fn main() {
         let sample = match h {
             Handler::Local => {
                 let f = Faultd::start_with_config(&config(&rgw, 512, false, false));
-                restore(&f, size, touches, Some(&file))
+                restore(&f, size, &windows, Some(&file))
             }
             Handler::Obj { chunk_kib, rec } => {
                 let f = Faultd::start_with_config(&config(&rgw, chunk_kib, false, rec));
-                restore(&f, size, touches, None)
+                restore(&f, size, &windows, None)
             }
         };
         println!(
@@ -217,7 +239,7 @@ fn main() {
         let line = match h {
             Handler::Local => String::new(),
             Handler::Obj { chunk_kib, .. } => {
-                let ideal = (distinct.len() as u64 * PAGE) as f64 / (*chunk_kib * 1024) as f64;
+                let ideal = (distinct as u64 * PAGE) as f64 / (*chunk_kib * 1024) as f64;
                 let gets: Vec<f64> = samples.iter().map(|s| s.gets as f64).collect();
                 let (_, g, _) = quartiles(&gets);
                 format!(
