@@ -159,6 +159,8 @@ fn main() {
         load_average()
     );
 
+    // The object and its recording do not fit memstore's default 1 GiB.
+    std::env::set_var("FAULTD_RGW_MEMSTORE_BYTES", (size + 512 * MIB).to_string());
     let rgw = Rgw::start();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mem");
