@@ -379,11 +379,6 @@ fn free_port_range(n: u16) -> (u16, u16) {
 /// The cluster's configuration: one mon, one memstore OSD, one radosgw, no auth, loopback only.
 fn ceph_conf(d: &Path, fsid: &str, mon: u16, rgw: u16, ms_min: u16, ms_max: u16) -> String {
     let d = d.display();
-    // The OSD's RAM bound: 1 GiB, or `FAULTD_RGW_MEMSTORE_BYTES` (a benchmark's larger objects).
-    let memstore: u64 = std::env::var("FAULTD_RGW_MEMSTORE_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1 << 30);
     format!(
         r#"[global]
 fsid = {fsid}
@@ -418,7 +413,7 @@ mon warn on pool no redundancy = false
 mon data avail warn = 1
 mon data avail crit = 0
 osd objectstore = memstore
-memstore device bytes = {memstore}
+memstore device bytes = 1073741824
 osd op num shards = 1
 osd op num threads per shard = 2
 debug ms = 0
