@@ -280,10 +280,11 @@ fn a_second_restore_from_an_object_replays_the_recording_beside_it_as_prefetch()
     let s2 = restore(&b, "rgw", key, "vm-rec", &data, SEED, true);
     let ws = &s2.working_set;
     println!(
-        "replay: {} pages recorded in {} chunks of {} KiB; prefetched {}, late {}, misses {}, \
+        "replay: {} pages recorded in {} of {} chunks of {} KiB; prefetched {}, late {}, misses {}, \
          stop {:?} after {} us; GETs {} (prefetch {}), recording GETs {}",
         touched.len(),
         chunks.len(),
+        SIZE / CHUNK,
         CHUNK >> 10,
         ws.prefetched,
         ws.late,
