@@ -1054,6 +1054,9 @@ pub(crate) fn object_sample(f: &objstore::Fetcher) -> crate::ops::metrics::Objec
         cache_bytes: cache.bytes(),
         cache_chunks: cache.len() as u64,
         evicted: get(&cache.counters.evicted),
+        prefetch_gets: get(&c.prefetch_gets),
+        recording_gets: get(&c.recording_gets),
+        recording_puts: get(&c.recording_puts),
     }
 }
 

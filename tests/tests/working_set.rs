@@ -470,6 +470,7 @@ fn recording_bytes(d: u8, pages: u64) -> Vec<u8> {
         snapshot_size: RAM,
         digest: [d; 32],
         offsets: (0..pages).map(|p| p * PAGE).collect(),
+        zero: None,
     }
     .encode()
 }

@@ -1,7 +1,7 @@
 //! The fetcher: opens an object version (HEAD: its ETag and size), and fetches its chunks on a
 //! runtime of its own, one GET per chunk in flight, into the cache, telling every waiter.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,13 +10,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use tokio::time::{sleep, timeout_at, Instant};
 
 use crate::cache::{ChunkCache, ChunkName};
-use crate::slots::{FairSlots, Requester, Slot, Ticket};
+use crate::slots::{Class, FairSlots, Requester, Slot, Tenant, Ticket};
 use crate::ChunkSize;
 
 /// How chunks are fetched.
@@ -105,6 +107,80 @@ pub enum FetchError {
     Stopped,
 }
 
+/// What [`Fetcher::prefetch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetched {
+    /// The chunk is cached already: nothing to fetch.
+    Cached,
+    /// The chunk is known to be all zero: never fetched.
+    Zero,
+    /// A GET was started, or one in flight was joined: the waiter is told when it lands.
+    Pending,
+}
+
+/// Why a recording beside an object could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    /// The object's key is too long for a recording key beside it.
+    #[error("no recording key beside {object}: the key would pass {max} bytes")]
+    KeyTooLong {
+        /// endpoint/bucket/key.
+        object: String,
+        /// The longest key.
+        max: usize,
+    },
+    /// The recording is larger than the caller's bound: not read.
+    #[error("recording {key} is {size} bytes, more than the {max} a recording may have")]
+    TooLarge {
+        /// Its key.
+        key: String,
+        /// Its size.
+        size: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// The store failed.
+    #[error("recording {key}")]
+    Store {
+        /// Its key.
+        key: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// No answer within the fetcher's deadline.
+    #[error("recording {key}: no answer within {deadline:?}")]
+    Deadline {
+        /// Its key.
+        key: String,
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// The fetcher's runtime is gone.
+    #[error("the chunk fetcher stopped")]
+    Stopped,
+}
+
+/// Longest object key a recording key is made beside (S3's bound on keys).
+pub const MAX_KEY: usize = 1024;
+
+/// Further tries of a recording's GET or PUT after a failure that may pass.
+const RECORDING_TRIES: u32 = 3;
+
+/// Whether a store's answer is final (retrying cannot change it).
+fn is_final(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotModified { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::NotImplemented { .. }
+    )
+}
+
 /// Why an object could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -157,6 +233,9 @@ pub struct ObjectVersion {
     hash: Arc<str>,
     /// endpoint/bucket/key, for messages.
     label: String,
+    /// Chunks known to be all zero: seen so when fetched, or learnt from a recording the
+    /// caller trusts ([`ObjectVersion::learn_zero`]). Bounded by the object's chunks.
+    zero: Mutex<BTreeSet<u64>>,
 }
 
 impl ObjectVersion {
@@ -201,6 +280,46 @@ impl ObjectVersion {
     fn name(&self, chunk: u64) -> ChunkName {
         ChunkName::new(&self.hash, chunk)
     }
+
+    /// The key of this version's working-set recording, beside the object:
+    /// `KEY.faultd-ws/H`, H the hex of the first 16 bytes of SHA-256 of the ETag. Derived
+    /// here, never taken from anyone: it starts with the object's key (so whatever may name
+    /// the object covers it), and the ETag, whatever bytes a store puts in it, only ever
+    /// reaches the name as hex. None when it would pass [`MAX_KEY`] bytes.
+    pub fn recording_key(&self) -> Option<String> {
+        let digest = Sha256::digest(self.etag.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!("{}.faultd-ws/{hex}", self.path.as_ref());
+        (key.len() <= MAX_KEY).then_some(key)
+    }
+
+    /// Whether chunk `chunk` is known to be all zero (it need not be fetched).
+    pub fn is_zero_chunk(&self, chunk: u64) -> bool {
+        self.zero
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&chunk)
+    }
+
+    /// The chunks known to be all zero, ascending.
+    pub fn zero_chunks(&self) -> Vec<u64> {
+        let zero = self.zero.lock().unwrap_or_else(|p| p.into_inner());
+        zero.iter().copied().collect()
+    }
+
+    /// Takes `chunks` (of this version's chunk size) as all zero: from then on they are never
+    /// fetched. A wrong claim serves zeros in place of data, so the caller passes only what
+    /// it trusts (bound to this ETag); indexes past the end are ignored.
+    pub fn learn_zero(&self, chunks: &[u64]) {
+        let n = self.chunks();
+        let mut zero = self.zero.lock().unwrap_or_else(|p| p.into_inner());
+        zero.extend(chunks.iter().copied().filter(|&c| c < n));
+    }
+
+    /// Whether this version is read through `store` (the same client).
+    pub fn is_of(&self, store: &Arc<dyn ObjectStore>) -> bool {
+        Arc::ptr_eq(&self.store, store)
+    }
 }
 
 /// Tells a waiter that a chunk it asked for landed or failed. Called on the fetcher's runtime:
@@ -236,6 +355,13 @@ pub struct FetchCounters {
     pub changed: AtomicU64,
     /// Fetched chunks the cache could not store (they were still handed to their waiters).
     pub store_errors: AtomicU64,
+    /// Chunk fetches started ahead of the guest ([`Fetcher::prefetch`]; their GETs are in
+    /// `gets` too).
+    pub prefetch_gets: AtomicU64,
+    /// GETs of recordings beside objects.
+    pub recording_gets: AtomicU64,
+    /// PUTs of recordings beside objects.
+    pub recording_puts: AtomicU64,
 }
 
 type InflightKey = (Arc<str>, u64);
@@ -374,6 +500,7 @@ impl Fetcher {
                 chunk_size,
                 hash: hash.into(),
                 label,
+                zero: Mutex::new(BTreeSet::new()),
             }))
         }))
     }
@@ -451,6 +578,198 @@ impl Fetcher {
                 .spawn(fetch(shared, object, chunk, FirstSlot { slot, who }));
             return Ok(Served::Pending);
         }
+    }
+
+    /// Asks for chunk `chunk` of `object` ahead of the guest, for `tenant`: nothing when it
+    /// is cached; else its GET is queued as prefetch (after every demand GET waiting) unless
+    /// one is in flight, and `waiter` is told when it lands. Counts no hit or miss (no page was read). Never blocks
+    /// on the network.
+    pub fn prefetch(
+        &self,
+        object: &Arc<ObjectVersion>,
+        chunk: u64,
+        waiter: &Arc<dyn ChunkWaiter>,
+        tenant: Tenant,
+    ) -> Prefetched {
+        let who = Requester {
+            tenant,
+            class: Class::Prefetch,
+        };
+        if chunk >= object.chunks() {
+            return Prefetched::Cached;
+        }
+        if object.is_zero_chunk(chunk) {
+            return Prefetched::Zero;
+        }
+        let name = object.name(chunk);
+        let mut in_flight = self
+            .shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (object.hash.clone(), chunk);
+        if let Some(flight) = in_flight.get_mut(&key) {
+            if !flight.waiters.iter().any(|w| Arc::ptr_eq(w, waiter)) {
+                flight.waiters.push(waiter.clone());
+                if flight.ticket.waiting() {
+                    self.shared.slots.enqueue(&flight.ticket, who);
+                }
+            }
+            return Prefetched::Pending;
+        }
+        // Under the in-flight lock: a GET that lands stores the chunk before it leaves the
+        // table, so a chunk neither in flight nor cached here is not being fetched.
+        if self.shared.cache.contains(&name) {
+            return Prefetched::Cached;
+        }
+        let (ticket, slot) = Ticket::new();
+        in_flight.insert(
+            key,
+            Flight {
+                waiters: vec![waiter.clone()],
+                ticket: ticket.clone(),
+            },
+        );
+        drop(in_flight);
+        self.shared
+            .counters
+            .prefetch_gets
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared.slots.enqueue(&ticket, who);
+        let shared = self.shared.clone();
+        let object = object.clone();
+        self.runtime()
+            .spawn(fetch(shared, object, chunk, FirstSlot { slot, who }));
+        Prefetched::Pending
+    }
+
+    /// Whether chunk `chunk` of `object` is in the cache now.
+    pub fn is_cached(&self, object: &ObjectVersion, chunk: u64) -> bool {
+        self.shared.cache.contains(&object.name(chunk))
+    }
+
+    /// Reads `object`'s recording (at [`ObjectVersion::recording_key`]) with one GET of at
+    /// most `max + 1` bytes: None when there is none; refused when the store says it is larger
+    /// than `max`. Blocks the calling thread (never a fault thread's work: a loader's).
+    pub fn get_recording(
+        &self,
+        object: &Arc<ObjectVersion>,
+        max: u64,
+    ) -> Result<Option<Bytes>, RecordingError> {
+        let key = object
+            .recording_key()
+            .ok_or_else(|| RecordingError::KeyTooLong {
+                object: object.label.clone(),
+                max: MAX_KEY,
+            })?;
+        let deadline = self.shared.config.deadline;
+        let store = object.store.clone();
+        let shared = self.shared.clone();
+        let job = self.runtime().spawn(async move {
+            let path = Path::from(key.as_str());
+            shared
+                .counters
+                .recording_gets
+                .fetch_add(1, Ordering::Relaxed);
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(0..max.saturating_add(1))),
+                ..GetOptions::default()
+            };
+            let got = tokio::time::timeout(deadline, async {
+                let mut tries = 0;
+                loop {
+                    let attempt = async {
+                        let got = match store.get_opts(&path, opts.clone()).await {
+                            Ok(got) => got,
+                            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                            Err(e) => return Err(e),
+                        };
+                        if got.meta.size > max {
+                            return Ok(Some(Err(got.meta.size)));
+                        }
+                        Ok(Some(Ok(got.bytes().await?)))
+                    };
+                    match attempt.await {
+                        // A pooled connection the store closed fails once: try again, a few
+                        // times, under the deadline.
+                        Err(e) if tries < RECORDING_TRIES && !is_final(&e) => {
+                            tries += 1;
+                            sleep(shared.config.first_backoff * tries).await;
+                        }
+                        done => break done,
+                    }
+                }
+            })
+            .await;
+            match got {
+                Err(_) => Err(RecordingError::Deadline { key, deadline }),
+                Ok(Err(source)) => Err(RecordingError::Store { key, source }),
+                Ok(Ok(None)) => Ok(None),
+                Ok(Ok(Some(Err(size)))) => Err(RecordingError::TooLarge { key, size, max }),
+                // The range bounds what was read even if the store ignored it.
+                Ok(Ok(Some(Ok(bytes)))) if bytes.len() as u64 > max => {
+                    Err(RecordingError::TooLarge {
+                        key,
+                        size: bytes.len() as u64,
+                        max,
+                    })
+                }
+                Ok(Ok(Some(Ok(bytes)))) => Ok(Some(bytes)),
+            }
+        });
+        futures::executor::block_on(job).map_err(|_| RecordingError::Stopped)?
+    }
+
+    /// Writes `object`'s recording (at [`ObjectVersion::recording_key`]) with
+    /// `If-None-Match: *`: the first writer wins. Returns whether this call wrote it (false:
+    /// one was there). Blocks the calling thread.
+    pub fn put_recording(
+        &self,
+        object: &Arc<ObjectVersion>,
+        bytes: Vec<u8>,
+    ) -> Result<bool, RecordingError> {
+        let key = object
+            .recording_key()
+            .ok_or_else(|| RecordingError::KeyTooLong {
+                object: object.label.clone(),
+                max: MAX_KEY,
+            })?;
+        let deadline = self.shared.config.deadline;
+        let store = object.store.clone();
+        let shared = self.shared.clone();
+        let job = self.runtime().spawn(async move {
+            let path = Path::from(key.as_str());
+            shared
+                .counters
+                .recording_puts
+                .fetch_add(1, Ordering::Relaxed);
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            let payload = PutPayload::from(bytes);
+            let put = async {
+                let mut tries = 0;
+                loop {
+                    match store.put_opts(&path, payload.clone(), opts.clone()).await {
+                        // Retried as a GET is; a PUT that was made but whose answer was lost
+                        // then finds its own recording: AlreadyExists.
+                        Err(e) if tries < RECORDING_TRIES && !is_final(&e) => {
+                            tries += 1;
+                            sleep(shared.config.first_backoff * tries).await;
+                        }
+                        done => break done,
+                    }
+                }
+            };
+            match tokio::time::timeout(deadline, put).await {
+                Err(_) => Err(RecordingError::Deadline { key, deadline }),
+                Ok(Ok(_)) => Ok(true),
+                Ok(Err(object_store::Error::AlreadyExists { .. })) => Ok(false),
+                Ok(Err(source)) => Err(RecordingError::Store { key, source }),
+            }
+        });
+        futures::executor::block_on(job).map_err(|_| RecordingError::Stopped)?
     }
 
     /// The whole of chunk `chunk`: from the cache, or fetched for `who` (blocking the calling
@@ -543,6 +862,14 @@ struct FirstSlot {
 async fn fetch(shared: Arc<Shared>, object: Arc<ObjectVersion>, chunk: u64, first: FirstSlot) {
     let result = get_with_retries(&shared, &object, chunk, first).await;
     if let Ok(bytes) = &result {
+        // Seen: a chunk of zeros is known as one (its pages are then served without a read).
+        if bytes.iter().all(|&b| b == 0) {
+            object
+                .zero
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(chunk);
+        }
         let (store_to, name, data) = (shared.clone(), object.name(chunk), bytes.clone());
         let stored = tokio::task::spawn_blocking(move || store_to.cache.store(&name, &data)).await;
         if !matches!(stored, Ok(Ok(()))) {

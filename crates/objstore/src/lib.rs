@@ -21,7 +21,8 @@ pub use bytes::Bytes;
 pub use cache::{CacheCounters, ChunkCache, ChunkName, TRAILER_LEN};
 pub use counting::CountingStore;
 pub use fetch::{
-    ChunkWaiter, FetchConfig, FetchCounters, FetchError, Fetcher, ObjectVersion, OpenError, Served,
+    ChunkWaiter, FetchConfig, FetchCounters, FetchError, Fetcher, ObjectVersion, OpenError,
+    Prefetched, RecordingError, Served, MAX_KEY,
 };
 pub use object_store;
 pub use slots::{Class, Requester, Tenant};

@@ -177,6 +177,8 @@ impl<O: UffdOps> FaultServer<O> {
         self.session.set_object(object.version().clone());
         self.object = Some(object);
         self.around = around::AroundState::off();
+        // Recorded too: its recording goes beside the object (see `working_set`).
+        self.ws_new_recorder();
         self
     }
 
@@ -331,6 +333,13 @@ impl<O: UffdOps> FaultServer<O> {
         n
     }
 
+    /// Whether `fill` of a page of `size` bytes is served as a zero page: a snapshot file's
+    /// page its analysis knows to be zero, or a page in a chunk of the object known to be.
+    pub(crate) fn zero_fill(&self, fill: Fill, size: u64) -> bool {
+        self.session.serves_as_zero(fill, size)
+            || matches!((fill, &self.object), (Fill::File { offset }, Some(o)) if o.is_zero(offset))
+    }
+
     /// Records that `page` was just installed (the young end of the eviction order).
     pub(crate) fn installed(&mut self, page: s2map::PageRef) {
         self.install_order.push_back(page);
@@ -364,8 +373,9 @@ impl<O: UffdOps> FaultServer<O> {
     /// the vCPU and device paths: the page comes from its backing into the VMM's memfd by a uffd
     /// operation on the VMM's address, which also wakes every thread blocked on it.
     pub(crate) fn install(&mut self, at: Located, fill: Fill) -> Result<(), InstallFail> {
-        // A snapshot page known to be all zero is installed as a zero page (see `snapshots`).
-        let zeroed = self.session.serves_as_zero(fill, at.size);
+        // A snapshot page known to be all zero is installed as a zero page (see `snapshots`;
+        // an object's zero chunks: `objects`).
+        let zeroed = self.zero_fill(fill, at.size);
         let result = match if zeroed { Fill::Zero } else { fill } {
             Fill::Zero if at.size == 4096 => self.ops.zeropage(at.hva, at.size),
             Fill::Zero => self.ops.copy(&self.zero_buf[..at.size as usize], at.hva),

@@ -15,7 +15,7 @@
 //! deferred faults are never served: no page of another version, and no zero page in place of
 //! a snapshot page, ever reaches the guest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
@@ -26,8 +26,9 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use objstore::object_store::ObjectStore;
 use objstore::{
     Bytes, ChunkCache, ChunkSize, ChunkWaiter, FetchConfig, FetchError, Fetcher, ObjectVersion,
-    Requester, S3Spec, Served, Tenant,
+    Prefetched, Requester, S3Spec, Served, Tenant,
 };
+use sha2::{Digest, Sha256};
 
 use crate::engine::session::Hva;
 use crate::ops::config::{ObjectStoreSpec, ObjectStores};
@@ -120,6 +121,28 @@ impl ObjectService {
     pub fn fetcher(&self) -> &Fetcher {
         &self.fetcher
     }
+
+    /// Whether the store `version` is read from lets faultd write recordings beside its
+    /// objects (config `write_recordings`).
+    pub fn writes_recordings(&self, version: &ObjectVersion) -> bool {
+        self.stores
+            .iter()
+            .any(|(spec, client)| spec.write_recordings && version.is_of(client))
+    }
+}
+
+/// The identity a recording of `version` is bound to (its header's digest field): SHA-256 of
+/// the object's endpoint/bucket/key, its ETag and its size, each length-prefixed. The ETag
+/// pins the bytes, so a recording of another version never matches.
+pub fn recording_digest(version: &ObjectVersion) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"faultd object recording\0");
+    for part in [version.label(), version.etag()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(version.size().to_le_bytes());
+    h.finalize().into()
 }
 
 /// Rung by the fetcher when a chunk this session waits for lands (or fails): the results
@@ -188,6 +211,9 @@ pub struct ObjectFill {
     deferred: HashMap<u64, Vec<Hva>>,
     /// Chunks landed and not yet used to serve their deferred faults.
     landed: HashMap<u64, Bytes>,
+    /// Chunks asked for ahead of the guest and not landed yet (replay's window: bounded by
+    /// [`crate::engine::working_set::PREFETCH_WINDOW`]).
+    prefetching: HashSet<u64>,
     /// Why the session failed, once it has.
     pub(crate) failed: Option<String>,
 }
@@ -206,6 +232,7 @@ impl ObjectFill {
             doorbell: Arc::new(Doorbell::new()?),
             deferred: HashMap::new(),
             landed: HashMap::new(),
+            prefetching: HashSet::new(),
             failed: None,
         })
     }
@@ -253,6 +280,7 @@ impl ObjectFill {
         let mut again = Vec::new();
         let mut failure = None;
         for (chunk, result) in self.doorbell.take() {
+            self.prefetching.remove(&chunk);
             match result {
                 Ok(bytes) => {
                     self.landed.insert(chunk, bytes);
@@ -272,6 +300,50 @@ impl ObjectFill {
     /// read the cache).
     pub(crate) fn clear_landed(&mut self) {
         self.landed.clear();
+    }
+
+    /// Asks for `chunk` ahead of the guest. Returns whether it is now in flight for this
+    /// session (false: cached already, or the backing failed).
+    pub(crate) fn prefetch(&mut self, chunk: u64) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        if self.prefetching.contains(&chunk) {
+            return true;
+        }
+        let waiter: Arc<dyn ChunkWaiter> = self.doorbell.clone();
+        match self
+            .service
+            .fetcher
+            .prefetch(&self.version, chunk, &waiter, self.tenant)
+        {
+            Prefetched::Cached | Prefetched::Zero => false,
+            Prefetched::Pending => {
+                self.prefetching.insert(chunk);
+                true
+            }
+        }
+    }
+
+    /// Whether the page at object offset `offset` is in a chunk known to be all zero (served
+    /// as a zero page, never fetched).
+    pub(crate) fn is_zero(&self, offset: u64) -> bool {
+        self.version.is_zero_chunk(self.version.chunk_of(offset).0)
+    }
+
+    /// Chunks asked for ahead of the guest and not landed yet.
+    pub(crate) fn prefetching(&self) -> usize {
+        self.prefetching.len()
+    }
+
+    /// Whether `chunk` is being fetched for this session's replay.
+    pub(crate) fn is_prefetching(&self, chunk: u64) -> bool {
+        self.prefetching.contains(&chunk)
+    }
+
+    /// The service (recordings are read and written through its fetcher).
+    pub fn service(&self) -> &Arc<ObjectService> {
+        &self.service
     }
 
     /// Faults waiting for chunks.

@@ -15,7 +15,20 @@
 //! | 64..64+8N | file offsets of the pages, in first-touch order: page aligned, below the file size, no repeats |
 //! | last 32 | SHA-256 of all the bytes before |
 //!
-//! Zero pages are not in the format: whoever serves the snapshot finds them in it.
+//! Zero pages are not in version 1: whoever serves a snapshot file finds them in it.
+//!
+//! **Version 2** (only beside a snapshot object, [`Recording::decode_object`]; the local
+//! library reads and writes version 1): the same, with version 2, and between the offsets and
+//! the checksum the object's zero chunks:
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 8 | chunk size Z of the indexes, bytes (a power of two, 512 KiB..=4 MiB) |
+//! | 8 | count M of zero chunks, at most 1048576 |
+//! | 8M | indexes of chunks of Z bytes whose bytes are all zero: ascending, within the object |
+//!
+//! The header's digest field of a recording of an object is not a content hash but the
+//! object version's identity (`engine::objects::recording_digest`).
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 
@@ -23,6 +36,12 @@ use std::collections::HashSet;
 pub const MAGIC: [u8; 8] = *b"FAULTDWS";
 /// The format version written and read.
 pub const VERSION: u32 = 1;
+/// The version with an object's zero chunks (read by [`Recording::decode_object`] only).
+pub const VERSION_ZERO: u32 = 2;
+/// Most zero chunks a version-2 recording lists.
+pub const MAX_ZERO_CHUNKS: u64 = 1 << 20;
+/// Most bytes of an encoded version-2 recording.
+pub const MAX_OBJECT_BYTES: usize = MAX_BYTES + 16 + 8 * MAX_ZERO_CHUNKS as usize;
 /// Header bytes.
 const HEADER: usize = 64;
 /// Trailer (checksum) bytes.
@@ -73,6 +92,17 @@ pub struct Recording {
     pub digest: [u8; 32],
     /// File offsets of the pages.
     pub offsets: Vec<u64>,
+    /// An object's chunks known to be all zero (version 2; None: version 1).
+    pub zero: Option<ZeroChunks>,
+}
+
+/// Chunks of an object whose bytes are all zero, as faultd saw them when it fetched them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZeroChunks {
+    /// The chunk size the indexes count in.
+    pub chunk_bytes: u64,
+    /// Ascending chunk indexes.
+    pub chunks: Vec<u64>,
 }
 
 /// Why bytes are not a recording.
@@ -84,6 +114,9 @@ pub enum DecodeError {
     /// Not the magic.
     #[error("not a faultd working-set recording (bad magic)")]
     Magic,
+    /// The zero-chunk section is malformed.
+    #[error("zero chunks: {0}")]
+    Zero(&'static str),
     /// A version this faultd does not read.
     #[error("recording format version {0}; this faultd reads version {VERSION}")]
     Version(u32),
@@ -118,13 +151,25 @@ impl Recording {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + 8 * self.offsets.len() + TRAILER);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        let version = if self.zero.is_some() {
+            VERSION_ZERO
+        } else {
+            VERSION
+        };
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(PAGE as u32).to_le_bytes());
         out.extend_from_slice(&self.snapshot_size.to_le_bytes());
         out.extend_from_slice(&self.digest);
         out.extend_from_slice(&(self.offsets.len() as u64).to_le_bytes());
         for o in &self.offsets {
             out.extend_from_slice(&o.to_le_bytes());
+        }
+        if let Some(z) = &self.zero {
+            out.extend_from_slice(&z.chunk_bytes.to_le_bytes());
+            out.extend_from_slice(&(z.chunks.len() as u64).to_le_bytes());
+            for c in &z.chunks {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
         }
         let sum: [u8; 32] = Sha256::digest(&out).into();
         out.extend_from_slice(&sum);
@@ -134,7 +179,18 @@ impl Recording {
     /// Reads a recording, checking every byte (bounded: nothing is allocated beyond what
     /// `bytes` holds).
     pub fn decode(bytes: &[u8]) -> Result<Recording, DecodeError> {
-        if bytes.len() < HEADER + TRAILER || bytes.len() > MAX_BYTES {
+        Self::decode_as(bytes, false)
+    }
+
+    /// Reads a recording beside an object: version 1, or version 2 with its zero chunks
+    /// (checked as the rest: ascending, within the object, bounded).
+    pub fn decode_object(bytes: &[u8]) -> Result<Recording, DecodeError> {
+        Self::decode_as(bytes, true)
+    }
+
+    fn decode_as(bytes: &[u8], object: bool) -> Result<Recording, DecodeError> {
+        let max = if object { MAX_OBJECT_BYTES } else { MAX_BYTES };
+        if bytes.len() < HEADER + TRAILER || bytes.len() > max {
             return Err(DecodeError::Size(bytes.len()));
         }
         let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap_or_default());
@@ -142,19 +198,29 @@ impl Recording {
         if bytes[..8] != MAGIC {
             return Err(DecodeError::Magic);
         }
-        if u32_at(8) != VERSION {
-            return Err(DecodeError::Version(u32_at(8)));
+        let version = u32_at(8);
+        if version != VERSION && !(object && version == VERSION_ZERO) {
+            return Err(DecodeError::Version(version));
         }
         if u32_at(12) as u64 != PAGE {
             return Err(DecodeError::PageSize(u32_at(12)));
         }
         let count = u64_at(56);
-        let room = ((bytes.len() - HEADER - TRAILER) / 8) as u64;
-        if count != room || !(bytes.len() - HEADER - TRAILER).is_multiple_of(8) || count > MAX_PAGES
+        let body = bytes.len() - TRAILER;
+        // Version 2: the zero section's 16 bytes of head follow the offsets.
+        let tail = if version == VERSION_ZERO { 16 } else { 0 };
+        let room = ((bytes.len() - HEADER - TRAILER).saturating_sub(tail) / 8) as u64;
+        let offsets_end = (count <= MAX_PAGES)
+            .then(|| HEADER + 8 * count as usize)
+            .filter(|&e| e + tail <= body);
+        let Some(offsets_end) = offsets_end else {
+            return Err(DecodeError::Count { count, room });
+        };
+        if version == VERSION
+            && (count != room || !(bytes.len() - HEADER - TRAILER).is_multiple_of(8))
         {
             return Err(DecodeError::Count { count, room });
         }
-        let body = bytes.len() - TRAILER;
         let sum: [u8; 32] = Sha256::digest(&bytes[..body]).into();
         if sum[..] != bytes[body..] {
             return Err(DecodeError::Checksum);
@@ -180,10 +246,41 @@ impl Recording {
             }
             offsets.push(offset);
         }
+        let zero = if version == VERSION_ZERO {
+            let chunk_bytes = u64_at(offsets_end);
+            let m = u64_at(offsets_end + 8);
+            if !(chunk_bytes.is_power_of_two() && (512 << 10..=4 << 20).contains(&chunk_bytes)) {
+                return Err(DecodeError::Zero(
+                    "the chunk size is not a power of two from 512 KiB to 4 MiB",
+                ));
+            }
+            if m > MAX_ZERO_CHUNKS || (offsets_end + 16) as u64 + 8 * m != body as u64 {
+                return Err(DecodeError::Zero("the count does not match the length"));
+            }
+            let chunks_in = snapshot_size.div_ceil(chunk_bytes);
+            let mut chunks = Vec::with_capacity(m as usize);
+            for i in 0..m as usize {
+                let c = u64_at(offsets_end + 16 + 8 * i);
+                if c >= chunks_in {
+                    return Err(DecodeError::Zero("a chunk beyond the object"));
+                }
+                if chunks.last().is_some_and(|&l| l >= c) {
+                    return Err(DecodeError::Zero("chunks not ascending"));
+                }
+                chunks.push(c);
+            }
+            Some(ZeroChunks {
+                chunk_bytes,
+                chunks,
+            })
+        } else {
+            None
+        };
         Ok(Recording {
             snapshot_size,
             digest,
             offsets,
+            zero,
         })
     }
 }
@@ -197,7 +294,47 @@ mod tests {
             snapshot_size: 64 * PAGE,
             digest: [7; 32],
             offsets: vec![3 * PAGE, 0, 63 * PAGE],
+            zero: None,
         }
+    }
+
+    #[test]
+    fn an_objects_recording_with_zero_chunks_reads_back_and_is_checked() {
+        let mut r = sample();
+        r.snapshot_size = 4 << 20;
+        r.zero = Some(ZeroChunks {
+            chunk_bytes: 512 << 10,
+            chunks: vec![1, 5, 7],
+        });
+        let bytes = r.encode();
+        assert_eq!(Recording::decode_object(&bytes), Ok(r.clone()));
+        // The local library's reader takes version 1 only.
+        assert_eq!(Recording::decode(&bytes), Err(DecodeError::Version(2)));
+        // Version 1 still reads as an object's.
+        assert_eq!(Recording::decode_object(&sample().encode()), Ok(sample()));
+        for (chunks, why) in [
+            (vec![1, 8], "a chunk beyond the object"),
+            (vec![5, 1], "chunks not ascending"),
+            (vec![5, 5], "chunks not ascending"),
+        ] {
+            let mut bad = r.clone();
+            bad.zero.as_mut().unwrap().chunks = chunks;
+            assert_eq!(
+                Recording::decode_object(&bad.encode()),
+                Err(DecodeError::Zero(why))
+            );
+        }
+        let mut bad = r.clone();
+        bad.zero.as_mut().unwrap().chunk_bytes = 4096;
+        assert!(matches!(
+            Recording::decode_object(&bad.encode()),
+            Err(DecodeError::Zero(_))
+        ));
+        // Cut short (and checksummed again): refused, never read past the end.
+        let mut short = bytes[..bytes.len() - TRAILER - 8].to_vec();
+        let sum: [u8; 32] = Sha256::digest(&short).into();
+        short.extend_from_slice(&sum);
+        assert!(Recording::decode_object(&short).is_err());
     }
 
     #[test]

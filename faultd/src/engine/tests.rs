@@ -1601,6 +1601,7 @@ fn replaying(
                 snapshot_size: scan.key.size,
                 digest: scan.digest,
                 offsets: offsets.to_vec(),
+                zero: None,
             },
         )
         .unwrap();
@@ -1635,6 +1636,7 @@ fn the_first_fault_is_served_while_a_large_recording_is_still_loading() {
         snapshot_size: scan.key.size,
         digest: scan.digest,
         offsets: (0..MAX_PAGES).rev().map(|p| p * PAGE).collect(),
+        zero: None,
     };
     library.save(Some(0), &rec).unwrap();
     s.set_snapshot_info(Arc::new(SnapshotInfo::ready(scan)));

@@ -41,6 +41,9 @@ pub const SLICE_PAGES: usize = 64;
 pub const RUN_PAGES: usize = 16;
 /// Demand faults seen during replay before it may be judged wrong.
 pub const JUDGE_AFTER: u64 = 32;
+/// Chunks one session's replay has in flight at most when its snapshot is an object (GETs
+/// ahead of the guest; see [`super::objects`]).
+pub const PREFETCH_WINDOW: usize = 8;
 
 /// Working-set settings of a server (from config `[working_set]`).
 #[derive(Clone, Debug)]
@@ -80,6 +83,10 @@ struct Replay {
     demand: u64,
     misses: u64,
     failures: u32,
+    /// When the snapshot is an object: its chunks holding recorded pages, in the order of
+    /// their first recorded page, each once; and the next one to ask for.
+    chunks: Vec<u64>,
+    next_chunk: usize,
 }
 
 impl Replay {
@@ -93,8 +100,87 @@ impl Replay {
             demand: 0,
             misses: 0,
             failures: 0,
+            chunks: Vec::new(),
+            next_chunk: 0,
         }
     }
+
+    /// The replay of `rec` against an object of chunks of `chunk_bytes`: its pages are
+    /// installed as their chunks land, asked for in recorded order.
+    fn of_object(rec: Arc<Recording>, chunk_bytes: u64) -> Replay {
+        let mut seen = HashSet::new();
+        let chunks = rec
+            .offsets
+            .iter()
+            .map(|o| o / chunk_bytes.max(1))
+            .filter(|c| seen.insert(*c))
+            .collect();
+        Replay {
+            chunks,
+            ..Replay::new(rec)
+        }
+    }
+}
+
+/// A recording read from beside `version`, if it is one of this version: its digest binds
+/// (endpoint/bucket/key, ETag, size), so a recording of another version (planted at this
+/// version's key or not) is never replayed. Logs why one is not used.
+fn object_recording(
+    service: &super::objects::ObjectService,
+    version: &Arc<objstore::ObjectVersion>,
+    session: u64,
+) -> Option<Replay> {
+    let bytes = match service
+        .fetcher()
+        .get_recording(version, super::recording::MAX_OBJECT_BYTES as u64)
+    {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(session, "no replay: {}", crate::ops::logging::chain(&e));
+            return None;
+        }
+    };
+    let rec = match Recording::decode_object(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                session,
+                object = version.label(),
+                "no replay: the recording beside the object: {e}"
+            );
+            return None;
+        }
+    };
+    if rec.digest != super::objects::recording_digest(version)
+        || rec.snapshot_size != version.size()
+    {
+        tracing::warn!(
+            session,
+            object = version.label(),
+            etag = version.etag(),
+            "no replay: the recording beside the object is of another version of it"
+        );
+        return None;
+    }
+    // Its zero chunks serve zeros in place of data: taken only from a store whose recordings
+    // faultd writes (their keys are the operator's for faultd), at this chunk size.
+    match &rec.zero {
+        Some(z) if z.chunk_bytes != version.chunk_size().bytes() => tracing::info!(
+            session,
+            "the recording's zero chunks are of another chunk size: not used"
+        ),
+        Some(z) if service.writes_recordings(version) => version.learn_zero(&z.chunks),
+        Some(_) => tracing::info!(
+            session,
+            "the recording's zero chunks are not used: its store's write_recordings is off"
+        ),
+        None => {}
+    }
+    Some(Replay::of_object(
+        Arc::new(rec),
+        version.chunk_size().bytes(),
+    ))
 }
 
 /// A server's working-set state (none unless configured: [`FaultServer::with_working_set`]).
@@ -117,6 +203,8 @@ pub(crate) struct WsState {
     /// The pages of the recording replay ended with: demand fills outside them are still
     /// counted as misses.
     replayed: Option<HashSet<u64>>,
+    /// Replay waits for a chunk of the object to land (the doorbell wakes the thread).
+    waiting: bool,
 }
 
 impl std::fmt::Debug for WsState {
@@ -139,18 +227,29 @@ impl<O: UffdOps> FaultServer<O> {
     /// Records and replays working sets as `cfg` says.
     pub fn with_working_set(mut self, cfg: WsConfig) -> Self {
         let now = Instant::now();
-        if cfg.record && self.session.snapshot().is_some() {
+        self.ws.started = Some(now);
+        self.ws.cfg = Some(cfg);
+        if self.session.snapshot().is_some() || self.object.is_some() {
+            self.ws_new_recorder();
+        }
+        self
+    }
+
+    /// Starts recording, when configured and not started (a session whose snapshot is an
+    /// object gets its object after [`FaultServer::with_working_set`]).
+    pub(crate) fn ws_new_recorder(&mut self) {
+        let (Some(cfg), Some(started)) = (&self.ws.cfg, self.ws.started) else {
+            return;
+        };
+        if cfg.record && self.ws.recorder.is_none() {
             self.ws.recorder = Some(Recorder {
                 offsets: Vec::new(),
                 seen: HashSet::new(),
                 max: cfg.record_pages.min(MAX_PAGES),
-                until: now + cfg.record_for,
+                until: started + cfg.record_for,
                 done: false,
             });
         }
-        self.ws.started = Some(now);
-        self.ws.cfg = Some(cfg);
-        self
     }
 
     /// Called by [`FaultServer::install`] for every page it filled from the snapshot at
@@ -204,6 +303,10 @@ impl<O: UffdOps> FaultServer<O> {
         rec.done = true;
         let offsets = std::mem::take(&mut rec.offsets);
         rec.seen = HashSet::new();
+        if self.object.is_some() {
+            self.ws_save_beside_object(offsets);
+            return;
+        }
         let (Some(cfg), Some(scan)) = (
             &self.ws.cfg,
             self.session.snapshot_info().and_then(|i| i.scan()),
@@ -221,6 +324,7 @@ impl<O: UffdOps> FaultServer<O> {
             snapshot_size: scan.key.size,
             digest: scan.digest,
             offsets,
+            zero: None,
         };
         let library = cfg.library.clone();
         let owner = self.session.owner();
@@ -234,6 +338,62 @@ impl<O: UffdOps> FaultServer<O> {
                     "working set recorded"
                 ),
                 Err(e) => tracing::warn!(session = id, "saving the working set: {e}"),
+            });
+    }
+
+    /// Writes `offsets` as the recording beside the session's object (on a thread of its own,
+    /// `If-None-Match: *`: the first writer wins), when its store allows faultd to write.
+    fn ws_save_beside_object(&mut self, offsets: Vec<u64>) {
+        let Some(o) = &self.object else { return };
+        let id = self.session.id();
+        if offsets.is_empty() {
+            return;
+        }
+        let (service, version) = (o.service().clone(), o.version().clone());
+        if !service.writes_recordings(&version) {
+            tracing::info!(
+                session = id,
+                object = version.label(),
+                "working set not written beside the object: its store's write_recordings is off"
+            );
+            return;
+        }
+        // The chunks faultd saw to be all zero (or learnt from a recording it trusts).
+        let zero = version.zero_chunks();
+        let recording = Recording {
+            snapshot_size: version.size(),
+            digest: super::objects::recording_digest(&version),
+            offsets,
+            zero: (!zero.is_empty()).then(|| super::recording::ZeroChunks {
+                chunk_bytes: version.chunk_size().bytes(),
+                chunks: zero,
+            }),
+        };
+        let pages = recording.offsets.len();
+        let _ = std::thread::Builder::new()
+            .name("faultd-ws-put".into())
+            .spawn(move || {
+                match service
+                    .fetcher()
+                    .put_recording(&version, recording.encode())
+                {
+                    Ok(true) => tracing::info!(
+                        session = id,
+                        object = version.label(),
+                        pages,
+                        "working set recorded beside the object"
+                    ),
+                    Ok(false) => tracing::info!(
+                        session = id,
+                        object = version.label(),
+                        "working set not written: a recording of this version is there already"
+                    ),
+                    Err(e) => tracing::warn!(
+                        session = id,
+                        "writing the working set beside the object: {}",
+                        crate::ops::logging::chain(&e)
+                    ),
+                }
             });
     }
 
@@ -264,8 +424,13 @@ impl<O: UffdOps> FaultServer<O> {
             return false;
         }
         self.ws.prefetching = true;
+        self.ws.waiting = false;
         let more = self.ws_install_slice();
         self.ws.prefetching = false;
+        // Waiting for a chunk: nothing to do until the doorbell rings.
+        if self.ws.waiting {
+            return false;
+        }
         if !more && self.ws.replay.is_some() {
             let stop = if self.ws.replay.as_ref().is_some_and(|r| r.failures > 8) {
                 ReplayStop::Error
@@ -335,6 +500,34 @@ impl<O: UffdOps> FaultServer<O> {
     /// Looks for a recording of this session's snapshot, once its digest is known.
     fn ws_look_up(&mut self) {
         let Some(cfg) = &self.ws.cfg else { return };
+        if let Some(o) = &self.object {
+            self.ws.looked_up = true;
+            if !cfg.replay {
+                return;
+            }
+            // One GET of the recording beside the object, bounded, on a thread of its own:
+            // the guest's first faults are served meanwhile.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let (service, version) = (o.service().clone(), o.version().clone());
+            let waker = self.ws.waker.clone();
+            let id = self.session.id();
+            let spawned = std::thread::Builder::new()
+                .name("faultd-ws-get".into())
+                .spawn(move || {
+                    let _ = tx.send(object_recording(&service, &version, id));
+                    if let Some(wake) = waker {
+                        wake();
+                    }
+                });
+            match spawned {
+                Ok(_) => self.ws.loading = Some(rx),
+                Err(e) => tracing::warn!(
+                    session = id,
+                    "no working-set replay: starting its loader: {e}"
+                ),
+            }
+            return;
+        }
         let Some(scan) = self.session.snapshot_info().and_then(|i| i.scan()) else {
             // Not scanned (yet): nothing to replay before it is; give up once recording time
             // is over (the guest's start is then past).
@@ -405,6 +598,9 @@ impl<O: UffdOps> FaultServer<O> {
         let r = self.ws.replay.as_ref()?;
         if self.finished {
             return Some(ReplayStop::Finished);
+        }
+        if self.object.as_ref().is_some_and(|o| o.failed.is_some()) {
+            return Some(ReplayStop::Error);
         }
         if r.demand >= JUDGE_AFTER && r.misses * 4 > r.demand * 3 {
             return Some(ReplayStop::Wrong);
@@ -505,6 +701,10 @@ impl<O: UffdOps> FaultServer<O> {
             };
             let rec = r.rec.clone();
             let start = r.next;
+            if self.ws_wait_for_chunk(offset) {
+                self.ws.waiting = true;
+                return true;
+            }
             let Some(at) = self.ws_page_of(offset) else {
                 self.ws_done(start, 1, 0, 0);
                 budget -= 1;
@@ -513,7 +713,8 @@ impl<O: UffdOps> FaultServer<O> {
             // The run: recorded next to each other, contiguous in the file and in one
             // region, each absent and to be copied.
             let mut run = vec![at];
-            if self.ws_wanted(at, offset) && at.size == PAGE {
+            // An object's pages are copied one at a time (no file mapping to copy a run from).
+            if self.object.is_none() && self.ws_wanted(at, offset) && at.size == PAGE {
                 while run.len() < RUN_PAGES.min(budget) {
                     let k = run.len();
                     let (Some(&o), Some(next)) = (
@@ -565,6 +766,23 @@ impl<O: UffdOps> FaultServer<O> {
             .replay
             .as_ref()
             .is_some_and(|r| r.next < r.rec.offsets.len())
+    }
+
+    /// For a session whose snapshot is an object: keeps [`PREFETCH_WINDOW`] chunks of the
+    /// recording in flight (in recorded order, each asked for once), and says whether the
+    /// chunk of the recorded page at `offset` is still on its way (the slice then waits for
+    /// the doorbell). A chunk asked for and landed is read from the cache by the install.
+    fn ws_wait_for_chunk(&mut self, offset: u64) -> bool {
+        let (Some(o), Some(r)) = (self.object.as_mut(), self.ws.replay.as_mut()) else {
+            return false;
+        };
+        while o.prefetching() < PREFETCH_WINDOW && r.next_chunk < r.chunks.len() {
+            let chunk = r.chunks[r.next_chunk];
+            r.next_chunk += 1;
+            o.prefetch(chunk);
+        }
+        let chunk = o.version().chunk_of(offset).0;
+        o.is_prefetching(chunk)
     }
 
     /// Marks `n` recorded pages from `start` processed: `installed` of them copied, `zero`
@@ -645,7 +863,7 @@ impl<O: UffdOps> FaultServer<O> {
                 _ => return One::Skipped,
             }
         };
-        let zero = self.session.serves_as_zero(fill, at.size);
+        let zero = self.zero_fill(fill, at.size);
         match self.install(at, fill) {
             Ok(()) if zero => One::Zero,
             Ok(()) => One::Installed,

@@ -739,6 +739,7 @@ mod tests {
             snapshot_size: 1 << 20,
             digest: [digest; 32],
             offsets: (0..pages).map(|p| p * 4096).collect(),
+            zero: None,
         }
     }
 

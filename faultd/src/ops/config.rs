@@ -144,6 +144,8 @@ struct RawObjectStoreEntry {
     prefix: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     uids: Vec<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    write_recordings: bool,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -337,6 +339,10 @@ pub struct ObjectStoreSpec {
     /// The uids that may use this store; empty: any uid (then `prefix` must hold `{uid}`, so
     /// that each reads only its own keys).
     pub uids: Vec<u32>,
+    /// Whether faultd writes working-set recordings beside the objects it restores (with its
+    /// own credentials, `If-None-Match: *`, at a key it derives from the object's: see
+    /// `engine::working_set`). Off: recordings there are read, never written.
+    pub write_recordings: bool,
 }
 
 impl ObjectStoreSpec {
@@ -671,6 +677,7 @@ impl From<&Config> for RawConfig {
                         secret_key: s.credentials.as_ref().map(|c| c.secret_key.clone()),
                         prefix: s.prefix.clone(),
                         uids: s.uids.clone(),
+                        write_recordings: s.write_recordings,
                     })
                     .collect(),
             },
@@ -1127,6 +1134,7 @@ fn object_store(raw: RawObjectStore) -> Result<ObjectStores, ConfigError> {
             credentials,
             prefix: e.prefix,
             uids: e.uids,
+            write_recordings: e.write_recordings,
         });
     }
     Ok(ObjectStores {
@@ -1569,6 +1577,7 @@ mod tests {
             }),
             prefix: "tenants/{uid}/".into(),
             uids: vec![],
+            write_recordings: false,
         };
         let shown = format!("{spec:?} {spec:#?}");
         assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
@@ -1819,6 +1828,23 @@ prefix = "tenants/{uid}/"
         assert_eq!(c.firecracker.len(), 2);
         assert_eq!(c.firecracker[0].peer.uid, Some(1000));
         assert_eq!(c.firecracker[1].socket, PathBuf::from("/run/fc1.sock"));
+    }
+
+    #[test]
+    fn a_stores_write_recordings_is_off_unless_set_and_round_trips() {
+        let store = |extra: &str| {
+            format!(
+                "[[object_store.stores]]\nname = \"s\"\nendpoint = \"http://127.0.0.1:1\"\n\
+                 region = \"r\"\nbucket = \"b\"\nprefix = \"tenants/{{uid}}/\"\n{extra}"
+            )
+        };
+        let off = Config::from_toml(&store("")).unwrap();
+        assert!(!off.object_store.stores[0].write_recordings);
+        let on = Config::from_toml(&store("write_recordings = true\n")).unwrap();
+        assert!(on.object_store.stores[0].write_recordings);
+        for c in [off, on] {
+            assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+        }
     }
 
     #[test]

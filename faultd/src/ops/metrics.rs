@@ -637,6 +637,12 @@ pub struct ObjectSample {
     pub cache_chunks: u64,
     /// Chunks evicted from the cache to keep its bound.
     pub evicted: u64,
+    /// Chunk fetches started ahead of the guest (replay of a recording beside the object).
+    pub prefetch_gets: u64,
+    /// GETs of recordings beside objects.
+    pub recording_gets: u64,
+    /// PUTs of recordings beside objects.
+    pub recording_puts: u64,
 }
 
 fn object_families(o: &ObjectSample) -> Vec<MetricFamily> {
@@ -682,6 +688,24 @@ fn object_families(o: &ObjectSample) -> Vec<MetricFamily> {
             "faultd_object_cache_evicted_total",
             "Chunks evicted from the local chunk cache to keep its bound.",
             o.evicted,
+            true,
+        ),
+        (
+            "faultd_object_prefetch_gets_total",
+            "Chunk fetches started ahead of the guest by a recording's replay (their GETs are in faultd_object_gets_total too).",
+            o.prefetch_gets,
+            true,
+        ),
+        (
+            "faultd_object_recording_gets_total",
+            "GETs of working-set recordings beside snapshot objects.",
+            o.recording_gets,
+            true,
+        ),
+        (
+            "faultd_object_recording_puts_total",
+            "PUTs (If-None-Match: *) of working-set recordings beside snapshot objects.",
+            o.recording_puts,
             true,
         ),
         (
