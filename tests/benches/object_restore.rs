@@ -16,8 +16,7 @@
 //! object, made once before the rounds by a recording restore, replayed as prefetch while the
 //! guest runs). Each ratio is taken per round against `local` of that round and reported as
 //! the median over rounds with its interquartile range. `FAULT_RT_QUICK=1`: 128 MiB, 8 MiB,
-//! 2 rounds (a smoke run); `OBJ_BENCH_ROUNDS=N`: N rounds. The full size has not run: the
-//! 1 GiB PUT through `Rgw::put` (curl) failed with no HTTP status on this machine.
+//! 2 rounds (a smoke run); `OBJ_BENCH_ROUNDS=N`: N rounds. Figures: docs/object-store.md.
 
 use std::collections::BTreeSet;
 use std::io::Write;

@@ -197,7 +197,7 @@ impl Rgw {
     /// Creates `bucket` with a SigV4-signed PUT (curl signs it; `object_store` cannot create
     /// buckets).
     pub fn create_bucket(&self, bucket: &str) {
-        let out = self.curl(&["-X", "PUT", &format!("{}/{bucket}", self.endpoint())]);
+        let out = self.curl(30, &["-X", "PUT", &format!("{}/{bucket}", self.endpoint())]);
         assert!(
             out.starts_with("200"),
             "creating bucket {bucket}: {out}\n{}",
@@ -207,32 +207,32 @@ impl Rgw {
 
     /// Signed PUT of `body` as `bucket/key`; returns the HTTP status line's code.
     pub fn put(&self, bucket: &str, key: &str, body: &Path) -> String {
-        self.curl(&[
-            "-X",
-            "PUT",
-            "--data-binary",
-            &format!("@{}", body.display()),
-            &format!("{}/{bucket}/{key}", self.endpoint()),
-        ])
+        // 30 s, and a second more per 16 MiB: a 1 GiB PUT into memstore takes longer than 30 s
+        // on this machine (curl gave up: no HTTP status).
+        let len = std::fs::metadata(body).map_or(0, |m| m.len());
+        self.curl(
+            30 + len / (16 << 20),
+            &[
+                "-X",
+                "PUT",
+                // Streamed from the file (`--data-binary @file` reads it all into memory first).
+                "-T",
+                &body.display().to_string(),
+                &format!("{}/{bucket}/{key}", self.endpoint()),
+            ],
+        )
     }
 
-    fn curl(&self, args: &[&str]) -> String {
+    fn curl(&self, max_secs: u64, args: &[&str]) -> String {
         let mut cmd = Command::new("curl");
-        cmd.args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "30",
-        ])
-        .args(["--aws-sigv4", &format!("aws:amz:{REGION}:s3")])
-        .args(["--user", &format!("{ACCESS_KEY}:{SECRET_KEY}")])
-        // radosgw refuses a signed request without the payload hash header; UNSIGNED-PAYLOAD
-        // covers any body (curl hashes none).
-        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
-        .args(args);
+        cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time"])
+            .arg(max_secs.to_string())
+            .args(["--aws-sigv4", &format!("aws:amz:{REGION}:s3")])
+            .args(["--user", &format!("{ACCESS_KEY}:{SECRET_KEY}")])
+            // radosgw refuses a signed request without the payload hash header; UNSIGNED-PAYLOAD
+            // covers any body (curl hashes none).
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .args(args);
         let out = cmd.output().expect("running curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -413,7 +413,8 @@ mon warn on pool no redundancy = false
 mon data avail warn = 1
 mon data avail crit = 0
 osd objectstore = memstore
-memstore device bytes = 1073741824
+# a cap, not an allocation: room for the benchmark's 1 GiB snapshot and its metadata
+memstore device bytes = 4294967296
 osd op num shards = 1
 osd op num threads per shard = 2
 debug ms = 0
