@@ -578,7 +578,13 @@ impl Daemon {
         let sessions = self.sessions();
         let labels = self.labels();
         let other: Arc<str> = Arc::from("other");
-        let objects = self.objects.as_ref().map(|o| object_sample(o.fetcher()));
+        let objects = self
+            .objects
+            .as_ref()
+            .map(|o| crate::ops::metrics::ObjectSample {
+                kept_refused: o.kept_refused.load(Ordering::Relaxed),
+                ..object_sample(o.fetcher())
+            });
         self.metrics.render_with_objects(
             sessions.iter().map(|(id, s)| {
                 let label = labels.get(id).unwrap_or(&other);
@@ -1048,6 +1054,8 @@ pub(crate) fn object_sample(f: &objstore::Fetcher) -> crate::ops::metrics::Objec
         cache_bytes: cache.bytes(),
         cache_chunks: cache.len() as u64,
         evicted: get(&cache.counters.evicted),
+        // The service's, not the fetcher's (see the metrics sample).
+        kept_refused: 0,
     }
 }
 
