@@ -583,7 +583,13 @@ impl Daemon {
         let sessions = self.sessions();
         let labels = self.labels();
         let other: Arc<str> = Arc::from("other");
-        let objects = self.objects.as_ref().map(|o| object_sample(o.fetcher()));
+        let objects = self
+            .objects
+            .as_ref()
+            .map(|o| crate::ops::metrics::ObjectSample {
+                kept_refused: o.kept_refused.load(Ordering::Relaxed),
+                ..object_sample(o.fetcher())
+            });
         self.metrics.set_pinned(self.pin_pool.used());
         self.metrics.render_with_objects(
             sessions.iter().map(|(id, s)| {
@@ -1057,6 +1063,8 @@ pub(crate) fn object_sample(f: &objstore::Fetcher) -> crate::ops::metrics::Objec
         prefetch_gets: get(&c.prefetch_gets),
         recording_gets: get(&c.recording_gets),
         recording_puts: get(&c.recording_puts),
+        // The service's, not the fetcher's (see the metrics sample).
+        kept_refused: 0,
     }
 }
 

@@ -104,6 +104,27 @@ impl Faultd {
         f
     }
 
+    /// [`Faultd::start_managed`] with `toml` as its configuration file, which
+    /// [`Faultd::rewrite_config`] may change before a [`Faultd::restart`].
+    pub fn start_managed_with_config(
+        manager: &service_manager::ServiceManager,
+        toml: &str,
+    ) -> Faultd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("faultd.toml");
+        write_config(&config, toml);
+        let extra = vec!["--config".into(), config.into_os_string()];
+        let mut f = Faultd::spawn_in(dir, extra, &[], &[], Some(manager));
+        f.wait_accepting();
+        f
+    }
+
+    /// Replaces the configuration file a faultd started with a config reads at its next
+    /// [`Faultd::restart`].
+    pub fn rewrite_config(&self, toml: &str) {
+        write_config(&self._dir.path().join("faultd.toml"), toml);
+    }
+
     fn spawn_in(
         dir: tempfile::TempDir,
         extra: Vec<std::ffi::OsString>,
@@ -289,12 +310,14 @@ impl Faultd {
         s
     }
 
-    /// Where faultd serves metrics (`IP:PORT`), from the address it logs at start.
+    /// Where faultd serves metrics (`IP:PORT`), from the address it logs at start (the last
+    /// start's, after a [`Faultd::restart`]).
     pub fn metrics_addr(&self) -> String {
+        const AT: &str = "metrics served at http://";
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log = self.log();
-            if let Some(rest) = log.split("metrics served at http://").nth(1) {
+            if let Some(rest) = log.rfind(AT).map(|i| &log[i + AT.len()..]) {
                 if let Some(addr) = rest.split("/metrics").next() {
                     return addr.to_owned();
                 }

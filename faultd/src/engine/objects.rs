@@ -38,6 +38,9 @@ use crate::ops::config::{ObjectStoreSpec, ObjectStores};
 pub struct ObjectService {
     fetcher: Fetcher,
     stores: Vec<(ObjectStoreSpec, Arc<dyn ObjectStore>)>,
+    /// Restores kept across a faultd restart that were not served again because their object
+    /// changed, is gone, or may no longer be read by their uid (monotonic; metrics).
+    pub kept_refused: std::sync::atomic::AtomicU64,
 }
 
 /// Why a client's object could not be opened for it.
@@ -83,7 +86,11 @@ impl ObjectService {
                 Ok((spec.clone(), client))
             })
             .collect::<io::Result<_>>()?;
-        Ok(Some(ObjectService { fetcher, stores }))
+        Ok(Some(ObjectService {
+            fetcher,
+            stores,
+            kept_refused: std::sync::atomic::AtomicU64::new(0),
+        }))
     }
 
     /// Whether a peer of uid `uid` may read `key` of store `store` (no request is made).

@@ -643,6 +643,9 @@ pub struct ObjectSample {
     pub recording_gets: u64,
     /// PUTs of recordings beside objects.
     pub recording_puts: u64,
+    /// Restores from an object kept across a faultd restart and not served again (the object
+    /// changed or is gone, or the store's rules no longer let their uid read it).
+    pub kept_refused: u64,
 }
 
 fn object_families(o: &ObjectSample) -> Vec<MetricFamily> {
@@ -682,6 +685,13 @@ fn object_families(o: &ObjectSample) -> Vec<MetricFamily> {
             "faultd_object_changed_total",
             "Chunks refused because their object changed since the restore started.",
             o.changed,
+            true,
+        ),
+        (
+            "faultd_object_kept_refused_total",
+            "Restores from an object kept across a faultd restart and not served again: the \
+             object changed or is gone, or its uid may no longer read it.",
+            o.kept_refused,
             true,
         ),
         (

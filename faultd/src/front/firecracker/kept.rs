@@ -22,6 +22,16 @@
 //! (kept, not removed, when faultd stops), and every thread blocked on a fault the old faultd
 //! had read is woken to fault again ([`crate::engine::FaultServer::resume`]).
 //!
+//! A restore whose snapshot is an object keeps no snapshot fd: its memfd names the object
+//! (store, key), the version the restore pinned (ETag and size) and the uid its key was checked
+//! for ([`KeptObject`]). The restarted faultd checks that uid against the store's rules as they
+//! are now (the config may have changed), HEADs the object again and serves it only if the
+//! store still holds that very version; every GET is pinned to the ETag as before, and chunks
+//! in the local cache (kept across restarts) are hits. Otherwise the session is not served
+//! again: the reason is logged as an error and counted (`faultd_object_kept_refused_total`),
+//! and the faults of the VM stay unanswered (Firecracker, which holds its own userfaultfd, has
+//! no channel to hear why): never a page of another version.
+//!
 //! The fds are told apart by kind, not by order (the fd store's order is the manager's).
 
 use std::fs::File;
@@ -46,8 +56,13 @@ pub(super) struct Kept {
     /// The uid the VM and its store belong to (0, the operator, in what an older faultd kept).
     #[serde(default)]
     pub owner: u32,
-    /// The memory snapshot file.
-    pub snapshot: PathBuf,
+    /// The memory snapshot file (None: the snapshot is [`Kept::object`]).
+    #[serde(default)]
+    pub snapshot: Option<PathBuf>,
+    /// The snapshot object and its pinned version (None: a file; and in what an older faultd
+    /// kept).
+    #[serde(default)]
+    pub object: Option<KeptObject>,
     /// Firecracker's regions, as it sent them.
     pub regions: Vec<Mapping>,
     /// The listener whose restore it is (its `restores_per_listener` counts it; None in what
@@ -55,6 +70,25 @@ pub(super) struct Kept {
     #[serde(default)]
     pub listener: Option<String>,
 }
+
+/// The snapshot object of a kept restore, and the version it was served from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct KeptObject {
+    /// The store's name in the config.
+    pub store: String,
+    /// The object's key.
+    pub key: String,
+    /// The ETag the restore pinned.
+    pub etag: String,
+    /// The object's size then.
+    pub size: u64,
+    /// The uid the key was checked for (Firecracker's, as the listener admitted it).
+    pub uid: u32,
+}
+
+/// The largest kept description read back: a few hundred bytes per region, and at most
+/// [`faultd_proto::MAX_REGIONS`] of them; anything longer is not faultd's.
+const MAX_DESCRIPTION: u64 = 1 << 20;
 
 /// The fd store name of `vm`'s kept session.
 fn name_of(vm: &str) -> String {
@@ -85,12 +119,13 @@ pub(super) fn keep(
     kept: &Kept,
     uffd: &OwnedFd,
     conn: &UnixStream,
-    snapshot: &File,
+    snapshot: Option<&File>,
 ) -> Option<String> {
     let name = name_of(&kept.vm);
     // The snapshot first: a session is resumed only once its own entry is there, and then
-    // finds its snapshot beside it.
-    if let Err(e) = systemd::store_fds(&snapshot_name_of(&kept.vm), &[snapshot.as_fd()]) {
+    // finds its snapshot beside it. An object's restore keeps none.
+    let stored = snapshot.map(|f| systemd::store_fds(&snapshot_name_of(&kept.vm), &[f.as_fd()]));
+    if let Some(Err(e)) = stored {
         tracing::warn!(
             vm = kept.vm,
             "the snapshot fd cannot be kept (fd store: {e}); after a restart it is reopened by \
@@ -262,6 +297,27 @@ async fn resume_one(
             forget(&name);
             return;
         }
+        Err(NotResumed::Object(vm, owner, why)) => {
+            // Its VM runs on, but the version it was restored from cannot be had: its faults
+            // stay unanswered rather than be served from another version.
+            tracing::error!(
+                vm,
+                "a kept Firecracker restore from an object is not served again: {why}; its \
+                 faults are not answered"
+            );
+            if let Some(o) = &daemon.objects {
+                o.kept_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            drop(crate::engine::store::Store::open(
+                &daemon.store_dir_of(owner),
+                &vm,
+                4096,
+                false,
+            ));
+            forget(&name);
+            return;
+        }
         Err(NotResumed::Failed(why)) => {
             // Nothing can serve it: drop it from the store rather than fail every start.
             tracing::error!(
@@ -296,6 +352,9 @@ type Resumed = (Live, UnixStream, SessionEnd, String, Held);
 enum NotResumed {
     /// Its VM (this one, of this owner) ended while faultd was down.
     Gone(String, u32),
+    /// Its snapshot object cannot be served again (changed, gone, or no longer allowed):
+    /// the VM, its owner, and why.
+    Object(String, u32, String),
     /// Something else, said.
     Failed(String),
 }
@@ -360,11 +419,19 @@ fn prepare(
     } = sort_out(fds)?;
     let mut json = Vec::new();
     desc.rewind()
-        .and_then(|()| desc.read_to_end(&mut json))
+        .and_then(|()| (&mut desc).take(MAX_DESCRIPTION + 1).read_to_end(&mut json))
         .map_err(|e| format!("reading the kept description: {e}"))?;
-    let kept: Kept =
-        serde_json::from_slice(&json).map_err(|e| format!("the kept description: {e}"))?;
+    let kept = parse_kept(&json)?;
     let uffd = check_fds(vec![uffd])?;
+    if let Some(object) = &kept.object {
+        if snapshot.is_some() {
+            return Err("a kept restore from an object has a snapshot fd beside it"
+                .to_owned()
+                .into());
+        }
+        let object = object.clone();
+        return serve_kept(daemon, kept, uffd, conn, Source::Object(object));
+    }
     let (snapshot, len) = match snapshot {
         // The file the listener opened, checked then: whatever is at its path now is not
         // looked at.
@@ -373,17 +440,100 @@ fn prepare(
         // runs as, who was admitted when it connected, so whatever is at the path now is
         // served only if that user could read it itself.
         None => {
+            let path = kept.snapshot.as_deref().ok_or_else(|| {
+                "the kept description names neither a snapshot file nor an object".to_owned()
+            })?;
             let reader =
                 nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
                     .map_err(|e| format!("the kept connection's peer: {e}"))?
                     .uid();
             tracing::info!(
                 vm = kept.vm,
-                snapshot = %kept.snapshot.display(),
+                snapshot = %path.display(),
                 "no snapshot fd kept: reopening the snapshot by path"
             );
-            open_snapshot(&kept.snapshot, reader).map_err(|e| crate::front::validate::chain(&e))?
+            open_snapshot(path, reader).map_err(|e| crate::front::validate::chain(&e))?
         }
+    };
+    serve_kept(daemon, kept, uffd, conn, Source::File(snapshot, len))
+}
+
+/// What a kept session's snapshot is.
+enum Source {
+    /// The file, and its length.
+    File(File, u64),
+    /// The object, its version to be pinned again.
+    Object(KeptObject),
+}
+
+/// Parses a kept description (faultd's own, but read back from a file: a bad one is an error,
+/// never a panic).
+fn parse_kept(json: &[u8]) -> Result<Kept, String> {
+    if json.len() as u64 > MAX_DESCRIPTION {
+        return Err(format!(
+            "the kept description is longer than {MAX_DESCRIPTION} bytes"
+        ));
+    }
+    let kept: Kept =
+        serde_json::from_slice(json).map_err(|e| format!("the kept description: {e}"))?;
+    if kept.snapshot.is_some() && kept.object.is_some() {
+        return Err("the kept description names both a snapshot file and an object".into());
+    }
+    Ok(kept)
+}
+
+/// Pins `object`'s version again for a restarted faultd: the store's rules as they are now
+/// must still let its uid read the key, and the store must still hold the version the restore
+/// was served from (same ETag and size). Blocks (a HEAD, on the fetcher's runtime).
+fn revive_object(
+    daemon: &Daemon,
+    object: &KeptObject,
+) -> Result<Arc<objstore::ObjectVersion>, String> {
+    let service = daemon
+        .objects
+        .as_ref()
+        .ok_or("no object store is configured any more")?;
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|e| format!("no runtime to pin the object's version on: {e}"))?;
+    let version = handle
+        .block_on(service.open_for(&object.store, &object.key, object.uid))
+        .map_err(|e| {
+            format!(
+                "store {} key {}: {}",
+                object.store,
+                object.key,
+                crate::ops::logging::chain(&e)
+            )
+        })?;
+    same_version(object, version.etag(), version.size())?;
+    Ok(version)
+}
+
+/// Whether the version the store holds now (`etag`, `size`) is the one `object` was served
+/// from.
+fn same_version(object: &KeptObject, etag: &str, size: u64) -> Result<(), String> {
+    if etag != object.etag || size != object.size {
+        return Err(format!(
+            "store {} key {} changed while faultd was down (served from ETag {}, {} bytes; \
+             the store now holds ETag {etag}, {size} bytes): refusing to mix versions",
+            object.store, object.key, object.etag, object.size
+        ));
+    }
+    Ok(())
+}
+
+/// Serves a kept session from `source`, unless its VM is gone (or its object cannot be had).
+fn serve_kept(
+    daemon: &Arc<Daemon>,
+    kept: Kept,
+    uffd: OwnedFd,
+    conn: std::os::unix::net::UnixStream,
+    source: Source,
+) -> Result<Resumed, NotResumed> {
+    let len = match &source {
+        Source::File(_, len) => *len,
+        // Checked against the size the store gives below.
+        Source::Object(o) => o.size,
     };
     let regions = check_regions(&kept.regions, len)?;
     // Firecracker's pidfd: to tell whether it is gone, then to reach its memory.
@@ -391,6 +541,16 @@ fn prepare(
     if peer_gone(&conn, regions.form, pidfd.as_ref().ok()) {
         return Err(NotResumed::Gone(kept.vm, kept.owner));
     }
+    // The VM runs: its snapshot object must be the version it was restored from.
+    let (snapshot, object) = match source {
+        Source::File(file, _) => (Some(file), None),
+        Source::Object(o) => {
+            let version = revive_object(daemon, &o)
+                .map_err(|why| NotResumed::Object(kept.vm.clone(), kept.owner, why))?;
+            super::pages_fit_chunks(&regions.layout, &version)?;
+            (None, Some(version))
+        }
+    };
     conn.set_nonblocking(true)
         .map_err(|e| format!("the kept connection: {e}"))?;
     let conn = UnixStream::from_std(conn).map_err(|e| format!("the kept connection: {e}"))?;
@@ -426,8 +586,8 @@ fn prepare(
         layout: regions.layout,
         regions: regions.served,
         uffd,
-        snapshot: Some(snapshot),
-        object: None,
+        snapshot,
+        object,
     };
     let live = daemon
         .start_session(validated, kept.owner, Opening::Kept, pid, Some(remote))
@@ -474,7 +634,8 @@ mod tests {
         let kept = Kept {
             vm: "fc0".into(),
             owner: 1000,
-            snapshot: "/srv/fc0/mem".into(),
+            snapshot: Some("/srv/fc0/mem".into()),
+            object: None,
             listener: Some("fc".into()),
             regions: vec![Mapping {
                 base_host_virt_addr: 0x7f00_0000_0000,
@@ -492,7 +653,61 @@ mod tests {
         assert_eq!(back.listener, kept.listener);
         // What an older faultd kept has no listener.
         let old = br#"{"vm":"fc0","owner":0,"snapshot":"/m","regions":[]}"#;
-        assert_eq!(serde_json::from_slice::<Kept>(old).unwrap().listener, None);
+        let old = parse_kept(old).unwrap();
+        assert_eq!((old.listener, old.object), (None, None));
+        assert_eq!(old.snapshot.as_deref(), Some(std::path::Path::new("/m")));
+    }
+
+    fn object() -> KeptObject {
+        KeptObject {
+            store: "rgw".into(),
+            key: "tenants/1000/fc/mem".into(),
+            etag: "\"abc\"".into(),
+            size: 1 << 25,
+            uid: 1000,
+        }
+    }
+
+    #[test]
+    fn a_kept_object_restore_round_trips_its_pinned_version() {
+        let kept = Kept {
+            vm: "fc-1".into(),
+            owner: 1000,
+            snapshot: None,
+            object: Some(object()),
+            regions: vec![],
+            listener: Some("fc".into()),
+        };
+        let back = parse_kept(&serde_json::to_vec(&kept).unwrap()).unwrap();
+        assert_eq!((back.snapshot, back.object), (None, Some(object())));
+    }
+
+    #[test]
+    fn a_bad_kept_description_is_an_error_not_a_panic() {
+        let both = br#"{"vm":"v","snapshot":"/m","regions":[],"object":{"store":"s","key":"k","etag":"e","size":1,"uid":0}}"#;
+        assert!(parse_kept(both).unwrap_err().contains("both"));
+        let long = vec![b' '; MAX_DESCRIPTION as usize + 1];
+        assert!(parse_kept(&long).unwrap_err().contains("longer"));
+        for bad in [
+            &b""[..],
+            b"{",
+            b"[]",
+            b"\xff\xfe",
+            br#"{"vm":"v","regions":[],"object":{"store":"s","key":"k"}}"#,
+            br#"{"vm":"v","regions":[],"object":{"store":"s","key":"k","etag":"e","size":-1,"uid":0}}"#,
+            br#"{"vm":"v","regions":[{"size":1}]}"#,
+        ] {
+            assert!(parse_kept(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_revived_object_is_served_only_at_the_version_it_was_served_from() {
+        let o = object();
+        assert!(same_version(&o, &o.etag, o.size).is_ok());
+        let err = same_version(&o, "\"def\"", o.size).unwrap_err();
+        assert!(err.contains("changed while faultd was down"), "{err}");
+        assert!(same_version(&o, &o.etag, o.size + 1).is_err());
     }
 
     #[test]

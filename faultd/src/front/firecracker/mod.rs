@@ -644,6 +644,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, socket: Arc<Socket>
         message,
         object,
         pid,
+        uid,
         owner,
         name,
     };
@@ -674,6 +675,8 @@ struct Restore {
     message: Message,
     object: Option<Arc<objstore::ObjectVersion>>,
     pid: Option<i32>,
+    /// The peer's uid (the one the object's key was checked for).
+    uid: u32,
     owner: u32,
     name: String,
 }
@@ -755,19 +758,29 @@ async fn serve_restore(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, s) = (daemon.clone(), socket.clone());
     // What the fd store keeps of the session (see kept), if a service manager is there. A
-    // restore from an object is not kept: a restarted faultd would have to pin the same
-    // version again, which kept.rs does not do yet.
+    // restore from an object keeps the version it pinned (ETag and size): the restarted
+    // faultd serves it again only if the store still holds that very version.
     let keeping = crate::ops::systemd::has_manager();
-    let kept = match (&spec.source, keeping) {
-        (ListenSource::File(path), true) => Some(kept::Kept {
-            vm: restore.name.clone(),
-            owner,
-            snapshot: path.clone(),
-            regions: restore.message.regions.clone(),
-            listener: Some(spec.vm.clone()),
-        }),
-        _ => None,
-    };
+    let kept = keeping.then(|| kept::Kept {
+        vm: restore.name.clone(),
+        owner,
+        snapshot: match &spec.source {
+            ListenSource::File(path) => Some(path.clone()),
+            ListenSource::Object { .. } => None,
+        },
+        object: match (&spec.source, &restore.object) {
+            (ListenSource::Object { store, key }, Some(version)) => Some(kept::KeptObject {
+                store: store.clone(),
+                key: key.clone(),
+                etag: version.etag().to_owned(),
+                size: version.size(),
+                uid: restore.uid,
+            }),
+            _ => None,
+        },
+        regions: restore.message.regions.clone(),
+        listener: Some(spec.vm.clone()),
+    });
     let keeping = kept.is_some();
     let thread = standby.start(Box::new(move || {
         match prepare(&d, &s, restore) {
@@ -822,7 +835,10 @@ async fn serve_restore(
         "serving a Firecracker restore"
     );
     let kept_as = match (&kept, &uffd, &socket.snapshot) {
-        (Some(k), Some(uffd), Some(snapshot)) => kept::keep(k, uffd, &stream, snapshot),
+        (Some(k), Some(uffd), Some(snapshot)) if k.object.is_none() => {
+            kept::keep(k, uffd, &stream, Some(snapshot))
+        }
+        (Some(k), Some(uffd), None) if k.object.is_some() => kept::keep(k, uffd, &stream, None),
         _ => None,
     };
     drop(uffd);
@@ -1213,6 +1229,26 @@ impl SessionEnd {
     }
 }
 
+/// Every page is read from one chunk of the object (chunks are powers of two, regions
+/// page-aligned): a page larger than a chunk cannot be.
+fn pages_fit_chunks(
+    layout: &s2map::Layout,
+    version: &objstore::ObjectVersion,
+) -> Result<(), String> {
+    let chunk = version.chunk_size().bytes();
+    match layout
+        .regions()
+        .iter()
+        .find(|r| r.page_size().bytes() > chunk)
+    {
+        Some(r) => Err(format!(
+            "pages of {} bytes are larger than the object chunk ({chunk} bytes)",
+            r.page_size().bytes()
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Validates a received message and builds its session and server (blocking: stats the
 /// snapshot the socket keeps, and duplicates it). Runs on the fault thread that will serve it.
 fn prepare(
@@ -1226,6 +1262,7 @@ fn prepare(
         pid,
         owner,
         name,
+        ..
     } = restore;
     let uffd = check_fds(message.fds)?;
     let (len, snapshot) = match (&object, &socket.snapshot, &socket.spec.source) {
@@ -1240,21 +1277,8 @@ fn prepare(
         _ => return Err("the restore has neither its snapshot file nor its object".into()),
     };
     let regions = check_regions(&message.regions, len)?;
-    // Every page is read from one chunk of the object (chunks are powers of two, regions
-    // page-aligned): a page larger than a chunk cannot be.
     if let Some(version) = &object {
-        let chunk = version.chunk_size().bytes();
-        if let Some(r) = regions
-            .layout
-            .regions()
-            .iter()
-            .find(|r| r.page_size().bytes() > chunk)
-        {
-            return Err(format!(
-                "pages of {} bytes are larger than the object chunk ({chunk} bytes)",
-                r.page_size().bytes()
-            ));
-        }
+        pages_fit_chunks(&regions.layout, version)?;
     }
     // A uffd without UFFDIO_API fails every copy: the restore would hang at its first fault.
     let probe = regions.served.first().map(|r| r.hva).ok_or("no regions")?;
