@@ -13,7 +13,8 @@
 //!
 //! CI runs 7.3; 6.12 is `#[ignore]`d (see there) and runs with `-- --ignored`. The first run on a
 //! machine builds each guest kernel it needs (about 5 minutes each on an idle 2-core machine
-//! before the VFIO options; 1600 s (6.12) and 3048 s (7.3) at nice 10 under load 7-8 with them) into a cache
+//! before the VFIO options; with them 7.3 took 416 s idle, and 1600 s (6.12) and 3048 s (7.3) at
+//! nice 10 under load 7-8) into a cache
 //! outside the checkout; later runs reuse them and
 //! take well under a minute each plus the static build of faultd. Needs root for apt-get when a
 //! package is missing (and, for 7.3, to add the pinned trixie-backports apt source). It never
