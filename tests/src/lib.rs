@@ -310,6 +310,18 @@ impl Faultd {
         s
     }
 
+    /// The value of an unlabelled metric on faultd's endpoint (panics if it is not there).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, body) = http_get(&self.metrics_addr(), "/metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// Where faultd serves metrics (`IP:PORT`), from the address it logs at start (the last
     /// start's, after a [`Faultd::restart`]).
     pub fn metrics_addr(&self) -> String {

@@ -28,6 +28,18 @@ pub const REGION: &str = "us-east-1";
 /// The bucket every [`Rgw`] creates.
 pub const BUCKET: &str = "faultd-test";
 
+/// faultd's config for one store, `rgw`, that is never reached (port 9, discard): for the
+/// checks faultd makes before any request to a store (a uid's prefix, the store's name).
+pub const UNREACHABLE_STORE: &str = r#"[[object_store.stores]]
+name = "rgw"
+endpoint = "http://127.0.0.1:9"
+region = "us-east-1"
+bucket = "b"
+access_key = "k"
+secret_key = "s"
+prefix = "tenants/{uid}/"
+"#;
+
 /// How long any one step of the start may take before the start fails.
 const STEP_DEADLINE: Duration = Duration::from_secs(60);
 

@@ -13,6 +13,7 @@ use faultd::ctl::{human_bytes, human_us};
 use faultd_proto::{
     DaemonStatus, Response, SessionDetail, SessionEvicted, SessionKind, SessionRef, SessionRow,
 };
+use faultd_tests::rgw::UNREACHABLE_STORE;
 use faultd_tests::{read_with_timeout, settled_stats, write_with_timeout, Faultd, Ram};
 use serde_json::Value;
 use testvmm::{page_sequence, RamSlot, Vm, Workload};
@@ -1251,17 +1252,7 @@ fn check_config_prints_toml_that_loads_back_as_the_same_config() {
 #[test]
 fn ctl_firecracker_listen_on_an_object_checks_the_admitted_uids_prefix_and_lists_the_listener() {
     // A store that is never reached: a listen makes no request to it.
-    let faultd = Faultd::start_with_config(
-        r#"[[object_store.stores]]
-name = "rgw"
-endpoint = "http://127.0.0.1:9"
-region = "us-east-1"
-bucket = "b"
-access_key = "k"
-secret_key = "s"
-prefix = "tenants/{uid}/"
-"#,
-    );
+    let faultd = Faultd::start_with_config(UNREACHABLE_STORE);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("fc.sock");
     let listen = |key: &str| {

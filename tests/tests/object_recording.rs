@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use faultd_client::{Client, ClientError, RegionSpec};
 use faultd_proto::ErrorCode;
 use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
-use faultd_tests::{http_get, resident_settled, Faultd, Ram};
+use faultd_tests::{resident_settled, Faultd, Ram};
 use futures::TryStreamExt;
 use objstore::object_store::{path::Path as ObjPath, ObjectStore, ObjectStoreExt};
 use testvmm::{page_sequence, pattern, Vm, Workload};
@@ -149,18 +149,6 @@ fn recording_key(key: &str, etag: &str) -> String {
     format!("{key}.faultd-ws/{hex}")
 }
 
-/// The value of an unlabelled metric on faultd's endpoint.
-fn metric(faultd: &Faultd, name: &str) -> u64 {
-    let (status, body) = http_get(&faultd.metrics_addr(), "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let until = Instant::now() + limit;
     while !done() {
@@ -270,8 +258,8 @@ fn a_second_restore_from_an_object_replays_the_recording_beside_it_as_prefetch()
     wait_until("the recording written", Duration::from_secs(20), || {
         bucket.keys().contains(&rec_key)
     });
-    assert_eq!(metric(&a, "faultd_object_recording_puts_total"), 1);
-    assert_eq!(metric(&a, "faultd_object_recording_gets_total"), 1);
+    assert_eq!(a.metric("faultd_object_recording_puts_total"), 1);
+    assert_eq!(a.metric("faultd_object_recording_gets_total"), 1);
     drop(a);
 
     // Host B (a cache of its own): the recording is read (one GET) and replayed before the
@@ -291,9 +279,9 @@ fn a_second_restore_from_an_object_replays_the_recording_beside_it_as_prefetch()
         ws.misses,
         ws.replay_stop,
         ws.replay_us,
-        metric(&b, "faultd_object_gets_total"),
-        metric(&b, "faultd_object_prefetch_gets_total"),
-        metric(&b, "faultd_object_recording_gets_total"),
+        b.metric("faultd_object_gets_total"),
+        b.metric("faultd_object_prefetch_gets_total"),
+        b.metric("faultd_object_recording_gets_total"),
     );
     assert_eq!(ws.replay_pages, touched.len() as u64);
     assert_eq!(ws.replay_stop, "done");
@@ -301,14 +289,14 @@ fn a_second_restore_from_an_object_replays_the_recording_beside_it_as_prefetch()
     assert_eq!((ws.late, ws.misses), (0, 0));
     assert_eq!(s2.file_fills, touched.len() as u64, "each page filled once");
     assert_eq!(s2.errors, 0);
-    assert_eq!(metric(&b, "faultd_object_recording_gets_total"), 1);
+    assert_eq!(b.metric("faultd_object_recording_gets_total"), 1);
     assert_eq!(
-        metric(&b, "faultd_object_gets_total"),
+        b.metric("faultd_object_gets_total"),
         chunks.len() as u64,
         "one GET per recorded chunk"
     );
     assert_eq!(
-        metric(&b, "faultd_object_prefetch_gets_total"),
+        b.metric("faultd_object_prefetch_gets_total"),
         chunks.len() as u64,
         "all of them ahead of the guest"
     );
@@ -343,7 +331,7 @@ fn a_recording_of_another_etag_is_never_used() {
     let s = restore(&b, "rgw", key, "vm-v", &new, SEED + 1, false);
     assert_eq!(s.working_set.replay_pages, 0);
     assert_eq!(s.working_set.prefetched, 0);
-    assert_eq!(metric(&b, "faultd_object_prefetch_gets_total"), 0);
+    assert_eq!(b.metric("faultd_object_prefetch_gets_total"), 0);
     drop(b);
 
     // The old version's recording put at the new version's key (by anyone who may write the
@@ -358,7 +346,7 @@ fn a_recording_of_another_etag_is_never_used() {
     let c = Faultd::start_with_config(&config(&rgw));
     let s = restore(&c, "rgw", key, "vm-v", &new, SEED + 1, false);
     assert_eq!(
-        metric(&c, "faultd_object_recording_gets_total"),
+        c.metric("faultd_object_recording_gets_total"),
         1,
         "it was read"
     );
@@ -367,10 +355,10 @@ fn a_recording_of_another_etag_is_never_used() {
         (0, 0),
         "a recording of another ETag replayed"
     );
-    assert_eq!(metric(&c, "faultd_object_prefetch_gets_total"), 0);
+    assert_eq!(c.metric("faultd_object_prefetch_gets_total"), 0);
     // The first writer wins: faultd does not write over it either.
     wait_until("the PUT tried", Duration::from_secs(20), || {
-        metric(&c, "faultd_object_recording_puts_total") == 1
+        c.metric("faultd_object_recording_puts_total") == 1
     });
     assert_eq!(bucket.get(&new_rec), recording);
 }
@@ -410,13 +398,13 @@ fn a_client_cannot_make_faultd_read_or_write_a_recording_outside_its_prefix_or_s
             other => panic!("{key}: not refused: {other:?}"),
         }
     }
-    assert_eq!(metric(&f, "faultd_object_recording_gets_total"), 0);
+    assert_eq!(f.metric("faultd_object_recording_gets_total"), 0);
 
     // A store without write_recordings: read (one GET, nothing there), never written.
     restore(&f, "rgw-ro", mine, "vm-p", &data, SEED, false);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(metric(&f, "faultd_object_recording_gets_total"), 1);
-    assert_eq!(metric(&f, "faultd_object_recording_puts_total"), 0);
+    assert_eq!(f.metric("faultd_object_recording_gets_total"), 1);
+    assert_eq!(f.metric("faultd_object_recording_puts_total"), 0);
     assert_eq!(
         bucket.keys(),
         before,
@@ -524,7 +512,7 @@ fn zero_chunks_seen_on_a_first_restore_are_never_fetched_on_the_second() {
     let a = Faultd::start_with_config(&config(&rgw));
     let s1 = run(&a, false);
     assert_eq!(
-        metric(&a, "faultd_object_gets_total"),
+        a.metric("faultd_object_gets_total"),
         (data_chunks.len() + zero_chunks.len()) as u64
     );
     assert!(s1.working_set.zero_pages >= ZERO_PAGES as u64 - zero_chunks.len() as u64);
@@ -540,7 +528,7 @@ fn zero_chunks_seen_on_a_first_restore_are_never_fetched_on_the_second() {
     // pages, mapped ahead by the replay.
     let b = Faultd::start_with_config(&config(&rgw));
     let s2 = run(&b, true);
-    let gets = metric(&b, "faultd_object_gets_total");
+    let gets = b.metric("faultd_object_gets_total");
     println!(
         "second restore: {gets} GETs for {} data chunks and {} zero chunks; zero pages {}, \
          prefetched {} (+{} zero), late {}, misses {}",

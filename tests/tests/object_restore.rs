@@ -12,8 +12,8 @@ use std::time::Duration;
 use faultd_client::{Client, ClientError, RamPageSize, RegionSpec};
 use faultd_proto::ErrorCode;
 use faultd_tests::firecracker::{copy_with_timeout, FcRestore, WireForm};
-use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY};
-use faultd_tests::{http_get, read_with_timeout, resident_settled, Faultd, Ram};
+use faultd_tests::rgw::{Rgw, ACCESS_KEY, BUCKET, REGION, SECRET_KEY, UNREACHABLE_STORE};
+use faultd_tests::{read_with_timeout, resident_settled, Faultd, Ram};
 use testvmm::{page_sequence, pattern, RamSlot, VcpuReport, Vm, Workload};
 
 const MIB: u64 = 1 << 20;
@@ -85,18 +85,6 @@ fn touched(pages: u32, touches: u32) -> BTreeSet<u32> {
         .collect()
 }
 
-/// The value of an unlabelled metric on faultd's endpoint.
-fn metric(faultd: &Faultd, name: &str) -> u64 {
-    let (status, body) = http_get(&faultd.metrics_addr(), "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Reads guest page `page` from the VMM's mapping (it is resident).
 fn host_page(ram: &Ram, page: u32) -> Vec<u8> {
     let addr = ram.ram.host_addr() + page as u64 * PAGE;
@@ -149,15 +137,15 @@ fn guest_restored_from_an_object_reads_exactly_its_contents_one_get_per_chunk() 
     assert_eq!(stats.file_fills, touched.len() as u64);
     assert_eq!(stats.errors, 0);
     let chunks: BTreeSet<u64> = touched.iter().map(|&p| p as u64 * PAGE / CHUNK).collect();
-    let gets = metric(&faultd, "faultd_object_gets_total");
+    let gets = faultd.metric("faultd_object_gets_total");
     println!(
         "touched {} pages in {} of {} chunks: {gets} GETs, {} bytes fetched, cache hits {}, misses {}",
         touched.len(),
         chunks.len(),
         SIZE / CHUNK,
-        metric(&faultd, "faultd_object_fetched_bytes_total"),
-        metric(&faultd, "faultd_object_cache_hits_total"),
-        metric(&faultd, "faultd_object_cache_misses_total"),
+        faultd.metric("faultd_object_fetched_bytes_total"),
+        faultd.metric("faultd_object_cache_hits_total"),
+        faultd.metric("faultd_object_cache_misses_total"),
     );
     assert_eq!(gets, chunks.len() as u64, "one GET per chunk touched");
     assert!(
@@ -165,7 +153,7 @@ fn guest_restored_from_an_object_reads_exactly_its_contents_one_get_per_chunk() 
         "a subset of the chunks, to mean anything"
     );
     assert_eq!(
-        metric(&faultd, "faultd_object_fetched_bytes_total"),
+        faultd.metric("faultd_object_fetched_bytes_total"),
         chunks.len() as u64 * CHUNK
     );
     // `faultd ctl stats` shows the object and the cache's figures, as the metrics have them.
@@ -182,15 +170,15 @@ fn guest_restored_from_an_object_reads_exactly_its_contents_one_get_per_chunk() 
     assert_eq!(
         (o.cache_hits, o.cache_misses),
         (
-            metric(&faultd, "faultd_object_cache_hits_total"),
-            metric(&faultd, "faultd_object_cache_misses_total")
+            faultd.metric("faultd_object_cache_hits_total"),
+            faultd.metric("faultd_object_cache_misses_total")
         )
     );
     // Each touched page read once through the fetcher: found cached, or waited for.
     assert_eq!(o.cache_hits + o.cache_misses, touched.len() as u64);
     assert!(o.cache_misses >= chunks.len() as u64);
     assert_eq!(o.cache_chunks, chunks.len() as u64);
-    assert_eq!(o.cache_bytes, metric(&faultd, "faultd_object_cache_bytes"));
+    assert_eq!(o.cache_bytes, faultd.metric("faultd_object_cache_bytes"));
 
     // The check can fail: verified against another seed's pattern, the object mismatches.
     let wrong = verify(&mut vm, pages, 200, SEED + 1);
@@ -273,10 +261,10 @@ fn four_sessions_of_one_object_at_once_fetch_each_chunk_once() {
         assert_eq!(stats.file_fills, touched.len() as u64, "clone {i}");
     }
     let chunks: BTreeSet<u64> = touched.iter().map(|&p| p as u64 * PAGE / CHUNK).collect();
-    let gets = metric(&faultd, "faultd_object_gets_total");
+    let gets = faultd.metric("faultd_object_gets_total");
     let (hits, misses) = (
-        metric(&faultd, "faultd_object_cache_hits_total"),
-        metric(&faultd, "faultd_object_cache_misses_total"),
+        faultd.metric("faultd_object_cache_hits_total"),
+        faultd.metric("faultd_object_cache_misses_total"),
     );
     println!(
         "4 clones x {} pages in {} chunks: {gets} GETs, cache hits {hits}, misses {misses}",
@@ -300,17 +288,7 @@ fn refusal(result: Result<faultd_client::Session, ClientError>) -> (ErrorCode, S
 #[test]
 fn an_object_outside_the_uids_prefix_or_of_an_unknown_store_is_refused() {
     // No radosgw: refused before any request is made to a store.
-    let faultd = Faultd::start_with_config(
-        r#"[[object_store.stores]]
-name = "rgw"
-endpoint = "http://127.0.0.1:9"
-region = "us-east-1"
-bucket = "b"
-access_key = "k"
-secret_key = "s"
-prefix = "tenants/{uid}/"
-"#,
-    );
+    let faultd = Faultd::start_with_config(UNREACHABLE_STORE);
     let ram = Ram::new("vm-trust", 4 * MIB);
     let try_key = |store: &str, key: &str| {
         refusal(Client::connect(faultd.socket()).unwrap().register_object(
@@ -408,7 +386,7 @@ fn object_replaced_mid_restore_fails_the_session_and_never_serves_the_new_versio
         rx.try_recv().is_err(),
         "the faulting thread was served after the object changed"
     );
-    assert_eq!(metric(&faultd, "faultd_object_changed_total"), 1);
+    assert_eq!(faultd.metric("faultd_object_changed_total"), 1);
 }
 
 /// A Firecracker restore (the stand-in, [`faultd_tests::firecracker`]) of one region of `size`
@@ -492,13 +470,13 @@ fn firecracker_restore_from_an_object_serves_every_page_the_guest_touches_one_ge
         (touched.len() as u64, 0)
     );
     let chunks: BTreeSet<u64> = touched.iter().map(|&p| p as u64 * PAGE / CHUNK).collect();
-    let gets = metric(&faultd, "faultd_object_gets_total");
+    let gets = faultd.metric("faultd_object_gets_total");
     println!(
         "Firecracker restore: {} pages in {} of {} chunks: {gets} GETs, {} bytes fetched",
         touched.len(),
         chunks.len(),
         SIZE / CHUNK,
-        metric(&faultd, "faultd_object_fetched_bytes_total"),
+        faultd.metric("faultd_object_fetched_bytes_total"),
     );
     assert_eq!(gets, chunks.len() as u64, "one GET per chunk touched");
     assert!(chunks.len() < (SIZE / CHUNK) as usize);
@@ -511,17 +489,7 @@ fn firecracker_restore_from_an_object_serves_every_page_the_guest_touches_one_ge
 #[test]
 fn a_firecracker_listener_on_an_object_outside_the_admitted_uids_prefix_is_refused() {
     // No radosgw: refused before any request is made to a store.
-    let faultd = Faultd::start_with_config(
-        r#"[[object_store.stores]]
-name = "rgw"
-endpoint = "http://127.0.0.1:9"
-region = "us-east-1"
-bucket = "b"
-access_key = "k"
-secret_key = "s"
-prefix = "tenants/{uid}/"
-"#,
-    );
+    let faultd = Faultd::start_with_config(UNREACHABLE_STORE);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("fc.sock");
     let refused = |store: &str, key: &str, uid: Option<u32>| match faultd
@@ -607,10 +575,8 @@ fn radosgw_killed_mid_restore_and_started_again_the_guest_waits_then_reads_every
                     .collect(),
                 &|vcpu, done| {
                     if vcpu == 0 && done >= 16 && !killed.swap(true, Ordering::SeqCst) {
-                        gets_at_kill.store(
-                            metric(&faultd, "faultd_object_gets_total"),
-                            Ordering::SeqCst,
-                        );
+                        gets_at_kill
+                            .store(faultd.metric("faultd_object_gets_total"), Ordering::SeqCst);
                         rgw.lock().unwrap().kill_gateway();
                     }
                 },
@@ -621,7 +587,7 @@ fn radosgw_killed_mid_restore_and_started_again_the_guest_waits_then_reads_every
         // The guest waits: GETs fail while radosgw is gone.
         let t0 = std::time::Instant::now();
         while !(killed.load(Ordering::SeqCst)
-            && metric(&faultd, "faultd_object_get_errors_total") >= 2)
+            && faultd.metric("faultd_object_get_errors_total") >= 2)
         {
             assert!(t0.elapsed() < Duration::from_secs(30), "no GET failed");
             std::thread::sleep(Duration::from_millis(20));
@@ -653,12 +619,12 @@ fn radosgw_killed_mid_restore_and_started_again_the_guest_waits_then_reads_every
     }
     let chunks: BTreeSet<u64> = touched.iter().map(|&p| p as u64 * PAGE / CHUNK).collect();
     let at_kill = gets_at_kill.load(Ordering::SeqCst);
-    let errors = metric(&faultd, "faultd_object_get_errors_total");
+    let errors = faultd.metric("faultd_object_get_errors_total");
     println!(
         "killed after {at_kill} GETs of {} chunks; down {outage:?}; {errors} GETs failed; {} \
          GETs in all",
         chunks.len(),
-        metric(&faultd, "faultd_object_gets_total")
+        faultd.metric("faultd_object_gets_total")
     );
     assert!(at_kill < chunks.len() as u64, "chunks were left to fetch");
     // The session lives on, without an error, and served every page it was asked for.
@@ -668,7 +634,7 @@ fn radosgw_killed_mid_restore_and_started_again_the_guest_waits_then_reads_every
         (touched.len() as u64, 0),
         "{stats:?}"
     );
-    assert_eq!(metric(&faultd, "faultd_object_changed_total"), 0);
+    assert_eq!(faultd.metric("faultd_object_changed_total"), 0);
 }
 
 #[test]
@@ -775,7 +741,7 @@ fn a_store_gone_for_good_fails_the_vcpu_session_at_the_deadline_and_answers_the_
         rx.try_recv().is_err(),
         "the faulting thread was served though the store is gone"
     );
-    assert!(metric(&faultd, "faultd_object_get_errors_total") >= 1);
+    assert!(faultd.metric("faultd_object_get_errors_total") >= 1);
 }
 
 /// One vCPU verifying `touches` random pages of `[first, first + count)` against `SEED`'s
@@ -833,7 +799,7 @@ fn a_firecracker_restore_from_an_object_is_served_again_after_a_faultd_restart_c
         faultd.log()
     );
     let t1: BTreeSet<u32> = page_sequence(SEED, 150, 0, pages / 2).into_iter().collect();
-    let gets_before = metric(&faultd, "faultd_object_gets_total");
+    let gets_before = faultd.metric("faultd_object_gets_total");
     assert_eq!(gets_before, chunks_of(&t1).len() as u64);
 
     // A crash, and the service manager starts faultd again with the kept fds.
@@ -887,8 +853,8 @@ fn a_firecracker_restore_from_an_object_is_served_again_after_a_faultd_restart_c
         (new.len() as u64, 0)
     );
     let (gets, hits) = (
-        metric(&faultd, "faultd_object_gets_total"),
-        metric(&faultd, "faultd_object_cache_hits_total"),
+        faultd.metric("faultd_object_gets_total"),
+        faultd.metric("faultd_object_cache_hits_total"),
     );
     println!(
         "before the restart: {} pages in {} chunks, {gets_before} GETs; after: {} new pages, {} \
@@ -910,7 +876,7 @@ fn a_firecracker_restore_from_an_object_is_served_again_after_a_faultd_restart_c
         "cached chunks fetched again"
     );
     assert!(hits >= in_cached as u64, "{hits} hits");
-    assert_eq!(metric(&faultd, "faultd_object_kept_refused_total"), 0);
+    assert_eq!(faultd.metric("faultd_object_kept_refused_total"), 0);
 
     // The check can fail: verified against another seed's pattern, the object mismatches.
     let wrong = vm
@@ -1054,12 +1020,12 @@ fn a_kept_object_restore_whose_object_was_replaced_or_whose_key_is_no_longer_all
         println!("{line}");
     }
     assert_eq!(
-        metric(&faultd, "faultd_object_kept_refused_total"),
+        faultd.metric("faultd_object_kept_refused_total"),
         2,
         "{log}"
     );
     assert_eq!(
-        metric(&faultd, "faultd_object_gets_total"),
+        faultd.metric("faultd_object_gets_total"),
         0,
         "a GET after the restart"
     );

@@ -67,18 +67,6 @@ const HALF: DmaRange = DmaRange {
     size: PINNED,
 };
 
-/// The value of an unlabelled metric on faultd's endpoint.
-fn metric(faultd: &Faultd, name: &str) -> u64 {
-    let (status, body) = faultd_tests::http_get(&faultd.metrics_addr(), "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn check_guest(reports: &[VcpuReport], what: &str) {
     for (i, r) in reports.iter().enumerate() {
         assert_eq!(
@@ -269,8 +257,8 @@ fn all_vms_pinned_devices_together_are_held_to_pin_total() {
     let mut a = setup(&faultd, "vm-pin-total-a");
     let mut b = setup(&faultd, "vm-pin-total-b");
     pin(&mut a, &[HALF]).expect("32 MiB of 48");
-    assert_eq!(metric(&faultd, "faultd_device_pin_total_bytes"), 48 * MIB);
-    assert_eq!(metric(&faultd, "faultd_pinned_bytes"), 32 * MIB);
+    assert_eq!(faultd.metric("faultd_device_pin_total_bytes"), 48 * MIB);
+    assert_eq!(faultd.metric("faultd_pinned_bytes"), 32 * MIB);
 
     let refused = |r: Result<u64, ClientError>| match r {
         Err(ClientError::Refused { code, message }) => {
@@ -291,9 +279,9 @@ fn all_vms_pinned_devices_together_are_held_to_pin_total() {
         size: 16 * MIB,
     };
     pin(&mut b, &[sixteen]).expect("16 MiB fits beside 32");
-    assert_eq!(metric(&faultd, "faultd_pinned_bytes"), 48 * MIB);
+    assert_eq!(faultd.metric("faultd_pinned_bytes"), 48 * MIB);
     b.session.remove_device(DEV_ID).expect("remove_device");
-    assert_eq!(metric(&faultd, "faultd_pinned_bytes"), 32 * MIB);
+    assert_eq!(faultd.metric("faultd_pinned_bytes"), 32 * MIB);
 
     // Removing a device gives its bytes back.
     a.session.remove_device(DEV_ID).expect("remove_device");
