@@ -107,6 +107,16 @@ pub enum FetchError {
     Stopped,
 }
 
+/// What [`Fetcher::ask`] did.
+enum Asked {
+    /// The chunk is cached: nothing was asked.
+    Cached,
+    /// Its GET was in flight; the waiter was added to it.
+    Joined,
+    /// Its GET was started.
+    Started,
+}
+
 /// What [`Fetcher::prefetch`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prefetched {
@@ -179,6 +189,36 @@ fn is_final(e: &object_store::Error) -> bool {
             | object_store::Error::Unauthenticated { .. }
             | object_store::Error::NotImplemented { .. }
     )
+}
+
+/// Runs `op` until it succeeds, fails finally ([`is_final`]), or has been tried again
+/// [`RECORDING_TRIES`] times, waiting `backoff`, twice that, ... between tries: a pooled
+/// connection the store closed fails once.
+async fn with_recording_retries<T, F, Fut>(backoff: Duration, mut op: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(e) if tries < RECORDING_TRIES && !is_final(&e) => {
+                tries += 1;
+                sleep(backoff * tries).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// The key of `object`'s recording, or why it has none.
+fn recording_key(object: &ObjectVersion) -> Result<String, RecordingError> {
+    object
+        .recording_key()
+        .ok_or_else(|| RecordingError::KeyTooLong {
+            object: object.label.clone(),
+            max: MAX_KEY,
+        })
 }
 
 /// Why an object could not be opened.
@@ -538,52 +578,71 @@ impl Fetcher {
                 self.shared.counters.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Served::Read);
             }
-            let mut in_flight = self
-                .shared
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let key = (object.hash.clone(), chunk);
-            if let Some(flight) = in_flight.get_mut(&key) {
-                if !flight.waiters.iter().any(|w| Arc::ptr_eq(w, waiter)) {
-                    flight.waiters.push(waiter.clone());
-                    // Still queued for a slot: in this requester's turn too, so that it never
-                    // waits behind the queue of whoever asked first.
-                    if flight.ticket.waiting() {
-                        self.shared.slots.enqueue(&flight.ticket, who);
-                    }
+            match self.ask(object, chunk, waiter, who) {
+                // Landed (and left the in-flight table) since the cache read: read it.
+                Asked::Cached => continue,
+                Asked::Joined | Asked::Started => {
+                    self.shared.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Served::Pending);
                 }
-                self.shared.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return Ok(Served::Pending);
             }
-            // Landed (and left the in-flight table) since the cache read: read it.
-            if self.shared.cache.contains(&name) {
-                continue;
-            }
-            let (ticket, slot) = Ticket::new();
-            in_flight.insert(
-                key,
-                Flight {
-                    waiters: vec![waiter.clone()],
-                    ticket: ticket.clone(),
-                },
-            );
-            drop(in_flight);
-            self.shared.counters.misses.fetch_add(1, Ordering::Relaxed);
-            // Queued before the task runs: turns follow the order of requests.
-            self.shared.slots.enqueue(&ticket, who);
-            let shared = self.shared.clone();
-            let object = object.clone();
-            self.runtime()
-                .spawn(fetch(shared, object, chunk, FirstSlot { slot, who }));
-            return Ok(Served::Pending);
         }
+    }
+
+    /// Asks for chunk `chunk` of `object` for `who`, `waiter` to be told when it lands: joins
+    /// its GET in flight, or starts one unless the chunk is cached. One GET per chunk however
+    /// many ask.
+    fn ask(
+        &self,
+        object: &Arc<ObjectVersion>,
+        chunk: u64,
+        waiter: &Arc<dyn ChunkWaiter>,
+        who: Requester,
+    ) -> Asked {
+        let mut in_flight = self
+            .shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (object.hash.clone(), chunk);
+        if let Some(flight) = in_flight.get_mut(&key) {
+            if !flight.waiters.iter().any(|w| Arc::ptr_eq(w, waiter)) {
+                flight.waiters.push(waiter.clone());
+                // Still queued for a slot: in this requester's turn too, so that it never
+                // waits behind the queue of whoever asked first.
+                if flight.ticket.waiting() {
+                    self.shared.slots.enqueue(&flight.ticket, who);
+                }
+            }
+            return Asked::Joined;
+        }
+        // Under the in-flight lock: a GET that lands stores the chunk before it leaves the
+        // table, so a chunk neither in flight nor cached here is not being fetched.
+        if self.shared.cache.contains(&object.name(chunk)) {
+            return Asked::Cached;
+        }
+        let (ticket, slot) = Ticket::new();
+        in_flight.insert(
+            key,
+            Flight {
+                waiters: vec![waiter.clone()],
+                ticket: ticket.clone(),
+            },
+        );
+        drop(in_flight);
+        // Queued before the task runs: turns follow the order of requests.
+        self.shared.slots.enqueue(&ticket, who);
+        let shared = self.shared.clone();
+        let object = object.clone();
+        self.runtime()
+            .spawn(fetch(shared, object, chunk, FirstSlot { slot, who }));
+        Asked::Started
     }
 
     /// Asks for chunk `chunk` of `object` ahead of the guest, for `tenant`: nothing when it
     /// is cached; else its GET is queued as prefetch (after every demand GET waiting) unless
-    /// one is in flight, and `waiter` is told when it lands. Counts no hit or miss (no page was read). Never blocks
-    /// on the network.
+    /// one is in flight, and `waiter` is told when it lands. Counts no hit or miss (no page
+    /// was read). Never blocks on the network.
     pub fn prefetch(
         &self,
         object: &Arc<ObjectVersion>,
@@ -601,46 +660,17 @@ impl Fetcher {
         if object.is_zero_chunk(chunk) {
             return Prefetched::Zero;
         }
-        let name = object.name(chunk);
-        let mut in_flight = self
-            .shared
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let key = (object.hash.clone(), chunk);
-        if let Some(flight) = in_flight.get_mut(&key) {
-            if !flight.waiters.iter().any(|w| Arc::ptr_eq(w, waiter)) {
-                flight.waiters.push(waiter.clone());
-                if flight.ticket.waiting() {
-                    self.shared.slots.enqueue(&flight.ticket, who);
-                }
+        match self.ask(object, chunk, waiter, who) {
+            Asked::Cached => Prefetched::Cached,
+            Asked::Joined => Prefetched::Pending,
+            Asked::Started => {
+                self.shared
+                    .counters
+                    .prefetch_gets
+                    .fetch_add(1, Ordering::Relaxed);
+                Prefetched::Pending
             }
-            return Prefetched::Pending;
         }
-        // Under the in-flight lock: a GET that lands stores the chunk before it leaves the
-        // table, so a chunk neither in flight nor cached here is not being fetched.
-        if self.shared.cache.contains(&name) {
-            return Prefetched::Cached;
-        }
-        let (ticket, slot) = Ticket::new();
-        in_flight.insert(
-            key,
-            Flight {
-                waiters: vec![waiter.clone()],
-                ticket: ticket.clone(),
-            },
-        );
-        drop(in_flight);
-        self.shared
-            .counters
-            .prefetch_gets
-            .fetch_add(1, Ordering::Relaxed);
-        self.shared.slots.enqueue(&ticket, who);
-        let shared = self.shared.clone();
-        let object = object.clone();
-        self.runtime()
-            .spawn(fetch(shared, object, chunk, FirstSlot { slot, who }));
-        Prefetched::Pending
     }
 
     /// Whether chunk `chunk` of `object` is in the cache now.
@@ -656,12 +686,7 @@ impl Fetcher {
         object: &Arc<ObjectVersion>,
         max: u64,
     ) -> Result<Option<Bytes>, RecordingError> {
-        let key = object
-            .recording_key()
-            .ok_or_else(|| RecordingError::KeyTooLong {
-                object: object.label.clone(),
-                max: MAX_KEY,
-            })?;
+        let key = recording_key(object)?;
         let deadline = self.shared.config.deadline;
         let store = object.store.clone();
         let shared = self.shared.clone();
@@ -675,32 +700,19 @@ impl Fetcher {
                 range: Some(GetRange::Bounded(0..max.saturating_add(1))),
                 ..GetOptions::default()
             };
-            let got = tokio::time::timeout(deadline, async {
-                let mut tries = 0;
-                loop {
-                    let attempt = async {
-                        let got = match store.get_opts(&path, opts.clone()).await {
-                            Ok(got) => got,
-                            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                            Err(e) => return Err(e),
-                        };
-                        if got.meta.size > max {
-                            return Ok(Some(Err(got.meta.size)));
-                        }
-                        Ok(Some(Ok(got.bytes().await?)))
-                    };
-                    match attempt.await {
-                        // A pooled connection the store closed fails once: try again, a few
-                        // times, under the deadline.
-                        Err(e) if tries < RECORDING_TRIES && !is_final(&e) => {
-                            tries += 1;
-                            sleep(shared.config.first_backoff * tries).await;
-                        }
-                        done => break done,
-                    }
+            let attempt = || async {
+                let got = match store.get_opts(&path, opts.clone()).await {
+                    Ok(got) => got,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                if got.meta.size > max {
+                    return Ok(Some(Err(got.meta.size)));
                 }
-            })
-            .await;
+                Ok(Some(Ok(got.bytes().await?)))
+            };
+            let retried = with_recording_retries(shared.config.first_backoff, attempt);
+            let got = tokio::time::timeout(deadline, retried).await;
             match got {
                 Err(_) => Err(RecordingError::Deadline { key, deadline }),
                 Ok(Err(source)) => Err(RecordingError::Store { key, source }),
@@ -728,12 +740,7 @@ impl Fetcher {
         object: &Arc<ObjectVersion>,
         bytes: Vec<u8>,
     ) -> Result<bool, RecordingError> {
-        let key = object
-            .recording_key()
-            .ok_or_else(|| RecordingError::KeyTooLong {
-                object: object.label.clone(),
-                max: MAX_KEY,
-            })?;
+        let key = recording_key(object)?;
         let deadline = self.shared.config.deadline;
         let store = object.store.clone();
         let shared = self.shared.clone();
@@ -748,20 +755,11 @@ impl Fetcher {
                 ..PutOptions::default()
             };
             let payload = PutPayload::from(bytes);
-            let put = async {
-                let mut tries = 0;
-                loop {
-                    match store.put_opts(&path, payload.clone(), opts.clone()).await {
-                        // Retried as a GET is; a PUT that was made but whose answer was lost
-                        // then finds its own recording: AlreadyExists.
-                        Err(e) if tries < RECORDING_TRIES && !is_final(&e) => {
-                            tries += 1;
-                            sleep(shared.config.first_backoff * tries).await;
-                        }
-                        done => break done,
-                    }
-                }
-            };
+            // Retried as a GET is; a PUT that was made but whose answer was lost then finds
+            // its own recording: AlreadyExists.
+            let put = with_recording_retries(shared.config.first_backoff, || {
+                store.put_opts(&path, payload.clone(), opts.clone())
+            });
             match tokio::time::timeout(deadline, put).await {
                 Err(_) => Err(RecordingError::Deadline { key, deadline }),
                 Ok(Ok(_)) => Ok(true),
